@@ -1,0 +1,353 @@
+"""Thin typer CLI over the library API: parse flags, call one library function, render, set the exit code."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import InputError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="splitbench: replay LLM traces against serving backends and measure TTFT/TBT/E2E.")
+traces_app = typer.Typer(no_args_is_help=True, help="List, inspect, fetch and synthesize traces.")
+model_app = typer.Typer(no_args_is_help=True, help="Generate models that need no download.")
+app.add_typer(traces_app, name="traces")
+app.add_typer(model_app, name="model")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Bad input becomes one line on stderr and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+# ===================================================================== traces (section: traces)
+
+def _trace_columns(spec: Optional[str]) -> Optional[dict]:
+    """'timestamp=ts,input=prompt_len,output=gen_len' (roles may be written ts/in/out) -> mapping."""
+    if not spec:
+        return None
+    out = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        role, eq, col = item.partition("=")
+        if not eq or not col.strip():
+            raise InputError(f"--columns: expected ROLE=COLUMN (roles: timestamp, input, output), got {item!r}")
+        out[role.strip()] = col.strip()
+    return out
+
+
+@traces_app.command("list")
+@user_errors
+def traces_list(trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="Searched first.")):
+    """List catalogue traces and where each is found locally (search path: --trace-dir,
+    $SPLITBENCH_TRACE_DIR, ./traces, ../shared/traces, the user cache)."""
+    from rich.table import Table
+
+    from .loadgen.traces import catalog, find_local
+    table = Table("name", "description", "where")
+    for name, entry in catalog().items():
+        path = find_local(name, trace_dir)
+        table.add_row(name, entry["description"], str(path) if path else "not local")
+    console.print(table)
+
+
+@traces_app.command("show")
+@user_errors
+def traces_show(trace: str = typer.Argument(..., help="Catalogue name, file path, or synth:... spec."),
+                trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="Searched first for names."),
+                start_s: float = typer.Option(0.0, "--start", help="Window start, s after the first row."),
+                duration_s: Optional[float] = typer.Option(None, "--duration", help="Window length in seconds."),
+                rate_scale: float = typer.Option(1.0, "--rate-scale", help="Multiply the arrival rate."),
+                max_requests: Optional[int] = typer.Option(None, "--max-requests", help="Keep the first N."),
+                max_context_tokens: Optional[int] = typer.Option(None, "--max-context-tokens",
+                                                                 help="Clip input+output to this context."),
+                columns: Optional[str] = typer.Option(None, "--columns",
+                                                      help="timestamp=COL,input=COL,output=COL for other files."),
+                plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: arrivals/s + length histograms."),
+                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """Validate a trace, apply the transforms and print its statistics."""
+    import json
+
+    from rich.table import Table
+
+    from .loadgen.traces import load_workload
+    from .loadgen.transforms import plot_workload, workload_stats
+    w = load_workload(trace, trace_dir=trace_dir, columns=_trace_columns(columns), start_s=start_s,
+                      duration_s=duration_s, rate_scale=rate_scale, max_requests=max_requests,
+                      max_context_tokens=max_context_tokens)
+    stats = workload_stats(w)
+    if plot:
+        plot_workload(w, str(plot))
+    if as_json:
+        print(json.dumps({"workload": w.describe(), "stats": stats}, indent=2, default=str))
+        return
+    table = Table("statistic", "value", title=f"{w.name}  ({w.source.get('path') or w.source.get('name')})")
+    rate = stats["mean_rate_rps"]
+    cv = stats["interarrival_cv"]
+    for k, v in (("rows", f"{stats['rows']:,}"), ("span", f"{stats['span_s']:.1f} s"),
+                 ("mean rate", f"{rate:.3f} req/s" if rate else "-"),
+                 ("inter-arrival CV", f"{cv:.2f}" if cv is not None else "-"),
+                 ("longest gap", f"{stats['max_gap_s']:.2f} s"),
+                 ("busiest second", f"{stats['busiest_second']['requests']} requests at "
+                                    f"{stats['busiest_second']['at_s']:.0f} s")):
+        table.add_row(k, v)
+    for role in ("input_tokens", "output_tokens"):
+        d = stats[role]
+        table.add_row(role.replace("_", " "), f"mean {d['mean']:.1f}  min {d['min']}  p50 {d['p50']:.0f}  "
+                      f"p90 {d['p90']:.0f}  p99 {d['p99']:.0f}  max {d['max']}")
+    table.add_row("sha256", str(w.source.get("sha256")))
+    for k, v in w.transforms.items():
+        table.add_row(f"transform: {k}", json.dumps(v, default=str))
+    console.print(table)
+    if plot:
+        console.print(f"plot written to {plot}")
+
+
+@traces_app.command("fetch")
+@user_errors
+def traces_fetch(name: str = typer.Argument(..., help="Catalogue name (see `splitbench traces list`)."),
+                 dest: Optional[Path] = typer.Option(None, "--dest", help="Directory (default: the user cache)."),
+                 url: Optional[str] = typer.Option(None, "--url", help="Download from this URL instead.")):
+    """Download a catalogue trace (temp file, sha256 check, atomic rename). A mismatch with a verified
+    catalogue hash is an error and leaves nothing behind; third-party (unverified) hashes only warn."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from .loadgen.traces import fetch_trace
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task(f"fetch {name}", total=None)
+        res = fetch_trace(name, dest=dest, url=url,
+                          progress=lambda done, total: progress.update(task, completed=done, total=total))
+    console.print(f"saved {res['path']} ({res['bytes']:,} bytes)", highlight=False)
+    console.print(f"sha256 {res['sha256']}", highlight=False)
+    if res["status"] == "verified":
+        console.print("sha256 verified against the catalogue")
+    elif res["status"] == "matches-unverified":
+        console.print("sha256 matches the third-party value in the catalogue (not independently verified)")
+    else:
+        err_console.print(f"warning: sha256 differs from the unverified third-party value "
+                          f"{res['expected_sha256']}; check the file before relying on it", highlight=False)
+
+
+@traces_app.command("synth")
+@user_errors
+def traces_synth(spec: str = typer.Argument(..., help="e.g. synth:arrivals=poisson,rate=20,duration=60,"
+                                                    "lengths=fixed,input=128,output=32,seed=1"),
+                 out: Path = typer.Option(..., "--out", help="CSV to write (Azure format)."),
+                 trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="For lengths=TRACE.")):
+    """Generate a seeded synthetic workload and write it as an Azure-format CSV
+    (TIMESTAMP,ContextTokens,GeneratedTokens). Keys: arrivals=poisson|gamma, rate, cv (gamma),
+    duration|count, lengths=fixed|uniform|TRACE, input, output (N or LOW-HIGH), seed."""
+    from .loadgen.synth import from_spec, write_azure_csv
+    w = from_spec(spec, trace_dir=trace_dir)
+    write_azure_csv(w, out)
+    span = float(w.arrival_s[-1]) if len(w) else 0.0
+    console.print(f"wrote {out}: {len(w):,} requests over {span:.1f} s", highlight=False)
+
+
+# ===================================================================== model (section: model)
+
+@model_app.command("tiny")
+@user_errors
+def model_tiny(out: Path = typer.Option(..., "--out", help="Directory to write the HF-format model to."),
+               layers: int = typer.Option(2, help="Decoder layers."),
+               hidden: int = typer.Option(128, help="Hidden size."),
+               heads: int = typer.Option(4, help="Attention heads."),
+               kv_heads: int = typer.Option(2, help="Key/value heads."),
+               vocab_size: int = typer.Option(4096, help="Tokenizer vocabulary size."),
+               max_position: int = typer.Option(16384, help="max_position_embeddings."),
+               seed: int = typer.Option(0, help="Seed for tokenizer corpus and weights.")) -> None:
+    """Write a tiny random-weight Llama with a locally trained tokenizer (vLLM serves it; no download)."""
+    import time
+
+    from .backends.tiny_model import write_tiny_model
+    t0 = time.perf_counter()
+    path = write_tiny_model(out, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                            vocab_size=vocab_size, max_position=max_position, seed=seed)
+    console.print(f"wrote {path} in {time.perf_counter() - t0:.2f} s", highlight=False)
+
+
+# ===================================================================== stub (section: stub)
+
+
+@app.command("serve-stub")
+@user_errors
+def serve_stub(
+    port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
+    ttft_ms: float = typer.Option(20.0, help="Request received -> first token chunk, ms."),
+    tpot_ms: float = typer.Option(5.0, help="Time per output token after the first chunk, ms."),
+    tokens_per_chunk: int = typer.Option(1, help="Output tokens per streamed chunk."),
+    cpu: Optional[int] = typer.Option(None, help="Pin the server to this core."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    model: str = typer.Option("stub-model", help="Model id reported by /v1/models."),
+    fail_rate: float = typer.Option(0.0, help="Fraction of requests answered HTTP 500 (seeded)."),
+    seed: int = typer.Option(0, help="Seed for --fail-rate."),
+    loop: str = typer.Option("precise", help="Event loop: precise (asyncio, ~0.1 ms timers), uvloop, asyncio."),
+) -> None:
+    """Run the built-in OpenAI-compatible stub server in the foreground until Ctrl-C."""
+    from .backends.stub import StubConfig, run_server
+    cfg = StubConfig(ttft_ms / 1e3, tpot_ms / 1e3, tokens_per_chunk, model, fail_rate, seed)
+    run_server(cfg, host, port, cpu=cpu, loop=loop)
+
+
+# ===================================================================== run / report / reference (section: run)
+
+def _parse_columns(spec: Optional[str]) -> Optional[dict]:
+    if not spec:
+        return None
+    out = {}
+    for item in spec.split(","):
+        if "=" not in item:
+            raise InputError(f"--columns: expected key=column, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _backend_options(backend: str, url: Optional[str], api_key_env: str, stub_ttft_ms: float,
+                     stub_tpot_ms: float) -> dict:
+    if backend == "openai":
+        if not url:
+            raise InputError("--backend openai needs --url http://HOST:PORT")
+        return {"url": url, "api_key_env": api_key_env}
+    if backend == "stub":
+        return {"ttft_s": stub_ttft_ms / 1000, "tpot_s": stub_tpot_ms / 1000}
+    return {}
+
+
+@app.command()
+@user_errors
+def run(
+    backend: str = typer.Option("stub", help="Backend name: openai (an existing URL), stub (built-in fake server)."),
+    url: Optional[str] = typer.Option(None, help="Base URL of an OpenAI-compatible server (--backend openai)."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Env var holding the API key (never written to results)."),
+    trace: str = typer.Option("azure-conv-2023", help="Trace name, CSV/Parquet path, or 'synth:...' spec."),
+    trace_dir: Optional[str] = typer.Option(None, help="Directory searched first for named traces."),
+    columns: Optional[str] = typer.Option(None, help="Column mapping: timestamp=COL,input=COL,output=COL."),
+    start: float = typer.Option(0.0, help="Window start, seconds after the trace's first request."),
+    duration: Optional[float] = typer.Option(60.0, help="Window length in seconds (trace time)."),
+    rate_scale: float = typer.Option(1.0, help="Multiply the arrival rate (keeps the burst shape)."),
+    max_requests: Optional[int] = typer.Option(None, help="Replay at most this many requests."),
+    api: str = typer.Option("completions", help="completions (token-id prompts) or chat."),
+    model: Optional[str] = typer.Option(None, help="Model name to send (default: first of /v1/models)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer dir (default: the served model's dir if local)."),
+    vocab_size: Optional[int] = typer.Option(None, help="Token-id range when no tokenizer is known."),
+    seed: int = typer.Option(0, help="Seed for prompt synthesis."),
+    shared_prefix: int = typer.Option(0, help="Tokens of prompt prefix shared by all requests (prefix caching)."),
+    max_context: Optional[int] = typer.Option(None, help="Clip requests to this context (default: server's max_model_len)."),
+    max_inflight: Optional[int] = typer.Option(None, help="Explicit cap on concurrent requests (reported when it binds)."),
+    timeout: float = typer.Option(600.0, help="Per-request timeout, seconds."),
+    grace: float = typer.Option(10.0, help="On Ctrl-C/SIGTERM: wait this long for in-flight requests."),
+    slo: Optional[str] = typer.Option(None, help="SLOs, e.g. ttft_p99=2s,tbt_p99=100ms,e2e_p50=10s."),
+    reference: Optional[str] = typer.Option(None, help="Reference JSON from `splitbench reference` (Splitwise SLO verdict)."),
+    results: str = typer.Option("results", help="Directory for run output."),
+    run_id: Optional[str] = typer.Option(None, help="Run id (default: time-backend-trace)."),
+    stub_ttft_ms: float = typer.Option(20.0, help="Stub backend: time to first token, ms."),
+    stub_tpot_ms: float = typer.Option(5.0, help="Stub backend: time per output token, ms."),
+):
+    """Replay a trace open-loop against a backend; write records, run.json and summary.json; print the report."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from . import runner
+    from .metrics.report import render_summary
+    opts = runner.RunOptions(
+        trace=trace, trace_dir=trace_dir, columns=_parse_columns(columns), start_s=start, duration_s=duration,
+        rate_scale=rate_scale, max_requests=max_requests, backend=backend,
+        backend_options=_backend_options(backend, url, api_key_env, stub_ttft_ms, stub_tpot_ms),
+        api=api, model=model, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed,
+        shared_prefix_tokens=shared_prefix, max_context_tokens=max_context, max_inflight=max_inflight,
+        timeout_s=timeout, grace_s=grace, results_dir=results, run_id=run_id, slos=slo, reference=reference)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} done"),
+                        TextColumn("sent {task.fields[sent]}  in flight {task.fields[inflight]}  failed {task.fields[failed]}"),
+                        TimeElapsedColumn(), console=err_console, transient=False, refresh_per_second=4)
+    task = None
+
+    def on_progress(rep):
+        nonlocal task
+        if task is None:
+            task = progress.add_task("replay", total=rep.stats.planned, sent=0, inflight=0, failed=0)
+        progress.update(task, completed=rep.stats.finished, sent=rep.stats.sent, inflight=rep.inflight,
+                        failed=rep.stats.failed)
+
+    with progress:
+        result = runner.run(opts, on_progress=on_progress, on_status=lambda s: progress.console.log(s))
+    render_summary(result.summary, console)
+    console.print(f"run directory: {result.run_dir}")
+    if result.interrupted:
+        err_console.print("interrupted: finished records were written; exiting non-zero")
+        raise typer.Exit(130)
+
+
+@app.command()
+@user_errors
+def report(
+    run_dir: Path = typer.Argument(..., help="A results/<run-id> directory (live or simulated)."),
+    slo: Optional[str] = typer.Option(None, help="SLOs to evaluate (default: those given at run time)."),
+    reference: Optional[str] = typer.Option(None, help="Reference JSON for the Splitwise verdict."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print a markdown summary."),
+):
+    """Recompute metrics from a run's per-request records and print the report."""
+    import json as _json
+    from . import runner
+    from .metrics.report import render_markdown, render_summary
+    if not (run_dir / "run.json").exists():
+        raise InputError(f"{run_dir}: not a run directory (no run.json)")
+    summary = runner.report(run_dir, slos=slo, reference=reference)
+    if json_out:
+        print(_json.dumps(summary, indent=2, default=str))
+    elif markdown:
+        print(render_markdown(summary))
+    else:
+        render_summary(summary, console)
+
+
+@app.command()
+@user_errors
+def reference(
+    out: Path = typer.Option(..., help="Where to store the reference JSON."),
+    backend: str = typer.Option("stub", help="Backend to measure (unloaded)."),
+    url: Optional[str] = typer.Option(None, help="Base URL for --backend openai."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Env var holding the API key."),
+    sizes: str = typer.Option("16,64,256,1024,2048,4096", help="Prompt sizes (tokens) of the grid."),
+    output_tokens: int = typer.Option(32, help="Output tokens per request."),
+    repeats: int = typer.Option(3, help="Requests per prompt size."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer dir for token-id prompts."),
+    vocab_size: Optional[int] = typer.Option(None, help="Token-id range when no tokenizer is known."),
+    results: str = typer.Option("results", help="Directory for the reference run's records."),
+    stub_ttft_ms: float = typer.Option(20.0, help="Stub backend: time to first token, ms."),
+    stub_tpot_ms: float = typer.Option(5.0, help="Stub backend: time per output token, ms."),
+):
+    """Measure an unloaded reference (one request at a time over prompt sizes) for Splitwise's SLO verdict."""
+    from . import runner
+    try:
+        grid = [int(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--sizes: expected comma-separated integers, got {sizes!r}")
+    ref, run_dir = runner.measure_reference(
+        backend, _backend_options(backend, url, api_key_env, stub_ttft_ms, stub_tpot_ms), sizes=grid,
+        output_tokens=output_tokens, repeats=repeats, out=out, tokenizer=tokenizer, vocab_size=vocab_size,
+        results_dir=results, on_status=lambda s: err_console.log(s))
+    console.print(f"reference written to {out} (records in {run_dir}):")
+    console.print(ref if not hasattr(ref, "__dict__") else vars(ref))
+
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""Clusters: hardware catalog, process launcher, router, scheduling policies, simulator."""

@@ -1,0 +1,1 @@
+"""Load generation: traces and workloads, prompt synthesis, the open-loop replayer."""

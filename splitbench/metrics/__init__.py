@@ -1,0 +1,1 @@
+"""Pure metric functions over request records, and report rendering."""

@@ -1,0 +1,164 @@
+"""Render a summarize() dict: rich tables for the terminal and a small Markdown version.
+
+Rendering only; every number comes from the summary dict.
+"""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+LAT_ROWS = (("ttft", "ttft_s"), ("tbt", "tbt_s"), ("mean_tbt", "mean_tbt_s"), ("e2e", "e2e_s"),
+            ("norm", "norm_s"))
+STATS = ("mean", "p50", "p90", "p99", "max")
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1e3:.1f}"
+
+
+def _num(v, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _met(met, markup: bool = True) -> str:
+    if met is None:
+        return "-"
+    if not markup:
+        return "met" if met else "MISSED"
+    return "[green]met[/green]" if met else "[red]missed[/red]"
+
+
+def _header_lines(s: dict) -> list[str]:
+    run = s.get("run") or {}
+    keys = ("run_id", "status", "backend", "model", "workload", "requests_planned")
+    parts = [f"{k}={run[k]}" for k in keys if run.get(k) not in (None, "", {})]
+    c = s["counts"]
+    err = c["error_rate"]
+    return [" ".join(parts) or "(no run metadata)",
+            f"requests: {c['total']} total, {c['attempted']} attempted, {c['ok']} ok, {c['failed']} failed"
+            + (f" (error rate {err:.2%})" if err is not None else "")]
+
+
+def render_summary(summary: dict, console: Console) -> None:
+    """Print the run header, latency, throughput, failures, SLO, Splitwise and fidelity tables."""
+    s = summary
+    console.rule("[bold]splitbench run summary")
+    for line in _header_lines(s):
+        console.print(line, markup=False, highlight=False)
+
+    t = Table(title="Latency (ms, ok requests)")
+    t.add_column("metric")
+    t.add_column("n", justify="right")
+    for st in STATS:
+        t.add_column(st, justify="right")
+    for label, key in LAT_ROWS:
+        d = s["latency"][key]
+        t.add_row(label, str(d["count"]), *[_ms(d[st]) for st in STATS])
+    console.print(t)
+
+    th = s["throughput"]
+    t = Table(title="Throughput")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_row("window (s)", _num(th["window_s"]))
+    t.add_row("requests/s", _num(th["requests_per_s"]))
+    t.add_row("input tokens/s", _num(th["input_tokens_per_s"], ".1f"))
+    t.add_row("output tokens/s", _num(th["output_tokens_per_s"], ".1f"))
+    console.print(t)
+
+    c = s["counts"]
+    t = Table(title="Requests by status")
+    t.add_column("status")
+    t.add_column("count", justify="right")
+    for status, n in c["by_status"].items():
+        t.add_row(status if status == "ok" else f"[red]{status}[/red]", str(n))
+    t.add_row("error rate", "-" if c["error_rate"] is None else f"{c['error_rate']:.2%}")
+    console.print(t)
+
+    slo = s["slos"]
+    if slo["items"]:
+        t = Table(title="SLOs")
+        for col in ("slo", "value (ms)", "threshold (ms)", "result"):
+            t.add_column(col, justify="left" if col in ("slo", "result") else "right")
+        for i in slo["items"]:
+            t.add_row(i["name"], _ms(i["value_s"]), _ms(i["threshold_s"]), _met(i["met"]))
+        console.print(t)
+        att = slo["attainment"]
+        console.print(f"goodput {_num(slo['goodput_rps'])} req/s, attainment "
+                      f"{'-' if att is None else f'{att:.2%}'} ({slo['good_requests']} good requests)",
+                      highlight=False)
+
+    sw = s.get("splitwise")
+    if sw:
+        t = Table(title="Splitwise checks (slowdown vs unloaded reference)")
+        for col in ("check", "slowdown", "limit", "result"):
+            t.add_column(col, justify="right" if col in ("slowdown", "limit") else "left")
+        for ch in sw["checks"]:
+            t.add_row(ch["name"], _num(ch["slowdown"], ".2f") + ("" if ch["slowdown"] is None else "x"),
+                      f"{ch['limit']:g}x", _met(ch["met"]))
+        console.print(t)
+        console.print("Splitwise verdict: " + ("[green]PASS[/green]" if sw["passed"]
+                                                else f"[red]FAIL[/red] ({', '.join(sw['failed'])})"))
+
+    f = s["fidelity"]
+    t = Table(title="Replay fidelity")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_row("send lag p50 (ms)", _ms(f["lag_s"]["p50"]))
+    t.add_row("send lag p99 (ms)", _ms(f["lag_s"]["p99"]))
+    t.add_row("send lag max (ms)", _ms(f["lag_s"]["max"]))
+    t.add_row("trace rate (req/s)", _num(f["trace_rate_rps"]))
+    t.add_row("achieved rate (req/s)", _num(f["achieved_rate_rps"]))
+    tok = f["tokens"]
+    t.add_row("token mismatches (in/out)", f"{tok['input_mismatch']}/{tok['output_mismatch']}")
+    t.add_row("unverified tokens (in/out)", f"{tok['input_unverified']}/{tok['output_unverified']}")
+    console.print(t)
+    color = "green" if f["verdict"] == "ok" and not f["flags"] else "red"
+    extra = [flag for flag in f["flags"] if flag != f["verdict"]]
+    console.print(f"fidelity verdict: [{color}]{f['verdict']}[/{color}]"
+                  + (f" flags: {', '.join(extra)}" if extra else ""))
+    for reason in f["reasons"]:
+        console.print(f"  - {reason}", markup=False, highlight=False)
+
+    if s.get("pools"):
+        t = Table(title="Per pool (p50 / p99 ms)")
+        for col in ("pool", "n", "ok", "ttft", "tbt", "e2e"):
+            t.add_column(col)
+        for pool, d in s["pools"].items():
+            t.add_row(pool, str(d["count"]), str(d["ok"]),
+                      *[f"{_ms(d[k]['p50'])} / {_ms(d[k]['p99'])}" for k in ("ttft_s", "tbt_s", "e2e_s")])
+        console.print(t)
+
+
+def render_markdown(summary: dict) -> str:
+    """A compact Markdown report: header, latency table, throughput, SLOs, Splitwise, fidelity."""
+    s = summary
+    out = ["# splitbench run summary", ""] + [f"- {x}" for x in _header_lines(s)] + [""]
+    out += ["| metric | n | " + " | ".join(f"{st} (ms)" for st in STATS) + " |",
+            "|---|" + "---:|" * (len(STATS) + 1)]
+    for label, key in LAT_ROWS:
+        d = s["latency"][key]
+        out.append(f"| {label} | {d['count']} | " + " | ".join(_ms(d[st]) for st in STATS) + " |")
+    th = s["throughput"]
+    out += ["", f"Throughput: {_num(th['requests_per_s'])} req/s, {_num(th['input_tokens_per_s'], '.1f')} "
+            f"input tok/s, {_num(th['output_tokens_per_s'], '.1f')} output tok/s over "
+            f"{_num(th['window_s'])} s.", ""]
+    slo = s["slos"]
+    if slo["items"]:
+        out += ["| SLO | value (ms) | threshold (ms) | result |", "|---|---:|---:|---|"]
+        out += [f"| {i['name']} | {_ms(i['value_s'])} | {_ms(i['threshold_s'])} | {_met(i['met'], False)} |"
+                for i in slo["items"]]
+        att = slo["attainment"]
+        out += ["", f"Goodput {_num(slo['goodput_rps'])} req/s, attainment "
+                f"{'-' if att is None else f'{att:.2%}'}.", ""]
+    sw = s.get("splitwise")
+    if sw:
+        out += ["| Splitwise check | slowdown | limit | result |", "|---|---:|---:|---|"]
+        out += [f"| {c['name']} | {_num(c['slowdown'], '.2f')} | {c['limit']:g} | {_met(c['met'], False)} |"
+                for c in sw["checks"]]
+        out += ["", f"Splitwise verdict: {'PASS' if sw['passed'] else 'FAIL'}", ""]
+    f = s["fidelity"]
+    out.append(f"Fidelity: {f['verdict']}" + (f" (flags: {', '.join(f['flags'])})" if f["flags"] else "")
+               + f"; send lag p99 {_ms(f['lag_s']['p99'])} ms.")
+    out += [f"- {r}" for r in f["reasons"]]
+    return "\n".join(out) + "\n"

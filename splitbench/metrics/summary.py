@@ -1,0 +1,71 @@
+"""summarize(): one JSON-able dict of counts, latency, throughput, SLOs, Splitwise verdict and fidelity.
+
+save_summary/load_summary are the only I/O here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import InputError
+from ..records import RequestRecord, atomic_write_json
+from .fidelity import fidelity_section
+from .latency import counts_section, latency_section, pools_section, throughput_section
+from .slo import SLO, Reference, evaluate_slos, parse_slos, splitwise_verdict
+
+SUMMARY_KIND = "splitbench.summary"
+SUMMARY_VERSION = 1
+
+
+def summarize(records: Sequence[RequestRecord], *, run_meta: dict | None = None,
+              slos: Sequence[SLO] | str | None = None, reference: Reference | None = None,
+              fidelity_limits: dict | None = None) -> dict:
+    """Every derived metric of a run; `slos` may be SLO objects or an "ttft_p99=2s,..." string."""
+    if isinstance(slos, str):
+        slos = parse_slos(slos)
+    slos = list(slos or [])
+    return {
+        "kind": SUMMARY_KIND,
+        "version": SUMMARY_VERSION,
+        "run": run_header(run_meta or {}),
+        "counts": counts_section(records),
+        "latency": latency_section(records),
+        "throughput": throughput_section(records),
+        "slos": evaluate_slos(records, slos),
+        "splitwise": splitwise_verdict(records, reference) if reference is not None else None,
+        "fidelity": fidelity_section(records, fidelity_limits),
+        "pools": pools_section(records),
+    }
+
+
+def run_header(meta: dict) -> dict:
+    """The few run.json facts a summary needs to stand alone (the full config stays in run.json)."""
+    backend = meta.get("backend") or {}
+    workload = meta.get("workload") or {}
+    source = workload.get("source") or {}
+    return {
+        "run_id": meta.get("run_id"), "status": meta.get("status"), "simulated": meta.get("simulated", False),
+        "backend": backend.get("backend") or backend.get("name") if isinstance(backend, dict) else backend,
+        "model": (meta.get("model") or {}).get("id"),
+        "workload": workload.get("name"), "requests_planned": workload.get("requests"),
+        "workload_sha256": source.get("workload_sha256") or source.get("sha256"),
+        "t0_unix_s": meta.get("t0_unix_s"),
+    }
+
+
+def save_summary(summary: dict, path: str | Path) -> None:
+    atomic_write_json(path, summary)
+
+
+def load_summary(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError("summary file not found", file=str(path)) from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"not a JSON summary ({e})", file=str(path)) from None
+    if not isinstance(data, dict) or data.get("kind") != SUMMARY_KIND:
+        raise InputError("not a splitbench summary (missing kind)", file=str(path))
+    return data

@@ -1,0 +1,303 @@
+"""Library API for a run: load the workload, start the backend, replay, stream records, summarise, tear down.
+
+The CLI is a thin layer over `run()`, `measure_reference()` and `report()`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import records as R
+from .backends import get_backend
+from .errors import InputError
+from .loadgen.replayer import ReplayConfig, Replayer, ReplayStats
+from .loadgen.workload import Workload
+
+DEFAULT_TRACE = "azure-conv-2023"
+
+
+@dataclass
+class RunOptions:
+    trace: str = DEFAULT_TRACE
+    trace_dir: str | None = None
+    columns: dict | None = None
+    start_s: float = 0.0
+    duration_s: float | None = 60.0
+    rate_scale: float = 1.0
+    max_requests: int | None = None
+    backend: str = "stub"
+    backend_options: dict = field(default_factory=dict)
+    api: str = "completions"
+    model: str | None = None
+    tokenizer: str | None = None          # tokenizer dir; default: the served model's dir when local
+    vocab_size: int | None = None         # token-id range when no tokenizer is known
+    seed: int = 0
+    shared_prefix_tokens: int = 0
+    max_context_tokens: int | None = None  # default: the server's max_model_len
+    max_inflight: int | None = None
+    timeout_s: float = 600.0
+    grace_s: float = 10.0
+    results_dir: str = "results"
+    run_id: str | None = None
+    slos: str | None = None
+    reference: str | None = None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    interrupted: bool
+    stats: ReplayStats
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _get_json(url: str, headers: dict | None = None, timeout_s: float = 5.0) -> Any:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def served_model(base_url: str, headers: dict | None = None) -> dict:
+    """First entry of GET /v1/models: id, root (vLLM: the model path) and max_model_len when given."""
+    try:
+        data = _get_json(base_url.rstrip("/") + "/v1/models", headers)
+        return (data.get("data") or [{}])[0]
+    except Exception:
+        return {}
+
+
+def _prompt_source(opts: RunOptions, model_info: dict):
+    from .loadgen.prompts import ChatPrompts, TokenIdPrompts
+    tok = opts.tokenizer
+    root = model_info.get("root")
+    if tok is None and root and any((Path(root) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tok = root  # vLLM reports the model path as `root`: use its tokenizer when it is local
+    if opts.api == "chat":
+        if not tok:
+            raise InputError("--api chat needs --tokenizer DIR (to calibrate prompt lengths exactly)")
+        return ChatPrompts(tok, seed=opts.seed)
+    if tok:
+        return TokenIdPrompts.from_tokenizer(tok, seed=opts.seed, shared_prefix_tokens=opts.shared_prefix_tokens)
+    vocab = opts.vocab_size or 1000  # unknown tokenizer: low ids exist in every real vocabulary
+    return TokenIdPrompts(vocab_size=vocab, special_ids=set(range(10)), seed=opts.seed,
+                          shared_prefix_tokens=opts.shared_prefix_tokens)
+
+
+def new_run_id(backend: str, trace: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(trace).stem)[:40]
+    return f"{stamp}-{backend}-{safe}-{os.getpid() % 10000:04d}"
+
+
+def load(opts: RunOptions, max_context_tokens: int | None = None) -> Workload:
+    from .loadgen.traces import load_workload
+    return load_workload(opts.trace, trace_dir=opts.trace_dir, columns=opts.columns, start_s=opts.start_s,
+                         duration_s=opts.duration_s, rate_scale=opts.rate_scale,
+                         max_requests=opts.max_requests, max_context_tokens=max_context_tokens)
+
+
+# ----------------------------------------------------------------------------- replay loop
+
+async def _replay(replayer: Replayer, writer: R.RecordWriter, batch: list,
+                  on_progress: Callable[[Replayer], None] | None) -> bool:
+    """Run the replayer with signal handling and off-hot-path record flushing. Returns True if interrupted."""
+    loop = asyncio.get_running_loop()
+    interrupted = False
+    main = asyncio.current_task()
+
+    def on_signal():
+        nonlocal interrupted
+        if interrupted:          # second signal: stop waiting for in-flight requests
+            main.cancel()
+        interrupted = True
+        replayer.request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+
+    async def flusher():
+        while True:
+            await asyncio.sleep(1.0)
+            if batch:
+                part = batch[:]
+                del batch[:len(part)]
+                await asyncio.to_thread(writer.write_part, part)
+
+    async def progress():
+        while True:
+            on_progress(replayer)
+            await asyncio.sleep(0.25)
+
+    side = [loop.create_task(flusher())]
+    if on_progress:
+        side.append(loop.create_task(progress()))
+    try:
+        await replayer.run()
+    except asyncio.CancelledError:
+        interrupted = True
+    finally:
+        for t in side:
+            t.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+        if on_progress:
+            on_progress(replayer)
+    return interrupted
+
+
+def _event_loop_runner():
+    try:
+        import uvloop
+        return uvloop.run
+    except ImportError:  # pragma: no cover
+        return asyncio.run
+
+
+def replay_workload(workload: Workload, payload, cfg: ReplayConfig, run_dir: Path, run_id: str,
+                    on_progress=None) -> tuple[Replayer, bool]:
+    """Replay and stream records into run_dir; records.parquet is complete when this returns."""
+    writer = R.RecordWriter(run_dir, run_id)
+    batch: list[R.RequestRecord] = []
+    replayer = Replayer(workload, payload, cfg, batch.append)
+    interrupted = True
+    try:
+        interrupted = _event_loop_runner()(_replay(replayer, writer, batch, on_progress))
+    finally:
+        writer.write_part(batch)
+        writer.close()
+    return replayer, interrupted
+
+
+# ----------------------------------------------------------------------------- run
+
+def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
+        on_status: Callable[[str], None] = lambda s: None) -> RunResult:
+    from .metrics.summary import summarize
+    workload = load(opts, opts.max_context_tokens)  # bad input fails here, before anything starts
+    slos = None
+    if opts.slos:
+        from .metrics.slo import parse_slos
+        slos = parse_slos(opts.slos)
+    reference = None
+    if opts.reference:
+        from .metrics.slo import load_reference
+        reference = load_reference(opts.reference)
+
+    run_id = opts.run_id or new_run_id(opts.backend, opts.trace)
+    run_dir = Path(opts.results_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    backend = get_backend(opts.backend, **opts.backend_options)
+    meta: dict[str, Any] = {
+        "schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": "starting", "simulated": False,
+        "created_unix_s": time.time(), "options": asdict(opts),
+        "versions": R.package_versions(), "host": R.host_info(),
+    }
+    R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    try:
+        on_status(f"starting backend {opts.backend}")
+        backend.start(run_dir)
+        base_url = backend.endpoint()
+        headers = backend.headers() if hasattr(backend, "headers") else {}
+        model_info = served_model(base_url, headers)
+        model = opts.model or model_info.get("id") or "default"
+        if opts.max_context_tokens is None and model_info.get("max_model_len"):
+            workload = load(opts, int(model_info["max_model_len"]))
+        prompts = _prompt_source(opts, model_info)
+        cfg = ReplayConfig(base_url=base_url, model=model, api=opts.api, headers=headers,
+                           max_inflight=opts.max_inflight, timeout_s=opts.timeout_s, grace_s=opts.grace_s)
+        meta.update(status="running", workload=workload.describe(), backend=backend.describe(),
+                    model={"id": model, **{k: model_info[k] for k in ("root", "max_model_len") if k in model_info}},
+                    prompts=prompts.describe(), replay=cfg.describe())
+        R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+        on_status(f"replaying {len(workload)} requests against {base_url}")
+        replayer, interrupted = replay_workload(workload, prompts.payload, cfg, run_dir, run_id, on_progress)
+    except BaseException as e:
+        meta.update(status="failed", error=f"{type(e).__name__}: {e}")
+        R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+        raise
+    finally:
+        on_status("stopping backend")
+        backend.stop()
+    stats = replayer.stats
+    meta.update(status="interrupted" if interrupted else "complete", t0_unix_s=stats.t0_unix_s,
+                replay_stats=asdict(stats))
+    R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    summary = summarize(R.read_records(run_dir), run_meta=meta, slos=slos, reference=reference)
+    R.atomic_write_json(run_dir / R.SUMMARY_FILE, summary)
+    return RunResult(run_dir, summary, interrupted, stats)
+
+
+def report(run_dir: str | Path, slos: str | None = None, reference: str | None = None,
+           write: bool = True) -> dict:
+    """Recompute the summary of a run directory from its records (works on live and simulated runs)."""
+    from .metrics.slo import load_reference, parse_slos
+    from .metrics.summary import summarize
+    run_dir = Path(run_dir)
+    meta = R.read_run(run_dir)
+    if slos is None:
+        slos = (meta.get("options") or {}).get("slos")
+    if reference is None:
+        reference = (meta.get("options") or {}).get("reference")
+    summary = summarize(R.read_records(run_dir), run_meta=meta, slos=parse_slos(slos) if slos else None,
+                        reference=load_reference(reference) if reference else None)
+    if write:
+        R.atomic_write_json(run_dir / R.SUMMARY_FILE, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- reference
+
+def measure_reference(backend_name: str, backend_options: dict, *, sizes: list[int], output_tokens: int,
+                      repeats: int, out: str | Path, api: str = "completions", tokenizer: str | None = None,
+                      vocab_size: int | None = None, seed: int = 0, results_dir: str = "results",
+                      on_status: Callable[[str], None] = lambda s: None):
+    """Unloaded reference: requests one at a time over a grid of prompt sizes; fit TTFT(prompt) and mean TBT."""
+    from .metrics.slo import fit_reference, save_reference
+    n = len(sizes) * repeats
+    ins = np.repeat(np.asarray(sizes, dtype=np.int64), repeats)
+    w = Workload(name="reference-grid", arrival_s=np.zeros(n), input_tokens=ins,
+                 output_tokens=np.full(n, output_tokens, dtype=np.int64),
+                 trace_index=np.arange(n, dtype=np.int64),
+                 source={"name": "reference-grid", "sizes": sizes, "repeats": repeats},
+                 transforms={})
+    run_id = new_run_id(backend_name, "reference")
+    run_dir = Path(results_dir) / run_id
+    run_dir.mkdir(parents=True)
+    backend = get_backend(backend_name, **backend_options)
+    opts = RunOptions(api=api, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed)
+    try:
+        on_status(f"starting backend {backend_name}")
+        backend.start(run_dir)
+        headers = backend.headers() if hasattr(backend, "headers") else {}
+        info = served_model(backend.endpoint(), headers)
+        prompts = _prompt_source(opts, info)
+        cfg = ReplayConfig(base_url=backend.endpoint(), model=info.get("id") or "default", api=api,
+                           headers=headers, max_inflight=1)
+        meta = {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "kind": "reference", "simulated": False,
+                "workload": w.describe(), "backend": backend.describe(), "prompts": prompts.describe(),
+                "replay": cfg.describe(), "versions": R.package_versions(), "host": R.host_info()}
+        R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+        on_status(f"measuring {n} requests one at a time")
+        replay_workload(w, prompts.payload, cfg, run_dir, run_id)
+    finally:
+        backend.stop()
+    ref = fit_reference(R.read_records(run_dir))
+    save_reference(ref, out)
+    return ref, run_dir

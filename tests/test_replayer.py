@@ -1,0 +1,174 @@
+"""The open-loop replayer against the real stub over loopback sockets: timing, token counts, failures, stop."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from splitbench import records as R
+from splitbench.backends.stub import run_stub_in_thread
+from splitbench.cli import app
+from splitbench.loadgen.prompts import TokenIdPrompts
+from splitbench.loadgen.replayer import ReplayConfig, Replayer
+from splitbench.loadgen.workload import Workload
+
+
+def _workload(n: int, rate_rps: float, inp: int = 64, out: int = 8, start: float = 0.0) -> Workload:
+    gaps = np.full(n, 1.0 / rate_rps)
+    gaps[0] = 0
+    return Workload(name="t", arrival_s=start + np.cumsum(gaps), input_tokens=np.full(n, inp),
+                    output_tokens=np.full(n, out) + np.arange(n) % 3, trace_index=np.arange(n) + 100)
+
+
+def _replay(w: Workload, url: str, **cfg) -> tuple[list[R.RequestRecord], Replayer]:
+    out: list[R.RequestRecord] = []
+    prompts = TokenIdPrompts(vocab_size=5000, seed=1)
+    rep = Replayer(w, prompts.payload, ReplayConfig(base_url=url, model="m", **cfg), out.append)
+    asyncio.run(rep.run())
+    return sorted(out, key=lambda r: r.trace_index), rep
+
+
+@pytest.fixture(scope="module")
+def stub():
+    url, stop = run_stub_in_thread(ttft_s=0.030, tpot_s=0.004)
+    yield url
+    stop()
+
+
+def test_open_loop_timing_and_exact_tokens(stub):
+    w = _workload(60, rate_rps=40)
+    recs, rep = _replay(w, stub)
+    assert len(recs) == 60 and all(r.ok for r in recs), [r.error for r in recs if not r.ok]
+    assert [r.trace_index for r in recs] == list(range(100, 160))
+    for r, planned in zip(recs, w.output_tokens.tolist()):
+        assert r.planned_output_tokens == planned == r.actual_output_tokens == sum(r.chunk_tokens)
+        assert r.actual_input_tokens == 64
+        assert r.actual_send_s >= r.intended_send_s - 1e-4          # never early
+        assert r.first_token_s <= r.last_token_s <= r.end_s
+        assert r.chunk_offsets_s == sorted(r.chunk_offsets_s)
+        assert abs(r.chunk_offsets_s[0] - (r.first_token_s - r.actual_send_s)) < 1e-9
+    ttft = np.array([r.first_token_s - r.actual_send_s for r in recs])
+    lag = np.array([r.actual_send_s - r.intended_send_s for r in recs])
+    # stub and client share this process (GIL), so tolerances are loose; benchmarks/ measures precisely
+    assert 0.030 <= np.median(ttft) < 0.040
+    assert np.median(lag) < 0.003
+    # sends follow the schedule, not completions: 60 requests at 40/s take ~1.5 s
+    sends = np.array([r.actual_send_s for r in recs])
+    assert 1.4 < sends[-1] - sends[0] < 1.7
+    assert rep.stats.sent == rep.stats.finished == 60 and rep.stats.failed == 0
+
+
+@pytest.mark.parametrize("fault,status,http", [
+    ("status:500", R.HTTP_ERROR, 500),
+    ("status:429", R.HTTP_ERROR, 429),
+    ("disconnect:3", R.DISCONNECTED, 200),
+    ("garbage", R.ERROR, 200),
+])
+def test_failures_become_records(stub, fault, status, http):
+    recs, rep = _replay(_workload(4, rate_rps=50), stub, headers={"X-Stub-Fault": fault})
+    assert len(recs) == 4
+    for r in recs:
+        assert r.status == status and r.http_status == http and r.error
+        assert r.end_s is not None and r.end_s >= r.actual_send_s
+    if fault.startswith("disconnect"):
+        assert all(sum(r.chunk_tokens) == 3 for r in recs)   # tokens before the cut are kept
+    assert rep.stats.failed == 4
+
+
+def test_hang_times_out(stub):
+    t = time.perf_counter()
+    recs, _ = _replay(_workload(2, rate_rps=50), stub, headers={"X-Stub-Fault": "hang"}, timeout_s=0.5)
+    assert [r.status for r in recs] == [R.TIMEOUT] * 2
+    assert time.perf_counter() - t < 5
+
+
+def test_connection_refused_is_a_record():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    recs, _ = _replay(_workload(3, rate_rps=100), f"http://127.0.0.1:{port}")
+    assert [r.status for r in recs] == [R.ERROR] * 3
+    assert all("Connect" in r.error or "connect" in r.error for r in recs)
+
+
+def test_max_inflight_binds_and_is_reported(stub):
+    recs, rep = _replay(_workload(20, rate_rps=500, out=20), stub, max_inflight=2)
+    assert all(r.ok for r in recs)
+    assert rep.stats.inflight_peak <= 2
+    assert rep.stats.inflight_cap_waits > 0
+    lag = [r.actual_send_s - r.intended_send_s for r in recs]
+    assert max(lag) > 0.1   # the cap delayed sends, and the records show it
+
+
+def test_cli_run_writes_run_dir_and_report_reads_it(tmp_path):
+    res = CliRunner().invoke(app, [
+        "run", "--trace", "synth:arrivals=poisson,rate=30,duration=2,lengths=fixed,input=32,output=4,seed=3",
+        "--results", str(tmp_path), "--run-id", "r1", "--slo", "ttft_p99=1s", "--stub-ttft-ms", "10",
+        "--stub-tpot-ms", "2"])
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "r1"
+    assert {"records.parquet", "run.json", "summary.json"} <= {p.name for p in run_dir.iterdir()}
+    assert not (run_dir / R.PARTS_DIR).exists()
+    table = pq.read_table(run_dir / "records.parquet")
+    assert table.schema.metadata[b"splitbench_schema_version"] == str(R.SCHEMA_VERSION).encode()
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "complete" and meta["backend"]["backend"] == "stub"
+    assert meta["workload"]["requests"] == table.num_rows > 30
+    assert meta["t0_unix_s"] > 1.7e9
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["counts"]["ok"] == table.num_rows
+    assert 0.010 <= summary["latency"]["ttft_s"]["p50"] < 0.030
+    rep = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert rep.exit_code == 0 and "ttft" in rep.output and "fidelity verdict" in rep.output
+    bad = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert bad.exit_code == 2
+
+
+def test_api_key_never_written(tmp_path, stub, monkeypatch):
+    monkeypatch.setenv("SPLITBENCH_TEST_KEY", "sk-secret-value-123")
+    res = CliRunner().invoke(app, [
+        "run", "--backend", "openai", "--url", stub, "--api-key-env", "SPLITBENCH_TEST_KEY",
+        "--trace", "synth:arrivals=poisson,rate=20,duration=1,lengths=fixed,input=8,output=2,seed=1",
+        "--results", str(tmp_path), "--run-id", "k", "--vocab-size", "1000"])
+    assert res.exit_code == 0, res.output
+    for f in (tmp_path / "k").iterdir():
+        assert b"sk-secret-value-123" not in f.read_bytes(), f
+    assert "sk-secret-value-123" not in res.output
+
+
+def test_sigterm_stops_sending_writes_records_and_exits_nonzero(tmp_path):
+    cmd = [sys.executable, "-m", "splitbench.cli", "run", "--trace",
+           "synth:arrivals=poisson,rate=50,duration=60,lengths=fixed,input=16,output=50,seed=1",
+           "--results", str(tmp_path), "--run-id", "int", "--grace", "3", "--stub-tpot-ms", "20"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "int"
+    deadline = time.time() + 60
+    while time.time() < deadline:   # wait until the replay is underway (records being written)
+        if (run_dir / R.PARTS_DIR).exists() and any((run_dir / R.PARTS_DIR).iterdir()):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out.decode()[-2000:]
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "interrupted"
+    recs = R.read_records(run_dir)
+    assert 0 < len(recs) < 3000                      # stopped sending long before the trace's end
+    assert sum(r.ok for r in recs) > 0
+    assert {r.status for r in recs} <= {R.OK, R.CANCELLED}
+    # the stub child process was torn down with the run
+    pid = meta["backend"]["pid"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
