@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
 RECORDS_FILE = "records.parquet"
-PARTS_DIR = "records.parts"
+JOURNAL_FILE = "records.journal.jsonl"
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 
@@ -139,56 +140,57 @@ def _atomic_write_table(path: Path, table: pa.Table) -> None:
 
 
 class RecordWriter:
-    """Streams finished records to Parquet part files in batches; close() merges them into one file.
+    """Appends each finished record to a JSON-lines journal (a few µs, no pauses on the hot path);
+    close() converts the journal into records.parquet atomically and removes it.
 
-    A crash loses only records not yet flushed (at most `batch_size`, or `flush_interval_s` old).
+    A crash loses only records not yet flushed to the OS (the runner flushes every second).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, run_id: str, batch_size: int = 512):
+    def __init__(self, run_dir: str | os.PathLike, run_id: str):
         self.run_dir = Path(run_dir)
         self.run_id = run_id
-        self.batch_size = batch_size
-        self.parts_dir = self.run_dir / PARTS_DIR
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        self._pending: list[RequestRecord] = []
-        self._nparts = 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = self.run_dir / JOURNAL_FILE
+        self._f = open(self.journal, "ab")
+        self.count = 0
 
     def add(self, record: RequestRecord) -> None:
-        self._pending.append(record)
-        if len(self._pending) >= self.batch_size:
-            self.flush()
+        self._f.write(orjson.dumps(record) + b"\n")
+        self.count += 1
 
     def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        self.write_part(pending)
-
-    def write_part(self, batch: list[RequestRecord]) -> None:
-        """Write one batch as its own part file (safe to call from a worker thread)."""
-        if not batch:
-            return
-        n, self._nparts = self._nparts, self._nparts + 1
-        _atomic_write_table(self.parts_dir / f"part-{n:05d}.parquet", records_to_table(batch, self.run_id))
+        self._f.flush()
 
     def close(self) -> Path:
-        self.flush()
-        return merge_parts(self.run_dir)
+        if not self._f.closed:
+            self._f.close()
+        return finalize(self.run_dir)
 
 
-def merge_parts(run_dir: str | os.PathLike) -> Path:
-    """Merge part files (and any existing records file) into records.parquet, sorted by trace index."""
+def _read_journal(path: Path) -> list[RequestRecord]:
+    out = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                d = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                break  # a torn last line after a crash
+            out.append(RequestRecord(**d))
+    return out
+
+
+def finalize(run_dir: str | os.PathLike) -> Path:
+    """Turn the journal (if any) into records.parquet, sorted by trace index; idempotent."""
     run_dir = Path(run_dir)
-    parts_dir = run_dir / PARTS_DIR
-    parts = sorted(parts_dir.glob("part-*.parquet")) if parts_dir.exists() else []
-    target = run_dir / RECORDS_FILE
-    tables = [pq.read_table(p, schema=ARROW_SCHEMA) for p in parts]
-    if not tables:
-        tables = [ARROW_SCHEMA.empty_table()]
-    table = pa.concat_tables(tables).sort_by([("trace_index", "ascending")])
-    _atomic_write_table(target, table)
-    for p in parts:
-        p.unlink()
-    if parts_dir.exists():
-        parts_dir.rmdir()
+    journal, target = run_dir / JOURNAL_FILE, run_dir / RECORDS_FILE
+    if journal.exists():
+        recs = sorted(_read_journal(journal), key=lambda r: r.trace_index)
+        run_id = json.loads((run_dir / RUN_FILE).read_text()).get("run_id", "") \
+            if (run_dir / RUN_FILE).exists() else run_dir.name
+        _atomic_write_table(target, records_to_table(recs, run_id))
+        journal.unlink()
+    elif not target.exists():
+        _atomic_write_table(target, ARROW_SCHEMA.empty_table())
     return target
 
 
@@ -202,15 +204,15 @@ def write_records(run_dir: str | os.PathLike, run_id: str, records: Iterable[Req
 
 
 def read_table(run_dir: str | os.PathLike) -> pa.Table:
-    """Records of a run; falls back to the part files of a run that crashed before merging."""
+    """Records of a run; falls back to the journal of a run that crashed before finalizing."""
     run_dir = Path(run_dir)
     path = run_dir / RECORDS_FILE
     if path.exists():
         return pq.read_table(path)
-    parts = sorted((run_dir / PARTS_DIR).glob("part-*.parquet"))
-    if not parts:
-        raise FileNotFoundError(f"{run_dir}: no {RECORDS_FILE} (is this a splitbench run directory?)")
-    return pa.concat_tables([pq.read_table(p) for p in parts])
+    journal = run_dir / JOURNAL_FILE
+    if journal.exists():
+        return records_to_table(_read_journal(journal), run_dir.name)
+    raise FileNotFoundError(f"{run_dir}: no {RECORDS_FILE} (is this a splitbench run directory?)")
 
 
 def read_records(run_dir: str | os.PathLike) -> list[RequestRecord]:

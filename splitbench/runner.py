@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import records as R
+from . import timing
 from .backends import get_backend
 from .errors import InputError
 from .loadgen.replayer import ReplayConfig, Replayer, ReplayStats
@@ -109,7 +110,7 @@ def load(opts: RunOptions, max_context_tokens: int | None = None) -> Workload:
 
 # ----------------------------------------------------------------------------- replay loop
 
-async def _replay(replayer: Replayer, writer: R.RecordWriter, batch: list,
+async def _replay(replayer: Replayer, writer: R.RecordWriter,
                   on_progress: Callable[[Replayer], None] | None) -> bool:
     """Run the replayer with signal handling and off-hot-path record flushing. Returns True if interrupted."""
     loop = asyncio.get_running_loop()
@@ -132,10 +133,7 @@ async def _replay(replayer: Replayer, writer: R.RecordWriter, batch: list,
     async def flusher():
         while True:
             await asyncio.sleep(1.0)
-            if batch:
-                part = batch[:]
-                del batch[:len(part)]
-                await asyncio.to_thread(writer.write_part, part)
+            writer.flush()
 
     async def progress():
         while True:
@@ -162,25 +160,15 @@ async def _replay(replayer: Replayer, writer: R.RecordWriter, batch: list,
     return interrupted
 
 
-def _event_loop_runner():
-    try:
-        import uvloop
-        return uvloop.run
-    except ImportError:  # pragma: no cover
-        return asyncio.run
-
-
 def replay_workload(workload: Workload, payload, cfg: ReplayConfig, run_dir: Path, run_id: str,
                     on_progress=None) -> tuple[Replayer, bool]:
     """Replay and stream records into run_dir; records.parquet is complete when this returns."""
     writer = R.RecordWriter(run_dir, run_id)
-    batch: list[R.RequestRecord] = []
-    replayer = Replayer(workload, payload, cfg, batch.append)
+    replayer = Replayer(workload, payload, cfg, writer.add)
     interrupted = True
     try:
-        interrupted = _event_loop_runner()(_replay(replayer, writer, batch, on_progress))
+        interrupted = timing.run(_replay(replayer, writer, on_progress), cfg.loop)
     finally:
-        writer.write_part(batch)
         writer.close()
     return replayer, interrupted
 

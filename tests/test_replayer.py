@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -120,7 +119,7 @@ def test_cli_run_writes_run_dir_and_report_reads_it(tmp_path):
     assert res.exit_code == 0, res.output
     run_dir = tmp_path / "r1"
     assert {"records.parquet", "run.json", "summary.json"} <= {p.name for p in run_dir.iterdir()}
-    assert not (run_dir / R.PARTS_DIR).exists()
+    assert not (run_dir / R.JOURNAL_FILE).exists()
     table = pq.read_table(run_dir / "records.parquet")
     assert table.schema.metadata[b"splitbench_schema_version"] == str(R.SCHEMA_VERSION).encode()
     meta = json.loads((run_dir / "run.json").read_text())
@@ -156,7 +155,7 @@ def test_sigterm_stops_sending_writes_records_and_exits_nonzero(tmp_path):
     run_dir = tmp_path / "int"
     deadline = time.time() + 60
     while time.time() < deadline:   # wait until the replay is underway (records being written)
-        if (run_dir / R.PARTS_DIR).exists() and any((run_dir / R.PARTS_DIR).iterdir()):
+        if (run_dir / R.JOURNAL_FILE).exists() and (run_dir / R.JOURNAL_FILE).stat().st_size > 0:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)

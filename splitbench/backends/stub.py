@@ -10,8 +10,6 @@ import contextlib
 import json
 import os
 import random
-import select
-import selectors
 import signal
 import subprocess
 import sys
@@ -28,6 +26,7 @@ from aiohttp import web
 from ..errors import InputError
 from .base import register
 from .openai import http_get
+from ..timing import new_event_loop
 
 DEFAULT_MODEL = "stub-model"
 LOOPS = ("precise", "uvloop", "asyncio")
@@ -56,27 +55,6 @@ class StubConfig:
             raise InputError(f"stub tokens_per_chunk must be an integer >= 1, got {self.tokens_per_chunk!r}")
         if not 0.0 <= self.fail_rate <= 1.0:
             raise InputError(f"stub fail_rate must be in [0, 1], got {self.fail_rate!r}")
-
-
-class PreciseEpollSelector(selectors.EpollSelector):
-    """epoll_wait rounds timeouts up to whole ms; select() on the epoll fd waits with µs resolution instead."""
-
-    def select(self, timeout=None):
-        if timeout is not None and timeout > 0:
-            with contextlib.suppress(InterruptedError):
-                select.select([self.fileno()], [], [], timeout)
-            timeout = 0
-        return super().select(timeout)
-
-
-def new_event_loop(kind: str = "precise") -> asyncio.AbstractEventLoop:
-    """'precise': asyncio + PreciseEpollSelector (~0.1 ms timers); 'uvloop': faster but ms-rounded timers."""
-    if kind == "uvloop":
-        import uvloop
-        return uvloop.new_event_loop()
-    if kind == "precise" and hasattr(selectors, "EpollSelector"):
-        return asyncio.SelectorEventLoop(PreciseEpollSelector())
-    return asyncio.new_event_loop()
 
 
 class Pacer:

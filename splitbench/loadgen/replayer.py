@@ -45,7 +45,8 @@ class ReplayConfig:
     force_output_length: bool = True    # min_tokens = max_tokens and ignore_eos (vLLM extensions)
     extra_body: dict[str, Any] = field(default_factory=dict)
     start_delay_s: float = 0.25         # run clock 0 is this far after replay() is called
-    spin_s: float = 0.0015              # wake this early and yield-spin to beat ~1 ms timer granularity
+    loop: str = "precise"               # event loop kind (splitbench.timing): precise timers by default
+    spin_s: float = 0.0                 # optionally wake this early and yield-spin the rest (costs CPU)
     grace_s: float = 10.0               # on stop: wait this long for in-flight requests
 
     def describe(self) -> dict:

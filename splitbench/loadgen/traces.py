@@ -175,9 +175,7 @@ def _is_parquet(path: Path) -> bool:
 def _csv_header(path: Path) -> list[str]:
     with open(path, "rb") as f:
         first = f.readline(1 << 20).decode("utf-8-sig", errors="replace").strip("\r\n")
-    if not first.strip():
-        raise InputError("empty file: no header line and no data rows", file=str(path), line=1)
-    return next(csv.reader([first]))
+    return next(csv.reader([first])) if first.strip() else []
 
 
 def _bad_csv_line(path: Path, ncols: int) -> int | None:
@@ -227,6 +225,8 @@ def read_trace(path: str | os.PathLike, *, columns: dict | None = None, start_s:
         import pyarrow.parquet as pq
         pfile = pq.ParquetFile(path)
         header = pfile.schema_arrow.names
+    if not header:
+        parser.fail("empty file: no header line and no data rows", None, "timestamp", line=1)
     for role in ROLES:
         if cols[role] not in header:
             parser.fail(f"missing {role} column {cols[role]!r} (header has: {', '.join(header)}; "

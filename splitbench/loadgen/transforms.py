@@ -96,10 +96,10 @@ def apply_transforms(w: Workload, *, start_s: float = 0.0, duration_s: float | N
     """window -> rate_scale -> max_requests -> clip, then rebase to 0; each applied one is recorded."""
     check_transform_args(start_s=start_s, duration_s=duration_s, rate_scale=rate_scale,
                          max_requests=max_requests, max_context_tokens=max_context_tokens)
-    if len(w) == 0:
-        raise InputError(f"{w.name}: no requests")
     if start_s or duration_s is not None:
         w = window(w, start_s, duration_s)
+    elif len(w) == 0:
+        raise InputError(f"{w.name}: no requests")
     if rate_scale != 1.0:
         w = scale_rate(w, rate_scale)
     if max_requests is not None:
@@ -151,12 +151,13 @@ def workload_stats(w: Workload) -> dict:
 
 def plot_workload(w: Workload, path: str) -> None:
     """PNG: arrivals per second over time, and input/output length histograms."""
+    import io
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ..records import atomic_write_bytes
-    import io
 
     t = w.arrival_s - w.arrival_s[0] if len(w) else w.arrival_s
     fig, axes = plt.subplots(3, 1, figsize=(9, 9))
