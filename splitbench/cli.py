@@ -257,6 +257,7 @@ def run(
     run_id: Optional[str] = typer.Option(None, help="Run id (default: time-backend-trace)."),
     stub_ttft_ms: float = typer.Option(20.0, help="Stub backend: time to first token, ms."),
     stub_tpot_ms: float = typer.Option(5.0, help="Stub backend: time per output token, ms."),
+    fetch: bool = typer.Option(True, help="Download a catalogue trace that is not found locally (sha256-checked)."),
 ):
     """Replay a trace open-loop against a backend; write records, run.json and summary.json; print the report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -268,7 +269,8 @@ def run(
         backend_options=_backend_options(backend, url, api_key_env, stub_ttft_ms, stub_tpot_ms),
         api=api, model=model, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed,
         shared_prefix_tokens=shared_prefix, max_context_tokens=max_context, max_inflight=max_inflight,
-        timeout_s=timeout, grace_s=grace, results_dir=results, run_id=run_id, slos=slo, reference=reference)
+        timeout_s=timeout, grace_s=grace, results_dir=results, run_id=run_id, slos=slo, reference=reference,
+        fetch=fetch)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} done"),
                         TextColumn("sent {task.fields[sent]}  in flight {task.fields[inflight]}  failed {task.fields[failed]}"),
                         TimeElapsedColumn(), console=err_console, transient=False, refresh_per_second=4)

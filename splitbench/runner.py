@@ -51,6 +51,7 @@ class RunOptions:
     run_id: str | None = None
     slos: str | None = None
     reference: str | None = None
+    fetch: bool = True                     # download a catalogue trace that is not local
 
 
 @dataclass
@@ -99,6 +100,17 @@ def new_run_id(backend: str, trace: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(trace).stem)[:40]
     return f"{stamp}-{backend}-{safe}-{os.getpid() % 10000:04d}"
+
+
+def ensure_trace(opts: RunOptions, on_status: Callable[[str], None] = lambda s: None) -> None:
+    """A catalogue trace that is not local is downloaded (sha256-verified) into the user cache."""
+    from .loadgen.traces import catalog, fetch_trace, find_local
+    if not opts.fetch or opts.trace not in catalog() or Path(opts.trace).is_file():
+        return
+    if find_local(opts.trace, opts.trace_dir) is None:
+        on_status(f"trace {opts.trace} not found locally: downloading it")
+        res = fetch_trace(opts.trace)
+        on_status(f"fetched {res.get('path')} ({res.get('status')})")
 
 
 def load(opts: RunOptions, max_context_tokens: int | None = None) -> Workload:
@@ -178,6 +190,7 @@ def replay_workload(workload: Workload, payload, cfg: ReplayConfig, run_dir: Pat
 def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         on_status: Callable[[str], None] = lambda s: None) -> RunResult:
     from .metrics.summary import summarize
+    ensure_trace(opts, on_status)
     workload = load(opts, opts.max_context_tokens)  # bad input fails here, before anything starts
     slos = None
     if opts.slos:

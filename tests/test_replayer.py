@@ -37,6 +37,12 @@ def _replay(w: Workload, url: str, **cfg) -> tuple[list[R.RequestRecord], Replay
     return sorted(out, key=lambda r: r.trace_index), rep
 
 
+@pytest.fixture(params=["lean", "aiohttp"])
+def http(request):
+    """Both HTTP transports must produce the same records."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def stub():
     url, stop = run_stub_in_thread(ttft_s=0.030, tpot_s=0.004)
@@ -44,9 +50,9 @@ def stub():
     stop()
 
 
-def test_open_loop_timing_and_exact_tokens(stub):
+def test_open_loop_timing_and_exact_tokens(stub, http):
     w = _workload(60, rate_rps=40)
-    recs, rep = _replay(w, stub)
+    recs, rep = _replay(w, stub, http=http)
     assert len(recs) == 60 and all(r.ok for r in recs), [r.error for r in recs if not r.ok]
     assert [r.trace_index for r in recs] == list(range(100, 160))
     for r, planned in zip(recs, w.output_tokens.tolist()):
@@ -67,43 +73,44 @@ def test_open_loop_timing_and_exact_tokens(stub):
     assert rep.stats.sent == rep.stats.finished == 60 and rep.stats.failed == 0
 
 
-@pytest.mark.parametrize("fault,status,http", [
+@pytest.mark.parametrize("fault,status,code", [
     ("status:500", R.HTTP_ERROR, 500),
     ("status:429", R.HTTP_ERROR, 429),
     ("disconnect:3", R.DISCONNECTED, 200),
     ("garbage", R.ERROR, 200),
 ])
-def test_failures_become_records(stub, fault, status, http):
-    recs, rep = _replay(_workload(4, rate_rps=50), stub, headers={"X-Stub-Fault": fault})
+def test_failures_become_records(stub, fault, status, code, http):
+    recs, rep = _replay(_workload(4, rate_rps=50), stub, headers={"X-Stub-Fault": fault}, http=http)
     assert len(recs) == 4
     for r in recs:
-        assert r.status == status and r.http_status == http and r.error
+        assert r.status == status and r.http_status == code and r.error
         assert r.end_s is not None and r.end_s >= r.actual_send_s
     if fault.startswith("disconnect"):
         assert all(sum(r.chunk_tokens) == 3 for r in recs)   # tokens before the cut are kept
+        assert all(r.actual_output_tokens == 3 for r in recs)
     assert rep.stats.failed == 4
 
 
-def test_hang_times_out(stub):
+def test_hang_times_out(stub, http):
     t = time.perf_counter()
-    recs, _ = _replay(_workload(2, rate_rps=50), stub, headers={"X-Stub-Fault": "hang"}, timeout_s=0.5)
+    recs, _ = _replay(_workload(2, rate_rps=50), stub, headers={"X-Stub-Fault": "hang"}, timeout_s=0.5, http=http)
     assert [r.status for r in recs] == [R.TIMEOUT] * 2
     assert time.perf_counter() - t < 5
 
 
-def test_connection_refused_is_a_record():
+def test_connection_refused_is_a_record(http):
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    recs, _ = _replay(_workload(3, rate_rps=100), f"http://127.0.0.1:{port}")
+    recs, _ = _replay(_workload(3, rate_rps=100), f"http://127.0.0.1:{port}", http=http)
     assert [r.status for r in recs] == [R.ERROR] * 3
     assert all("Connect" in r.error or "connect" in r.error for r in recs)
 
 
-def test_max_inflight_binds_and_is_reported(stub):
-    recs, rep = _replay(_workload(20, rate_rps=500, out=20), stub, max_inflight=2)
+def test_max_inflight_binds_and_is_reported(stub, http):
+    recs, rep = _replay(_workload(20, rate_rps=500, out=20), stub, max_inflight=2, http=http)
     assert all(r.ok for r in recs)
     assert rep.stats.inflight_peak <= 2
     assert rep.stats.inflight_cap_waits > 0

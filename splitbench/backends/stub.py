@@ -46,6 +46,7 @@ class StubConfig:
     fail_rate: float = 0.0   # fraction of requests answered 500 (seeded)
     seed: int = 0
     default_max_tokens: int = 16
+    kv_transfer_s: float = 0.0  # P/D: a do_remote_prefill request's first token comes this long after receipt
 
     def __post_init__(self):
         for name in ("ttft_s", "tpot_s"):
@@ -145,6 +146,7 @@ class StubServer:
         self.n = {"requests": 0, "running": 0, "success": 0, "prompt": 0, "generation": 0, "faults": 0}
         self.created = int(time.time())
         self.text = [TOKEN * i for i in range(cfg.tokens_per_chunk + 1)]  # text of a chunk of i tokens
+        self.n.update(prefill_only=0, remote_decode=0, kv_blocks=0)  # P/D (kv_transfer_params) counters
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 2**20)
@@ -171,7 +173,9 @@ class StubServer:
                 ("vllm:prompt_tokens_total", "counter", lab, n["prompt"]),
                 ("vllm:generation_tokens_total", "counter", lab, n["generation"]),
                 ("splitbench_stub_requests_total", "counter", "", n["requests"]),
-                ("splitbench_stub_faults_total", "counter", "", n["faults"])]
+                ("splitbench_stub_faults_total", "counter", "", n["faults"]),
+                ("splitbench_stub_prefill_only_total", "counter", "", n["prefill_only"]),
+                ("splitbench_stub_remote_decode_total", "counter", "", n["remote_decode"])]
         text = "".join(f"# TYPE {k} {t}\n{k}{lb} {v}\n" for k, t, lb, v in rows)
         return web.Response(text=text, content_type="text/plain")
 
@@ -206,6 +210,12 @@ class StubServer:
         if kind == "hang":
             await loop.create_future()  # until the client gives up (handler cancellation) or shutdown
         fault_at = int(arg or 0) if kind in ("disconnect", "garbage") else -1
+        kv = body.get("kv_transfer_params")
+        if isinstance(kv, dict) and kv.get("do_remote_decode"):  # P/D prefill instance: see _kv_prefill_only
+            return await self._kv_prefill_only(request, chat, body, n_in, t_recv)
+        if isinstance(kv, dict) and kv.get("do_remote_prefill"):  # P/D decode instance: the KV arrives instead
+            self.n["remote_decode"] += 1                         # of a prefill: kv_transfer_s replaces ttft_s
+            t_recv += self.cfg.kv_transfer_s - self.cfg.ttft_s
         self.n["prompt"] += n_in
         self.n["running"] += 1
         try:
@@ -215,6 +225,33 @@ class StubServer:
             return await self._whole(request, chat, model, n_in, n_out, t_recv, kind)
         finally:
             self.n["running"] -= 1
+
+    async def _kv_prefill_only(self, request, chat, body, n_in, t_recv):
+        """vLLM NixlConnector's prefill side: after ttft_s, one token, not streamed, with the kv_transfer_params
+        the decode instance needs to pull the KV cache (fake block ids, this server's address)."""
+        self.n["prefill_only"] += 1
+        self.n["prompt"] += n_in
+        wait = Pacer(asyncio.get_running_loop()).wait_until(t_recv + self.cfg.ttft_s)
+        if wait is not None:
+            await wait
+        n_blocks, first_block = -(-max(n_in, 1) // 16), self.n["kv_blocks"]
+        self.n["kv_blocks"] += n_blocks
+        self.n["generation"] += 1
+        self.n["success"] += 1
+        host, port = (request.transport.get_extra_info("sockname") or ("127.0.0.1", 0))[:2]
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        kv = {"do_remote_prefill": True, "do_remote_decode": False,
+              "remote_block_ids": list(range(first_block, first_block + n_blocks)),
+              "remote_engine_id": f"stub-{port}", "remote_request_id": rid, "remote_host": host,
+              "remote_port": port, "tp_size": 1}
+        text = TOKEN.decode()
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+        choice.update(logprobs=None, finish_reason="length", stop_reason=None)
+        return web.json_response({
+            "id": ("chatcmpl-" if chat else "cmpl-") + rid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": str(body.get("model") or self.cfg.model), "choices": [choice],
+            "usage": {"prompt_tokens": n_in, "total_tokens": n_in + 1, "completion_tokens": 1},
+            "kv_transfer_params": kv})
 
     async def _stream(self, request, body, chat, model, n_in, n_out, t_recv, kind, fault_at):
         opts = body.get("stream_options") or {}
@@ -475,12 +512,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--fail-rate", type=float, default=0.0, help="fraction of requests answered 500")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-transfer-ms", type=float, default=0.0, help="P/D: replaces ttft for do_remote_prefill")
     p.add_argument("--cpu", type=int, default=None, help="pin the server to this core")
     p.add_argument("--loop", choices=LOOPS, default="precise")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening")
     a = p.parse_args(argv)
     try:
-        cfg = StubConfig(a.ttft_ms / 1e3, a.tpot_ms / 1e3, a.tokens_per_chunk, a.model, a.fail_rate, a.seed)
+        cfg = StubConfig(a.ttft_ms / 1e3, a.tpot_ms / 1e3, a.tokens_per_chunk, a.model, a.fail_rate, a.seed,
+                         kv_transfer_s=a.kv_transfer_ms / 1e3)
         run_server(cfg, a.host, a.port, cpu=a.cpu, loop=a.loop, port_file=a.port_file)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
-"""Start and stop one vLLM OpenAI server as a child process group (CPU-pinned or on given GPUs).
+"""Start and stop vLLM OpenAI servers as child process groups: one `VllmServer`, or a `Cluster` of them in parallel.
 
-Later grows into the multi-instance launcher; for now one VllmServer is one `api_server` process tree.
+No orphans: every group is stopped on stop()/atexit, SIGTERM becomes SystemExit while a cluster runs, and a
+reaper process kills the registered groups if this process dies any other way (even SIGKILL).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +27,7 @@ TINY_CPU_ARGS = ["--dtype", "bfloat16", "--max-model-len", "16384", "--enforce-e
                  "--disable-log-stats", "--uvicorn-log-level", "warning"]
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
 
 
 class ServerStartError(RuntimeError):
@@ -36,6 +39,65 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+# The reaper: a tiny process in its own session that reads "+PGID"/"-PGID" lines on stdin; when stdin closes
+# (this process exited, however it died) it SIGTERMs the groups still registered, then SIGKILLs them.
+_REAPER_CODE = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    line = line.strip()
+    if line[:1] == "+": groups.add(int(line[1:]))
+    elif line[:1] == "-": groups.discard(int(line[1:]))
+def alive(g):
+    try: os.killpg(g, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+for sig, wait_s in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 0.0)):
+    for g in list(groups):
+        try: os.killpg(g, sig)
+        except OSError: groups.discard(g)
+    end = time.monotonic() + wait_s
+    while groups and time.monotonic() < end and any(alive(g) for g in groups):
+        time.sleep(0.1)
+"""
+
+
+class _Reaper:
+    """Started lazily (once per process); add()/remove() never raise."""
+
+    def __init__(self):
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            try:
+                if self._proc is None or self._proc.poll() is not None:
+                    self._proc = subprocess.Popen([sys.executable, "-c", _REAPER_CODE], stdin=subprocess.PIPE,
+                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                  start_new_session=True)
+                self._proc.stdin.write(line.encode())
+                self._proc.stdin.flush()
+            except OSError:
+                pass
+
+    def add(self, pgid: int) -> None:
+        self._send(f"+{pgid}\n")
+
+    def remove(self, pgid: int) -> None:
+        if self._proc is not None:
+            self._send(f"-{pgid}\n")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+
+REAPER = _Reaper()
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -68,6 +130,9 @@ class VllmServer:
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
         self.start_s: float | None = None   # seconds from spawn to first healthy /health
+        self.start_unix_s: float | None = None
+        self.last_exit_code: int | None = None   # set when the process was found dead while starting
+        self._t_spawn = 0.0
         if self.cpu_cores and len(self.cpu_cores) % self.tensor_parallel:
             raise ValueError(f"{len(self.cpu_cores)} cpu cores do not split into {self.tensor_parallel} ranks")
 
@@ -106,7 +171,7 @@ class VllmServer:
 
     def health(self, timeout_s: float = 2.0) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=timeout_s) as r:
+            with _OPENER.open(self.url + "/health", timeout=timeout_s) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError, ValueError):
             return False
@@ -115,13 +180,14 @@ class VllmServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout_s: float = 180) -> None:
-        """Spawn the server and block until /health answers 200; on failure stop it and raise with its log tail."""
+    def spawn(self) -> None:
+        """Start the process (own session/process group, registered with the reaper); returns at once."""
         if self.running:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        t0 = time.monotonic()
+        self._t_spawn = time.monotonic()
+        self.start_unix_s, self.start_s = time.time(), None
         try:
             pin = None
             if self.cpu_cores and not shutil.which("taskset"):
@@ -132,21 +198,39 @@ class VllmServer:
                                          start_new_session=True, preexec_fn=pin)
         finally:
             log.close()
+        REAPER.add(self.proc.pid)
         atexit.register(self.stop)
-        while True:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.stop()
-                raise ServerStartError(f"vLLM exited with code {code} while starting; "
-                                       f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}")
-            if self.health():
-                self.start_s = time.monotonic() - t0
-                return
-            if time.monotonic() - t0 > timeout_s:
-                self.stop()
-                raise ServerStartError(f"vLLM not healthy after {timeout_s:.0f} s; "
-                                       f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}")
-            time.sleep(0.5)
+
+    def poll_ready(self) -> bool:
+        """True once /health answers 200 (start_s is set then); raises ServerStartError if the process died."""
+        if self.start_s is not None and self.running:
+            return True
+        if self.proc is None:
+            raise ServerStartError(f"{self.url}: not started")
+        if self.proc.poll() is not None:
+            code = self.last_exit_code = self.proc.returncode
+            self.stop()
+            raise ServerStartError(f"vLLM exited with code {code} while starting; "
+                                   f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}")
+        if self.health(timeout_s=1.0):
+            self.start_s = time.monotonic() - self._t_spawn
+            return True
+        return False
+
+    def start(self, timeout_s: float = 180) -> None:
+        """Spawn the server and block until /health answers 200; on failure stop it and raise with its log tail."""
+        if self.running:
+            return
+        self.spawn()
+        try:
+            while not self.poll_ready():
+                if time.monotonic() - self._t_spawn > timeout_s:
+                    raise ServerStartError(f"vLLM not healthy after {timeout_s:.0f} s; "
+                                           f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}")
+                time.sleep(0.5)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, grace_s: float = 8.0) -> None:
         """SIGTERM the whole process group, SIGKILL it after grace_s. Idempotent."""
@@ -173,6 +257,7 @@ class VllmServer:
             proc.wait(timeout=1)
         except subprocess.TimeoutExpired:
             pass
+        REAPER.remove(pgid)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "vllm", "url": self.url, "model_dir": self.model_dir, "model_name": self.model_name,
@@ -180,7 +265,8 @@ class VllmServer:
                 "tensor_parallel": self.tensor_parallel, "args": self.extra_args,
                 "env": {k: ("<redacted>" if any(w in k.upper() for w in _SECRET_WORDS) else v)
                         for k, v in {**DEFAULT_ENV, **self.env}.items()},
-                "log_path": str(self.log_path), "start_s": self.start_s}
+                "log_path": str(self.log_path), "start_s": self.start_s, "start_unix_s": self.start_unix_s,
+                "pid": self.proc.pid if self.proc is not None else None}
 
     def __enter__(self) -> "VllmServer":
         self.start()
@@ -198,3 +284,104 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+# ----------------------------------------------------------------------------- clusters
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+class Cluster:
+    """N VllmServers from a ClusterSpec: started in parallel, logs in run_dir/instances/<id>.log, stopped together."""
+
+    def __init__(self, spec, run_dir: str | os.PathLike, *, python: str = sys.executable,
+                 env: dict[str, str] | None = None):
+        self.spec = spec
+        self.run_dir = Path(run_dir)
+        self.servers: dict[str, VllmServer] = {}
+        for inst in spec.instances:
+            self.servers[inst.id] = VllmServer(
+                spec.model_dir, port=inst.port, host=inst.host, cpu_cores=inst.cpu_cores, gpu_ids=inst.gpu_ids,
+                tensor_parallel=inst.tensor_parallel, extra_args=inst.vllm_args(),
+                env={**(env or {}), **inst.environment()}, python=python,
+                log_path=self.run_dir / "instances" / f"{inst.id}.log")
+        self._old_sigterm = None
+
+    def urls(self) -> dict[str, str]:
+        return {i: s.url for i, s in self.servers.items()}
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        """Spawn all, poll /health until all answer; if one dies or time runs out, stop all and raise."""
+        self._guard_sigterm()
+        t0 = time.monotonic()
+        try:
+            for s in self.servers.values():
+                s.spawn()
+            pending = dict(self.servers)
+            while pending:
+                for iid, s in list(pending.items()):
+                    try:
+                        ready = s.poll_ready()
+                    except ServerStartError:
+                        self.stop()
+                        raise ServerStartError(
+                            f"instance {iid} ({s.url}) exited with code {s.last_exit_code} while starting; "
+                            f"all {len(self.servers)} instances stopped; last lines of {s.log_path}:\n"
+                            f"{_log_tail(s.log_path, 20)}") from None
+                    if ready:
+                        del pending[iid]
+                if pending and time.monotonic() - t0 > timeout_s:
+                    iid, s = next(iter(pending.items()))
+                    raise ServerStartError(
+                        f"instance(s) {', '.join(pending)} not healthy after {timeout_s:.0f} s; all stopped; "
+                        f"last lines of {s.log_path}:\n{_log_tail(s.log_path, 20)}")
+                if pending:
+                    time.sleep(0.5)
+        except BaseException:
+            self.stop()
+            raise
+
+    def dead(self) -> list[str]:
+        """Ids of instances whose process has exited."""
+        return [i for i, s in self.servers.items() if s.proc is not None and s.proc.poll() is not None]
+
+    def stop(self, grace_s: float = 8.0) -> None:
+        """Stop every process group at once (threads); idempotent."""
+        threads = [threading.Thread(target=s.stop, args=(grace_s,), daemon=True)
+                   for s in self.servers.values() if s.proc is not None]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._restore_sigterm()
+
+    def _guard_sigterm(self) -> None:
+        """While the cluster runs, SIGTERM (default action) raises SystemExit so finally/stop() run."""
+        if threading.current_thread() is not threading.main_thread() or self._old_sigterm is not None:
+            return
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+
+    def _restore_sigterm(self) -> None:
+        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) is _raise_on_sigterm:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for inst in self.spec.instances:
+            s = self.servers[inst.id]
+            out.append({**inst.describe(), "hardware": self.spec.hardware, "connector": self.spec.connector,
+                        "model_dir": self.spec.model_dir, "log_path": str(s.log_path), "args": s.extra_args,
+                        "start_s": s.start_s, "start_unix_s": s.start_unix_s,
+                        "pid": s.proc.pid if s.proc is not None else None})
+        return out
+
+    def __enter__(self) -> "Cluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,6 +1,6 @@
 """Open-loop async replayer: fires each request at its absolute intended time, timestamps every SSE chunk.
 
-One aiohttp session (one uncapped connection pool); failures become records with a status, never exceptions.
+One uncapped keep-alive pool (the lean transport, or aiohttp); failures become records with a status, never exceptions.
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Any, Callable
 import aiohttp
 
 from .. import records as R
+from ..errors import InputError
 from ..records import RequestRecord
+from .http_lean import ERROR_BODY_BYTES, ERROR_CHARS, LeanClient, StreamError, error_text
 from .workload import Workload
 
 try:
@@ -30,7 +32,7 @@ except ImportError:  # pragma: no cover
     _loads = _json.loads
 
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-_ERROR_CHARS = 300
+HTTP_TRANSPORTS = ("lean", "aiohttp")
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ReplayConfig:
     loop: str = "precise"               # event loop kind (splitbench.timing): precise timers by default
     spin_s: float = 0.0                 # optionally wake this early and yield-spin the rest (costs CPU)
     grace_s: float = 10.0               # on stop: wait this long for in-flight requests
+    http: str = "lean"                  # "lean" (http_lean: chunks handled in data_received) or "aiohttp"
 
     def describe(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "headers"}
@@ -84,6 +87,8 @@ class Replayer:
         self._active = 0   # requests sent and not yet finished
         self._clock = time.perf_counter
         self._t0 = 0.0
+        self._client: LeanClient | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------------ public
     def request_stop(self) -> None:
@@ -95,28 +100,39 @@ class Replayer:
         return self._active
 
     async def run(self) -> ReplayStats:
+        if self.cfg.http not in HTTP_TRANSPORTS:
+            raise InputError(f"http transport must be one of {', '.join(HTTP_TRANSPORTS)}, got {self.cfg.http!r}")
         self.stop_event = asyncio.Event()
+        headers = {"Content-Type": "application/json", **self.cfg.headers}
+        if self.cfg.http == "lean":
+            self._client = LeanClient(self.url, headers, clock=self._clock)
+            try:
+                return await self._run()
+            finally:
+                await self._client.close()
         timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s, sock_read=self.cfg.idle_timeout_s)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        gc.collect()
-        gc.freeze()  # long-lived setup objects out of the GC's way: fewer pauses on the hot path
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                         headers={"Content-Type": "application/json", **self.cfg.headers},
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers,
                                          auto_decompress=False) as session:
             self._session = session
-            sem = asyncio.Semaphore(self.cfg.max_inflight) if self.cfg.max_inflight else None
-            self._t0 = self._clock() + self.cfg.start_delay_s
-            self.stats.t0_unix_s = time.time() + self.cfg.start_delay_s
-            try:
-                await self._dispatch(sem)
-                await self._drain(None if not self.stop_event.is_set() else self.cfg.grace_s)
-            except asyncio.CancelledError:
-                self.stats.stopped_early = True
-                await self._drain(0.0)
-                raise
-            finally:
-                self.stats.duration_s = self._clock() - self._t0
-                gc.unfreeze()
+            return await self._run()
+
+    async def _run(self) -> ReplayStats:
+        gc.collect()
+        gc.freeze()  # long-lived setup objects out of the GC's way: fewer pauses on the hot path
+        sem = asyncio.Semaphore(self.cfg.max_inflight) if self.cfg.max_inflight else None
+        self._t0 = self._clock() + self.cfg.start_delay_s
+        self.stats.t0_unix_s = time.time() + self.cfg.start_delay_s
+        try:
+            await self._dispatch(sem)
+            await self._drain(None if not self.stop_event.is_set() else self.cfg.grace_s)
+        except asyncio.CancelledError:
+            self.stats.stopped_early = True
+            await self._drain(0.0)
+            raise
+        finally:
+            self.stats.duration_s = self._clock() - self._t0
+            gc.unfreeze()
         return self.stats
 
     # ------------------------------------------------------------------ internals
@@ -178,30 +194,30 @@ class Replayer:
         clock, t0 = self._clock, self._t0
         send = clock()
         rec.actual_send_s = send - t0
+        sink = RecordSink(rec, t0, send)
         try:
-            async with self._session.post(self.url, data=data) as resp:
-                rec.http_status = resp.status
-                if resp.status != 200:
-                    body = await resp.content.read(4096)
-                    rec.status = R.HTTP_ERROR
-                    rec.error = _error_text(body) or resp.reason or f"HTTP {resp.status}"
-                elif resp.content_type == "text/event-stream":
-                    await self._read_stream(resp, rec, send)
-                else:
-                    await self._read_json(resp, rec, send)
+            if self._client is not None:
+                await self._client.request(data, sink, send=send, timeout_s=self.cfg.timeout_s,
+                                           idle_timeout_s=self.cfg.idle_timeout_s)
+            else:
+                await self._one_aiohttp(data, sink)
         except asyncio.CancelledError:
             rec.status, rec.error = R.CANCELLED, "cancelled at shutdown"
-        except _StreamError as e:
-            rec.status, rec.error = e.status, str(e)[:_ERROR_CHARS]
+            sink.partial()
+        except StreamError as e:
+            rec.status, rec.error = e.status, str(e)[:ERROR_CHARS]
+            sink.partial()
         except asyncio.TimeoutError:
             rec.status, rec.error = R.TIMEOUT, f"no response within limits (total {self.cfg.timeout_s}s, " \
                                                f"idle {self.cfg.idle_timeout_s}s)"
+            sink.partial()
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
-            rec.status, rec.error = R.DISCONNECTED, f"{type(e).__name__}: {e}"[:_ERROR_CHARS]
+            rec.status, rec.error = R.DISCONNECTED, f"{type(e).__name__}: {e}"[:ERROR_CHARS]
+            sink.partial()
         except aiohttp.ClientError as e:
-            rec.status, rec.error = R.ERROR, f"{type(e).__name__}: {e}"[:_ERROR_CHARS]
+            rec.status, rec.error = R.ERROR, f"{type(e).__name__}: {e}"[:ERROR_CHARS]
         except Exception as e:  # never crash the run on one bad response
-            rec.status, rec.error = R.ERROR, f"{type(e).__name__}: {e}"[:_ERROR_CHARS]
+            rec.status, rec.error = R.ERROR, f"{type(e).__name__}: {e}"[:ERROR_CHARS]
         finally:
             rec.end_s = clock() - t0
             self._active -= 1
@@ -212,94 +228,129 @@ class Replayer:
                 self.stats.failed += 1
             self.sink(rec)
 
-    async def _read_stream(self, resp: aiohttp.ClientResponse, rec: RequestRecord, send: float) -> None:
-        clock, t0 = self._clock, self._t0
-        offsets, tokens = rec.chunk_offsets_s, rec.chunk_tokens
-        buf = b""
-        prev_completion = 0
-        counted = 0
-        done = False
-        usage = None
-        async for data in resp.content.iter_any():
-            now = clock()
-            buf += data
-            while True:
-                cut = buf.find(b"\n\n")
-                if cut < 0:
-                    break
-                event, buf = buf[:cut], buf[cut + 2:]
-                for line in event.split(b"\n"):
-                    if not line.startswith(b"data:"):
-                        continue  # comments / other SSE fields
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        done = True
-                        continue
-                    try:
-                        msg = _loads(payload)
-                    except ValueError:
-                        raise _StreamError(R.ERROR, f"malformed SSE data: {payload[:80]!r}")
-                    if "error" in msg and "choices" not in msg:
-                        raise _StreamError(R.ERROR, _error_text(payload))
-                    u = msg.get("usage")
-                    choices = msg.get("choices") or ()
-                    if u:
-                        usage = u
-                    if not choices:
-                        continue  # e.g. the final usage-only chunk
-                    if u and u.get("completion_tokens") is not None:
-                        k = u["completion_tokens"] - prev_completion
-                        prev_completion = u["completion_tokens"]
-                    else:  # no continuous usage: one token per non-empty delta
-                        c = choices[0]
-                        text = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
-                        k = 1 if text else 0
-                    if k > 0:
-                        if not offsets:
-                            rec.first_token_s = now - t0
-                        offsets.append(now - send)
-                        tokens.append(k)
-                        counted += k
-                        rec.last_token_s = now - t0
-        if usage:
+    async def _one_aiohttp(self, data: bytes, sink: RecordSink) -> None:
+        """The aiohttp transport: the same RecordSink, fed from aiohttp's stream reader."""
+        clock = self._clock
+        async with self._session.post(self.url, data=data) as resp:
+            sink.on_head(resp.status, resp.reason or "", resp.headers)
+            if resp.status != 200:
+                sink.on_body(await resp.content.read(ERROR_BODY_BYTES), clock())
+            else:
+                async for chunk in resp.content.iter_any():
+                    sink.on_body(chunk, clock())
+            sink.on_end(clock())
+
+
+# ------------------------------------------------------------------ response -> record (both transports)
+_SSE, _JSON, _ERR = 0, 1, 2
+
+
+class RecordSink:
+    """Turns one response into RequestRecord fields. Transports call on_head, on_body(data, now) per network
+    read, then on_end(now); `now` is on the same clock as `send` and `t0`. on_body/on_end raise StreamError."""
+    __slots__ = ("rec", "t0", "send", "mode", "buf", "prev", "counted", "done", "usage", "reason")
+
+    def __init__(self, rec: RequestRecord, t0: float, send: float):
+        self.rec, self.t0, self.send = rec, t0, send
+        self.mode, self.buf, self.prev, self.counted, self.done, self.usage = _SSE, b"", 0, 0, False, None
+        self.reason = ""
+
+    def on_head(self, status: int, reason: str, headers: Any) -> None:
+        self.rec.http_status, self.reason = status, reason
+        if status != 200:
+            self.mode = _ERR
+        elif not (headers.get("content-type") or "").startswith("text/event-stream"):
+            self.mode = _JSON
+
+    def on_body(self, data: bytes, now: float) -> None:
+        if self.mode == _SSE:
+            self._feed(data, now)
+        elif self.mode == _JSON or len(self.buf) < ERROR_BODY_BYTES:
+            self.buf += data
+
+    def on_end(self, now: float) -> None:
+        rec = self.rec
+        if self.mode == _ERR:
+            rec.status = R.HTTP_ERROR
+            rec.error = error_text(self.buf[:ERROR_BODY_BYTES]) or self.reason or f"HTTP {rec.http_status}"
+        elif self.mode == _JSON:  # non-streaming server: the whole answer is one chunk
+            try:
+                msg = _loads(self.buf)
+            except ValueError:
+                raise StreamError(R.ERROR, f"malformed JSON response: {self.buf[:80]!r}") from None
+            usage = (msg.get("usage") if isinstance(msg, dict) else None) or {}
             rec.actual_input_tokens = usage.get("prompt_tokens")
             rec.actual_output_tokens = usage.get("completion_tokens")
-        else:
-            rec.actual_output_tokens = counted
-        if not done:
-            rec.status, rec.error = R.DISCONNECTED, "stream ended without [DONE]"
-        else:
+            rec.first_token_s = rec.last_token_s = now - self.t0
+            rec.chunk_offsets_s.append(now - self.send)
+            rec.chunk_tokens.append(rec.actual_output_tokens or 1)
             rec.status = R.OK
+        else:
+            self.partial()
+            if self.done:
+                rec.status = R.OK
+            else:
+                rec.status, rec.error = R.DISCONNECTED, "stream ended without [DONE]"
 
-    async def _read_json(self, resp: aiohttp.ClientResponse, rec: RequestRecord, send: float) -> None:
-        """Non-streaming server: the whole answer is one chunk."""
-        msg = _loads(await resp.read())
-        now = self._clock()
-        usage = msg.get("usage") or {}
-        rec.actual_input_tokens = usage.get("prompt_tokens")
-        rec.actual_output_tokens = usage.get("completion_tokens")
-        n = rec.actual_output_tokens or 1
-        rec.first_token_s = rec.last_token_s = now - self._t0
-        rec.chunk_offsets_s.append(now - send)
-        rec.chunk_tokens.append(n)
-        rec.status = R.OK
+    def partial(self) -> None:
+        """Token totals from what arrived so far (also called when a request fails mid-stream)."""
+        if self.mode != _SSE:
+            return
+        u = self.usage
+        if u:
+            self.rec.actual_input_tokens = u.get("prompt_tokens")
+            self.rec.actual_output_tokens = u.get("completion_tokens")
+        else:
+            self.rec.actual_output_tokens = self.counted
 
+    def _feed(self, data: bytes, now: float) -> None:
+        buf = self.buf + data if self.buf else data
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        events = buf.split(b"\n\n")
+        self.buf = events.pop()
+        for ev in events:
+            if ev.startswith(b"data:") and b"\n" not in ev:
+                self._event(ev[5:].strip(), now)
+            else:  # several lines: join the data fields (SSE); comments and other fields are skipped
+                parts = [ln[5:].strip() for ln in ev.split(b"\n") if ln.startswith(b"data:")]
+                if parts:
+                    self._event(b"\n".join(parts), now)
 
-class _StreamError(Exception):
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
+    def _event(self, payload: bytes, now: float) -> None:
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        try:
+            msg = _loads(payload)
+        except ValueError:
+            raise StreamError(R.ERROR, f"malformed SSE data: {payload[:80]!r}") from None
+        if type(msg) is not dict:
+            raise StreamError(R.ERROR, f"malformed SSE data: {payload[:80]!r}")
+        if "error" in msg and "choices" not in msg:
+            raise StreamError(R.ERROR, error_text(payload))
+        u = msg.get("usage")
+        choices = msg.get("choices")
+        if u:
+            self.usage = u
+        if not choices:
+            return  # e.g. the final usage-only chunk
+        if u and u.get("completion_tokens") is not None:
+            k = u["completion_tokens"] - self.prev
+            self.prev = u["completion_tokens"]
+        else:  # no continuous usage: one token per non-empty delta
+            c = choices[0]
+            text = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
+            k = 1 if text else 0
+        if k > 0:
+            rec = self.rec
+            if not rec.chunk_offsets_s:
+                rec.first_token_s = now - self.t0
+            rec.chunk_offsets_s.append(now - self.send)
+            rec.chunk_tokens.append(k)
+            self.counted += k
+            rec.last_token_s = now - self.t0
 
-
-def _error_text(body: bytes) -> str:
-    try:
-        msg = _loads(body)
-        err = msg.get("error", msg) if isinstance(msg, dict) else msg
-        if isinstance(err, dict):
-            err = err.get("message") or err
-        return str(err)[:_ERROR_CHARS]
-    except ValueError:
-        return body.decode("utf-8", "replace").strip()[:_ERROR_CHARS]
 
 
 async def replay(workload: Workload, payload: Callable[[int, int], dict], cfg: ReplayConfig,
