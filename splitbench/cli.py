@@ -18,7 +18,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Generate models that need no
 app.add_typer(traces_app, name="traces")
 app.add_typer(model_app, name="model")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, log_path=False)
 
 
 def user_errors(fn):

@@ -237,7 +237,7 @@ def plan_cluster(model_dir: str | os.PathLike, *, prompt: int = 0, token: int = 
         instances.append(InstanceSpec(
             id=f"{role}-{idx}", role=role, port=port_fn(), host=host, cpu_cores=placement_cores[k],
             gpu_ids=placement_gpus[k], tensor_parallel=tensor_parallel, gpu_memory_utilization=share,
-            kv_transfer_config=kv if role in ("prompt", "token", "mixed") else None,
+            kv_transfer_config=kv if role != "baseline" or kv_transfer_config is not None else None,
             side_channel_port=port_fn() if nixl and role != "baseline" else None,
             base_args=list(base_args or [])))
     return ClusterSpec(model_dir=str(Path(model_dir)), hardware=hardware, layout=layout, connector=name,

@@ -1,0 +1,172 @@
+"""Pure scheduling policies: JSQ choices, health, Splitwise mixed-pool borrowing/return, seeded determinism,
+and the pending-token ledger."""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from splitbench.clusters.policies import (JSQ, Decision, InstanceView, Ledger, MixedPool, NoHealthyInstance,
+                                          Request, RoundRobin, make_policy, routable)
+
+R = Request("r", 100, 10)
+
+
+def test_jsq_split_picks_prompt_by_prompt_tokens_and_token_by_decode_tokens():
+    views = [InstanceView("p0", "prompt", pending_prompt_tokens=500, pending_decode_tokens=0),
+             InstanceView("p1", "prompt", pending_prompt_tokens=100, pending_decode_tokens=9000),
+             InstanceView("t0", "token", pending_prompt_tokens=0, pending_decode_tokens=300),
+             InstanceView("t1", "token", pending_prompt_tokens=9000, pending_decode_tokens=200)]
+    d = JSQ(random.Random(0)).choose(R, views)
+    assert d == Decision("p1", "t1", "prompt")
+    assert d.split and d.label == "p1>t1"
+
+
+def test_jsq_colocated_uses_all_pending_tokens():
+    views = [InstanceView("b0", "baseline", 100, 100), InstanceView("b1", "baseline", 150, 0),
+             InstanceView("b2", "baseline", 0, 250)]
+    d = JSQ(random.Random(0)).choose(R, views)
+    assert d == Decision("b1", None, "baseline")
+    assert not d.split and d.label == "b1"
+
+
+def test_unhealthy_instances_are_skipped_and_no_route_raises():
+    views = [InstanceView("p0", "prompt", 0, healthy=False), InstanceView("p1", "prompt", 900),
+             InstanceView("t0", "token", pending_decode_tokens=0, healthy=False), InstanceView("t1", "token", 0, 50)]
+    for policy in (JSQ(random.Random(1)), RoundRobin(), MixedPool(random.Random(1))):
+        for _ in range(3):
+            assert policy.choose(R, views) == Decision("p1", "t1", "prompt")
+    dead_tokens = [v if v.pool == "prompt" else InstanceView(v.id, v.pool, healthy=False) for v in views]
+    assert not routable(dead_tokens)
+    for policy in (JSQ(), RoundRobin(), MixedPool()):
+        with pytest.raises(NoHealthyInstance, match="t0"):
+            policy.choose(R, dead_tokens)
+    with pytest.raises(NoHealthyInstance):
+        JSQ().choose(R, [])
+
+
+def test_round_robin_cycles_each_pool_in_order():
+    views = [InstanceView("p0", "prompt"), InstanceView("p1", "prompt"), InstanceView("t0", "token"),
+             InstanceView("t1", "token"), InstanceView("t2", "token")]
+    rr = RoundRobin()
+    labels = [rr.choose(R, views).label for _ in range(6)]
+    assert labels == ["p0>t0", "p1>t1", "p0>t2", "p1>t0", "p0>t1", "p1>t2"]
+
+
+def _drive(policy, ledger: Ledger, n: int, rid: str = "r") -> list[tuple[Decision, Request]]:
+    """Dispatch n identical requests without finishing any (a burst)."""
+    out = []
+    for k in range(n):
+        req = Request(f"{rid}{k}", 1000, 100)
+        d = policy.choose(req, ledger.views())
+        ledger.dispatch(d, req)
+        out.append((d, req))
+    return out
+
+
+def test_mixed_pool_borrows_under_a_burst_and_returns_when_drained():
+    ledger = Ledger([("p0", "prompt"), ("p1", "prompt"), ("t0", "token"), ("t1", "token"), ("t2", "token")])
+    pol = MixedPool(random.Random(3), prompt_threshold_tokens=3000, decode_threshold_tokens=10**6)
+    calm = _drive(pol, ledger, 6, "a")  # the 6th brings both prompt instances to the threshold
+    assert all(d.split for d, _ in calm) and not pol.borrowed
+    burst = _drive(pol, ledger, 4, "b")
+    mixed = [d for d, _ in burst if d.pool == "mixed"]
+    assert mixed and all(d.token_instance is None for d in mixed)
+    borrowed = set(pol.borrowed)
+    assert borrowed and borrowed <= {"t0", "t1", "t2"} and pol.borrow_count == len(borrowed)
+    assert {d.prompt_instance for d in mixed} == borrowed
+    assert len(borrowed) < 3  # the token pool always keeps an instance
+    # While borrowed (still running), an instance is never a split request's token instance, even when it
+    # has the fewest pending decode tokens and the prompt pool is calm again.
+    calm_views = [replace(v, pending_prompt_tokens=0, pending_decode_tokens=0 if v.id in borrowed else 50)
+                  for v in ledger.views()]
+    for _ in range(5):
+        d = pol.choose(Request("x", 1, 1), calm_views)
+        assert d.split and d.token_instance not in borrowed
+    assert set(pol.borrowed) == borrowed
+    # Drain everything: the next decision returns the borrowed instances to the token pool.
+    for d, req in calm + burst:
+        ledger.prefill_done(d, req)
+        ledger.finish(d, req)
+    assert all(v.pending_tokens == 0 and v.running == 0 for v in ledger.views())
+    d = pol.choose(Request("y", 10, 10), ledger.views())
+    assert d.split and not pol.borrowed and pol.return_count == len(borrowed)
+
+
+def test_mixed_pool_never_empties_a_pool_and_reuses_room_in_the_mixed_pool():
+    ledger = Ledger([("p0", "prompt"), ("t0", "token")])
+    pol = MixedPool(random.Random(0), prompt_threshold_tokens=1500, decode_threshold_tokens=10**6)
+    assert all(d.split for d, _ in _drive(pol, ledger, 10)) and pol.borrow_count == 0
+    ledger = Ledger([("p0", "prompt"), ("t0", "token"), ("t1", "token")])
+    pol = MixedPool(random.Random(0), prompt_threshold_tokens=1500, decode_threshold_tokens=10**6)
+    ds = [d for d, _ in _drive(pol, ledger, 3)]
+    # 2nd request: p0 has 1000 < 1500 -> split; 3rd: p0 at 2000 -> borrow a token instance.
+    assert [d.pool for d in ds] == ["prompt", "prompt", "mixed"]
+    assert pol.borrow_count == 1
+
+
+def test_mixed_pool_borrows_prompt_instance_when_token_pool_overloaded():
+    ledger = Ledger([("p0", "prompt"), ("p1", "prompt"), ("t0", "token")])
+    pol = MixedPool(random.Random(0), prompt_threshold_tokens=10**6, decode_threshold_tokens=250)
+    ds = [d for d, _ in _drive(pol, ledger, 4)]
+    assert [d.pool for d in ds[:3]] == ["prompt"] * 3
+    assert ds[3].pool == "mixed" and ds[3].prompt_instance in {"p0", "p1"}
+
+
+def _tie_heavy_decisions(policy_name: str, seed: int) -> list[str]:
+    pol = make_policy(policy_name, seed=seed)
+    ledger = Ledger([(f"p{i}", "prompt") for i in range(4)] + [(f"t{i}", "token") for i in range(4)])
+    work, out = random.Random(99), []
+    live: list[tuple[Decision, Request]] = []
+    for k in range(300):
+        req = Request(str(k), work.choice([100, 200]), work.choice([10, 20]))
+        d = pol.choose(req, ledger.views())
+        ledger.dispatch(d, req)
+        live.append((d, req))
+        out.append(d.label)
+        if work.random() < 0.6:  # finish a random earlier request (keeps many ties)
+            d2, r2 = live.pop(work.randrange(len(live)))
+            ledger.prefill_done(d2, r2)
+            ledger.finish(d2, r2)
+    return out
+
+
+@pytest.mark.parametrize("name", ["jsq", "mixed-pool", "round-robin"])
+def test_same_seed_same_decisions(name):
+    assert _tie_heavy_decisions(name, 7) == _tie_heavy_decisions(name, 7)
+
+
+def test_jsq_tie_breaks_depend_on_the_seed():
+    assert _tie_heavy_decisions("jsq", 1) != _tie_heavy_decisions("jsq", 2)
+
+
+def test_make_policy_and_ledger_validation():
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("fastest")
+    with pytest.raises(ValueError, match="bogus"):
+        make_policy("mixed-pool", bogus=1)
+    with pytest.raises(ValueError, match="pool must be"):
+        Ledger([("x", "decode")])
+    with pytest.raises(ValueError, match="duplicate"):
+        Ledger([("x", "prompt"), ("x", "token")])
+
+
+def test_ledger_moves_prompt_tokens_out_at_prefill_and_decode_tokens_at_finish():
+    ledger = Ledger([("p0", "prompt"), ("t0", "token"), ("b0", "baseline")])
+    split, colo = Decision("p0", "t0", "prompt"), Decision("b0", None, "baseline")
+    req = Request("r", 300, 40)
+    ledger.dispatch(split, req)
+    ledger.dispatch(colo, req)
+    v = {x.id: x for x in ledger.views()}
+    assert (v["p0"].pending_prompt_tokens, v["p0"].running, v["t0"].pending_decode_tokens, v["t0"].running) == \
+        (300, 1, 40, 1)
+    assert (v["b0"].pending_prompt_tokens, v["b0"].pending_decode_tokens, v["b0"].running) == (300, 40, 1)
+    ledger.prefill_done(split, req)
+    ledger.prefill_done(colo, req)
+    v = {x.id: x for x in ledger.views()}
+    assert (v["p0"].pending_tokens, v["p0"].running, v["t0"].pending_decode_tokens) == (0, 0, 40)
+    assert (v["b0"].pending_prompt_tokens, v["b0"].pending_decode_tokens, v["b0"].running) == (0, 40, 1)
+    ledger.finish(split, req)
+    ledger.finish(colo, req)
+    assert all(x.pending_tokens == 0 and x.running == 0 for x in ledger.views())
