@@ -30,6 +30,11 @@ def user_errors(fn):
         except InputError as e:
             err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2)
+        except Exception as e:
+            if type(e).__name__ != "ServerStartError":  # a backend that could not start: say why, no traceback
+                raise
+            err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
     return wrapper
 
 
@@ -217,21 +222,32 @@ def _parse_columns(spec: Optional[str]) -> Optional[dict]:
     return out
 
 
+CLUSTER_BACKENDS = ("vllm", "splitwise", "mixed")
+
+
 def _backend_options(backend: str, url: Optional[str], api_key_env: str, stub_ttft_ms: float,
-                     stub_tpot_ms: float) -> dict:
+                     stub_tpot_ms: float, **cluster) -> dict:
     if backend == "openai":
         if not url:
             raise InputError("--backend openai needs --url http://HOST:PORT")
         return {"url": url, "api_key_env": api_key_env}
     if backend == "stub":
         return {"ttft_s": stub_ttft_ms / 1000, "tpot_s": stub_tpot_ms / 1000}
+    if backend in CLUSTER_BACKENDS:
+        opts = {k: v for k, v in cluster.items() if v is not None}
+        if backend == "vllm":
+            opts.pop("prompt_instances", None), opts.pop("token_instances", None)
+        else:
+            opts.pop("instances", None)
+        return opts
     return {}
 
 
 @app.command()
 @user_errors
 def run(
-    backend: str = typer.Option("stub", help="Backend name: openai (an existing URL), stub (built-in fake server)."),
+    backend: str = typer.Option("stub", help="Backend: openai (an existing URL), stub (built-in fake server), vllm "
+                                "(local baseline cluster), splitwise (prompt/token cluster + KV connector), mixed."),
     url: Optional[str] = typer.Option(None, help="Base URL of an OpenAI-compatible server (--backend openai)."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="Env var holding the API key (never written to results)."),
     trace: str = typer.Option("azure-conv-2023", help="Trace name, CSV/Parquet path, or 'synth:...' spec."),
@@ -258,6 +274,18 @@ def run(
     stub_ttft_ms: float = typer.Option(20.0, help="Stub backend: time to first token, ms."),
     stub_tpot_ms: float = typer.Option(5.0, help="Stub backend: time per output token, ms."),
     fetch: bool = typer.Option(True, help="Download a catalogue trace that is not found locally (sha256-checked)."),
+    instances: Optional[int] = typer.Option(None, help="vllm backend: co-located instances (>1: behind the router, JSQ)."),
+    prompt_instances: Optional[int] = typer.Option(None, help="splitwise/mixed: prompt (prefill) instances [1]."),
+    token_instances: Optional[int] = typer.Option(None, help="splitwise/mixed: token (decode) instances [1]."),
+    connector: Optional[str] = typer.Option(None, help="KV connector for splitwise/mixed: nixl (default) or example."),
+    kv_transfer_config: Optional[str] = typer.Option(None, help="Raw vLLM --kv-transfer-config JSON (LMCache, Mooncake, ...)."),
+    model_dir: Optional[str] = typer.Option(None, help="Model for cluster backends (default: the cached tiny model)."),
+    gpus: Optional[str] = typer.Option(None, help="GPU ids for cluster backends, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES per instance)."),
+    cores: Optional[str] = typer.Option(None, help="CPU cores for CPU-build instances, e.g. 0,1."),
+    tensor_parallel: Optional[int] = typer.Option(None, help="Tensor-parallel size per instance (GPU)."),
+    layout: Optional[str] = typer.Option(None, help="'splitwiser': a prompt and a token instance share each GPU."),
+    policy: Optional[str] = typer.Option(None, help="Router policy: jsq (default), round-robin, mixed-pool."),
+    vllm_args: Optional[str] = typer.Option(None, help="Extra arguments for every vLLM server (quoted string)."),
 ):
     """Replay a trace open-loop against a backend; write records, run.json and summary.json; print the report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -266,7 +294,11 @@ def run(
     opts = runner.RunOptions(
         trace=trace, trace_dir=trace_dir, columns=_parse_columns(columns), start_s=start, duration_s=duration,
         rate_scale=rate_scale, max_requests=max_requests, backend=backend,
-        backend_options=_backend_options(backend, url, api_key_env, stub_ttft_ms, stub_tpot_ms),
+        backend_options=_backend_options(
+            backend, url, api_key_env, stub_ttft_ms, stub_tpot_ms, instances=instances,
+            prompt_instances=prompt_instances, token_instances=token_instances, connector=connector,
+            kv_transfer_config=kv_transfer_config, model_dir=model_dir, gpus=gpus, cores=cores,
+            tensor_parallel=tensor_parallel, layout=layout, policy=policy, vllm_args=vllm_args),
         api=api, model=model, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed,
         shared_prefix_tokens=shared_prefix, max_context_tokens=max_context, max_inflight=max_inflight,
         timeout_s=timeout, grace_s=grace, results_dir=results, run_id=run_id, slos=slo, reference=reference,
@@ -331,6 +363,7 @@ def reference(
     results: str = typer.Option("results", help="Directory for the reference run's records."),
     stub_ttft_ms: float = typer.Option(20.0, help="Stub backend: time to first token, ms."),
     stub_tpot_ms: float = typer.Option(5.0, help="Stub backend: time per output token, ms."),
+    model_dir: Optional[str] = typer.Option(None, help="--backend vllm: model dir (default: the cached tiny model)."),
 ):
     """Measure an unloaded reference (one request at a time over prompt sizes) for Splitwise's SLO verdict."""
     from . import runner
@@ -339,7 +372,8 @@ def reference(
     except ValueError:
         raise InputError(f"--sizes: expected comma-separated integers, got {sizes!r}")
     ref, run_dir = runner.measure_reference(
-        backend, _backend_options(backend, url, api_key_env, stub_ttft_ms, stub_tpot_ms), sizes=grid,
+        backend, _backend_options(backend, url, api_key_env, stub_ttft_ms, stub_tpot_ms, model_dir=model_dir),
+        sizes=grid,
         output_tokens=output_tokens, repeats=repeats, out=out, tokenizer=tokenizer, vocab_size=vocab_size,
         results_dir=results, on_status=lambda s: err_console.log(s))
     console.print(f"reference written to {out} (records in {run_dir}):")

@@ -237,12 +237,26 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         on_status("stopping backend")
         backend.stop()
     stats = replayer.stats
+    final = {k: v for k, v in backend.describe().items() if v is not None}  # e.g. metrics summary after stop
     meta.update(status="interrupted" if interrupted else "complete", t0_unix_s=stats.t0_unix_s,
-                replay_stats=asdict(stats))
+                replay_stats=asdict(stats), backend={**meta["backend"], **final})
     R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    merge_router_phases(run_dir, meta)
     summary = summarize(R.read_records(run_dir), run_meta=meta, slos=slos, reference=reference)
     R.atomic_write_json(run_dir / R.SUMMARY_FILE, summary)
     return RunResult(run_dir, summary, interrupted, stats)
+
+
+def merge_router_phases(run_dir: Path, meta: dict) -> int:
+    """Fill instance, pool and phases_s of the run's records from the router's phase log, if there is one."""
+    log = (meta.get("backend") or {}).get("phase_log")
+    if not log or not Path(log).exists():
+        return 0
+    from .clusters.phaselog import load_phase_log, merge_phases
+    entries = load_phase_log(log)
+    merged = merge_phases(R.read_records(run_dir), entries, meta["t0_unix_s"])
+    R.write_records(run_dir, meta["run_id"], merged)
+    return sum(1 for r in merged if r.phases_s)
 
 
 def report(run_dir: str | Path, slos: str | None = None, reference: str | None = None,

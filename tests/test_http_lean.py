@@ -6,6 +6,9 @@ import asyncio
 import json
 import os
 import random
+import shutil
+import ssl
+import subprocess
 import time
 
 import pytest
@@ -70,14 +73,15 @@ class RawServer:
     """A tiny HTTP/1.1 server: `script(i)` gives the i-th request's answer, a list of (delay_s, bytes),
     "close" (end the connection) or "await_eof" (send nothing more until the client closes)."""
 
-    def __init__(self, script):
+    def __init__(self, script, ssl_context: ssl.SSLContext | None = None):
         self.script, self.accepted, self.requests, self.eofs = script, 0, [], 0
         self.tasks: set[asyncio.Task] = set()
+        self.ssl = ssl_context
 
     async def __aenter__(self):
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ssl)
         port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/v1/completions"
+        self.url = f"{'https' if self.ssl else 'http'}://localhost:{port}/v1/completions"
         return self
 
     async def __aexit__(self, *exc):
@@ -272,6 +276,32 @@ def test_cancellation_closes_the_connection():
             await client.close()
             return state
     assert run(main()) == (0, 1)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command for a test certificate")
+def test_https(tmp_path):
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    sse = b"".join(_sse_stream(3))
+    answer = [(0, SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"), (0.01, _chunked(sse))]
+
+    async def main():
+        async with RawServer(lambda i: answer, server_ctx) as srv:
+            trusting = LeanClient(srv.url, ssl_context=ssl.create_default_context(cafile=str(cert)))
+            recs = [await _post(trusting) for _ in range(3)]
+            await trusting.close()
+            untrusting = LeanClient(srv.url)   # the system CAs do not know this certificate
+            bad = await _post(untrusting)
+            await untrusting.close()
+            return recs, srv.accepted, bad
+    recs, accepted, bad = run(main())
+    assert all(r.status == R.OK and r.actual_output_tokens == 4 == sum(r.chunk_tokens) for r in recs)
+    assert accepted == 1   # reused over TLS (the untrusting client never got past the handshake)
+    assert bad.status == R.ERROR and "CERTIFICATE_VERIFY_FAILED" in bad.error
 
 
 def test_connection_refused_is_an_error():

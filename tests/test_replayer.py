@@ -178,3 +178,23 @@ def test_sigterm_stops_sending_writes_records_and_exits_nonzero(tmp_path):
     pid = meta["backend"]["pid"]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_events_in_one_read_are_one_chunk():
+    """Several SSE events arriving in one network read are one chunk of k tokens (k gaps of g/k later)."""
+    from splitbench.loadgen.replayer import RecordSink
+    rec = R.RequestRecord(request_id="r0", trace_index=0, intended_send_s=0.0, planned_input_tokens=1,
+                          planned_output_tokens=3)
+    sink = RecordSink(rec, t0=0.0, send=1.0)
+    sink.on_head(200, "OK", {"content-type": "text/event-stream"})
+
+    def ev(n):
+        return b'data: {"choices":[{"text":"x"}],"usage":{"prompt_tokens":1,"completion_tokens":%d}}\n\n' % n
+    sink.on_body(ev(1), 1.5)
+    sink.on_body(ev(2) + ev(3) + b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":3}}\n\n'
+                 b"data: [DONE]\n\n", 1.9)
+    sink.on_end(1.9)
+    assert rec.chunk_tokens == [1, 2]
+    assert rec.chunk_offsets_s == [0.5, pytest.approx(0.9)]
+    assert rec.first_token_s == 1.5 and rec.last_token_s == 1.9
+    assert rec.actual_output_tokens == 3 and rec.status == R.OK

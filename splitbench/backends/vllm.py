@@ -46,8 +46,10 @@ class ClusterBackend:
         self.gpus, self.cores, self.layout, self.hardware = gpus, cores, layout, hardware
         self.tensor_parallel = _int_opt(tensor_parallel or 1, "tensor-parallel", 1)
         self.vllm_args = shlex.split(vllm_args) if isinstance(vllm_args, str) else vllm_args
-        self.policy, self.policy_params, self.router_cpu, self.seed = policy, dict(policy_params or {}), router_cpu, seed
-        self.startup_timeout_s, self.scrape_interval_s = float(startup_timeout_s), float(scrape_interval_s)
+        self.policy, self.policy_params, self.router_cpu, self.seed = policy, dict(policy_params or {}), router_cpu, seed or 0
+        # None (a CLI flag left out) means the default
+        self.startup_timeout_s = float(startup_timeout_s if startup_timeout_s is not None else 300.0)
+        self.scrape_interval_s = float(scrape_interval_s if scrape_interval_s is not None else 1.0)
         self.counts = dict(counts or {})
         self.spec = None
         self.cluster = None
@@ -56,7 +58,8 @@ class ClusterBackend:
         self.run_dir: Path | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.started_unix_s: float | None = None
-        self.metrics_summary: dict | None = None
+        self.metrics_summary: dict | None = None   # metrics/summary.json after stop()
+        self._last_describe: dict | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -120,6 +123,8 @@ class ClusterBackend:
         scraper, self.scraper = self.scraper, None
         router, self.router = self.router, None
         cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            self._last_describe = self._describe(cluster, router)
         try:
             if scraper is not None:
                 self.metrics_summary = scraper.stop()
@@ -132,7 +137,6 @@ class ClusterBackend:
                         REAPER.remove(pid)
             finally:
                 if cluster is not None:
-                    self._last_describe = self._describe(cluster, router)
                     cluster.stop()
                 if self._tmp is not None:
                     self._tmp.cleanup()
@@ -172,8 +176,8 @@ class ClusterBackend:
 
     def describe(self) -> dict[str, Any]:
         if self.cluster is None:
-            return getattr(self, "_last_describe", None) or {"backend": self.name, "counts": self.counts,
-                                                             "connector": self.connector, "started": False}
+            return self._last_describe or {"backend": self.name, "counts": self.counts,
+                                           "connector": self.connector, "started": False}
         return self._describe(self.cluster, self.router)
 
 

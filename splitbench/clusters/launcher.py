@@ -42,7 +42,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # The reaper: a tiny process in its own session that reads "+PGID"/"-PGID" lines on stdin; when stdin closes
-# (this process exited, however it died) it SIGTERMs the groups still registered, then SIGKILLs them.
+# (this process exited, however it died) it SIGTERMs the groups still registered, then SIGKILLs them after
+# $SPLITBENCH_REAPER_GRACE_S (default 8) seconds.
 _REAPER_CODE = r"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -56,7 +57,7 @@ def alive(g):
     except ProcessLookupError: return False
     except PermissionError: return True
     return True
-for sig, wait_s in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 0.0)):
+for sig, wait_s in ((signal.SIGTERM, float(os.environ.get("SPLITBENCH_REAPER_GRACE_S", "8"))), (signal.SIGKILL, 0.0)):
     for g in list(groups):
         try: os.killpg(g, sig)
         except OSError: groups.discard(g)
@@ -296,8 +297,9 @@ class Cluster:
     """N VllmServers from a ClusterSpec: started in parallel, logs in run_dir/instances/<id>.log, stopped together."""
 
     def __init__(self, spec, run_dir: str | os.PathLike, *, python: str = sys.executable,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, grace_s: float = 8.0):
         self.spec = spec
+        self.grace_s = grace_s   # SIGTERM -> SIGKILL wait of stop()
         self.run_dir = Path(run_dir)
         self.servers: dict[str, VllmServer] = {}
         for inst in spec.instances:
@@ -318,6 +320,7 @@ class Cluster:
         try:
             for s in self.servers.values():
                 s.spawn()
+            atexit.register(self.stop)   # after the servers' own: runs first, stops them all in parallel
             pending = dict(self.servers)
             while pending:
                 for iid, s in list(pending.items()):
@@ -346,14 +349,16 @@ class Cluster:
         """Ids of instances whose process has exited."""
         return [i for i, s in self.servers.items() if s.proc is not None and s.proc.poll() is not None]
 
-    def stop(self, grace_s: float = 8.0) -> None:
+    def stop(self, grace_s: float | None = None) -> None:
         """Stop every process group at once (threads); idempotent."""
+        grace_s = self.grace_s if grace_s is None else grace_s
         threads = [threading.Thread(target=s.stop, args=(grace_s,), daemon=True)
                    for s in self.servers.values() if s.proc is not None]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        atexit.unregister(self.stop)
         self._restore_sigterm()
 
     def _guard_sigterm(self) -> None:

@@ -22,7 +22,7 @@ from .policies import POOLS, Decision, Ledger, NoHealthyInstance, Policy, Reques
 DEFAULT_OUTPUT_TOKENS = 16  # pending-token estimate for requests without max_tokens
 _HOP = frozenset(h.lower() for h in ("Host", "Content-Length", "Connection", "Keep-Alive", "Transfer-Encoding",
                                       "TE", "Upgrade", "Proxy-Authorization", "Proxy-Connection", "X-Request-Id",
-                                      "Accept-Encoding"))
+                                      "Accept-Encoding", "Content-Type"))  # bodies are always sent as JSON
 # The prompt-instance copy of a request, as vLLM's disaggregated proxies send it (NixlConnector protocol).
 PREFILL_KV_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                      "remote_block_ids": None, "remote_host": None, "remote_port": None}
@@ -125,8 +125,9 @@ class Router:
         return app
 
     async def start(self) -> None:
-        """Open the session and phase log, poll health once, then listen (self.port is the bound port)."""
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+        """Open the session and phase log, poll health once, then listen (self.port is the bound port).
+        Idle upstream connections are dropped after 4 s, before uvicorn's (vLLM's) 5 s keep-alive closes them."""
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
                                               timeout=self._stream_timeout)
         if self.phase_log_path:
             self.phase_log = PhaseLog(self.phase_log_path, policy=getattr(self.policy, "name", "?"),
@@ -265,6 +266,7 @@ class Router:
             self.per_pool[d.pool] = self.per_pool.get(d.pool, 0) + 1
             headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
             headers["X-Request-Id"] = rid
+            headers["Content-Type"] = "application/json"
             self.ledger.dispatch(d, req)
             state = {"prefill_open": True}
             try:

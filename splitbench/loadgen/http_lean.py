@@ -294,7 +294,7 @@ class LeanClient:
             hdrs.pop(lower.get(k.lower(), k), None)
             hdrs[k] = v
         self._head = (f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
-                      + "Content-Length: ").encode("latin-1")
+).encode("latin-1")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: list[_Conn] = []
         self._conns: set[_Conn] = set()
@@ -306,15 +306,17 @@ class LeanClient:
         return len(self._conns)
 
     async def request(self, body: bytes, sink, *, send: float | None = None, timeout_s: float = 600.0,
-                      idle_timeout_s: float = 120.0) -> None:
-        """Send one POST; `sink` receives the response. Raises StreamError on failure (status inside)."""
+                      idle_timeout_s: float = 120.0, request_id: str | None = None) -> None:
+        """Send one POST; `sink` receives the response. Raises StreamError on failure (status inside).
+        `request_id` goes out as X-Request-Id (routers use it to log phases per request)."""
         if send is None:
             send = self.clock()
         conn = self._acquire()
         if conn is None:
             conn = await self._connect(max(0.0, min(timeout_s - (self.clock() - send), idle_timeout_s)))
         fut = self._loop.create_future()
-        conn.start(fut, sink, b"%s%d\r\n\r\n%s" % (self._head, len(body), body), send, timeout_s,
+        rid = b"X-Request-Id: %s\r\n" % request_id.encode("latin-1") if request_id else b""
+        conn.start(fut, sink, b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, rid, len(body), body), send, timeout_s,
                    idle_timeout_s)
         try:
             await fut

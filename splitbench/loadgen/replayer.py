@@ -198,9 +198,9 @@ class Replayer:
         try:
             if self._client is not None:
                 await self._client.request(data, sink, send=send, timeout_s=self.cfg.timeout_s,
-                                           idle_timeout_s=self.cfg.idle_timeout_s)
+                                           idle_timeout_s=self.cfg.idle_timeout_s, request_id=rec.request_id)
             else:
-                await self._one_aiohttp(data, sink)
+                await self._one_aiohttp(data, sink, rec.request_id)
         except asyncio.CancelledError:
             rec.status, rec.error = R.CANCELLED, "cancelled at shutdown"
             sink.partial()
@@ -228,10 +228,10 @@ class Replayer:
                 self.stats.failed += 1
             self.sink(rec)
 
-    async def _one_aiohttp(self, data: bytes, sink: RecordSink) -> None:
+    async def _one_aiohttp(self, data: bytes, sink: RecordSink, request_id: str) -> None:
         """The aiohttp transport: the same RecordSink, fed from aiohttp's stream reader."""
         clock = self._clock
-        async with self._session.post(self.url, data=data) as resp:
+        async with self._session.post(self.url, data=data, headers={"X-Request-Id": request_id}) as resp:
             sink.on_head(resp.status, resp.reason or "", resp.headers)
             if resp.status != 200:
                 sink.on_body(await resp.content.read(ERROR_BODY_BYTES), clock())
@@ -248,12 +248,13 @@ _SSE, _JSON, _ERR = 0, 1, 2
 class RecordSink:
     """Turns one response into RequestRecord fields. Transports call on_head, on_body(data, now) per network
     read, then on_end(now); `now` is on the same clock as `send` and `t0`. on_body/on_end raise StreamError."""
-    __slots__ = ("rec", "t0", "send", "mode", "buf", "prev", "counted", "done", "usage", "reason")
+    __slots__ = ("rec", "t0", "send", "mode", "buf", "prev", "counted", "done", "usage", "reason", "_last_now")
 
     def __init__(self, rec: RequestRecord, t0: float, send: float):
         self.rec, self.t0, self.send = rec, t0, send
         self.mode, self.buf, self.prev, self.counted, self.done, self.usage = _SSE, b"", 0, 0, False, None
         self.reason = ""
+        self._last_now = -1.0
 
     def on_head(self, status: int, reason: str, headers: Any) -> None:
         self.rec.http_status, self.reason = status, reason
@@ -294,7 +295,7 @@ class RecordSink:
 
     def partial(self) -> None:
         """Token totals from what arrived so far (also called when a request fails mid-stream)."""
-        if self.mode != _SSE:
+        if self.mode != _SSE or self.rec.http_status is None:
             return
         u = self.usage
         if u:
@@ -344,13 +345,17 @@ class RecordSink:
             k = 1 if text else 0
         if k > 0:
             rec = self.rec
+            self.counted += k
+            if rec.chunk_offsets_s and now == self._last_now:
+                # events that arrived in the same network read are one chunk: the client saw them at once
+                rec.chunk_tokens[-1] += k
+                return
             if not rec.chunk_offsets_s:
                 rec.first_token_s = now - self.t0
+            self._last_now = now
             rec.chunk_offsets_s.append(now - self.send)
             rec.chunk_tokens.append(k)
-            self.counted += k
             rec.last_token_s = now - self.t0
-
 
 
 async def replay(workload: Workload, payload: Callable[[int, int], dict], cfg: ReplayConfig,
