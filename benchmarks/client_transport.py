@@ -15,7 +15,7 @@ import numpy as np
 
 from splitbench import records as R
 from splitbench import timing
-from splitbench.backends.stub import StubBackend
+from splitbench.backends.stub_backend import StubBackend
 from splitbench.loadgen.prompts import TokenIdPrompts
 from splitbench.loadgen.replayer import HTTP_TRANSPORTS, ReplayConfig, Replayer
 from splitbench.loadgen.traces import load_workload

@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 
 from splitbench import records as R
-from splitbench.backends.stub import StubBackend
+from splitbench.backends.stub_backend import StubBackend
 from splitbench.clusters.phaselog import load_phase_log
 from splitbench.clusters.router_process import RouterProcess
 from splitbench.runner import RunOptions, run

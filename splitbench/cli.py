@@ -274,6 +274,7 @@ def run(
     stub_ttft_ms: float = typer.Option(20.0, help="Stub backend: time to first token, ms."),
     stub_tpot_ms: float = typer.Option(5.0, help="Stub backend: time per output token, ms."),
     fetch: bool = typer.Option(True, help="Download a catalogue trace that is not found locally (sha256-checked)."),
+    http: str = typer.Option("lean", help="Client HTTP transport: lean (default) or aiohttp."),
     instances: Optional[int] = typer.Option(None, help="vllm backend: co-located instances (>1: behind the router, JSQ)."),
     prompt_instances: Optional[int] = typer.Option(None, help="splitwise/mixed: prompt (prefill) instances [1]."),
     token_instances: Optional[int] = typer.Option(None, help="splitwise/mixed: token (decode) instances [1]."),
@@ -302,7 +303,7 @@ def run(
         api=api, model=model, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed,
         shared_prefix_tokens=shared_prefix, max_context_tokens=max_context, max_inflight=max_inflight,
         timeout_s=timeout, grace_s=grace, results_dir=results, run_id=run_id, slos=slo, reference=reference,
-        fetch=fetch)
+        fetch=fetch, http=http)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} done"),
                         TextColumn("sent {task.fields[sent]}  in flight {task.fields[inflight]}  failed {task.fields[failed]}"),
                         TimeElapsedColumn(), console=err_console, transient=False, refresh_per_second=4)

@@ -52,6 +52,7 @@ class RunOptions:
     slos: str | None = None
     reference: str | None = None
     fetch: bool = True                     # download a catalogue trace that is not local
+    http: str = "lean"                     # replayer transport: lean | aiohttp
 
 
 @dataclass
@@ -221,7 +222,7 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         if opts.max_context_tokens is None and model_info.get("max_model_len"):
             workload = load(opts, int(model_info["max_model_len"]))
         prompts = _prompt_source(opts, model_info)
-        cfg = ReplayConfig(base_url=base_url, model=model, api=opts.api, headers=headers,
+        cfg = ReplayConfig(base_url=base_url, model=model, api=opts.api, headers=headers, http=opts.http,
                            max_inflight=opts.max_inflight, timeout_s=opts.timeout_s, grace_s=opts.grace_s)
         meta.update(status="running", workload=workload.describe(), backend=backend.describe(),
                     model={"id": model, **{k: model_info[k] for k in ("root", "max_model_len") if k in model_info}},

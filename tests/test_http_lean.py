@@ -148,11 +148,12 @@ def test_chunk_boundaries_split_inside_size_line_event_and_crlf():
     assert rec.status == R.OK, rec.error
     assert rec.http_status == 200
     assert rec.actual_output_tokens == 5 == sum(rec.chunk_tokens)
-    assert rec.chunk_tokens == [2, 1, 1, 1] and rec.actual_input_tokens == 7
+    # events 3 and 4 complete in the same read (piece 3): one chunk of 2 tokens, as the client saw them
+    assert rec.chunk_tokens == [2, 1, 2] and rec.actual_input_tokens == 7
     assert rec.chunk_offsets_s == sorted(rec.chunk_offsets_s)
     # event 1 completes in piece 1, event 2 in piece 2, events 3-4 in piece 3: each is stamped on arrival
     off = rec.chunk_offsets_s
-    assert gap <= off[0] < 2 * gap <= off[1] < 3 * gap <= off[2] == off[3] < 4 * gap
+    assert gap <= off[0] < 2 * gap <= off[1] < 3 * gap <= off[2] < 4 * gap and len(off) == 3
     assert rec.end_s - rec.actual_send_s >= 4 * gap
     head, sent = reqs[0]
     assert head.startswith(b"POST /v1/completions HTTP/1.1\r\n") and b"Content-Length: 8\r\n" in head
@@ -356,12 +357,13 @@ def test_parser_gives_the_same_record_for_every_split():
             conn.start(fut, RecordSink(rec, 0.0, 0.0), b"req", 0.0, 60, 60)
             for k, (a, b) in enumerate(zip([0] + cuts, cuts + [len(body)])):
                 conn.data_received(body[a:b])
-            out.append((fut.done() and fut.exception() is None, rec.status, rec.chunk_tokens,
-                        rec.actual_output_tokens, conn in client._idle))
+            out.append((fut.done() and fut.exception() is None, rec.status, sum(rec.chunk_tokens),
+                        rec.actual_output_tokens, conn in client._idle, len(rec.chunk_tokens) <= 5))
             client._idle.clear()
         return out
     for got in run(main()):
-        assert got == (True, R.OK, [2, 1, 1, 1, 1], 6, True)
+        # events completing in one read merge into one chunk, so only the totals are split-independent
+        assert got == (True, R.OK, 6, 6, True, True)
 
 
 # ------------------------------------------------------------------ against the real stub

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from splitbench.backends.base import get_backend
 from splitbench.backends.openai import OpenAIBackend
-from splitbench.backends.stub import StubBackend, count_input_tokens, run_stub_in_thread
+from splitbench.backends.stub import count_input_tokens, run_stub_in_thread
+from splitbench.backends.stub_backend import StubBackend
 from splitbench.cli import app
 from splitbench.errors import InputError
 

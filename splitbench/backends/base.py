@@ -32,7 +32,7 @@ def register(name: str):
 
 def get_backend(name: str, **options: Any) -> Backend:
     # Import built-ins lazily so that registering them has no import-time cost for other commands.
-    from . import openai, splitwise, stub, vllm  # noqa: F401
+    from . import openai, splitwise, stub_backend, vllm  # noqa: F401
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
     return BACKENDS[name](**options)
