@@ -348,7 +348,9 @@ def test_router_process_end_to_end_with_the_replayer(stubs, tmp_path):
         assert r.actual_send_s <= ph["router_recv"] < r.actual_send_s + 0.05
         assert ph["prefill_done"] - ph["prefill_sent"] >= 0.02
         assert ph["decode_sent"] <= ph["first_token"] <= r.first_token_s < ph["first_token"] + 0.05
-        assert ph["done"] <= r.end_s + 0.001
+        # "done" is stamped after the router's own write_eof/cleanup, so it may trail the client's end
+        # by scheduling noise on a busy 2-core box; it must not trail by more than that
+        assert r.last_token_s <= ph["done"] + 0.001 and ph["done"] <= r.end_s + 0.02
 
 
 def test_parse_instance_spec():
