@@ -254,8 +254,10 @@ def run(
     trace_dir: Optional[str] = typer.Option(None, help="Directory searched first for named traces."),
     columns: Optional[str] = typer.Option(None, help="Column mapping: timestamp=COL,input=COL,output=COL."),
     start: float = typer.Option(0.0, help="Window start, seconds after the trace's first request."),
-    duration: Optional[float] = typer.Option(60.0, help="Window length in seconds (trace time)."),
-    rate_scale: float = typer.Option(1.0, help="Multiply the arrival rate (keeps the burst shape)."),
+    duration: Optional[float] = typer.Option(None, help="Window length in seconds of trace time [60; local "
+                                             "CPU clusters (vllm/splitwise/mixed): 40]."),
+    rate_scale: Optional[float] = typer.Option(None, help="Multiply the arrival rate, keeping the burst shape "
+                                               "[1.0; local CPU clusters: 0.5, sized for the tiny model]."),
     max_requests: Optional[int] = typer.Option(None, help="Replay at most this many requests."),
     api: str = typer.Option("completions", help="completions (token-id prompts) or chat."),
     model: Optional[str] = typer.Option(None, help="Model name to send (default: first of /v1/models)."),
@@ -292,6 +294,11 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from . import runner
     from .metrics.report import render_summary
+    local_cpu_cluster = backend in CLUSTER_BACKENDS and not gpus
+    if duration is None:
+        duration = 40.0 if local_cpu_cluster else 60.0
+    if rate_scale is None:
+        rate_scale = 0.5 if local_cpu_cluster else 1.0
     opts = runner.RunOptions(
         trace=trace, trace_dir=trace_dir, columns=_parse_columns(columns), start_s=start, duration_s=duration,
         rate_scale=rate_scale, max_requests=max_requests, backend=backend,

@@ -183,10 +183,12 @@ class ClusterBackend:
 
 @register("vllm")
 class VllmBackend(ClusterBackend):
-    """Baseline: `instances` co-located vLLM servers (JSQ through the router), one server directly when 1."""
+    """Baseline: `instances` co-located vLLM servers (JSQ through the router), one server directly when 1.
 
-    def __init__(self, instances: int | None = 1, policy: str | None = None, **options: Any):
-        n = _int_opt(instances if instances is not None else 1, "instances", 1)
+    The default, 2, matches splitwise's default 1 prompt + 1 token instance: the same hardware either way."""
+
+    def __init__(self, instances: int | None = 2, policy: str | None = None, **options: Any):
+        n = _int_opt(instances if instances is not None else 2, "instances", 1)
         super().__init__(counts={"baseline": n}, policy=policy or "jsq",
                          **{k: v for k, v in options.items() if k not in ("counts", "connector")},
                          connector=None)
