@@ -322,7 +322,8 @@ def test_backends_registered_with_options():
     from splitbench.backends import get_backend
     v = get_backend("vllm", instances=3)
     assert v.counts == {"baseline": 3} and v.needs_router and v.policy == "jsq"
-    assert not get_backend("vllm").needs_router
+    assert get_backend("vllm").counts == {"baseline": 2}   # default: iso-hardware with 1 prompt + 1 token
+    assert not get_backend("vllm", instances=1).needs_router
     s = get_backend("splitwise", prompt_instances=2, token_instances=1, connector="example")
     assert s.counts == {"prompt": 2, "token": 1} and s.connector == "example" and s.policy == "jsq"
     assert get_backend("splitwise").connector == "nixl"
