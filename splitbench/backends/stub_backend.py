@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -13,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..procs import log_tail, stop_group
 from .base import register
 from .openai import http_get
 from .stub import DEFAULT_MODEL, LOOPS, StubConfig
@@ -65,28 +64,20 @@ class StubBackend:
             if self.proc.poll() is not None:
                 rc = self.proc.returncode
                 self.stop()
-                raise InputError(f"stub server exited with code {rc} before it was ready: {_tail(log_path)}")
+                raise InputError(f"stub server exited with code {rc} before it was ready: {log_tail(log_path)}")
             if port_file.exists():
                 self.port = int(port_file.read_text())
                 if self.health():
                     return
             time.sleep(0.02)
         self.stop()
-        raise InputError(f"stub server not healthy after {self.startup_timeout_s:g} s: {_tail(log_path)}")
+        raise InputError(f"stub server not healthy after {self.startup_timeout_s:g} s: {log_tail(log_path)}")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
             atexit.unregister(self.stop)
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
+            stop_group(proc)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -114,11 +105,3 @@ class StubBackend:
                 "tokens_per_chunk": self.cfg.tokens_per_chunk, "pid": self.pid, "cpu": self.cpu,
                 "url": self.endpoint() if self.port is not None else None, "model": self.cfg.model,
                 "loop": self.loop, "fail_rate": self.cfg.fail_rate}
-
-
-def _tail(path: Path, n: int = 5) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    return " | ".join(lines[-n:]) or "(empty log)"

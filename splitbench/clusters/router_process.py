@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import InputError
+from ..procs import log_tail, stop_group
 from .policies import POOLS
 from .router import Router
 
@@ -176,7 +176,7 @@ class RouterProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 rc = self.proc.returncode
-                tail = _tail(log_path)
+                tail = log_tail(log_path)
                 self.stop()
                 raise InputError(f"router exited with code {rc} before it was ready: {tail}")
             if os.path.exists(port_file):
@@ -185,7 +185,7 @@ class RouterProcess:
                 if status == 200 or (status and not require_instances):
                     return
             time.sleep(0.02)
-        tail = _tail(log_path)
+        tail = log_tail(log_path)
         self.stop()
         raise InputError(f"router not healthy after {timeout_s:g} s (are its instances up?): {tail}")
 
@@ -194,15 +194,7 @@ class RouterProcess:
         proc, self.proc = self.proc, None
         if proc is not None:
             atexit.unregister(self.stop)
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
+            stop_group(proc)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -215,11 +207,3 @@ class RouterProcess:
                 "seed": self.seed, "url": self.url if self.port else None, "instances": self.instances,
                 "pid": self.proc.pid if self.proc else None, "cpu": self.cpu, "loop": self.loop,
                 "phase_log": str(self.phase_log) if self.phase_log else None}
-
-
-def _tail(path: Path, n: int = 5) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    return " | ".join(lines[-n:]) or "(empty log)"
