@@ -86,7 +86,7 @@ class ClusterBackend:
 
     def start(self, run_dir: Path | None = None) -> None:
         from ..clusters.launcher import REAPER, Cluster
-        from ..clusters.scrape import MetricsScraper
+        from ..clusters.scrape import ScraperProcess
         if self.cluster is not None:
             return
         if run_dir is None:
@@ -110,7 +110,7 @@ class ClusterBackend:
                     policy_params=self.policy_params, cpu=self.router_cpu)
                 self.router.start(timeout_s=30)
                 REAPER.add(self.router.proc.pid)
-            self.scraper = MetricsScraper(self.cluster.urls(), self.run_dir / "metrics", self.scrape_interval_s)
+            self.scraper = ScraperProcess(self.cluster.urls(), self.run_dir / "metrics", self.scrape_interval_s)
             self.scraper.start()
         except BaseException:
             self.stop()

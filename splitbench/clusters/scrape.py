@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -204,3 +205,57 @@ def read_series(path: str | Path) -> list[dict]:
             except ValueError:
                 continue
     return rows
+
+
+class ScraperProcess:
+    """MetricsScraper in its own process, so parsing /metrics never takes the client's GIL (measured: a
+    scraper thread in the client process stalled open-loop sends by up to 0.7 s). Same start()/stop()."""
+
+    def __init__(self, targets: dict[str, str], out_dir: str | Path, interval_s: float = 1.0):
+        self.targets, self.out_dir, self.interval_s = dict(targets), Path(out_dir), float(interval_s)
+        self.proc = None
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "splitbench.clusters.scrape", "--out", str(self.out_dir),
+               "--interval", str(self.interval_s)]
+        for iid, url in self.targets.items():
+            cmd += ["--target", f"{iid}={url}"]
+        with open(self.out_dir / "scraper.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM: the child takes a last scrape and writes metrics/summary.json, which is returned."""
+        from ..procs import stop_group
+        proc, self.proc = self.proc, None
+        stop_group(proc, grace_s=10.0)
+        try:
+            return json.loads((self.out_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import signal
+    ap = argparse.ArgumentParser(description="Scrape vLLM /metrics of each target into DIR/<id>.jsonl")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--target", action="append", default=[], help="ID=URL (repeatable)")
+    a = ap.parse_args(argv)
+    targets = dict(t.split("=", 1) for t in a.target)
+    os.nice(10)  # an observer: never compete with the client, the router or the servers for a core
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    scraper = MetricsScraper(targets, a.out, a.interval)
+    scraper.start()
+    stop.wait()
+    scraper.stop()
+
+
+if __name__ == "__main__":
+    main()
