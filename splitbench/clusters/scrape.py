@@ -226,6 +226,14 @@ class ScraperProcess:
         with open(self.out_dir / "scraper.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
+        # counters are reported as deltas from the first scrape: it must happen before any request is sent
+        files = [self.out_dir / f"{i}.jsonl" for i in self.targets]
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if all(f.exists() and f.stat().st_size > 0 for f in files):
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"metrics scraper did not take its first scrape (see {self.out_dir / 'scraper.log'})")
 
     def stop(self) -> dict[str, Any]:
         """SIGTERM: the child takes a last scrape and writes metrics/summary.json, which is returned."""
