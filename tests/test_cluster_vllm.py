@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from splitbench import records as R
+from splitbench.procs import group_alive
 from splitbench.runner import RunOptions, run
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -27,14 +28,6 @@ TRACE = (f"synth:arrivals=poisson,rate=2,count={N_REQ},lengths=uniform,input=300
 def phases(run_dir: Path) -> list[dict]:
     lines = [json.loads(x) for x in (run_dir / "router" / "phases.jsonl").read_text().splitlines() if x.strip()]
     return [x for x in lines if x.get("kind") != "anchor"]
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def assert_nothing_left(meta: dict) -> None:

@@ -17,6 +17,7 @@ import pytest
 from splitbench.clusters.launcher import Cluster, ServerStartError, VllmServer
 from splitbench.clusters.topology import assign_cores, assign_gpus, connector_config, plan_cluster
 from splitbench.errors import InputError
+from splitbench.procs import group_alive
 
 FAKE_SERVER = r"""
 import http.server, os, signal, subprocess, sys, time
@@ -52,14 +53,6 @@ def fake_python(tmp_path):
     exe.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
     exe.chmod(0o755)
     return str(exe)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def wait_for(cond, timeout_s=10.0) -> None:

@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 
 from splitbench.loadgen.prompts import ChatPrompts, TokenIdPrompts
+from splitbench.procs import group_alive
 
 
 def stream(server, path: str, body: dict) -> list[dict]:
@@ -98,14 +99,6 @@ def fake_python(tmp_path):
     return str(exe)
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("mode", ["polite", "stubborn"])
 def test_launcher_start_health_and_group_stop(tmp_path, mode):
     from splitbench.clusters.launcher import VllmServer, free_port
@@ -140,6 +133,7 @@ def test_launcher_start_failure_shows_log(tmp_path):
 
 def test_free_port_is_bindable():
     import socket
+
     from splitbench.clusters.launcher import free_port
     with socket.socket() as s:
         s.bind(("127.0.0.1", free_port()))

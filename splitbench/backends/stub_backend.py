@@ -6,12 +6,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..procs import log_tail, stop_group
+from ..procs import stop_group, wait_ready
 from .base import register
 from .openai import http_get
 from .stub import DEFAULT_MODEL, LOOPS, StubConfig
@@ -59,19 +58,13 @@ class StubBackend:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         atexit.register(self.stop)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                rc = self.proc.returncode
-                self.stop()
-                raise InputError(f"stub server exited with code {rc} before it was ready: {log_tail(log_path)}")
-            if port_file.exists():
-                self.port = int(port_file.read_text())
-                if self.health():
-                    return
-            time.sleep(0.02)
-        self.stop()
-        raise InputError(f"stub server not healthy after {self.startup_timeout_s:g} s: {log_tail(log_path)}")
+        try:
+            self.port = wait_ready(self.proc, port_file,
+                                   lambda port: http_get(f"http://{self.host}:{port}/health", timeout_s=1.0)[0] == 200,
+                                   self.startup_timeout_s, "stub server", log_path)
+        except InputError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

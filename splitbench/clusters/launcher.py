@@ -21,6 +21,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from ..procs import group_alive
+
 # Args that start the tiny model fastest on a small CPU box (measured: ~40 s to /health on 2 cores;
 # without --enforce-eager torch.compile adds ~13 s). 16384 covers the Azure traces (max 14,050 + 1,000).
 TINY_CPU_ARGS = ["--dtype", "bfloat16", "--max-model-len", "16384", "--enforce-eager",
@@ -248,7 +250,7 @@ class VllmServer:
             # Wait for the whole group (workers may outlive the leader); orphans go once init reaps them.
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline:
-                if proc.poll() is not None and not _group_alive(pgid):
+                if proc.poll() is not None and not group_alive(pgid):
                     break
                 time.sleep(0.05)
             else:
@@ -275,16 +277,6 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 # ----------------------------------------------------------------------------- clusters

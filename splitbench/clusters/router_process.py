@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import InputError
-from ..procs import log_tail, stop_group
+from ..procs import stop_group, wait_ready
 from .policies import POOLS
 from .router import Router
 
@@ -172,22 +171,15 @@ class RouterProcess:
             self.proc = subprocess.Popen(self.command(port_file), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         atexit.register(self.stop)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                rc = self.proc.returncode
-                tail = log_tail(log_path)
-                self.stop()
-                raise InputError(f"router exited with code {rc} before it was ready: {tail}")
-            if os.path.exists(port_file):
-                self.port = int(Path(port_file).read_text())
-                status = _get_status(f"{self.url}/health")
-                if status == 200 or (status and not require_instances):
-                    return
-            time.sleep(0.02)
-        tail = log_tail(log_path)
-        self.stop()
-        raise InputError(f"router not healthy after {timeout_s:g} s (are its instances up?): {tail}")
+        def ready(port: int) -> bool:
+            status = _get_status(f"http://{self.host}:{port}/health")
+            return status == 200 or bool(status and not require_instances)
+        try:
+            self.port = wait_ready(self.proc, port_file, ready, timeout_s, "router", log_path,
+                                   " (are its instances up?)")
+        except InputError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """SIGTERM the process group (the router flushes its phase log), SIGKILL after 5 s. Idempotent."""
