@@ -9,7 +9,7 @@ import os
 import platform
 import socket
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -247,7 +247,3 @@ def package_versions(names: Iterable[str] = ("splitbench", "aiohttp", "uvloop", 
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def to_jsonable(record: RequestRecord) -> dict:
-    return asdict(record)

@@ -190,7 +190,7 @@ def replay_workload(workload: Workload, payload, cfg: ReplayConfig, run_dir: Pat
 
 def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         on_status: Callable[[str], None] = lambda s: None) -> RunResult:
-    from .metrics.summary import summarize
+    from .metrics.summary import save_summary, summarize
     ensure_trace(opts, on_status)
     workload = load(opts, opts.max_context_tokens)  # bad input fails here, before anything starts
     slos = None
@@ -244,7 +244,7 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
     R.atomic_write_json(run_dir / R.RUN_FILE, meta)
     merge_router_phases(run_dir, meta)
     summary = summarize(R.read_records(run_dir), run_meta=meta, slos=slos, reference=reference)
-    R.atomic_write_json(run_dir / R.SUMMARY_FILE, summary)
+    save_summary(summary, run_dir / R.SUMMARY_FILE)
     return RunResult(run_dir, summary, interrupted, stats)
 
 
@@ -264,7 +264,7 @@ def report(run_dir: str | Path, slos: str | None = None, reference: str | None =
            write: bool = True) -> dict:
     """Recompute the summary of a run directory from its records (works on live and simulated runs)."""
     from .metrics.slo import load_reference, parse_slos
-    from .metrics.summary import summarize
+    from .metrics.summary import save_summary, summarize
     run_dir = Path(run_dir)
     meta = R.read_run(run_dir)
     if slos is None:
@@ -274,7 +274,7 @@ def report(run_dir: str | Path, slos: str | None = None, reference: str | None =
     summary = summarize(R.read_records(run_dir), run_meta=meta, slos=parse_slos(slos) if slos else None,
                         reference=load_reference(reference) if reference else None)
     if write:
-        R.atomic_write_json(run_dir / R.SUMMARY_FILE, summary)
+        save_summary(summary, run_dir / R.SUMMARY_FILE)
     return summary
 
 

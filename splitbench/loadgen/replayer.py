@@ -356,8 +356,3 @@ class RecordSink:
             rec.chunk_offsets_s.append(now - self.send)
             rec.chunk_tokens.append(k)
             rec.last_token_s = now - self.t0
-
-
-async def replay(workload: Workload, payload: Callable[[int, int], dict], cfg: ReplayConfig,
-                 sink: Callable[[RequestRecord], None]) -> ReplayStats:
-    return await Replayer(workload, payload, cfg, sink).run()
