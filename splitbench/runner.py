@@ -220,7 +220,10 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         model_info = served_model(base_url, headers)
         model = opts.model or model_info.get("id") or "default"
         if opts.max_context_tokens is None and model_info.get("max_model_len"):
-            workload = load(opts, int(model_info["max_model_len"]))
+            # clipping is the last transform and leaves arrivals alone: apply it to the loaded workload
+            from .loadgen.transforms import clip_context, workload_digest
+            workload = clip_context(workload, int(model_info["max_model_len"]))
+            workload.source["workload_sha256"] = workload_digest(workload)
         prompts = _prompt_source(opts, model_info)
         cfg = ReplayConfig(base_url=base_url, model=model, api=opts.api, headers=headers, http=opts.http,
                            max_inflight=opts.max_inflight, timeout_s=opts.timeout_s, grace_s=opts.grace_s)
