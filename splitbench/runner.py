@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +18,7 @@ import numpy as np
 from . import records as R
 from . import timing
 from .backends import get_backend
+from .backends.openai import http_get
 from .errors import InputError
 from .loadgen.replayer import ReplayConfig, Replayer, ReplayStats
 from .loadgen.workload import Workload
@@ -65,18 +65,12 @@ class RunResult:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _get_json(url: str, headers: dict | None = None, timeout_s: float = 5.0) -> Any:
-    req = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        return json.loads(resp.read())
-
-
 def served_model(base_url: str, headers: dict | None = None) -> dict:
     """First entry of GET /v1/models: id, root (vLLM: the model path) and max_model_len when given."""
+    status, body = http_get(base_url.rstrip("/") + "/v1/models", timeout_s=5.0, headers=headers)
     try:
-        data = _get_json(base_url.rstrip("/") + "/v1/models", headers)
-        return (data.get("data") or [{}])[0]
-    except Exception:
+        return (json.loads(body).get("data") or [{}])[0] if status == 200 else {}
+    except (ValueError, AttributeError, IndexError):
         return {}
 
 
@@ -114,11 +108,11 @@ def ensure_trace(opts: RunOptions, on_status: Callable[[str], None] = lambda s: 
         on_status(f"fetched {res.get('path')} ({res.get('status')})")
 
 
-def load(opts: RunOptions, max_context_tokens: int | None = None) -> Workload:
+def load(opts: RunOptions) -> Workload:
     from .loadgen.traces import load_workload
     return load_workload(opts.trace, trace_dir=opts.trace_dir, columns=opts.columns, start_s=opts.start_s,
                          duration_s=opts.duration_s, rate_scale=opts.rate_scale,
-                         max_requests=opts.max_requests, max_context_tokens=max_context_tokens)
+                         max_requests=opts.max_requests, max_context_tokens=opts.max_context_tokens)
 
 
 # ----------------------------------------------------------------------------- replay loop
@@ -192,7 +186,7 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         on_status: Callable[[str], None] = lambda s: None) -> RunResult:
     from .metrics.summary import save_summary, summarize
     ensure_trace(opts, on_status)
-    workload = load(opts, opts.max_context_tokens)  # bad input fails here, before anything starts
+    workload = load(opts)  # bad input fails here, before anything starts
     slos = None
     if opts.slos:
         from .metrics.slo import parse_slos
