@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from .clusters.launcher import ServerStartError
 from .errors import InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -30,9 +31,7 @@ def user_errors(fn):
         except InputError as e:
             err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2)
-        except Exception as e:
-            if type(e).__name__ != "ServerStartError":  # a backend that could not start: say why, no traceback
-                raise
+        except ServerStartError as e:  # a backend that could not start: say why (log tail), no traceback
             err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1)
     return wrapper
