@@ -288,6 +288,13 @@ def run(
     layout: Optional[str] = typer.Option(None, help="'splitwiser': a prompt and a token instance share each GPU."),
     policy: Optional[str] = typer.Option(None, help="Router policy: jsq (default), round-robin, mixed-pool."),
     vllm_args: Optional[str] = typer.Option(None, help="Extra arguments for every vLLM server (quoted string)."),
+    machine: Optional[str] = typer.Option(None, help="Hardware-catalog machine type for cost/power (default: the "
+                                          "detected GPU's DGX type, or cpu-host); see `splitbench hardware`."),
+    machines: Optional[float] = typer.Option(None, help="Machines of that type (default 1, this host; for "
+                                             "--backend openai: what serves the URL)."),
+    hardware: Optional[str] = typer.Option(None, help="User hardware catalog TOML merged over the packaged one "
+                                           "(or $SPLITBENCH_HARDWARE)."),
+    power: str = typer.Option("auto", help="Power sampling: auto (NVML when instances hold GPUs), nvml, off."),
 ):
     """Replay a trace open-loop against a backend; write records, run.json and summary.json; print the report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -309,7 +316,7 @@ def run(
         api=api, model=model, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed,
         shared_prefix_tokens=shared_prefix, max_context_tokens=max_context, max_inflight=max_inflight,
         timeout_s=timeout, grace_s=grace, results_dir=results, run_id=run_id, slos=slo, reference=reference,
-        fetch=fetch, http=http)
+        fetch=fetch, http=http, machine=machine, machines=machines, hardware_file=hardware, power=power)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} done"),
                         TextColumn("sent {task.fields[sent]}  in flight {task.fields[inflight]}  failed {task.fields[failed]}"),
                         TimeElapsedColumn(), console=err_console, transient=False, refresh_per_second=4)
@@ -385,6 +392,71 @@ def reference(
         results_dir=results, on_status=lambda s: err_console.log(s))
     console.print(f"reference written to {out} (records in {run_dir}):")
     console.print(ref if not hasattr(ref, "__dict__") else vars(ref))
+
+
+# ===================================================================== compare / hardware (section: compare)
+
+@app.command()
+@user_errors
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (live or simulated); the first is the reference."),
+    slo: Optional[str] = typer.Option(None, help="SLOs to evaluate on every run (default: each run's own)."),
+    label: Optional[list[str]] = typer.Option(None, "--label", help="Run labels in order (default: directory names)."),
+    html: Optional[Path] = typer.Option(None, help="HTML report path [results/compare-<time>.html]."),
+    no_html: bool = typer.Option(False, "--no-html", help="Do not write the HTML report."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison as JSON here ('-': stdout)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print Markdown instead of tables."),
+):
+    """Side by side: latency, SLOs, throughput, cost and energy per pool, iso-cost/iso-power, ratios vs the first run."""
+    import json as _json
+    import time as _time
+
+    from . import runner
+    from .metrics.compare import render_compare, render_compare_markdown
+    from .records import atomic_write_bytes
+    comparison = runner.compare(list(run_dirs), slos=slo, labels=label, with_series=not no_html)
+    if markdown:
+        print(render_compare_markdown(comparison), end="")
+    else:
+        render_compare(comparison, console)
+    if json_out is not None:
+        slim = {**comparison, "runs": [{k: v for k, v in r.items() if k != "series"} for r in comparison["runs"]]}
+        text = _json.dumps(slim, indent=2, default=str)
+        if str(json_out) == "-":
+            print(text)
+        else:
+            atomic_write_bytes(json_out, text.encode())
+            err_console.print(f"JSON written to {json_out}", markup=False)
+    if not no_html:
+        from .metrics.html_report import render_html
+        path = html or Path("results") / f"compare-{_time.strftime('%Y%m%d-%H%M%S')}.html"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, render_html(comparison).encode())
+        err_console.print(f"HTML report written to {path}", markup=False)
+
+
+@app.command("hardware")
+@user_errors
+def hardware_list(file: Optional[str] = typer.Option(None, "--file", help="User catalog TOML merged over the packaged one."),
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """List the hardware catalog: machine types, price, provisioned power, sources (estimates flagged)."""
+    import json as _json
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from .clusters.hardware import load_catalog
+    cat = load_catalog(file)
+    if as_json:
+        print(_json.dumps({k: asdict(v) for k, v in cat.items()}, indent=2))
+        return
+    t = Table("type", "accelerators", "$/h", "W/accel", "server W", "estimated")
+    for name, m in cat.items():
+        t.add_row(name, f"{m.accelerators}x {m.accelerator}", f"{m.usd_per_hour:g}", f"{m.accelerator_power_w:g}",
+                  f"{m.server_power_w:g}", "yes" if m.estimated else "no")
+    console.print(t)
+    for name, m in cat.items():
+        console.print(f"{name}: {m.source}", markup=False, highlight=False)
 
 
 

@@ -212,7 +212,9 @@ def read_table(run_dir: str | os.PathLike) -> pa.Table:
     journal = run_dir / JOURNAL_FILE
     if journal.exists():
         return records_to_table(_read_journal(journal), run_dir.name)
-    raise FileNotFoundError(f"{run_dir}: no {RECORDS_FILE} (is this a splitbench run directory?)")
+    from .errors import InputError
+    raise InputError(f"no {RECORDS_FILE} or journal: not a splitbench run directory (or no request was recorded)",
+                     file=str(run_dir))
 
 
 def read_records(run_dir: str | os.PathLike) -> list[RequestRecord]:
@@ -221,9 +223,13 @@ def read_records(run_dir: str | os.PathLike) -> list[RequestRecord]:
 
 def read_run(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / RUN_FILE
+    from .errors import InputError
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing (is this a splitbench run directory?)")
-    return json.loads(path.read_text())
+        raise InputError("missing: not a splitbench run directory", file=str(path))
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"unreadable run metadata ({e})", file=str(path)) from None
 
 
 def host_info() -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import records as R
 from . import timing
+from .accounting import backend_instances, hardware_for, measured_energy, start_power
 from .backends import get_backend
 from .backends.openai import http_get
 from .errors import InputError
@@ -53,6 +54,10 @@ class RunOptions:
     reference: str | None = None
     fetch: bool = True                     # download a catalogue trace that is not local
     http: str = "lean"                     # replayer transport: lean | aiohttp
+    machine: str | None = None             # hardware-catalog machine type (default: detected / cpu-host)
+    machines: float | None = None          # machines of that type (default 1: this host; remote URL: say it)
+    hardware_file: str | None = None       # user hardware catalog TOML merged over the packaged one
+    power: str = "auto"                    # auto (NVML when instances hold GPUs) | nvml | off
 
 
 @dataclass
@@ -199,7 +204,15 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
     run_id = opts.run_id or new_run_id(opts.backend, opts.trace)
     run_dir = Path(opts.results_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
+    if opts.power not in ("auto", "nvml", "off"):
+        raise InputError(f"--power must be auto, nvml or off, got {opts.power!r}")
+    if opts.hardware_file or opts.machine:  # a bad catalog or machine name fails before anything starts
+        from .clusters.hardware import get_machine, load_catalog
+        catalog = load_catalog(opts.hardware_file)
+        if opts.machine:
+            get_machine(opts.machine, catalog)
     backend = get_backend(opts.backend, **opts.backend_options)
+    sampler = None
     meta: dict[str, Any] = {
         "schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": "starting", "simulated": False,
         "created_unix_s": time.time(), "options": asdict(opts),
@@ -219,6 +232,11 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
             workload = clip_context(workload, int(model_info["max_model_len"]))
             workload.source["workload_sha256"] = workload_digest(workload)
         prompts = _prompt_source(opts, model_info)
+        instances = backend_instances(backend.describe())
+        meta["hardware"] = hardware_for(opts, instances)
+        sampler = start_power(opts, instances, run_dir)
+        if sampler is not None:
+            meta["power"] = sampler.describe()
         cfg = ReplayConfig(base_url=base_url, model=model, api=opts.api, headers=headers, http=opts.http,
                            max_inflight=opts.max_inflight, timeout_s=opts.timeout_s, grace_s=opts.grace_s)
         meta.update(status="running", workload=workload.describe(), backend=backend.describe(),
@@ -232,6 +250,11 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         R.atomic_write_json(run_dir / R.RUN_FILE, meta)
         raise
     finally:
+        if sampler is not None:
+            try:
+                meta["power"] = {**meta.get("power", {}), "summary": sampler.stop()}
+            except Exception as e:  # a power sampler that failed must not lose the run's records
+                meta["power"] = {**meta.get("power", {}), "error": f"{type(e).__name__}: {e}"}
         on_status("stopping backend")
         backend.stop()
     stats = replayer.stats
@@ -240,7 +263,9 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
                 replay_stats=asdict(stats), backend={**meta["backend"], **final})
     R.atomic_write_json(run_dir / R.RUN_FILE, meta)
     merge_router_phases(run_dir, meta)
-    summary = summarize(R.read_records(run_dir), run_meta=meta, slos=slos, reference=reference)
+    records = R.read_records(run_dir)
+    summary = summarize(records, run_meta=meta, slos=slos, reference=reference,
+                        measured_energy=measured_energy(run_dir, meta, records))
     save_summary(summary, run_dir / R.SUMMARY_FILE)
     return RunResult(run_dir, summary, interrupted, stats)
 
@@ -268,8 +293,10 @@ def report(run_dir: str | Path, slos: str | None = None, reference: str | None =
         slos = (meta.get("options") or {}).get("slos")
     if reference is None:
         reference = (meta.get("options") or {}).get("reference")
-    summary = summarize(R.read_records(run_dir), run_meta=meta, slos=parse_slos(slos) if slos else None,
-                        reference=load_reference(reference) if reference else None)
+    records = R.read_records(run_dir)
+    summary = summarize(records, run_meta=meta, slos=parse_slos(slos) if slos else None,
+                        reference=load_reference(reference) if reference else None,
+                        measured_energy=measured_energy(run_dir, meta, records))
     if write:
         save_summary(summary, run_dir / R.SUMMARY_FILE)
     return summary
@@ -314,3 +341,35 @@ def measure_reference(backend_name: str, backend_options: dict, *, sizes: list[i
     ref = fit_reference(R.read_records(run_dir))
     save_reference(ref, out)
     return ref, run_dir
+
+
+# ----------------------------------------------------------------------------- compare
+
+def compare(run_dirs: list[str | Path], slos: str | None = None, labels: list[str] | None = None,
+            with_series: bool = True) -> dict:
+    """Load runs (live or simulated), recompute their summaries and plot series, and build the comparison
+    (metrics.compare.build_comparison); the first run is the reference for ratios and iso views."""
+    from .metrics.compare import build_comparison
+    if not run_dirs:
+        raise InputError("compare needs at least one run directory")
+    runs, seen = [], set()
+    for k, d in enumerate(run_dirs):
+        d = Path(d)
+        meta = R.read_run(d)
+        summary = report(d, slos=slos, write=False)
+        label = (labels[k] if labels and k < len(labels) else None) or d.name
+        while label in seen:
+            label += "'"
+        seen.add(label)
+        series = None
+        if with_series:
+            from .clusters.scrape import read_series
+            from .metrics.series import run_series
+            rows = {}
+            for inst in (meta.get("backend") or {}).get("instances") or []:
+                path = d / "metrics" / f"{inst['id']}.jsonl"
+                if path.exists():
+                    rows[inst["id"]] = read_series(path)
+            series = run_series(R.read_records(d), meta, rows)
+        runs.append({"label": label, "run_dir": str(d), "summary": summary, "series": series})
+    return build_comparison(runs)

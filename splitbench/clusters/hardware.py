@@ -8,7 +8,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -174,3 +174,59 @@ def provisioned_energy_j(machine: MachineType, machines: int, wall_s: float) -> 
     _check_usage(machines, wall_s)
     return machine.server_power_w * machines * wall_s
 
+
+
+# ----------------------------------------------------------------------------- allocation (run.json "hardware")
+
+def _shares(instances: list[dict], key: str) -> dict[str, float]:
+    """Units (GPUs or cores) per instance; a unit held by k instances counts 1/k for each."""
+    holders: dict[int, int] = {}
+    for inst in instances:
+        for u in inst.get(key) or []:
+            holders[u] = holders.get(u, 0) + 1
+    return {inst["id"]: sum(1.0 / holders[u] for u in inst.get(key) or []) for inst in instances}
+
+
+def plan_allocation(instances: list[dict], *, catalog: dict[str, MachineType], machine: str | None = None,
+                    machines: float | None = None, host_cpus: int | None = None,
+                    detected_machine: str | None = None) -> dict | None:
+    """Which share of which machine type each instance (and so each pool) holds: run.json's "hardware".
+
+    instances: [{"id", "pool", "gpu_ids"?, "cpu_cores"?}]. GPU instances: share = GPUs held / accelerators per
+    machine; CPU-pinned instances: cores held / host cores; neither (a remote URL): `machines` whole machines
+    of `machine` for the one pool. The host's share no instance holds is pool "unallocated" (idle capacity,
+    still paid for). Returns None when nothing says what hardware a remote URL runs on.
+    """
+    uses_gpus = any(i.get("gpu_ids") for i in instances)
+    uses_cores = not uses_gpus and any(i.get("cpu_cores") for i in instances)
+    name = machine or (detected_machine if uses_gpus else "cpu-host" if uses_cores else None)
+    if name is None:
+        if uses_gpus:
+            raise InputError("cannot tell the machine type of these GPUs: give --machine (known: "
+                             f"{', '.join(sorted(catalog))})")
+        return None
+    mt = get_machine(name, catalog)
+    if uses_gpus or uses_cores:
+        key = "gpu_ids" if uses_gpus else "cpu_cores"
+        per_machine = mt.accelerators if uses_gpus else (host_cpus or os.cpu_count() or 1)
+        if per_machine <= 0:
+            raise InputError(f"machine type {name!r} has no accelerators; GPU instances need a GPU machine type")
+        shares = _shares(instances, key)
+        n_machines = float(machines) if machines is not None else 1.0
+        alloc = [{"instance": i["id"], "pool": i.get("pool") or i.get("role") or "baseline", "machine": name,
+                  "machines": shares[i["id"]] / per_machine, "units": list(i.get(key) or [])} for i in instances]
+        unit, units = ("gpu" if uses_gpus else "core"), per_machine
+    else:
+        n_machines = float(machines) if machines is not None else 1.0
+        pool = (instances[0].get("pool") if instances else None) or "remote"
+        alloc = [{"instance": instances[0]["id"] if instances else "remote", "pool": pool, "machine": name,
+                  "machines": n_machines, "units": []}]
+        unit, units = "machine", 1
+    if n_machines <= 0:
+        raise InputError(f"--machines must be > 0, got {machines}")
+    used = sum(a["machines"] for a in alloc)
+    if used > n_machines + 1e-9:
+        raise InputError(f"instances hold {used:g} machines of {name!r} but only {n_machines:g} are given")
+    return {"machine": name, "machines": n_machines, "unit": unit, "units_per_machine": units,
+            "types": {name: asdict(mt)}, "allocations": alloc,
+            "unallocated_machines": max(0.0, n_machines - used)}

@@ -39,6 +39,31 @@ def _header_lines(s: dict) -> list[str]:
             + (f" (error rate {err:.2%})" if err is not None else "")]
 
 
+EFF_COLS = (("machines", "machines", ".3g"), ("$/h", "usd_per_hour", ".3g"), ("cost $", "cost_usd", ".3g"),
+            ("kJ", "energy_j", None), ("out tok/$", "output_tokens_per_usd", ".3g"),
+            ("$/Mtok", "usd_per_million_tokens", ".3g"), ("tok/J", "tokens_per_j", ".3g"))
+
+
+def efficiency_rows(eff: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-pool cost/energy table; energy cells carry "est." when estimated."""
+    rows = []
+    for pool, d in eff["pools"].items():
+        cells = [pool]
+        for _, key, fmt in EFF_COLS:
+            v = d.get(key)
+            if key == "energy_j":
+                cells.append("-" if v is None else f"{v / 1e3:.3g}" + ("*" if d["energy_estimated"] else ""))
+            else:
+                cells.append(_num(v, fmt))
+        rows.append(cells)
+    return ["pool"] + [c for c, _, _ in EFF_COLS], rows
+
+
+def efficiency_note(eff: dict) -> str:
+    return ((f"* " if eff["estimated"] else "") + f"energy: {eff['energy_method']} - {eff['energy_note']}; window {_num(eff['window_s'], '.1f')} s"
+            + (f"; sample coverage {eff['energy_coverage']:.1%}" if eff.get("energy_coverage") is not None else ""))
+
+
 def render_summary(summary: dict, console: Console) -> None:
     """Print the run header, latency, throughput, failures, SLO, Splitwise and fidelity tables."""
     s = summary
@@ -120,6 +145,17 @@ def render_summary(summary: dict, console: Console) -> None:
     for reason in f["reasons"]:
         console.print(f"  - {reason}", markup=False, highlight=False)
 
+    eff = s.get("efficiency")
+    if eff:
+        head, rows = efficiency_rows(eff)
+        t = Table(title="Cost and energy per pool" + (" (* energy ESTIMATED)" if eff["estimated"] else ""))
+        for col in head:
+            t.add_column(col, justify="left" if col == "pool" else "right", no_wrap=True)
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
+        console.print(efficiency_note(eff), markup=False, highlight=False)
+
     if s.get("pools"):
         t = Table(title="Per pool (p50 / p99 ms)")
         for col in ("pool", "n", "ok", "ttft", "tbt", "e2e"):
@@ -157,6 +193,12 @@ def render_markdown(summary: dict) -> str:
         out += [f"| {c['name']} | {_num(c['slowdown'], '.2f')} | {c['limit']:g} | {_met(c['met'], False)} |"
                 for c in sw["checks"]]
         out += ["", f"Splitwise verdict: {'PASS' if sw['passed'] else 'FAIL'}", ""]
+    eff = s.get("efficiency")
+    if eff:
+        head, rows = efficiency_rows(eff)
+        out += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        out += ["", efficiency_note(eff) + ".", ""]
     f = s["fidelity"]
     out.append(f"Fidelity: {f['verdict']}" + (f" (flags: {', '.join(f['flags'])})" if f["flags"] else "")
                + f"; send lag p99 {_ms(f['lag_s']['p99'])} ms.")

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from ..errors import InputError
 from ..records import RequestRecord, atomic_write_json
+from .efficiency import efficiency_section
 from .fidelity import fidelity_section
 from .latency import counts_section, latency_section, pools_section, throughput_section
 from .slo import SLO, Reference, evaluate_slos, parse_slos, splitwise_verdict
@@ -20,8 +21,9 @@ SUMMARY_VERSION = 1
 
 def summarize(records: Sequence[RequestRecord], *, run_meta: dict | None = None,
               slos: Sequence[SLO] | str | None = None, reference: Reference | None = None,
-              fidelity_limits: dict | None = None) -> dict:
-    """Every derived metric of a run; `slos` may be SLO objects or an "ttft_p99=2s,..." string."""
+              fidelity_limits: dict | None = None, measured_energy: dict | None = None) -> dict:
+    """Every derived metric of a run; `slos` may be SLO objects or an "ttft_p99=2s,..." string.
+    measured_energy: energy per pool from power samples (runner.measured_energy); None = estimated."""
     if isinstance(slos, str):
         slos = parse_slos(slos)
     slos = list(slos or [])
@@ -36,6 +38,7 @@ def summarize(records: Sequence[RequestRecord], *, run_meta: dict | None = None,
         "splitwise": splitwise_verdict(records, reference) if reference is not None else None,
         "fidelity": fidelity_section(records, fidelity_limits),
         "pools": pools_section(records),
+        "efficiency": efficiency_section(records, run_meta or {}, slos=slos, measured_energy=measured_energy),
     }
 
 

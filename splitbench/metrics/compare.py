@@ -1,0 +1,208 @@
+"""Side-by-side comparison of runs (pure): rows of latency, SLO, throughput, cost/energy efficiency and iso-cost /
+iso-power views with ratios against the first run; console and Markdown rendering of those rows.
+"""
+from __future__ import annotations
+
+import time
+
+COMPARE_KIND = "splitbench.compare"
+COMPARE_VERSION = 1
+
+LATENCY = (("ttft_s", "TTFT"), ("tbt_s", "TBT"), ("mean_tbt_s", "mean TBT"), ("e2e_s", "E2E"))
+LAT_STATS = ("p50", "p90", "p99")
+THROUGHPUT = (("requests_per_s", "requests/s", "req/s"), ("input_tokens_per_s", "input tokens/s", "tok/s"),
+              ("output_tokens_per_s", "output tokens/s", "tok/s"))
+# (key in efficiency pool dict, label, unit, better, energy-based?)
+EFFICIENCY = (("usd_per_hour", "cost rate", "$/h", None, False),
+              ("cost_usd", "cost of window", "$", None, False),
+              ("provisioned_power_w", "provisioned power", "W", None, False),
+              ("energy_j", "energy", "J", None, True),
+              ("avg_power_w", "average power", "W", None, True),
+              ("input_tokens_per_usd", "input tokens per $", "tok/$", "higher", False),
+              ("output_tokens_per_usd", "output tokens per $", "tok/$", "higher", False),
+              ("usd_per_million_tokens", "$ per million tokens", "$/Mtok", "lower", False),
+              ("good_requests_per_usd", "goodput per $", "req/$", "higher", False),
+              ("tokens_per_j", "tokens per joule", "tok/J", "higher", True),
+              ("output_tokens_per_s_per_kw", "output tok/s per kW (avg)", "tok/s/kW", "higher", True))
+POOL_EFFICIENCY = (("usd_per_hour", "cost rate", "$/h", None, False),
+                   ("cost_usd", "cost of window", "$", None, False),
+                   ("energy_j", "energy", "J", None, True),
+                   ("input_tokens_per_usd", "input tokens per $", "tok/$", "higher", False),
+                   ("output_tokens_per_usd", "output tokens per $", "tok/$", "higher", False),
+                   ("tokens_per_j", "tokens per joule", "tok/J", "higher", True))
+
+
+def _ratio(v, ref):
+    if isinstance(v, bool) or isinstance(ref, bool) or not isinstance(v, (int, float)) \
+            or not isinstance(ref, (int, float)) or ref == 0:
+        return None
+    return v / ref
+
+
+def _row(section: str, metric: str, label: str, unit: str, better: str | None, values: list,
+         estimated: list[bool] | None = None) -> dict:
+    ref = values[0] if values else None
+    return {"section": section, "metric": metric, "label": label, "unit": unit, "better": better,
+            "values": values, "ratios": [_ratio(v, ref) for v in values],
+            "estimated": estimated or [False] * len(values)}
+
+
+def _get(d: dict | None, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def iso_views(summaries: list[dict]) -> list[dict]:
+    """Output tokens/s scaled to the first run's cost rate (iso-cost) and provisioned power (iso-power), as the
+    Splitwise paper compares designs: iso_cost = tok/s x ($/h of run 1 / $/h of run i), likewise with watts."""
+    effs = [s.get("efficiency") for s in summaries]
+    tput = [_get(s, "throughput", "output_tokens_per_s") for s in summaries]
+    ref = next((e for e in effs if e), None)
+    rows = []
+    for key, label, flag in (("usd_per_hour", "iso-cost output tok/s", "cost_estimated"),
+                             ("provisioned_power_w", "iso-power output tok/s (provisioned)", "cost_estimated"),
+                             ("avg_power_w", "iso-power output tok/s (average power)", "estimated")):
+        base = _get(ref, "pools", "total", key) if ref else None
+        vals, est = [], []
+        for t, e in zip(tput, effs):
+            own = _get(e, "pools", "total", key)
+            vals.append(t * base / own if t is not None and base and own else None)
+            est.append(bool(e and (e.get(flag) or (key == "avg_power_w" and e.get("estimated")))))
+        rows.append(_row("iso", f"iso_{key}", label, "tok/s", "higher", vals, est))
+    return rows
+
+
+def comparison_rows(summaries: list[dict]) -> list[dict]:
+    """Every comparison row; values are per run in order, ratios against the first run."""
+    rows: list[dict] = []
+    for key, label in LATENCY:
+        for st in LAT_STATS:
+            rows.append(_row("latency", f"{key[:-2]}_{st}_s", f"{label} {st}", "s", "lower",
+                             [_get(s, "latency", key, st) for s in summaries]))
+    names: list[str] = []
+    for s in summaries:
+        names += [i["name"] for i in _get(s, "slos", "items") or [] if i["name"] not in names]
+    for n in names:
+        items = [{i["name"]: i for i in _get(s, "slos", "items") or []}.get(n) for s in summaries]
+        rows.append(_row("slo", f"slo_{n}", f"SLO {n}", "s", "lower", [i and i["value_s"] for i in items]))
+        rows.append(_row("slo", f"slo_{n}_met", f"SLO {n} met", "", None,
+                         [None if i is None else ("met" if i["met"] else "MISSED") for i in items]))
+    if names:
+        rows.append(_row("slo", "goodput_rps", "goodput", "req/s", "higher",
+                         [_get(s, "slos", "goodput_rps") for s in summaries]))
+        rows.append(_row("slo", "attainment", "SLO attainment", "", "higher",
+                         [_get(s, "slos", "attainment") for s in summaries]))
+    if any(s.get("splitwise") for s in summaries):
+        rows.append(_row("slo", "splitwise_verdict", "Splitwise SLOs", "", None,
+                         [None if not s.get("splitwise") else ("PASS" if s["splitwise"]["passed"] else "FAIL")
+                          for s in summaries]))
+    for key, label, unit in THROUGHPUT:
+        rows.append(_row("throughput", key, label, unit, "higher", [_get(s, "throughput", key) for s in summaries]))
+    effs = [s.get("efficiency") for s in summaries]
+    if any(effs):
+        for key, label, unit, better, energy in EFFICIENCY:
+            rows.append(_row("efficiency", f"total_{key}", f"total {label}", unit, better,
+                             [_get(e, "pools", "total", key) for e in effs],
+                             [bool(e and (e["estimated"] if energy else e.get("cost_estimated"))) for e in effs]))
+        pools = []
+        for e in effs:
+            pools += [p for p in (e or {}).get("pools", {}) if p not in ("total", "unallocated") and p not in pools]
+        for p in pools:
+            for key, label, unit, better, energy in POOL_EFFICIENCY:
+                vals = [_get(e, "pools", p, key) for e in effs]
+                if all(v is None for v in vals):
+                    continue
+                rows.append(_row("efficiency", f"{p}_{key}", f"{p} {label}", unit, better, vals,
+                                 [bool(e and (e["estimated"] if energy else e.get("cost_estimated"))) for e in effs]))
+        rows += iso_views(summaries)
+    rows.append(_row("fidelity", "fidelity_verdict", "fidelity verdict", "", None,
+                     [_get(s, "fidelity", "verdict") for s in summaries]))
+    rows.append(_row("fidelity", "lag_p99_s", "send lag p99", "s", "lower",
+                     [_get(s, "fidelity", "lag_s", "p99") for s in summaries]))
+    return rows
+
+
+def build_comparison(runs: list[dict]) -> dict:
+    """runs: [{"label", "run_dir", "summary", "series"?}] (first = reference) -> the comparison dict."""
+    summaries = [r["summary"] for r in runs]
+    notes = []
+    shas = {_get(s, "run", "workload_sha256") for s in summaries}
+    if len(shas) > 1:
+        notes.append("the runs replayed different workloads (workload sha256 differs): compare with care")
+    for r in runs:
+        e = r["summary"].get("efficiency")
+        if e is None:
+            notes.append(f"{r['label']}: no hardware information, so no cost or energy figures "
+                         "(give --machine/--machines for a remote URL)")
+        elif e["estimated"]:
+            notes.append(f"{r['label']}: energy ESTIMATED from provisioned power (no power measurement)")
+        if e and e.get("cost_estimated"):
+            notes.append(f"{r['label']}: cost uses catalog figures marked as estimates ("
+                         + ", ".join(n for n, t in e.get("machine_types", {}).items() if t.get("estimated")) + ")")
+    return {"kind": COMPARE_KIND, "version": COMPARE_VERSION, "created_unix_s": time.time(),
+            "runs": [{"label": r["label"], "run_dir": str(r.get("run_dir", "")),
+                      "simulated": bool(_get(r["summary"], "run", "simulated")),
+                      "backend": _get(r["summary"], "run", "backend"), "summary": r["summary"],
+                      "series": r.get("series")} for r in runs],
+            "rows": comparison_rows(summaries), "notes": notes}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _fmt(v, unit: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if unit == "s":
+        return f"{v * 1e3:.1f} ms"
+    return f"{v:.4g}"
+
+
+def _cell(row: dict, i: int, with_ratio: bool = True) -> str:
+    text = _fmt(row["values"][i], row["unit"])
+    if row["estimated"][i] and row["values"][i] is not None:
+        text += "*"
+    r = row["ratios"][i]
+    if with_ratio and i > 0 and r is not None:
+        text += f" ({r:.2f}x)"
+    return text
+
+
+def render_compare(comparison: dict, console) -> None:
+    """Rich tables, one per section; '*' marks estimated figures; (Nx) is the ratio against the first run."""
+    from rich.table import Table
+    labels = [r["label"] for r in comparison["runs"]]
+    for section in ("latency", "slo", "throughput", "efficiency", "iso", "fidelity"):
+        rows = [r for r in comparison["rows"] if r["section"] == section]
+        if not rows:
+            continue
+        t = Table(title=f"{section} (ratio vs {labels[0]})" if len(labels) > 1 else section)
+        t.add_column("metric", no_wrap=True)
+        t.add_column("unit")
+        for lab in labels:
+            t.add_column(lab, justify="right")
+        for r in rows:
+            t.add_row(r["label"], "ms" if r["unit"] == "s" else r["unit"], *[_cell(r, i) for i in range(len(labels))])
+        console.print(t)
+    if any(any(r["estimated"]) for r in comparison["rows"]):
+        console.print("* estimated (see notes)", markup=False)
+    for n in comparison["notes"]:
+        console.print(f"note: {n}", markup=False, highlight=False)
+
+
+def render_compare_markdown(comparison: dict) -> str:
+    labels = [r["label"] for r in comparison["runs"]]
+    out = ["# splitbench compare", "", "| metric | unit | " + " | ".join(labels) + " |",
+           "|---|---|" + "---:|" * len(labels)]
+    for r in comparison["rows"]:
+        out.append(f"| {r['label']} | {'ms' if r['unit'] == 's' else r['unit']} | "
+                   + " | ".join(_cell(r, i) for i in range(len(labels))) + " |")
+    out.append("")
+    if any(any(r["estimated"]) for r in comparison["rows"]):
+        out.append("\\* estimated (see notes)")
+    out += [f"- {n}" for n in comparison["notes"]]
+    return "\n".join(out) + "\n"
