@@ -39,7 +39,7 @@ def start_power(opts, instances: list[dict], run_dir: Path):
     if opts.power == "off" or (opts.power == "auto" and not gpus):
         return None
     from .clusters.power import PowerSamplerProcess
-    sampler = PowerSamplerProcess(run_dir / "power", gpus=gpus or None)
+    sampler = PowerSamplerProcess(run_dir / "power", gpus=gpus or None, interval_s=0.05)  # 20 Hz: >= 10 Hz with margin
     sampler.start()
     return sampler
 

@@ -60,7 +60,7 @@ def iso_views(summaries: list[dict]) -> list[dict]:
     Splitwise paper compares designs: iso_cost = tok/s x ($/h of run 1 / $/h of run i), likewise with watts."""
     effs = [s.get("efficiency") for s in summaries]
     tput = [_get(s, "throughput", "output_tokens_per_s") for s in summaries]
-    ref = next((e for e in effs if e), None)
+    ref = effs[0] if effs else None  # iso views scale to the FIRST run's cost and power
     rows = []
     for key, label, flag in (("usd_per_hour", "iso-cost output tok/s", "cost_estimated"),
                              ("provisioned_power_w", "iso-power output tok/s (provisioned)", "cost_estimated"),
