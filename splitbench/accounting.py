@@ -39,7 +39,9 @@ def start_power(opts, instances: list[dict], run_dir: Path):
     if opts.power == "off" or (opts.power == "auto" and not gpus):
         return None
     from .clusters.power import PowerSamplerProcess
-    sampler = PowerSamplerProcess(run_dir / "power", gpus=gpus or None, interval_s=0.05)  # 20 Hz: >= 10 Hz with margin
+    # 20 Hz: >= 10 Hz with margin. $SPLITBENCH_NVML_MODULE names another NVML binding (tests use a fake one).
+    sampler = PowerSamplerProcess(run_dir / "power", gpus=gpus or None, interval_s=0.05,
+                                  nvml_module=os.environ.get("SPLITBENCH_NVML_MODULE") or "pynvml")
     sampler.start()
     return sampler
 

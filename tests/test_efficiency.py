@@ -5,6 +5,7 @@ Every expected figure below is computed by hand from the catalog numbers in the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -156,7 +157,7 @@ def test_compare_cli_on_two_real_stub_runs(tmp_path):
     a, b = _stub_run(tmp_path, "fast", 10), _stub_run(tmp_path, "slow", 80)
     out = subprocess.run([sys.executable, "-m", "splitbench.cli", "compare", str(a), str(b), "--no-html",
                           "--json", str(tmp_path / "cmp.json")], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "COLUMNS": "160"})
+                         env={**os.environ, "COLUMNS": "160"})
     assert out.returncode == 0, out.stderr
     assert "baseline cost of window" in out.stdout and "total energy" in out.stdout
     assert "energy ESTIMATED" in out.stdout
@@ -171,3 +172,27 @@ def test_compare_cli_on_two_real_stub_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "splitbench.cli", "compare", str(tmp_path / "nope"), "--no-html"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_run_with_nvml_power_measures_energy_instead_of_estimating(tmp_path, monkeypatch):
+    """The whole runner path with the fake NVML (2 GPUs at 300 W and 100 W, one without an energy counter):
+    samples land in the run dir and the summary's energy is measured, ~400 W x the throughput window."""
+    from pathlib import Path
+
+    from splitbench.runner import RunOptions, run
+    fake = Path(__file__).resolve().parent / "fake_nvml"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_NVML_GPUS", "H100:300,H100:100:noenergy")
+    monkeypatch.setenv("SPLITBENCH_NVML_MODULE", "pynvml_fake")
+    res = run(RunOptions(trace="synth:arrivals=poisson,rate=40,count=60,seed=4", backend="stub", power="nvml",
+                         results_dir=str(tmp_path), run_id="nvml"))
+    assert (res.run_dir / "power" / "power_samples.jsonl").stat().st_size > 0
+    eff = res.summary["efficiency"]
+    assert eff["energy_method"] == "measured-nvml" and not eff["estimated"]
+    w = eff["window_s"]
+    tot = eff["pools"]["total"]
+    assert tot["energy_j"] == pytest.approx(400 * w, rel=0.01) and not tot["energy_estimated"]
+    # the stub holds no GPU: all measured GPU energy is idle capacity
+    assert eff["pools"]["unallocated"]["energy_j"] == pytest.approx(400 * w, rel=0.01)
+    assert eff["pools"]["baseline"]["energy_j"] == 0
+    assert json.loads((res.run_dir / "run.json").read_text())["power"]["summary"]["gpus"]["0"]["method"] == "counter"
