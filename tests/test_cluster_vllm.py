@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -96,9 +97,19 @@ def check_split(meta, res, recs, connector: str, token_killed: bool = False):
     return m
 
 
+@pytest.fixture(scope="module")
+def nixl_run(tmp_path_factory):
+    return run_cluster(tmp_path_factory.mktemp("nixl"), "nixl", "splitwise", connector="nixl")
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    return run_cluster(tmp_path_factory.mktemp("base"), "base", "vllm", instances=2)
+
+
 @pytest.mark.timeout(300)
-def test_splitwise_nixl_prefill_on_prompt_decode_on_token(tmp_path):
-    res, meta, recs = run_cluster(tmp_path, "nixl", "splitwise", connector="nixl")
+def test_splitwise_nixl_prefill_on_prompt_decode_on_token(nixl_run):
+    res, meta, recs = nixl_run
     assert meta["status"] == "complete" and len(recs) == N_REQ
     assert all(r.ok for r in recs), [(r.status, r.error) for r in recs if not r.ok]
     for r in recs:
@@ -161,8 +172,8 @@ def test_splitwise_example_connector_then_token_instance_killed(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_vllm_baseline_two_instances_behind_jsq(tmp_path):
-    res, meta, recs = run_cluster(tmp_path, "base", "vllm", instances=2)
+def test_vllm_baseline_two_instances_behind_jsq(base_run):
+    res, meta, recs = base_run
     assert meta["status"] == "complete" and all(r.ok for r in recs) and len(recs) == N_REQ
     b = meta["backend"]
     assert b["backend"] == "vllm" and b["policy"] == "jsq" and b["connector"] is None
@@ -176,3 +187,43 @@ def test_vllm_baseline_two_instances_behind_jsq(tmp_path):
     assert sum(gen.values()) == sum(r.planned_output_tokens for r in recs)
     assert {i for i, g in gen.items() if g > 0} == used
     assert_nothing_left(meta)
+
+
+@pytest.mark.timeout(300)
+def test_compare_baseline_and_splitwise_per_pool_cost_energy_and_html(base_run, nixl_run, tmp_path):
+    """Acceptance of the cost/power issue: `splitbench compare` over a baseline and a splitwise run prints per-pool
+    cost and (estimated) energy and writes an HTML report that headless Chromium renders, TTFT breakdown included."""
+    from playwright.sync_api import sync_playwright
+
+    from browser_check import check_rendered, launch
+    base, split = base_run[0].run_dir, nixl_run[0].run_dir
+    html, js = tmp_path / "cmp.html", tmp_path / "cmp.json"
+    out = subprocess.run([sys.executable, "-m", "splitbench.cli", "compare", str(base), str(split),
+                          "--html", str(html), "--json", str(js)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    for line in ("baseline cost of window", "prompt cost of window", "token cost of window",
+                 "prompt energy", "token energy", "iso-cost output tok/s", "energy ESTIMATED"):
+        assert line in out.stdout, line
+    comp = json.loads(js.read_text())
+    e_base, e_split = (r["summary"]["efficiency"] for r in comp["runs"])
+    # both clusters hold the same 2-core host: one core per instance -> half a cpu-host each, nothing idle
+    assert e_base["pools"]["baseline"]["machines"] == pytest.approx(1.0)
+    assert e_split["pools"]["prompt"]["machines"] == pytest.approx(0.5) == e_split["pools"]["token"]["machines"]
+    for e in (e_base, e_split):
+        t = e["pools"]["total"]
+        assert e["estimated"] and t["energy_estimated"]
+        assert t["cost_usd"] == pytest.approx(0.1 * e["window_s"] / 3600)   # cpu-host: $0.1/h x 1 machine
+        assert t["energy_j"] == pytest.approx(100 * e["window_s"])           # 100 W provisioned x window
+    split_recs = nixl_run[2]
+    assert e_split["pools"]["prompt"]["input_tokens"] == sum(r.actual_input_tokens for r in split_recs if r.ok)
+    assert e_split["pools"]["token"]["output_tokens"] == sum(r.actual_output_tokens for r in split_recs if r.ok)
+    with sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            seen = check_rendered(browser, html, labels=[base.name, split.name],
+                                  figures={"plot-latency-cdf": 20, "plot-efficiency": 10, "plot-timeline": 20,
+                                           "plot-ttft-breakdown": 10}, shot=tmp_path / "cmp.png")
+        finally:
+            browser.close()
+    assert "estimated" in seen["text"]
