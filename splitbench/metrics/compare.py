@@ -104,8 +104,10 @@ def comparison_rows(summaries: list[dict]) -> list[dict]:
     effs = [s.get("efficiency") for s in summaries]
     if any(effs):
         for key, label, unit, better, energy in EFFICIENCY:
-            rows.append(_row("efficiency", f"total_{key}", f"total {label}", unit, better,
-                             [_get(e, "pools", "total", key) for e in effs],
+            vals = [_get(e, "pools", "total", key) for e in effs]
+            if all(v is None for v in vals):   # e.g. goodput per $ without SLOs
+                continue
+            rows.append(_row("efficiency", f"total_{key}", f"total {label}", unit, better, vals,
                              [bool(e and (e["estimated"] if energy else e.get("cost_estimated"))) for e in effs]))
         pools = []
         for e in effs:
@@ -113,7 +115,7 @@ def comparison_rows(summaries: list[dict]) -> list[dict]:
         for p in pools:
             for key, label, unit, better, energy in POOL_EFFICIENCY:
                 vals = [_get(e, "pools", p, key) for e in effs]
-                if all(v is None for v in vals):
+                if all(not v for v in vals):   # nothing to compare (a prompt pool makes no output tokens)
                     continue
                 rows.append(_row("efficiency", f"{p}_{key}", f"{p} {label}", unit, better, vals,
                                  [bool(e and (e["estimated"] if energy else e.get("cost_estimated"))) for e in effs]))
