@@ -294,8 +294,11 @@ def report(run_dir: str | Path, slos: str | None = None, reference: str | None =
     if reference is None:
         reference = (meta.get("options") or {}).get("reference")
     records = R.read_records(run_dir)
-    summary = summarize(records, run_meta=meta, slos=parse_slos(slos) if slos else None,
-                        reference=load_reference(reference) if reference else None,
+    ref = load_reference(reference) if reference else None
+    if ref is None and isinstance(meta.get("reference"), dict):   # simulated runs carry their own reference
+        from .metrics.slo import Reference
+        ref = Reference(**meta["reference"])
+    summary = summarize(records, run_meta=meta, slos=parse_slos(slos) if slos else None, reference=ref,
                         measured_energy=measured_energy(run_dir, meta, records))
     if write:
         save_summary(summary, run_dir / R.SUMMARY_FILE)

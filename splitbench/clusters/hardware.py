@@ -230,3 +230,14 @@ def plan_allocation(instances: list[dict], *, catalog: dict[str, MachineType], m
     return {"machine": name, "machines": n_machines, "unit": unit, "units_per_machine": units,
             "types": {name: asdict(mt)}, "allocations": alloc,
             "unallocated_machines": max(0.0, n_machines - used)}
+
+
+def whole_machine_allocation(instances: list[dict], catalog: dict[str, MachineType]) -> dict:
+    """run.json "hardware" for clusters where every instance is one whole machine of its own type (simulated
+    clusters): instances [{"id", "pool", "machine"}]; nothing unallocated."""
+    types = {i["machine"]: asdict(get_machine(i["machine"], catalog)) for i in instances}
+    return {"machine": instances[0]["machine"] if instances else None, "machines": float(len(instances)),
+            "unit": "machine", "units_per_machine": 1, "types": types,
+            "allocations": [{"instance": i["id"], "pool": i["pool"], "machine": i["machine"], "machines": 1.0,
+                             "units": []} for i in instances],
+            "unallocated_machines": 0.0}

@@ -237,10 +237,25 @@ class Ledger:
         self.decode = dict.fromkeys(self.order, 0)
         self.running = dict.fromkeys(self.order, 0)
         self.healthy = dict.fromkeys(self.order, True)
+        # views() rebuilds only the instances whose counts changed since the last call (the simulator calls it
+        # once per request on clusters of 100+ instances)
+        self._index = {iid: k for k, iid in enumerate(self.order)}
+        self._cache: list[InstanceView | None] = [None] * len(self.order)
+        self._dirty: set[str] = set(self.order)
 
-    def views(self) -> list[InstanceView]:
-        return [InstanceView(i, self.pool[i], self.prompt[i], self.decode[i], self.running[i], self.healthy[i])
-                for i in self.order]
+    def _view(self, i: str) -> InstanceView:
+        return InstanceView(i, self.pool[i], self.prompt[i], self.decode[i], self.running[i], self.healthy[i])
+
+    def views(self) -> tuple[InstanceView, ...]:
+        if self._dirty:
+            for i in self._dirty:
+                self._cache[self._index[i]] = self._view(i)
+            self._dirty.clear()
+        return tuple(self._cache)
+
+    def set_healthy(self, iid: str, healthy: bool) -> None:
+        self.healthy[iid] = healthy
+        self._dirty.add(iid)
 
     def dispatch(self, d: Decision, r: Request) -> None:
         self.prompt[d.prompt_instance] += r.input_tokens
@@ -249,16 +264,20 @@ class Ledger:
         self.decode[tok] += r.output_tokens
         if d.token_instance:
             self.running[tok] += 1
+        self._dirty.add(d.prompt_instance)
+        self._dirty.add(tok)
 
     def prefill_done(self, d: Decision, r: Request) -> None:
         """Call once per request, also when the prefill failed."""
         self.prompt[d.prompt_instance] -= r.input_tokens
         if d.token_instance:
             self.running[d.prompt_instance] -= 1
+        self._dirty.add(d.prompt_instance)
 
     def finish(self, d: Decision, r: Request) -> None:
         """Call once per request after prefill_done(), whether it succeeded or not."""
         tok = d.token_instance or d.prompt_instance
         self.decode[tok] -= r.output_tokens
         self.running[tok] -= 1
+        self._dirty.add(tok)
 

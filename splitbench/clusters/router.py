@@ -180,14 +180,14 @@ class Router:
                 ok = False
             if ok and not self.ledger.healthy[iid]:
                 self.n["recovered"] += 1
-            self.ledger.healthy[iid] = ok
+            self.ledger.set_healthy(iid, ok)
 
         await asyncio.gather(*(one(i) for i in self.ledger.order))
 
     def _mark_unhealthy(self, iid: str) -> None:
         self.per_instance[iid]["failures"] += 1
         if self.ledger.healthy[iid]:
-            self.ledger.healthy[iid] = False
+            self.ledger.set_healthy(iid, False)
             self.n["marked_unhealthy"] += 1
 
     # ------------------------------------------------------------------ small endpoints

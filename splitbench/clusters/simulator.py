@@ -1,0 +1,57 @@
+"""A small discrete-event loop: a heap of (time, seq, handler, args); handlers schedule (or return) new events.
+
+`seq` is a monotone counter, so events at the same time run in the order they were scheduled (deterministic FIFO).
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+from typing import Any
+
+Event = tuple  # (time_s, handler, *args) as returned by a handler
+
+
+class Simulator:
+    """Runs timed events in order. Cancellation is by version counters kept by the caller: a handler whose
+    payload carries a stale version just returns (cheaper than removing it from the heap)."""
+
+    __slots__ = ("_heap", "_seq", "events", "now_s")
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+        self.events = 0          # handlers run so far
+        self._heap: list = []
+        self._seq = 0
+
+    def schedule(self, t_s: float, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) at time t_s (not before now: the past is clamped to now)."""
+        t_s = max(t_s, self.now_s)
+        self._seq += 1
+        heapq.heappush(self._heap, (t_s, self._seq, fn, args))
+
+    def pending(self) -> int:
+        return len(self._heap)
+
+    def run(self, until_s: float | None = None) -> float:
+        """Process events until the heap is empty (or the next event is after until_s); returns the final time.
+        A handler may schedule events itself or return an iterable of (time_s, handler, *args) tuples."""
+        heap, pop, schedule = self._heap, heapq.heappop, self.schedule
+        n = 0
+        try:
+            while heap:
+                if until_s is not None and heap[0][0] > until_s:
+                    break
+                t, _, fn, args = pop(heap)
+                self.now_s = t
+                n += 1
+                out = fn(*args)
+                if out:
+                    _schedule_all(schedule, out)
+        finally:
+            self.events += n
+        return self.now_s
+
+
+def _schedule_all(schedule, out: Iterable[Event]) -> None:
+    for ev in out:
+        schedule(ev[0], ev[1], *ev[2:])

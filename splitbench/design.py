@@ -1,0 +1,235 @@
+"""Cluster design search on the simulator: for Splitwise's designs, enumerate prompt/token machine counts within an
+iso-power or iso-cost budget, find each configuration's highest Poisson arrival rate meeting all nine Splitwise SLOs
+(binary search), in parallel across cores; then pick the best per design by throughput, cost or power.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from .errors import InputError
+from .simrun import DESIGNS
+
+OBJECTIVES = ("throughput", "cost", "power")
+BUDGETS = ("iso-power", "iso-cost")
+
+
+@dataclass
+class DesignSpec:
+    trace: str = "azure-conv-2023"
+    designs: list[str] = field(default_factory=lambda: list(DESIGNS))
+    objective: str = "throughput"
+    budget: str = "iso-power"
+    budget_design: str = "baseline-h100"   # the budget is `budget_machines` machines of this design's machine
+    budget_machines: int = 40
+    target_rate_rps: float | None = None   # cost/power objectives: the rate to serve [Baseline-H100's best]
+    duration_s: float = 120.0              # Poisson window simulated per rate probe
+    model: str = "bloom-176b"
+    profile: str | None = None
+    reference_machine: str = "dgx-a100"    # SLO slowdowns are against this machine's unloaded latency
+    splits: int = 10                       # prompt/token splits tried per split design
+    rate_precision: float = 0.03           # stop the bisection at this relative width
+    seed: int = 0
+    processes: int | None = None
+    hardware_file: str | None = None
+
+
+@dataclass
+class Evaluated:
+    design: str
+    pools: list[tuple[str, str, int]]
+    machines: int
+    usd_per_hour: float
+    power_w: float
+    max_rate_rps: float
+    probes: int
+    output_tokens_per_s: float | None = None
+    verdict: dict | None = None
+
+
+def _unit(design: str, catalog) -> tuple[float, float]:
+    """$/h and provisioned W of one machine of each pool of `design`, averaged (used only for budgets)."""
+    ms = [catalog[m] for _, m in DESIGNS[design]]
+    return sum(m.usd_per_hour for m in ms) / len(ms), sum(m.server_power_w for m in ms) / len(ms)
+
+
+def configurations(spec: DesignSpec, catalog) -> list[tuple[str, list[tuple[str, str, int]]]]:
+    """Every (design, pools) configuration within the budget, using as much of it as whole machines allow."""
+    ref = catalog[DESIGNS[spec.budget_design][0][1]]
+    key = "server_power_w" if spec.budget == "iso-power" else "usd_per_hour"
+    budget = getattr(ref, key) * spec.budget_machines
+    out = []
+    for d in spec.designs:
+        pools = DESIGNS[d]
+        if len(pools) == 1:
+            n = int(budget // getattr(catalog[pools[0][1]], key) + 1e-9)
+            if n >= 1:
+                out.append((d, [(pools[0][0], pools[0][1], n)]))
+            continue
+        (pp, pm), (tp, tm) = pools
+        up, ut = getattr(catalog[pm], key), getattr(catalog[tm], key)
+        max_p = int((budget - ut) // up)
+        if max_p < 1:
+            continue
+        step = max(1, math.ceil(max_p / spec.splits))
+        for p in sorted(set(range(1, max_p + 1, step)) | {max_p}):
+            t = int((budget - p * up) // ut + 1e-9)
+            if t >= 1:
+                out.append((d, [(pp, pm, p), (tp, tm, t)]))
+    return out
+
+
+# ----------------------------------------------------------------------------- one configuration (worker)
+
+_SETUPS: dict = {}
+
+
+def _setup(spec: DesignSpec, machines: tuple[str, ...]):
+    from .simrun import build_setup, sim_reference
+    key = (machines, spec.model, spec.profile, spec.hardware_file, spec.reference_machine)
+    if key not in _SETUPS:
+        setup = build_setup(list(machines) + [spec.reference_machine], model=spec.model, profile=spec.profile,
+                            hardware_file=spec.hardware_file)
+        _SETUPS[key] = (setup, sim_reference(setup, spec.reference_machine))
+    return _SETUPS[key]
+
+
+def probe(spec: DesignSpec, pools: list[tuple[str, str, int]], rate_rps: float) -> tuple[bool, dict]:
+    """Simulate `duration_s` of Poisson arrivals at `rate_rps` (lengths from the trace); do all nine SLOs hold?"""
+    from .clusters.sim_cluster import SimPool
+    from .loadgen.traces import load_workload
+    from .metrics.latency import throughput_section
+    from .metrics.slo import splitwise_verdict
+    from .simrun import run_sim, sim_config
+    setup, ref = _setup(spec, tuple(sorted({m for _, m, _ in pools})))
+    w = load_workload(f"synth:arrivals=poisson,rate={rate_rps:.6g},duration={spec.duration_s:g},"
+                      f"lengths={spec.trace},seed={spec.seed}")
+    res = run_sim(w, sim_config([SimPool(*p) for p in pools], seed=spec.seed, layers=setup.shape.layers), setup)
+    v = splitwise_verdict(res.records, ref)
+    ok = v["passed"] and all(r.ok for r in res.records)
+    return ok, {"verdict": v, "throughput": throughput_section(res.records)}
+
+
+def max_rate(spec: DesignSpec, pools: list[tuple[str, str, int]]) -> tuple[float, int, dict | None]:
+    """Highest rate meeting the SLOs: double from a per-machine guess until it fails, then bisect."""
+    n = sum(c for _, _, c in pools)
+    lo, hi, probes, best = 0.0, None, 0, None
+    r = max(0.05, 0.25 * n)
+    while hi is None:
+        ok, info = probe(spec, pools, r)
+        probes += 1
+        if ok:
+            lo, best = r, info
+            r *= 2
+        else:
+            hi = r
+        if probes > 30:
+            break
+    while hi is not None and hi - lo > spec.rate_precision * max(hi, 1e-9):
+        mid = (lo + hi) / 2 if lo > 0 else hi / 4
+        ok, info = probe(spec, pools, mid)
+        probes += 1
+        if ok:
+            lo, best = mid, info
+        else:
+            hi = mid
+        if lo == 0 and hi < 1e-3:
+            break
+    return lo, probes, best
+
+
+def _evaluate(args) -> dict:
+    spec, design, pools = args
+    from .clusters.hardware import load_catalog
+    cat = load_catalog(spec.hardware_file)
+    rate, probes, info = max_rate(spec, pools)
+    return asdict(Evaluated(
+        design=design, pools=pools, machines=sum(c for _, _, c in pools),
+        usd_per_hour=sum(cat[m].usd_per_hour * c for _, m, c in pools),
+        power_w=sum(cat[m].server_power_w * c for _, m, c in pools), max_rate_rps=rate, probes=probes,
+        output_tokens_per_s=(info or {}).get("throughput", {}).get("output_tokens_per_s"),
+        verdict=(info or {}).get("verdict")))
+
+
+# ----------------------------------------------------------------------------- the search
+
+def search(spec: DesignSpec, on_status=lambda s: None) -> dict:
+    """Evaluate every configuration (parallel), pick the best per design for the objective, and compare designs."""
+    from .clusters.hardware import load_catalog
+    if spec.objective not in OBJECTIVES:
+        raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {spec.objective!r}")
+    if spec.budget not in BUDGETS:
+        raise InputError(f"--budget must be one of {', '.join(BUDGETS)}, got {spec.budget!r}")
+    unknown = [d for d in spec.designs + [spec.budget_design] if d not in DESIGNS]
+    if unknown:
+        raise InputError(f"unknown design {unknown[0]!r} (known: {', '.join(DESIGNS)})")
+    cat = load_catalog(spec.hardware_file)
+    configs = configurations(spec, cat)
+    _setup(spec, tuple(sorted({m for _, pools in configs for _, m, _ in pools})))  # fail fast on bad profiles
+    procs = spec.processes or max(1, len(os.sched_getaffinity(0)))
+    on_status(f"{len(configs)} configurations on {procs} process(es)")
+    jobs = [(spec, d, pools) for d, pools in configs]
+    if procs > 1:
+        with ProcessPoolExecutor(procs) as ex:
+            results = list(ex.map(_evaluate, jobs))
+    else:
+        results = [_evaluate(j) for j in jobs]
+    best = pick_best(results, spec)
+    return {"kind": "splitbench.design", "spec": asdict(spec), "evaluated": results, "best": best,
+            "ratios": design_ratios(best)}
+
+
+def pick_best(results: list[dict], spec: DesignSpec) -> dict[str, dict]:
+    """throughput: the configuration with the highest max rate per design. cost / power: the cheapest (or least
+    provisioned power) configuration whose max rate reaches the target (default: Baseline-H100's best rate)."""
+    by_design: dict[str, list[dict]] = {}
+    for r in results:
+        by_design.setdefault(r["design"], []).append(r)
+    top = {d: max(rs, key=lambda r: (r["max_rate_rps"], -r["usd_per_hour"])) for d, rs in by_design.items()}
+    if spec.objective == "throughput":
+        return top
+    target = spec.target_rate_rps or (top.get("baseline-h100") or max(top.values(), key=lambda r: r["max_rate_rps"])
+                                      )["max_rate_rps"]
+    key = "usd_per_hour" if spec.objective == "cost" else "power_w"
+    out = {}
+    for d, rs in by_design.items():
+        ok = [r for r in rs if r["max_rate_rps"] >= target * (1 - spec.rate_precision)]
+        if ok:
+            out[d] = {**min(ok, key=lambda r: r[key]), "target_rate_rps": target}
+    return out
+
+
+def design_ratios(best: dict[str, dict]) -> dict:
+    """Headline ratios of the Splitwise paper where both designs were evaluated."""
+    def ratio(a, b, key):
+        if a in best and b in best and best[b][key]:
+            return best[a][key] / best[b][key]
+        return None
+    return {"rate_splitwise_aa_over_baseline_a100": ratio("splitwise-aa", "baseline-a100", "max_rate_rps"),
+            "rate_splitwise_aa_over_baseline_h100": ratio("splitwise-aa", "baseline-h100", "max_rate_rps"),
+            "rate_splitwise_hhcap_over_baseline_h100": ratio("splitwise-hhcap", "baseline-h100", "max_rate_rps"),
+            "power_splitwise_hhcap_over_baseline_h100": ratio("splitwise-hhcap", "baseline-h100", "power_w"),
+            "cost_splitwise_aa_over_baseline_h100": ratio("splitwise-aa", "baseline-h100", "usd_per_hour")}
+
+
+def plot_design(result: dict, path: str) -> None:
+    """Bars per design: max rate (req/s), $/h and provisioned kW of the best configuration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    best = result["best"]
+    names = list(best)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, label, scale) in zip(axes, (("max_rate_rps", "max rate meeting SLOs (req/s)", 1),
+                                              ("usd_per_hour", "cost ($/h)", 1), ("power_w", "provisioned power (kW)", 1e-3))):
+        ax.bar(names, [best[n][key] * scale for n in names], color="#4c72b0")
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=30)
+    s = result["spec"]
+    fig.suptitle(f"{s['trace']}: {s['objective']}-optimal designs, {s['budget']} budget = {s['budget_machines']} "
+                 f"machines of {s['budget_design']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,368 @@
+"""Performance model on SplitwiseSim's real profile (PROFILES.md figures, caveats), closed-form decode sums, model
+shapes and KV capacity by hand, profile CSV errors, sha256-checked fetch, and measuring real backends."""
+from __future__ import annotations
+
+import functools
+import http.server
+import importlib.util
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitbench.clusters import perfmodel as pm
+from splitbench.clusters.hardware import load_catalog
+from splitbench.clusters.profile_measure import fetch_profile, measure_profile, read_profile_rows
+from splitbench.errors import InputError
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles"
+CSV = SHARED / "perf_model.csv"
+HEADER = ("model,hardware,prompt_size,batch_size,token_size,peak_power,average_power,prompt_time,token_time,"
+          "e2e_time,tensor_parallel")
+needs_profile = pytest.mark.skipif(not CSV.is_file(), reason="../shared/profiles/perf_model.csv not present")
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    if not CSV.is_file():
+        pytest.skip("../shared/profiles/perf_model.csv not present")
+    return pm.load_profiles(CSV)
+
+
+def near(value, expected, rel):
+    return abs(value - expected) <= rel * expected
+
+
+# ----------------------------------------------------------------------------- the real profile
+
+def test_groups_and_provenance(profiles):
+    assert len(profiles) == 12
+    assert ("llama2-70b", "h100-80gb-pcap", 4) in profiles
+    d = profiles[("bloom-176b", "a100-80gb", 8)].describe()
+    assert d["sha256"] == pm.PROFILE_SHA256 and d["rows"] == 105
+    assert any("SYNTHETIC" in n for n in profiles[("bloom-176b", "h100-80gb-pcap", 8)].describe()["notes"])
+    assert not profiles[("bloom-176b", "h100-80gb", 8)].describe()["notes"]
+
+
+def test_profiles_md_sample_medians(profiles):
+    """PROFILES.md: BLOOM prompt 2048 A100 540 / H100 253 ms; decode b1/b64 (prompt 512, 128 outputs) A100
+    49.3/96.6, H100 36.2/63.8 ms; Llama2-70B TP8 prompt 2048 A100 274 / H100 137 ms."""
+    ctx = 512 + 64   # per request, midway through 128 outputs
+    for hw, p2048, d1, d64 in (("a100-80gb", 540, 49.3, 96.6), ("h100-80gb", 253, 36.2, 63.8)):
+        m = profiles[("bloom-176b", hw, 8)]
+        assert near(m.prompt_time_s(2048) * 1e3, p2048, 0.03)
+        assert near(m.token_time_s(1, ctx) * 1e3, d1, 0.03)
+        assert near(m.token_time_s(64, 64 * ctx) * 1e3, d64, 0.03)
+    assert near(profiles[("llama2-70b", "a100-80gb", 8)].prompt_time_s(2048) * 1e3, 274, 0.05)
+    assert near(profiles[("llama2-70b", "h100-80gb", 8)].prompt_time_s(2048) * 1e3, 137, 0.05)
+    # caveat 1: the pcap prefill is 1.3x the uncapped one, decode is the same
+    a, b = profiles[("bloom-176b", "h100-80gb", 8)], profiles[("bloom-176b", "h100-80gb-pcap", 8)]
+    assert near(b.prompt_time_s(2048), 1.3 * a.prompt_time_s(2048), 0.01)
+    assert near(b.token_time_s(16, 16 * 600), a.token_time_s(16, 16 * 600), 0.02)
+
+
+def test_anomalous_tp2_batch64_dropped_and_nothing_else(profiles):
+    for key, m in profiles.items():
+        dropped = [(x["prompt_size"], x["batch_size"], x["token_size"]) for x in m.describe()["dropped"]]
+        assert dropped == ([(512, 64, 128)] if key[0] == "llama2-70b" and key[2] == 2 else []), key
+    m = profiles[("llama2-70b", "a100-80gb", 2)]
+    # 64 x 512 tokens must cost more than 32 x 512 (the anomalous rows said 794 ms < 6633 ms)
+    assert m.prompt_time_s(64 * 512) > m.prompt_time_s(32 * 512) > 6.0
+    assert m.token_time_s(64, 0) > m.token_time_s(32, 0)
+
+
+def test_long_outputs_not_used_for_the_fit(profiles):
+    for m in profiles.values():
+        skipped = {x["token_size"] for x in m.describe()["not_for_decode_fit"]}
+        assert {2048, 4096, 8192} <= skipped
+
+
+def test_prompt_time_monotone_clamped_and_extrapolated(profiles):
+    tokens = np.unique(np.geomspace(1, 65536, 400).astype(int))
+    for key, m in profiles.items():
+        t = np.array([m.prompt_time_s(int(n)) for n in tokens])
+        assert (np.diff(t) >= 0).all(), key
+        assert m.prompt_time_s(0) == 0.0
+        assert m.prompt_time_s(1) == m.prompt_time_s(128) > 0   # below the first point: its value
+    m = profiles[("bloom-176b", "a100-80gb", 8)]
+    # beyond the last point (64 x 512): the last segment extended, so equal steps add equal time
+    a, b, c = (m.prompt_time_s(n) for n in (40000, 50000, 60000))
+    assert b > a and math.isclose(c - b, b - a, rel_tol=1e-9)
+
+
+def test_decode_grows_with_context_and_batch(profiles):
+    """Not SplitwiseSim's flat decode time: more KV tokens cost more."""
+    for key, m in profiles.items():
+        assert m.kv_s_per_token > 0, key
+        assert m.token_time_s(8, 8 * 8000) > m.token_time_s(8, 8 * 500)
+        assert m.token_time_s(16, 16 * 500) >= m.token_time_s(8, 8 * 500)
+        d = m.describe()
+        assert d["kv_bandwidth_s_per_token"] > 0 and "kv_fitted_s_per_token" in d
+        if d["kv_source"] != "fitted":
+            assert m.kv_s_per_token == d["kv_bandwidth_s_per_token"]
+    # bandwidth estimate by hand: BLOOM KV bytes / (2.039 TB/s x 8 GPUs)
+    bloom = profiles[("bloom-176b", "a100-80gb", 8)].describe()
+    assert math.isclose(bloom["kv_bandwidth_s_per_token"], (2 * 70 * 112 * 128 * 2) / (2.039e12 * 8))
+
+
+@pytest.mark.parametrize("key", [("bloom-176b", "a100-80gb", 8), ("llama2-70b", "h100-80gb", 2)])
+def test_closed_form_sums_and_exact_inverse(profiles, key):
+    m = profiles[key]
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        b, c, k = int(rng.integers(1, 80)), int(rng.integers(0, 200000)), int(rng.integers(0, 700))
+        loop = math.fsum(m.token_time_s(b, c + i * b) for i in range(k))
+        assert math.isclose(m.token_iterations_s(b, c, k), loop, rel_tol=1e-9, abs_tol=1e-12)
+        total = m.token_iterations_s(b, c, k)
+        assert m.iterations_within(b, c, total) == k                       # exactly at the boundary
+        if k:
+            assert m.iterations_within(b, c, math.nextafter(total, 0)) == k - 1   # just below it
+        mid = (total + m.token_iterations_s(b, c, k + 1)) / 2
+        assert m.iterations_within(b, c, mid) == k
+    assert m.iterations_within(4, 100, 0.0) == 0 and m.iterations_within(4, 100, -1.0) == 0
+    assert m.token_iterations_s(4, 100, 0) == 0.0
+
+
+def test_closed_form_without_kv_term():
+    """A group with no shape and no fit (kv 0): the sum and its inverse are linear."""
+    rows = [{"prompt_size": p, "batch_size": b, "token_size": 32, "prompt_time": 10.0 + p / 100,
+             "token_time": 5.0 + b, "e2e_time": 10.0 + p / 100 + 31 * (5.0 + b), "line": i + 2}
+            for i, (p, b) in enumerate([(64, 1), (128, 1), (128, 4)])]
+    m = pm.PerfModel("unknown-model", "unknown-hw", 1, rows)
+    assert m.kv_s_per_token == 0.0 and m.describe()["kv_source"].startswith("zero")
+    assert math.isclose(m.token_iterations_s(2, 999, 10), 10 * 0.007)
+    assert m.iterations_within(2, 999, 0.07) == 10
+    assert m.iterations_within(4, 0, 0.0899) == 9      # 9 x 9 ms fits, 10 do not
+
+
+def test_generic_batch_anomaly_detection(tmp_path):
+    """Prompt time falling with batch size (and e2e blowing up) is dropped whatever the TP and batch."""
+    lines = [HEADER]
+    for b, pt, e2e in ((1, 100, 100 + 31 * 20), (2, 200, 200 + 31 * 21), (4, 400, 400 + 31 * 22),
+                       (8, 150, 90000)):
+        for _ in range(3):
+            lines.append(f"m,hw,512,{b},32,0,0,{pt},{20 + b / 4},{e2e},4")
+    lines += [f"m,hw,{p},1,32,0,0,{p / 5},20,{p / 5 + 31 * 20},4" for p in (128, 1024)]
+    f = tmp_path / "p.csv"
+    f.write_text("\n".join(lines) + "\n")
+    m = pm.get_perf_model(pm.load_profiles(f), "m", "hw", 4)
+    dropped = m.describe()["dropped"]
+    assert [(d["batch_size"], len(d["lines"])) for d in dropped] == [(8, 3)]
+    assert "below a smaller batch" in dropped[0]["why"]
+    assert m.prompt_time_s(8 * 512) > m.prompt_time_s(4 * 512)
+
+
+def test_unknown_group_lists_known(profiles):
+    with pytest.raises(InputError) as e:
+        pm.get_perf_model(profiles, "llama2-70b", "a100-80gb", 16)
+    assert "llama2-70b/a100-80gb/TP8" in str(e.value) and "bloom-176b/h100-80gb/TP8" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- shapes and memory
+
+def test_kv_bytes_per_token_by_hand():
+    assert pm.MODEL_SHAPES["bloom-176b"].kv_bytes_per_token == 2 * 70 * 112 * 128 * 2 == 4_014_080
+    # GQA: 8 KV heads, not the 64 attention heads
+    assert pm.MODEL_SHAPES["llama2-70b"].kv_bytes_per_token == 2 * 80 * 8 * 128 * 2 == 327_680
+
+
+def test_kv_capacity_by_hand():
+    bloom, llama = pm.MODEL_SHAPES["bloom-176b"], pm.MODEL_SHAPES["llama2-70b"]
+    assert pm.kv_capacity_tokens(bloom, 8, 80e9) == int((0.9 * 640e9 - 352e9) // 4_014_080) == 55_803
+    assert pm.kv_capacity_tokens(llama, 8, 80e9) == int((576e9 - 140e9) // 327_680)
+    assert pm.kv_capacity_tokens(bloom, 4, 80e9) == 0            # weights alone do not fit
+    assert pm.kv_capacity_tokens(llama, 2, 80e9, memory_fraction=1.0) == int((160e9 - 140e9) // 327_680)
+    cat = load_catalog()
+    assert pm.machine_kv_capacity_tokens(bloom, cat["dgx-a100"]) == 55_803
+    # TP2 on a DGX: 4 instances, each with its own 140 GB of weights on 2 x 80 GB
+    assert pm.machine_kv_capacity_tokens(llama, cat["dgx-h100"], tensor_parallel=2) == \
+        4 * int((0.9 * 160e9 - 140e9) // 327_680)
+    assert pm.machine_kv_capacity_tokens(bloom, cat["dgx-h200"]) == int((0.9 * 8 * 141e9 - 352e9) // 4_014_080)
+    assert pm.machine_kv_capacity_tokens(bloom, cat["dgx-a100"], memory_bytes=40e9) == 0
+    with pytest.raises(InputError):
+        pm.accelerator_memory_bytes("tpu-v9")
+
+
+def test_shape_from_tiny_model_config(tiny_model_dir):
+    from safetensors.numpy import load_file
+    shape = pm.shape_from_hf_config(tiny_model_dir)
+    assert (shape.layers, shape.kv_heads, shape.head_dim, shape.dtype_bytes) == (2, 2, 32, 2)  # bf16, GQA 4->2
+    assert shape.kv_bytes_per_token == 2 * 2 * 2 * 32 * 2
+    params = sum(a.size for f in Path(tiny_model_dir).glob("*.safetensors") for a in load_file(f).values())
+    assert shape.weight_bytes == params * 2
+    with pytest.raises(InputError, match="config.json"):
+        pm.shape_from_hf_config(Path(tiny_model_dir).parent / "no-such-model")
+
+
+def test_profile_hardware_names():
+    assert pm.profile_hardware_name("dgx-h100-pcap") == "h100-80gb-pcap"
+    assert pm.profile_hardware_name("dgx-a100") == "a100-80gb"
+    assert pm.profile_hardware_name("dgx-h200") == "h200-141gb"
+    assert pm.profile_hardware_name("cpu-host") == "cpu-host"
+    with pytest.raises(InputError, match="unknown machine type"):
+        pm.profile_hardware_name("dgx-z9")
+
+
+# ----------------------------------------------------------------------------- malformed CSV
+
+@pytest.mark.parametrize("body, line, column, words", [
+    ("", 1, None, "empty file"),
+    ("model,hardware,prompt_size\n", 1, "batch_size", "missing column"),
+    (HEADER + "\n", 2, None, "no data rows"),
+    (HEADER + "\nm,hw,512,1,128,0,0,abc,20,3000,8\n", 2, "prompt_time", "not a number"),
+    (HEADER + "\nm,hw,512,1,128,0,0,100,20,3000,8\nm,hw,512,0,128,0,0,100,20,3000,8\n", 3, "batch_size", ">= 1"),
+    (HEADER + "\nm,hw,512,1,128,0,0,100,20,3000,8\nm,hw,512,1,128,0,0,100,20\n", 3, None, "fields"),
+    (HEADER + "\nm,hw,512,1.5,128,0,0,100,20,3000,8\n", 2, "batch_size", "whole number"),
+    (HEADER + "\nm,,512,1,128,0,0,100,20,3000,8\n", 2, "hardware", "empty"),
+    (HEADER + "\nm,hw,512,1,128,0,0,100,nan,3000,8\n", 2, "token_time", "finite"),
+])
+def test_malformed_csv_one_line_errors(tmp_path, body, line, column, words):
+    f = tmp_path / "bad.csv"
+    f.write_text(body)
+    with pytest.raises(InputError) as e:
+        pm.load_profiles(f)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{f}:{line}:") and words in msg
+    assert e.value.line == line and e.value.column == column
+
+
+def test_cli_list_and_bad_file(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + "\nm,hw,512,1,128,0,0,100,20,3000,x\n")
+    r = subprocess.run([sys.executable, "-m", "splitbench.cli", "profiles", "list", "--file", str(bad)],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert f"{bad}:2: column 'tensor_parallel'" in r.stderr
+    if CSV.is_file():
+        r = subprocess.run([sys.executable, "-m", "splitbench.cli", "profiles", "list", "--file", str(CSV)],
+                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("llama2-70b") == 9 and "55,803" in r.stdout
+
+
+# ----------------------------------------------------------------------------- find and fetch
+
+def test_find_profile_search_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(pm.ENV_VAR, raising=False)
+    with pytest.raises(InputError, match="profiles fetch"):
+        pm.find_profile()
+    cached = tmp_path / "cache" / "splitbench" / "profiles" / "perf_model.csv"
+    cached.parent.mkdir(parents=True)
+    cached.write_text(HEADER + "\n")
+    assert pm.find_profile() == cached
+    env_dir = tmp_path / "envdir"
+    env_dir.mkdir()
+    (env_dir / "perf_model.csv").write_text(HEADER + "\n")
+    monkeypatch.setenv(pm.ENV_VAR, str(env_dir))
+    assert pm.find_profile() == env_dir / "perf_model.csv"
+    assert pm.find_profile(cached) == cached
+    with pytest.raises(InputError, match="not found"):
+        pm.find_profile(tmp_path / "nope.csv")
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield www, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@needs_profile
+def test_fetch_verifies_sha256_over_http(http_dir, tmp_path):
+    www, base = http_dir
+    shutil.copy(CSV, www / "good.csv")
+    data = CSV.read_bytes()
+    (www / "tampered.csv").write_bytes(data.replace(b"bloom-176b", b"bloom-177b", 1))
+    dest = tmp_path / "dest"
+    with pytest.raises(InputError, match="sha256 mismatch") as e:
+        fetch_profile(dest=dest, url=f"{base}/tampered.csv")
+    assert "\n" not in str(e.value)
+    assert list(dest.iterdir()) == []                       # nothing left behind, not even a temp file
+    res = fetch_profile(dest=dest, url=f"{base}/good.csv")
+    assert res["sha256"] == pm.PROFILE_SHA256 and (dest / "perf_model.csv").read_bytes() == data
+    # a failed re-fetch leaves the good file as it was
+    with pytest.raises(InputError):
+        fetch_profile(dest=dest, url=f"{base}/tampered.csv")
+    assert sorted(p.name for p in dest.iterdir()) == ["perf_model.csv"]
+    assert (dest / "perf_model.csv").read_bytes() == data
+    with pytest.raises(InputError, match="failed"):
+        fetch_profile(dest=dest, url=f"{base}/missing.csv")
+
+
+def test_fetch_file_url_and_cli(tmp_path):
+    src = tmp_path / "x.csv"
+    src.write_bytes(b"not the profile\n")
+    r = subprocess.run([sys.executable, "-m", "splitbench.cli", "profiles", "fetch", "--dest", str(tmp_path / "d"),
+                        "--url", src.as_uri()], capture_output=True, text=True)
+    assert r.returncode == 2 and "sha256 mismatch" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert list((tmp_path / "d").iterdir()) == []
+    import hashlib
+    res = fetch_profile(dest=tmp_path / "d", url=src.as_uri(),
+                        expected_sha256=hashlib.sha256(src.read_bytes()).hexdigest())
+    assert Path(res["path"]).read_bytes() == src.read_bytes()
+
+
+# ----------------------------------------------------------------------------- measuring real backends
+
+def test_measure_stub_profile_round_trip(tmp_path):
+    """The real stub server (fixed 40 ms TTFT, 8 ms per token) measured through sockets into a CSV that
+    load_profiles fits: its prefill and decode times come back."""
+    out = tmp_path / "stub.csv"
+    res = measure_profile("stub", {"ttft_s": 0.04, "tpot_s": 0.008}, out=out, prompt_sizes=[8, 32],
+                          batch_sizes=[1, 3], output_sizes=[4, 12], repeats=1, results_dir=tmp_path / "r")
+    rows = read_profile_rows(out)
+    assert res["rows"] == len(rows) == 4 and res["hardware"] == "cpu-host"
+    assert {(r["prompt_size"], r["batch_size"], r["token_size"]) for r in rows} == \
+        {(8, 1, 12), (32, 1, 12), (32, 3, 12), (32, 1, 4)}
+    assert out.read_text().splitlines()[0] == HEADER
+    m = pm.get_perf_model(pm.load_profiles(out), rows[0]["model"], "cpu-host", 1)
+    assert 0.04 <= m.prompt_time_s(32) < 0.06
+    assert 0.0075 <= m.token_time_s(1, 40) < 0.012
+    assert (Path(res["run_dir"]) / "profile.json").is_file()
+    # a measured model's shape (here: the tiny model's) gives the bandwidth figure
+    shape = pm.ModelShape("s", layers=2, kv_heads=2, head_dim=32, dtype_bytes=2, weight_bytes=1e6)
+    m2 = pm.load_profiles(out, shapes={rows[0]["model"]: shape})[(rows[0]["model"], "cpu-host", 1)]
+    assert m2.describe()["kv_bandwidth_s_per_token"] == 512 / pm.MEMORY_BANDWIDTH_BPS["cpu-host"]
+
+
+def test_measure_rejects_bad_grid(tmp_path):
+    with pytest.raises(InputError, match="output-sizes"):
+        measure_profile("stub", {}, out=tmp_path / "x.csv", output_sizes=[1], results_dir=tmp_path)
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_profile_tiny_model_on_vllm(tmp_path):
+    """`splitbench profile --backend vllm` on the tiny CPU model: a CSV load_profiles accepts (about a minute)."""
+    out = tmp_path / "tiny.csv"
+    r = subprocess.run([sys.executable, "-m", "splitbench.cli", "profile", "--backend", "vllm", "--out", str(out),
+                        "--prompt-sizes", "32,512", "--batch-sizes", "1,4", "--output-sizes", "8,32",
+                        "--repeats", "1", "--results", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_profile_rows(out)
+    assert {(x["prompt_size"], x["batch_size"], x["token_size"]) for x in rows} == \
+        {(32, 1, 32), (512, 1, 32), (512, 4, 32), (512, 1, 8)}
+    assert {x["model"] for x in rows} == {"tiny-llama"} and {x["hardware"] for x in rows} == {"cpu-host"}
+    m = pm.get_perf_model(pm.load_profiles(out), "tiny-llama", "cpu-host", 1)
+    assert 0 < m.prompt_time_s(32) <= m.prompt_time_s(4 * 512)
+    assert 0 < m.token_time_s(1, 600) <= m.token_time_s(4, 4 * 600)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps   # the server it started is gone
