@@ -483,11 +483,15 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
             machine: Optional[str] = typer.Option(None, help="Hardware-catalog machine type of this host "
                                                   "(default: detected GPUs' DGX type, or cpu-host)."),
             hardware: Optional[str] = typer.Option(None, help="User hardware catalog TOML."),
-            results: str = typer.Option("results", help="Directory for the measurement's per-point records.")):
+            results: str = typer.Option("results", help="Directory for the measurement's per-point records."),
+            cores: Optional[str] = typer.Option(None, help="--backend vllm on CPU: pin the instance to these cores "
+                                                "(e.g. 1, as one instance of the local clusters holds)."),
+            gpus: Optional[str] = typer.Option(None, help="--backend vllm on GPU hosts: GPU ids of the instance.")):
     """Measure a real backend into a profile CSV that `load_profiles` (and the simulator) accepts."""
     from .clusters.profile_measure import measure_profile
     if backend == "vllm":
-        opts = {"instances": 1, **({"model_dir": model_dir} if model_dir else {})}
+        opts = {"instances": 1, **({"model_dir": model_dir} if model_dir else {}),
+                **({"cores": cores} if cores else {}), **({"gpus": gpus} if gpus else {})}
     elif backend == "openai":
         if not url:
             raise InputError("--backend openai needs --url http://HOST:PORT")
@@ -655,9 +659,9 @@ def design(
     result = search(spec, on_status=lambda s: err_console.log(s))
     t = Table(title=f"{trace}: {objective}-optimal, {budget} ({budget_machines} x {budget_design} machines)")
     for col in ("design", "prompt", "token", "machines", "max req/s", "out tok/s", "$/h", "kW"):
-        t.add_column(col, justify="left" if col == "design" else "right")
+        t.add_column(col, justify="left" if col == "design" else "right", no_wrap=col == "design")
     for d, r in result["best"].items():
-        counts = {p: f"{c} {m}" for p, m, c in r["pools"]}
+        counts = {p: f"{c}x {m.replace('dgx-', '')}" for p, m, c in r["pools"]}
         t.add_row(d, counts.get("prompt", counts.get("baseline", "-")), counts.get("token", "-"), str(r["machines"]),
                   f"{r['max_rate_rps']:.2f}", f"{r['output_tokens_per_s'] or 0:.0f}", f"{r['usd_per_hour']:.0f}",
                   f"{r['power_w'] / 1e3:.0f}")

@@ -81,6 +81,28 @@ def configurations(spec: DesignSpec, catalog) -> list[tuple[str, list[tuple[str,
     return out
 
 
+def grid_configurations(spec: DesignSpec, catalog) -> list[tuple[str, list[tuple[str, str, int]]]]:
+    """Configurations of every size within the budget (cost/power objectives look for the smallest that serves
+    the target rate): single-pool designs 1..N machines, split designs a (prompt x token) grid of ~splits^2."""
+    ref = catalog[DESIGNS[spec.budget_design][0][1]]
+    key = "server_power_w" if spec.budget == "iso-power" else "usd_per_hour"
+    budget = getattr(ref, key) * spec.budget_machines
+    out = []
+    for d in spec.designs:
+        pools = DESIGNS[d]
+        units = [getattr(catalog[m], key) for _, m in pools]
+        if len(pools) == 1:
+            out += [(d, [(pools[0][0], pools[0][1], n)]) for n in range(1, int(budget // units[0] + 1e-9) + 1)]
+            continue
+        max_p, max_t = int((budget - units[1]) // units[0]), int((budget - units[0]) // units[1])
+        sp, st = max(1, math.ceil(max_p / spec.splits)), max(1, math.ceil(max_t / spec.splits))
+        for p in range(1, max_p + 1, sp):
+            for t in range(1, max_t + 1, st):
+                if p * units[0] + t * units[1] <= budget + 1e-9:
+                    out.append((d, [(pools[0][0], pools[0][1], p), (pools[1][0], pools[1][1], t)]))
+    return out
+
+
 # ----------------------------------------------------------------------------- one configuration (worker)
 
 _SETUPS: dict = {}
@@ -141,10 +163,16 @@ def max_rate(spec: DesignSpec, pools: list[tuple[str, str, int]]) -> tuple[float
 
 
 def _evaluate(args) -> dict:
-    spec, design, pools = args
+    """(spec, design, pools, rate): rate None = search the max rate; a number = one probe at that rate."""
+    spec, design, pools, at_rate = args
     from .clusters.hardware import load_catalog
     cat = load_catalog(spec.hardware_file)
-    rate, probes, info = max_rate(spec, pools)
+    if at_rate is None:
+        rate, probes, info = max_rate(spec, pools)
+    else:
+        ok, info = probe(spec, pools, at_rate)
+        rate, probes = (at_rate if ok else 0.0), 1
+        info = info if ok else None
     return asdict(Evaluated(
         design=design, pools=pools, machines=sum(c for _, _, c in pools),
         usd_per_hour=sum(cat[m].usd_per_hour * c for _, m, c in pools),
@@ -169,13 +197,25 @@ def search(spec: DesignSpec, on_status=lambda s: None) -> dict:
     configs = configurations(spec, cat)
     _setup(spec, tuple(sorted({m for _, pools in configs for _, m, _ in pools})))  # fail fast on bad profiles
     procs = spec.processes or max(1, len(os.sched_getaffinity(0)))
-    on_status(f"{len(configs)} configurations on {procs} process(es)")
-    jobs = [(spec, d, pools) for d, pools in configs]
-    if procs > 1:
-        with ProcessPoolExecutor(procs) as ex:
-            results = list(ex.map(_evaluate, jobs))
+
+    def run_all(jobs):
+        if procs > 1:
+            with ProcessPoolExecutor(procs) as ex:
+                return list(ex.map(_evaluate, jobs, chunksize=max(1, len(jobs) // (8 * procs))))
+        return [_evaluate(j) for j in jobs]
+
+    if spec.objective == "throughput":
+        on_status(f"{len(configs)} configurations on {procs} process(es): max rate of each")
+        results = run_all([(spec, d, pools, None) for d, pools in configs])
     else:
-        results = [_evaluate(j) for j in jobs]
+        if spec.target_rate_rps is None:   # the rate to serve: the budget design's best within the budget
+            ref = [(spec, d, pools, None) for d, pools in configs if d == spec.budget_design]
+            top = max(run_all(ref), key=lambda r: r["max_rate_rps"])
+            spec.target_rate_rps = top["max_rate_rps"]
+            on_status(f"target rate {spec.target_rate_rps:.2f} req/s ({spec.budget_design} within the budget)")
+        grid = grid_configurations(spec, cat)
+        on_status(f"{len(grid)} configurations on {procs} process(es): which serve {spec.target_rate_rps:.2f} req/s")
+        results = run_all([(spec, d, pools, spec.target_rate_rps) for d, pools in grid])
     best = pick_best(results, spec)
     return {"kind": "splitbench.design", "spec": asdict(spec), "evaluated": results, "best": best,
             "ratios": design_ratios(best)}
@@ -190,8 +230,7 @@ def pick_best(results: list[dict], spec: DesignSpec) -> dict[str, dict]:
     top = {d: max(rs, key=lambda r: (r["max_rate_rps"], -r["usd_per_hour"])) for d, rs in by_design.items()}
     if spec.objective == "throughput":
         return top
-    target = spec.target_rate_rps or (top.get("baseline-h100") or max(top.values(), key=lambda r: r["max_rate_rps"])
-                                      )["max_rate_rps"]
+    target = spec.target_rate_rps
     key = "usd_per_hour" if spec.objective == "cost" else "power_w"
     out = {}
     for d, rs in by_design.items():
