@@ -586,6 +586,8 @@ def simulate(
     duration: Optional[float] = typer.Option(None, help="Window length in seconds of trace time [whole trace]."),
     rate_scale: float = typer.Option(1.0, help="Multiply the arrival rate."),
     max_requests: Optional[int] = typer.Option(None, help="Simulate at most this many requests."),
+    max_context: Optional[int] = typer.Option(None, help="Clip requests to this context, as a live run clips to "
+                                              "the server's max_model_len."),
     model: str = typer.Option("bloom-176b", help="Model: the profile's model name (shape: bloom-176b, llama2-70b, "
                               "or --model-dir)."),
     model_dir: Optional[str] = typer.Option(None, help="HF model dir to read the KV shape from (config.json)."),
@@ -594,13 +596,16 @@ def simulate(
     policy: str = typer.Option("jsq", help="Cluster policy: jsq, round-robin, mixed-pool (the router's objects)."),
     seed: int = typer.Option(0, help="Seed for the policy's tie-breaks."),
     max_prompt_batch_tokens: int = typer.Option(2048, help="Prompt machines: batched prompt tokens cap."),
+    max_decode_batch: Optional[int] = typer.Option(None, help="Requests per decode batch (vLLM's max_num_seqs) "
+                                                   "[KV memory only]."),
     kv_transfer: str = typer.Option("layerwise", help="KV transfer: layerwise (overlapped) or serialized."),
     link_gbps: Optional[float] = typer.Option(None, help="KV link bandwidth per machine, Gb/s."),
     kv_capacity_tokens: Optional[int] = typer.Option(None, help="Override KV capacity per machine (tokens)."),
     hardware: Optional[str] = typer.Option(None, help="User hardware catalog TOML."),
     slo: Optional[str] = typer.Option(None, help="SLOs, e.g. ttft_p99=2s,tbt_p99=100ms."),
-    reference_machine: Optional[str] = typer.Option("dgx-a100", help="Splitwise SLO verdict against this machine's "
-                                                    "simulated unloaded latency ('' to skip)."),
+    reference_machine: Optional[str] = typer.Option("auto", help="Splitwise SLO verdict against this machine's "
+                                                    "simulated unloaded latency [auto: dgx-a100 if profiled, else "
+                                                    "the first pool's machine; '' to skip]."),
     results: str = typer.Option("results", help="Directory for run output."),
     run_id: Optional[str] = typer.Option(None, help="Run id [time-sim-trace]."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -611,9 +616,11 @@ def simulate(
     from .metrics.report import render_summary
     from .simrun import SimOptions, simulate_run
     opts = SimOptions(cluster=cluster, trace=trace, trace_dir=trace_dir, start_s=start, duration_s=duration,
-                      rate_scale=rate_scale, max_requests=max_requests, model=model, model_dir=model_dir,
+                      rate_scale=rate_scale, max_requests=max_requests, max_context_tokens=max_context,
+                      model=model, model_dir=model_dir,
                       profile=profile, tensor_parallel=tensor_parallel, policy=policy, seed=seed,
-                      max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer, link_gbps=link_gbps,
+                      max_prompt_batch_tokens=max_prompt_batch_tokens, max_decode_batch=max_decode_batch,
+                      kv_transfer=kv_transfer, link_gbps=link_gbps,
                       kv_capacity_tokens=kv_capacity_tokens, hardware_file=hardware, slos=slo,
                       reference_machine=reference_machine or None, results_dir=results, run_id=run_id)
     run_dir, summary = simulate_run(opts)

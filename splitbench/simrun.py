@@ -108,10 +108,11 @@ def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: st
 
 def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_tokens: int = 2048,
                kv_transfer: str = "layerwise", link_gbps: float | None = None, layers: int | None = None,
-               policy_params: dict | None = None):
+               policy_params: dict | None = None, max_decode_batch: int | None = None):
     from .clusters.sim_cluster import SimConfig
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
-                              max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer)
+                              max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
+                              max_decode_batch=max_decode_batch)
     if link_gbps is not None:
         kw["link_bytes_per_s"] = link_gbps * 1e9 / 8
     if layers is not None:
@@ -150,6 +151,7 @@ class SimOptions:
     duration_s: float | None = None
     rate_scale: float = 1.0
     max_requests: int | None = None
+    max_context_tokens: int | None = None  # clip input+output as a live run clips to the server's max_model_len
     model: str = "bloom-176b"
     model_dir: str | None = None
     profile: str | None = None
@@ -157,12 +159,15 @@ class SimOptions:
     policy: str = "jsq"
     seed: int = 0
     max_prompt_batch_tokens: int = 2048
+    max_decode_batch: int | None = None
     kv_transfer: str = "layerwise"
     link_gbps: float | None = None
     kv_capacity_tokens: int | None = None
     hardware_file: str | None = None
     slos: str | None = None
-    reference_machine: str | None = None   # Splitwise verdict vs this machine's simulated unloaded latency
+    # Splitwise verdict vs this machine's simulated unloaded latency; "auto": dgx-a100 when the profile has the
+    # model on A100s (Splitwise's reference), else the first pool's machine; None: no verdict
+    reference_machine: str | None = "auto"
     results_dir: str = "results"
     run_id: str | None = None
 
@@ -173,19 +178,29 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     from .metrics.slo import parse_slos
     from .metrics.summary import save_summary, summarize
     workload = load_workload(opts.trace, trace_dir=opts.trace_dir, start_s=opts.start_s, duration_s=opts.duration_s,
-                             rate_scale=opts.rate_scale, max_requests=opts.max_requests)
+                             rate_scale=opts.rate_scale, max_requests=opts.max_requests,
+                             max_context_tokens=opts.max_context_tokens)
     pools = parse_cluster(opts.cluster)
     slos = parse_slos(opts.slos) if opts.slos else None
-    setup = build_setup([p.machine for p in pools] + ([opts.reference_machine] if opts.reference_machine else []),
-                        model=opts.model, model_dir=opts.model_dir, profile=opts.profile,
-                        tensor_parallel=opts.tensor_parallel, hardware_file=opts.hardware_file,
-                        kv_capacity_tokens=opts.kv_capacity_tokens)
+    def setup_with(ref_machine):
+        return build_setup([p.machine for p in pools] + ([ref_machine] if ref_machine else []), model=opts.model,
+                           model_dir=opts.model_dir, profile=opts.profile, tensor_parallel=opts.tensor_parallel,
+                           hardware_file=opts.hardware_file, kv_capacity_tokens=opts.kv_capacity_tokens)
+    ref_machine = opts.reference_machine
+    if ref_machine == "auto":
+        try:
+            ref_machine, setup = "dgx-a100", setup_with("dgx-a100")
+        except InputError:
+            ref_machine, setup = pools[0].machine, setup_with(None)
+    else:
+        setup = setup_with(ref_machine)
     cfg = sim_config(pools, policy=opts.policy, seed=opts.seed, max_prompt_batch_tokens=opts.max_prompt_batch_tokens,
-                     kv_transfer=opts.kv_transfer, link_gbps=opts.link_gbps, layers=setup.shape.layers)
+                     kv_transfer=opts.kv_transfer, link_gbps=opts.link_gbps, layers=setup.shape.layers,
+                     max_decode_batch=opts.max_decode_batch)
     t = time.perf_counter()
     res = run_sim(workload, cfg, setup)
     sim_wall_s = time.perf_counter() - t
-    reference = sim_reference(setup, opts.reference_machine) if opts.reference_machine else None
+    reference = sim_reference(setup, ref_machine) if ref_machine else None
     run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
     run_dir = Path(opts.results_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
@@ -201,7 +216,7 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
             "model": {"id": opts.model, "shape": asdict(setup.shape),
                       "kv_bytes_per_token": setup.shape.kv_bytes_per_token},
             "hardware": whole_machine_allocation(res.instances, setup.catalog),
-            "reference": asdict(reference) if reference is not None else None,
+            "reference": asdict(reference) if reference is not None else None, "reference_machine": ref_machine,
             "versions": R.package_versions(), "host": R.host_info()}
     R.write_records(run_dir, run_id, res.records)
     R.atomic_write_json(run_dir / R.RUN_FILE, meta)

@@ -171,6 +171,20 @@ def test_kv_full_token_machine_queues_until_the_first_request_finishes():
     assert both.records[1].last_token_s < end0 + 0.5
 
 
+def test_decode_batch_cap_queues_like_kv_memory_does():
+    """max_decode_batch=1 (vLLM's max_num_seqs): the second request waits for the first although KV would fit."""
+    bw = 1e12
+    w = wl([0.0, 0.0], [100, 100], [50, 50])
+    res = run(w, split_cfg(link_bytes_per_s=bw, kv_transfer="serialized", max_decode_batch=1), kv_cap=10**6)
+    r0, r1 = res.records
+    p, x = 0.01 + 1e-4 * 200, 100 * 1000 / bw
+    end0 = p + x + decode_s(1, 101, 49)
+    assert r0.last_token_s == pytest.approx(end0, abs=1e-12)
+    assert r1.last_token_s == pytest.approx(end0 + decode_s(1, 101, 49), abs=1e-12)
+    free = run(w, split_cfg(link_bytes_per_s=bw, kv_transfer="serialized"), kv_cap=10**6)
+    assert free.records[1].last_token_s < end0 + 0.5
+
+
 def test_summary_chunks_keep_the_times_and_collapse_the_decode_chunks():
     w = _random_workload(4, n=20, rate=10.0, max_in=300, max_out=60)
     full = run(w, split_cfg(seed=4))

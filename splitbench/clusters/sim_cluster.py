@@ -45,6 +45,7 @@ class SimConfig:
     link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
     layers: int = DEFAULT_LAYERS
     mixed_max_consecutive_prompt_iterations: int = DEFAULT_MAX_CONSECUTIVE_PROMPT_ITERATIONS
+    max_decode_batch: int | None = None   # requests per decode batch (vLLM's max_num_seqs); None: KV memory only
     # True: one token chunk per fast-forwarded decode run (TBT gaps = run duration / tokens of the run; ~100
     # chunks a request at 250 req/s, ~0.8 GB for 150k records). False: just the first token and one chunk of the
     # other n-1 at the last token (TBT gaps = the request's mean TBT), for design sweeps that only need that.
@@ -134,6 +135,7 @@ class SimCluster:
         self.layerwise = cfg.kv_transfer == "layerwise"
         self.cap_tokens = cfg.max_prompt_batch_tokens
         self.cap_iters = cfg.mixed_max_consecutive_prompt_iterations
+        self.cap_batch = cfg.max_decode_batch or float("inf")
         self.reqs: list[_Req] = []
         self.n = {"runs": 0, "prompt_iterations": 0, "stale_events": 0, "interrupts": 0, "transfers": 0,
                   "errors": 0}
@@ -202,7 +204,7 @@ class SimCluster:
         else a decode run up to the batch's next finish."""
         now = self.sim.now_s
         q = m.admit_q
-        while q and q[0].kv <= m.kv_free:
+        while q and q[0].kv <= m.kv_free and m.b < self.cap_batch:
             r = q.popleft()
             m.kv_free -= r.kv
             self._join(m, r)
@@ -236,7 +238,7 @@ class SimCluster:
             if batch and tokens + r.n_in > cap:
                 break
             if r.colocated:
-                if r.kv > m.kv_free:
+                if r.kv > m.kv_free or m.b + sum(1 for x in batch if x.colocated) >= self.cap_batch:
                     break
                 m.kv_free -= r.kv
             q.popleft()
@@ -287,7 +289,7 @@ class SimCluster:
         m.admit_q.append(r)
         if m.state == _IDLE:
             self._wake(m)
-        elif m.state == _DECODE and len(m.admit_q) == 1 and r.kv <= m.kv_free:
+        elif m.state == _DECODE and len(m.admit_q) == 1 and r.kv <= m.kv_free and m.b < self.cap_batch:
             self._interrupt(m)
 
     def _join(self, m: _Machine, r: _Req) -> None:
