@@ -599,6 +599,8 @@ def simulate(
     max_decode_batch: Optional[int] = typer.Option(None, help="Requests per decode batch (vLLM's max_num_seqs) "
                                                    "[KV memory only]."),
     kv_transfer: str = typer.Option("layerwise", help="KV transfer: layerwise (overlapped) or serialized."),
+    first_token: str = typer.Option("prefill", help="Split requests' first token: prefill (Splitwise: the prompt "
+                                    "machine streams it) or decode (vLLM P/D: after the token machine's 1st step)."),
     link_gbps: Optional[float] = typer.Option(None, help="KV link bandwidth per machine, Gb/s."),
     kv_capacity_tokens: Optional[int] = typer.Option(None, help="Override KV capacity per machine (tokens)."),
     hardware: Optional[str] = typer.Option(None, help="User hardware catalog TOML."),
@@ -620,6 +622,7 @@ def simulate(
                       model=model, model_dir=model_dir,
                       profile=profile, tensor_parallel=tensor_parallel, policy=policy, seed=seed,
                       max_prompt_batch_tokens=max_prompt_batch_tokens, max_decode_batch=max_decode_batch,
+                      first_token=first_token,
                       kv_transfer=kv_transfer, link_gbps=link_gbps,
                       kv_capacity_tokens=kv_capacity_tokens, hardware_file=hardware, slos=slo,
                       reference_machine=reference_machine or None, results_dir=results, run_id=run_id)

@@ -108,11 +108,11 @@ def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: st
 
 def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_tokens: int = 2048,
                kv_transfer: str = "layerwise", link_gbps: float | None = None, layers: int | None = None,
-               policy_params: dict | None = None, max_decode_batch: int | None = None):
+               policy_params: dict | None = None, max_decode_batch: int | None = None, first_token: str = "prefill"):
     from .clusters.sim_cluster import SimConfig
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
                               max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
-                              max_decode_batch=max_decode_batch)
+                              max_decode_batch=max_decode_batch, first_token=first_token)
     if link_gbps is not None:
         kw["link_bytes_per_s"] = link_gbps * 1e9 / 8
     if layers is not None:
@@ -160,6 +160,7 @@ class SimOptions:
     seed: int = 0
     max_prompt_batch_tokens: int = 2048
     max_decode_batch: int | None = None
+    first_token: str = "prefill"            # prefill (Splitwise) | decode (vLLM P/D: the token machine streams it)
     kv_transfer: str = "layerwise"
     link_gbps: float | None = None
     kv_capacity_tokens: int | None = None
@@ -196,7 +197,7 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
         setup = setup_with(ref_machine)
     cfg = sim_config(pools, policy=opts.policy, seed=opts.seed, max_prompt_batch_tokens=opts.max_prompt_batch_tokens,
                      kv_transfer=opts.kv_transfer, link_gbps=opts.link_gbps, layers=setup.shape.layers,
-                     max_decode_batch=opts.max_decode_batch)
+                     max_decode_batch=opts.max_decode_batch, first_token=opts.first_token)
     t = time.perf_counter()
     res = run_sim(workload, cfg, setup)
     sim_wall_s = time.perf_counter() - t

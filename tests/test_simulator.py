@@ -106,6 +106,26 @@ def test_one_split_request_every_time_by_hand():
                              {"id": "token-0", "pool": "token", "machine": "m"}]
 
 
+def test_first_token_from_the_decode_machine_as_in_vllm_pd():
+    """first_token="decode": the token machine makes all 4 tokens, the first after its first iteration (context 100)."""
+    bw = 1e6
+    res = run(wl([0.5], [100], [4]), split_cfg(link_bytes_per_s=bw, kv_transfer="serialized", first_token="decode"))
+    (r,) = res.records
+    p, x = 0.01 + 1e-4 * 100, 100 * 1000 / bw
+    kv_at = 0.5 + p + x
+    first = kv_at + decode_s(1, 100, 1)
+    last = kv_at + decode_s(1, 100, 4)          # tokens 1..4: contexts 100..103
+    assert r.first_token_s == pytest.approx(first, abs=EPS) and r.last_token_s == pytest.approx(last, abs=EPS)
+    assert r.phases_s["prefill_done"] == pytest.approx(0.5 + p, abs=EPS)
+    assert r.phases_s["first_token"] == r.first_token_s and sum(r.chunk_tokens) == 4
+    assert r.chunk_tokens[0] == 1 and r.chunk_offsets_s[0] == pytest.approx(first - 0.5, abs=EPS)
+    # a second request joining mid-run still gets its own exact first-token time
+    res = run(wl([0.0, 0.05], [100, 100], [40, 4]), split_cfg(link_bytes_per_s=1e12, first_token="decode"))
+    a, b = res.records
+    assert b.first_token_s > b.phases_s["decode_sent"] and sum(b.chunk_tokens) == 4 and b.chunk_tokens[0] == 1
+    assert sum(a.chunk_tokens) == 40 and a.last_token_s > b.last_token_s
+
+
 def test_layerwise_and_serialized_transfer_times_and_link_queueing():
     p, bw, layers = 0.01 + 1e-4 * 1000, 1e9, 10
     x = 1000 * 1000 / bw                       # 1 ms: the link is faster than the prefill

@@ -50,6 +50,10 @@ class SimConfig:
     # chunks a request at 250 req/s, ~0.8 GB for 150k records). False: just the first token and one chunk of the
     # other n-1 at the last token (TBT gaps = the request's mean TBT), for design sweeps that only need that.
     record_token_chunks: bool = True
+    # who streams a split request's first token: "prefill" (Splitwise: the prompt machine, at the end of the prefill)
+    # or "decode" (vLLM's P/D: the prompt instance's token is dropped; the token machine generates all n tokens,
+    # the first at the end of its first decode iteration after the KV arrived)
+    first_token: str = "prefill"
 
 
 @dataclass
@@ -61,19 +65,20 @@ class SimResult:
 
 class _Req:
     __slots__ = ("arrival", "colocated", "d", "decode_sent", "end_log", "error", "first", "i", "join_it",
-                 "join_log", "kv", "last", "m", "n_in", "n_out", "req")
+                 "join_log", "kv", "last", "m", "n_dec", "n_in", "n_out", "pdone", "req")
 
     def __init__(self, i, arrival, n_in, n_out, req):
         self.i, self.arrival, self.n_in, self.n_out, self.req = i, arrival, n_in, n_out, req
         self.kv = n_in + n_out
         self.colocated = False
-        self.first = self.decode_sent = self.last = self.m = self.error = None
+        self.first = self.decode_sent = self.last = self.m = self.error = self.pdone = None
+        self.n_dec = n_out - 1   # decode iterations; all n_out in "decode" first-token mode for split requests
 
 
 class _Machine:
     __slots__ = ("admit_q", "b", "consec", "ctx", "fin", "id", "it", "kv_cap", "kv_free", "link_free", "log_it",
                  "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end", "run_k", "run_t0",
-                 "state", "version")
+                 "single", "state", "version")
 
     def __init__(self, iid, pool, mtype, perf, kv_cap):
         self.id, self.pool, self.mtype, self.perf = iid, pool, mtype, perf
@@ -91,6 +96,7 @@ class _Machine:
         self.run_t0 = self.run_end = 0.0
         self.run_k = self.version = 0
         self.link_free = 0.0
+        self.single = False
 
 
 class SimCluster:
@@ -136,6 +142,7 @@ class SimCluster:
         self.cap_tokens = cfg.max_prompt_batch_tokens
         self.cap_iters = cfg.mixed_max_consecutive_prompt_iterations
         self.cap_batch = cfg.max_decode_batch or float("inf")
+        self.decode_first = cfg.first_token == "decode"
         self.reqs: list[_Req] = []
         self.n = {"runs": 0, "prompt_iterations": 0, "stale_events": 0, "interrupts": 0, "transfers": 0,
                   "errors": 0}
@@ -221,6 +228,8 @@ class SimCluster:
             pq = m.prompt_q
             if pq and (not pq[0].colocated or pq[0].kv <= m.kv_free):
                 k = 1   # prompts are waiting but the cap was hit: one decode iteration, then prompts again
+            if m.single:
+                k, m.single = 1, False
             m.consec = 0
             m.state, m.run_t0, m.run_k = _DECODE, now, k
             m.run_end = now + m.perf.token_iterations_s(m.b, m.ctx, k)
@@ -251,9 +260,15 @@ class SimCluster:
         batch, start = m.pbatch, m.pstart
         m.pbatch = []
         ledger = self.ledger
+        decode_first = self.decode_first
         for r in batch:
-            r.first = now
+            r.pdone = now
             ledger.prefill_done(r.d, r.req)
+            if decode_first and not r.colocated:
+                r.n_dec = r.n_out   # the token machine makes every token; the first streams after its 1st iteration
+                self._transfer(m, r, start, now)
+                continue
+            r.first = now
             if r.n_out == 1:   # the prefill made the only token: no transfer, no decode
                 r.decode_sent = r.last = now
                 if r.colocated:
@@ -295,9 +310,12 @@ class SimCluster:
     def _join(self, m: _Machine, r: _Req) -> None:
         """r joins the decode batch at this iteration boundary (its KV already reserved)."""
         r.m, r.join_log, r.join_it = m, len(m.log_t), m.it
-        heapq.heappush(m.fin, (m.it + r.n_out - 1, r.i, r))
+        heapq.heappush(m.fin, (m.it + r.n_dec, r.i, r))
         m.b += 1
-        m.ctx += r.n_in + 1   # context of the iteration making token j+1 is input + j
+        # context of the iteration making token j+1 is input + j (token 1 came from the prefill, or is made now)
+        m.ctx += r.n_in + r.n_out - r.n_dec
+        if r.first is None:
+            m.single = True   # its first token's time must be an iteration boundary: the next run is 1 iteration
 
     def _interrupt(self, m: _Machine) -> None:
         """The batch must change: cut the running decode run at the end of the iteration in progress."""
@@ -353,23 +371,27 @@ class SimCluster:
             rec.error = r.error or "simulation ended before the request finished"
             rec.phases_s = {"router_recv": arr, "done": arr}
             return rec
-        offs, toks = [r.first - arr], [1]
         m = r.m
+        from_log = r.first is None   # "decode" first-token mode: the first run after joining was 1 iteration
+        if from_log:
+            r.first = m.log_t[r.join_log]
+        offs, toks = [r.first - arr], [1]
         if m is not None and not self.cfg.record_token_chunks:
-            offs.append(r.last - arr)
-            toks.append(r.n_out - 1)
+            if r.n_out > 1:
+                offs.append(r.last - arr)
+                toks.append(r.n_out - 1)
         elif m is not None:
             lt, li = m.log_t[r.join_log:r.end_log], m.log_it[r.join_log:r.end_log]
-            offs += [t - arr for t in lt]
             prev = [r.join_it] + li[:-1]
-            toks += [a - b for a, b in zip(li, prev)]
+            runs_t, runs_n = [t - arr for t in lt], [a - b for a, b in zip(li, prev)]
+            offs, toks = (runs_t, runs_n) if from_log else (offs + runs_t, toks + runs_n)
         rec.first_token_s, rec.last_token_s, rec.end_s = r.first, r.last, r.last
         rec.chunk_offsets_s, rec.chunk_tokens = offs, toks
         rec.actual_input_tokens, rec.actual_output_tokens, rec.status = r.n_in, r.n_out, OK
         if r.colocated:
             rec.phases_s = {"router_recv": arr, "sent": arr, "first_token": r.first, "done": r.last}
         else:
-            rec.phases_s = {"router_recv": arr, "prefill_sent": arr, "prefill_done": r.first,
+            rec.phases_s = {"router_recv": arr, "prefill_sent": arr, "prefill_done": r.pdone,
                             "decode_sent": r.decode_sent, "first_token": r.first, "done": r.last}
         return rec
 
@@ -392,6 +414,8 @@ def _validate(cfg: SimConfig, perf, kv_capacity_tokens, kv_bytes_per_token) -> N
     if cfg.kv_transfer not in KV_TRANSFERS:
         raise InputError(f"kv_transfer must be one of {', '.join(KV_TRANSFERS)}, got {cfg.kv_transfer!r}",
                          column="kv_transfer")
+    if cfg.first_token not in ("prefill", "decode"):
+        raise InputError(f"first_token must be prefill or decode, got {cfg.first_token!r}", column="first_token")
     if not cfg.link_bytes_per_s > 0:
         raise InputError("link_bytes_per_s must be > 0", column="link_bytes_per_s")
     if cfg.layers < 1:

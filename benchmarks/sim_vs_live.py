@@ -1,0 +1,147 @@
+"""Simulator vs reality (issue 5): simulate the very trace window of live runs and report the simulator's error on
+TTFT, TBT and E2E at p50 and p99.
+
+Steps (README "Simulator validation"):
+  splitbench run --backend vllm --run-id live-base            # the embedded default window, co-located baseline
+  splitbench run --backend splitwise --run-id live-split      # the same window on a prompt + token pair
+  splitbench profile --backend vllm --cores 1 --machine cpu-core --out tiny.csv   # one instance on one core
+  python benchmarks/sim_vs_live.py --profile tiny.csv results/live-base results/live-split
+
+Each live run's window (trace, start, duration, rate scale, clipping to max_model_len) and cluster (instances per
+pool, one core each = machine type cpu-core, the router's policy) are read from its run.json; vLLM's CPU scheduler
+limits are the simulator's (2048 batched prompt tokens, 128 sequences), and as in vLLM's P/D the token instance
+streams a split request's first token (first_token="decode"). The KV link of a split run is calibrated
+from its own scraped NIXL counters (bytes / transfer time), since the simulator has no model of NIXL on CPU.
+Error = (sim - live) / live. Simulated run directories are written beside (compare them with `splitbench compare`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from splitbench import records as R
+from splitbench.metrics.latency import metric_values, stat_of
+from splitbench.simrun import SimOptions, simulate_run
+
+METRICS = (("ttft", "TTFT"), ("tbt", "TBT"), ("e2e", "E2E"))
+
+
+def server_scales(run_dir: Path, recs, pm) -> dict[str, tuple[float, float]]:
+    """Per pool: (live prefill time / profile's, live inter-token latency / profile's), from the instances' own
+    scraped /metrics histograms against the profile's batch-1 predictions for the same requests. A diagnostic:
+    it says how much slower a role's steps ran live than when profiled alone (contention, KV connector)."""
+    meta = R.read_run(run_dir)
+    summ = json.loads((run_dir / "metrics" / "summary.json").read_text())
+    ok = [r for r in recs if r.ok]
+    pred_prefill = sum(pm.prompt_time_s(r.planned_input_tokens) for r in ok) / len(ok)
+    pred_itl = (sum(pm.token_time_s(1, r.planned_input_tokens + r.planned_output_tokens // 2)
+                    * (r.planned_output_tokens - 1) for r in ok) / max(1, sum(r.planned_output_tokens - 1 for r in ok)))
+    out = {}
+    for inst in meta["backend"]["instances"]:
+        h = (summ.get(inst["id"]) or {}).get("histograms") or {}
+        pre = (h.get("vllm:request_prefill_time_seconds") or {}).get("mean")
+        itl = (h.get("vllm:inter_token_latency_seconds") or {}).get("mean")
+        ps, ts = out.get(inst["role"], (None, None))
+        out[inst["role"]] = (pre / pred_prefill if pre and inst["role"] != "token" else ps,
+                             itl / pred_itl if itl and inst["role"] != "prompt" else ts)
+    return out
+
+
+def scaled_profile(profile: str, hw: str, scales: dict[str, tuple[float, float]], out_dir: Path) -> tuple[str, str]:
+    """A profile + hardware catalog with one machine type per pool (cpu-core-<pool>) whose prompt / token times
+    are the profile's x that pool's scales (e2e recomputed), for the calibrated simulation."""
+    import csv
+    rows = list(csv.DictReader(open(profile)))
+    new, toml = [], []
+    for pool, (ps, ts) in scales.items():
+        name = f"{hw}-{pool}"
+        for r in rows:
+            if r["hardware"] != hw:
+                continue
+            q = dict(r, hardware=name)
+            pt, tt = float(r["prompt_time"]) * (ps or 1.0), float(r["token_time"]) * (ts or 1.0)
+            q.update(prompt_time=pt, token_time=tt, e2e_time=pt + (int(r["token_size"]) - 1) * tt)
+            new.append(q)
+        toml.append(f'[{name}]\naccelerator = "none"\naccelerators = 0\nusd_per_hour = 0.05\n'
+                    f'accelerator_power_w = 0\nserver_power_w = 50\nsource = "{hw} scaled for calibration"\n'
+                    f'estimated = true\n')
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "calibrated.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows + new)
+    (out_dir / "calibrated.toml").write_text("\n".join(toml))
+    return str(out_dir / "calibrated.csv"), str(out_dir / "calibrated.toml")
+
+
+def nixl_link_gbps(run_dir: Path, kv_bytes_per_token: float, input_tokens: int) -> float | None:
+    """Effective KV link speed of a live split run: the token instances' NIXL bytes / transfer seconds, expressed
+    for the simulator's KV size (its bytes per token may differ from vLLM's cache dtype)."""
+    path = run_dir / "metrics" / "summary.json"
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    secs = sum((v.get("nixl") or {}).get("vllm:nixl_xfer_time_seconds_sum", 0.0) for v in m.values()
+               if isinstance(v, dict))
+    if secs <= 0:
+        return None
+    return kv_bytes_per_token * input_tokens / secs * 8 / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="live run directories")
+    ap.add_argument("--profile", required=True, help="profile CSV of one instance (splitbench profile)")
+    ap.add_argument("--machine", default="cpu-core", help="machine type each live instance is [cpu-core]")
+    ap.add_argument("--results", default="results", help="where the simulated run directories go")
+    a = ap.parse_args()
+    rows = []
+    for live in a.runs:
+        meta = R.read_run(live)
+        o, b = meta["options"], meta["backend"]
+        counts: dict[str, int] = {}
+        for inst in b["instances"]:
+            counts[inst["role"]] = counts.get(inst["role"], 0) + 1
+        cluster = ",".join(f"{pool}={a.machine}:{n}" for pool, n in counts.items())
+        live_recs = R.read_records(live)
+        model_dir = meta["model"].get("root")
+        from splitbench.clusters.perfmodel import shape_from_hf_config
+        shape = shape_from_hf_config(model_dir)
+        n_in = sum(r.actual_input_tokens or r.planned_input_tokens for r in live_recs if r.ok)
+        link = nixl_link_gbps(live, shape.kv_bytes_per_token, n_in) if "prompt" in counts else None
+        from splitbench.clusters.perfmodel import get_perf_model, load_profiles
+        pm = get_perf_model(load_profiles(a.profile), Path(model_dir).name, a.machine, 1)
+        scales = server_scales(live, live_recs, pm)
+        cal_profile, cal_hw = scaled_profile(a.profile, a.machine, scales, Path(a.results) / f"cal-{live.name}")
+        variants = (("profile", cluster, a.profile, None),
+                    ("calibrated", ",".join(f"{p}={a.machine}-{p}:{n}" for p, n in counts.items()), cal_profile,
+                     cal_hw))
+        for variant, spec, prof, hw in variants:
+            sim_dir, _ = simulate_run(SimOptions(
+                cluster=spec, trace=o["trace"], trace_dir=o.get("trace_dir"), start_s=o["start_s"],
+                duration_s=o["duration_s"], rate_scale=o["rate_scale"], max_requests=o.get("max_requests"),
+                max_context_tokens=meta["model"].get("max_model_len"), model=Path(model_dir).name,
+                model_dir=model_dir, profile=prof, hardware_file=hw, tensor_parallel=1,
+                policy=b.get("policy") or "jsq", max_prompt_batch_tokens=2048, max_decode_batch=128,
+                first_token="decode", kv_transfer="serialized", link_gbps=link, reference_machine=None,
+                results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
+            sim_recs = R.read_records(sim_dir)
+            print(f"{live.name} [{variant}]: cluster {spec}, {len(live_recs)} live / {len(sim_recs)} simulated "
+                  f"requests" + (f", KV link calibrated to {link:.2f} Gb/s from NIXL counters" if link else "")
+                  + (f", step-time scales (prefill, decode) per pool from the live /metrics: "
+                     + ", ".join(f"{p} ({x or 1:.2f}, {y or 1:.2f})" for p, (x, y) in scales.items())
+                     if variant == "calibrated" else "") + f"; simulated run: {sim_dir}")
+            for key, label in METRICS:
+                lv, sv = metric_values(live_recs, key), metric_values(sim_recs, key)
+                for st in ("p50", "p99"):
+                    x, y = stat_of(lv, st), stat_of(sv, st)
+                    rows.append((live.name, variant, f"{label} {st}", x, y, (y - x) / x if x else None))
+    print("\n| run | simulated with | metric | live (ms) | sim (ms) | error |\n|---|---|---|---:|---:|---:|")
+    for run, variant, m, x, y, e in rows:
+        print(f"| {run} | {variant} | {m} | {x * 1e3:.1f} | {y * 1e3:.1f} | {e:+.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
