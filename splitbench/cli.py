@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -295,11 +296,22 @@ def run(
     hardware: Optional[str] = typer.Option(None, help="User hardware catalog TOML merged over the packaged one "
                                            "(or $SPLITBENCH_HARDWARE)."),
     power: str = typer.Option("auto", help="Power sampling: auto (NVML when instances hold GPUs), nvml, off."),
+    gate_rules: Optional[Path] = typer.Option(None, "--gate", help="After the run, gate it against --baseline with "
+                                              "these rules (exit 0 pass, 1 regression, 2 invalid)."),
+    gate_baseline: Optional[str] = typer.Option(None, "--baseline", help="Saved baseline name or run dir for --gate."),
+    baseline_dir: Optional[str] = typer.Option(None, help="Store of saved baselines for --baseline."),
 ):
     """Replay a trace open-loop against a backend; write records, run.json and summary.json; print the report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from . import runner
     from .metrics.report import render_summary
+    if (gate_rules is None) != (gate_baseline is None):
+        raise InputError("--gate and --baseline go together")
+    if gate_rules is not None:   # bad rules or an unknown baseline fail before anything starts
+        from .baselines import resolve
+        from .metrics.gate import load_rules
+        load_rules(gate_rules)
+        resolve(gate_baseline, baseline_dir)
     local_cpu_cluster = backend in CLUSTER_BACKENDS and not gpus
     if duration is None:
         duration = 40.0 if local_cpu_cluster else 60.0
@@ -336,6 +348,11 @@ def run(
     if result.interrupted:
         err_console.print("interrupted: finished records were written; exiting non-zero")
         raise typer.Exit(130)
+    if gate_rules is not None:
+        from .baselines import gate as run_gate
+        res = run_gate([gate_baseline], [str(result.run_dir)], gate_rules, store=baseline_dir)
+        _emit_gate(res, None, None, None)
+        raise typer.Exit(res["exit_code"])
 
 
 @app.command()
@@ -572,6 +589,92 @@ def hardware_list(file: Optional[str] = typer.Option(None, "--file", help="User 
         console.print(f"{name}: {m.source}", markup=False, highlight=False)
 
 
+# ===================================================================== locust (section: locust)
+
+@app.command("locust")
+@user_errors
+def locust_cmd(
+    trace: str = typer.Option("azure-conv-2023", help="Trace name, CSV/Parquet path, or 'synth:...' spec."),
+    url: Optional[str] = typer.Option(None, help="Base URL of an existing OpenAI-compatible server (= --backend openai)."),
+    backend: Optional[str] = typer.Option(None, help="Backend to start like `splitbench run` does: stub, vllm, "
+                                          "splitwise, mixed, openai (with --url)."),
+    trace_dir: Optional[str] = typer.Option(None, help="Directory searched first for named traces."),
+    start: float = typer.Option(0.0, help="Window start, seconds after the trace's first request."),
+    duration: Optional[float] = typer.Option(None, help="Window length in seconds of trace time [60; local CPU "
+                                             "clusters: 40]."),
+    rate_scale: Optional[float] = typer.Option(None, help="Multiply the arrival rate [1.0; local CPU clusters: 0.5]."),
+    max_requests: Optional[int] = typer.Option(None, help="Replay at most this many requests."),
+    api: str = typer.Option("completions", help="completions (token-id prompts) or chat."),
+    model: Optional[str] = typer.Option(None, help="Model name to send (default: first of /v1/models)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer dir (default: the served model's dir if local)."),
+    vocab_size: Optional[int] = typer.Option(None, help="Token-id range when no tokenizer is known."),
+    seed: int = typer.Option(0, help="Seed for prompt synthesis."),
+    max_context: Optional[int] = typer.Option(None, help="Clip requests to this context (default: server's max_model_len)."),
+    max_inflight: Optional[int] = typer.Option(None, help="Cap on concurrent requests per worker."),
+    timeout: float = typer.Option(600.0, help="Per-request timeout, seconds."),
+    grace: float = typer.Option(10.0, help="On stop: wait this long for in-flight requests."),
+    slo: Optional[str] = typer.Option(None, help="SLOs, e.g. ttft_p99=2s,tbt_p99=100ms; exit code 1 when one is missed."),
+    reference: Optional[str] = typer.Option(None, help="Reference JSON for the Splitwise verdict."),
+    results: str = typer.Option("results", help="Directory for run output."),
+    run_id: Optional[str] = typer.Option(None, help="Run id (default: time-locust-backend-trace)."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Env var holding the API key (never written to results)."),
+    stub_ttft_ms: float = typer.Option(20.0, help="Stub backend: time to first token, ms."),
+    stub_tpot_ms: float = typer.Option(5.0, help="Stub backend: time per output token, ms."),
+    model_dir: Optional[str] = typer.Option(None, help="Model for cluster backends (default: the cached tiny model)."),
+    instances: Optional[int] = typer.Option(None, help="vllm backend: co-located instances."),
+    cores: Optional[str] = typer.Option(None, help="CPU cores for CPU-build instances, e.g. 0,1."),
+    gpus: Optional[str] = typer.Option(None, help="GPU ids for cluster backends."),
+    http: str = typer.Option("lean", help="Replayer HTTP transport: lean (default) or aiohttp."),
+    headless: bool = typer.Option(False, help="No web UI: start at once, exit when the replay ends (CI)."),
+    web_host: str = typer.Option("127.0.0.1", help="Web UI address ('*' for all interfaces)."),
+    web_port: int = typer.Option(8089, help="Web UI port."),
+    master: bool = typer.Option(False, help="Run a master that shards the trace over --expect-workers workers."),
+    expect_workers: int = typer.Option(1, help="--master: workers to wait for (headless) before starting."),
+    worker: bool = typer.Option(False, help="Run a worker that joins --master-host (needs no trace or backend)."),
+    master_host: str = typer.Option("127.0.0.1", help="--worker: the master's address."),
+    master_port: Optional[int] = typer.Option(None, help="Master port [5557; --processes: a free one]."),
+    processes: Optional[int] = typer.Option(None, help="Local worker processes (a master plus N workers)."),
+    start_lead: float = typer.Option(2.0, help="Shared start = master's clock at test start + this many seconds."),
+    locust_log: Optional[str] = typer.Option(None, help="Write Locust's output to this file instead of the terminal."),
+):
+    """Replay a trace open-loop from Locust: web UI (or --headless), TTFT/TBT/E2E rows and an LLM tab, master/worker
+    sharding; writes the same run directory as `run` plus Locust's CSV/HTML. Exit: 0 ok, 1 SLO missed, 2 bad input,
+    3 incomplete (a worker or replayer died), 130 interrupted (headless)."""
+    from . import runner
+    from .loadgen.locust_launch import LocustOptions, run_locust, run_worker
+    lo = LocustOptions(headless=headless, web_host=web_host, web_port=web_port, master=master,
+                       expect_workers=expect_workers, worker=worker, master_host=master_host, master_port=master_port,
+                       processes=processes, start_lead_s=start_lead, log_file=locust_log)
+    if worker:
+        raise typer.Exit(run_worker(lo).exit_code)
+    if url and backend not in (None, "openai"):
+        raise InputError("--url is for an existing server: drop --backend (or use --backend openai)")
+    backend = backend or ("openai" if url else None)
+    if backend is None:
+        raise InputError("give --url http://HOST:PORT (an existing server) or --backend NAME (stub, vllm, ...)")
+    local_cpu_cluster = backend in CLUSTER_BACKENDS and not gpus
+    opts = runner.RunOptions(
+        trace=trace, trace_dir=trace_dir, start_s=start,
+        duration_s=duration if duration is not None else (40.0 if local_cpu_cluster else 60.0),
+        rate_scale=rate_scale if rate_scale is not None else (0.5 if local_cpu_cluster else 1.0),
+        max_requests=max_requests, backend=backend,
+        backend_options=_backend_options(backend, url, api_key_env, stub_ttft_ms, stub_tpot_ms, instances=instances,
+                                         model_dir=model_dir, gpus=gpus, cores=cores),
+        api=api, model=model, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed, max_context_tokens=max_context,
+        max_inflight=max_inflight, timeout_s=timeout, grace_s=grace, results_dir=results, run_id=run_id, slos=slo,
+        reference=reference, http=http, power="off")
+    from .metrics.report import render_summary
+    res = run_locust(opts, lo, on_status=lambda s: err_console.log(s))
+    render_summary(res.summary, console)
+    lag = (res.summary.get("fidelity") or {}).get("lag_s") or {}
+    if lag.get("p99") is not None:
+        console.print(f"schedule lag p99 {lag['p99'] * 1e3:.2f} ms (max {lag['max'] * 1e3:.2f} ms)", highlight=False)
+    console.print(f"run directory: {res.run_dir} (Locust CSV/HTML: locust_stats.csv, locust.html)", highlight=False)
+    for p in res.problems:
+        err_console.print(f"warning: {p}", markup=False, highlight=False)
+    raise typer.Exit(res.exit_code)
+
+
 # ===================================================================== simulate / design (section: simulate)
 
 @app.command()
@@ -683,6 +786,85 @@ def design(
     atomic_write_json(out / "design.json", result)
     plot_design(result, str(out / "design.png"))
     console.print(f"written: {out / 'design.json'}, {out / 'design.png'}")
+
+
+# ===================================================================== gate / baseline (section: gate)
+
+baseline_app = typer.Typer(no_args_is_help=True, help="Saved baseline runs for regression gates.")
+app.add_typer(baseline_app, name="baseline")
+
+
+def _emit_gate(result: dict, markdown: Optional[Path], junit: Optional[Path], json_out: Optional[Path]) -> None:
+    from .metrics.gate_report import render_console, render_json, render_junit, render_markdown
+    from .records import atomic_write_bytes
+    render_console(result, console)
+    for path, text in ((markdown, render_markdown), (junit, render_junit), (json_out, render_json)):
+        if path is not None:
+            if str(path) == "-":
+                print(text(result), end="")
+            else:
+                atomic_write_bytes(path, text(result).encode())
+                err_console.print(f"written: {path}", markup=False)
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_file and markdown is None:
+        with open(summary_file, "a") as f:
+            f.write(render_markdown(result))
+
+
+@app.command()
+@user_errors
+def gate(
+    baseline: list[str] = typer.Option(..., "--baseline", help="Baseline run dir or saved baseline name (repeat for "
+                                       "several runs: the bootstrap then resamples runs)."),
+    candidate: list[str] = typer.Option(..., "--candidate", help="Candidate run dir (repeatable)."),
+    rules: Path = typer.Option(..., "--rules", help="gates.toml: [gate], [preconditions], [[rule]] tables."),
+    baseline_dir: Optional[str] = typer.Option(None, help="Where saved baselines live [$SPLITBENCH_BASELINES or "
+                                               "./baselines]."),
+    markdown: Optional[Path] = typer.Option(None, help="Write a Markdown summary here ('-': stdout)."),
+    junit: Optional[Path] = typer.Option(None, help="Write JUnit XML here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON here."),
+):
+    """Statistical regression gate: exit 0 pass, 1 regression, 2 invalid comparison or bad input."""
+    from .baselines import gate as run_gate
+    result = run_gate(baseline, candidate, rules, store=baseline_dir)
+    _emit_gate(result, markdown, junit, json_out)
+    raise typer.Exit(result["exit_code"])
+
+
+@baseline_app.command("save")
+@user_errors
+def baseline_save(name: str = typer.Argument(..., help="Baseline name."),
+                  run_dir: Path = typer.Argument(..., help="Run directory to keep."),
+                  baseline_dir: Optional[str] = typer.Option(None, help="Store [$SPLITBENCH_BASELINES or ./baselines]."),
+                  force: bool = typer.Option(False, help="Replace an existing baseline of that name.")):
+    """Keep a run (records, run.json, summary.json) as a named baseline."""
+    from .baselines import save
+    console.print(f"saved baseline {name}: {save(name, run_dir, baseline_dir, force)}", markup=False)
+
+
+@baseline_app.command("list")
+@user_errors
+def baseline_list(baseline_dir: Optional[str] = typer.Option(None, help="Store [$SPLITBENCH_BASELINES or ./baselines].")):
+    """Saved baselines."""
+    from rich.table import Table
+
+    from .baselines import list_baselines, store_dir
+    t = Table("name", "run id", "backend", "workload", "requests", "simulated", title=str(store_dir(baseline_dir)))
+    for b in list_baselines(baseline_dir):
+        t.add_row(b["name"], str(b["run_id"]), str(b["backend"]), str(b["workload"]), str(b["requests"]),
+                  "yes" if b["simulated"] else "no")
+    console.print(t)
+
+
+@baseline_app.command("show")
+@user_errors
+def baseline_show(name: str = typer.Argument(..., help="Baseline name or run dir."),
+                  baseline_dir: Optional[str] = typer.Option(None, help="Store [$SPLITBENCH_BASELINES or ./baselines].")):
+    """The report of a saved baseline."""
+    from . import runner
+    from .baselines import resolve
+    from .metrics.report import render_summary
+    render_summary(runner.report(resolve(name, baseline_dir), write=False), console)
 
 
 
