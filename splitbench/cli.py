@@ -200,12 +200,19 @@ def serve_stub(
     model: str = typer.Option("stub-model", help="Model id reported by /v1/models."),
     fail_rate: float = typer.Option(0.0, help="Fraction of requests answered HTTP 500 (seeded)."),
     seed: int = typer.Option(0, help="Seed for --fail-rate."),
-    loop: str = typer.Option("precise", help="Event loop: precise (asyncio, ~0.1 ms timers), uvloop, asyncio."),
+    loop: str = typer.Option("uvloop", help="Event loop: uvloop (fastest), precise (asyncio, µs selector), asyncio. "
+                                           "The lean server's ticker is µs-precise on any of them (timerfd)."),
+    server: str = typer.Option("lean", help="lean (asyncio.Protocol + one shared chunk ticker) or aiohttp "
+                                            "(one timer and write per chunk; for comparison)."),
+    tick_ms: float = typer.Option(0.2, help="Lean server: least time between two ticker wakeups, ms."),
+    kv_transfer_ms: float = typer.Option(0.0, help="P/D: replaces TTFT for do_remote_prefill requests, ms."),
 ) -> None:
-    """Run the built-in OpenAI-compatible stub server in the foreground until Ctrl-C."""
+    """Run the built-in OpenAI-compatible stub server in the foreground until Ctrl-C; prints a one-line summary
+    (requests, chunk emission lateness p50/p99/max) at exit. /metrics has the lateness live."""
     from .backends.stub import StubConfig, run_server
-    cfg = StubConfig(ttft_ms / 1e3, tpot_ms / 1e3, tokens_per_chunk, model, fail_rate, seed)
-    run_server(cfg, host, port, cpu=cpu, loop=loop)
+    cfg = StubConfig(ttft_ms / 1e3, tpot_ms / 1e3, tokens_per_chunk, model, fail_rate, seed,
+                     kv_transfer_s=kv_transfer_ms / 1e3, tick_s=tick_ms / 1e3)
+    run_server(cfg, host, port, cpu=cpu, loop=loop, server=server)
 
 
 # ===================================================================== run / report / reference (section: run)

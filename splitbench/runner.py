@@ -173,10 +173,16 @@ async def _replay(replayer: Replayer, writer: R.RecordWriter,
 
 
 def replay_workload(workload: Workload, payload, cfg: ReplayConfig, run_dir: Path, run_id: str,
-                    on_progress=None) -> tuple[Replayer, bool]:
-    """Replay and stream records into run_dir; records.parquet is complete when this returns."""
+                    on_progress=None, on_record: Callable[[R.RequestRecord], None] | None = None
+                    ) -> tuple[Replayer, bool]:
+    """Replay and stream records into run_dir; records.parquet is complete when this returns.
+    on_record (optional) also receives each finished record, on the replayer's loop: it must not block."""
     writer = R.RecordWriter(run_dir, run_id)
-    replayer = Replayer(workload, payload, cfg, writer.add)
+
+    def both(rec: R.RequestRecord) -> None:
+        writer.add(rec)
+        on_record(rec)
+    replayer = Replayer(workload, payload, cfg, writer.add if on_record is None else both)
     interrupted = True
     try:
         interrupted = timing.run(_replay(replayer, writer, on_progress), cfg.loop)

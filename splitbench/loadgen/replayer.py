@@ -51,6 +51,8 @@ class ReplayConfig:
     spin_s: float = 0.0                 # optionally wake this early and yield-spin the rest (costs CPU)
     grace_s: float = 10.0               # on stop: wait this long for in-flight requests
     http: str = "lean"                  # "lean" (http_lean: chunks handled in data_received) or "aiohttp"
+    start_at_unix_s: float | None = None  # run clock 0 at this wall time (shared by several replayers) instead
+                                          # of start_delay_s from now; a time already past starts at once, late
 
     def describe(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "headers"}
@@ -121,8 +123,12 @@ class Replayer:
         gc.collect()
         gc.freeze()  # long-lived setup objects out of the GC's way: fewer pauses on the hot path
         sem = asyncio.Semaphore(self.cfg.max_inflight) if self.cfg.max_inflight else None
-        self._t0 = self._clock() + self.cfg.start_delay_s
-        self.stats.t0_unix_s = time.time() + self.cfg.start_delay_s
+        if self.cfg.start_at_unix_s is not None:  # one start time shared with other processes (wall clock)
+            self._t0 = self._clock() + (self.cfg.start_at_unix_s - time.time())
+            self.stats.t0_unix_s = self.cfg.start_at_unix_s
+        else:
+            self._t0 = self._clock() + self.cfg.start_delay_s
+            self.stats.t0_unix_s = time.time() + self.cfg.start_delay_s
         try:
             await self._dispatch(sem)
             await self._drain(None if not self.stop_event.is_set() else self.cfg.grace_s)
