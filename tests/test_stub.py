@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import aiohttp
 import pytest
@@ -349,3 +350,162 @@ def test_openai_backend_health_falls_back_to_models():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# ----------------------------------------------------------------------------- lean server (shared ticker)
+
+def _strip_ids(payloads: list) -> list:
+    """SSE payloads without the per-response random parts (id, created)."""
+    out = []
+    for p in payloads:
+        if isinstance(p, dict):
+            p = {k: v for k, v in p.items() if k not in ("id", "created")}
+        out.append(p)
+    return out
+
+
+_SAME_BODIES = [
+    ("/v1/completions", {"model": "m1", "prompt": [3] * 9, "max_tokens": 5, "stream": True,
+                         "stream_options": {"include_usage": True, "continuous_usage_stats": True}}),
+    ("/v1/completions", {"prompt": "a b c", "max_tokens": 4, "stream": True}),
+    ("/v1/completions", {"prompt": "a b c", "max_tokens": 12, "stream": True,   # 2-digit counts mid-stream
+                         "stream_options": {"include_usage": True, "continuous_usage_stats": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 3,
+                              "stream": True, "stream_options": {"include_usage": True,
+                                                                 "continuous_usage_stats": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True,
+                              "stream_options": {"include_usage": True}}),
+]
+
+
+@pytest.mark.parametrize("tpc", [1, 3])
+def test_lean_and_aiohttp_servers_stream_the_same_events(tpc):
+    """The lean server's hot path (templates, fixed-width chunk sizes) yields exactly the aiohttp server's events."""
+    got = {}
+    for server in ("lean", "aiohttp"):
+        url, stop = run_stub_in_thread(ttft_s=0.001, tpot_s=0.0005, tokens_per_chunk=tpc, server=server)
+        try:
+            got[server] = [_strip_ids(asyncio.run(_sse(url, path, body))[0]) for path, body in _SAME_BODIES]
+        finally:
+            stop()
+    assert got["lean"] == got["aiohttp"]
+    assert got["lean"][2][-2]["usage"]["completion_tokens"] == 12   # and they are real streams, not both empty
+    assert [_tokens(c) for c in got["lean"][1][:-1]] == ([1, 1, 1, 1] if tpc == 1 else [3, 1])
+
+
+def _raw_http(port: int, data: bytes, timeout_s: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_lean_http_framing_keepalive_pipelining_http10_and_bad_requests():
+    url, stop = run_stub_in_thread(ttft_s=0.001, tpot_s=0.0005)
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"prompt": [1, 2], "max_tokens": 3, "stream": True}).encode()
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    try:
+        # two pipelined requests on one keep-alive connection, then a GET that closes it
+        raw = _raw_http(port, post + post + b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert raw.count(b"HTTP/1.1 200 OK") == 3 and raw.count(b"Transfer-Encoding: chunked") == 2
+        assert raw.count(b"data: [DONE]") == 2 and raw.count(b"\r\n0\r\n\r\n") == 2
+        assert raw.endswith(b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        # HTTP/1.0: no chunked encoding, the stream ends with the connection
+        raw10 = _raw_http(port, post.replace(b"HTTP/1.1", b"HTTP/1.0"))
+        head, _, rest = raw10.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head
+        assert rest.startswith(b"data: {") and rest.endswith(b"data: [DONE]\n\n")
+        # the body may arrive in pieces
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(post[:-5])
+            time.sleep(0.05)
+            s.sendall(post[-5:] + b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n")
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        assert raw.count(b"data: [DONE]") == 1 and b"HTTP/1.1 404 Not Found" in raw
+        assert _raw_http(port, b"POST /v1/completions HTTP/1.1\r\nContent-Length: x\r\n\r\n").startswith(
+            b"HTTP/1.1 400")
+        assert _raw_http(port, b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").startswith(
+            b"HTTP/1.1 501")
+        assert _raw_http(port, b"GET /v1/completions HTTP/1.1\r\nConnection: close\r\n\r\n").startswith(
+            b"HTTP/1.1 405")
+    finally:
+        stop()
+
+
+def test_lateness_histogram_quantiles():
+    from splitbench.backends.stub import Lateness
+    lat = Lateness()
+    assert lat.summary() == {"count": 0, "p50_s": 0.0, "p99_s": 0.0, "max_s": 0.0}
+    for _ in range(98):
+        lat.add(0.00005)
+    lat.add(0.003)
+    lat.add(0.0031)
+    s = lat.summary()
+    assert s["count"] == 100 and 0.00005 <= s["p50_s"] <= 0.00006 + 1e-12   # upper edge of its 10 µs bin
+    assert 0.003 <= s["p99_s"] <= 0.00301 and s["max_s"] == 0.0031
+    lat.add(5.0)   # beyond the histogram: counted, and the max is exact
+    assert lat.summary()["max_s"] == 5.0 and lat.summary()["count"] == 101
+    lat.reset()
+    assert lat.summary()["count"] == 0
+
+
+def test_shared_ticker_keeps_many_streams_on_schedule(tmp_path):
+    """200 concurrent streams against the lean server in its own process: no chunk is early (client clock), the
+    stub's lateness histogram counts every chunk, /metrics?reset=lateness starts it over, and the exit summary
+    reports it."""
+    from splitbench.loadgen.http_lean import LeanClient
+    from splitbench.loadgen.replayer import RecordSink
+    from splitbench.records import RequestRecord
+    ttft_s, tpot_s, n_out, n_req = 0.02, 0.002, 8, 200
+    be = StubBackend(ttft_s=ttft_s, tpot_s=tpot_s, loop="uvloop")
+    be.start(run_dir=tmp_path)
+
+    def metrics():
+        with urllib.request.urlopen(be.endpoint() + "/metrics", timeout=5) as r:
+            return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in r.read().decode().splitlines()
+                    if ln and not ln.startswith("#")}
+    try:
+        urllib.request.urlopen(be.endpoint() + "/metrics?reset=lateness", timeout=5).read()
+        body = json.dumps({"prompt": [1] * 16, "max_tokens": n_out, "stream": True,
+                           "stream_options": {"include_usage": True, "continuous_usage_stats": True}}).encode()
+
+        async def one(client, delay):
+            await asyncio.sleep(delay)
+            send = time.perf_counter()
+            rec = RequestRecord("r", 0, 0.0, 16, n_out)
+            await client.request(body, RecordSink(rec, send, send), send=send)
+            return rec
+
+        async def go():
+            client = LeanClient(be.endpoint() + "/v1/completions")
+            try:
+                return await asyncio.gather(*(one(client, i * 0.0005) for i in range(n_req)))
+            finally:
+                await client.close()
+        recs = asyncio.run(go())
+        m = metrics()
+    finally:
+        be.stop()
+    for r in recs:
+        assert r.actual_output_tokens == n_out == sum(r.chunk_tokens)
+        assert all(off >= ttft_s + k * tpot_s for k, off in enumerate(r.chunk_offsets_s))   # never early
+    name = "splitbench_stub_chunk_lateness_seconds"
+    assert m[f"{name}_count"] == n_req * n_out   # every chunk, nothing before the reset
+    assert 0 <= m[f'{name}{{quantile="0.5"}}'] <= m[f'{name}{{quantile="0.99"}}'] <= m[f'{name}{{quantile="1"}}']
+    assert m[f'{name}{{quantile="0.5"}}'] < 0.005   # loose: the machine is shared; benchmarks/ measures
+    log = (tmp_path / "stub.log").read_text()
+    assert "server lean" in log and "chunk lateness p50" in log and f"{n_req * n_out} chunks" in log
+
+
+def test_serve_stub_cli_rejects_unknown_server():
+    res = CliRunner().invoke(app, ["serve-stub", "--server", "nginx"])
+    assert res.exit_code == 2 and "lean, aiohttp" in res.output
+    r = subprocess.run([sys.executable, "-m", "splitbench.backends.stub", "--help"], capture_output=True,
+                       text=True, timeout=60, check=True)
+    assert "--server" in r.stdout and "--tick-ms" in r.stdout

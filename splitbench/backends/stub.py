@@ -1,30 +1,31 @@
-"""Built-in OpenAI-compatible stub server (vLLM's chunk shapes, exact TTFT/TPOT pacing, fault injection) and the
-`stub` backend that runs it as a child process.  `python -m splitbench.backends.stub --port 8000 --ttft-ms 20`.
+"""Built-in OpenAI-compatible stub server (vLLM's chunk shapes, exact TTFT/TPOT pacing, fault injection): config,
+shared frames/counters and the run helpers. `python -m splitbench.backends.stub --port 8000 --ttft-ms 20`.
+Servers: stub_lean.py (default; asyncio.Protocol + one shared ticker) and stub_aiohttp.py (`--server aiohttp`).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
-import random
 import signal
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable
-
-from aiohttp import web
+from typing import Any
 
 from ..errors import InputError
 from ..timing import new_event_loop
 
 DEFAULT_MODEL = "stub-model"
 LOOPS = ("precise", "uvloop", "asyncio")
+SERVERS = ("lean", "aiohttp")
 TOKEN = b" tok"  # the text of every output token
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -42,9 +43,10 @@ class StubConfig:
     seed: int = 0
     default_max_tokens: int = 16
     kv_transfer_s: float = 0.0  # P/D: a do_remote_prefill request's first token comes this long after receipt
+    tick_s: float = 0.0002   # lean server: least time between two wakeups of the shared chunk ticker
 
     def __post_init__(self):
-        for name in ("ttft_s", "tpot_s"):
+        for name in ("ttft_s", "tpot_s", "kv_transfer_s", "tick_s"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"stub {name} must be >= 0, got {getattr(self, name)!r}")
         if not (isinstance(self.tokens_per_chunk, int) and self.tokens_per_chunk >= 1):
@@ -54,8 +56,8 @@ class StubConfig:
 
 
 class Pacer:
-    """Wakes waiters at absolute loop-clock deadlines (no drift). One timer per wait; a shared ticker that
-    batches all chunks due in one tick can replace this class without touching the handlers."""
+    """Wakes waiters at absolute loop-clock deadlines (no drift). One timer per wait: the aiohttp server's
+    pacing and the lean server's non-streamed answers; the lean server's streams share one ticker instead."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -79,7 +81,7 @@ def count_input_tokens(x: Any) -> int:
     if isinstance(x, str):
         return len(x.split())
     if isinstance(x, list):
-        if x and all(type(t) is int for t in x):
+        if x and set(map(type, x)) == {int}:
             return len(x)
         return sum(count_input_tokens(p) for p in x)
     if isinstance(x, dict):
@@ -87,9 +89,46 @@ def count_input_tokens(x: Any) -> int:
     return 0
 
 
-def _error(status: int, message: str, kind: str) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    return web.json_response(body, status=status)
+_N_DIGITS = 1 << 17
+_DIGITS = [len(str(i)) for i in range(_N_DIGITS)]   # decimal width of small ints: chunk sizes without formatting
+
+
+@functools.lru_cache(maxsize=64)
+def _json_str(s: str) -> str:
+    return json.dumps(s)
+
+
+LATENESS_BIN_S = 1e-5   # lateness histogram: 10 µs bins up to 100 ms, then one overflow bin
+LATENESS_BINS = 10_000
+
+
+class Lateness:
+    """Chunk emission lateness (emit time - schedule) as a fixed histogram: O(1) per chunk, quantiles on demand."""
+    __slots__ = ("hist", "max_s")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.hist, self.max_s = [0] * (LATENESS_BINS + 1), 0.0
+
+    def add(self, late_s: float) -> None:
+        i = int(late_s * 1e5)
+        self.hist[min(LATENESS_BINS, i)] += 1
+        self.max_s = max(self.max_s, late_s)
+
+    def summary(self) -> dict[str, float]:
+        """{count, p50_s, p99_s, max_s}; a quantile is the upper edge of its 10 µs bin (never understated)."""
+        hist, n = self.hist, sum(self.hist)
+        out = {"count": n, "p50_s": 0.0, "p99_s": 0.0, "max_s": self.max_s}
+        for key, q in (("p50_s", 0.5), ("p99_s", 0.99)):
+            need, acc = q * n, 0
+            for i, c in enumerate(hist):
+                acc += c
+                if c and acc >= need:
+                    out[key] = min((i + 1) * LATENESS_BIN_S, self.max_s) if i < LATENESS_BINS else self.max_s
+                    break
+        return out
 
 
 def _usage(n_in: int, n_out: int, chat_details: bool = False) -> bytes:
@@ -98,32 +137,71 @@ def _usage(n_in: int, n_out: int, chat_details: bool = False) -> bytes:
             f'"completion_tokens":{n_out}{details}}}').encode()
 
 
-class _Frames:
-    """Pre-encoded byte fragments of one streamed response, in vLLM's exact chunk shapes."""
-    __slots__ = ("head", "open", "close", "mid", "last", "chat", "n_in", "usage", "continuous")
+class Frames:
+    """Pre-encoded byte fragments of one streamed response, in vLLM's exact chunk shapes. mid() is the hot path
+    (a full token chunk that is neither the first chat chunk nor the last): one concatenation, one %-format."""
+    __slots__ = (
+        "_cbase",
+        "_ctpl",
+        "_pre",
+        "_suf",
+        "chat",
+        "close",
+        "continuous",
+        "head",
+        "last",
+        "mid_tail",
+        "n_in",
+        "open",
+        "usage",
+    )
 
-    def __init__(self, chat: bool, model: str, n_in: int, usage: bool, continuous: bool):
-        obj, rid = ("chat.completion.chunk", "chatcmpl-") if chat else ("text_completion", "cmpl-")
-        self.head = (f'data: {{"id":"{rid}{uuid.uuid4().hex}","object":"{obj}","created":{int(time.time())},'
-                     f'"model":{json.dumps(model)},"choices":[').encode()
+    def __init__(self, chat: bool, model: str, n_in: int, usage: bool, continuous: bool, text: bytes = TOKEN,
+                 rid: str | None = None):
+        obj, prefix = ("chat.completion.chunk", "chatcmpl-") if chat else ("text_completion", "cmpl-")
+        self.head = (f'data: {{"id":"{prefix}{rid or uuid.uuid4().hex}","object":"{obj}","created":{int(time.time())},'
+                     f'"model":{_json_str(model)},"choices":[').encode()
         self.chat, self.n_in, self.usage, self.continuous = chat, n_in, usage, continuous
         if chat:
             self.open, self.close = b'{"index":0,"delta":{"content":"', b'"},"logprobs":null,'
-            self.mid = b'"finish_reason":null,"token_ids":null}]'
+            self.mid_tail = b'"finish_reason":null,"token_ids":null}]'
             self.last = b'"finish_reason":"length","stop_reason":null,"token_ids":null}]'
         else:
             self.open, self.close = b'{"index":0,"text":"', b'","logprobs":null,'
-            self.mid = b'"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]'
+            self.mid_tail = b'"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]'
             self.last = b'"finish_reason":"length","stop_reason":null,"prompt_token_ids":null,"token_ids":null}]'
+        self._pre = self.head + self.open + text + self.close + self.mid_tail  # a full mid chunk minus usage
+        details = b',"completion_tokens_details":null' if chat else b""
+        self._suf = (b',"usage":{"prompt_tokens":%d,"total_tokens":%%d,"completion_tokens":%%d%s}}\n\n'
+                     % (n_in, details)) if continuous else b"}\n\n"
+        if continuous:  # one %-format per chunk: a fixed-width (leading-zero) chunk size, then the two counts
+            self._ctpl = b"%04x\r\n" + self._pre.replace(b"%", b"%%") + self._suf + b"\r\n"
+            self._cbase = len(self._pre) + len(self._suf) - 4
+        else:
+            self._ctpl, self._cbase = b"%x\r\n%s\r\n" % (len(self._pre + self._suf), self._pre + self._suf), 0
+
+    def mid_chunked(self, sent: int) -> bytes:
+        """mid(sent) framed as one HTTP/1.1 chunk (chunk-size with leading zeros, which HTTP allows)."""
+        if self.continuous:
+            total = self.n_in + sent
+            return self._ctpl % (self._cbase + (_DIGITS[total] if total < _N_DIGITS else len(str(total)))
+                                 + (_DIGITS[sent] if sent < _N_DIGITS else len(str(sent))), total, sent)
+        return self._ctpl
+
+    def mid(self, sent: int) -> bytes:
+        """A full token chunk (`text` of __init__) that brings the output to `sent` tokens; not first, not last."""
+        if self.continuous:
+            return self._pre + self._suf % (self.n_in + sent, sent)
+        return self._pre + self._suf
 
     def chunk(self, k: int, text: bytes, sent: int, final: bool) -> bytes:
         """Bytes to write for token chunk k (0-based) that brings the output to `sent` tokens."""
         parts = []
         if k == 0 and self.chat:  # vLLM's role-only first chunk, sent with the first token
-            parts += [self.head, b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
-                      b'"finish_reason":null}]', _usage(self.n_in, 0, True) if self.continuous else b"",
+            parts += [self.head, (b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+                                  b'"finish_reason":null}]'), _usage(self.n_in, 0, True) if self.continuous else b"",
                       b',"prompt_token_ids":null,"prompt_text":null}\n\n']
-        parts += [self.head, self.open, text, self.close, self.last if final else self.mid,
+        parts += [self.head, self.open, text, self.close, self.last if final else self.mid_tail,
                   _usage(self.n_in, sent, self.chat) if self.continuous else b"", b"}\n\n"]
         if final:
             if self.usage:
@@ -132,197 +210,51 @@ class _Frames:
         return b"".join(parts)
 
 
-class StubServer:
-    """The aiohttp application and its counters."""
-
-    def __init__(self, cfg: StubConfig):
-        self.cfg = cfg
-        self.rng = random.Random(cfg.seed)
-        self.n = {"requests": 0, "running": 0, "success": 0, "prompt": 0, "generation": 0, "faults": 0}
-        self.created = int(time.time())
-        self.text = [TOKEN * i for i in range(cfg.tokens_per_chunk + 1)]  # text of a chunk of i tokens
-        self.n.update(prefill_only=0, remote_decode=0, kv_blocks=0)  # P/D (kv_transfer_params) counters
-
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 2**20)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/metrics", self.metrics)
-        return app
-
-    async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
-
-    async def models(self, request: web.Request) -> web.Response:
-        m = self.cfg.model
-        return web.json_response({"object": "list", "data": [
-            {"id": m, "object": "model", "created": self.created, "owned_by": "splitbench-stub", "root": m,
-             "parent": None, "max_model_len": None, "permission": []}]})
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        n, lab = self.n, f'{{model_name="{self.cfg.model}"}}'
-        rows = [("vllm:num_requests_running", "gauge", lab, n["running"]),
-                ("vllm:request_success_total", "counter", lab, n["success"]),
-                ("vllm:prompt_tokens_total", "counter", lab, n["prompt"]),
-                ("vllm:generation_tokens_total", "counter", lab, n["generation"]),
-                ("splitbench_stub_requests_total", "counter", "", n["requests"]),
-                ("splitbench_stub_faults_total", "counter", "", n["faults"]),
-                ("splitbench_stub_prefill_only_total", "counter", "", n["prefill_only"]),
-                ("splitbench_stub_remote_decode_total", "counter", "", n["remote_decode"])]
-        text = "".join(f"# TYPE {k} {t}\n{k}{lb} {v}\n" for k, t, lb, v in rows)
-        return web.Response(text=text, content_type="text/plain")
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
-
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
-
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        t_recv = loop.time()
-        self.n["requests"] += 1
-        try:
-            body = json.loads(await request.read())
-            n_out = body.get("max_tokens") or body.get("max_completion_tokens") or self.cfg.default_max_tokens
-            if type(n_out) is not int or n_out < 1:
-                raise ValueError(f"max_tokens must be an integer >= 1, got {n_out!r}")
-            n_in = count_input_tokens(body.get("messages") if chat else body.get("prompt"))
-        except (ValueError, TypeError, AttributeError) as e:
-            return _error(400, f"bad request: {e}", "BadRequestError")
-        fault = request.headers.get("X-Stub-Fault", "")
-        kind, _, arg = fault.partition(":")
-        if kind not in ("", "status", "disconnect", "hang", "garbage") or not (arg.isdigit() or not arg):
-            return _error(400, f"bad X-Stub-Fault {fault!r} (status:CODE, disconnect:K, hang, garbage[:K])",
-                          "BadRequestError")
-        if kind == "status" or (not kind and self.cfg.fail_rate and self.rng.random() < self.cfg.fail_rate):
-            self.n["faults"] += 1
-            return _error(int(arg or 500), "injected fault (X-Stub-Fault or --fail-rate)", "InternalServerError")
-        if kind:
-            self.n["faults"] += 1
-        if kind == "hang":
-            await loop.create_future()  # until the client gives up (handler cancellation) or shutdown
-        fault_at = int(arg or 0) if kind in ("disconnect", "garbage") else -1
-        kv = body.get("kv_transfer_params")
-        if isinstance(kv, dict) and kv.get("do_remote_decode"):  # P/D prefill instance: see _kv_prefill_only
-            return await self._kv_prefill_only(request, chat, body, n_in, t_recv)
-        if isinstance(kv, dict) and kv.get("do_remote_prefill"):  # P/D decode instance: the KV arrives instead
-            self.n["remote_decode"] += 1                         # of a prefill: kv_transfer_s replaces ttft_s
-            t_recv += self.cfg.kv_transfer_s - self.cfg.ttft_s
-        self.n["prompt"] += n_in
-        self.n["running"] += 1
-        try:
-            model = str(body.get("model") or self.cfg.model)
-            if body.get("stream"):
-                return await self._stream(request, body, chat, model, n_in, n_out, t_recv, kind, fault_at)
-            return await self._whole(request, chat, model, n_in, n_out, t_recv, kind)
-        finally:
-            self.n["running"] -= 1
-
-    async def _kv_prefill_only(self, request, chat, body, n_in, t_recv):
-        """vLLM NixlConnector's prefill side: after ttft_s, one token, not streamed, with the kv_transfer_params
-        the decode instance needs to pull the KV cache (fake block ids, this server's address)."""
-        self.n["prefill_only"] += 1
-        self.n["prompt"] += n_in
-        wait = Pacer(asyncio.get_running_loop()).wait_until(t_recv + self.cfg.ttft_s)
-        if wait is not None:
-            await wait
-        n_blocks, first_block = -(-max(n_in, 1) // 16), self.n["kv_blocks"]
-        self.n["kv_blocks"] += n_blocks
-        self.n["generation"] += 1
-        self.n["success"] += 1
-        host, port = (request.transport.get_extra_info("sockname") or ("127.0.0.1", 0))[:2]
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        kv = {"do_remote_prefill": True, "do_remote_decode": False,
-              "remote_block_ids": list(range(first_block, first_block + n_blocks)),
-              "remote_engine_id": f"stub-{port}", "remote_request_id": rid, "remote_host": host,
-              "remote_port": port, "tp_size": 1}
-        text = TOKEN.decode()
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
-        choice.update(logprobs=None, finish_reason="length", stop_reason=None)
-        return web.json_response({
-            "id": ("chatcmpl-" if chat else "cmpl-") + rid, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": str(body.get("model") or self.cfg.model), "choices": [choice],
-            "usage": {"prompt_tokens": n_in, "total_tokens": n_in + 1, "completion_tokens": 1},
-            "kv_transfer_params": kv})
-
-    async def _stream(self, request, body, chat, model, n_in, n_out, t_recv, kind, fault_at):
-        opts = body.get("stream_options") or {}
-        usage = bool(opts.get("include_usage"))
-        f = _Frames(chat, model, n_in, usage, usage and bool(opts.get("continuous_usage_stats")))
-        resp = web.StreamResponse(headers=SSE_HEADERS)
-        await resp.prepare(request)
-        pacer, tpc, sent = Pacer(asyncio.get_running_loop()), self.cfg.tokens_per_chunk, 0
-        first, gap = t_recv + self.cfg.ttft_s, tpc * self.cfg.tpot_s
-        try:
-            for k in range(-(-n_out // tpc)):
-                wait = pacer.wait_until(first + k * gap)
-                if wait is not None:
-                    await wait
-                if k == fault_at:
-                    if kind == "disconnect":
-                        request.transport.abort()
-                    else:
-                        await resp.write(GARBAGE + DONE)
-                    return resp
-                n = min(tpc, n_out - sent)
-                sent += n
-                await resp.write(f.chunk(k, self.text[n], sent, sent == n_out))
-                self.n["generation"] += n
-        except ConnectionError:  # the client went away mid-stream
-            return resp
-        self.n["success"] += 1
-        return resp
-
-    async def _whole(self, request, chat, model, n_in, n_out, t_recv, kind):
-        cfg = self.cfg
-        n_chunks = -(-n_out // cfg.tokens_per_chunk)
-        wait = Pacer(asyncio.get_running_loop()).wait_until(
-            t_recv + cfg.ttft_s + (n_chunks - 1) * cfg.tokens_per_chunk * cfg.tpot_s)
-        if wait is not None:
-            await wait
-        if kind == "disconnect":
-            request.transport.abort()
-            return web.Response(status=499)
-        if kind == "garbage":
-            return web.Response(body=b'{"id": "garbage", "choices": [', content_type="application/json")
-        text = (TOKEN * n_out).decode()
-        usage = {"prompt_tokens": n_in, "total_tokens": n_in + n_out, "completion_tokens": n_out,
-                 "prompt_tokens_details": None}
-        choice: dict[str, Any] = {"index": 0}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
-        else:
-            choice["text"] = text
-        choice.update(logprobs=None, finish_reason="length", stop_reason=None)
-        self.n["generation"] += n_out
-        self.n["success"] += 1
-        return web.json_response({
-            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage})
+def new_counters() -> dict[str, int]:
+    return {"requests": 0, "running": 0, "success": 0, "prompt": 0, "generation": 0, "faults": 0,
+            "prefill_only": 0, "remote_decode": 0, "kv_blocks": 0}
 
 
-async def serve(cfg: StubConfig, host: str = "127.0.0.1", port: int = 0, *,
-                stop: asyncio.Event | None = None, on_ready=None) -> None:
-    """Serve until `stop` is set (or the task is cancelled). on_ready(port) is called once listening."""
-    runner = web.AppRunner(StubServer(cfg).make_app(), access_log=None, handler_cancellation=True,
-                           shutdown_timeout=0.5, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-        await site.start()
-        if on_ready is not None:
-            on_ready(runner.addresses[0][1])
-        await (stop or asyncio.Event()).wait()
-    finally:
-        await runner.cleanup()
+def metrics_text(model: str, n: dict[str, int], lateness: Lateness) -> str:
+    """vLLM-named gauges/counters plus the stub's own, in Prometheus text format."""
+    lab = f'{{model_name="{model}"}}'
+    rows = [("vllm:num_requests_running", "gauge", lab, n["running"]),
+            ("vllm:request_success_total", "counter", lab, n["success"]),
+            ("vllm:prompt_tokens_total", "counter", lab, n["prompt"]),
+            ("vllm:generation_tokens_total", "counter", lab, n["generation"]),
+            ("splitbench_stub_requests_total", "counter", "", n["requests"]),
+            ("splitbench_stub_faults_total", "counter", "", n["faults"]),
+            ("splitbench_stub_prefill_only_total", "counter", "", n["prefill_only"]),
+            ("splitbench_stub_remote_decode_total", "counter", "", n["remote_decode"])]
+    text = "".join(f"# TYPE {k} {t}\n{k}{lb} {v}\n" for k, t, lb, v in rows)
+    s, name = lateness.summary(), "splitbench_stub_chunk_lateness_seconds"
+    return (text + f"# TYPE {name} summary\n{name}{{quantile=\"0.5\"}} {s['p50_s']:.6f}\n"
+            f"{name}{{quantile=\"0.99\"}} {s['p99_s']:.6f}\n{name}{{quantile=\"1\"}} {s['max_s']:.6f}\n"
+            f"{name}_count {s['count']}\n")
+
+
+def stats(n: dict[str, int], lateness: Lateness) -> dict[str, Any]:
+    """The exit summary: counters plus chunk lateness."""
+    return {**n, "chunk_lateness": lateness.summary()}
+
+
+async def serve(cfg: StubConfig, host: str = "127.0.0.1", port: int = 0, *, stop: asyncio.Event | None = None,
+                on_ready=None, server: str = "lean", manage_gc: bool = False) -> dict[str, Any]:
+    """Serve until `stop` is set (or the task is cancelled); on_ready(port) once listening. -> stats() at exit.
+    server: "lean" (asyncio.Protocol + shared ticker, stub_lean.py) or "aiohttp" (stub_aiohttp.py).
+    manage_gc: the lean server owns this process's GC (no automatic full collections); run_server sets it."""
+    if server not in SERVERS:
+        raise InputError(f"stub server must be one of {', '.join(SERVERS)}, got {server!r}")
+    if server == "aiohttp":
+        from .stub_aiohttp import serve_aiohttp
+        return await serve_aiohttp(cfg, host, port, stop or asyncio.Event(), on_ready)
+    from .stub_lean import serve_lean
+    return await serve_lean(cfg, host, port, stop or asyncio.Event(), on_ready, manage_gc=manage_gc)
 
 
 def run_stub_in_thread(ttft_s: float = 0.02, tpot_s: float = 0.005, tokens_per_chunk: int = 1,
-                       host: str = "127.0.0.1", port: int = 0, loop: str = "precise", **cfg: Any):
+                       host: str = "127.0.0.1", port: int = 0, loop: str = "precise", server: str = "lean",
+                       **cfg: Any):
     """Serve from a daemon thread with its own loop -> (url, stop_fn); for tests, sync or async.
     stop_fn() blocks until the server has shut down."""
     config = StubConfig(ttft_s, tpot_s, tokens_per_chunk, **cfg)
@@ -336,7 +268,8 @@ def run_stub_in_thread(ttft_s: float = 0.02, tpot_s: float = 0.005, tokens_per_c
         asyncio.set_event_loop(ev_loop)
         box["stop"] = asyncio.Event()
         try:
-            ev_loop.run_until_complete(serve(config, host, port, stop=box["stop"], on_ready=on_ready))
+            ev_loop.run_until_complete(serve(config, host, port, stop=box["stop"], on_ready=on_ready,
+                                             server=server))
         except BaseException as e:  # noqa: BLE001 - reported to the caller below
             box["error"] = e
         finally:
@@ -359,10 +292,13 @@ def run_stub_in_thread(ttft_s: float = 0.02, tpot_s: float = 0.005, tokens_per_c
 
 
 def run_server(cfg: StubConfig, host: str = "127.0.0.1", port: int = 8000, *, cpu: int | None = None,
-               loop: str = "precise", port_file: str | None = None) -> None:
-    """Serve in the foreground until SIGINT/SIGTERM; pins this process to `cpu` when given."""
+               loop: str = "precise", port_file: str | None = None, server: str = "lean") -> dict[str, Any]:
+    """Serve in the foreground until SIGINT/SIGTERM; pins this process to `cpu` when given. Prints a one-line
+    exit summary (requests, chunks' emission lateness) and returns stats()."""
     if loop not in LOOPS:
         raise InputError(f"stub loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+    if server not in SERVERS:
+        raise InputError(f"stub server must be one of {', '.join(SERVERS)}, got {server!r}")
     if cpu is not None:
         if not 0 <= cpu < (os.cpu_count() or 1):
             raise InputError(f"--cpu {cpu} is not a core of this machine (0..{(os.cpu_count() or 1) - 1})")
@@ -383,13 +319,23 @@ def run_server(cfg: StubConfig, host: str = "127.0.0.1", port: int = 8000, *, cp
             os.replace(tmp, port_file)
         print(f"splitbench stub listening on http://{host}:{bound} (ttft {cfg.ttft_s * 1e3:g} ms, tpot "
               f"{cfg.tpot_s * 1e3:g} ms, {cfg.tokens_per_chunk} token/chunk, pid {os.getpid()}, cpu {cpu}, "
-              f"loop {loop})", flush=True)
+              f"loop {loop}, server {server})", flush=True)
     try:
-        ev_loop.run_until_complete(serve(cfg, host, port, stop=stop, on_ready=on_ready))
+        st = ev_loop.run_until_complete(serve(cfg, host, port, stop=stop, on_ready=on_ready, server=server,
+                                              manage_gc=True))
     except OSError as e:
         raise InputError(f"stub cannot listen on {host}:{port}: {e.strerror or e}") from None
     finally:
         ev_loop.close()
+    print(summary_line(st), flush=True)
+    return st
+
+
+def summary_line(st: dict[str, Any]) -> str:
+    la = st["chunk_lateness"]
+    return (f"splitbench stub: {st['requests']} requests, {st['success']} ok, {st['generation']} tokens; chunk "
+            f"lateness p50 {la['p50_s'] * 1e3:.3f} ms, p99 {la['p99_s'] * 1e3:.3f} ms, max {la['max_s'] * 1e3:.3f} ms "
+            f"over {la['count']} chunks")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -405,12 +351,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-transfer-ms", type=float, default=0.0, help="P/D: replaces ttft for do_remote_prefill")
     p.add_argument("--cpu", type=int, default=None, help="pin the server to this core")
     p.add_argument("--loop", choices=LOOPS, default="precise")
+    p.add_argument("--server", choices=SERVERS, default="lean", help="lean (shared ticker) or aiohttp (comparison)")
+    p.add_argument("--tick-ms", type=float, default=0.2, help="lean server: least time between ticker wakeups")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening")
     a = p.parse_args(argv)
     try:
         cfg = StubConfig(a.ttft_ms / 1e3, a.tpot_ms / 1e3, a.tokens_per_chunk, a.model, a.fail_rate, a.seed,
-                         kv_transfer_s=a.kv_transfer_ms / 1e3)
-        run_server(cfg, a.host, a.port, cpu=a.cpu, loop=a.loop, port_file=a.port_file)
+                         kv_transfer_s=a.kv_transfer_ms / 1e3, tick_s=a.tick_ms / 1e3)
+        run_server(cfg, a.host, a.port, cpu=a.cpu, loop=a.loop, port_file=a.port_file, server=a.server)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
