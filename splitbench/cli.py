@@ -200,8 +200,8 @@ def serve_stub(
     model: str = typer.Option("stub-model", help="Model id reported by /v1/models."),
     fail_rate: float = typer.Option(0.0, help="Fraction of requests answered HTTP 500 (seeded)."),
     seed: int = typer.Option(0, help="Seed for --fail-rate."),
-    loop: str = typer.Option("uvloop", help="Event loop: uvloop (fastest), precise (asyncio, µs selector), asyncio. "
-                                           "The lean server's ticker is µs-precise on any of them (timerfd)."),
+    loop: str = typer.Option("precise", help="Event loop: precise (asyncio, µs selector), uvloop, asyncio. The "
+                                            "lean server's ticker is µs-precise on any of them (timerfd)."),
     server: str = typer.Option("lean", help="lean (asyncio.Protocol + one shared chunk ticker) or aiohttp "
                                             "(one timer and write per chunk; for comparison)."),
     tick_ms: float = typer.Option(0.2, help="Lean server: least time between two ticker wakeups, ms."),
@@ -284,6 +284,8 @@ def run(
     stub_tpot_ms: float = typer.Option(5.0, help="Stub backend: time per output token, ms."),
     fetch: bool = typer.Option(True, help="Download a catalogue trace that is not found locally (sha256-checked)."),
     http: str = typer.Option("lean", help="Client HTTP transport: lean (default) or aiohttp."),
+    workers: int = typer.Option(1, help="Sender processes: the trace is dealt round-robin, one shared start, "
+                                "records merged (for rates past one core's calibrated ceiling)."),
     instances: Optional[int] = typer.Option(None, help="vllm backend: co-located instances (>1: behind the router, JSQ)."),
     prompt_instances: Optional[int] = typer.Option(None, help="splitwise/mixed: prompt (prefill) instances [1]."),
     token_instances: Optional[int] = typer.Option(None, help="splitwise/mixed: token (decode) instances [1]."),
@@ -335,7 +337,8 @@ def run(
         api=api, model=model, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed,
         shared_prefix_tokens=shared_prefix, max_context_tokens=max_context, max_inflight=max_inflight,
         timeout_s=timeout, grace_s=grace, results_dir=results, run_id=run_id, slos=slo, reference=reference,
-        fetch=fetch, http=http, machine=machine, machines=machines, hardware_file=hardware, power=power)
+        fetch=fetch, http=http, machine=machine, machines=machines, hardware_file=hardware, power=power,
+        workers=workers)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} done"),
                         TextColumn("sent {task.fields[sent]}  in flight {task.fields[inflight]}  failed {task.fields[failed]}"),
                         TimeElapsedColumn(), console=err_console, transient=False, refresh_per_second=4)
@@ -793,6 +796,51 @@ def design(
     atomic_write_json(out / "design.json", result)
     plot_design(result, str(out / "design.png"))
     console.print(f"written: {out / 'design.json'}, {out / 'design.png'}")
+
+
+# ===================================================================== calibrate (section: calibrate)
+
+@app.command()
+@user_errors
+def calibrate(
+    duration: float = typer.Option(10.0, help="Seconds per rate point (after a 1 s warm-up)."),
+    workers: int = typer.Option(1, help="Sender processes to calibrate (runs with --workers N use this ceiling)."),
+    stub_cpu: Optional[int] = typer.Option(None, help="Core for the stub [the last core]."),
+    http: str = typer.Option("lean", help="Client HTTP transport: lean (default) or aiohttp."),
+    max_points: int = typer.Option(12, help="Give up the search after this many points."),
+    save: bool = typer.Option(True, help="Store the ceiling for this host (runs record it in run.json)."),
+):
+    """Find this client's ceiling: ramp an open-loop rate against the built-in stub (TTFT 20 ms, 5 ms/token,
+    128 in / 32 out) until achieved < 95% of target, TTFT p99 error > 5 ms or send lag p99 > 2 ms."""
+    from .calibrate import CRITERIA, calibrate as run_calibration, store_path
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    c = CRITERIA
+    console.print(f"criteria: achieved >= {c['min_rate_ratio']:.0%} of target, TTFT p99 error <= "
+                  f"{c['ttft_p99_error_s'] * 1e3:g} ms, lag p99 <= {c['lag_p99_s'] * 1e3:g} ms", highlight=False)
+
+    def show(p: dict) -> None:
+        if p.get("retrying"):
+            console.print(f"  {p['target_rps']:>7.0f} req/s  failed ({p['reason']}); measuring again", highlight=False)
+            return
+        if "achieved_rps" not in p:
+            console.print(f"  {p['target_rps']:>7.0f} req/s  FAIL  {p['reason']}", highlight=False)
+            return
+        cpu = p.get("cpu_s_per_request")
+        console.print(f"  {p['target_rps']:>7.0f} req/s  achieved {p['achieved_rps']:7.1f}  lag p99 "
+                      f"{p['lag_p99_s'] * 1e3:6.2f} ms  TTFT p99 err {p['ttft_p99_error_s'] * 1e3:6.2f} ms"
+                      + (f"  cpu {cpu * 1e6:5.0f} us/req" if cpu else "")
+                      + (f"  stub lateness p99 {p['stub_lateness_p99_s'] * 1e3:.2f} ms"
+                         if p.get("stub_lateness_p99_s") is not None else "")
+                      + ("  ok" if p["pass"] else f"  FAIL ({p['reason']})"), highlight=False)
+    res = run_calibration(duration_s=duration, workers=workers, stub_cpu=stub_cpu, http=http,
+                          max_points=max_points, on_point=show, save=save)
+    console.print(f"ceiling: {res['ceiling_rps']:.0f} req/s"
+                  + (f", {res['tokens_per_s']:.0f} streamed tokens/s" if res.get("tokens_per_s") else "")
+                  + (f", {res['cpu_s_per_request'] * 1e6:.0f} us CPU per request" if res.get("cpu_s_per_request")
+                     else "") + f" ({workers} worker{'s' if workers > 1 else ''})", highlight=False)
+    if save:
+        console.print(f"stored: {store_path()}", highlight=False)
 
 
 # ===================================================================== gate / baseline (section: gate)

@@ -58,6 +58,7 @@ class RunOptions:
     machines: float | None = None          # machines of that type (default 1: this host; remote URL: say it)
     hardware_file: str | None = None       # user hardware catalog TOML merged over the packaged one
     power: str = "auto"                    # auto (NVML when instances hold GPUs) | nvml | off
+    workers: int = 1                       # sender processes (loadgen/workers.py); 1 = this process
 
 
 @dataclass
@@ -208,6 +209,8 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         reference = load_reference(opts.reference)
 
     run_id = opts.run_id or new_run_id(opts.backend, opts.trace)
+    if opts.workers < 1:
+        raise InputError(f"--workers must be >= 1, got {opts.workers}")
     run_dir = Path(opts.results_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     if opts.power not in ("auto", "nvml", "off"):
@@ -245,12 +248,21 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
             meta["power"] = sampler.describe()
         cfg = ReplayConfig(base_url=base_url, model=model, api=opts.api, headers=headers, http=opts.http,
                            max_inflight=opts.max_inflight, timeout_s=opts.timeout_s, grace_s=opts.grace_s)
+        from .calibrate import client_section
+        meta["client"] = client_section(workload.arrival_s, opts.workers)
         meta.update(status="running", workload=workload.describe(), backend=backend.describe(),
                     model={"id": model, **{k: model_info[k] for k in ("root", "max_model_len") if k in model_info}},
                     prompts=prompts.describe(), replay=cfg.describe())
         R.atomic_write_json(run_dir / R.RUN_FILE, meta)
         on_status(f"replaying {len(workload)} requests against {base_url}")
-        replayer, interrupted = replay_workload(workload, prompts.payload, cfg, run_dir, run_id, on_progress)
+        if opts.workers > 1:
+            from .loadgen.workers import SHARDING, replay_workers
+            meta["client"]["sharding"] = SHARDING
+            stats, interrupted = replay_workers(workload, prompts.payload, cfg, run_dir, run_id, opts.workers,
+                                                on_status)
+        else:
+            replayer, interrupted = replay_workload(workload, prompts.payload, cfg, run_dir, run_id, on_progress)
+            stats = replayer.stats
     except BaseException as e:
         meta.update(status="failed", error=f"{type(e).__name__}: {e}")
         R.atomic_write_json(run_dir / R.RUN_FILE, meta)
@@ -263,7 +275,6 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
                 meta["power"] = {**meta.get("power", {}), "error": f"{type(e).__name__}: {e}"}
         on_status("stopping backend")
         backend.stop()
-    stats = replayer.stats
     final = {k: v for k, v in backend.describe().items() if v is not None}  # e.g. metrics summary after stop
     meta.update(status="interrupted" if interrupted else "complete", t0_unix_s=stats.t0_unix_s,
                 replay_stats=asdict(stats), backend={**meta["backend"], **final})
@@ -271,9 +282,15 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
     merge_router_phases(run_dir, meta)
     records = R.read_records(run_dir)
     summary = summarize(records, run_meta=meta, slos=slos, reference=reference,
-                        measured_energy=measured_energy(run_dir, meta, records))
+                        fidelity_limits=client_limits(meta), measured_energy=measured_energy(run_dir, meta, records))
     save_summary(summary, run_dir / R.SUMMARY_FILE)
     return RunResult(run_dir, summary, interrupted, stats)
+
+
+def client_limits(meta: dict) -> dict | None:
+    """The fidelity verdict's extra input: the calibrated client ceiling recorded in run.json, if any."""
+    c = (meta.get("client") or {}).get("ceiling_rps")
+    return {"ceiling_rps": c} if c else None
 
 
 def merge_router_phases(run_dir: Path, meta: dict) -> int:
@@ -305,6 +322,7 @@ def report(run_dir: str | Path, slos: str | None = None, reference: str | None =
         from .metrics.slo import Reference
         ref = Reference(**meta["reference"])
     summary = summarize(records, run_meta=meta, slos=parse_slos(slos) if slos else None, reference=ref,
+                        fidelity_limits=client_limits(meta),
                         measured_energy=measured_energy(run_dir, meta, records))
     if write:
         save_summary(summary, run_dir / R.SUMMARY_FILE)

@@ -1,7 +1,8 @@
-"""Lean HTTP/1.1 streaming client on asyncio.Protocol: a keep-alive pool without a cap, one future per request.
+"""Lean HTTP/1.1 streaming client: a keep-alive pool without a cap over http_conn connections, one future per
+request; plain-http reads carry kernel receive stamps (kstamp.py).
 
-Each network read is timestamped and handed to the request's sink inside data_received (no task switch per
-chunk). A sink has on_head(status, reason, headers), on_body(data, now) and on_end(now); they may raise StreamError.
+Each network read is timestamped and handed to the request's sink as it is handled (no task switch per chunk).
+A sink has on_head(status, reason, headers), on_body(data, now) and on_end(now); they may raise StreamError.
 """
 from __future__ import annotations
 
@@ -13,258 +14,11 @@ from urllib.parse import urlsplit
 
 from .. import records as R
 from ..errors import InputError
+from .http_conn import ERROR_BODY_BYTES, ERROR_CHARS, MAX_HEAD_BYTES, StreamError, _Conn, error_text
+from .kstamp import SUPPORTED as KSTAMP_SUPPORTED
+from .kstamp import ClockMap, open_stamped
 
-try:
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover
-    from json import loads as _loads
-
-ERROR_CHARS = 300
-ERROR_BODY_BYTES = 4096
-MAX_HEAD_BYTES = 64 * 1024
-
-
-class StreamError(Exception):
-    """A failed request; `status` is one of the records statuses."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def error_text(body: bytes) -> str:
-    """The message of an OpenAI-style error body (or the body itself), shortened."""
-    try:
-        msg = _loads(body)
-        err = msg.get("error", msg) if isinstance(msg, dict) else msg
-        if isinstance(err, dict):
-            err = err.get("message") or err
-        return str(err)[:ERROR_CHARS]
-    except ValueError:
-        return body.decode("utf-8", "replace").strip()[:ERROR_CHARS]
-
-
-# ============================================================== the HTTP/1.1 connection
-(_IDLE, _HEAD, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _LENGTH, _UNTIL_CLOSE) = range(8)
-
-
-class _Conn(asyncio.Protocol):
-    """One keep-alive connection serving one request at a time; the response parser is a small state machine."""
-
-    def __init__(self, client: "LeanClient"):
-        self.client, self.clock = client, client.clock
-        self.transport: asyncio.Transport | None = None
-        self.closed = client._loop.create_future()
-        self.state, self.buf, self.remaining, self.keep_alive = _IDLE, b"", 0, True
-        self.fut: asyncio.Future | None = None
-        self.sink = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.send = self.last_rx = self.idle_since = 0.0
-        self.timeout_s = self.idle_timeout_s = 0.0
-        self.got_bytes = False
-
-    # ----------------------------------------------------------- asyncio callbacks
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def connection_lost(self, exc) -> None:
-        self.client._forget(self)
-        if not self.closed.done():
-            self.closed.set_result(None)
-        if self.fut is None:
-            return
-        if self.state == _UNTIL_CLOSE:   # body delimited by the end of the connection: a normal end
-            self._complete(self.clock())
-        else:
-            where = "mid-response" if self.got_bytes else "before responding"
-            self._fail(StreamError(R.DISCONNECTED, f"server closed the connection {where}"
-                                                   + (f" ({exc})" if exc else "")))
-
-    def data_received(self, data: bytes) -> None:
-        now = self.clock()
-        if self.fut is None:   # bytes nobody asked for: this connection is out of step
-            self.keep_alive = False
-            self.transport.abort()
-            return
-        self.last_rx, self.got_bytes = now, True
-        if self.buf:
-            data, self.buf = self.buf + data, b""
-        try:
-            self._parse(data, now)
-        except StreamError as e:
-            self._fail(e)
-        except Exception as e:  # a bug or a broken response must fail the request, never the loop
-            self._fail(StreamError(R.ERROR, f"bad HTTP response: {type(e).__name__}: {e}"[:ERROR_CHARS]))
-
-    # ----------------------------------------------------------- request lifecycle
-    def start(self, fut: asyncio.Future, sink, data: bytes, send: float, timeout_s: float,
-              idle_timeout_s: float) -> None:
-        self.fut, self.sink, self.send, self.last_rx = fut, sink, send, send
-        self.timeout_s, self.idle_timeout_s, self.got_bytes = timeout_s, idle_timeout_s, False
-        self.state, self.buf = _HEAD, b""
-        self.transport.write(data)
-        elapsed = self.clock() - send
-        self.timer = self.client._loop.call_later(max(0.0, min(timeout_s - elapsed, idle_timeout_s)),
-                                                  self._check_timeout)
-
-    def cancel(self, fut: asyncio.Future) -> None:
-        """The request's task was cancelled: drop the connection if it still serves that request."""
-        if self.fut is fut:
-            self._fail(StreamError(R.CANCELLED, "cancelled"))
-
-    def _check_timeout(self) -> None:
-        self.timer = None
-        if self.fut is None:
-            return
-        now = self.clock()
-        total_left = self.timeout_s - (now - self.send)
-        idle_left = self.idle_timeout_s - (now - self.last_rx)
-        if total_left <= 0 or idle_left <= 0:
-            self._fail(StreamError(R.TIMEOUT, f"no response within limits (total {self.timeout_s:g}s, "
-                                              f"idle {self.idle_timeout_s:g}s)"))
-        else:  # bytes arrived meanwhile: one lazy timer instead of one per chunk
-            self.timer = self.client._loop.call_later(min(total_left, idle_left), self._check_timeout)
-
-    def _complete(self, now: float) -> None:
-        fut, sink = self.fut, self.sink
-        self.fut = self.sink = None
-        self.state = _IDLE
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        try:
-            sink.on_end(now)
-        except StreamError as e:
-            self.keep_alive = False
-            if not fut.done():
-                fut.set_exception(e)
-        t = self.transport
-        if self.keep_alive and not self.buf and not t.is_closing() and t.get_write_buffer_size() == 0:
-            self.idle_since = now
-            self.client._release(self)
-        else:
-            t.close()
-        if not fut.done():
-            fut.set_result(None)
-
-    def _fail(self, exc: StreamError) -> None:
-        fut = self.fut
-        self.fut = self.sink = None
-        self.state, self.keep_alive = _IDLE, False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.transport.abort()   # never reuse a connection in an unknown state
-        if fut is not None and not fut.done():
-            fut.set_exception(exc)
-
-    # ----------------------------------------------------------- response parsing
-    def _parse(self, data: bytes, now: float) -> None:
-        pos, n, state, body = 0, len(data), self.state, []
-        while True:
-            if state == _CHUNK_SIZE:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    if n - pos > 1024:
-                        raise StreamError(R.ERROR, "bad HTTP response: chunk-size line too long")
-                    self.buf = data[pos:]
-                    break
-                size = int(data[pos:eol].split(b";", 1)[0], 16)
-                if size < 0:
-                    raise ValueError(f"negative chunk size {size}")
-                pos = eol + 2
-                if size == 0:
-                    state = _TRAILERS
-                else:
-                    self.remaining, state = size, _CHUNK_DATA
-            elif state == _CHUNK_DATA or state == _LENGTH:
-                end = pos + self.remaining
-                if end > n:
-                    if pos < n:
-                        body.append(data[pos:] if pos else data)
-                    self.remaining -= n - pos
-                    break
-                body.append(data[pos:end])
-                pos, self.remaining = end, 0
-                if state == _LENGTH:
-                    self.buf = data[pos:]   # leftover bytes after the body: the connection is not reusable
-                    return self._finish(body, now)
-                state = _CHUNK_END
-            elif state == _CHUNK_END:
-                if n - pos < 2:
-                    self.buf = data[pos:]
-                    break
-                if data[pos:pos + 2] != b"\r\n":
-                    raise StreamError(R.ERROR, "bad HTTP response: chunk not followed by CRLF")
-                pos += 2
-                state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    self.buf = data[pos:]
-                    break
-                empty, pos = eol == pos, eol + 2
-                if empty:
-                    self.buf = data[pos:]
-                    return self._finish(body, now)
-            elif state == _UNTIL_CLOSE:
-                if pos < n:
-                    body.append(data[pos:])
-                break
-            elif state == _HEAD:
-                end = data.find(b"\r\n\r\n", pos)
-                if end < 0:
-                    if n - pos > MAX_HEAD_BYTES:
-                        raise StreamError(R.ERROR, "bad HTTP response: header block too large")
-                    self.buf = data[pos:]
-                    break
-                head, pos = data[pos:end], end + 4
-                state = self._head(head)
-                if state == _IDLE:
-                    self.buf = data[pos:]
-                    return self._finish(body, now)
-            else:
-                raise StreamError(R.ERROR, "bad HTTP response: bytes after the end of the response")
-        self.state = state
-        if body and self.fut is not None:
-            self.sink.on_body(body[0] if len(body) == 1 else b"".join(body), now)
-
-    def _finish(self, body: list, now: float) -> None:
-        if body:
-            self.sink.on_body(body[0] if len(body) == 1 else b"".join(body), now)
-        self._complete(now)
-
-    def _head(self, head: bytes) -> int:
-        """Parse a status line + headers; returns the body state (_HEAD again after a 1xx, _IDLE if no body)."""
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise StreamError(R.ERROR, f"bad HTTP response: status line {lines[0][:80]!r}")
-        status, reason = int(parts[1]), parts[2] if len(parts) > 2 else ""
-        headers: dict[str, str] = {}
-        for ln in lines[1:]:
-            name, sep, value = ln.partition(":")
-            if not sep:
-                raise StreamError(R.ERROR, f"bad HTTP response: header line {ln[:80]!r}")
-            name, value = name.strip().lower(), value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        if 100 <= status < 200:
-            return _HEAD
-        conn = headers.get("connection", "").lower()
-        self.keep_alive = "close" not in conn and (parts[0] != "HTTP/1.0" or "keep-alive" in conn)
-        enc = headers.get("content-encoding", "identity").lower()
-        if enc not in ("identity", ""):
-            raise StreamError(R.ERROR, f"bad HTTP response: unsupported content-encoding {enc!r}")
-        self.sink.on_head(status, reason, headers)
-        if status in (204, 304):
-            return _IDLE
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return _CHUNK_SIZE
-        if "content-length" in headers:
-            self.remaining = int(headers["content-length"])
-            return _LENGTH if self.remaining > 0 else _IDLE
-        self.keep_alive = False
-        return _UNTIL_CLOSE
+__all__ = ["ERROR_BODY_BYTES", "ERROR_CHARS", "MAX_HEAD_BYTES", "LeanClient", "StreamError", "error_text"]
 
 
 # ============================================================== the pool
@@ -273,7 +27,7 @@ class LeanClient:
 
     def __init__(self, url: str, headers: dict[str, str] | None = None, *,
                  clock: Callable[[], float] = time.perf_counter, keepalive_s: float = 4.0,
-                 ssl_context: _ssl.SSLContext | None = None):
+                 ssl_context: _ssl.SSLContext | None = None, kernel_stamps: bool = True):
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise InputError(f"URL must be http:// or https://host[:port]/path, got {url!r}")
@@ -281,6 +35,8 @@ class LeanClient:
         self.port = u.port or (443 if self.https else 80)
         self.ssl = (ssl_context or _ssl.create_default_context()) if self.https else None
         self.clock, self.keepalive_s = clock, keepalive_s  # keepalive_s: below uvicorn's 5 s server default
+        # plain http: reads carry kernel receive stamps (kstamp.py), so a busy client loop does not inflate TTFT
+        self.clock_map = ClockMap(clock) if kernel_stamps and not self.https and KSTAMP_SUPPORTED else None
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
         default_port = 443 if self.https else 80
         hdrs = {"Host": self.host if self.port == default_port else f"{self.host}:{self.port}",
@@ -300,6 +56,10 @@ class LeanClient:
         self._conns: set[_Conn] = set()
         self._addr: tuple[str, int] | None = None  # the address the last connect reached (skips DNS)
         self.connections_opened = 0
+        self.spare = 0       # keep this many idle connections ready (opened in the background, off the send path)
+        self.due = float("inf")   # the replayer's next send time (run clock): a read handled after it calls on_due()
+        self.on_due: Callable[[], None] | None = None
+        self._opening = 0
 
     @property
     def open_connections(self) -> int:
@@ -312,6 +72,8 @@ class LeanClient:
         if send is None:
             send = self.clock()
         conn = self._acquire()
+        if self.spare and len(self._idle) + self._opening < self.spare:
+            self._top_up()
         if conn is None:
             conn = await self._connect(max(0.0, min(timeout_s - (self.clock() - send), idle_timeout_s)))
         fut = self._loop.create_future()
@@ -323,6 +85,21 @@ class LeanClient:
         except asyncio.CancelledError:
             conn.cancel(fut)
             raise
+
+    def start_now(self, body: bytes, sink, *, send: float, timeout_s: float = 600.0, idle_timeout_s: float = 120.0,
+                  request_id: str | None = None) -> tuple[asyncio.Future, "_Conn"] | None:
+        """Write the request now on an idle connection, without a task: returns (future, connection), or None when
+        no connection is idle (then use request()). The future ends like request(); cancel with conn.cancel(fut)."""
+        conn = self._acquire()
+        if self.spare and len(self._idle) + self._opening < self.spare:
+            self._top_up()
+        if conn is None:
+            return None
+        fut = self._loop.create_future()
+        rid = b"X-Request-Id: %s\r\n" % request_id.encode("latin-1") if request_id else b""
+        conn.start(fut, sink, b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, rid, len(body), body), send,
+                   timeout_s, idle_timeout_s)
+        return fut, conn
 
     async def close(self, timeout_s: float = 2.0) -> None:
         """Close every connection and wait until their sockets are gone."""
@@ -336,7 +113,33 @@ class LeanClient:
         if conns:
             await asyncio.wait([c.closed for c in conns], timeout=timeout_s)
 
+    async def warm(self, n: int, timeout_s: float = 10.0) -> int:
+        """Open up to n idle connections now (before a run starts); returns how many are idle."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        need = max(0, n - len(self._idle))
+        self._opening += need
+        await asyncio.gather(*(self._open_idle(timeout_s) for _ in range(need)))
+        return len(self._idle)
+
     # ----------------------------------------------------------- internals
+    def _top_up(self) -> None:
+        for _ in range(self.spare - len(self._idle) - self._opening):
+            self._opening += 1
+            self._loop.create_task(self._open_idle(5.0))
+
+    async def _open_idle(self, timeout_s: float) -> None:
+        """Counted in _opening by the caller; the new connection joins the idle pool (a failure is left to the
+        next request, which connects itself and reports it)."""
+        try:
+            conn = await self._connect(timeout_s)
+        except StreamError:
+            return
+        finally:
+            self._opening -= 1
+        conn.idle_since = self.clock()
+        self._idle.insert(0, conn)   # behind the warm ones: LIFO reuse keeps the busy set small
+
     def _acquire(self) -> _Conn | None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
@@ -352,9 +155,12 @@ class LeanClient:
     async def _connect(self, timeout_s: float) -> _Conn:
         host, port = self._addr or (self.host, self.port)
         try:
-            transport, conn = await asyncio.wait_for(self._loop.create_connection(
-                lambda: _Conn(self), host, port, ssl=self.ssl,
-                server_hostname=self.host if self.https else None), timeout_s)
+            if self.clock_map is not None:
+                opening = open_stamped(self._loop, host, port, lambda: _Conn(self), self.clock_map)
+            else:
+                opening = self._loop.create_connection(lambda: _Conn(self), host, port, ssl=self.ssl,
+                                                       server_hostname=self.host if self.https else None)
+            transport, conn = await asyncio.wait_for(opening, timeout_s)
         except asyncio.TimeoutError:
             raise StreamError(R.TIMEOUT, f"connecting to {self.host}:{self.port} timed out") from None
         except (OSError, _ssl.SSLError) as e:

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import aiohttp
+import numpy as np
 
 from .. import records as R
 from ..errors import InputError
 from ..records import RequestRecord
-from .http_lean import ERROR_BODY_BYTES, ERROR_CHARS, LeanClient, StreamError, error_text
+from .http_lean import ERROR_BODY_BYTES, ERROR_CHARS, LeanClient, StreamError
+from .sink import RecordSink
 from .workload import Workload
 
 try:
@@ -23,16 +25,21 @@ try:
 
     def _dumps(obj) -> bytes:
         return _json.dumps(obj)
-    _loads = _json.loads
 except ImportError:  # pragma: no cover
     import json as _json
 
     def _dumps(obj) -> bytes:
         return _json.dumps(obj).encode()
-    _loads = _json.loads
+
+__all__ = ["HTTP_TRANSPORTS", "PATHS", "RecordSink", "ReplayConfig", "ReplayStats", "Replayer"]
 
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 HTTP_TRANSPORTS = ("lean", "aiohttp")
+PREBUILD_MAX = 250_000   # request bodies built before the start (~1 kB each); longer replays build as they go
+GC_EVERY_S = 1.0         # automatic GC is off during a replay; young generations are collected this often...
+PRECONNECT_WINDOW_S, PRECONNECT_MAX = 0.25, 256   # connections opened before t0: the first window's requests
+SPARE_CONNECTIONS = 32   # then this many idle connections are kept ready in the background
+GC_GAP_S = 0.003         # ...when the next send is at least this far away
 
 
 @dataclass
@@ -91,6 +98,12 @@ class Replayer:
         self._t0 = 0.0
         self._client: LeanClient | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._bodies: list[bytes] | None = None
+        self._conn_of: dict[asyncio.Future, Any] = {}   # lean requests sent without a task -> their connection
+        self._arrivals: list[float] = []
+        self._next = 0          # index of the next request to send
+        self._data = b""        # its body, built ahead
+        self._body: Callable[[int], bytes] | None = None
 
     # ------------------------------------------------------------------ public
     def request_stop(self) -> None:
@@ -119,9 +132,37 @@ class Replayer:
             self._session = session
             return await self._run()
 
+    def prepare(self) -> None:
+        """Build every request body before the clock starts (up to PREBUILD_MAX requests; beyond that, each body
+        is built just after the previous send). Idempotent; run() calls it."""
+        if self._bodies is not None:
+            return
+        w, cfg = self.w, self.cfg
+        idx, ins, outs = w.trace_index.tolist(), w.input_tokens.tolist(), w.output_tokens.tolist()
+        base = {"model": cfg.model, "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}, **cfg.extra_body}
+
+        def body(i: int) -> bytes:
+            b = dict(base)
+            b.update(self.payload(idx[i], ins[i]))
+            b["max_tokens"] = outs[i]
+            if cfg.force_output_length:
+                b["min_tokens"] = outs[i]
+                b["ignore_eos"] = True
+            return _dumps(b)
+        self._body = body
+        self._bodies = [body(i) for i in range(len(w))] if len(w) <= PREBUILD_MAX else []
+
     async def _run(self) -> ReplayStats:
+        self.prepare()
+        if self._client is not None and len(self.w):  # connections ready before the clock starts
+            first = int(np.searchsorted(self.w.arrival_s, PRECONNECT_WINDOW_S))
+            await self._client.warm(min(max(first, 1), PRECONNECT_MAX))
+            self._client.spare = SPARE_CONNECTIONS
         gc.collect()
-        gc.freeze()  # long-lived setup objects out of the GC's way: fewer pauses on the hot path
+        gc.freeze()  # long-lived setup objects out of the GC's way
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # no collector pauses while sending; the dispatcher collects in idle gaps instead
         sem = asyncio.Semaphore(self.cfg.max_inflight) if self.cfg.max_inflight else None
         if self.cfg.start_at_unix_s is not None:  # one start time shared with other processes (wall clock)
             self._t0 = self._clock() + (self.cfg.start_at_unix_s - time.time())
@@ -138,50 +179,133 @@ class Replayer:
             raise
         finally:
             self.stats.duration_s = self._clock() - self._t0
+            if gc_was_enabled:
+                gc.enable()
             gc.unfreeze()
         return self.stats
 
     # ------------------------------------------------------------------ internals
     async def _dispatch(self, sem: asyncio.Semaphore | None) -> None:
+        """Wake at each due time and send everything due. With the lean transport the read path also sends a
+        request that falls due while a burst of reads is being handled (client.due / client.on_due), so send lag
+        is bounded by one read's work, not by the whole burst."""
         w, cfg, clock, t0 = self.w, self.cfg, self._clock, self._t0
-        arrivals = w.arrival_s.tolist()
-        idx = w.trace_index.tolist()
-        ins = w.input_tokens.tolist()
-        outs = w.output_tokens.tolist()
-        base = {"model": cfg.model, "stream": True,
-                "stream_options": {"include_usage": True, "continuous_usage_stats": True}, **cfg.extra_body}
-        stop = self.stop_event
-        loop = asyncio.get_running_loop()
-        for i in range(len(arrivals)):
-            if stop.is_set():
-                self.stats.stopped_early = True
-                return
-            body = dict(base)
-            body.update(self.payload(idx[i], ins[i]))
-            body["max_tokens"] = outs[i]
-            if cfg.force_output_length:
-                body["min_tokens"] = outs[i]
-                body["ignore_eos"] = True
-            data = _dumps(body)   # built before the wait: off the critical path
-            target = t0 + arrivals[i]
-            delay = target - clock()
-            if delay > cfg.spin_s:
-                await asyncio.sleep(delay - cfg.spin_s)
-            while clock() < target:  # yield-spin the last stretch; other tasks keep running
-                await asyncio.sleep(0)
-            if sem is not None:
-                if sem.locked():
-                    self.stats.inflight_cap_waits += 1
-                await sem.acquire()
-            rec = RequestRecord(request_id=f"r{idx[i]}", trace_index=idx[i], intended_send_s=arrivals[i],
-                                planned_input_tokens=ins[i], planned_output_tokens=outs[i])
-            task = loop.create_task(self._one(rec, data, sem))
+        self._arrivals = arrivals = w.arrival_s.tolist()
+        self._next = 0
+        self._data = (self._bodies[0] if self._bodies else self._body(0)) if arrivals else b""
+        n, stop, spin_s = len(arrivals), self.stop_event, cfg.spin_s
+        client = self._client if sem is None else None
+        next_gc = clock() + GC_EVERY_S
+        if client is not None:
+            client.on_due = self._send_due
+        try:
+            while self._next < n:
+                if stop.is_set():
+                    self.stats.stopped_early = True
+                    return
+                target = t0 + arrivals[self._next]
+                if client is not None:
+                    client.due = target
+                now = clock()
+                if target - now > GC_GAP_S and now > next_gc:  # an idle gap: collect young garbage now
+                    gc.collect(1)
+                    next_gc = now + GC_EVERY_S
+                    now = clock()
+                delay = target - now
+                if delay > spin_s:
+                    await asyncio.sleep(delay - spin_s)
+                if self._next < n and t0 + arrivals[self._next] == target:  # not sent meanwhile by the read path
+                    while clock() < target:  # yield-spin the last stretch; other tasks keep running
+                        await asyncio.sleep(0)
+                    if sem is not None:
+                        if sem.locked():
+                            self.stats.inflight_cap_waits += 1
+                        await sem.acquire()
+                        self._send(self._next, sem)
+                        self._next += 1
+                        self._data = self._next_body()
+                    else:
+                        self._send_due()
+        finally:
+            if client is not None:
+                client.due, client.on_due = float("inf"), None
+
+    def _next_body(self) -> bytes:
+        i = self._next
+        if i >= len(self._arrivals):
+            return b""
+        return self._bodies[i] if self._bodies else self._body(i)
+
+    def _send_due(self) -> None:
+        """Send every request whose time has come (also called from the lean client's read path)."""
+        arrivals, t0, clock, n = self._arrivals, self._t0, self._clock, len(self._arrivals)
+        client = self._client
+        while self._next < n and t0 + arrivals[self._next] <= clock():
+            if self.stop_event.is_set():
+                break
+            self._send(self._next, None)
+            self._next += 1
+            self._data = self._next_body()
+        if client is not None:
+            client.due = t0 + arrivals[self._next] if self._next < n else float("inf")
+
+    def _send(self, i: int, sem: asyncio.Semaphore | None) -> None:
+        w, stats = self.w, self.stats
+        ti = int(w.trace_index[i])
+        rec = RequestRecord(request_id=f"r{ti}", trace_index=ti, intended_send_s=self._arrivals[i],
+                            planned_input_tokens=int(w.input_tokens[i]), planned_output_tokens=int(w.output_tokens[i]))
+        data = self._data
+        started = self._send_now(rec, data) if self._client is not None and sem is None else None
+        if started is None:   # aiohttp, an in-flight cap, or no idle connection: a task sends it
+            task = asyncio.get_running_loop().create_task(self._one(rec, data, sem))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
-            self.stats.sent += 1
-            self._active += 1
-            if self._active > self.stats.inflight_peak:
-                self.stats.inflight_peak = self._active
+        stats.sent += 1
+        self._active += 1
+        if self._active > stats.inflight_peak:
+            stats.inflight_peak = self._active
+
+    def _send_now(self, rec: RequestRecord, data: bytes) -> asyncio.Future | None:
+        """The lean hot path: write on an idle connection right now (no task); the response completes the record
+        in a done callback. None when no connection is idle."""
+        clock, t0 = self._clock, self._t0
+        send = clock()
+        sink = RecordSink(rec, t0, send)
+        started = self._client.start_now(data, sink, send=send, timeout_s=self.cfg.timeout_s,
+                                         idle_timeout_s=self.cfg.idle_timeout_s, request_id=rec.request_id)
+        if started is None:
+            return None
+        fut, conn = started
+        rec.actual_send_s = send - t0
+        self._conn_of[fut] = conn
+        self._inflight.add(fut)
+        fut.add_done_callback(lambda f: self._sent_done(f, rec, sink))
+        return fut
+
+    def _sent_done(self, fut: asyncio.Future, rec: RequestRecord, sink: "RecordSink") -> None:
+        self._inflight.discard(fut)
+        self._conn_of.pop(fut, None)
+        if fut.cancelled():
+            rec.status, rec.error = R.CANCELLED, "cancelled at shutdown"
+            sink.partial()
+        else:
+            e = fut.exception()
+            if isinstance(e, StreamError):
+                rec.status, rec.error = e.status, str(e)[:ERROR_CHARS]
+                sink.partial()
+            elif e is not None:
+                rec.status, rec.error = R.ERROR, f"{type(e).__name__}: {e}"[:ERROR_CHARS]
+        self._finished(rec, sink.end if sink.end is not None else self._clock(), None)
+
+    def _finished(self, rec: RequestRecord, end: float, sem: asyncio.Semaphore | None) -> None:
+        rec.end_s = end - self._t0
+        self._active -= 1
+        if sem is not None:
+            sem.release()
+        self.stats.finished += 1
+        if rec.status != R.OK:
+            self.stats.failed += 1
+        self.sink(rec)
 
     async def _drain(self, grace_s: float | None) -> None:
         if not self._inflight:
@@ -192,7 +316,11 @@ class Replayer:
             return
         done, pending = await asyncio.wait(pending, timeout=grace_s)
         for t in pending:
-            t.cancel()
+            conn = self._conn_of.get(t)
+            if conn is not None:
+                conn.cancel(t)   # fails the request with status cancelled (its done callback records it)
+            else:
+                t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
@@ -225,14 +353,7 @@ class Replayer:
         except Exception as e:  # never crash the run on one bad response
             rec.status, rec.error = R.ERROR, f"{type(e).__name__}: {e}"[:ERROR_CHARS]
         finally:
-            rec.end_s = clock() - t0
-            self._active -= 1
-            if sem is not None:
-                sem.release()
-            self.stats.finished += 1
-            if rec.status != R.OK:
-                self.stats.failed += 1
-            self.sink(rec)
+            self._finished(rec, sink.end if sink.end is not None and rec.status == R.OK else clock(), sem)
 
     async def _one_aiohttp(self, data: bytes, sink: RecordSink, request_id: str) -> None:
         """The aiohttp transport: the same RecordSink, fed from aiohttp's stream reader."""
@@ -245,120 +366,3 @@ class Replayer:
                 async for chunk in resp.content.iter_any():
                     sink.on_body(chunk, clock())
             sink.on_end(clock())
-
-
-# ------------------------------------------------------------------ response -> record (both transports)
-_SSE, _JSON, _ERR = 0, 1, 2
-
-
-class RecordSink:
-    """Turns one response into RequestRecord fields. Transports call on_head, on_body(data, now) per network
-    read, then on_end(now); `now` is on the same clock as `send` and `t0`. on_body/on_end raise StreamError."""
-    __slots__ = ("rec", "t0", "send", "mode", "buf", "prev", "counted", "done", "usage", "reason", "_last_now")
-
-    def __init__(self, rec: RequestRecord, t0: float, send: float):
-        self.rec, self.t0, self.send = rec, t0, send
-        self.mode, self.buf, self.prev, self.counted, self.done, self.usage = _SSE, b"", 0, 0, False, None
-        self.reason = ""
-        self._last_now = -1.0
-
-    def on_head(self, status: int, reason: str, headers: Any) -> None:
-        self.rec.http_status, self.reason = status, reason
-        if status != 200:
-            self.mode = _ERR
-        elif not (headers.get("content-type") or "").startswith("text/event-stream"):
-            self.mode = _JSON
-
-    def on_body(self, data: bytes, now: float) -> None:
-        if self.mode == _SSE:
-            self._feed(data, now)
-        elif self.mode == _JSON or len(self.buf) < ERROR_BODY_BYTES:
-            self.buf += data
-
-    def on_end(self, now: float) -> None:
-        rec = self.rec
-        if self.mode == _ERR:
-            rec.status = R.HTTP_ERROR
-            rec.error = error_text(self.buf[:ERROR_BODY_BYTES]) or self.reason or f"HTTP {rec.http_status}"
-        elif self.mode == _JSON:  # non-streaming server: the whole answer is one chunk
-            try:
-                msg = _loads(self.buf)
-            except ValueError:
-                raise StreamError(R.ERROR, f"malformed JSON response: {self.buf[:80]!r}") from None
-            usage = (msg.get("usage") if isinstance(msg, dict) else None) or {}
-            rec.actual_input_tokens = usage.get("prompt_tokens")
-            rec.actual_output_tokens = usage.get("completion_tokens")
-            rec.first_token_s = rec.last_token_s = now - self.t0
-            rec.chunk_offsets_s.append(now - self.send)
-            rec.chunk_tokens.append(rec.actual_output_tokens or 1)
-            rec.status = R.OK
-        else:
-            self.partial()
-            if self.done:
-                rec.status = R.OK
-            else:
-                rec.status, rec.error = R.DISCONNECTED, "stream ended without [DONE]"
-
-    def partial(self) -> None:
-        """Token totals from what arrived so far (also called when a request fails mid-stream)."""
-        if self.mode != _SSE or self.rec.http_status is None:
-            return
-        u = self.usage
-        if u:
-            self.rec.actual_input_tokens = u.get("prompt_tokens")
-            self.rec.actual_output_tokens = u.get("completion_tokens")
-        else:
-            self.rec.actual_output_tokens = self.counted
-
-    def _feed(self, data: bytes, now: float) -> None:
-        buf = self.buf + data if self.buf else data
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        events = buf.split(b"\n\n")
-        self.buf = events.pop()
-        for ev in events:
-            if ev.startswith(b"data:") and b"\n" not in ev:
-                self._event(ev[5:].strip(), now)
-            else:  # several lines: join the data fields (SSE); comments and other fields are skipped
-                parts = [ln[5:].strip() for ln in ev.split(b"\n") if ln.startswith(b"data:")]
-                if parts:
-                    self._event(b"\n".join(parts), now)
-
-    def _event(self, payload: bytes, now: float) -> None:
-        if payload == b"[DONE]":
-            self.done = True
-            return
-        try:
-            msg = _loads(payload)
-        except ValueError:
-            raise StreamError(R.ERROR, f"malformed SSE data: {payload[:80]!r}") from None
-        if type(msg) is not dict:
-            raise StreamError(R.ERROR, f"malformed SSE data: {payload[:80]!r}")
-        if "error" in msg and "choices" not in msg:
-            raise StreamError(R.ERROR, error_text(payload))
-        u = msg.get("usage")
-        choices = msg.get("choices")
-        if u:
-            self.usage = u
-        if not choices:
-            return  # e.g. the final usage-only chunk
-        if u and u.get("completion_tokens") is not None:
-            k = u["completion_tokens"] - self.prev
-            self.prev = u["completion_tokens"]
-        else:  # no continuous usage: one token per non-empty delta
-            c = choices[0]
-            text = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
-            k = 1 if text else 0
-        if k > 0:
-            rec = self.rec
-            self.counted += k
-            if rec.chunk_offsets_s and now == self._last_now:
-                # events that arrived in the same network read are one chunk: the client saw them at once
-                rec.chunk_tokens[-1] += k
-                return
-            if not rec.chunk_offsets_s:
-                rec.first_token_s = now - self.t0
-            self._last_now = now
-            rec.chunk_offsets_s.append(now - self.send)
-            rec.chunk_tokens.append(k)
-            rec.last_token_s = now - self.t0

@@ -1,6 +1,7 @@
 """Replay fidelity: did the client send on schedule and the server return the planned token counts?
 
-A "client-behind" verdict means latency numbers include client lag, not only server latency.
+A "client-behind" verdict means latency numbers include client lag, not only server latency; "over-ceiling" means
+the run offered more than the client's calibrated ceiling (`splitbench calibrate`) in some 1 s window.
 """
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import numpy as np
 
 from ..records import RequestRecord
 
-DEFAULT_LIMITS = {"lag_p99_limit_s": 0.010, "min_rate_ratio": 0.95}
+DEFAULT_LIMITS = {"lag_p99_limit_s": 0.010, "min_rate_ratio": 0.95, "ceiling_rps": None}
+
+
+def peak_rate_rps(times: Sequence[float], window_s: float = 1.0) -> float | None:
+    """Most times in any window_s-long sliding window, per second; None without times."""
+    a = np.sort(np.asarray(times, dtype=np.float64))
+    if a.size == 0:
+        return None
+    return float((np.searchsorted(a, a + window_s, side="left") - np.arange(a.size)).max()) / window_s
 
 
 def _rate(times: Sequence[float]) -> float | None:
@@ -54,6 +63,8 @@ def fidelity_section(records: Sequence[RequestRecord], limits: dict | None = Non
     achieved = _rate([r.actual_send_s for r in sent])
     ratio = achieved / trace_rate if achieved is not None and trace_rate else None
     tokens = token_mismatches(records)
+    peak = peak_rate_rps([r.intended_send_s for r in records])
+    ceiling = lim.get("ceiling_rps")
 
     reasons, flags = [], []
     if lag["p99"] is not None and lag["p99"] > lim["lag_p99_limit_s"]:
@@ -67,10 +78,18 @@ def fidelity_section(records: Sequence[RequestRecord], limits: dict | None = Non
     verdict = "client-behind" if reasons else "ok"
     if reasons:
         flags.append("client-behind")
+    if ceiling and peak is not None and peak > ceiling:
+        flags.append("over-ceiling")
+        reasons.append(f"peak offered rate {peak:.0f} req/s (busiest 1 s) exceeds this client's calibrated ceiling "
+                       f"{ceiling:.0f} req/s: past it the client no longer keeps TTFT and send times exact, "
+                       "even where lag looks fine; use --workers or a lower rate")
+        if verdict == "ok":
+            verdict = "over-ceiling"
     if tokens["input_mismatch"] or tokens["output_mismatch"]:
         flags.append("token-mismatch")
         reasons.append(f"{tokens['input_mismatch']} input / {tokens['output_mismatch']} output token "
                        "counts differ from the plan")
     return {"lag_s": lag, "sent": len(sent), "trace_rate_rps": trace_rate, "achieved_rate_rps": achieved,
+            "peak_offered_rps": peak, "ceiling_rps": ceiling,
             "rate_ratio": ratio, "tokens": tokens, "limits": lim, "verdict": verdict, "flags": flags,
             "reasons": reasons}

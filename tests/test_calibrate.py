@@ -1,0 +1,153 @@
+"""Client calibration: the ceiling search, point scoring, the per-host store, and runs that record and judge
+their peak offered rate against it (real stub runs)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from splitbench import calibrate as C
+from splitbench import records as R
+from splitbench.metrics.fidelity import fidelity_section
+from splitbench.records import RequestRecord
+from splitbench.runner import RunOptions, run
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_peak_rate_is_the_busiest_one_second_window():
+    # 3 requests in [0, 1), then 5 packed into [2.0, 2.4], then one at 10
+    a = np.array([0.0, 0.5, 0.9, 2.0, 2.1, 2.2, 2.3, 2.4, 10.0])
+    assert C.peak_rate_rps(a) == 5.0
+    assert C.peak_rate_rps(a, window_s=0.25) == 12.0   # 3 in [2.0, 2.25)
+    assert C.peak_rate_rps(np.array([])) is None
+
+
+def _pt(rate, ok):
+    return {"target_rps": rate, "pass": ok}
+
+
+def test_search_climbs_then_bisects_to_the_resolution():
+    ramp = (250, 500, 1000, 2000)
+    assert C.next_rate([], ramp) == 250
+    assert C.next_rate([_pt(250, True), _pt(500, True)], ramp) == 1000
+    pts = [_pt(250, True), _pt(500, True), _pt(1000, False)]
+    assert C.next_rate(pts, ramp) == 750
+    pts += [_pt(750, True)]
+    assert C.next_rate(pts, ramp) == 875
+    pts += [_pt(875, False), _pt(812.5, True)]
+    assert C.next_rate(pts, ramp) is None   # 812.5 .. 875 is within 10%
+    assert C.next_rate([_pt(r, True) for r in ramp], ramp) is None   # passed the whole ramp
+    assert C.next_rate([_pt(250, False)], ramp) == 125
+    assert C.next_rate([_pt(250, False), _pt(125, False), _pt(62.5, False)], ramp) is None
+
+
+def _recs(n, rate, lag_s=0.0, ttft_s=0.02):
+    out = []
+    for i in range(n):
+        t = 1.0 + i / rate
+        r = RequestRecord(f"r{i}", i, t, 8, 4, actual_send_s=t + lag_s, status=R.OK, actual_output_tokens=4)
+        r.first_token_s = r.actual_send_s + ttft_s
+        r.end_s = r.first_token_s + 0.01
+        out.append(r)
+    return out
+
+
+def test_score_point_applies_each_criterion():
+    good = C.score_point(_recs(200, 100.0), 100.0, 0.02, cpu_s=0.5)
+    assert good["pass"] and abs(good["achieved_rps"] - 100.0) < 1e-6 and good["cpu_s_per_request"] == 0.0025
+    slow = C.score_point(_recs(200, 100.0, ttft_s=0.0265), 100.0, 0.02, cpu_s=0.5)
+    assert not slow["pass"] and "TTFT p99 error 6.50 ms" in slow["reason"]
+    recs = _recs(200, 100.0)
+    for r in recs[-5:]:   # 2.5% of sends 3 ms late: p99 lag is over 2 ms
+        r.actual_send_s += 0.003
+    assert "lag p99" in C.score_point(recs, 100.0, 0.02, cpu_s=0.5)["reason"]
+    recs = _recs(200, 100.0)
+    for r in recs[::10]:
+        r.status = R.TIMEOUT
+    assert "failed" in C.score_point(recs, 100.0, 0.02, cpu_s=0.5)["reason"]
+
+
+def test_store_roundtrip_per_host_and_workers(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path))
+    assert C.stored_ceiling(1) is None
+    path = C.save_result({"workers": 1, "ceiling_rps": 1800.0, "created_unix_s": 1.0})
+    C.save_result({"workers": 2, "ceiling_rps": 3000.0})
+    assert path.parent == tmp_path / "calibration" and path.name == C.host_id() + ".json"
+    data = json.loads(path.read_text())
+    assert data["host"]["hostname"] == R.host_info()["hostname"]
+    assert C.stored_ceiling(1)["ceiling_rps"] == 1800.0 and C.stored_ceiling(2)["ceiling_rps"] == 3000.0
+    sec = C.client_section(np.arange(2048) / 1024, workers=1)   # exact binary fractions: 1024 per second
+    assert sec["ceiling_rps"] == 1800.0 and sec["peak_offered_rps"] == 1024.0
+    assert sec["headroom"] == 1800.0 / 1024
+    path.write_text("{not json")
+    assert "unreadable calibration file" in C.client_section(np.zeros(3))["error"]
+
+
+def test_fidelity_flags_over_ceiling():
+    recs = _recs(600, 256.0)   # exact binary fractions: 256 sends in every 1 s window
+    f = fidelity_section(recs, {"ceiling_rps": 150.0})
+    assert f["verdict"] == "over-ceiling" and "over-ceiling" in f["flags"] and f["peak_offered_rps"] == 256.0
+    assert "calibrated ceiling 150" in f["reasons"][0]
+    assert fidelity_section(recs, {"ceiling_rps": 260.0})["verdict"] == "ok"
+    assert fidelity_section(recs)["verdict"] == "ok"
+
+
+def test_measure_point_against_the_stub_passes_at_a_low_rate():
+    p = C.measure_point(100.0, 1.0, stub_cpu=-1)
+    assert p["ok"] == p["requests"] > 60 and p["achieved_rps"] > 80, p   # timing criteria: too noisy to assert
+    assert p["pass"] == (p["lag_p99_s"] <= 0.002 and p["ttft_p99_error_s"] <= 0.005 and p["rate_ratio"] >= 0.95)
+    assert p["requests"] > 60 and 0.8 < p["rate_ratio"] < 1.2 and p["cpu_s_per_request"] > 0
+    assert 0 <= p["ttft_p50_error_s"] < 0.005 and p["tokens_per_s"] > 100
+    assert isinstance(p["stub_lateness_p99_s"], float)   # the stub's own lateness, read from its /metrics
+
+
+def test_runs_record_the_stored_ceiling_and_are_judged_by_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path / "cache"))
+    C.save_result({"workers": 1, "ceiling_rps": 50.0, "created_unix_s": 1.0, "tokens_per_s": 1600.0})
+    spec = "synth:arrivals=poisson,rate=120,duration=1,lengths=fixed,input=16,output=4,seed=2"
+    res = run(RunOptions(trace=spec, duration_s=None, backend="stub", results_dir=str(tmp_path / "r"),
+                         vocab_size=1000, backend_options={"ttft_s": 0.005, "tpot_s": 0.001, "cpu": -1}))
+    client = json.loads((res.run_dir / R.RUN_FILE).read_text())["client"]
+    assert client["ceiling_rps"] == 50.0 and client["peak_offered_rps"] > 60
+    assert client["headroom"] == pytest.approx(50.0 / client["peak_offered_rps"])
+    assert client["calibration"]["tokens_per_s"] == 1600.0
+    f = res.summary["fidelity"]
+    assert "over-ceiling" in f["flags"] and f["ceiling_rps"] == 50.0
+
+
+def test_a_busy_client_loop_does_not_land_in_ttft():
+    """The loop is blocked 80 ms while the first token arrives (stub TTFT 20 ms, served from another thread):
+    kernel receive stamps still put the first token at ~20 ms; user-space stamps (kernel_stamps=False) at ~85."""
+    import asyncio
+    import time
+
+    from splitbench.backends.stub import run_stub_in_thread
+    from splitbench.loadgen.http_lean import LeanClient
+    from splitbench.loadgen.replayer import RecordSink
+    from splitbench.timing import run as run_loop
+
+    url, stop = run_stub_in_thread(ttft_s=0.02, tpot_s=0.002)
+    body = json.dumps({"model": "stub-model", "prompt": [5] * 8, "max_tokens": 3, "stream": True,
+                       "stream_options": {"include_usage": True, "continuous_usage_stats": True}}).encode()
+
+    async def one(kernel_stamps: bool) -> float:
+        client = LeanClient(url + "/v1/completions", kernel_stamps=kernel_stamps)
+        try:
+            await client.warm(1)
+            rec = RequestRecord("r", 0, 0.0, 8, 3)
+            send = time.perf_counter()
+            asyncio.get_running_loop().call_later(0.005, time.sleep, 0.08)   # the client is busy elsewhere
+            await client.request(body, RecordSink(rec, 0.0, send), send=send)
+            assert rec.status == R.OK and rec.actual_output_tokens == 3
+            return rec.first_token_s - send
+        finally:
+            await client.close()
+    try:
+        stamped = run_loop(one(True))
+        unstamped = run_loop(one(False))
+    finally:
+        stop()
+    assert 0.019 < stamped < 0.030, stamped
+    assert unstamped > 0.08, unstamped
