@@ -97,6 +97,21 @@ def _prompt_source(opts: RunOptions, model_info: dict):
                           shared_prefix_tokens=opts.shared_prefix_tokens)
 
 
+def connect(opts: RunOptions, backend, workload: Workload):
+    """After backend.start(): (base_url, headers, model_info, model, workload, prompts) -- the served model, the
+    workload clipped to its max_model_len (clipping is the last transform and leaves arrivals alone) and the
+    prompt source. Shared by run() and the Locust launcher."""
+    base_url = backend.endpoint()
+    headers = backend.headers() if hasattr(backend, "headers") else {}
+    model_info = served_model(base_url, headers)
+    model = opts.model or model_info.get("id") or "default"
+    if opts.max_context_tokens is None and model_info.get("max_model_len"):
+        from .loadgen.transforms import clip_context, workload_digest
+        workload = clip_context(workload, int(model_info["max_model_len"]))
+        workload.source["workload_sha256"] = workload_digest(workload)
+    return base_url, headers, model_info, model, workload, _prompt_source(opts, model_info)
+
+
 def new_run_id(backend: str, trace: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(trace).stem)[:40]
@@ -231,16 +246,7 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
     try:
         on_status(f"starting backend {opts.backend}")
         backend.start(run_dir)
-        base_url = backend.endpoint()
-        headers = backend.headers() if hasattr(backend, "headers") else {}
-        model_info = served_model(base_url, headers)
-        model = opts.model or model_info.get("id") or "default"
-        if opts.max_context_tokens is None and model_info.get("max_model_len"):
-            # clipping is the last transform and leaves arrivals alone: apply it to the loaded workload
-            from .loadgen.transforms import clip_context, workload_digest
-            workload = clip_context(workload, int(model_info["max_model_len"]))
-            workload.source["workload_sha256"] = workload_digest(workload)
-        prompts = _prompt_source(opts, model_info)
+        base_url, headers, model_info, model, workload, prompts = connect(opts, backend, workload)
         instances = backend_instances(backend.describe())
         meta["hardware"] = hardware_for(opts, instances)
         sampler = start_power(opts, instances, run_dir)

@@ -146,14 +146,7 @@ def run_locust(opts, lo: LocustOptions, on_status: Callable[[str], None] = lambd
     from ..accounting import backend_instances, hardware_for
     from ..backends import get_backend
     from ..loadgen.replayer import PATHS, ReplayConfig
-    from ..runner import (
-        _prompt_source,
-        ensure_trace,
-        load,
-        new_run_id,
-        report,
-        served_model,
-    )
+    from ..runner import connect, ensure_trace, load, new_run_id, report
     check_options(lo)
     if lo.worker:
         return run_worker(lo)
@@ -183,15 +176,7 @@ def run_locust(opts, lo: LocustOptions, on_status: Callable[[str], None] = lambd
     try:
         on_status(f"starting backend {opts.backend}")
         backend.start(run_dir)
-        base_url = backend.endpoint()
-        headers = backend.headers() if hasattr(backend, "headers") else {}
-        model_info = served_model(base_url, headers)
-        model = opts.model or model_info.get("id") or "default"
-        if opts.max_context_tokens is None and model_info.get("max_model_len"):
-            from .transforms import clip_context, workload_digest
-            workload = clip_context(workload, int(model_info["max_model_len"]))
-            workload.source["workload_sha256"] = workload_digest(workload)
-        prompts = _prompt_source(opts, model_info)
+        base_url, headers, model_info, model, workload, prompts = connect(opts, backend, workload)
         meta["hardware"] = hardware_for(opts, backend_instances(backend.describe()))
         cfg = ReplayConfig(base_url=base_url, model=model, api=opts.api, http=opts.http,
                            max_inflight=opts.max_inflight, timeout_s=opts.timeout_s, grace_s=opts.grace_s)
