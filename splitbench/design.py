@@ -49,17 +49,15 @@ class Evaluated:
     verdict: dict | None = None
 
 
-def _unit(design: str, catalog) -> tuple[float, float]:
-    """$/h and provisioned W of one machine of each pool of `design`, averaged (used only for budgets)."""
-    ms = [catalog[m] for _, m in DESIGNS[design]]
-    return sum(m.usd_per_hour for m in ms) / len(ms), sum(m.server_power_w for m in ms) / len(ms)
+def _budget(spec: DesignSpec, catalog) -> tuple[str, float]:
+    """(catalog field the budget counts, budget): budget_machines of the budget design's machine, in W or $/h."""
+    key = "server_power_w" if spec.budget == "iso-power" else "usd_per_hour"
+    return key, getattr(catalog[DESIGNS[spec.budget_design][0][1]], key) * spec.budget_machines
 
 
 def configurations(spec: DesignSpec, catalog) -> list[tuple[str, list[tuple[str, str, int]]]]:
     """Every (design, pools) configuration within the budget, using as much of it as whole machines allow."""
-    ref = catalog[DESIGNS[spec.budget_design][0][1]]
-    key = "server_power_w" if spec.budget == "iso-power" else "usd_per_hour"
-    budget = getattr(ref, key) * spec.budget_machines
+    key, budget = _budget(spec, catalog)
     out = []
     for d in spec.designs:
         pools = DESIGNS[d]
@@ -84,9 +82,7 @@ def configurations(spec: DesignSpec, catalog) -> list[tuple[str, list[tuple[str,
 def grid_configurations(spec: DesignSpec, catalog) -> list[tuple[str, list[tuple[str, str, int]]]]:
     """Configurations of every size within the budget (cost/power objectives look for the smallest that serves
     the target rate): single-pool designs 1..N machines, split designs a (prompt x token) grid of ~splits^2."""
-    ref = catalog[DESIGNS[spec.budget_design][0][1]]
-    key = "server_power_w" if spec.budget == "iso-power" else "usd_per_hour"
-    budget = getattr(ref, key) * spec.budget_machines
+    key, budget = _budget(spec, catalog)
     out = []
     for d in spec.designs:
         pools = DESIGNS[d]

@@ -210,6 +210,22 @@ class Frames:
         return b"".join(parts)
 
 
+def whole_completion(chat: bool, model: str, n_in: int, n_out: int) -> dict[str, Any]:
+    """The body of a non-streamed completion (vLLM's shape) with n_out tokens; both servers send it."""
+    text = (TOKEN * n_out).decode()
+    usage = {"prompt_tokens": n_in, "total_tokens": n_in + n_out, "completion_tokens": n_out,
+             "prompt_tokens_details": None}
+    choice: dict[str, Any] = {"index": 0}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
+    else:
+        choice["text"] = text
+    choice.update(logprobs=None, finish_reason="length", stop_reason=None)
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": usage}
+
+
 def new_counters() -> dict[str, int]:
     return {"requests": 0, "running": 0, "success": 0, "prompt": 0, "generation": 0, "faults": 0,
             "prefill_only": 0, "remote_decode": 0, "kv_blocks": 0}

@@ -7,7 +7,6 @@ import json
 import random
 import time
 import uuid
-from typing import Any
 
 from aiohttp import web
 
@@ -24,6 +23,7 @@ from .stub import (
     metrics_text,
     new_counters,
     stats,
+    whole_completion,
 )
 
 
@@ -183,21 +183,9 @@ class StubServer:
             return web.Response(status=499)
         if kind == "garbage":
             return web.Response(body=b'{"id": "garbage", "choices": [', content_type="application/json")
-        text = (TOKEN * n_out).decode()
-        usage = {"prompt_tokens": n_in, "total_tokens": n_in + n_out, "completion_tokens": n_out,
-                 "prompt_tokens_details": None}
-        choice: dict[str, Any] = {"index": 0}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
-        else:
-            choice["text"] = text
-        choice.update(logprobs=None, finish_reason="length", stop_reason=None)
         self.n["generation"] += n_out
         self.n["success"] += 1
-        return web.json_response({
-            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage})
+        return web.json_response(whole_completion(chat, model, n_in, n_out))
 
 
 async def serve_aiohttp(cfg: StubConfig, host: str, port: int, stop: asyncio.Event, on_ready=None) -> dict:

@@ -9,7 +9,6 @@ import json
 import random
 import time
 import uuid
-from typing import Any
 
 try:
     from orjson import loads
@@ -27,6 +26,7 @@ from .stub import (
     metrics_text,
     new_counters,
     stats,
+    whole_completion,
 )
 from .stub_ticker import Call, Stream, Ticker
 
@@ -166,21 +166,9 @@ class LeanStub:
             return conn.transport.abort()
         if kind == "garbage":
             return conn.reply(200, b'{"id": "garbage", "choices": [')
-        text = (TOKEN * n_out).decode()
-        usage = {"prompt_tokens": n_in, "total_tokens": n_in + n_out, "completion_tokens": n_out,
-                 "prompt_tokens_details": None}
-        choice: dict[str, Any] = {"index": 0}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
-        else:
-            choice["text"] = text
-        choice.update(logprobs=None, finish_reason="length", stop_reason=None)
         self.n["generation"] += n_out
         self.n["success"] += 1
-        conn.reply(200, json.dumps({
-            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage}).encode())
+        conn.reply(200, json.dumps(whole_completion(chat, model, n_in, n_out)).encode())
 
     def _kv_prefill_only(self, conn, chat, body, n_in, t_recv, head, low) -> None:
         """vLLM NixlConnector's prefill side: after ttft_s, one token, not streamed, with the kv_transfer_params
