@@ -173,6 +173,17 @@ def _interp(x: np.ndarray, y: np.ndarray, v: float) -> float:
 
 # ----------------------------------------------------------------------------- the model
 
+def _base_medians(pts: list[dict], kv: float) -> tuple[list[int], list[float], list[int]]:
+    """Per batch size: median over rows of token_time - kv x b x (p + (t-2)/2) (the run's mean context), and the
+    row counts. The kv fit's guard and base(b) use this one computation."""
+    bs, ys, ws = [], [], []
+    for b in sorted({pt["b"] for pt in pts if pt["decode"]}):
+        vals = [r["token_time"] / 1e3 - kv * b * (pt["p"] + (pt["t"] - 2) / 2)
+                for pt in pts if pt["b"] == b and pt["decode"] for r in pt["rows"]]
+        bs.append(b), ys.append(float(np.median(vals))), ws.append(len(vals))
+    return bs, ys, ws
+
+
 class PerfModel:
     """Iteration times of one (model, hardware, tensor_parallel) profile group, in seconds.
 
@@ -267,9 +278,8 @@ class PerfModel:
             elif se is None or se > 0.5 * fitted:
                 why = "fit is unstable (standard error > 50% of the value)"
             else:   # the context term may not explain more than the batch sweep's measured iterations
-                base = [pt["token_time"] / 1e3 - fitted * pt["b"] * (pt["p"] + (pt["t"] - 2) / 2)
-                        for pt in pts if pt["decode"]]
-                if min(base) <= 0:
+                base = _base_medians(pts, fitted)[1]
+                if not base or min(base) <= 0:
                     why = "fit exceeds whole measured iterations of larger batches (base time <= 0)"
         else:
             why = "fewer than 3 distinct batch-1 (prompt, tokens) points"
@@ -289,11 +299,7 @@ class PerfModel:
 
     def _fit_base(self, pts: list[dict]) -> None:
         """base(b) = median over rows of token_time - kv x b x (p + (t-2)/2) (the run's mean context)."""
-        kv, bs, ys, ws = self.kv_s_per_token, [], [], []
-        for b in sorted({pt["b"] for pt in pts if pt["decode"]}):
-            vals = [r["token_time"] / 1e3 - kv * b * (pt["p"] + (pt["t"] - 2) / 2)
-                    for pt in pts if pt["b"] == b and pt["decode"] for r in pt["rows"]]
-            bs.append(b), ys.append(float(np.median(vals))), ws.append(len(vals))
+        bs, ys, ws = _base_medians(pts, self.kv_s_per_token)
         if not bs:
             raise InputError(f"profile group {self.model}/{self.hardware}/TP{self.tensor_parallel}: no point usable "
                              "for decode (need output tokens >= 2)", file=self._info["source"])
