@@ -20,9 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from splitbench import calibrate as C
+from splitbench.app import calibrate as C
 from splitbench.backends import get_backend
-from splitbench.backends.tiny_model import ensure_tiny_model
+from splitbench.servers.tiny_model import ensure_tiny_model
 
 VBENCH = """import sys
 from vllm.benchmarks.serve import add_cli_args, main

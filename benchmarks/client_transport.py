@@ -13,12 +13,12 @@ import sys
 
 import numpy as np
 
-from splitbench import records as R
+from splitbench.schema import records as R
 from splitbench import timing
-from splitbench.backends.stub_backend import StubBackend
-from splitbench.loadgen.prompts import TokenIdPrompts
-from splitbench.loadgen.replayer import HTTP_TRANSPORTS, ReplayConfig, Replayer
-from splitbench.loadgen.traces import load_workload
+from splitbench.backends.stub import StubBackend
+from splitbench.workload.prompts import TokenIdPrompts
+from splitbench.client.replayer import HTTP_TRANSPORTS, ReplayConfig, Replayer
+from splitbench.workload.traces import load_workload
 
 
 _HZ = os.sysconf("SC_CLK_TCK")

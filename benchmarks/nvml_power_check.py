@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from splitbench.clusters.power import PowerSamplerProcess, energy_by_gpu, load_power_samples
+from splitbench.hardware.power import PowerSamplerProcess, energy_by_gpu, load_power_samples
 
 
 def _matmul_setup(n: int):

@@ -16,11 +16,11 @@ import tempfile
 
 import numpy as np
 
-from splitbench import records as R
-from splitbench.backends.stub_backend import StubBackend
-from splitbench.clusters.phaselog import load_phase_log
-from splitbench.clusters.router_process import RouterProcess
-from splitbench.runner import RunOptions, run
+from splitbench.schema import records as R
+from splitbench.backends.stub import StubBackend
+from splitbench.servers.phaselog import load_phase_log
+from splitbench.servers.router_process import RouterProcess
+from splitbench.app.runner import RunOptions, run
 
 
 def _ttft_ms(run_dir) -> np.ndarray:

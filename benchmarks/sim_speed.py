@@ -17,10 +17,10 @@ from __future__ import annotations
 import sys
 import time
 
-from splitbench.clusters.sim_cluster import SimPool
-from splitbench.loadgen.traces import load_workload
+from splitbench.sim.cluster import SimPool
+from splitbench.workload.traces import load_workload
 from splitbench.metrics.latency import metric_values, stat_of
-from splitbench.simrun import build_setup, run_sim, sim_config
+from splitbench.app.simrun import build_setup, run_sim, sim_config
 
 CASES = (
     ("azure-conv-2023 full hour, 70 machines", "azure-conv-2023",

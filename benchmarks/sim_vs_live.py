@@ -20,9 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
-from splitbench import records as R
+from splitbench.schema import records as R
 from splitbench.metrics.latency import metric_values, stat_of
-from splitbench.simrun import SimOptions, simulate_run
+from splitbench.app.simrun import SimOptions, simulate_run
 
 METRICS = (("ttft", "TTFT"), ("tbt", "TBT"), ("e2e", "E2E"))
 
@@ -106,11 +106,11 @@ def main() -> int:
         cluster = ",".join(f"{pool}={a.machine}:{n}" for pool, n in counts.items())
         live_recs = R.read_records(live)
         model_dir = meta["model"].get("root")
-        from splitbench.clusters.perfmodel import shape_from_hf_config
+        from splitbench.sim.perfmodel import shape_from_hf_config
         shape = shape_from_hf_config(model_dir)
         n_in = sum(r.actual_input_tokens or r.planned_input_tokens for r in live_recs if r.ok)
         link = nixl_link_gbps(live, shape.kv_bytes_per_token, n_in) if "prompt" in counts else None
-        from splitbench.clusters.perfmodel import get_perf_model, load_profiles
+        from splitbench.sim.perfmodel import get_perf_model, load_profiles
         pm = get_perf_model(load_profiles(a.profile), Path(model_dir).name, a.machine, 1)
         scales = server_scales(live, live_recs, pm)
         cal_profile, cal_hw = scaled_profile(a.profile, a.machine, scales, Path(a.results) / f"cal-{live.name}")

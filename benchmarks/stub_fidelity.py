@@ -14,8 +14,8 @@ import tempfile
 
 import numpy as np
 
-from splitbench import records as R
-from splitbench.runner import RunOptions, run
+from splitbench.schema import records as R
+from splitbench.app.runner import RunOptions, run
 
 
 def main() -> int:

@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .clusters.launcher import ServerStartError
-from .errors import InputError
+from splitbench.servers.launcher import ServerStartError
+from splitbench.errors import InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="splitbench: replay LLM traces against serving backends and measure TTFT/TBT/E2E.")
@@ -60,7 +60,7 @@ def traces_list(trace_dir: Optional[str] = typer.Option(None, "--trace-dir", hel
     $SPLITBENCH_TRACE_DIR, ./traces, ../shared/traces, the user cache)."""
     from rich.table import Table
 
-    from .loadgen.traces import catalog, find_local
+    from splitbench.workload.traces import catalog, find_local
     table = Table("name", "description", "where")
     for name, entry in catalog().items():
         path = find_local(name, trace_dir)
@@ -87,8 +87,8 @@ def traces_show(trace: str = typer.Argument(..., help="Catalogue name, file path
 
     from rich.table import Table
 
-    from .loadgen.traces import load_workload
-    from .loadgen.transforms import plot_workload, workload_stats
+    from splitbench.workload.traces import load_workload
+    from splitbench.workload.transforms import plot_workload, workload_stats
     w = load_workload(trace, trace_dir=trace_dir, columns=_trace_columns(columns), start_s=start_s,
                       duration_s=duration_s, rate_scale=rate_scale, max_requests=max_requests,
                       max_context_tokens=max_context_tokens)
@@ -130,7 +130,7 @@ def traces_fetch(name: str = typer.Argument(..., help="Catalogue name (see `spli
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from .loadgen.traces import fetch_trace
+    from splitbench.workload.traces import fetch_trace
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as progress:
         task = progress.add_task(f"fetch {name}", total=None)
@@ -156,7 +156,7 @@ def traces_synth(spec: str = typer.Argument(..., help="e.g. synth:arrivals=poiss
     """Generate a seeded synthetic workload and write it as an Azure-format CSV
     (TIMESTAMP,ContextTokens,GeneratedTokens). Keys: arrivals=poisson|gamma, rate, cv (gamma),
     duration|count, lengths=fixed|uniform|TRACE, input, output (N or LOW-HIGH), seed."""
-    from .loadgen.synth import from_spec, write_azure_csv
+    from splitbench.workload.synth import from_spec, write_azure_csv
     w = from_spec(spec, trace_dir=trace_dir)
     write_azure_csv(w, out)
     span = float(w.arrival_s[-1]) if len(w) else 0.0
@@ -178,7 +178,7 @@ def model_tiny(out: Path = typer.Option(..., "--out", help="Directory to write t
     """Write a tiny random-weight Llama with a locally trained tokenizer (vLLM serves it; no download)."""
     import time
 
-    from .backends.tiny_model import write_tiny_model
+    from splitbench.servers.tiny_model import write_tiny_model
     t0 = time.perf_counter()
     path = write_tiny_model(out, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
                             vocab_size=vocab_size, max_position=max_position, seed=seed)
@@ -209,7 +209,7 @@ def serve_stub(
 ) -> None:
     """Run the built-in OpenAI-compatible stub server in the foreground until Ctrl-C; prints a one-line summary
     (requests, chunk emission lateness p50/p99/max) at exit. /metrics has the lateness live."""
-    from .backends.stub import StubConfig, run_server
+    from splitbench.servers.stub import StubConfig, run_server
     cfg = StubConfig(ttft_ms / 1e3, tpot_ms / 1e3, tokens_per_chunk, model, fail_rate, seed,
                      kv_transfer_s=kv_transfer_ms / 1e3, tick_s=tick_ms / 1e3)
     run_server(cfg, host, port, cpu=cpu, loop=loop, server=server)
@@ -312,13 +312,13 @@ def run(
 ):
     """Replay a trace open-loop against a backend; write records, run.json and summary.json; print the report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from . import runner
-    from .metrics.report import render_summary
+    from splitbench.app import runner
+    from splitbench.render.console import render_summary
     if (gate_rules is None) != (gate_baseline is None):
         raise InputError("--gate and --baseline go together")
     if gate_rules is not None:   # bad rules or an unknown baseline fail before anything starts
-        from .baselines import resolve
-        from .metrics.gate import load_rules
+        from splitbench.app.baselines import resolve
+        from splitbench.metrics.gate import load_rules
         load_rules(gate_rules)
         resolve(gate_baseline, baseline_dir)
     local_cpu_cluster = backend in CLUSTER_BACKENDS and not gpus
@@ -359,7 +359,7 @@ def run(
         err_console.print("interrupted: finished records were written; exiting non-zero")
         raise typer.Exit(130)
     if gate_rules is not None:
-        from .baselines import gate as run_gate
+        from splitbench.app.baselines import gate as run_gate
         res = run_gate([gate_baseline], [str(result.run_dir)], gate_rules, store=baseline_dir)
         _emit_gate(res, None, None, None)
         raise typer.Exit(res["exit_code"])
@@ -376,8 +376,8 @@ def report(
 ):
     """Recompute metrics from a run's per-request records and print the report."""
     import json as _json
-    from . import runner
-    from .metrics.report import render_markdown, render_summary
+    from splitbench.app import runner
+    from splitbench.render.console import render_markdown, render_summary
     if not (run_dir / "run.json").exists():
         raise InputError(f"{run_dir}: not a run directory (no run.json)")
     summary = runner.report(run_dir, slos=slo, reference=reference)
@@ -407,7 +407,7 @@ def reference(
     model_dir: Optional[str] = typer.Option(None, help="--backend vllm: model dir (default: the cached tiny model)."),
 ):
     """Measure an unloaded reference (one request at a time over prompt sizes) for Splitwise's SLO verdict."""
-    from . import runner
+    from splitbench.app import runner
     try:
         grid = [int(x) for x in sizes.split(",") if x.strip()]
     except ValueError:
@@ -440,7 +440,7 @@ def profiles_fetch(dest: Optional[str] = typer.Option(None, "--dest", help="Dire
                    url: Optional[str] = typer.Option(None, "--url", help="Download from here instead (sha256 still "
                                                      "checked against SplitwiseSim's file).")):
     """Download SplitwiseSim's perf_model.csv (pinned commit), sha256-verified; nothing is kept on mismatch."""
-    from .clusters.profile_measure import fetch_profile
+    from splitbench.sim.profiles import fetch_profile
     res = fetch_profile(dest=dest, url=url)
     console.print(f"fetched {res['path']} ({res['bytes']} bytes, sha256 {res['sha256']}, {res['status']})",
                   markup=False, highlight=False)
@@ -462,8 +462,8 @@ def profiles_list(file: Optional[str] = typer.Option(None, "--file", help="Profi
 
     from rich.table import Table
 
-    from .clusters.hardware import load_catalog
-    from .clusters.perfmodel import MODEL_SHAPES, find_profile, load_profiles, machine_kv_capacity_tokens, \
+    from splitbench.hardware.catalog import load_catalog
+    from splitbench.sim.perfmodel import MODEL_SHAPES, find_profile, load_profiles, machine_kv_capacity_tokens, \
         profile_hardware_name, shape_from_hf_config
     path = find_profile(file)
     shapes = {}
@@ -515,7 +515,7 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
                                                 "(e.g. 1, as one instance of the local clusters holds)."),
             gpus: Optional[str] = typer.Option(None, help="--backend vllm on GPU hosts: GPU ids of the instance.")):
     """Measure a real backend into a profile CSV that `load_profiles` (and the simulator) accepts."""
-    from .clusters.profile_measure import measure_profile
+    from splitbench.sim.profiles import measure_profile
     if backend == "vllm":
         opts = {"instances": 1, **({"model_dir": model_dir} if model_dir else {}),
                 **({"cores": cores} if cores else {}), **({"gpus": gpus} if gpus else {})}
@@ -551,9 +551,9 @@ def compare(
     import json as _json
     import time as _time
 
-    from . import runner
-    from .metrics.compare import render_compare, render_compare_markdown
-    from .records import atomic_write_bytes
+    from splitbench.app import runner
+    from splitbench.metrics.compare import render_compare, render_compare_markdown
+    from splitbench.schema.records import atomic_write_bytes
     comparison = runner.compare(list(run_dirs), slos=slo, labels=label, with_series=not no_html)
     if markdown:
         print(render_compare_markdown(comparison), end="")
@@ -568,7 +568,7 @@ def compare(
             atomic_write_bytes(json_out, text.encode())
             err_console.print(f"JSON written to {json_out}", markup=False)
     if not no_html:
-        from .metrics.html_report import render_html
+        from splitbench.render.html import render_html
         path = html or Path("results") / f"compare-{_time.strftime('%Y%m%d-%H%M%S')}.html"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, render_html(comparison).encode())
@@ -585,7 +585,7 @@ def hardware_list(file: Optional[str] = typer.Option(None, "--file", help="User 
 
     from rich.table import Table
 
-    from .clusters.hardware import load_catalog
+    from splitbench.hardware.catalog import load_catalog
     cat = load_catalog(file)
     if as_json:
         print(_json.dumps({k: asdict(v) for k, v in cat.items()}, indent=2))
@@ -650,8 +650,8 @@ def locust_cmd(
     """Replay a trace open-loop from Locust: web UI (or --headless), TTFT/TBT/E2E rows and an LLM tab, master/worker
     sharding; writes the same run directory as `run` plus Locust's CSV/HTML. Exit: 0 ok, 1 SLO missed, 2 bad input,
     3 incomplete (a worker or replayer died), 130 interrupted (headless)."""
-    from . import runner
-    from .loadgen.locust_launch import LocustOptions, run_locust, run_worker
+    from splitbench.app import runner
+    from splitbench.app.locust_launch import LocustOptions, run_locust, run_worker
     lo = LocustOptions(headless=headless, web_host=web_host, web_port=web_port, master=master,
                        expect_workers=expect_workers, worker=worker, master_host=master_host, master_port=master_port,
                        processes=processes, start_lead_s=start_lead, log_file=locust_log)
@@ -673,7 +673,7 @@ def locust_cmd(
         api=api, model=model, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed, max_context_tokens=max_context,
         max_inflight=max_inflight, timeout_s=timeout, grace_s=grace, results_dir=results, run_id=run_id, slos=slo,
         reference=reference, http=http, power="off")
-    from .metrics.report import render_summary
+    from splitbench.render.console import render_summary
     res = run_locust(opts, lo, on_status=lambda s: err_console.log(s))
     render_summary(res.summary, console)
     lag = (res.summary.get("fidelity") or {}).get("lag_s") or {}
@@ -728,8 +728,8 @@ def simulate(
     """Replay a trace on a simulated cluster; writes a run directory like `run` does (marked simulated)."""
     import json as _json
 
-    from .metrics.report import render_summary
-    from .simrun import SimOptions, simulate_run
+    from splitbench.render.console import render_summary
+    from splitbench.app.simrun import SimOptions, simulate_run
     opts = SimOptions(cluster=cluster, trace=trace, trace_dir=trace_dir, start_s=start, duration_s=duration,
                       rate_scale=rate_scale, max_requests=max_requests, max_context_tokens=max_context,
                       model=model, model_dir=model_dir,
@@ -773,8 +773,8 @@ def design(
 
     from rich.table import Table
 
-    from .design import DesignSpec, plot_design, search
-    from .records import atomic_write_json
+    from splitbench.app.design import DesignSpec, plot_design, search
+    from splitbench.schema.records import atomic_write_json
     spec = DesignSpec(trace=trace, designs=[d.strip() for d in designs.split(",") if d.strip()], objective=objective,
                       budget=budget, budget_design=budget_design, budget_machines=budget_machines,
                       target_rate_rps=target_rate, duration_s=duration, model=model, profile=profile,
@@ -812,7 +812,7 @@ def calibrate(
 ):
     """Find this client's ceiling: ramp an open-loop rate against the built-in stub (TTFT 20 ms, 5 ms/token,
     128 in / 32 out) until achieved < 95% of target, TTFT p99 error > 5 ms or send lag p99 > 2 ms."""
-    from .calibrate import CRITERIA, calibrate as run_calibration, store_path
+    from splitbench.app.calibrate import CRITERIA, calibrate as run_calibration, store_path
     if workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}")
     c = CRITERIA
@@ -850,8 +850,8 @@ app.add_typer(baseline_app, name="baseline")
 
 
 def _emit_gate(result: dict, markdown: Optional[Path], junit: Optional[Path], json_out: Optional[Path]) -> None:
-    from .metrics.gate_report import render_console, render_json, render_junit, render_markdown
-    from .records import atomic_write_bytes
+    from splitbench.render.gate import render_console, render_json, render_junit, render_markdown
+    from splitbench.schema.records import atomic_write_bytes
     render_console(result, console)
     for path, text in ((markdown, render_markdown), (junit, render_junit), (json_out, render_json)):
         if path is not None:
@@ -880,7 +880,7 @@ def gate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON here."),
 ):
     """Statistical regression gate: exit 0 pass, 1 regression, 2 invalid comparison or bad input."""
-    from .baselines import gate as run_gate
+    from splitbench.app.baselines import gate as run_gate
     result = run_gate(baseline, candidate, rules, store=baseline_dir)
     _emit_gate(result, markdown, junit, json_out)
     raise typer.Exit(result["exit_code"])
@@ -893,7 +893,7 @@ def baseline_save(name: str = typer.Argument(..., help="Baseline name."),
                   baseline_dir: Optional[str] = typer.Option(None, help="Store [$SPLITBENCH_BASELINES or ./baselines]."),
                   force: bool = typer.Option(False, help="Replace an existing baseline of that name.")):
     """Keep a run (records, run.json, summary.json) as a named baseline."""
-    from .baselines import save
+    from splitbench.app.baselines import save
     console.print(f"saved baseline {name}: {save(name, run_dir, baseline_dir, force)}", markup=False)
 
 
@@ -903,7 +903,7 @@ def baseline_list(baseline_dir: Optional[str] = typer.Option(None, help="Store [
     """Saved baselines."""
     from rich.table import Table
 
-    from .baselines import list_baselines, store_dir
+    from splitbench.app.baselines import list_baselines, store_dir
     t = Table("name", "run id", "backend", "workload", "requests", "simulated", title=str(store_dir(baseline_dir)))
     for b in list_baselines(baseline_dir):
         t.add_row(b["name"], str(b["run_id"]), str(b["backend"]), str(b["workload"]), str(b["requests"]),
@@ -916,9 +916,9 @@ def baseline_list(baseline_dir: Optional[str] = typer.Option(None, help="Store [
 def baseline_show(name: str = typer.Argument(..., help="Baseline name or run dir."),
                   baseline_dir: Optional[str] = typer.Option(None, help="Store [$SPLITBENCH_BASELINES or ./baselines].")):
     """The report of a saved baseline."""
-    from . import runner
-    from .baselines import resolve
-    from .metrics.report import render_summary
+    from splitbench.app import runner
+    from splitbench.app.baselines import resolve
+    from splitbench.render.console import render_summary
     render_summary(runner.report(resolve(name, baseline_dir), write=False), console)
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import InputError
+from splitbench.errors import InputError
 
 
 def wait_ready(proc: subprocess.Popen, port_file: str | Path, ready: Callable[[int], bool], timeout_s: float,

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     """The default tiny Llama, generated once into the user cache and reused."""
-    from splitbench.backends.tiny_model import ensure_tiny_model
+    from splitbench.servers.tiny_model import ensure_tiny_model
     return ensure_tiny_model()
 
 
@@ -22,7 +22,7 @@ def vllm_server(request, tiny_model_dir, tmp_path_factory):
     """
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed")
-    from splitbench.clusters.launcher import TINY_CPU_ARGS, VllmServer, free_port
+    from splitbench.servers.launcher import TINY_CPU_ARGS, VllmServer, free_port
     args = TINY_CPU_ARGS + os.environ.get("SPLITBENCH_TEST_VLLM_ARGS", "").split()
     server = VllmServer(tiny_model_dir, port=free_port(), extra_args=args,
                         log_path=tmp_path_factory.mktemp("vllm") / "vllm.log")

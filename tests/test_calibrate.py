@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from splitbench import calibrate as C
-from splitbench import records as R
+from splitbench.app import calibrate as C
+from splitbench.schema import records as R
 from splitbench.metrics.fidelity import fidelity_section
-from splitbench.records import RequestRecord
-from splitbench.runner import RunOptions, run
+from splitbench.schema.records import RequestRecord
+from splitbench.app.runner import RunOptions, run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,9 +123,9 @@ def test_a_busy_client_loop_does_not_land_in_ttft():
     import asyncio
     import time
 
-    from splitbench.backends.stub import run_stub_in_thread
-    from splitbench.loadgen.http_lean import LeanClient
-    from splitbench.loadgen.replayer import RecordSink
+    from splitbench.servers.stub import run_stub_in_thread
+    from splitbench.client.http_lean import LeanClient
+    from splitbench.client.replayer import RecordSink
     from splitbench.timing import run as run_loop
 
     url, stop = run_stub_in_thread(ttft_s=0.02, tpot_s=0.002)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from splitbench import records as R
+from splitbench.schema import records as R
 from splitbench.procs import group_alive
-from splitbench.runner import RunOptions, run
+from splitbench.app.runner import RunOptions, run
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                                    reason="vllm is not installed")]
@@ -133,7 +133,7 @@ def test_splitwise_example_connector_then_token_instance_killed(tmp_path):
     killed: dict = {}
 
     def killer():
-        from splitbench.clusters.scrape import snapshot
+        from splitbench.servers.scrape import snapshot
         run_dir = tmp_path / "example"
         end = time.monotonic() + 240
         while time.monotonic() < end and "pgid" not in killed:

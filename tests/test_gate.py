@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from splitbench.baselines import gate, save
+from splitbench.app.baselines import gate, save
 from splitbench.errors import InputError
 from splitbench.metrics.gate import load_rules
-from splitbench.runner import RunOptions, run
+from splitbench.app.runner import RunOptions, run
 
 CLI = [sys.executable, "-m", "splitbench.cli"]
 REPO = Path(__file__).resolve().parents[1]

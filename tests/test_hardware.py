@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitbench.clusters.hardware import (MachineType, cost_usd, get_machine, load_catalog,
+from splitbench.hardware.catalog import (MachineType, cost_usd, get_machine, load_catalog,
                                           provisioned_energy_j)
 from splitbench.errors import InputError
 

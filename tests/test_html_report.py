@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from browser_check import check_rendered, launch
 
-from splitbench import records as R
+from splitbench.schema import records as R
 from splitbench.metrics.series import (
     TTFT_COMPONENTS,
     cdf_points,
@@ -18,7 +18,7 @@ from splitbench.metrics.series import (
     ttft_breakdown,
     ttft_components,
 )
-from splitbench.records import RequestRecord
+from splitbench.schema.records import RequestRecord
 
 
 def rec(i, send, end=None, first=None, status="ok", phases=None) -> RequestRecord:
@@ -106,7 +106,7 @@ SYNTH = "synth:arrivals=poisson,rate=20,duration=3,lengths=fixed,input=32,output
 
 
 def _efficiency(records, run_meta, instances):
-    from splitbench.clusters.hardware import load_catalog, plan_allocation
+    from splitbench.hardware.catalog import load_catalog, plan_allocation
     from splitbench.metrics.efficiency import efficiency_section
     hw = plan_allocation(instances, catalog=load_catalog(), host_cpus=2)
     return efficiency_section(records, {**run_meta, "hardware": hw})
@@ -131,7 +131,7 @@ def build_comparison(runs: list[dict]) -> dict:
 
 
 def _stub_run(tmp: Path, label: str, ttft_ms: float, seed: int) -> dict:
-    from splitbench.runner import RunOptions, run
+    from splitbench.app.runner import RunOptions, run
     res = run(RunOptions(trace=SYNTH.format(seed=seed), duration_s=None, backend="stub",
                          backend_options={"ttft_s": ttft_ms / 1e3, "tpot_s": 0.004},
                          results_dir=str(tmp), run_id=label, vocab_size=1000))
@@ -140,11 +140,11 @@ def _stub_run(tmp: Path, label: str, ttft_ms: float, seed: int) -> dict:
 
 def _split_run(tmp: Path) -> dict:
     """A real split run: prompt and token stubs behind the router process, scraped /metrics, merged phases."""
-    from splitbench.backends.stub import run_stub_in_thread
-    from splitbench.clusters.phaselog import load_phase_log, merge_phases
-    from splitbench.clusters.router_process import RouterProcess
-    from splitbench.clusters.scrape import MetricsScraper, read_series
-    from splitbench.runner import RunOptions, run
+    from splitbench.servers.stub import run_stub_in_thread
+    from splitbench.servers.phaselog import load_phase_log, merge_phases
+    from splitbench.servers.router_process import RouterProcess
+    from splitbench.servers.scrape import MetricsScraper, read_series
+    from splitbench.app.runner import RunOptions, run
     p_url, p_stop = run_stub_in_thread(ttft_s=0.03, tpot_s=0.004, loop="uvloop")
     t_url, t_stop = run_stub_in_thread(ttft_s=0.5, tpot_s=0.004, kv_transfer_s=0.01, loop="uvloop")
     instances = [{"id": "prompt-0", "url": p_url, "pool": "prompt", "cpu_cores": [0]},
@@ -198,7 +198,7 @@ def test_series_of_real_runs(real_runs):
 
 
 def test_html_is_self_contained_and_escaped(real_runs):
-    from splitbench.metrics.html_report import render_html
+    from splitbench.render.html import render_html
     html = render_html(build_comparison(real_runs))
     assert "<script" not in html.lower() and "src=" not in html and "url(http" not in html
     assert 'href="http' not in html and "xlink:href=\"http" not in html
@@ -214,7 +214,7 @@ def _figure(html: str, fid: str) -> str:
 
 
 def test_figures_are_text_without_split_runs_or_hardware(real_runs):
-    from splitbench.metrics.html_report import render_html
+    from splitbench.render.html import render_html
     runs = [{**r, "summary": {**r["summary"], "efficiency": None}} for r in real_runs[:2]]
     html = render_html(build_comparison(runs))
     assert "<svg" not in _figure(html, "plot-ttft-breakdown") and "no TTFT breakdown" in html
@@ -240,7 +240,7 @@ def browser():
 
 
 def test_html_report_in_headless_chromium(real_runs, browser, tmp_path):
-    from splitbench.metrics.html_report import render_html
+    from splitbench.render.html import render_html
     path = tmp_path / "compare.html"
     R.atomic_write_bytes(path, render_html(build_comparison(real_runs)).encode())
     seen = check_rendered(browser, path, labels=["stub-20ms", "stub-60ms", "split <stub>"],

@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from splitbench import records as R
-from splitbench.backends.stub import run_stub_in_thread
-from splitbench.loadgen.http_lean import LeanClient, StreamError, _Conn
-from splitbench.loadgen.replayer import RecordSink
-from splitbench.records import RequestRecord
+from splitbench.schema import records as R
+from splitbench.servers.stub import run_stub_in_thread
+from splitbench.client.http_lean import LeanClient, StreamError, _Conn
+from splitbench.client.replayer import RecordSink
+from splitbench.schema.records import RequestRecord
 from splitbench.timing import run
 
 pytestmark = pytest.mark.timeout(60)

@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from splitbench.clusters.launcher import Cluster, ServerStartError, VllmServer
-from splitbench.clusters.topology import assign_cores, assign_gpus, connector_config, plan_cluster
+from splitbench.servers.launcher import Cluster, ServerStartError, VllmServer
+from splitbench.servers.topology import assign_cores, assign_gpus, connector_config, plan_cluster
 from splitbench.errors import InputError
 from splitbench.procs import group_alive
 
@@ -198,8 +198,8 @@ def test_cluster_start_timeout_names_pending_instances(tmp_path, fake_python):
 PARENT = r"""
 import os, sys, time
 from pathlib import Path
-from splitbench.clusters.launcher import Cluster
-from splitbench.clusters.topology import plan_cluster
+from splitbench.servers.launcher import Cluster
+from splitbench.servers.topology import plan_cluster
 spec = plan_cluster(sys.argv[1], baseline=2, hardware="cpu-host", cores=[0])
 c = Cluster(spec, sys.argv[2], python=sys.argv[3], grace_s=1.0)
 c.start(timeout_s=30)
@@ -254,7 +254,7 @@ METRICS = textwrap.dedent("""\
 
 
 def test_prometheus_selection():
-    from splitbench.clusters.scrape import parse_prometheus, select
+    from splitbench.servers.scrape import parse_prometheus, select
     d = select(parse_prometheus(METRICS % {"prompt": 100.0, "gen": 7.0, "n": 4.0, "sum": 2.0}))
     assert d["gauges"] == {"vllm:num_requests_running": 5.0, "vllm:kv_cache_usage_perc": 0.25}
     assert d["counters"]["vllm:prompt_tokens_total"] == 100.0
@@ -267,7 +267,7 @@ def test_prometheus_selection():
 
 
 def test_scraper_writes_timestamped_series_and_deltas(tmp_path):
-    from splitbench.clusters.scrape import MetricsScraper, read_series
+    from splitbench.servers.scrape import MetricsScraper, read_series
     state = {"prompt": 100.0, "gen": 7.0, "n": 4.0, "sum": 2.0}
 
     class H(BaseHTTPRequestHandler):

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitbench import records as R
-from splitbench.backends.stub import run_stub_in_thread
-from splitbench.loadgen.locust_bridge import (
+from splitbench.schema import records as R
+from splitbench.servers.stub import run_stub_in_thread
+from splitbench.client.locust_bridge import (
     LiveLLM,
     PipeWriter,
     Samples,
@@ -28,9 +28,9 @@ from splitbench.loadgen.locust_bridge import (
     workload_from_json,
     workload_to_json,
 )
-from splitbench.loadgen.replayer import ReplayConfig
-from splitbench.loadgen.workload import Workload
-from splitbench.runner import replay_workload
+from splitbench.client.replayer import ReplayConfig
+from splitbench.workload.types import Workload
+from splitbench.app.runner import replay_workload
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 SYNTH = "synth:arrivals=poisson,rate={rate},duration={dur},lengths=fixed,input=32,output={out},seed={seed}"
@@ -201,7 +201,7 @@ def _stub_requests_total(url: str) -> int:
 
 
 def test_two_workers_send_each_trace_request_once_at_100_rps(tmp_path):
-    from splitbench.backends.stub_backend import StubBackend
+    from splitbench.backends.stub import StubBackend
     stub = StubBackend()                      # its own process, pinned to the last core
     stub.start(tmp_path)
     try:
@@ -250,7 +250,7 @@ def test_dead_worker_is_reported_and_exit_code_3(tmp_path):
         while victim is None and time.time() < deadline:    # the replayer child of shard 1 -> its Locust worker
             for c in psutil.Process(proc.pid).children(recursive=True):
                 try:
-                    if any("shard-1" in a for a in c.cmdline()) and "splitbench.loadgen.locust_bridge" in c.cmdline():
+                    if any("shard-1" in a for a in c.cmdline()) and "splitbench.client.locust_bridge" in c.cmdline():
                         victim = c.parent()
                 except psutil.Error:
                     pass

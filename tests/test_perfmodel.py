@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitbench.clusters import perfmodel as pm
-from splitbench.clusters.hardware import load_catalog
-from splitbench.clusters.profile_measure import fetch_profile, measure_profile, read_profile_rows
+from splitbench.sim import perfmodel as pm
+from splitbench.hardware.catalog import load_catalog
+from splitbench.sim.profiles import fetch_profile, measure_profile, read_profile_rows
 from splitbench.errors import InputError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles"

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from splitbench.clusters.policies import (JSQ, Decision, InstanceView, Ledger, MixedPool, NoHealthyInstance,
+from splitbench.policies import (JSQ, Decision, InstanceView, Ledger, MixedPool, NoHealthyInstance,
                                           Request, RoundRobin, make_policy, routable)
 
 R = Request("r", 100, 10)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitbench.clusters import power as P
+from splitbench.hardware import power as P
 from splitbench.errors import InputError
 
 FAKE_DIR = Path(__file__).resolve().parent / "fake_nvml"
@@ -146,7 +146,7 @@ def test_gpu_subset_and_sigint(tmp_path):
 
 def test_nvml_missing(tmp_path):
     assert P.detect_gpus("no_such_nvml_module") == []
-    r = subprocess.run([sys.executable, "-m", "splitbench.clusters.power", "--out", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "splitbench.hardware.power", "--out", str(tmp_path),
                         "--nvml-module", "no_such_nvml_module"], check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "no_such_nvml_module" in r.stderr and "nvidia-ml-py" in r.stderr
@@ -159,7 +159,7 @@ def test_nvml_missing(tmp_path):
 
 def test_bad_gpu_index_is_one_line(tmp_path):
     env = {**os.environ, **_env("H100:300")}
-    r = subprocess.run([sys.executable, "-m", "splitbench.clusters.power", "--out", str(tmp_path), "--nvml-module",
+    r = subprocess.run([sys.executable, "-m", "splitbench.hardware.power", "--out", str(tmp_path), "--nvml-module",
                         "pynvml_fake", "--gpus", "0,3"], check=False, capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode == 2 and r.stderr.strip() == "power sampler: --gpus 0,3: this host has 1 GPU(s) (0..0)"
 

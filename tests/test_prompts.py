@@ -7,9 +7,9 @@ import time
 import pytest
 from tokenizers import Tokenizer
 
-from splitbench.backends.tiny_model import write_tiny_model
+from splitbench.servers.tiny_model import write_tiny_model
 from splitbench.errors import InputError
-from splitbench.loadgen.prompts import ChatPrompts, TokenIdPrompts
+from splitbench.workload.prompts import ChatPrompts, TokenIdPrompts
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_chat_count_matches_transformers(model_dir):
 
 
 def test_ensure_tiny_model_generates_once_and_regenerates_on_version_change(tmp_path):
-    from splitbench.backends.tiny_model import MARKER_FILE, ensure_tiny_model
+    from splitbench.servers.tiny_model import MARKER_FILE, ensure_tiny_model
     d = ensure_tiny_model(tmp_path)
     assert d == tmp_path / "tiny-llama" and (d / "model.safetensors").is_file()
     stamp = (d / "model.safetensors").stat().st_mtime_ns

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from splitbench import records as R
-from splitbench.backends.stub import run_stub_in_thread
+from splitbench.schema import records as R
+from splitbench.servers.stub import run_stub_in_thread
 from splitbench.cli import app
-from splitbench.loadgen.prompts import TokenIdPrompts
-from splitbench.loadgen.replayer import ReplayConfig, Replayer
-from splitbench.loadgen.workload import Workload
+from splitbench.workload.prompts import TokenIdPrompts
+from splitbench.client.replayer import ReplayConfig, Replayer
+from splitbench.workload.types import Workload
 
 
 def _workload(n: int, rate_rps: float, inp: int = 64, out: int = 8, start: float = 0.0) -> Workload:
@@ -182,7 +182,7 @@ def test_sigterm_stops_sending_writes_records_and_exits_nonzero(tmp_path):
 
 def test_events_in_one_read_are_one_chunk():
     """Several SSE events arriving in one network read are one chunk of k tokens (k gaps of g/k later)."""
-    from splitbench.loadgen.replayer import RecordSink
+    from splitbench.client.replayer import RecordSink
     rec = R.RequestRecord(request_id="r0", trace_index=0, intended_send_s=0.0, planned_input_tokens=1,
                           planned_output_tokens=3)
     sink = RecordSink(rec, t0=0.0, send=1.0)

@@ -13,13 +13,13 @@ import orjson
 import pytest
 from aiohttp import web
 
-from splitbench import records as R
-from splitbench.backends.stub import run_stub_in_thread
-from splitbench.clusters.phaselog import load_phase_log, merge_phases
-from splitbench.clusters.router import PREFILL_KV_PARAMS, Router
-from splitbench.clusters.router_process import RouterProcess, parse_instance_spec
+from splitbench.schema import records as R
+from splitbench.servers.stub import run_stub_in_thread
+from splitbench.servers.phaselog import load_phase_log, merge_phases
+from splitbench.servers.router import PREFILL_KV_PARAMS, Router
+from splitbench.servers.router_process import RouterProcess, parse_instance_spec
 from splitbench.errors import InputError
-from splitbench.records import RequestRecord
+from splitbench.schema.records import RequestRecord
 
 
 @pytest.fixture
@@ -321,7 +321,7 @@ def test_merge_phases_converts_router_clock_to_run_clock(tmp_path):
 def test_router_process_end_to_end_with_the_replayer(stubs, tmp_path):
     """A real run (runner + replayer) through the router as a child process; merged phases line up with the
     client's own timestamps on its run clock."""
-    from splitbench.runner import RunOptions, run
+    from splitbench.app.runner import RunOptions, run
     p, _ = stubs(ttft_s=0.02)
     t, _ = stubs(ttft_s=0.3, kv_transfer_s=0.003)
     rp = RouterProcess([{"id": "p0", "url": p, "pool": "prompt"}, {"id": "t0", "url": t, "pool": "token"}],

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from splitbench import records as R
+from splitbench.schema import records as R
 from splitbench.cli import app
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"

@@ -8,11 +8,15 @@ from collections import deque
 import numpy as np
 import pytest
 
-from splitbench.clusters import policies, router, sim_cluster
-from splitbench.clusters.sim_cluster import SimConfig, SimPool, simulate
-from splitbench.clusters.simulator import Simulator
+from splitbench import policies
+
+from splitbench.servers import router
+
+from splitbench.sim import cluster as sim_cluster
+from splitbench.sim.cluster import SimConfig, SimPool, simulate
+from splitbench.sim.engine import Simulator
 from splitbench.errors import InputError
-from splitbench.loadgen.workload import Workload
+from splitbench.workload.types import Workload
 from splitbench.metrics.latency import e2e_s, tbt_gaps_s, ttft_s
 
 EPS = 1e-12

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from splitbench.backends.base import get_backend
 from splitbench.backends.openai import OpenAIBackend
-from splitbench.backends.stub import count_input_tokens, run_stub_in_thread
-from splitbench.backends.stub_backend import StubBackend
+from splitbench.servers.stub import count_input_tokens, run_stub_in_thread
+from splitbench.backends.stub import StubBackend
 from splitbench.cli import app
 from splitbench.errors import InputError
 
@@ -291,7 +291,7 @@ def test_stub_backend_dies_on_busy_port_with_log_tail(tmp_path):
 
 
 def test_module_help_and_cli_validation():
-    r = subprocess.run([sys.executable, "-m", "splitbench.backends.stub", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "splitbench.servers.stub", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "--ttft-ms" in r.stdout and "--tokens-per-chunk" in r.stdout
     res = CliRunner().invoke(app, ["serve-stub", "--tokens-per-chunk", "0"])
@@ -439,7 +439,7 @@ def test_lean_http_framing_keepalive_pipelining_http10_and_bad_requests():
 
 
 def test_lateness_histogram_quantiles():
-    from splitbench.backends.stub import Lateness
+    from splitbench.servers.stub import Lateness
     lat = Lateness()
     assert lat.summary() == {"count": 0, "p50_s": 0.0, "p99_s": 0.0, "max_s": 0.0}
     for _ in range(98):
@@ -459,9 +459,9 @@ def test_shared_ticker_keeps_many_streams_on_schedule(tmp_path):
     """200 concurrent streams against the lean server in its own process: no chunk is early (client clock), the
     stub's lateness histogram counts every chunk, /metrics?reset=lateness starts it over, and the exit summary
     reports it."""
-    from splitbench.loadgen.http_lean import LeanClient
-    from splitbench.loadgen.replayer import RecordSink
-    from splitbench.records import RequestRecord
+    from splitbench.client.http_lean import LeanClient
+    from splitbench.client.replayer import RecordSink
+    from splitbench.schema.records import RequestRecord
     ttft_s, tpot_s, n_out, n_req = 0.02, 0.002, 8, 200
     be = StubBackend(ttft_s=ttft_s, tpot_s=tpot_s, loop="uvloop")
     be.start(run_dir=tmp_path)
@@ -506,6 +506,6 @@ def test_shared_ticker_keeps_many_streams_on_schedule(tmp_path):
 def test_serve_stub_cli_rejects_unknown_server():
     res = CliRunner().invoke(app, ["serve-stub", "--server", "nginx"])
     assert res.exit_code == 2 and "lean, aiohttp" in res.output
-    r = subprocess.run([sys.executable, "-m", "splitbench.backends.stub", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "splitbench.servers.stub", "--help"], capture_output=True,
                        text=True, timeout=60, check=True)
     assert "--server" in r.stdout and "--tick-ms" in r.stdout

@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 
 from splitbench.cli import app
 from splitbench.errors import InputError
-from splitbench.loadgen import traces as tr
-from splitbench.loadgen.synth import from_spec, parse_spec, synthesize
-from splitbench.loadgen.traces import load_workload, read_trace
-from splitbench.loadgen.transforms import workload_stats
+from splitbench.workload import traces as tr
+from splitbench.workload.synth import from_spec, parse_spec, synthesize
+from splitbench.workload.traces import load_workload, read_trace
+from splitbench.workload.transforms import workload_stats
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
 CONV = SHARED / "AzureLLMInferenceTrace_conv.csv"

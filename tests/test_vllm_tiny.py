@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from splitbench.loadgen.prompts import ChatPrompts, TokenIdPrompts
+from splitbench.workload.prompts import ChatPrompts, TokenIdPrompts
 from splitbench.procs import group_alive
 
 
@@ -101,7 +101,7 @@ def fake_python(tmp_path):
 
 @pytest.mark.parametrize("mode", ["polite", "stubborn"])
 def test_launcher_start_health_and_group_stop(tmp_path, mode):
-    from splitbench.clusters.launcher import VllmServer, free_port
+    from splitbench.servers.launcher import VllmServer, free_port
     srv = VllmServer(tmp_path / "model", port=free_port(), python=fake_python(tmp_path), cpu_cores=[0],
                      log_path=tmp_path / "s.log", env={"FAKE_MODE": mode}, extra_args=["--x", "1"])
     srv.start(timeout_s=30)
@@ -122,7 +122,7 @@ def test_launcher_start_health_and_group_stop(tmp_path, mode):
 
 
 def test_launcher_start_failure_shows_log(tmp_path):
-    from splitbench.clusters.launcher import ServerStartError, VllmServer, free_port
+    from splitbench.servers.launcher import ServerStartError, VllmServer, free_port
     srv = VllmServer(tmp_path / "model", port=free_port(), python=fake_python(tmp_path),
                      log_path=tmp_path / "bad.log", env={"FAKE_MODE": "die"})
     with pytest.raises(ServerStartError, match="(?s)exited with code 3.*no such model"):
@@ -134,6 +134,6 @@ def test_launcher_start_failure_shows_log(tmp_path):
 def test_free_port_is_bindable():
     import socket
 
-    from splitbench.clusters.launcher import free_port
+    from splitbench.servers.launcher import free_port
     with socket.socket() as s:
         s.bind(("127.0.0.1", free_port()))

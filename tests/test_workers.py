@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from splitbench import records as R
-from splitbench.loadgen.workers import merge_stats, shard
-from splitbench.loadgen.workload import Workload
-from splitbench.runner import RunOptions, run
+from splitbench.schema import records as R
+from splitbench.client.workers import merge_stats, shard
+from splitbench.workload.types import Workload
+from splitbench.app.runner import RunOptions, run
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from ..errors import InputError
+from splitbench.errors import InputError
 
 
 @runtime_checkable
@@ -32,7 +32,8 @@ def register(name: str):
 
 def get_backend(name: str, **options: Any) -> Backend:
     # Import built-ins lazily so that registering them has no import-time cost for other commands.
-    from . import openai, splitwise, stub_backend, vllm  # noqa: F401
+    from splitbench.backends import openai, splitwise, vllm
+    from splitbench.backends import stub as stub_backend
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
     return BACKENDS[name](**options)

@@ -12,8 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from .base import register
+from splitbench.errors import InputError
+from splitbench.backends.base import register
 
 # Loopback and lab hosts must not go through whatever proxy the environment names (aiohttp ignores it too).
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import register
-from .vllm import ClusterBackend, _int_opt
+from splitbench.backends.base import register
+from splitbench.backends.vllm import ClusterBackend, _int_opt
 
 
 @register("splitwise")

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from .base import register
+from splitbench.errors import InputError
+from splitbench.backends.base import register
 
 # CPU defaults for clusters: TINY_CPU_ARGS without --disable-log-stats (it would blank the /metrics series).
 _CPU_DROP = ("--disable-log-stats",)
@@ -67,11 +67,11 @@ class ClusterBackend:
         return sum(self.counts.values()) > 1
 
     def plan(self, run_dir: Path):
-        from ..clusters.launcher import TINY_CPU_ARGS
-        from ..clusters.topology import detect_hardware, parse_id_list, plan_cluster
+        from splitbench.servers.launcher import TINY_CPU_ARGS
+        from splitbench.servers.topology import detect_hardware, parse_id_list, plan_cluster
         model_dir = self.model_dir
         if model_dir is None:
-            from .tiny_model import ensure_tiny_model
+            from splitbench.servers.tiny_model import ensure_tiny_model
             model_dir = ensure_tiny_model()
         elif not Path(model_dir).exists():
             raise InputError(f"--model-dir {model_dir}: no such directory")
@@ -85,8 +85,8 @@ class ClusterBackend:
                             base_args=list(args), shared_dir=run_dir / "kv-shared")
 
     def start(self, run_dir: Path | None = None) -> None:
-        from ..clusters.launcher import REAPER, Cluster
-        from ..clusters.scrape import ScraperProcess
+        from splitbench.servers.launcher import REAPER, Cluster
+        from splitbench.servers.scrape import ScraperProcess
         if self.cluster is not None:
             return
         if run_dir is None:
@@ -102,7 +102,7 @@ class ClusterBackend:
         try:
             self.cluster.start(timeout_s=self.startup_timeout_s)
             if self.needs_router:
-                from ..clusters.router_process import RouterProcess
+                from splitbench.servers.router_process import RouterProcess
                 rdir = self.run_dir / "router"
                 self.router = RouterProcess(
                     [{"id": i.id, "url": i.url, "pool": i.pool} for i in self.spec.instances], self.policy,
@@ -118,7 +118,7 @@ class ClusterBackend:
 
     def stop(self) -> None:
         """Last metrics scrape, then router, then all instances (process groups). Idempotent."""
-        from ..clusters.launcher import REAPER
+        from splitbench.servers.launcher import REAPER
         atexit.unregister(self.stop)
         scraper, self.scraper = self.scraper, None
         router, self.router = self.router, None

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..records import RequestRecord
-from .latency import input_tokens, output_tokens, window_s
-from .slo import SLO, request_is_good
+from splitbench.schema.records import RequestRecord
+from splitbench.metrics.latency import input_tokens, output_tokens, window_s
+from splitbench.metrics.slo import SLO, request_is_good
 
 UNALLOCATED = "unallocated"
 TOTAL = "total"
@@ -80,7 +80,7 @@ def efficiency_section(records: Sequence[RequestRecord], run_meta: dict, *, slos
                        measured_energy: dict | None = None) -> dict | None:
     """Cost, energy and per-$/per-J efficiency per pool and in total over the throughput window.
 
-    run_meta["hardware"] (clusters.hardware.plan_allocation) says which machine share each instance holds; None
+    run_meta["hardware"] (hardware.catalog.plan_allocation) says which machine share each instance holds; None
     when the run has none. measured_energy: {"method": "measured-nvml", "pools": {pool: J}, "coverage": f, ...}
     from the power samples; without it energy is ESTIMATED as provisioned server power x machines x window.
     """

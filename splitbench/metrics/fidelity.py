@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..records import RequestRecord
+from splitbench.schema.records import RequestRecord
 
 DEFAULT_LIMITS = {"lag_p99_limit_s": 0.010, "min_rate_ratio": 0.95, "ceiling_rps": None}
 

@@ -13,10 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from ..records import RequestRecord
-from .latency import PER_REQUEST, input_tokens, output_tokens, tbt_gaps_s, window_s
-from .slo import parse_slos, request_is_good
+from splitbench.errors import InputError
+from splitbench.schema.records import RequestRecord
+from splitbench.metrics.latency import PER_REQUEST, input_tokens, output_tokens, tbt_gaps_s, window_s
+from splitbench.metrics.slo import parse_slos, request_is_good
 
 PASS, REGRESSION, INVALID = "pass", "regression", "invalid"
 EXIT = {PASS: 0, REGRESSION: 1, INVALID: 2}

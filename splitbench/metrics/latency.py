@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..records import NOT_SENT, OK, STATUSES, RequestRecord
+from splitbench.schema.records import NOT_SENT, OK, STATUSES, RequestRecord
 
 METRIC_DEFINITIONS = """\
 ### Metric definitions

@@ -8,10 +8,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from ..records import RequestRecord
-from .latency import e2e_s, tbt_gaps_s, ttft_s
+from splitbench.schema.records import RequestRecord
+from splitbench.metrics.latency import e2e_s, tbt_gaps_s, ttft_s
 
-# Split requests' router phases, in order (splitbench.clusters.phaselog).
+# Split requests' router phases, in order (splitbench.servers.phaselog).
 SPLIT_PHASES = ("router_recv", "prefill_sent", "prefill_done", "decode_sent", "first_token")
 TTFT_COMPONENTS = ("client_to_router", "router_queue", "prefill", "handoff", "kv_transfer_and_decode_start",
                    "relay_to_client")

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from ..records import RequestRecord, atomic_write_json
-from .latency import PER_REQUEST, input_tokens, mean_tbt_s, metric_values, output_tokens, stat_of, \
+from splitbench.errors import InputError
+from splitbench.schema.records import RequestRecord, atomic_write_json
+from splitbench.metrics.latency import PER_REQUEST, input_tokens, mean_tbt_s, metric_values, output_tokens, stat_of, \
     throughput_section, ttft_s, e2e_s
 
 SLO_METRICS = ("ttft", "tbt", "mean_tbt", "e2e", "norm")

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import InputError
-from ..records import RequestRecord, atomic_write_json
-from .efficiency import efficiency_section
-from .fidelity import fidelity_section
-from .latency import counts_section, latency_section, pools_section, throughput_section
-from .slo import SLO, Reference, evaluate_slos, parse_slos, splitwise_verdict
+from splitbench.errors import InputError
+from splitbench.schema.records import RequestRecord, atomic_write_json
+from splitbench.metrics.efficiency import efficiency_section
+from splitbench.metrics.fidelity import fidelity_section
+from splitbench.metrics.latency import counts_section, latency_section, pools_section, throughput_section
+from splitbench.metrics.slo import SLO, Reference, evaluate_slos, parse_slos, splitwise_verdict
 
 SUMMARY_KIND = "splitbench.summary"
 SUMMARY_VERSION = 1

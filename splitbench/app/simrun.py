@@ -1,0 +1,226 @@
+"""Simulated runs: a cluster spec + a workload -> the discrete-event simulator -> a run directory with the same
+record schema as a live run (run.json `simulated: true`), so report, compare and the HTML report work unchanged.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from splitbench.schema import records as R
+from splitbench.errors import InputError
+from splitbench.workload.types import Workload
+
+# Splitwise's cluster designs (paper §VI): pool -> machine type; counts come from the search or the user.
+DESIGNS: dict[str, list[tuple[str, str]]] = {
+    "baseline-a100": [("baseline", "dgx-a100")],
+    "baseline-h100": [("baseline", "dgx-h100")],
+    "splitwise-aa": [("prompt", "dgx-a100"), ("token", "dgx-a100")],
+    "splitwise-hh": [("prompt", "dgx-h100"), ("token", "dgx-h100")],
+    "splitwise-ha": [("prompt", "dgx-h100"), ("token", "dgx-a100")],
+    "splitwise-hhcap": [("prompt", "dgx-h100"), ("token", "dgx-h100-pcap")],
+}
+CPU_KV_CACHE_BYTES = 1 << 30   # VLLM_CPU_KVCACHE_SPACE=1 (GiB), as the live CPU clusters run
+
+
+def parse_cluster(spec: str):
+    """'prompt=dgx-h100:35,token=dgx-a100:35' or a design with counts, 'splitwise-ha:35,35' / 'baseline-a100:40'
+    -> [SimPool]. One-line InputError naming the bad item."""
+    from splitbench.sim.cluster import SimPool
+    spec = (spec or "").strip()
+    name, colon, rest = spec.partition(":")
+    if name.lower() in DESIGNS:
+        pools = DESIGNS[name.lower()]
+        try:
+            counts = [int(x) for x in rest.replace("+", ",").split(",")] if colon else []
+        except ValueError:
+            counts = []
+        if len(counts) != len(pools) or any(c < 1 for c in counts):
+            raise InputError(f"--cluster {spec!r}: {name} needs {len(pools)} machine count(s) >= 1, e.g. "
+                             f"{name}:{','.join(['4'] * len(pools))}")
+        return [SimPool(p, m, c) for (p, m), c in zip(pools, counts)]
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        pool, eq, rhs = item.partition("=")
+        machine, colon, count = rhs.partition(":")
+        if not eq or not colon or pool not in ("prompt", "token", "mixed", "baseline"):
+            raise InputError(f"--cluster item {item!r}: expected POOL=MACHINE:COUNT with POOL one of prompt, token, "
+                             f"mixed, baseline (or a design: {', '.join(DESIGNS)} with counts)")
+        try:
+            n = int(count)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise InputError(f"--cluster item {item!r}: COUNT must be a whole number >= 1")
+        out.append(SimPool(pool, machine.strip(), n))
+    if not out:
+        raise InputError("--cluster is empty (e.g. prompt=dgx-a100:2,token=dgx-a100:2 or splitwise-aa:2,2)")
+    return out
+
+
+@dataclass
+class SimSetup:
+    """What the simulator needs per machine type, built once and reused across many simulations."""
+    model: str
+    shape: Any                       # perfmodel.ModelShape
+    perf: dict[str, Any]             # machine type -> PerfModel
+    kv_capacity_tokens: dict[str, int]
+    catalog: dict
+    profile_path: str
+    describe: dict = field(default_factory=dict)
+
+
+def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: str | None = None,
+                profile: str | None = None, tensor_parallel: int | None = None, hardware_file: str | None = None,
+                kv_capacity_tokens: int | None = None, memory_fraction: float = 0.9) -> SimSetup:
+    from splitbench.hardware.catalog import get_machine, load_catalog
+    from splitbench.sim.perfmodel import (MODEL_SHAPES, find_profile, get_perf_model, load_profiles,
+                                     machine_kv_capacity_tokens, profile_hardware_name, shape_from_hf_config)
+    catalog = load_catalog(hardware_file)
+    if model_dir:
+        shape = shape_from_hf_config(model_dir)
+    elif model in MODEL_SHAPES:
+        shape = MODEL_SHAPES[model]
+    else:
+        raise InputError(f"unknown model shape {model!r} (known: {', '.join(MODEL_SHAPES)}; or give --model-dir)")
+    path = find_profile(profile)
+    profiles = load_profiles(path)
+    perf, cap, desc = {}, {}, {}
+    for name in dict.fromkeys(machines):
+        mt = get_machine(name, catalog)
+        tp = tensor_parallel or max(1, mt.accelerators)
+        pm = get_perf_model(profiles, model, profile_hardware_name(mt), tp)
+        perf[name] = pm
+        if kv_capacity_tokens is not None:
+            cap[name] = int(kv_capacity_tokens)
+        elif mt.accelerators == 0:
+            cap[name] = int(CPU_KV_CACHE_BYTES // shape.kv_bytes_per_token)
+        else:
+            cap[name] = machine_kv_capacity_tokens(shape, mt, memory_fraction=memory_fraction)
+        desc[name] = {"profile_hardware": profile_hardware_name(mt), "tensor_parallel": tp,
+                      "kv_capacity_tokens": cap[name], "perf_model": pm.describe()}
+    return SimSetup(model=model, shape=shape, perf=perf, kv_capacity_tokens=cap, catalog=catalog,
+                    profile_path=str(path), describe=desc)
+
+
+def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_tokens: int = 2048,
+               kv_transfer: str = "layerwise", link_gbps: float | None = None, layers: int | None = None,
+               policy_params: dict | None = None, max_decode_batch: int | None = None, first_token: str = "prefill"):
+    from splitbench.sim.cluster import SimConfig
+    kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
+                              max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
+                              max_decode_batch=max_decode_batch, first_token=first_token)
+    if link_gbps is not None:
+        kw["link_bytes_per_s"] = link_gbps * 1e9 / 8
+    if layers is not None:
+        kw["layers"] = layers
+    return SimConfig(**kw)
+
+
+def run_sim(workload: Workload, cfg, setup: SimSetup):
+    from splitbench.sim.cluster import simulate
+    return simulate(workload, cfg, setup.perf, setup.kv_capacity_tokens, setup.shape.kv_bytes_per_token)
+
+
+# ----------------------------------------------------------------------------- unloaded reference
+
+def sim_reference(setup: SimSetup, machine: str, sizes=(64, 256, 1024, 2048, 4096, 8192), output_tokens: int = 32):
+    """Splitwise's SLO reference from the simulator itself: each prompt size alone (arrivals far apart) on one
+    baseline machine of `machine`, fitted exactly as `splitbench reference` fits live records."""
+    from splitbench.sim.cluster import SimPool
+    from splitbench.metrics.slo import fit_reference
+    n = len(sizes)
+    w = Workload(name="reference-grid", arrival_s=np.arange(n) * 1000.0,
+                 input_tokens=np.asarray(sizes, dtype=np.int64), output_tokens=np.full(n, output_tokens, np.int64),
+                 trace_index=np.arange(n, dtype=np.int64), source={"name": "reference-grid"}, transforms={})
+    res = run_sim(w, sim_config([SimPool("baseline", machine, 1)]), setup)
+    return fit_reference(res.records)
+
+
+# ----------------------------------------------------------------------------- a simulated run directory
+
+@dataclass
+class SimOptions:
+    cluster: str
+    trace: str = "azure-conv-2023"
+    trace_dir: str | None = None
+    start_s: float = 0.0
+    duration_s: float | None = None
+    rate_scale: float = 1.0
+    max_requests: int | None = None
+    max_context_tokens: int | None = None  # clip input+output as a live run clips to the server's max_model_len
+    model: str = "bloom-176b"
+    model_dir: str | None = None
+    profile: str | None = None
+    tensor_parallel: int | None = None
+    policy: str = "jsq"
+    seed: int = 0
+    max_prompt_batch_tokens: int = 2048
+    max_decode_batch: int | None = None
+    first_token: str = "prefill"            # prefill (Splitwise) | decode (vLLM P/D: the token machine streams it)
+    kv_transfer: str = "layerwise"
+    link_gbps: float | None = None
+    kv_capacity_tokens: int | None = None
+    hardware_file: str | None = None
+    slos: str | None = None
+    # Splitwise verdict vs this machine's simulated unloaded latency; "auto": dgx-a100 when the profile has the
+    # model on A100s (Splitwise's reference), else the first pool's machine; None: no verdict
+    reference_machine: str | None = "auto"
+    results_dir: str = "results"
+    run_id: str | None = None
+
+
+def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
+    """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary)."""
+    from splitbench.workload.traces import load_workload
+    from splitbench.metrics.slo import parse_slos
+    from splitbench.metrics.summary import save_summary, summarize
+    workload = load_workload(opts.trace, trace_dir=opts.trace_dir, start_s=opts.start_s, duration_s=opts.duration_s,
+                             rate_scale=opts.rate_scale, max_requests=opts.max_requests,
+                             max_context_tokens=opts.max_context_tokens)
+    pools = parse_cluster(opts.cluster)
+    slos = parse_slos(opts.slos) if opts.slos else None
+    def setup_with(ref_machine):
+        return build_setup([p.machine for p in pools] + ([ref_machine] if ref_machine else []), model=opts.model,
+                           model_dir=opts.model_dir, profile=opts.profile, tensor_parallel=opts.tensor_parallel,
+                           hardware_file=opts.hardware_file, kv_capacity_tokens=opts.kv_capacity_tokens)
+    ref_machine = opts.reference_machine
+    if ref_machine == "auto":
+        try:
+            ref_machine, setup = "dgx-a100", setup_with("dgx-a100")
+        except InputError:
+            ref_machine, setup = pools[0].machine, setup_with(None)
+    else:
+        setup = setup_with(ref_machine)
+    cfg = sim_config(pools, policy=opts.policy, seed=opts.seed, max_prompt_batch_tokens=opts.max_prompt_batch_tokens,
+                     kv_transfer=opts.kv_transfer, link_gbps=opts.link_gbps, layers=setup.shape.layers,
+                     max_decode_batch=opts.max_decode_batch, first_token=opts.first_token)
+    t = time.perf_counter()
+    res = run_sim(workload, cfg, setup)
+    sim_wall_s = time.perf_counter() - t
+    reference = sim_reference(setup, ref_machine) if ref_machine else None
+    run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
+    run_dir = Path(opts.results_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    from splitbench.hardware.catalog import whole_machine_allocation
+    instances = [{**i, "role": i["pool"]} for i in res.instances]
+    now = time.time()
+    meta = {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": "complete", "simulated": True,
+            "created_unix_s": now, "t0_unix_s": now, "options": asdict(opts), "workload": workload.describe(),
+            "backend": {"backend": "simulator", "cluster": opts.cluster, "pools": [asdict(p) for p in pools],
+                        "policy": opts.policy, "instances": instances, "sim_config": asdict(cfg),
+                        "machines": setup.describe, "profile": setup.profile_path, "stats": res.stats,
+                        "sim_wall_s": sim_wall_s},
+            "model": {"id": opts.model, "shape": asdict(setup.shape),
+                      "kv_bytes_per_token": setup.shape.kv_bytes_per_token},
+            "hardware": whole_machine_allocation(res.instances, setup.catalog),
+            "reference": asdict(reference) if reference is not None else None, "reference_machine": ref_machine,
+            "versions": R.package_versions(), "host": R.host_info()}
+    R.write_records(run_dir, run_id, res.records)
+    R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    summary = summarize(res.records, run_meta=meta, slos=slos, reference=reference)
+    save_summary(summary, run_dir / R.SUMMARY_FILE)
+    return run_dir, summary

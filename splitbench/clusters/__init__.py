@@ -1,1 +1,0 @@
-"""Clusters: hardware catalog, process launcher, router, scheduling policies, simulator."""

@@ -1,0 +1,1 @@
+"""Hardware: the machine catalog, allocation of machine shares, the NVML power sampler."""

@@ -1,1 +1,0 @@
-"""Load generation: traces and workloads, prompt synthesis, the open-loop replayer."""

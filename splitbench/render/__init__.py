@@ -1,0 +1,1 @@
+"""Rendering of summaries, comparisons and gate decisions (console, Markdown, HTML, JUnit): never computes."""

@@ -1,0 +1,1 @@
+"""Data that every layer shares: the per-request record schema, run metadata and atomic files."""

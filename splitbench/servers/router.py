@@ -1,0 +1,393 @@
+"""P/D router: an aiohttp proxy that places each request with a policy (co-located, or split prefill->decode with
+vLLM's kv_transfer_params protocol), streams the answer back, tracks health and pending tokens, logs phases.
+Run it: `python -m splitbench.servers.router --instance id=p0,url=URL,pool=prompt ...` (router_process.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from splitbench.errors import InputError
+from splitbench.servers.phaselog import PhaseLog
+from splitbench.policies import POOLS, Decision, Ledger, NoHealthyInstance, Policy, Request, make_policy, routable
+
+DEFAULT_OUTPUT_TOKENS = 16  # pending-token estimate for requests without max_tokens
+_HOP = frozenset(h.lower() for h in ("Host", "Content-Length", "Connection", "Keep-Alive", "Transfer-Encoding",
+                                      "TE", "Upgrade", "Proxy-Authorization", "Proxy-Connection", "X-Request-Id",
+                                      "Accept-Encoding", "Content-Type"))  # bodies are always sent as JSON
+# The prompt-instance copy of a request, as vLLM's disaggregated proxies send it (NixlConnector protocol).
+PREFILL_KV_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                     "remote_block_ids": None, "remote_host": None, "remote_port": None}
+_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError)
+
+
+class _ClientGone(Exception):
+    """Writing to the downstream client failed (it disconnected)."""
+
+
+def count_input_tokens(body: dict) -> int:
+    """Token-id prompt -> its length; text prompts and chat messages -> a word count (an estimate)."""
+    p = body.get("prompt")
+    if p is None:
+        p = [m.get("content") for m in body.get("messages") or () if isinstance(m, dict)]
+    if isinstance(p, str):
+        return len(p.split())
+    if isinstance(p, list):
+        if p and type(p[0]) is int:
+            return len(p)
+        n = 0
+        for x in p:
+            if isinstance(x, str):
+                n += len(x.split())
+            elif isinstance(x, list):
+                n += len(x) if x and type(x[0]) is int else sum(
+                    len(str(c.get("text", "")).split()) for c in x if isinstance(c, dict))
+        return n
+    return 0
+
+
+def prefill_body(body: dict) -> dict:
+    """The prompt instance's copy: max_tokens 1, not streamed, asks for remote decode (vLLM's toy proxy)."""
+    p = dict(body)
+    p["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
+    p["stream"] = False
+    p["max_tokens"] = 1
+    if "max_completion_tokens" in p:
+        p["max_completion_tokens"] = 1
+    for k in ("stream_options", "min_tokens", "min_completion_tokens"):  # min_*: not supported on P
+        p.pop(k, None)
+    return p
+
+
+def _err(status: int, message: str) -> web.Response:
+    kind = {502: "BadGateway", 503: "ServiceUnavailable", 400: "BadRequestError"}.get(status, "Error")
+    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                             status=status)
+
+
+class Router:
+    """The proxy. `instances`: dicts with id, url, pool (prompt|token|mixed|baseline). async start()/stop()."""
+
+    def __init__(self, instances: Sequence[dict], policy: Policy | str = "jsq", host: str = "127.0.0.1",
+                 port: int = 0, phase_log: str | os.PathLike | None = None, *, seed: int = 0,
+                 policy_params: dict | None = None, health_interval_s: float = 1.0, connect_timeout_s: float = 5.0,
+                 prefill_timeout_s: float = 600.0, request_timeout_s: float = 3600.0, idle_timeout_s: float = 120.0):
+        if not instances:
+            raise InputError("router needs at least one --instance")
+        self.urls: dict[str, str] = {}
+        for i in instances:
+            if not {"id", "url", "pool"} <= set(i):
+                raise InputError(f"router instance {i!r} needs id, url and pool")
+            self.urls[str(i["id"])] = str(i["url"]).rstrip("/")
+        try:
+            self.ledger = Ledger((str(i["id"]), str(i["pool"])) for i in instances)
+            self.policy = make_policy(policy, seed, **(policy_params or {})) if isinstance(policy, str) else policy
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        self.host, self.port = host, port
+        self.phase_log_path = Path(phase_log) if phase_log else None
+        self.phase_log: PhaseLog | None = None
+        self.health_interval_s = health_interval_s
+        self._connect_timeout_s = connect_timeout_s
+        self._prefill_timeout = aiohttp.ClientTimeout(total=prefill_timeout_s, sock_connect=connect_timeout_s)
+        self._stream_timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s,
+                                                     sock_read=idle_timeout_s)
+        self.n: dict[str, int] = {k: 0 for k in ("requests", "split", "colocated", "ok", "http_error",
+                                                 "upstream_error", "no_instance", "bad_request", "cancelled",
+                                                 "inflight", "marked_unhealthy", "recovered")}
+        self.per_instance = {i: {"prompt": 0, "token": 0, "colocated": 0, "failures": 0} for i in self.urls}
+        self.per_pool: dict[str, int] = dict.fromkeys(POOLS, 0)
+        self.perf = time.perf_counter
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=256 * 2**20)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        """Open the session and phase log, poll health once, then listen (self.port is the bound port).
+        Idle upstream connections are dropped after 4 s, before uvicorn's (vLLM's) 5 s keep-alive closes them."""
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
+                                              timeout=self._stream_timeout)
+        if self.phase_log_path:
+            self.phase_log = PhaseLog(self.phase_log_path, policy=getattr(self.policy, "name", "?"),
+                                      instances=[{"id": i, "url": self.urls[i], "pool": self.ledger.pool[i]}
+                                                 for i in self.ledger.order])
+        await self.poll_health()
+        self._runner = web.AppRunner(self.make_app(), access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=1.0, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=4096, reuse_address=True)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self._tasks = [asyncio.create_task(self._health_loop()), asyncio.create_task(self._flush_loop())]
+
+    async def stop(self) -> None:
+        """Stop listening, close upstream connections, flush and close the phase log. Idempotent."""
+        for t in self._tasks:
+            t.cancel()
+        self._tasks = []
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+        if self.phase_log is not None:
+            self.phase_log.close()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.phase_log is not None:
+                self.phase_log.flush()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await self.poll_health()
+
+    async def poll_health(self) -> None:
+        """GET /health of every instance (timeout <= 1 s); 200 = healthy, anything else = unhealthy."""
+        timeout = aiohttp.ClientTimeout(total=min(1.0, max(self.health_interval_s, 0.2)))
+
+        async def one(iid: str) -> None:
+            try:
+                async with self._session.get(self.urls[iid] + "/health", timeout=timeout) as r:
+                    await r.read()
+                    ok = r.status == 200
+            except _UPSTREAM_ERRORS:
+                ok = False
+            if ok and not self.ledger.healthy[iid]:
+                self.n["recovered"] += 1
+            self.ledger.set_healthy(iid, ok)
+
+        await asyncio.gather(*(one(i) for i in self.ledger.order))
+
+    def _mark_unhealthy(self, iid: str) -> None:
+        self.per_instance[iid]["failures"] += 1
+        if self.ledger.healthy[iid]:
+            self.ledger.set_healthy(iid, False)
+            self.n["marked_unhealthy"] += 1
+
+    # ------------------------------------------------------------------ small endpoints
+    async def _health(self, request: web.Request) -> web.Response:
+        views = self.ledger.views()
+        body = {"status": "ok" if routable(views) else "unavailable",
+                "instances": {v.id: v.healthy for v in views}}
+        return web.json_response(body, status=200 if routable(views) else 503)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        for iid in self.ledger.order:
+            if self.ledger.healthy[iid]:
+                try:
+                    async with self._session.get(self.urls[iid] + "/v1/models", timeout=self._prefill_timeout) as r:
+                        return web.Response(body=await r.read(), status=r.status,
+                                            content_type=r.content_type or "application/json")
+                except _UPSTREAM_ERRORS as e:
+                    self._mark_unhealthy(iid)
+                    return _err(502, f"instance {iid}: {type(e).__name__}: {e}")
+        return _err(503, "no healthy instance")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        rows = [f"# TYPE splitbench_router_{k}_total counter\nsplitbench_router_{k}_total {v}\n"
+                for k, v in self.n.items() if k != "inflight"]
+        rows.append(f"# TYPE splitbench_router_inflight gauge\nsplitbench_router_inflight {self.n['inflight']}\n")
+        rows.append("# TYPE splitbench_router_decisions_total counter\n")
+        rows += [f'splitbench_router_decisions_total{{pool="{p}"}} {c}\n' for p, c in self.per_pool.items()]
+        for name, kind in (("instance_requests_total", "counter"), ("instance_failures_total", "counter"),
+                           ("instance_healthy", "gauge"), ("instance_pending_prompt_tokens", "gauge"),
+                           ("instance_pending_decode_tokens", "gauge"), ("instance_running", "gauge")):
+            rows.append(f"# TYPE splitbench_router_{name} {kind}\n")
+            for v in self.ledger.views():
+                lab = f'instance="{v.id}",pool="{v.pool}"'
+                if name == "instance_requests_total":
+                    rows += [f'splitbench_router_{name}{{{lab},role="{role}"}} {c}\n'
+                             for role, c in self.per_instance[v.id].items() if role != "failures"]
+                    continue
+                val = {"instance_failures_total": self.per_instance[v.id]["failures"],
+                       "instance_healthy": int(v.healthy), "instance_pending_prompt_tokens": v.pending_prompt_tokens,
+                       "instance_pending_decode_tokens": v.pending_decode_tokens,
+                       "instance_running": v.running}[name]
+                rows.append(f"splitbench_router_{name}{{{lab}}} {val}\n")
+        return web.Response(text="".join(rows), content_type="text/plain")
+
+    # ------------------------------------------------------------------ proxying
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "/v1/completions")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "/v1/chat/completions")
+
+    async def _proxy(self, request: web.Request, path: str) -> web.StreamResponse:
+        t: dict[str, float] = {"router_recv": self.perf()}
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        entry: dict[str, Any] = {"request_id": rid, "path": path, "status": "cancelled", "http_status": None,
+                                 "error": None, "t": t}
+        self.n["requests"] += 1
+        self.n["inflight"] += 1
+        try:
+            raw = await request.read()
+            try:
+                body = orjson.loads(raw)
+                if not isinstance(body, dict):
+                    raise ValueError("the body must be a JSON object")
+                n_out = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_OUTPUT_TOKENS
+                req = Request(rid, count_input_tokens(body), int(n_out))
+            except (ValueError, TypeError, AttributeError) as e:
+                return self._finish(entry, 400, "bad_request", f"bad request body: {e}")
+            entry.update(input_tokens=req.input_tokens, output_tokens=req.output_tokens)
+            try:
+                d = self.policy.choose(req, self.ledger.views())
+            except NoHealthyInstance as e:
+                return self._finish(entry, 503, "no_instance", str(e))
+            entry.update(instance=d.label, pool=d.pool, prompt_instance=d.prompt_instance,
+                         token_instance=d.token_instance, flow="split" if d.split else "colocated")
+            self.per_pool[d.pool] = self.per_pool.get(d.pool, 0) + 1
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+            headers["X-Request-Id"] = rid
+            headers["Content-Type"] = "application/json"
+            self.ledger.dispatch(d, req)
+            state = {"prefill_open": True}
+            try:
+                if d.split:
+                    self.n["split"] += 1
+                    return await self._split(request, path, body, headers, d, req, t, entry, state)
+                self.n["colocated"] += 1
+                self.per_instance[d.prompt_instance]["colocated"] += 1
+                t["sent"] = self.perf()
+                return await self._relay(request, d.prompt_instance, path, raw, headers, d, req, t, entry, state,
+                                         bool(body.get("stream")))
+            finally:
+                if state["prefill_open"]:
+                    self.ledger.prefill_done(d, req)
+                self.ledger.finish(d, req)
+        except asyncio.CancelledError:
+            entry["error"] = "client disconnected"
+            self.n["cancelled"] += 1
+            raise
+        finally:
+            t.setdefault("done", self.perf())
+            self.n["inflight"] -= 1
+            if self.phase_log is not None:
+                self.phase_log.write(entry)
+
+    def _finish(self, entry: dict, status: int, kind: str, error: str | None) -> web.Response:
+        entry.update(status=kind, http_status=status, error=error)
+        self.n[kind] += 1
+        return _err(status, error or kind)
+
+    def _upstream_failed(self, entry: dict, iid: str, stage: str, e: BaseException | str) -> web.Response:
+        self._mark_unhealthy(iid)
+        msg = e if isinstance(e, str) else f"{type(e).__name__}: {e}".rstrip(": ")
+        entry["stage"] = stage
+        return self._finish(entry, 502, "upstream_error", f"{stage} on instance {iid} failed: {msg}")
+
+    async def _split(self, request, path, body, headers, d: Decision, req: Request, t, entry, state):
+        p_id, d_id = d.prompt_instance, d.token_instance
+        self.per_instance[p_id]["prompt"] += 1
+        self.per_instance[d_id]["token"] += 1
+        data = orjson.dumps(prefill_body(body))
+        t["prefill_sent"] = self.perf()
+        try:
+            async with self._session.post(self.urls[p_id] + path, data=data, headers=headers,
+                                          timeout=self._prefill_timeout) as up:
+                answer, status, ctype = await up.read(), up.status, up.content_type
+        except _UPSTREAM_ERRORS as e:
+            return self._upstream_failed(entry, p_id, "prefill", e)
+        finally:
+            t["prefill_done"] = self.perf()
+            self.ledger.prefill_done(d, req)
+            state["prefill_open"] = False
+        if status >= 500:
+            return self._upstream_failed(entry, p_id, "prefill", f"HTTP {status}: {answer[:200]!r}")
+        if status != 200:  # the request itself is bad: pass the instance's answer on
+            entry.update(status="http_error", http_status=status, stage="prefill")
+            self.n["http_error"] += 1
+            return web.Response(body=answer, status=status, content_type=ctype or "application/json")
+        try:
+            kv = orjson.loads(answer).get("kv_transfer_params")
+        except (ValueError, AttributeError) as e:
+            return self._upstream_failed(entry, p_id, "prefill", f"bad JSON answer: {e}")
+        decode = dict(body)
+        if kv:
+            decode["kv_transfer_params"] = kv
+        t["decode_sent"] = self.perf()
+        return await self._relay(request, d_id, path, orjson.dumps(decode), headers, d, req, t, entry, state,
+                                 bool(body.get("stream")))
+
+    async def _relay(self, request, iid, path, data, headers, d, req, t, entry, state, stream: bool):
+        """POST to the instance and pass its answer on chunk by chunk (no buffering)."""
+        resp: web.StreamResponse | None = None
+        stage = "decode" if d.split else "request"
+        try:
+            async with self._session.post(self.urls[iid] + path, data=data, headers=headers,
+                                          timeout=self._stream_timeout) as up:
+                if up.status >= 500:
+                    answer = await up.read()
+                    return self._upstream_failed(entry, iid, stage, f"HTTP {up.status}: {answer[:200]!r}")
+                resp = web.StreamResponse(status=up.status, headers={
+                    "Content-Type": up.headers.get("Content-Type", "application/json"), "X-Request-Id": req.id,
+                    "Cache-Control": "no-cache"})
+                try:
+                    await resp.prepare(request)
+                except ConnectionError as e:
+                    raise _ClientGone() from e
+                first = True
+                async for chunk in up.content.iter_any():
+                    if first:
+                        first = False
+                        if stream and up.status == 200:
+                            t["first_token"] = self.perf()
+                        if state["prefill_open"]:
+                            self.ledger.prefill_done(d, req)
+                            state["prefill_open"] = False
+                    try:
+                        await resp.write(chunk)
+                    except ConnectionError as e:
+                        raise _ClientGone() from e
+                try:
+                    await resp.write_eof()
+                except ConnectionError as e:
+                    raise _ClientGone() from e
+                kind = "ok" if up.status == 200 else "http_error"
+                entry.update(status=kind, http_status=up.status, stage=None if kind == "ok" else stage)
+                self.n[kind] += 1
+                return resp
+        except _ClientGone:
+            entry.update(status="cancelled", error="client disconnected", http_status=resp.status if resp else None)
+            self.n["cancelled"] += 1
+            return resp
+        except _UPSTREAM_ERRORS as e:
+            if resp is None:
+                return self._upstream_failed(entry, iid, stage, e)
+            self._upstream_failed(entry, iid, stage, e)  # headers already sent: cut the client's connection
+            entry["http_status"] = resp.status
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+
+
+if __name__ == "__main__":  # the command line lives in router_process.py
+    from splitbench.servers.router_process import main
+    main()

@@ -1,0 +1,201 @@
+"""The router's command line (`python -m splitbench.servers.router ...`) and RouterProcess, which runs it as a
+child process in its own session (start waits for /health; stop kills the process group; idempotent, atexit).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+from splitbench.errors import InputError
+from splitbench.procs import stop_group, wait_ready
+from splitbench.policies import POOLS
+from splitbench.servers.router import Router
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+
+def parse_instance_spec(text: str) -> dict:
+    """'id=p0,url=http://127.0.0.1:8100,pool=prompt' -> {"id": ..., "url": ..., "pool": ...}."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        k, sep, v = part.partition("=")
+        if not sep or k.strip() not in ("id", "url", "pool") or not v.strip():
+            raise InputError(f"--instance {text!r}: expected id=ID,url=URL,pool=POOL (bad part {part!r})")
+        out[k.strip()] = v.strip()
+    if set(out) != {"id", "url", "pool"}:
+        raise InputError(f"--instance {text!r}: needs id=, url= and pool=")
+    if out["pool"] not in POOLS:
+        raise InputError(f"--instance {text!r}: pool must be one of {', '.join(POOLS)}")
+    if not out["url"].startswith(("http://", "https://")):
+        raise InputError(f"--instance {text!r}: url needs http:// or https://")
+    return out
+
+
+async def _serve(router: Router, port_file: str | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await router.start()
+    try:
+        if port_file:
+            Path(f"{port_file}.tmp").write_text(str(router.port))
+            os.replace(f"{port_file}.tmp", port_file)
+        print(f"splitbench router listening on {router.url} (policy {getattr(router.policy, 'name', '?')}, "
+              f"{len(router.urls)} instances, pid {os.getpid()})", flush=True)
+        await stop.wait()
+    finally:
+        await router.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m splitbench.servers.router", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port-file)")
+    p.add_argument("--instance", action="append", default=[], help="id=ID,url=URL,pool=prompt|token|mixed|baseline")
+    p.add_argument("--policy", default="jsq", help="round-robin | jsq | mixed-pool")
+    p.add_argument("--seed", type=int, default=0, help="seed of the policy's tie-breaking rng")
+    p.add_argument("--prompt-threshold-tokens", type=int, default=None, help="mixed-pool: prompt pool overload")
+    p.add_argument("--decode-threshold-tokens", type=int, default=None, help="mixed-pool: token pool overload")
+    p.add_argument("--phase-log", default=None, help="append per-request phase timestamps here (JSON lines)")
+    p.add_argument("--health-interval-s", type=float, default=1.0)
+    p.add_argument("--idle-timeout-s", type=float, default=120.0, help="no bytes from an instance for this long")
+    p.add_argument("--prefill-timeout-s", type=float, default=600.0)
+    p.add_argument("--cpu", type=int, default=None, help="pin the router to this core")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    p.add_argument("--port-file", default=None, help="write the bound port here once listening")
+    a = p.parse_args(argv)
+    try:
+        params = {k: v for k, v in (("prompt_threshold_tokens", a.prompt_threshold_tokens),
+                                    ("decode_threshold_tokens", a.decode_threshold_tokens)) if v is not None}
+        router = Router([parse_instance_spec(s) for s in a.instance], a.policy, a.host, a.port, a.phase_log,
+                        seed=a.seed, policy_params=params, health_interval_s=a.health_interval_s,
+                        idle_timeout_s=a.idle_timeout_s, prefill_timeout_s=a.prefill_timeout_s)
+        if a.cpu is not None:
+            if a.cpu not in os.sched_getaffinity(0):
+                raise InputError(f"--cpu {a.cpu} is not one of this process's cores {sorted(os.sched_getaffinity(0))}")
+            os.sched_setaffinity(0, {a.cpu})
+        import gc
+        gc.collect()
+        gc.freeze()
+        if a.loop == "uvloop":
+            import uvloop
+            uvloop.run(_serve(router, a.port_file))
+        else:
+            asyncio.run(_serve(router, a.port_file))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: router cannot listen on {a.host}:{a.port}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def _get_status(url: str, timeout_s: float = 1.0) -> int:
+    try:
+        with _OPENER.open(url, timeout=timeout_s) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError, ValueError):
+        return 0
+
+
+class RouterProcess:
+    """`python -m splitbench.servers.router` as a child process. instances: dicts with id, url, pool."""
+
+    def __init__(self, instances: Sequence[dict], policy: str = "jsq", *, host: str = "127.0.0.1", port: int = 0,
+                 phase_log: str | os.PathLike | None = None, seed: int = 0, policy_params: dict | None = None,
+                 cpu: int | None = None, loop: str = "uvloop", health_interval_s: float = 1.0,
+                 idle_timeout_s: float = 120.0, log_path: str | os.PathLike | None = None,
+                 python: str = sys.executable):
+        self.instances = [dict(i) for i in instances]
+        for i in self.instances:  # fail here, not in the child
+            parse_instance_spec(f"id={i.get('id')},url={i.get('url')},pool={i.get('pool')}")
+        self.policy, self.host, self.requested_port, self.port = policy, host, port, (port or None)
+        self.phase_log = Path(phase_log) if phase_log else None
+        self.seed, self.policy_params, self.cpu, self.loop = seed, dict(policy_params or {}), cpu, loop
+        self.health_interval_s, self.idle_timeout_s = health_interval_s, idle_timeout_s
+        self.log_path, self.python = Path(log_path) if log_path else None, python
+        self.proc: subprocess.Popen | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("router has no port until start()")
+        return f"http://{self.host}:{self.port}"
+
+    def command(self, port_file: str | None = None) -> list[str]:
+        cmd = [self.python, "-m", "splitbench.servers.router", "--host", self.host,
+               "--port", str(self.requested_port or 0), "--policy", self.policy, "--seed", str(self.seed),
+               "--loop", self.loop, "--health-interval-s", repr(self.health_interval_s),
+               "--idle-timeout-s", repr(self.idle_timeout_s)]
+        for i in self.instances:
+            cmd += ["--instance", f"id={i['id']},url={i['url']},pool={i['pool']}"]
+        for k, v in self.policy_params.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        if self.phase_log:
+            cmd += ["--phase-log", str(self.phase_log)]
+        if self.cpu is not None:
+            cmd += ["--cpu", str(self.cpu)]
+        if port_file:
+            cmd += ["--port-file", port_file]
+        return cmd
+
+    def start(self, timeout_s: float = 30.0, require_instances: bool = True) -> None:
+        """Spawn and wait until /health answers 200 (require_instances) or answers at all."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self._tmp = tempfile.TemporaryDirectory(prefix="splitbench-router-")
+        port_file = str(Path(self._tmp.name) / "port")
+        log_path = self.log_path or Path(self._tmp.name) / "router.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(port_file), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        atexit.register(self.stop)
+        def ready(port: int) -> bool:
+            status = _get_status(f"http://{self.host}:{port}/health")
+            return status == 200 or bool(status and not require_instances)
+        try:
+            self.port = wait_ready(self.proc, port_file, ready, timeout_s, "router", log_path,
+                                   " (are its instances up?)")
+        except InputError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """SIGTERM the process group (the router flushes its phase log), SIGKILL after 5 s. Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            atexit.unregister(self.stop)
+            stop_group(proc)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def health(self) -> bool:
+        return self.port is not None and _get_status(f"{self.url}/health") == 200
+
+    def describe(self) -> dict:
+        return {"router": "splitbench", "policy": self.policy, "policy_params": self.policy_params,
+                "seed": self.seed, "url": self.url if self.port else None, "instances": self.instances,
+                "pid": self.proc.pid if self.proc else None, "cpu": self.cpu, "loop": self.loop,
+                "phase_log": str(self.phase_log) if self.phase_log else None}

@@ -1,0 +1,1 @@
+"""The discrete-event simulator: event loop, simulated cluster, performance model and profiles."""

@@ -1,0 +1,435 @@
+"""Simulated cluster on the event loop: Splitwise machine-level scheduling (prompt / token / mixed / baseline),
+KV memory from the model shape, KV transfer over per-machine links, and the live run's RequestRecords.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitbench.errors import InputError
+from splitbench.schema.records import ERROR, OK, RequestRecord
+from splitbench.policies import POOLS, Decision, Ledger, NoHealthyInstance, Request, make_policy, routable
+from splitbench.sim.engine import Simulator
+
+# Per-machine network bandwidth for KV transfer. Splitwise's machines are DGX boxes with one InfiniBand NIC per
+# GPU; a DGX-A100 has 8 x 200 Gb/s HDR = 1.6 Tb/s = 200e9 B/s (a DGX-H100 has 8 x 400 Gb/s = 400e9 B/s). We
+# default to the smaller (A100) figure, the conservative choice for a mixed A100/H100 catalog.
+DEFAULT_LINK_BYTES_PER_S = 200e9
+DEFAULT_LAYERS = 80   # Llama-2-70B, Splitwise's main model; pass the real model's layer count
+# Preemption cap of mixed/baseline machines: at most this many prompt iterations in a row while decodes wait.
+# Not a Splitwise number (it prioritizes prompts); 4 keeps TBT bounded yet favours TTFT.
+DEFAULT_MAX_CONSECUTIVE_PROMPT_ITERATIONS = 4
+KV_TRANSFERS = ("layerwise", "serialized")
+
+_IDLE, _PROMPT, _DECODE, _WAKING = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class SimPool:
+    pool: str      # prompt | token | mixed | baseline
+    machine: str   # machine type name (hardware catalog); keys perf and kv_capacity_tokens
+    count: int
+
+
+@dataclass
+class SimConfig:
+    pools: list[SimPool]
+    policy: str = "jsq"
+    policy_params: dict = field(default_factory=dict)
+    seed: int = 0
+    max_prompt_batch_tokens: int = 2048
+    kv_transfer: str = "layerwise"
+    link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
+    layers: int = DEFAULT_LAYERS
+    mixed_max_consecutive_prompt_iterations: int = DEFAULT_MAX_CONSECUTIVE_PROMPT_ITERATIONS
+    max_decode_batch: int | None = None   # requests per decode batch (vLLM's max_num_seqs); None: KV memory only
+    # True: one token chunk per fast-forwarded decode run (TBT gaps = run duration / tokens of the run; ~100
+    # chunks a request at 250 req/s, ~0.8 GB for 150k records). False: just the first token and one chunk of the
+    # other n-1 at the last token (TBT gaps = the request's mean TBT), for design sweeps that only need that.
+    record_token_chunks: bool = True
+    # who streams a split request's first token: "prefill" (Splitwise: the prompt machine, at the end of the prefill)
+    # or "decode" (vLLM's P/D: the prompt instance's token is dropped; the token machine generates all n tokens,
+    # the first at the end of its first decode iteration after the KV arrived)
+    first_token: str = "prefill"
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    instances: list[dict]   # {"id", "pool", "machine"} in cluster order
+    stats: dict
+
+
+class _Req:
+    __slots__ = ("arrival", "colocated", "d", "decode_sent", "end_log", "error", "first", "i", "join_it",
+                 "join_log", "kv", "last", "m", "n_dec", "n_in", "n_out", "pdone", "req")
+
+    def __init__(self, i, arrival, n_in, n_out, req):
+        self.i, self.arrival, self.n_in, self.n_out, self.req = i, arrival, n_in, n_out, req
+        self.kv = n_in + n_out
+        self.colocated = False
+        self.first = self.decode_sent = self.last = self.m = self.error = self.pdone = None
+        self.n_dec = n_out - 1   # decode iterations; all n_out in "decode" first-token mode for split requests
+
+
+class _Machine:
+    __slots__ = ("admit_q", "b", "consec", "ctx", "fin", "id", "it", "kv_cap", "kv_free", "link_free", "log_it",
+                 "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end", "run_k", "run_t0",
+                 "single", "state", "version")
+
+    def __init__(self, iid, pool, mtype, perf, kv_cap):
+        self.id, self.pool, self.mtype, self.perf = iid, pool, mtype, perf
+        self.kv_cap = self.kv_free = kv_cap
+        self.prompt_q: deque = deque()   # FCFS prefills (split and co-located)
+        self.admit_q: deque = deque()    # prefilled requests whose KV arrived, waiting for KV memory (FCFS)
+        self.state = _IDLE
+        self.pbatch: list = []
+        self.pstart = 0.0
+        self.consec = 0                  # prompt iterations in a row while decodes were waiting
+        self.b = self.ctx = self.it = 0  # decode batch size, its KV tokens, decode iterations so far
+        self.fin: list = []              # heap (finish iteration, request index, request)
+        self.log_t: list[float] = []     # end time of each decode run ...
+        self.log_it: list[int] = []      # ... and the iteration count after it (token chunks come from these)
+        self.run_t0 = self.run_end = 0.0
+        self.run_k = self.version = 0
+        self.link_free = 0.0
+        self.single = False
+
+
+class SimCluster:
+    """One simulation: build with the workload and config, then run() -> SimResult.
+
+    Semantics (Splitwise's where it says): the prefill emits the first token, so first_token_s = end of the prefill
+    iteration (no network delay modelled); tokens 2..n come from decode iterations on the decode machine.
+    Split: prefill on the prompt machine (no KV reserved there), KV transfer (see _transfer), then the token
+    machine admits the request FCFS once input+output KV tokens fit (reserved until it finishes, no preemption);
+    phases_s decode_sent = KV transfer done (the admission wait shows as the first decode chunk's delay).
+    Co-located: KV reserved when the prefill is taken into a batch. Everything joins a decode batch at an
+    iteration boundary. Decode runs are fast-forwarded: one event per run (to the batch's next finish, or cut at
+    the end of the iteration in progress when a newcomer can join or a prompt can run), one token chunk per run:
+    k tokens at the run's end, so the k TBT gaps all equal the run's mean iteration time (iterations inside a run
+    grow slightly with the context; the per-token spread is lost, the sum is exact). Same-instant arrivals on an
+    idle machine share its first batch. A request whose KV can never fit is an "error" record.
+    """
+
+    def __init__(self, workload, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, int],
+                 kv_bytes_per_token: int):
+        _validate(cfg, perf, kv_capacity_tokens, kv_bytes_per_token)
+        self.w, self.cfg = workload, cfg
+        self.machines: list[_Machine] = []
+        counts: dict[str, int] = {}
+        for p in cfg.pools:
+            for _ in range(p.count):
+                k = counts.get(p.pool, 0)
+                counts[p.pool] = k + 1
+                self.machines.append(_Machine(f"{p.pool}-{k}", p.pool, p.machine, perf[p.machine],
+                                              int(kv_capacity_tokens[p.machine])))
+        self.by_id = {m.id: m for m in self.machines}
+        self.ledger = Ledger((m.id, m.pool) for m in self.machines)
+        if not routable(self.ledger.views()):
+            raise InputError(f"cluster cannot route requests (pools: {', '.join(sorted(counts))}): it needs a "
+                             "prompt and a token machine, or a mixed/baseline machine", column="pools")
+        try:
+            self.policy = make_policy(cfg.policy, seed=cfg.seed, **(cfg.policy_params or {}))
+        except ValueError as e:
+            raise InputError(str(e), column="policy") from None
+        self.sim = Simulator()
+        self.kv_s_per_token = kv_bytes_per_token / cfg.link_bytes_per_s
+        self.layerwise = cfg.kv_transfer == "layerwise"
+        self.cap_tokens = cfg.max_prompt_batch_tokens
+        self.cap_iters = cfg.mixed_max_consecutive_prompt_iterations
+        self.cap_batch = cfg.max_decode_batch or float("inf")
+        self.decode_first = cfg.first_token == "decode"
+        self.reqs: list[_Req] = []
+        self.n = {"runs": 0, "prompt_iterations": 0, "stale_events": 0, "interrupts": 0, "transfers": 0,
+                  "errors": 0}
+        self._arr = workload.arrival_s.tolist()
+        self._in = workload.input_tokens.tolist()
+        self._out = workload.output_tokens.tolist()
+        self._ti = workload.trace_index.tolist()
+
+    # ---------------------------------------------------------------- cluster level
+
+    def run(self) -> SimResult:
+        if self._arr:
+            self.sim.schedule(self._arr[0], self._arrival, 0)
+        end_s = self.sim.run()
+        stats = {"events": self.sim.events, **self.n, "sim_end_s": end_s, "machines": len(self.machines)}
+        for k in ("borrow_count", "return_count"):
+            if hasattr(self.policy, k):
+                stats[k] = getattr(self.policy, k)
+        reqs, records = self.reqs, []
+        for i, r in enumerate(reqs):
+            records.append(self._record(r))
+            reqs[i] = None   # keep the peak low: state goes as its record comes
+        return SimResult(records, [{"id": m.id, "pool": m.pool, "machine": m.mtype} for m in self.machines], stats)
+
+    def _arrival(self, i: int) -> None:
+        now = self.sim.now_s
+        if i + 1 < len(self._arr):
+            self.sim.schedule(self._arr[i + 1], self._arrival, i + 1)
+        n_in, n_out = self._in[i], self._out[i]
+        r = _Req(i, now, n_in, n_out, Request(f"r{self._ti[i]}", n_in, n_out))
+        self.reqs.append(r)
+        try:
+            d = self.policy.choose(r.req, self.ledger.views())
+        except NoHealthyInstance as e:   # cannot happen with all machines healthy; kept as a record, not a crash
+            r.d, r.error = Decision("-", None, "-"), str(e)
+            self.n["errors"] += 1
+            return
+        r.d = d
+        r.colocated = d.token_instance is None
+        self.ledger.dispatch(d, r.req)
+        pm = self.by_id[d.prompt_instance]
+        holder = pm if r.colocated else self.by_id[d.token_instance]
+        if r.kv > holder.kv_cap:
+            r.error = (f"request needs {r.kv} KV tokens (input {n_in} + output {n_out}) but {holder.id} "
+                       f"({holder.mtype}) holds at most {holder.kv_cap}")
+            self.ledger.prefill_done(d, r.req)
+            self.ledger.finish(d, r.req)
+            self.n["errors"] += 1
+            return
+        pm.prompt_q.append(r)
+        if pm.state == _IDLE:
+            self._wake(pm)
+        elif pm.state == _DECODE and len(pm.prompt_q) == 1 and (not r.colocated or r.kv <= pm.kv_free):
+            self._interrupt(pm)
+
+    # ---------------------------------------------------------------- machine level
+
+    def _wake(self, m: _Machine) -> None:
+        """An idle machine got work: plan at the same time but after the events already queued for it, so
+        requests arriving at the same instant share the first batch."""
+        m.state = _WAKING
+        self.sim.schedule(self.sim.now_s, self._plan, m)
+
+    def _plan(self, m: _Machine) -> None:
+        """The machine is at an iteration boundary: admit waiting decodes, then prompts first (up to the cap),
+        else a decode run up to the batch's next finish."""
+        now = self.sim.now_s
+        q = m.admit_q
+        while q and q[0].kv <= m.kv_free and m.b < self.cap_batch:
+            r = q.popleft()
+            m.kv_free -= r.kv
+            self._join(m, r)
+        if m.prompt_q and (m.b == 0 or m.consec < self.cap_iters):
+            batch, tokens = self._take_prompts(m)
+            if batch:
+                m.state, m.pbatch, m.pstart = _PROMPT, batch, now
+                m.consec += 1
+                self.n["prompt_iterations"] += 1
+                self.sim.schedule(now + m.perf.prompt_time_s(tokens), self._prompt_done, m)
+                return
+        if m.b:
+            k = m.fin[0][0] - m.it
+            pq = m.prompt_q
+            if pq and (not pq[0].colocated or pq[0].kv <= m.kv_free):
+                k = 1   # prompts are waiting but the cap was hit: one decode iteration, then prompts again
+            if m.single:
+                k, m.single = 1, False
+            m.consec = 0
+            m.state, m.run_t0, m.run_k = _DECODE, now, k
+            m.run_end = now + m.perf.token_iterations_s(m.b, m.ctx, k)
+            m.version += 1
+            self.sim.schedule(m.run_end, self._decode_done, m, m.version)
+            return
+        m.state = _IDLE
+
+    def _take_prompts(self, m: _Machine) -> tuple[list, int]:
+        """FCFS prompts while the batch stays <= max_prompt_batch_tokens (a longer prompt runs alone) and, for
+        co-located requests, their whole KV fits (reserved now, released at finish)."""
+        q, batch, tokens, cap = m.prompt_q, [], 0, self.cap_tokens
+        while q:
+            r = q[0]
+            if batch and tokens + r.n_in > cap:
+                break
+            if r.colocated:
+                if r.kv > m.kv_free or m.b + sum(1 for x in batch if x.colocated) >= self.cap_batch:
+                    break
+                m.kv_free -= r.kv
+            q.popleft()
+            batch.append(r)
+            tokens += r.n_in
+        return batch, tokens
+
+    def _prompt_done(self, m: _Machine) -> None:
+        now = self.sim.now_s
+        batch, start = m.pbatch, m.pstart
+        m.pbatch = []
+        ledger = self.ledger
+        decode_first = self.decode_first
+        for r in batch:
+            r.pdone = now
+            ledger.prefill_done(r.d, r.req)
+            if decode_first and not r.colocated:
+                r.n_dec = r.n_out   # the token machine makes every token; the first streams after its 1st iteration
+                self._transfer(m, r, start, now)
+                continue
+            r.first = now
+            if r.n_out == 1:   # the prefill made the only token: no transfer, no decode
+                r.decode_sent = r.last = now
+                if r.colocated:
+                    m.kv_free += r.kv
+                ledger.finish(r.d, r.req)
+            elif r.colocated:
+                self._join(m, r)
+            else:
+                self._transfer(m, r, start, now)
+        self._plan(m)
+
+    def _transfer(self, pm: _Machine, r: _Req, start_s: float, end_s: float) -> None:
+        """KV of the prompt over the links of both machines (each link carries one transfer at a time).
+        serialized: starts after the prefill. layerwise (Splitwise §IV-C): layer l's KV may leave once the
+        prefill computed it, so with prefill time P, L layers and X = bytes / bandwidth the transfer ends at
+        max(start + X, prefill end + X / L), start >= prefill start + P / L; the link is busy for X."""
+        tm = self.by_id[r.d.token_instance]
+        x = r.n_in * self.kv_s_per_token
+        a = max(tm.link_free, pm.link_free)
+        if self.layerwise:
+            first_layer = start_s + (end_s - start_s) / self.cfg.layers
+            s = max(first_layer, a)
+            done = max(s + x, end_s + x / self.cfg.layers)
+            pm.link_free = tm.link_free = s + x
+        else:
+            s = max(end_s, a)
+            done = pm.link_free = tm.link_free = s + x
+        self.n["transfers"] += 1
+        self.sim.schedule(done, self._kv_arrived, tm, r)
+
+    def _kv_arrived(self, m: _Machine, r: _Req) -> None:
+        r.decode_sent = self.sim.now_s
+        m.admit_q.append(r)
+        if m.state == _IDLE:
+            self._wake(m)
+        elif m.state == _DECODE and len(m.admit_q) == 1 and r.kv <= m.kv_free and m.b < self.cap_batch:
+            self._interrupt(m)
+
+    def _join(self, m: _Machine, r: _Req) -> None:
+        """r joins the decode batch at this iteration boundary (its KV already reserved)."""
+        r.m, r.join_log, r.join_it = m, len(m.log_t), m.it
+        heapq.heappush(m.fin, (m.it + r.n_dec, r.i, r))
+        m.b += 1
+        # context of the iteration making token j+1 is input + j (token 1 came from the prefill, or is made now)
+        m.ctx += r.n_in + r.n_out - r.n_dec
+        if r.first is None:
+            m.single = True   # its first token's time must be an iteration boundary: the next run is 1 iteration
+
+    def _interrupt(self, m: _Machine) -> None:
+        """The batch must change: cut the running decode run at the end of the iteration in progress."""
+        now = self.sim.now_s
+        if m.run_end <= now:
+            return   # the run ends now anyway; its handler re-plans
+        perf, b, ctx, t0 = m.perf, m.b, m.ctx, m.run_t0
+        k = perf.iterations_within(b, ctx, now - t0)
+        tb = t0 + perf.token_iterations_s(b, ctx, k + 1)
+        while tb <= now:   # guard against rounding between iterations_within and token_iterations_s
+            k += 1
+            tb = t0 + perf.token_iterations_s(b, ctx, k + 1)
+        if k + 1 >= m.run_k:
+            return
+        m.run_k, m.run_end = k + 1, tb
+        m.version += 1
+        self.n["interrupts"] += 1
+        self.sim.schedule(tb, self._decode_done, m, m.version)
+
+    def _decode_done(self, m: _Machine, version: int) -> None:
+        if version != m.version:
+            self.n["stale_events"] += 1
+            return
+        now = self.sim.now_s
+        k = m.run_k
+        m.it += k
+        m.ctx += m.b * k
+        m.log_t.append(now)
+        m.log_it.append(m.it)
+        self.n["runs"] += 1
+        fin, it = m.fin, m.it
+        end_log = len(m.log_t)
+        while fin and fin[0][0] <= it:
+            r = heapq.heappop(fin)[2]
+            r.last, r.end_log = now, end_log
+            m.b -= 1
+            m.ctx -= r.kv
+            m.kv_free += r.kv
+            self.ledger.finish(r.d, r.req)
+        self._plan(m)
+
+    # ---------------------------------------------------------------- records
+
+    def _record(self, r: _Req) -> RequestRecord:
+        arr = r.arrival
+        d = r.d
+        rec = RequestRecord(request_id=r.req.id, trace_index=self._ti[r.i], intended_send_s=arr,
+                            planned_input_tokens=r.n_in, planned_output_tokens=r.n_out, actual_send_s=arr,
+                            instance=d.label if d.prompt_instance != "-" else None,
+                            pool=d.pool if d.prompt_instance != "-" else None)
+        if r.error is not None or r.last is None:
+            rec.status, rec.end_s = ERROR, arr
+            rec.error = r.error or "simulation ended before the request finished"
+            rec.phases_s = {"router_recv": arr, "done": arr}
+            return rec
+        m = r.m
+        from_log = r.first is None   # "decode" first-token mode: the first run after joining was 1 iteration
+        if from_log:
+            r.first = m.log_t[r.join_log]
+        offs, toks = [r.first - arr], [1]
+        if m is not None and not self.cfg.record_token_chunks:
+            if r.n_out > 1:
+                offs.append(r.last - arr)
+                toks.append(r.n_out - 1)
+        elif m is not None:
+            lt, li = m.log_t[r.join_log:r.end_log], m.log_it[r.join_log:r.end_log]
+            prev = [r.join_it] + li[:-1]
+            runs_t, runs_n = [t - arr for t in lt], [a - b for a, b in zip(li, prev)]
+            offs, toks = (runs_t, runs_n) if from_log else (offs + runs_t, toks + runs_n)
+        rec.first_token_s, rec.last_token_s, rec.end_s = r.first, r.last, r.last
+        rec.chunk_offsets_s, rec.chunk_tokens = offs, toks
+        rec.actual_input_tokens, rec.actual_output_tokens, rec.status = r.n_in, r.n_out, OK
+        if r.colocated:
+            rec.phases_s = {"router_recv": arr, "sent": arr, "first_token": r.first, "done": r.last}
+        else:
+            rec.phases_s = {"router_recv": arr, "prefill_sent": arr, "prefill_done": r.pdone,
+                            "decode_sent": r.decode_sent, "first_token": r.first, "done": r.last}
+        return rec
+
+
+def _validate(cfg: SimConfig, perf, kv_capacity_tokens, kv_bytes_per_token) -> None:
+    if not cfg.pools:
+        raise InputError("no machine pools configured", column="pools")
+    for p in cfg.pools:
+        if p.pool not in POOLS:
+            raise InputError(f"pool must be one of {', '.join(POOLS)}, got {p.pool!r}", column="pools")
+        if p.count < 0:
+            raise InputError(f"{p.pool} pool: machine count must be >= 0, got {p.count}", column="pools")
+        for what, table in (("performance model", perf), ("KV capacity", kv_capacity_tokens)):
+            if p.machine not in table:
+                raise InputError(f"machine type {p.machine!r} has no {what}", column="pools")
+        if int(kv_capacity_tokens[p.machine]) < 1:
+            raise InputError(f"machine type {p.machine!r}: KV capacity must be >= 1 token", column="pools")
+    if cfg.max_prompt_batch_tokens < 1:
+        raise InputError("max_prompt_batch_tokens must be >= 1", column="max_prompt_batch_tokens")
+    if cfg.kv_transfer not in KV_TRANSFERS:
+        raise InputError(f"kv_transfer must be one of {', '.join(KV_TRANSFERS)}, got {cfg.kv_transfer!r}",
+                         column="kv_transfer")
+    if cfg.first_token not in ("prefill", "decode"):
+        raise InputError(f"first_token must be prefill or decode, got {cfg.first_token!r}", column="first_token")
+    if not cfg.link_bytes_per_s > 0:
+        raise InputError("link_bytes_per_s must be > 0", column="link_bytes_per_s")
+    if cfg.layers < 1:
+        raise InputError("layers must be >= 1", column="layers")
+    if cfg.mixed_max_consecutive_prompt_iterations < 1:
+        raise InputError("mixed_max_consecutive_prompt_iterations must be >= 1",
+                         column="mixed_max_consecutive_prompt_iterations")
+    if kv_bytes_per_token < 0:
+        raise InputError("kv_bytes_per_token must be >= 0", column="kv_bytes_per_token")
+
+
+def simulate(workload, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, int],
+             kv_bytes_per_token: int) -> SimResult:
+    """Replay `workload` on the simulated cluster `cfg`: one RequestRecord per request, in workload order.
+    perf and kv_capacity_tokens are keyed by machine type. Pure and deterministic (all randomness from cfg.seed)."""
+    return SimCluster(workload, cfg, perf, kv_capacity_tokens, kv_bytes_per_token).run()
+

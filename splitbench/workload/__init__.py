@@ -1,0 +1,1 @@
+"""Workloads: the trace catalogue, parsing, synthetic arrivals, transforms and exact-length prompts."""
