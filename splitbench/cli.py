@@ -515,7 +515,7 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
                                                 "(e.g. 1, as one instance of the local clusters holds)."),
             gpus: Optional[str] = typer.Option(None, help="--backend vllm on GPU hosts: GPU ids of the instance.")):
     """Measure a real backend into a profile CSV that `load_profiles` (and the simulator) accepts."""
-    from splitbench.sim.profiles import measure_profile
+    from splitbench.app.profile import measure_profile
     if backend == "vllm":
         opts = {"instances": 1, **({"model_dir": model_dir} if model_dir else {}),
                 **({"cores": cores} if cores else {}), **({"gpus": gpus} if gpus else {})}

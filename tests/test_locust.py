@@ -30,7 +30,7 @@ from splitbench.client.locust_bridge import (
 )
 from splitbench.client.replayer import ReplayConfig
 from splitbench.workload.types import Workload
-from splitbench.app.runner import replay_workload
+from splitbench.client.replay import replay_workload
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 SYNTH = "synth:arrivals=poisson,rate={rate},duration={dur},lengths=fixed,input=32,output={out},seed={seed}"
@@ -194,7 +194,7 @@ def test_headless_standalone_run_dir_csv_rows_and_slo_exit(tmp_path):
 
 
 def _stub_requests_total(url: str) -> int:
-    from splitbench.backends.openai import http_get
+    from splitbench.client.probe import http_get
     _status, body = http_get(url + "/metrics", timeout_s=5.0)
     line = next(ln for ln in body.decode().splitlines() if ln.startswith("splitbench_stub_requests_total"))
     return int(float(line.split()[-1]))

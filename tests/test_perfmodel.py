@@ -18,7 +18,8 @@ import pytest
 
 from splitbench.sim import perfmodel as pm
 from splitbench.hardware.catalog import load_catalog
-from splitbench.sim.profiles import fetch_profile, measure_profile, read_profile_rows
+from splitbench.app.profile import measure_profile
+from splitbench.sim.profiles import fetch_profile, read_profile_rows
 from splitbench.errors import InputError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles"

@@ -159,7 +159,7 @@ def _cpu_s() -> float:
 
 def _stub_lateness_p99_s(base_url: str) -> float | None:
     """The stub's own chunk lateness p99 from its /metrics (separates server from client effects), if exposed."""
-    from splitbench.backends.openai import http_get
+    from splitbench.client.probe import http_get
     try:
         status, body = http_get(base_url.rstrip("/") + "/metrics", timeout_s=2.0)
     except OSError:
@@ -177,7 +177,7 @@ def measure_point(rate_rps: float, duration_s: float, workers: int = 1, stub_cpu
     from splitbench.workload.prompts import TokenIdPrompts
     from splitbench.client.replayer import ReplayConfig
     from splitbench.workload.traces import load_workload
-    from splitbench.app.runner import replay_workload
+    from splitbench.client.replay import replay_workload
     w = WORKLOAD
     spec = (f"synth:arrivals=poisson,rate={rate_rps},duration={duration_s + WARMUP_S},lengths=fixed,"
             f"input={w['input_tokens']},output={w['output_tokens']},seed=1")

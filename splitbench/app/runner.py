@@ -4,10 +4,7 @@ The CLI is a thin layer over `run()`, `measure_reference()` and `report()`.
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,10 +13,11 @@ from typing import Any, Callable
 import numpy as np
 
 from splitbench.schema import records as R
-from splitbench import timing
 from splitbench.app.accounting import backend_instances, hardware_for, measured_energy, start_power
 from splitbench.backends import get_backend
-from splitbench.backends.openai import http_get
+from splitbench.client.probe import served_model
+from splitbench.client.replay import replay_workload
+from splitbench.workload.prompts import prompt_source
 from splitbench.errors import InputError
 from splitbench.client.replayer import ReplayConfig, Replayer, ReplayStats
 from splitbench.workload.types import Workload
@@ -71,32 +69,6 @@ class RunResult:
 
 # ----------------------------------------------------------------------------- helpers
 
-def served_model(base_url: str, headers: dict | None = None) -> dict:
-    """First entry of GET /v1/models: id, root (vLLM: the model path) and max_model_len when given."""
-    status, body = http_get(base_url.rstrip("/") + "/v1/models", timeout_s=5.0, headers=headers)
-    try:
-        return (json.loads(body).get("data") or [{}])[0] if status == 200 else {}
-    except (ValueError, AttributeError, IndexError):
-        return {}
-
-
-def _prompt_source(opts: RunOptions, model_info: dict):
-    from splitbench.workload.prompts import ChatPrompts, TokenIdPrompts
-    tok = opts.tokenizer
-    root = model_info.get("root")
-    if tok is None and root and any((Path(root) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        tok = root  # vLLM reports the model path as `root`: use its tokenizer when it is local
-    if opts.api == "chat":
-        if not tok:
-            raise InputError("--api chat needs --tokenizer DIR (to calibrate prompt lengths exactly)")
-        return ChatPrompts(tok, seed=opts.seed)
-    if tok:
-        return TokenIdPrompts.from_tokenizer(tok, seed=opts.seed, shared_prefix_tokens=opts.shared_prefix_tokens)
-    vocab = opts.vocab_size or 1000  # unknown tokenizer: low ids exist in every real vocabulary
-    return TokenIdPrompts(vocab_size=vocab, special_ids=set(range(10)), seed=opts.seed,
-                          shared_prefix_tokens=opts.shared_prefix_tokens)
-
-
 def connect(opts: RunOptions, backend, workload: Workload):
     """After backend.start(): (base_url, headers, model_info, model, workload, prompts) -- the served model, the
     workload clipped to its max_model_len (clipping is the last transform and leaves arrivals alone) and the
@@ -109,7 +81,8 @@ def connect(opts: RunOptions, backend, workload: Workload):
         from splitbench.workload.transforms import clip_context, workload_digest
         workload = clip_context(workload, int(model_info["max_model_len"]))
         workload.source["workload_sha256"] = workload_digest(workload)
-    return base_url, headers, model_info, model, workload, _prompt_source(opts, model_info)
+    return base_url, headers, model_info, model, workload, prompt_source(model_info, api=opts.api, tokenizer=opts.tokenizer, vocab_size=opts.vocab_size,
+                                       seed=opts.seed, shared_prefix_tokens=opts.shared_prefix_tokens)
 
 
 def new_run_id(backend: str, trace: str) -> str:
@@ -134,77 +107,6 @@ def load(opts: RunOptions) -> Workload:
     return load_workload(opts.trace, trace_dir=opts.trace_dir, columns=opts.columns, start_s=opts.start_s,
                          duration_s=opts.duration_s, rate_scale=opts.rate_scale,
                          max_requests=opts.max_requests, max_context_tokens=opts.max_context_tokens)
-
-
-# ----------------------------------------------------------------------------- replay loop
-
-async def _replay(replayer: Replayer, writer: R.RecordWriter,
-                  on_progress: Callable[[Replayer], None] | None) -> bool:
-    """Run the replayer with signal handling and off-hot-path record flushing. Returns True if interrupted."""
-    loop = asyncio.get_running_loop()
-    interrupted = False
-    main = asyncio.current_task()
-
-    def on_signal():
-        nonlocal interrupted
-        if interrupted:          # second signal: stop waiting for in-flight requests
-            main.cancel()
-        interrupted = True
-        replayer.request_stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, on_signal)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
-
-    async def flusher():
-        while True:
-            await asyncio.sleep(1.0)
-            writer.flush()
-
-    async def progress():
-        while True:
-            on_progress(replayer)
-            await asyncio.sleep(0.25)
-
-    side = [loop.create_task(flusher())]
-    if on_progress:
-        side.append(loop.create_task(progress()))
-    try:
-        await replayer.run()
-    except asyncio.CancelledError:
-        interrupted = True
-    finally:
-        for t in side:
-            t.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError):
-                pass
-        if on_progress:
-            on_progress(replayer)
-    return interrupted
-
-
-def replay_workload(workload: Workload, payload, cfg: ReplayConfig, run_dir: Path, run_id: str,
-                    on_progress=None, on_record: Callable[[R.RequestRecord], None] | None = None
-                    ) -> tuple[Replayer, bool]:
-    """Replay and stream records into run_dir; records.parquet is complete when this returns.
-    on_record (optional) also receives each finished record, on the replayer's loop: it must not block."""
-    writer = R.RecordWriter(run_dir, run_id)
-
-    def both(rec: R.RequestRecord) -> None:
-        writer.add(rec)
-        on_record(rec)
-    replayer = Replayer(workload, payload, cfg, writer.add if on_record is None else both)
-    interrupted = True
-    try:
-        interrupted = timing.run(_replay(replayer, writer, on_progress), cfg.loop)
-    finally:
-        writer.close()
-    return replayer, interrupted
 
 
 # ----------------------------------------------------------------------------- run
@@ -354,13 +256,12 @@ def measure_reference(backend_name: str, backend_options: dict, *, sizes: list[i
     run_dir = Path(results_dir) / run_id
     run_dir.mkdir(parents=True)
     backend = get_backend(backend_name, **backend_options)
-    opts = RunOptions(api=api, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed)
     try:
         on_status(f"starting backend {backend_name}")
         backend.start(run_dir)
         headers = backend.headers() if hasattr(backend, "headers") else {}
         info = served_model(backend.endpoint(), headers)
-        prompts = _prompt_source(opts, info)
+        prompts = prompt_source(info, api=api, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed)
         cfg = ReplayConfig(base_url=backend.endpoint(), model=info.get("id") or "default", api=api,
                            headers=headers, max_inflight=1)
         meta = {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "kind": "reference", "simulated": False,

@@ -6,30 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from splitbench.errors import InputError
 from splitbench.backends.base import register
-
-# Loopback and lab hosts must not go through whatever proxy the environment names (aiohttp ignores it too).
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http_get(url: str, *, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """GET url -> (status, body); status 0 when nothing answered (refused, timeout, DNS)."""
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with _OPENER.open(req, timeout=timeout_s) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read() if e.fp else b""
-    except (urllib.error.URLError, OSError, ValueError):
-        return 0, b""
-
+from splitbench.client.probe import http_get
 
 def normalize_url(url: str) -> str:
     """'http://h:8000/v1/' -> 'http://h:8000'; no scheme or host -> InputError."""

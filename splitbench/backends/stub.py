@@ -12,7 +12,7 @@ from typing import Any
 from splitbench.errors import InputError
 from splitbench.procs import stop_group, wait_ready
 from splitbench.backends.base import register
-from splitbench.backends.openai import http_get
+from splitbench.client.probe import http_get
 from splitbench.servers.stub import DEFAULT_MODEL, LOOPS, StubConfig
 
 

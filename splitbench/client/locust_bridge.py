@@ -223,14 +223,14 @@ def replay_shard(spec: dict, out_fd: int) -> dict:
     to out_fd as one JSON line. Returns the replay stats."""
     from dataclasses import asdict
 
-    from splitbench.app.runner import RunOptions, _prompt_source, replay_workload
+    from splitbench.client.replay import replay_workload
     from splitbench.client.replayer import ReplayConfig
+    from splitbench.workload.prompts import prompt_source
     w = workload_from_json(spec["workload"])
     p = spec["prompts"]
-    opts = RunOptions(api=spec["replay"].get("api", "completions"), tokenizer=p.get("tokenizer"),
-                      vocab_size=p.get("vocab_size"), seed=p.get("seed", 0),
-                      shared_prefix_tokens=p.get("shared_prefix_tokens", 0))
-    prompts = _prompt_source(opts, {"root": p.get("model_root")})
+    prompts = prompt_source({"root": p.get("model_root")}, api=spec["replay"].get("api", "completions"),
+                            tokenizer=p.get("tokenizer"), vocab_size=p.get("vocab_size"), seed=p.get("seed", 0),
+                            shared_prefix_tokens=p.get("shared_prefix_tokens", 0))
     headers = json.loads(os.environ.get(HEADERS_ENV) or "{}")
     cfg = ReplayConfig(**spec["replay"], headers=headers, start_at_unix_s=spec["start_at_unix_s"])
     out = PipeWriter(out_fd)

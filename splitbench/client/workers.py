@@ -32,7 +32,7 @@ def shard(workload: Workload, k: int, n: int) -> Workload:
 def _child(k: int, workload: Workload, payload, cfg: ReplayConfig, shard_dir: str, run_id: str, conn) -> None:
     """Worker process body (forked: inherits the workload and the prompt source without pickling)."""
     from splitbench import timing
-    from splitbench.app.runner import _replay
+    from splitbench.client.replay import replay_with_signals
     from splitbench.client.replayer import Replayer
     try:
         writer = R.RecordWriter(shard_dir, f"{run_id}-w{k}")
@@ -46,7 +46,7 @@ def _child(k: int, workload: Workload, payload, cfg: ReplayConfig, shard_dir: st
             return
         replayer.cfg = replace(cfg, start_at_unix_s=start)
         try:
-            interrupted = timing.run(_replay(replayer, writer, None), cfg.loop)
+            interrupted = timing.run(replay_with_signals(replayer, writer, None), cfg.loop)
         finally:
             writer.close()
         conn.send(("done", asdict(replayer.stats), interrupted))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from splitbench.errors import InputError
+from splitbench.workload.words import WORDS
 
 _PREFIX_KEY = 2 ** 62  # rng stream of the shared prefix; trace indexes never reach it
 
@@ -114,7 +115,6 @@ class ChatPrompts:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         from tokenizers import Tokenizer
 
-        from splitbench.servers.tiny_model import WORDS
         self.tokenizer_dir, self.seed, self.strict = Path(tokenizer_dir), int(seed), strict
         f = _tokenizer_file(tokenizer_dir)
         self._tok = Tokenizer.from_file(str(f))
@@ -200,3 +200,21 @@ class ChatPrompts:
         return {"kind": "chat", "tokenizer_dir": str(self.tokenizer_dir), "seed": self.seed,
                 "template_tokens": self.template_tokens, "min_input_tokens": self.min_input_tokens,
                 "strict": self.strict}
+
+
+def prompt_source(model_info: dict, *, api: str = "completions", tokenizer: str | None = None,
+                  vocab_size: int | None = None, seed: int = 0, shared_prefix_tokens: int = 0):
+    """The prompt source for a served model: its local tokenizer (vLLM reports the model path as `root`) or the
+    given one gives exact-length prompts; else token ids below `vocab_size` (1000: low ids exist everywhere)."""
+    tok = tokenizer
+    root = model_info.get("root")
+    if tok is None and root and any((Path(root) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tok = root
+    if api == "chat":
+        if not tok:
+            raise InputError("--api chat needs --tokenizer DIR (to calibrate prompt lengths exactly)")
+        return ChatPrompts(tok, seed=seed)
+    if tok:
+        return TokenIdPrompts.from_tokenizer(tok, seed=seed, shared_prefix_tokens=shared_prefix_tokens)
+    return TokenIdPrompts(vocab_size=vocab_size or 1000, special_ids=set(range(10)), seed=seed,
+                          shared_prefix_tokens=shared_prefix_tokens)

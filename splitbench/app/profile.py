@@ -1,0 +1,118 @@
+"""`splitbench profile`: measure a real backend over SplitwiseSim's grid (b requests sent together per point) into
+a profile CSV of SplitwiseSim's format, which the simulator reads like the published ones."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from splitbench.app.runner import new_run_id
+from splitbench.backends import get_backend
+from splitbench.client.probe import served_model
+from splitbench.client.replay import replay_workload
+from splitbench.client.replayer import ReplayConfig
+from splitbench.errors import InputError
+from splitbench.hardware.catalog import get_machine, load_catalog
+from splitbench.hardware.power import detect_gpus, machine_type_for_gpus
+from splitbench.metrics.latency import e2e_s, mean_tbt_s, output_tokens, ttft_s
+from splitbench.schema import records as R
+from splitbench.sim.perfmodel import profile_hardware_name
+from splitbench.sim.profiles import (DEFAULT_BATCH_SIZES, DEFAULT_OUTPUT_SIZES, DEFAULT_PROMPT_SIZES, profile_csv_bytes,
+                                     profile_grid)
+from splitbench.workload.prompts import prompt_source
+from splitbench.workload.types import Workload
+
+
+def _host_hardware(machine: str | None, hardware_file: str | None) -> str:
+    """Profile hardware name of this host: --machine, else the detected GPUs' DGX type, else cpu-host."""
+    catalog = load_catalog(hardware_file)
+    if machine is None:
+        gpus = detect_gpus()
+        machine = machine_type_for_gpus(gpus) if gpus else "cpu-host"
+        if machine is None:
+            raise InputError(f"cannot tell the machine type of this host's GPUs: give --machine "
+                             f"(known: {', '.join(sorted(catalog))})")
+    return profile_hardware_name(get_machine(machine, catalog))
+
+
+def point_row(records, model: str, hardware: str, p: int, b: int, t: int, tp: int = 1) -> dict:
+    """One CSV row from the records of b simultaneous requests (ms): prompt_time = the LAST first token of the batch
+    (when the whole batch is prefilled, what SplitwiseSim's prompt_time means and the simulator uses as one prompt
+    iteration for b x p tokens), token_time = mean of the requests' mean TBT, e2e_time = mean E2E."""
+    bad = [r for r in records if not r.ok]
+    if bad or len(records) != b:
+        why = bad[0].error or bad[0].status if bad else f"{len(records)} records"
+        raise InputError(f"profile point prompt {p} batch {b} tokens {t}: {len(bad)} of {b} requests failed ({why})")
+    short = [output_tokens(r) for r in records if output_tokens(r) != t]
+    if short:
+        raise InputError(f"profile point prompt {p} batch {b} tokens {t}: the backend returned {short[0]} "
+                         f"tokens instead of {t} (it must honour min_tokens/ignore_eos)")
+    mean = lambda f: float(np.mean([f(r) for r in records])) * 1e3  # noqa: E731
+    return {"model": model, "hardware": hardware, "prompt_size": p, "batch_size": b, "token_size": t,
+            "peak_power": 0.0, "average_power": 0.0, "prompt_time": float(max(ttft_s(r) for r in records)) * 1e3,
+            "token_time": mean(mean_tbt_s),
+            "e2e_time": mean(e2e_s), "tensor_parallel": tp}
+
+
+def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.PathLike,
+                    prompt_sizes=DEFAULT_PROMPT_SIZES, batch_sizes=DEFAULT_BATCH_SIZES,
+                    output_sizes=DEFAULT_OUTPUT_SIZES, repeats: int = 2, model_name: str | None = None,
+                    machine: str | None = None, hardware_file: str | None = None, tensor_parallel: int = 1,
+                    results_dir: str | os.PathLike = "results",
+                    on_status: Callable[[str], None] = lambda s: None) -> dict:
+    """Measure a backend over profile_grid() x repeats (b requests sent together, max_inflight b) and write the
+    profile CSV atomically; per-point records stay under results_dir/<run id>/points/."""
+    grid = profile_grid(prompt_sizes, batch_sizes, output_sizes)
+    if int(repeats) < 1:
+        raise InputError(f"--repeats must be >= 1, got {repeats}")
+    hardware = _host_hardware(machine, hardware_file)
+    run_id = new_run_id(backend_name, "profile")
+    run_dir = Path(results_dir) / run_id
+    run_dir.mkdir(parents=True)
+    backend = get_backend(backend_name, **backend_options)
+    rows, index, started = [], 0, time.monotonic()
+    try:
+        on_status(f"starting backend {backend_name}")
+        backend.start(run_dir)
+        headers = backend.headers() if hasattr(backend, "headers") else {}
+        info = served_model(backend.endpoint(), headers)
+        served = info.get("id") or "default"
+        model = model_name or (Path(served).name if "/" in served else served)
+        limit = info.get("max_model_len")
+        if limit and max(p + t for p, _, t in grid) > int(limit):
+            raise InputError(f"profile grid needs prompt + output up to {max(p + t for p, _, t in grid)} tokens "
+                             f"but the server's max_model_len is {limit}")
+        prompts = prompt_source(info)
+        p_max, b_max = max(p for p, _, _ in grid), max(b for _, b, _ in grid)
+        p0 = next(p for p, b, _ in grid if b == b_max)
+        warmup = [("warmup", p_max, 1, 8), ("warmup", p0, b_max, 8)]   # first requests are slow: not recorded
+        on_status(f"warm-up, then {len(grid)} points x {repeats} repeats on {hardware}")
+        plan = warmup + [(k, p, b, t) for k in range(int(repeats)) for p, b, t in grid]  # repeats outermost
+        for k, p, b, t in plan:
+            w = Workload(name="profile-point", arrival_s=np.zeros(b), input_tokens=np.full(b, p, np.int64),
+                         output_tokens=np.full(b, t, np.int64), trace_index=np.arange(index, index + b),
+                         source={"name": "profile-grid", "point": [p, b, t], "repeat": k}, transforms={})
+            index += b                      # fresh token ids for every request: no prefix-cache hits
+            cfg = ReplayConfig(base_url=backend.endpoint(), model=served, headers=headers, max_inflight=b,
+                               timeout_s=300.0, start_delay_s=0.05)
+            pdir = run_dir / "points" / f"p{p}-b{b}-t{t}-r{k}"
+            pdir.mkdir(parents=True)
+            replay_workload(w, prompts.payload, cfg, pdir, run_id)
+            row = point_row(R.read_records(pdir), model, hardware, p, b, t, tensor_parallel)
+            if k == "warmup":
+                continue
+            rows.append(row)
+            on_status(f"prompt {p} batch {b} tokens {t} (repeat {k + 1}): TTFT {rows[-1]['prompt_time']:.1f} ms, "
+                      f"TBT {rows[-1]['token_time']:.2f} ms")
+        description = backend.describe()
+    finally:
+        backend.stop()
+    R.atomic_write_bytes(out, profile_csv_bytes(rows))
+    meta = {"run_id": run_id, "kind": "profile", "out": str(out), "model": model, "hardware": hardware,
+            "grid": grid, "repeats": int(repeats), "backend": description, "wall_s": time.monotonic() - started,
+            "versions": R.package_versions(), "host": R.host_info()}
+    R.atomic_write_json(run_dir / "profile.json", meta)
+    return {**meta, "rows": len(rows), "run_dir": str(run_dir)}
