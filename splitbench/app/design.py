@@ -9,8 +9,8 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from splitbench.errors import InputError
 from splitbench.app.simrun import DESIGNS
+from splitbench.errors import InputError
 
 OBJECTIVES = ("throughput", "cost", "power")
 BUDGETS = ("iso-power", "iso-cost")
@@ -116,11 +116,11 @@ def _setup(spec: DesignSpec, machines: tuple[str, ...]):
 
 def probe(spec: DesignSpec, pools: list[tuple[str, str, int]], rate_rps: float) -> tuple[bool, dict]:
     """Simulate `duration_s` of Poisson arrivals at `rate_rps` (lengths from the trace); do all nine SLOs hold?"""
-    from splitbench.sim.cluster import SimPool
-    from splitbench.workload.traces import load_workload
+    from splitbench.app.simrun import run_sim, sim_config
     from splitbench.metrics.latency import throughput_section
     from splitbench.metrics.slo import splitwise_verdict
-    from splitbench.app.simrun import run_sim, sim_config
+    from splitbench.sim.cluster import SimPool
+    from splitbench.workload.traces import load_workload
     setup, ref = _setup(spec, tuple(sorted({m for _, m, _ in pools})))
     w = load_workload(f"synth:arrivals=poisson,rate={rate_rps:.6g},duration={spec.duration_s:g},"
                       f"lengths={spec.trace},seed={spec.seed}")

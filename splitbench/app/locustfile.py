@@ -26,7 +26,6 @@ from locust.runners import (
     WorkerRunner,
 )
 
-from splitbench.schema import records as R
 from splitbench.client.locust_bridge import (
     HEADERS_ENV,
     LLM_COLUMNS,
@@ -36,6 +35,7 @@ from splitbench.client.locust_bridge import (
     workload_from_json,
     workload_to_json,
 )
+from splitbench.schema import records as R
 
 log = logging.getLogger("splitbench.locust")
 MSG_SHARD, MSG_STOP = "splitbench_shard", "splitbench_stop"          # master -> worker

@@ -10,8 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from splitbench.schema import records as R
+from splitbench.app.session import ensure_trace, load
 from splitbench.errors import InputError
+from splitbench.hardware.catalog import whole_machine_allocation
+from splitbench.metrics.slo import parse_slos
+from splitbench.metrics.summary import save_summary, summarize
+from splitbench.schema import records as R
 from splitbench.workload.types import Workload
 
 # Splitwise's cluster designs (paper §VI): pool -> machine type; counts come from the search or the user.
@@ -77,8 +81,15 @@ def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: st
                 profile: str | None = None, tensor_parallel: int | None = None, hardware_file: str | None = None,
                 kv_capacity_tokens: int | None = None, memory_fraction: float = 0.9) -> SimSetup:
     from splitbench.hardware.catalog import get_machine, load_catalog
-    from splitbench.sim.perfmodel import (MODEL_SHAPES, find_profile, get_perf_model, load_profiles,
-                                     machine_kv_capacity_tokens, profile_hardware_name, shape_from_hf_config)
+    from splitbench.sim.perfmodel import (
+        MODEL_SHAPES,
+        find_profile,
+        get_perf_model,
+        load_profiles,
+        machine_kv_capacity_tokens,
+        profile_hardware_name,
+        shape_from_hf_config,
+    )
     catalog = load_catalog(hardware_file)
     if model_dir:
         shape = shape_from_hf_config(model_dir)
@@ -130,8 +141,8 @@ def run_sim(workload: Workload, cfg, setup: SimSetup):
 def sim_reference(setup: SimSetup, machine: str, sizes=(64, 256, 1024, 2048, 4096, 8192), output_tokens: int = 32):
     """Splitwise's SLO reference from the simulator itself: each prompt size alone (arrivals far apart) on one
     baseline machine of `machine`, fitted exactly as `splitbench reference` fits live records."""
-    from splitbench.sim.cluster import SimPool
     from splitbench.metrics.slo import fit_reference
+    from splitbench.sim.cluster import SimPool
     n = len(sizes)
     w = Workload(name="reference-grid", arrival_s=np.arange(n) * 1000.0,
                  input_tokens=np.asarray(sizes, dtype=np.int64), output_tokens=np.full(n, output_tokens, np.int64),
@@ -147,6 +158,7 @@ class SimOptions:
     cluster: str
     trace: str = "azure-conv-2023"
     trace_dir: str | None = None
+    columns: dict | None = None
     start_s: float = 0.0
     duration_s: float | None = None
     rate_scale: float = 1.0
@@ -171,17 +183,19 @@ class SimOptions:
     reference_machine: str | None = "auto"
     results_dir: str = "results"
     run_id: str | None = None
+    fetch: bool = True
+    policy_params: dict = field(default_factory=dict)
 
 
 def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary)."""
-    from splitbench.workload.traces import load_workload
-    from splitbench.metrics.slo import parse_slos
-    from splitbench.metrics.summary import save_summary, summarize
-    workload = load_workload(opts.trace, trace_dir=opts.trace_dir, start_s=opts.start_s, duration_s=opts.duration_s,
-                             rate_scale=opts.rate_scale, max_requests=opts.max_requests,
-                             max_context_tokens=opts.max_context_tokens)
+    ensure_trace(opts, lambda s: None)
+    workload = load(opts)
     pools = parse_cluster(opts.cluster)
+    run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
+    run_dir = Path(opts.results_dir) / run_id
+    if run_dir.exists():
+        raise InputError("run directory exists already: choose another --run-id or remove it", file=str(run_dir))
     slos = parse_slos(opts.slos) if opts.slos else None
     def setup_with(ref_machine):
         return build_setup([p.machine for p in pools] + ([ref_machine] if ref_machine else []), model=opts.model,
@@ -202,10 +216,7 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     res = run_sim(workload, cfg, setup)
     sim_wall_s = time.perf_counter() - t
     reference = sim_reference(setup, ref_machine) if ref_machine else None
-    run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
-    run_dir = Path(opts.results_dir) / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
-    from splitbench.hardware.catalog import whole_machine_allocation
+    run_dir.mkdir(parents=True)
     instances = [{**i, "role": i["pool"]} for i in res.instances]
     now = time.time()
     meta = {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": "complete", "simulated": True,
