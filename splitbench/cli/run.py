@@ -17,6 +17,7 @@ from splitbench.cli.common import (
     console,
     err_console,
     int_list,
+    parse_columns,
     pick,
     user_errors,
     with_options,
