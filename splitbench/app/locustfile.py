@@ -17,14 +17,7 @@ import gevent
 import orjson
 from gevent import subprocess as gsub
 from locust import User, constant, events, task
-from locust.runners import (
-    STATE_MISSING,
-    STATE_RUNNING,
-    STATE_SPAWNING,
-    LocalRunner,
-    MasterRunner,
-    WorkerRunner,
-)
+from locust.runners import STATE_MISSING, STATE_RUNNING, STATE_SPAWNING, LocalRunner, MasterRunner, WorkerRunner
 
 from splitbench.client.locust_bridge import (
     HEADERS_ENV,

@@ -9,12 +9,7 @@ from typing import Any, Callable
 
 from splitbench.app import accounting
 from splitbench.app.calibrate import client_section
-from splitbench.app.options import (
-    RunOptions,
-    check_options,
-    new_run_id,
-    resolve_defaults,
-)
+from splitbench.app.options import RunOptions, check_options, new_run_id, resolve_defaults
 from splitbench.backends import get_backend
 from splitbench.client.probe import served_model
 from splitbench.client.replay import replay_workload

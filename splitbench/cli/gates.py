@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from splitbench.app import runner
+from splitbench.app import reports
 from splitbench.app.baselines import gate as run_gate
 from splitbench.app.baselines import list_baselines, save, store_dir
 from splitbench.app.calibrate import CRITERIA, store_path
@@ -20,12 +20,7 @@ from splitbench.cli.common import console, err_console, user_errors
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
 from splitbench.metrics.compare import render_compare, render_compare_markdown
-from splitbench.render.gate import (
-    render_console,
-    render_json,
-    render_junit,
-    render_markdown,
-)
+from splitbench.render.gate import render_console, render_json, render_junit, render_markdown
 from splitbench.render.html import render_html
 from splitbench.schema.records import atomic_write_bytes
 
@@ -42,7 +37,7 @@ def compare(
 ):
     """Side by side: latency, SLOs, throughput, cost and energy per pool, iso-cost/iso-power, ratios vs the first run."""
 
-    comparison = runner.compare(list(run_dirs), slos=slo, labels=label, with_series=not no_html)
+    comparison = reports.compare(list(run_dirs), slos=slo, labels=label, with_series=not no_html)
     if markdown:
         print(render_compare_markdown(comparison), end="")
     else:
