@@ -12,10 +12,20 @@ import numpy as np
 
 from splitbench.app.session import ensure_trace, load
 from splitbench.errors import InputError
-from splitbench.hardware.catalog import whole_machine_allocation
-from splitbench.metrics.slo import parse_slos
+from splitbench.hardware.catalog import get_machine, load_catalog, whole_machine_allocation
+from splitbench.metrics.slo import fit_reference, parse_slos
 from splitbench.metrics.summary import save_summary, summarize
 from splitbench.schema import records as R
+from splitbench.sim.cluster import SimConfig, SimPool, simulate
+from splitbench.sim.perfmodel import (
+    MODEL_SHAPES,
+    find_profile,
+    get_perf_model,
+    load_profiles,
+    machine_kv_capacity_tokens,
+    profile_hardware_name,
+    shape_from_hf_config,
+)
 from splitbench.workload.types import Workload
 
 # Splitwise's cluster designs (paper §VI): pool -> machine type; counts come from the search or the user.
@@ -33,7 +43,6 @@ CPU_KV_CACHE_BYTES = 1 << 30   # VLLM_CPU_KVCACHE_SPACE=1 (GiB), as the live CPU
 def parse_cluster(spec: str):
     """'prompt=dgx-h100:35,token=dgx-a100:35' or a design with counts, 'splitwise-ha:35,35' / 'baseline-a100:40'
     -> [SimPool]. One-line InputError naming the bad item."""
-    from splitbench.sim.cluster import SimPool
     spec = (spec or "").strip()
     name, colon, rest = spec.partition(":")
     if name.lower() in DESIGNS:
@@ -80,16 +89,6 @@ class SimSetup:
 def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: str | None = None,
                 profile: str | None = None, tensor_parallel: int | None = None, hardware_file: str | None = None,
                 kv_capacity_tokens: int | None = None, memory_fraction: float = 0.9) -> SimSetup:
-    from splitbench.hardware.catalog import get_machine, load_catalog
-    from splitbench.sim.perfmodel import (
-        MODEL_SHAPES,
-        find_profile,
-        get_perf_model,
-        load_profiles,
-        machine_kv_capacity_tokens,
-        profile_hardware_name,
-        shape_from_hf_config,
-    )
     catalog = load_catalog(hardware_file)
     if model_dir:
         shape = shape_from_hf_config(model_dir)
@@ -120,7 +119,6 @@ def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: st
 def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_tokens: int = 2048,
                kv_transfer: str = "layerwise", link_gbps: float | None = None, layers: int | None = None,
                policy_params: dict | None = None, max_decode_batch: int | None = None, first_token: str = "prefill"):
-    from splitbench.sim.cluster import SimConfig
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
                               max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
                               max_decode_batch=max_decode_batch, first_token=first_token)
@@ -132,7 +130,6 @@ def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_to
 
 
 def run_sim(workload: Workload, cfg, setup: SimSetup):
-    from splitbench.sim.cluster import simulate
     return simulate(workload, cfg, setup.perf, setup.kv_capacity_tokens, setup.shape.kv_bytes_per_token)
 
 
@@ -141,8 +138,6 @@ def run_sim(workload: Workload, cfg, setup: SimSetup):
 def sim_reference(setup: SimSetup, machine: str, sizes=(64, 256, 1024, 2048, 4096, 8192), output_tokens: int = 32):
     """Splitwise's SLO reference from the simulator itself: each prompt size alone (arrivals far apart) on one
     baseline machine of `machine`, fitted exactly as `splitbench reference` fits live records."""
-    from splitbench.metrics.slo import fit_reference
-    from splitbench.sim.cluster import SimPool
     n = len(sizes)
     w = Workload(name="reference-grid", arrival_s=np.arange(n) * 1000.0,
                  input_tokens=np.asarray(sizes, dtype=np.int64), output_tokens=np.full(n, output_tokens, np.int64),
