@@ -463,8 +463,9 @@ def profiles_list(file: Optional[str] = typer.Option(None, "--file", help="Profi
     from rich.table import Table
 
     from splitbench.hardware.catalog import load_catalog
-    from splitbench.sim.perfmodel import MODEL_SHAPES, find_profile, load_profiles, machine_kv_capacity_tokens, \
-        profile_hardware_name, shape_from_hf_config
+    from splitbench.sim.perfmodel import load_profiles
+    from splitbench.sim.profiles import find_profile, profile_hardware_name
+    from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
     path = find_profile(file)
     shapes = {}
     if model_dir:

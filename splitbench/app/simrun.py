@@ -77,8 +77,9 @@ def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: st
                 profile: str | None = None, tensor_parallel: int | None = None, hardware_file: str | None = None,
                 kv_capacity_tokens: int | None = None, memory_fraction: float = 0.9) -> SimSetup:
     from splitbench.hardware.catalog import get_machine, load_catalog
-    from splitbench.sim.perfmodel import (MODEL_SHAPES, find_profile, get_perf_model, load_profiles,
-                                     machine_kv_capacity_tokens, profile_hardware_name, shape_from_hf_config)
+    from splitbench.sim.perfmodel import get_perf_model, load_profiles
+    from splitbench.sim.profiles import find_profile, profile_hardware_name
+    from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
     catalog = load_catalog(hardware_file)
     if model_dir:
         shape = shape_from_hf_config(model_dir)
