@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 
-from splitbench.sim.cluster import SimPool
+from splitbench.sim.config import SimPool
 from splitbench.workload.traces import load_workload
 from splitbench.metrics.latency import metric_values, stat_of
 from splitbench.app.simrun import build_setup, run_sim, sim_config

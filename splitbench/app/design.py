@@ -116,7 +116,7 @@ def _setup(spec: DesignSpec, machines: tuple[str, ...]):
 
 def probe(spec: DesignSpec, pools: list[tuple[str, str, int]], rate_rps: float) -> tuple[bool, dict]:
     """Simulate `duration_s` of Poisson arrivals at `rate_rps` (lengths from the trace); do all nine SLOs hold?"""
-    from splitbench.sim.cluster import SimPool
+    from splitbench.sim.config import SimPool
     from splitbench.workload.traces import load_workload
     from splitbench.metrics.latency import throughput_section
     from splitbench.metrics.slo import splitwise_verdict

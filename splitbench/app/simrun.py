@@ -29,7 +29,7 @@ CPU_KV_CACHE_BYTES = 1 << 30   # VLLM_CPU_KVCACHE_SPACE=1 (GiB), as the live CPU
 def parse_cluster(spec: str):
     """'prompt=dgx-h100:35,token=dgx-a100:35' or a design with counts, 'splitwise-ha:35,35' / 'baseline-a100:40'
     -> [SimPool]. One-line InputError naming the bad item."""
-    from splitbench.sim.cluster import SimPool
+    from splitbench.sim.config import SimPool
     spec = (spec or "").strip()
     name, colon, rest = spec.partition(":")
     if name.lower() in DESIGNS:
@@ -110,7 +110,7 @@ def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: st
 def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_tokens: int = 2048,
                kv_transfer: str = "layerwise", link_gbps: float | None = None, layers: int | None = None,
                policy_params: dict | None = None, max_decode_batch: int | None = None, first_token: str = "prefill"):
-    from splitbench.sim.cluster import SimConfig
+    from splitbench.sim.config import SimConfig
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
                               max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
                               max_decode_batch=max_decode_batch, first_token=first_token)
@@ -131,7 +131,7 @@ def run_sim(workload: Workload, cfg, setup: SimSetup):
 def sim_reference(setup: SimSetup, machine: str, sizes=(64, 256, 1024, 2048, 4096, 8192), output_tokens: int = 32):
     """Splitwise's SLO reference from the simulator itself: each prompt size alone (arrivals far apart) on one
     baseline machine of `machine`, fitted exactly as `splitbench reference` fits live records."""
-    from splitbench.sim.cluster import SimPool
+    from splitbench.sim.config import SimPool
     from splitbench.metrics.slo import fit_reference
     n = len(sizes)
     w = Workload(name="reference-grid", arrival_s=np.arange(n) * 1000.0,
