@@ -53,7 +53,7 @@ def measured_energy(run_dir: Path, meta: dict, records) -> dict | None:
     start, end = window_s(records)
     if not path.exists() or start is None or meta.get("t0_unix_s") is None:
         return None
-    from splitbench.hardware.power import attribute_energy, energy_by_gpu, load_power_samples
+    from splitbench.hardware.energy import attribute_energy, energy_by_gpu, load_power_samples
     samples = load_power_samples(path)
     t0 = meta["t0_unix_s"]
     per_gpu = energy_by_gpu(samples, t0 + start, t0 + end)
