@@ -100,6 +100,45 @@ def test_header_and_rate(sampled):
     assert summ["gpus"]["0"]["method"] == "counter" and summ["gpus"]["1"]["method"] == "integrated"
 
 
+class FakeTime:
+    """A fake monotonic clock and stop event for sample_until(): wait(d) moves the clock by d, or only up to
+    stop_at_s (where SIGTERM would set the event and wake the wait early); each tick takes read_s."""
+
+    def __init__(self, read_s: float, stop_at_s: float):
+        self.now, self.read_s, self.stop_at_s, self.ticks = 100.0, read_s, 100.0 + stop_at_s, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def tick(self) -> None:
+        self.ticks.append(self.now)
+        self.now += self.read_s
+
+    def is_set(self) -> bool:
+        return self.now >= self.stop_at_s
+
+    def wait(self, timeout_s: float) -> bool:
+        self.now = min(self.now + timeout_s, max(self.now, self.stop_at_s))
+        return self.is_set()
+
+
+def test_schedule_on_a_fake_clock_is_absolute_and_skips_when_behind():
+    # reads of 20 ms, 50 ms interval: ticks exactly on t0 + k x 50 ms (a sleep(interval) loop: every 70 ms),
+    # then the stop wakes the last wait and one final tick follows at once
+    ft = FakeTime(read_s=0.02, stop_at_s=1.0)
+    assert P.sample_until(ft.tick, 0.05, ft, clock=ft.clock) == 0
+    assert np.allclose(ft.ticks, [100.0 + 0.05 * k for k in range(20)] + [101.0], atol=1e-9)
+    # reads of 120 ms: ticks 1 and 2 of every 3 are missed and counted as skipped, none bursts to catch up
+    ft = FakeTime(read_s=0.12, stop_at_s=1.0)
+    skipped = P.sample_until(ft.tick, 0.05, ft, clock=ft.clock)
+    grid = (np.array(ft.ticks) - 100.0) / 0.05
+    assert np.allclose(grid, np.arange(0, 3 * len(grid), 3), atol=1e-6)   # ticks 0, 3, 6, ..., 18 on the grid
+    assert len(grid) == 7 and skipped == 2 * (len(grid) - 1)   # tick 18 (0.90 s) ends after the stop: the last
+    # stop already set: one tick, nothing skipped
+    ft = FakeTime(read_s=0.01, stop_at_s=0.0)
+    assert P.sample_until(ft.tick, 0.05, ft, clock=ft.clock) == 0 and ft.ticks == [100.0]
+
+
 def test_absolute_schedule_no_drift(tmp_path):
     """Each power read takes 20 ms: on the absolute schedule ticks still come every 50 ms (or are counted as
     skipped when the host is busy); a sleep(interval) loop would tick every 70 ms and fail the catch-up bound."""

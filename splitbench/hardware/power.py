@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from splitbench.procs import log_tail, stop_group
 
@@ -135,22 +135,23 @@ def _sample_once(nvml: Any, err: Any, states: list[_GpuState], f) -> None:
                             "energy_j": None if e is None else round(e, 3)}, separators=(",", ":")) + "\n")
 
 
-def _sample_until(nvml: Any, err: Any, states: list[_GpuState], f, interval_s: float,
-                  stop: threading.Event) -> int:
-    """Tick on an absolute schedule (tick k at t0 + k x interval: no drift) until `stop`, then one last tick;
-    ticks missed while behind are skipped, never bursted. Returns the number skipped."""
-    t0, k, skipped = time.monotonic(), 0, 0
+def sample_until(tick: Callable[[], None], interval_s: float, stop: threading.Event,
+                 clock: Callable[[], float] = time.monotonic) -> int:
+    """Call tick() on an absolute schedule (tick k at t0 + k x interval: no drift) until `stop` is set, then once
+    more; ticks missed while behind are skipped, never bursted. Returns the number skipped. `stop` needs only
+    is_set() and wait(timeout_s), so a fake clock can drive it."""
+    t0, k, skipped = clock(), 0, 0
     while True:
-        _sample_once(nvml, err, states, f)
+        tick()
         if stop.is_set():
             return skipped
         k += 1
-        now = time.monotonic()
+        now = clock()
         if t0 + k * interval_s < now:
             behind = math.ceil((now - t0) / interval_s)
             skipped += behind - k
             k = behind
-        stop.wait(max(0.0, t0 + k * interval_s - time.monotonic()))
+        stop.wait(max(0.0, t0 + k * interval_s - clock()))
 
 
 def run_sampler(out_dir: str | Path, gpus: list[int] | None, interval_s: float, nvml_module: str,
@@ -168,7 +169,7 @@ def run_sampler(out_dir: str | Path, gpus: list[int] | None, interval_s: float, 
                   "driver": _text(nvml.nvmlSystemGetDriverVersion()), "gpus": meta}
         with open(out / SAMPLES_FILE, "w", buffering=1) as f:   # line-buffered: a crash loses at most one line
             f.write(json.dumps(header, separators=(",", ":")) + "\n")
-            skipped = _sample_until(nvml, err, states, f, interval_s, stop)
+            skipped = sample_until(lambda: _sample_once(nvml, err, states, f), interval_s, stop)
         per_gpu = {str(s.index): s.summary() for s in states}
         firsts, lasts = [s.t_first for s in states if s.n], [s.t_last for s in states if s.n]
         summary = {"start_unix_s": min(firsts, default=None), "end_unix_s": max(lasts, default=None),
