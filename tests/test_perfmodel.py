@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from splitbench.sim import perfmodel as pm
 from splitbench.sim import profiles as pf
@@ -205,7 +206,6 @@ def test_kv_capacity_by_hand():
 
 
 def test_shape_from_tiny_model_config(tiny_model_dir):
-    from safetensors.numpy import load_file
     shape = sh.shape_from_hf_config(tiny_model_dir)
     assert (shape.layers, shape.kv_heads, shape.head_dim, shape.dtype_bytes) == (2, 2, 32, 2)  # bf16, GQA 4->2
     assert shape.kv_bytes_per_token == 2 * 2 * 2 * 32 * 2
