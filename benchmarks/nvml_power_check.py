@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from splitbench.hardware.power import PowerSamplerProcess, energy_by_gpu, load_power_samples
+from splitbench.hardware.energy import energy_by_gpu, load_power_samples
+from splitbench.hardware.power import PowerSamplerProcess
 
 
 def _matmul_setup(n: int):

@@ -106,7 +106,7 @@ def main() -> int:
         cluster = ",".join(f"{pool}={a.machine}:{n}" for pool, n in counts.items())
         live_recs = R.read_records(live)
         model_dir = meta["model"].get("root")
-        from splitbench.sim.perfmodel import shape_from_hf_config
+        from splitbench.sim.shapes import shape_from_hf_config
         shape = shape_from_hf_config(model_dir)
         n_in = sum(r.actual_input_tokens or r.planned_input_tokens for r in live_recs if r.ok)
         link = nixl_link_gbps(live, shape.kv_bytes_per_token, n_in) if "prompt" in counts else None

@@ -1,11 +1,14 @@
-"""Pure cluster-level scheduling policies (round robin, join-shortest-queue, Splitwise's mixed pool) and the
-pending-token ledger. No I/O, no clock, no global random: the live router and the simulator share them.
+"""Pure cluster-level scheduling policies (round robin, join-shortest-queue, Splitwise's mixed pool), their typed
+user parameters, and the pending-token ledger. No I/O, no clock, no global random: router and simulator share them.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence
+
+from splitbench.errors import InputError
 
 PROMPT, TOKEN, MIXED, BASELINE = "prompt", "token", "mixed", "baseline"
 POOLS = (PROMPT, TOKEN, MIXED, BASELINE)
@@ -55,6 +58,28 @@ class NoHealthyInstance(RuntimeError):
     """No healthy instance (or pair of instances) can take the request."""
 
 
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One user-settable policy parameter: whole number or float, its lower bound, default and meaning."""
+    kind: type      # int | float
+    minimum: float
+    default: int | float
+    help: str
+
+    def parse(self, value: Any) -> int | float:
+        """The typed value of `value` (a number, or its text as given on a command line); ValueError if not."""
+        if isinstance(value, bool):
+            raise ValueError(value)
+        v = float(value.strip() if isinstance(value, str) else value)
+        if not math.isfinite(v) or v < self.minimum or (self.kind is int and v != int(v)):
+            raise ValueError(value)
+        return int(v) if self.kind is int else v
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.kind is int else "a number"
+        return f"{kind} >= {self.minimum:g}"
+
+
 class Policy(Protocol):
     name: str
 
@@ -101,6 +126,7 @@ def _why(instances: Sequence[InstanceView]) -> str:
 class RoundRobin:
     """Cycles through healthy instances, one cursor per pool (prompt, token, co-located), in list order."""
     name = "round-robin"
+    PARAMS: ClassVar[dict[str, Param]] = {}
 
     def __init__(self, rng: random.Random | None = None):
         self.cursor: dict[str, int] = {}
@@ -119,6 +145,7 @@ class JSQ:
     """Join-shortest-queue as Splitwise's cluster scheduler: prompt instance by pending prompt tokens, token
     instance by pending decode tokens, co-located instances by all pending tokens; rng breaks ties."""
     name = "jsq"
+    PARAMS: ClassVar[dict[str, Param]] = {}
 
     def __init__(self, rng: random.Random | None = None):
         self.rng = rng or random.Random(0)
@@ -139,6 +166,10 @@ class MixedPool:
     never emptied). A borrowed instance returns to its own pool once it is drained (nothing pending, nothing
     running), checked at the next choose()."""
     name = "mixed-pool"
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "prompt_threshold_tokens": Param(int, 1, 8192, "pending prompt tokens at which the prompt pool is overloaded"),
+        "decode_threshold_tokens": Param(int, 1, 4096, "pending decode tokens at which the token pool is overloaded"),
+    }
 
     def __init__(self, rng: random.Random | None = None, prompt_threshold_tokens: int = 8192,
                  decode_threshold_tokens: int = 4096):
@@ -208,15 +239,51 @@ class MixedPool:
 POLICIES = {"round-robin": RoundRobin, "rr": RoundRobin, "jsq": JSQ, "mixed-pool": MixedPool, "mixed": MixedPool}
 
 
-def make_policy(name: str, seed: int = 0, **params) -> Policy:
-    """Policy by name with its own rng seeded `seed`; ValueError for an unknown name or parameter."""
+def policy_class(name: str) -> type:
+    """The policy class of `name` (aliases rr, mixed); InputError naming the known ones."""
     cls = POLICIES.get(name)
     if cls is None:
-        raise ValueError(f"unknown policy {name!r} (known: round-robin, jsq, mixed-pool)")
-    try:
-        return cls(random.Random(seed), **params)
-    except TypeError as e:
-        raise ValueError(f"policy {name!r}: {e}") from None
+        raise InputError(f"unknown policy {name!r} (known: round-robin, jsq, mixed-pool)")
+    return cls
+
+
+def policy_params(name: str, params: Mapping[str, Any] | None = None, *, defaults: bool = False) -> dict:
+    """`params` checked against policy `name`'s PARAMS and typed (text such as "8192" is accepted); with
+    `defaults`, every parameter the call did not set is filled in. InputError (one line naming the key) for an
+    unknown key or a bad value."""
+    table = policy_class(name).PARAMS
+    out = {k: p.default for k, p in table.items()} if defaults else {}
+    for key, value in (params or {}).items():
+        p = table.get(key)
+        if p is None:
+            known = ", ".join(table) or "none"
+            raise InputError(f"policy {name!r} has no parameter {key!r} (known: {known})")
+        try:
+            out[key] = p.parse(value)
+        except (TypeError, ValueError):
+            raise InputError(f"policy {name!r} parameter {key!r}: must be {p.describe()}, got {value!r}") from None
+    return out
+
+
+def parse_policy_params(items: Iterable[str], policy: str | None = None) -> dict:
+    """`--policy-param KEY=VALUE` items -> {key: value} (dashes in a key read as underscores); checked and typed
+    for `policy` when it is given, else the values stay text. InputError for a malformed or repeated item."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, eq, value = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or not key or not value.strip():
+            raise InputError(f"--policy-param {item!r}: expected KEY=VALUE, e.g. prompt_threshold_tokens=4096")
+        if key in out:
+            raise InputError(f"--policy-param {key!r} is given twice")
+        out[key] = value.strip()
+    return policy_params(policy, out) if policy is not None else out
+
+
+def make_policy(name: str, seed: int = 0, **params) -> Policy:
+    """Policy by name with its own rng seeded `seed` and its parameters checked (policy_params);
+    InputError for an unknown name, parameter or value."""
+    return policy_class(name)(random.Random(seed), **policy_params(name, params))
 
 
 class Ledger:

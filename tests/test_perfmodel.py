@@ -3,6 +3,7 @@ shapes and KV capacity by hand, profile CSV errors, sha256-checked fetch, and me
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import importlib.util
 import math
@@ -15,15 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from splitbench.sim import perfmodel as pm
+from splitbench.sim import profiles as pf
+from splitbench.sim import shapes as sh
 from splitbench.hardware.catalog import load_catalog
 from splitbench.app.profile import measure_profile
 from splitbench.sim.profiles import fetch_profile, read_profile_rows
 from splitbench.errors import InputError
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles"
-CSV = SHARED / "perf_model.csv"
+
+
+def _shared_profile() -> Path:
+    """SplitwiseSim's perf_model.csv: along $SPLITBENCH_PROFILE_DIR (a worktree's ../shared may not exist), else
+    ../shared/profiles next to the project root."""
+    dirs = [Path(d) for d in os.environ.get(pf.ENV_VAR, "").split(os.pathsep) if d]
+    for d in dirs + [Path(__file__).resolve().parents[1] / ".." / "shared" / "profiles"]:
+        if (d / pf.PROFILE_FILE).is_file():
+            return d / pf.PROFILE_FILE
+    return dirs[0] / pf.PROFILE_FILE if dirs else Path("../shared/profiles/perf_model.csv")
+
+
+CSV = _shared_profile()
 HEADER = ("model,hardware,prompt_size,batch_size,token_size,peak_power,average_power,prompt_time,token_time,"
           "e2e_time,tensor_parallel")
 needs_profile = pytest.mark.skipif(not CSV.is_file(), reason="../shared/profiles/perf_model.csv not present")
@@ -46,7 +61,7 @@ def test_groups_and_provenance(profiles):
     assert len(profiles) == 12
     assert ("llama2-70b", "h100-80gb-pcap", 4) in profiles
     d = profiles[("bloom-176b", "a100-80gb", 8)].describe()
-    assert d["sha256"] == pm.PROFILE_SHA256 and d["rows"] == 105
+    assert d["sha256"] == pf.PROFILE_SHA256 and d["rows"] == 105
     assert any("SYNTHETIC" in n for n in profiles[("bloom-176b", "h100-80gb-pcap", 8)].describe()["notes"])
     assert not profiles[("bloom-176b", "h100-80gb", 8)].describe()["notes"]
 
@@ -168,46 +183,45 @@ def test_unknown_group_lists_known(profiles):
 # ----------------------------------------------------------------------------- shapes and memory
 
 def test_kv_bytes_per_token_by_hand():
-    assert pm.MODEL_SHAPES["bloom-176b"].kv_bytes_per_token == 2 * 70 * 112 * 128 * 2 == 4_014_080
+    assert sh.MODEL_SHAPES["bloom-176b"].kv_bytes_per_token == 2 * 70 * 112 * 128 * 2 == 4_014_080
     # GQA: 8 KV heads, not the 64 attention heads
-    assert pm.MODEL_SHAPES["llama2-70b"].kv_bytes_per_token == 2 * 80 * 8 * 128 * 2 == 327_680
+    assert sh.MODEL_SHAPES["llama2-70b"].kv_bytes_per_token == 2 * 80 * 8 * 128 * 2 == 327_680
 
 
 def test_kv_capacity_by_hand():
-    bloom, llama = pm.MODEL_SHAPES["bloom-176b"], pm.MODEL_SHAPES["llama2-70b"]
-    assert pm.kv_capacity_tokens(bloom, 8, 80e9) == int((0.9 * 640e9 - 352e9) // 4_014_080) == 55_803
-    assert pm.kv_capacity_tokens(llama, 8, 80e9) == int((576e9 - 140e9) // 327_680)
-    assert pm.kv_capacity_tokens(bloom, 4, 80e9) == 0            # weights alone do not fit
-    assert pm.kv_capacity_tokens(llama, 2, 80e9, memory_fraction=1.0) == int((160e9 - 140e9) // 327_680)
+    bloom, llama = sh.MODEL_SHAPES["bloom-176b"], sh.MODEL_SHAPES["llama2-70b"]
+    assert sh.kv_capacity_tokens(bloom, 8, 80e9) == int((0.9 * 640e9 - 352e9) // 4_014_080) == 55_803
+    assert sh.kv_capacity_tokens(llama, 8, 80e9) == int((576e9 - 140e9) // 327_680)
+    assert sh.kv_capacity_tokens(bloom, 4, 80e9) == 0            # weights alone do not fit
+    assert sh.kv_capacity_tokens(llama, 2, 80e9, memory_fraction=1.0) == int((160e9 - 140e9) // 327_680)
     cat = load_catalog()
-    assert pm.machine_kv_capacity_tokens(bloom, cat["dgx-a100"]) == 55_803
+    assert sh.machine_kv_capacity_tokens(bloom, cat["dgx-a100"]) == 55_803
     # TP2 on a DGX: 4 instances, each with its own 140 GB of weights on 2 x 80 GB
-    assert pm.machine_kv_capacity_tokens(llama, cat["dgx-h100"], tensor_parallel=2) == \
+    assert sh.machine_kv_capacity_tokens(llama, cat["dgx-h100"], tensor_parallel=2) == \
         4 * int((0.9 * 160e9 - 140e9) // 327_680)
-    assert pm.machine_kv_capacity_tokens(bloom, cat["dgx-h200"]) == int((0.9 * 8 * 141e9 - 352e9) // 4_014_080)
-    assert pm.machine_kv_capacity_tokens(bloom, cat["dgx-a100"], memory_bytes=40e9) == 0
+    assert sh.machine_kv_capacity_tokens(bloom, cat["dgx-h200"]) == int((0.9 * 8 * 141e9 - 352e9) // 4_014_080)
+    assert sh.machine_kv_capacity_tokens(bloom, cat["dgx-a100"], memory_bytes=40e9) == 0
     with pytest.raises(InputError):
-        pm.accelerator_memory_bytes("tpu-v9")
+        sh.accelerator_memory_bytes("tpu-v9")
 
 
 def test_shape_from_tiny_model_config(tiny_model_dir):
-    from safetensors.numpy import load_file
-    shape = pm.shape_from_hf_config(tiny_model_dir)
+    shape = sh.shape_from_hf_config(tiny_model_dir)
     assert (shape.layers, shape.kv_heads, shape.head_dim, shape.dtype_bytes) == (2, 2, 32, 2)  # bf16, GQA 4->2
     assert shape.kv_bytes_per_token == 2 * 2 * 2 * 32 * 2
     params = sum(a.size for f in Path(tiny_model_dir).glob("*.safetensors") for a in load_file(f).values())
     assert shape.weight_bytes == params * 2
     with pytest.raises(InputError, match="config.json"):
-        pm.shape_from_hf_config(Path(tiny_model_dir).parent / "no-such-model")
+        sh.shape_from_hf_config(Path(tiny_model_dir).parent / "no-such-model")
 
 
 def test_profile_hardware_names():
-    assert pm.profile_hardware_name("dgx-h100-pcap") == "h100-80gb-pcap"
-    assert pm.profile_hardware_name("dgx-a100") == "a100-80gb"
-    assert pm.profile_hardware_name("dgx-h200") == "h200-141gb"
-    assert pm.profile_hardware_name("cpu-host") == "cpu-host"
+    assert pf.profile_hardware_name("dgx-h100-pcap") == "h100-80gb-pcap"
+    assert pf.profile_hardware_name("dgx-a100") == "a100-80gb"
+    assert pf.profile_hardware_name("dgx-h200") == "h200-141gb"
+    assert pf.profile_hardware_name("cpu-host") == "cpu-host"
     with pytest.raises(InputError, match="unknown machine type"):
-        pm.profile_hardware_name("dgx-z9")
+        pf.profile_hardware_name("dgx-z9")
 
 
 # ----------------------------------------------------------------------------- malformed CSV
@@ -252,21 +266,21 @@ def test_cli_list_and_bad_file(tmp_path):
 def test_find_profile_search_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(pm.ENV_VAR, raising=False)
+    monkeypatch.delenv(pf.ENV_VAR, raising=False)
     with pytest.raises(InputError, match="profiles fetch"):
-        pm.find_profile()
+        pf.find_profile()
     cached = tmp_path / "cache" / "splitbench" / "profiles" / "perf_model.csv"
     cached.parent.mkdir(parents=True)
     cached.write_text(HEADER + "\n")
-    assert pm.find_profile() == cached
+    assert pf.find_profile() == cached
     env_dir = tmp_path / "envdir"
     env_dir.mkdir()
     (env_dir / "perf_model.csv").write_text(HEADER + "\n")
-    monkeypatch.setenv(pm.ENV_VAR, str(env_dir))
-    assert pm.find_profile() == env_dir / "perf_model.csv"
-    assert pm.find_profile(cached) == cached
+    monkeypatch.setenv(pf.ENV_VAR, str(env_dir))
+    assert pf.find_profile() == env_dir / "perf_model.csv"
+    assert pf.find_profile(cached) == cached
     with pytest.raises(InputError, match="not found"):
-        pm.find_profile(tmp_path / "nope.csv")
+        pf.find_profile(tmp_path / "nope.csv")
 
 
 @pytest.fixture
@@ -296,7 +310,7 @@ def test_fetch_verifies_sha256_over_http(http_dir, tmp_path):
     assert "\n" not in str(e.value)
     assert list(dest.iterdir()) == []                       # nothing left behind, not even a temp file
     res = fetch_profile(dest=dest, url=f"{base}/good.csv")
-    assert res["sha256"] == pm.PROFILE_SHA256 and (dest / "perf_model.csv").read_bytes() == data
+    assert res["sha256"] == pf.PROFILE_SHA256 and (dest / "perf_model.csv").read_bytes() == data
     # a failed re-fetch leaves the good file as it was
     with pytest.raises(InputError):
         fetch_profile(dest=dest, url=f"{base}/tampered.csv")
@@ -313,7 +327,6 @@ def test_fetch_file_url_and_cli(tmp_path):
                         "--url", src.as_uri()], capture_output=True, text=True)
     assert r.returncode == 2 and "sha256 mismatch" in r.stderr and r.stderr.strip().count("\n") == 0
     assert list((tmp_path / "d").iterdir()) == []
-    import hashlib
     res = fetch_profile(dest=tmp_path / "d", url=src.as_uri(),
                         expected_sha256=hashlib.sha256(src.read_bytes()).hexdigest())
     assert Path(res["path"]).read_bytes() == src.read_bytes()
@@ -333,13 +346,21 @@ def test_measure_stub_profile_round_trip(tmp_path):
         {(8, 1, 12), (32, 1, 12), (32, 3, 12), (32, 1, 4)}
     assert out.read_text().splitlines()[0] == HEADER
     m = pm.get_perf_model(pm.load_profiles(out), rows[0]["model"], "cpu-host", 1)
-    assert 0.04 <= m.prompt_time_s(32) < 0.06
-    assert 0.0075 <= m.token_time_s(1, 40) < 0.012
+    # no upper wall-clock bound (a busy host adds delay); lower bounds are the stub's own pacing: no first token
+    # before its 40 ms TTFT, no last of 12 tokens before 40 + 11 x 8 ms
+    assert all(r["prompt_time"] >= 40.0 for r in rows)
+    assert all(r["e2e_time"] >= 40.0 + (r["token_size"] - 1) * 8.0 for r in rows)
+    # the model gives back what was measured (its fit never leaves the measured range): prefill at 32 tokens
+    # within the measured prompt times; batch-1 decode base no more than the largest measured mean TBT
+    pt = [r["prompt_time"] / 1e3 for r in rows]
+    assert min(pt) - 1e-9 <= m.prompt_time_s(32) <= max(pt) + 1e-9
+    b1 = [r["token_time"] / 1e3 for r in rows if r["batch_size"] == 1]
+    assert 0 < m.base_s(1) <= max(b1) + 1e-9 and m.token_time_s(1, 20) == m.base_s(1) + 20 * m.kv_s_per_token
     assert (Path(res["run_dir"]) / "profile.json").is_file()
     # a measured model's shape (here: the tiny model's) gives the bandwidth figure
-    shape = pm.ModelShape("s", layers=2, kv_heads=2, head_dim=32, dtype_bytes=2, weight_bytes=1e6)
+    shape = sh.ModelShape("s", layers=2, kv_heads=2, head_dim=32, dtype_bytes=2, weight_bytes=1e6)
     m2 = pm.load_profiles(out, shapes={rows[0]["model"]: shape})[(rows[0]["model"], "cpu-host", 1)]
-    assert m2.describe()["kv_bandwidth_s_per_token"] == 512 / pm.MEMORY_BANDWIDTH_BPS["cpu-host"]
+    assert m2.describe()["kv_bandwidth_s_per_token"] == 512 / sh.MEMORY_BANDWIDTH_BPS["cpu-host"]
 
 
 def test_measure_rejects_bad_grid(tmp_path):

@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from splitbench.policies import (JSQ, Decision, InstanceView, Ledger, MixedPool, NoHealthyInstance,
-                                          Request, RoundRobin, make_policy, routable)
+from splitbench.errors import InputError
+from splitbench.policies import (JSQ, Decision, InstanceView, Ledger, MixedPool, NoHealthyInstance, Request,
+                                 RoundRobin, make_policy, parse_policy_params, policy_params, routable)
 
 R = Request("r", 100, 10)
 
@@ -142,14 +143,58 @@ def test_jsq_tie_breaks_depend_on_the_seed():
 
 
 def test_make_policy_and_ledger_validation():
-    with pytest.raises(ValueError, match="unknown policy"):
+    with pytest.raises(InputError, match="unknown policy 'fastest'"):
         make_policy("fastest")
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(InputError, match="no parameter 'bogus'.*known: prompt_threshold_tokens"):
         make_policy("mixed-pool", bogus=1)
+    with pytest.raises(InputError, match=r"'jsq' has no parameter 'prompt_threshold_tokens' \(known: none\)"):
+        make_policy("jsq", prompt_threshold_tokens=10)
     with pytest.raises(ValueError, match="pool must be"):
         Ledger([("x", "decode")])
     with pytest.raises(ValueError, match="duplicate"):
         Ledger([("x", "prompt"), ("x", "token")])
+
+
+def test_policy_params_are_typed_and_bad_ones_name_the_key():
+    pol = make_policy("mixed", seed=0, prompt_threshold_tokens="100", decode_threshold_tokens=7.0)
+    assert (pol.prompt_threshold_tokens, pol.decode_threshold_tokens) == (100, 7)
+    assert type(pol.decode_threshold_tokens) is int
+    assert policy_params("mixed-pool", {"decode_threshold_tokens": "2_048"}) == {"decode_threshold_tokens": 2048}
+    assert policy_params("mixed-pool", {}, defaults=True) == {"prompt_threshold_tokens": 8192,
+                                                              "decode_threshold_tokens": 4096}
+    assert policy_params("jsq", None, defaults=True) == {}
+    for bad in ("abc", "0", "-3", "1.5", "inf", "nan", True, None, [4]):
+        with pytest.raises(InputError) as e:
+            make_policy("mixed-pool", prompt_threshold_tokens=bad)
+        msg = str(e.value)
+        assert "\n" not in msg and "'prompt_threshold_tokens'" in msg and "whole number >= 1" in msg, msg
+
+
+def test_parse_policy_params_from_command_line_items():
+    items = ["prompt-threshold-tokens=1e3", " decode_threshold_tokens = 64 "]
+    assert parse_policy_params(items) == {"prompt_threshold_tokens": "1e3", "decode_threshold_tokens": "64"}
+    typed = parse_policy_params(items, "mixed-pool")
+    assert typed == {"prompt_threshold_tokens": 1000, "decode_threshold_tokens": 64}
+    assert parse_policy_params([], "jsq") == {}
+    for bad, words in ((["prompt_threshold_tokens"], "expected KEY=VALUE"), (["=5"], "expected KEY=VALUE"),
+                       (["a="], "expected KEY=VALUE"), (["a=1", "a=2"], "'a' is given twice")):
+        with pytest.raises(InputError, match=words):
+            parse_policy_params(bad)
+    with pytest.raises(InputError, match="no parameter 'thresh'"):
+        parse_policy_params(["thresh=5"], "mixed-pool")
+    with pytest.raises(InputError, match="'decode_threshold_tokens': must be a whole number >= 1, got 'lots'"):
+        parse_policy_params(["decode-threshold-tokens=lots"], "mixed-pool")
+
+
+def test_parameters_change_mixed_pool_decisions():
+    """The same burst: default thresholds keep every request split; a low prompt threshold (given as text, as
+    from --policy-param) sends part of it to the mixed pool."""
+    def pools(**params):
+        ledger = Ledger([("p0", "prompt"), ("t0", "token"), ("t1", "token")])
+        return [d.pool for d, _ in _drive(make_policy("mixed-pool", seed=0, **params), ledger, 6)]
+    assert pools() == ["prompt"] * 6
+    low = pools(**parse_policy_params(["prompt_threshold_tokens=1500"], "mixed-pool"))
+    assert low[:2] == ["prompt", "prompt"] and "mixed" in low[2:]
 
 
 def test_ledger_moves_prompt_tokens_out_at_prefill_and_decode_tokens_at_finish():

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from splitbench.schema import records as R
 from splitbench.app.design import DesignSpec, configurations, search
 from splitbench.errors import InputError
+from splitbench.hardware.catalog import load_catalog
 from splitbench.app.simrun import SimOptions, parse_cluster, simulate_run
 
 CLI = [sys.executable, "-m", "splitbench.cli"]
@@ -79,7 +79,6 @@ def test_simulate_cli_bad_input_is_one_line(tmp_path):
 
 
 def test_budget_configurations_use_the_budget():
-    from splitbench.hardware.catalog import load_catalog
     cat = load_catalog()
     spec = DesignSpec(budget="iso-cost", budget_machines=40, splits=5)   # $1,520/h = 40 DGX-H100
     cfgs = dict((d, pools) for d, pools in configurations(spec, cat) if d.startswith("baseline"))

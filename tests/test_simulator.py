@@ -13,7 +13,8 @@ from splitbench import policies
 from splitbench.servers import router
 
 from splitbench.sim import cluster as sim_cluster
-from splitbench.sim.cluster import SimConfig, SimPool, simulate
+from splitbench.sim.cluster import simulate
+from splitbench.sim.config import SimConfig, SimPool
 from splitbench.sim.engine import Simulator
 from splitbench.errors import InputError
 from splitbench.workload.types import Workload
@@ -302,6 +303,49 @@ def test_policy_objects_are_the_routers():
     assert type(c.policy) is policies.MixedPool and isinstance(c.ledger, policies.Ledger)
 
 
+def _sim_decisions(w, cfg):
+    """The simulator's own policy decisions, in arrival order (its choose() watched, nothing changed)."""
+    c = sim_cluster.SimCluster(w, cfg, {"m": PERF}, {"m": 10**6}, 1000)
+    seen, choose = [], c.policy.choose
+    c.policy.choose = lambda req, views: seen.append(choose(req, views)) or seen[-1]
+    res = c.run()
+    return seen, res.stats
+
+
+def _direct_decisions(instances, n_in, n_out, seed, params):
+    """The same requests given straight to a policy object with its own ledger (nothing finishes: a burst)."""
+    pol, ledger, out = policies.make_policy("mixed-pool", seed=seed, **params), policies.Ledger(instances), []
+    for i, (a, b) in enumerate(zip(n_in, n_out)):
+        req = policies.Request(f"r{i}", int(a), int(b))
+        out.append(pol.choose(req, ledger.views()))
+        ledger.dispatch(out[-1], req)
+    return out, pol
+
+
+def test_policy_params_change_the_simulator_as_they_change_the_policy_object():
+    """A burst at t = 0 (no prefill ends before every request is placed): the simulator and a directly driven
+    MixedPool make the same decisions, with the default thresholds (all split) and with a low prompt threshold
+    given as --policy-param text (part of the burst in the mixed pool, borrowed token machines)."""
+    n = 12
+    w = wl([0.0] * n, [1000] * n, [100] * n)
+    instances = [("prompt-0", "prompt"), ("prompt-1", "prompt"), ("token-0", "token"), ("token-1", "token"),
+                 ("token-2", "token")]
+    low = policies.parse_policy_params(["prompt-threshold-tokens=2500"], "mixed-pool")
+    results = {}
+    for label, params in (("default", {}), ("low", low)):
+        cfg = split_cfg(2, 3, policy="mixed-pool", seed=4, policy_params=params)
+        sim, stats = _sim_decisions(w, cfg)
+        direct, pol = _direct_decisions(instances, w.input_tokens, w.output_tokens, 4, params)
+        assert sim == direct and len(sim) == n
+        assert stats["borrow_count"] == pol.borrow_count
+        results[label] = sim
+    assert all(d.split for d in results["default"])
+    assert any(d.pool == "mixed" for d in results["low"]) and results["low"] != results["default"]
+    # text and typed values are one setting
+    typed = split_cfg(2, 3, policy="mixed-pool", seed=4, policy_params={"prompt_threshold_tokens": 2500})
+    assert _sim_decisions(w, typed)[0] == results["low"]
+
+
 def test_bad_config_is_an_input_error():
     with pytest.raises(InputError, match="pool must be one of"):
         run(wl([0.0], [1], [1]), SimConfig(pools=[SimPool("gpu", "m", 1)]))
@@ -311,6 +355,10 @@ def test_bad_config_is_an_input_error():
         run(wl([0.0], [1], [1]), SimConfig(pools=[SimPool("prompt", "m", 2)]))
     with pytest.raises(InputError, match="unknown policy"):
         run(wl([0.0], [1], [1]), split_cfg(policy="nope"))
+    with pytest.raises(InputError, match="'prompt_threshold_tokens': must be a whole number >= 1, got 0"):
+        run(wl([0.0], [1], [1]), split_cfg(policy="mixed-pool", policy_params={"prompt_threshold_tokens": 0}))
+    with pytest.raises(InputError, match="'jsq' has no parameter 'decode_threshold_tokens'"):
+        run(wl([0.0], [1], [1]), split_cfg(policy_params={"decode_threshold_tokens": 9}))
     with pytest.raises(InputError, match="kv_transfer"):
         run(wl([0.0], [1], [1]), split_cfg(kv_transfer="teleport"))
 

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from splitbench.hardware.catalog import load_catalog, plan_allocation
-from splitbench.hardware.power import PowerSamplerProcess, attribute_energy, energy_by_gpu, load_power_samples
+from splitbench.hardware.energy import attribute_energy, energy_by_gpu, load_power_samples
+from splitbench.hardware.power import PowerSamplerProcess
 from splitbench.metrics.latency import window_s
 
 

@@ -173,7 +173,7 @@ def measure_point(rate_rps: float, duration_s: float, workers: int = 1, stub_cpu
                   http: str = "lean") -> dict:
     """One open-loop run at rate_rps against a fresh stub, through the runner's replay path (one process or
     `workers`); scored by score_point (client CPU only), plus the stub's own chunk lateness p99."""
-    from splitbench.backends import get_backend
+    from splitbench.backends.base import get_backend
     from splitbench.client.replay import replay_workload
     from splitbench.client.replayer import ReplayConfig
     from splitbench.workload.prompts import TokenIdPrompts

@@ -14,7 +14,7 @@ from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
 from splitbench.metrics.latency import throughput_section
 from splitbench.metrics.slo import splitwise_verdict
-from splitbench.sim.cluster import SimPool
+from splitbench.sim.config import SimPool
 from splitbench.workload.traces import load_workload
 
 OBJECTIVES = ("throughput", "cost", "power")

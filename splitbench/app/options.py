@@ -8,9 +8,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from splitbench.errors import InputError
+from splitbench.policies import parse_policy_params
 
 DEFAULT_TRACE = "azure-conv-2023"
 CLUSTER_BACKENDS = ("vllm", "splitwise", "mixed")
+DEFAULT_POLICY = {"vllm": "jsq", "splitwise": "jsq", "mixed": "mixed-pool"}   # the backends' own defaults
 LOCAL_CLUSTER_DURATION_S = 40.0    # a local CPU cluster's default window (trace seconds)
 DURATION_S = 60.0                  # every other backend's
 POWER_MODES = ("auto", "nvml", "off")
@@ -87,10 +89,15 @@ def backend_options(backend: str, *, url: str | None = None, api_key_env: str = 
         return {"url": url, "api_key_env": api_key_env}
     if url:
         raise InputError("--url is for --backend openai (an existing server)")
+    if cluster.get("policy_param") and backend not in CLUSTER_BACKENDS:
+        raise InputError(f"--policy-param is for the cluster backends ({', '.join(CLUSTER_BACKENDS)})")
     if backend == "stub":
         return {"ttft_s": stub_ttft_ms / 1000, "tpot_s": stub_tpot_ms / 1000}
     if backend in CLUSTER_BACKENDS:
+        params = cluster.pop("policy_param", None)
         opts = {k: v for k, v in cluster.items() if v is not None}
+        if params:
+            opts["policy_params"] = parse_policy_params(params, opts.get("policy") or DEFAULT_POLICY[backend])
         drop = ("prompt_instances", "token_instances") if backend == "vllm" else ("instances",)
         for k in drop:
             opts.pop(k, None)

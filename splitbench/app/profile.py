@@ -16,13 +16,13 @@ from splitbench.hardware.catalog import get_machine, load_catalog
 from splitbench.hardware.power import detect_gpus, machine_type_for_gpus
 from splitbench.metrics.latency import e2e_s, mean_tbt_s, output_tokens, ttft_s
 from splitbench.schema import records as R
-from splitbench.sim.perfmodel import profile_hardware_name
 from splitbench.sim.profiles import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_OUTPUT_SIZES,
     DEFAULT_PROMPT_SIZES,
     profile_csv_bytes,
     profile_grid,
+    profile_hardware_name,
 )
 from splitbench.workload.types import Workload
 

@@ -16,16 +16,11 @@ from splitbench.hardware.catalog import get_machine, load_catalog, whole_machine
 from splitbench.metrics.slo import fit_reference, parse_slos
 from splitbench.metrics.summary import save_summary, summarize
 from splitbench.schema import records as R
-from splitbench.sim.cluster import SimConfig, SimPool, simulate
-from splitbench.sim.perfmodel import (
-    MODEL_SHAPES,
-    find_profile,
-    get_perf_model,
-    load_profiles,
-    machine_kv_capacity_tokens,
-    profile_hardware_name,
-    shape_from_hf_config,
-)
+from splitbench.sim.cluster import simulate
+from splitbench.sim.config import SimConfig, SimPool
+from splitbench.sim.perfmodel import get_perf_model, load_profiles
+from splitbench.sim.profiles import find_profile, profile_hardware_name
+from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
 from splitbench.workload.types import Workload
 
 # Splitwise's cluster designs (paper §VI): pool -> machine type; counts come from the search or the user.
@@ -204,7 +199,7 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
             ref_machine, setup = pools[0].machine, setup_with(None)
     else:
         setup = setup_with(ref_machine)
-    cfg = sim_config(pools, policy=opts.policy, seed=opts.seed, max_prompt_batch_tokens=opts.max_prompt_batch_tokens,
+    cfg = sim_config(pools, policy=opts.policy, seed=opts.seed, policy_params=opts.policy_params, max_prompt_batch_tokens=opts.max_prompt_batch_tokens,
                      kv_transfer=opts.kv_transfer, link_gbps=opts.link_gbps, layers=setup.shape.layers,
                      max_decode_batch=opts.max_decode_batch, first_token=opts.first_token)
     t = time.perf_counter()

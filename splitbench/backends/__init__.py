@@ -1,2 +1,2 @@
 """Backends: one small protocol, registered by name (openai, stub, later vllm/splitwise/mixed)."""
-from splitbench.backends.base import Backend, BACKENDS, get_backend, register  # noqa: F401
+from splitbench.backends.base import BACKENDS, Backend, get_backend, register  # noqa: F401

@@ -10,9 +10,10 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from splitbench.errors import InputError
 from splitbench.backends.base import register
 from splitbench.client.probe import http_get
+from splitbench.errors import InputError
+
 
 def normalize_url(url: str) -> str:
     """'http://h:8000/v1/' -> 'http://h:8000'; no scheme or host -> InputError."""

@@ -9,10 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from splitbench.errors import InputError
-from splitbench.procs import stop_group, wait_ready
 from splitbench.backends.base import register
 from splitbench.client.probe import http_get
+from splitbench.errors import InputError
+from splitbench.procs import stop_group, wait_ready
 from splitbench.servers.stub import DEFAULT_MODEL, LOOPS, StubConfig
 
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from splitbench.errors import InputError
 from splitbench.backends.base import register
+from splitbench.errors import InputError
 
 # CPU defaults for clusters: TINY_CPU_ARGS without --disable-log-stats (it would blank the /metrics series).
 _CPU_DROP = ("--disable-log-stats",)

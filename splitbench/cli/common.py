@@ -110,16 +110,5 @@ def parse_columns(spec: Optional[str]) -> Optional[dict]:
     return out
 
 
-def parse_policy_params(items: list[str] | None) -> dict:
-    """['k=v', ...] from --policy-param -> {k: v} (values are checked by the policy)."""
-    out = {}
-    for item in items or []:
-        k, eq, v = item.partition("=")
-        if not eq or not k.strip():
-            raise InputError(f"--policy-param: expected KEY=VALUE, got {item!r}")
-        out[k.strip()] = v.strip()
-    return out
-
-
 def pick(values: dict, names: typing.Iterable[str]) -> dict:
     return {k: values[k] for k in names if k in values}

@@ -11,29 +11,16 @@ from rich.table import Table
 from splitbench.app.design import DesignSpec, plot_design, search
 from splitbench.app.profile import measure_profile
 from splitbench.app.simrun import SimOptions, simulate_run
-from splitbench.cli.common import (
-    console,
-    err_console,
-    int_list,
-    parse_columns,
-    parse_policy_params,
-    user_errors,
-    with_options,
-)
+from splitbench.cli.common import console, err_console, int_list, parse_columns, user_errors, with_options
 from splitbench.cli.groups import FETCH, RESULTS, WORKLOAD
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
+from splitbench.policies import parse_policy_params
 from splitbench.render.console import render_summary
 from splitbench.schema.records import atomic_write_json
-from splitbench.sim.perfmodel import (
-    MODEL_SHAPES,
-    find_profile,
-    load_profiles,
-    machine_kv_capacity_tokens,
-    profile_hardware_name,
-    shape_from_hf_config,
-)
-from splitbench.sim.profiles import fetch_profile
+from splitbench.sim.perfmodel import load_profiles
+from splitbench.sim.profiles import fetch_profile, find_profile, profile_hardware_name
+from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
 
 
 @user_errors
@@ -159,7 +146,7 @@ def simulate(
     """Replay a trace on a simulated cluster; writes a run directory like `run` does (marked simulated)."""
     opts["columns"] = parse_columns(opts["columns"])
     sim = SimOptions(**opts, cluster=cluster, model=model, model_dir=model_dir, profile=profile,
-                     tensor_parallel=tensor_parallel, policy=policy, policy_params=parse_policy_params(policy_param),
+                     tensor_parallel=tensor_parallel, policy=policy, policy_params=parse_policy_params(policy_param or [], policy),
                      seed=seed, max_prompt_batch_tokens=max_prompt_batch_tokens, max_decode_batch=max_decode_batch,
                      first_token=first_token, kv_transfer=kv_transfer, link_gbps=link_gbps,
                      kv_capacity_tokens=kv_capacity_tokens, hardware_file=hardware,

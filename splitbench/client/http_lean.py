@@ -12,11 +12,11 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit
 
-from splitbench.schema import records as R
-from splitbench.errors import InputError
 from splitbench.client.http_conn import ERROR_BODY_BYTES, ERROR_CHARS, MAX_HEAD_BYTES, StreamError, _Conn, error_text
 from splitbench.client.kstamp import SUPPORTED as KSTAMP_SUPPORTED
 from splitbench.client.kstamp import ClockMap, open_stamped
+from splitbench.errors import InputError
+from splitbench.schema import records as R
 
 __all__ = ["ERROR_BODY_BYTES", "ERROR_CHARS", "MAX_HEAD_BYTES", "LeanClient", "StreamError", "error_text"]
 

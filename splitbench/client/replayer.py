@@ -13,11 +13,11 @@ from typing import Any, Callable
 import aiohttp
 import numpy as np
 
-from splitbench.schema import records as R
-from splitbench.errors import InputError
-from splitbench.schema.records import RequestRecord
 from splitbench.client.http_lean import ERROR_BODY_BYTES, ERROR_CHARS, LeanClient, StreamError
 from splitbench.client.sink import RecordSink
+from splitbench.errors import InputError
+from splitbench.schema import records as R
+from splitbench.schema.records import RequestRecord
 from splitbench.workload.types import Workload
 
 try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from splitbench.client.http_conn import ERROR_BODY_BYTES, StreamError, error_text
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
-from splitbench.client.http_conn import ERROR_BODY_BYTES, StreamError, error_text
 
 try:
     from orjson import loads as _loads

@@ -10,10 +10,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
-from splitbench.schema import records as R
-from splitbench.errors import InputError
 from splitbench.client.locust_bridge import shard_positions
 from splitbench.client.replayer import ReplayConfig, ReplayStats
+from splitbench.errors import InputError
+from splitbench.schema import records as R
 from splitbench.workload.types import Workload
 
 SHARDING = "round-robin by arrival order: worker k of n sends requests k, k+n, k+2n, ... at their trace times"

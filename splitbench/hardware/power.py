@@ -1,9 +1,9 @@
-"""GPU power via NVML, sampled per GPU in its own process (default 10 Hz) into DIR/power_samples.jsonl.
-
-Pure helpers turn the samples into energy per GPU over a window and attribute it to instances and pools.
+"""GPU power via NVML, sampled per GPU in its own process (default 10 Hz) into DIR/power_samples.jsonl, with a
+summary at the end; GPU detection. hardware/energy.py turns the samples into energy per GPU, instance and pool.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import json
@@ -16,11 +16,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
-
-from splitbench.errors import InputError
+from splitbench.procs import log_tail, stop_group
 
 SAMPLES_FILE = "power_samples.jsonl"
 SUMMARY_FILE = "power_summary.json"
@@ -36,6 +34,8 @@ def _text(v: Any) -> str:
 
 
 def _load_nvml(name: str):
+    # imported by name at run time, not at module top: the module is chosen per run (pynvml, or the tests' fake
+    # via --nvml-module / $SPLITBENCH_NVML_MODULE) and is optional (hosts without NVIDIA GPUs lack it)
     try:
         nvml = importlib.import_module(name)
     except ImportError as e:
@@ -100,6 +100,60 @@ class _GpuState:
                 "avg_power_w": energy / span if span > 0 else self.p_last, "read_errors": self.errors}
 
 
+def _open_gpus(nvml: Any, err: Any, gpus: list[int] | None) -> tuple[list[_GpuState], list[dict]]:
+    """One state and one header entry per sampled GPU (all when `gpus` is None); SamplerError for a bad index."""
+    count = int(nvml.nvmlDeviceGetCount())
+    idx = list(range(count)) if gpus is None else list(dict.fromkeys(gpus))
+    bad = [g for g in idx if not 0 <= g < count]
+    if bad or not idx:
+        raise SamplerError(f"--gpus {','.join(map(str, gpus or []))}: this host has {count} GPU(s) (0..{count - 1})")
+    states, meta = [], []
+    for g in idx:
+        h = nvml.nvmlDeviceGetHandleByIndex(g)
+        has_counter = _try(nvml.nvmlDeviceGetTotalEnergyConsumption, err, h) is not None
+        limit_mw = _try(nvml.nvmlDeviceGetEnforcedPowerLimit, err, h)
+        states.append(_GpuState(g, h, has_counter))
+        meta.append({"index": g, "name": _text(nvml.nvmlDeviceGetName(h)), "uuid": _text(nvml.nvmlDeviceGetUUID(h)),
+                     "power_limit_w": None if limit_mw is None else limit_mw / 1000.0, "energy_counter": has_counter})
+    return states, meta
+
+
+def _sample_once(nvml: Any, err: Any, states: list[_GpuState], f) -> None:
+    """One tick: power (and the energy counter where there is one) of every GPU, one line each."""
+    for s in states:
+        try:
+            t = time.time()
+            p = nvml.nvmlDeviceGetPowerUsage(s.handle) / 1000.0
+            e = nvml.nvmlDeviceGetTotalEnergyConsumption(s.handle) / 1000.0 if s.has_counter else None
+        except err as ex:
+            s.errors += 1
+            if s.errors == 1:
+                print(f"power sampler: GPU {s.index}: read failed: {_text(ex)}", file=sys.stderr)
+            continue
+        s.add(t, p, e)
+        f.write(json.dumps({"t_unix_s": round(t, 6), "gpu": s.index, "power_w": round(p, 3),
+                            "energy_j": None if e is None else round(e, 3)}, separators=(",", ":")) + "\n")
+
+
+def sample_until(tick: Callable[[], None], interval_s: float, stop: threading.Event,
+                 clock: Callable[[], float] = time.monotonic) -> int:
+    """Call tick() on an absolute schedule (tick k at t0 + k x interval: no drift) until `stop` is set, then once
+    more; ticks missed while behind are skipped, never bursted. Returns the number skipped. `stop` needs only
+    is_set() and wait(timeout_s), so a fake clock can drive it."""
+    t0, k, skipped = clock(), 0, 0
+    while True:
+        tick()
+        if stop.is_set():
+            return skipped
+        k += 1
+        now = clock()
+        if t0 + k * interval_s < now:
+            behind = math.ceil((now - t0) / interval_s)
+            skipped += behind - k
+            k = behind
+        stop.wait(max(0.0, t0 + k * interval_s - clock()))
+
+
 def run_sampler(out_dir: str | Path, gpus: list[int] | None, interval_s: float, nvml_module: str,
                 stop: threading.Event) -> dict[str, Any]:
     """Sample until `stop` is set (then one last sample); write the samples file and the summary; return it."""
@@ -108,51 +162,14 @@ def run_sampler(out_dir: str | Path, gpus: list[int] | None, interval_s: float, 
     nvml = _load_nvml(nvml_module)
     err = getattr(nvml, "NVMLError", Exception)
     try:
-        count = int(nvml.nvmlDeviceGetCount())
-        idx = list(range(count)) if gpus is None else list(dict.fromkeys(gpus))
-        bad = [g for g in idx if not 0 <= g < count]
-        if bad or not idx:
-            raise SamplerError(f"--gpus {','.join(map(str, gpus or []))}: this host has {count} GPU(s) (0..{count - 1})")
-        states, meta = [], []
-        for g in idx:
-            h = nvml.nvmlDeviceGetHandleByIndex(g)
-            has_counter = _try(nvml.nvmlDeviceGetTotalEnergyConsumption, err, h) is not None
-            limit_mw = _try(nvml.nvmlDeviceGetEnforcedPowerLimit, err, h)
-            states.append(_GpuState(g, h, has_counter))
-            meta.append({"index": g, "name": _text(nvml.nvmlDeviceGetName(h)), "uuid": _text(nvml.nvmlDeviceGetUUID(h)),
-                         "power_limit_w": None if limit_mw is None else limit_mw / 1000.0,
-                         "energy_counter": has_counter})
+        states, meta = _open_gpus(nvml, err, gpus)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         header = {"kind": "header", "unix_s": time.time(), "interval_s": interval_s, "nvml_module": nvml_module,
                   "driver": _text(nvml.nvmlSystemGetDriverVersion()), "gpus": meta}
         with open(out / SAMPLES_FILE, "w", buffering=1) as f:   # line-buffered: a crash loses at most one line
             f.write(json.dumps(header, separators=(",", ":")) + "\n")
-            t0, k, skipped = time.monotonic(), 0, 0
-            while True:
-                for s in states:
-                    try:
-                        t = time.time()
-                        p = nvml.nvmlDeviceGetPowerUsage(s.handle) / 1000.0
-                        e = nvml.nvmlDeviceGetTotalEnergyConsumption(s.handle) / 1000.0 if s.has_counter else None
-                    except err as ex:
-                        s.errors += 1
-                        if s.errors == 1:
-                            print(f"power sampler: GPU {s.index}: read failed: {_text(ex)}", file=sys.stderr)
-                        continue
-                    s.add(t, p, e)
-                    f.write(json.dumps({"t_unix_s": round(t, 6), "gpu": s.index, "power_w": round(p, 3),
-                                        "energy_j": None if e is None else round(e, 3)}, separators=(",", ":"))
-                            + "\n")
-                if stop.is_set():
-                    break
-                k += 1
-                now = time.monotonic()
-                if t0 + k * interval_s < now:   # fell behind: skip the missed ticks, never burst
-                    behind = math.ceil((now - t0) / interval_s)
-                    skipped += behind - k
-                    k = behind
-                stop.wait(max(0.0, t0 + k * interval_s - time.monotonic()))   # absolute schedule: no drift
+            skipped = sample_until(lambda: _sample_once(nvml, err, states, f), interval_s, stop)
         per_gpu = {str(s.index): s.summary() for s in states}
         firsts, lasts = [s.t_first for s in states if s.n], [s.t_last for s in states if s.n]
         summary = {"start_unix_s": min(firsts, default=None), "end_unix_s": max(lasts, default=None),
@@ -165,7 +182,6 @@ def run_sampler(out_dir: str | Path, gpus: list[int] | None, interval_s: float, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     ap = argparse.ArgumentParser(prog="python -m splitbench.hardware.power",
                                  description=f"Sample NVML power per GPU into DIR/{SAMPLES_FILE} until SIGTERM")
     ap.add_argument("--out", required=True, help="directory for the samples and the summary")
@@ -205,7 +221,6 @@ class PowerSamplerProcess:
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Spawn the sampler; return once the header and one sample per GPU are on disk (RuntimeError if not)."""
-        from splitbench.procs import log_tail, stop_group
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "splitbench.hardware.power", "--out", str(self.out_dir),
                "--interval-s", repr(float(self.interval_s)), "--nvml-module", self.nvml_module]
@@ -239,7 +254,6 @@ class PowerSamplerProcess:
 
     def stop(self) -> dict[str, Any]:
         """SIGTERM: the child takes a last sample and writes power_summary.json, returned here (idempotent)."""
-        from splitbench.procs import stop_group
         proc, self.proc = self.proc, None
         if proc is not None:
             stop_group(proc, grace_s=10.0)
@@ -256,119 +270,10 @@ class PowerSamplerProcess:
                 "nvml_module": self.nvml_module}
 
 
-def load_power_samples(path: str | Path) -> dict[str, Any]:
-    """Read a samples file -> {"header", "samples": {gpu: {"t_unix_s", "power_w", "energy_j" (array or None)}}}.
-
-    A torn last line (the sampler was killed mid-write) is skipped; any other bad line raises InputError."""
-    path = Path(path)
-    lines = path.read_text(errors="replace").split("\n")
-    header, rows = None, {}
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            if header is None:
-                if obj.get("kind") != "header":
-                    raise InputError("first line is not the sampler header", file=str(path), line=i)
-                header = obj
-                continue
-            rows.setdefault(int(obj["gpu"]), []).append((float(obj["t_unix_s"]), float(obj["power_w"]),
-                                                          math.nan if obj["energy_j"] is None else obj["energy_j"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            if i == len(lines):   # torn last line: the only one without a trailing newline
-                continue
-            raise InputError(f"bad power sample ({type(e).__name__}: {e})", file=str(path), line=i) from None
-    if header is None:
-        raise InputError("no sampler header", file=str(path), line=1)
-    counters = {g["index"]: g.get("energy_counter", False) for g in header.get("gpus", [])}
-    samples = {}
-    for g, r in sorted(rows.items()):
-        a = np.array(sorted(r), dtype=float).reshape(-1, 3)
-        e = a[:, 2] if counters.get(g, True) and np.isfinite(a[:, 2]).any() else None
-        samples[g] = {"t_unix_s": a[:, 0], "power_w": a[:, 1], "energy_j": e}
-    return {"header": header, "samples": samples}
-
-
-def _energy_one(t: np.ndarray, p: np.ndarray, e: np.ndarray | None, start: float, end: float) -> dict[str, Any]:
-    t_lo, t_hi = float(t[0]), float(t[-1])
-    covered = max(0.0, min(end, t_hi) - max(start, t_lo))
-    dur = end - start
-    inside = (t >= start) & (t <= end)
-    n_in = int(inside.sum())
-    span_in = float(t[inside][-1] - t[inside][0]) if n_in > 1 else 0.0
-    if e is not None and np.isfinite(e).all():
-        def counter_at(x: float) -> float:   # interpolated inside, extrapolated at the nearest sample's power outside
-            if x < t_lo:
-                return float(e[0] - p[0] * (t_lo - x))
-            if x > t_hi:
-                return float(e[-1] + p[-1] * (x - t_hi))
-            return float(np.interp(x, t, e))
-        energy, method = counter_at(end) - counter_at(start), "counter"
-    else:
-        grid = np.concatenate(([start], t[(t > start) & (t < end)], [end]))
-        pg = np.interp(grid, t, p)   # clamps to the first/last sample's power outside the samples
-        energy, method = float(np.sum(0.5 * (pg[1:] + pg[:-1]) * np.diff(grid))), "integrated"
-    return {"energy_j": energy, "method": method,
-            "avg_power_w": energy / dur if dur > 0 else float(np.interp(start, t, p)),
-            "samples": n_in, "rate_hz": (n_in - 1) / span_in if span_in > 0 else 0.0,
-            "coverage": covered / dur if dur > 0 else float(t_lo <= start <= t_hi),
-            "extrapolated_s": dur - covered, "start_unix_s": start, "end_unix_s": end}
-
-
-def energy_by_gpu(samples: dict, start_unix_s: float, end_unix_s: float) -> dict[int, dict]:
-    """Energy of each GPU over exactly [start, end] (accepts load_power_samples()'s result or its "samples").
-
-    Per GPU: energy_j, method ("counter": the total-energy counter interpolated at both ends; "integrated":
-    trapezoid over power_w with interpolated edges), avg_power_w, samples (in the window), rate_hz, coverage
-    (fraction of the window between the first and last sample) and extrapolated_s. Parts of the window outside the
-    samples are extrapolated at the nearest sample's power, never silently: coverage < 1 says so.
-    The counter wins where present: on Hopper, NVML's power_w is a 1 s moving average (measured on an H200: ~5 %
-    low over a 10 s load phase), while the counter steps at once."""
-    if end_unix_s < start_unix_s:
-        raise ValueError(f"energy window ends ({end_unix_s}) before it starts ({start_unix_s})")
-    per = samples["samples"] if "samples" in samples and "header" in samples else samples
-    out = {}
-    for g, s in per.items():
-        t = np.asarray(s["t_unix_s"], dtype=float)
-        if t.size == 0:
-            continue
-        e = s.get("energy_j")
-        out[int(g)] = _energy_one(t, np.asarray(s["power_w"], dtype=float),
-                                  None if e is None else np.asarray(e, dtype=float), start_unix_s, end_unix_s)
-    return out
-
-
-def attribute_energy(per_gpu: dict[int, dict], instances: list[dict]) -> dict[str, Any]:
-    """Split each GPU's energy_j equally among the instances holding it; sum per instance and per pool.
-
-    instances: [{"id", "pool", "gpu_ids"}] as in run.json's backend.instances. GPUs sampled but held by no
-    instance are "unattributed" (idle capacity, still in total_energy_j); a held GPU that was not sampled is listed
-    in the instance's "unsampled_gpus" and adds nothing."""
-    energy = {int(g): float(v["energy_j"]) for g, v in per_gpu.items()}
-    holders: dict[int, list[str]] = {}
-    for inst in instances:
-        for g in dict.fromkeys(int(x) for x in inst.get("gpu_ids") or []):
-            holders.setdefault(g, []).append(str(inst["id"]))
-    by_inst: dict[str, dict[str, Any]] = {}
-    pools: dict[str, dict[str, Any]] = {}
-    for inst in instances:
-        iid, gids = str(inst["id"]), list(dict.fromkeys(int(x) for x in inst.get("gpu_ids") or []))
-        e = sum(energy[g] / len(holders[g]) for g in gids if g in energy)
-        by_inst[iid] = {"energy_j": e, "gpus": gids, "unsampled_gpus": [g for g in gids if g not in energy]}
-        pool = pools.setdefault(str(inst.get("pool", "")), {"energy_j": 0.0, "gpus": []})
-        pool["energy_j"] += e
-        pool["gpus"] = sorted(set(pool["gpus"]) | {g for g in gids if g in energy})
-    free = sorted(g for g in energy if g not in holders)
-    return {"instances": by_inst, "pools": pools,
-            "unattributed": {"energy_j": sum(energy[g] for g in free), "gpus": free},
-            "total_energy_j": sum(energy.values())}
-
-
 def detect_gpus(nvml_module: str = "pynvml") -> list[dict]:
     """[{"index", "name", "memory_total_bytes"}] of this host's GPUs; [] when NVML is unavailable. Never raises."""
     try:
-        nvml = importlib.import_module(nvml_module)
+        nvml = importlib.import_module(nvml_module)   # chosen at run time and optional: see _load_nvml
         nvml.nvmlInit()
     except Exception:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, DriverNotLoaded, ...
         return []

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from splitbench.schema.records import RequestRecord
 from splitbench.metrics.latency import input_tokens, output_tokens, window_s
 from splitbench.metrics.slo import SLO, request_is_good
+from splitbench.schema.records import RequestRecord
 
 UNALLOCATED = "unallocated"
 TOTAL = "total"

@@ -14,9 +14,9 @@ from typing import Sequence
 import numpy as np
 
 from splitbench.errors import InputError
-from splitbench.schema.records import RequestRecord
 from splitbench.metrics.latency import PER_REQUEST, input_tokens, output_tokens, tbt_gaps_s, window_s
 from splitbench.metrics.slo import parse_slos, request_is_good
+from splitbench.schema.records import RequestRecord
 
 PASS, REGRESSION, INVALID = "pass", "regression", "invalid"
 EXIT = {PASS: 0, REGRESSION: 1, INVALID: 2}

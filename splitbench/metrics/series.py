@@ -8,8 +8,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from splitbench.schema.records import RequestRecord
 from splitbench.metrics.latency import e2e_s, tbt_gaps_s, ttft_s
+from splitbench.schema.records import RequestRecord
 
 # Split requests' router phases, in order (splitbench.servers.phaselog).
 SPLIT_PHASES = ("router_recv", "prefill_sent", "prefill_done", "decode_sent", "first_token")

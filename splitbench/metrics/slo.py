@@ -14,9 +14,18 @@ from typing import Sequence
 import numpy as np
 
 from splitbench.errors import InputError
+from splitbench.metrics.latency import (
+    PER_REQUEST,
+    e2e_s,
+    input_tokens,
+    mean_tbt_s,
+    metric_values,
+    output_tokens,
+    stat_of,
+    throughput_section,
+    ttft_s,
+)
 from splitbench.schema.records import RequestRecord, atomic_write_json
-from splitbench.metrics.latency import PER_REQUEST, input_tokens, mean_tbt_s, metric_values, output_tokens, stat_of, \
-    throughput_section, ttft_s, e2e_s
 
 SLO_METRICS = ("ttft", "tbt", "mean_tbt", "e2e", "norm")
 SLO_STATS = ("mean", "p50", "p90", "p99", "max")

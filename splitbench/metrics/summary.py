@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Sequence
 
 from splitbench.errors import InputError
-from splitbench.schema.records import RequestRecord, atomic_write_json
 from splitbench.metrics.efficiency import efficiency_section
 from splitbench.metrics.fidelity import fidelity_section
 from splitbench.metrics.latency import counts_section, latency_section, pools_section, throughput_section
 from splitbench.metrics.slo import SLO, Reference, evaluate_slos, parse_slos, splitwise_verdict
+from splitbench.schema.records import RequestRecord, atomic_write_json
 
 SUMMARY_KIND = "splitbench.summary"
 SUMMARY_VERSION = 1

@@ -16,8 +16,8 @@ import orjson
 from aiohttp import web
 
 from splitbench.errors import InputError
-from splitbench.servers.phaselog import PhaseLog
 from splitbench.policies import POOLS, Decision, Ledger, NoHealthyInstance, Policy, Request, make_policy, routable
+from splitbench.servers.phaselog import PhaseLog
 
 DEFAULT_OUTPUT_TOKENS = 16  # pending-token estimate for requests without max_tokens
 _HOP = frozenset(h.lower() for h in ("Host", "Content-Length", "Connection", "Keep-Alive", "Transfer-Encoding",

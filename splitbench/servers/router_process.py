@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from splitbench.errors import InputError
-from splitbench.procs import stop_group, wait_ready
 from splitbench.policies import POOLS
+from splitbench.procs import stop_group, wait_ready
 from splitbench.servers.router import Router
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -6,61 +6,15 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from splitbench.errors import InputError
+from splitbench.policies import Decision, Ledger, NoHealthyInstance, Request, make_policy, routable
 from splitbench.schema.records import ERROR, OK, RequestRecord
-from splitbench.policies import POOLS, Decision, Ledger, NoHealthyInstance, Request, make_policy, routable
+from splitbench.sim.config import SimConfig, SimResult, validate_config
 from splitbench.sim.engine import Simulator
 
-# Per-machine network bandwidth for KV transfer. Splitwise's machines are DGX boxes with one InfiniBand NIC per
-# GPU; a DGX-A100 has 8 x 200 Gb/s HDR = 1.6 Tb/s = 200e9 B/s (a DGX-H100 has 8 x 400 Gb/s = 400e9 B/s). We
-# default to the smaller (A100) figure, the conservative choice for a mixed A100/H100 catalog.
-DEFAULT_LINK_BYTES_PER_S = 200e9
-DEFAULT_LAYERS = 80   # Llama-2-70B, Splitwise's main model; pass the real model's layer count
-# Preemption cap of mixed/baseline machines: at most this many prompt iterations in a row while decodes wait.
-# Not a Splitwise number (it prioritizes prompts); 4 keeps TBT bounded yet favours TTFT.
-DEFAULT_MAX_CONSECUTIVE_PROMPT_ITERATIONS = 4
-KV_TRANSFERS = ("layerwise", "serialized")
-
 _IDLE, _PROMPT, _DECODE, _WAKING = 0, 1, 2, 3
-
-
-@dataclass(frozen=True)
-class SimPool:
-    pool: str      # prompt | token | mixed | baseline
-    machine: str   # machine type name (hardware catalog); keys perf and kv_capacity_tokens
-    count: int
-
-
-@dataclass
-class SimConfig:
-    pools: list[SimPool]
-    policy: str = "jsq"
-    policy_params: dict = field(default_factory=dict)
-    seed: int = 0
-    max_prompt_batch_tokens: int = 2048
-    kv_transfer: str = "layerwise"
-    link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
-    layers: int = DEFAULT_LAYERS
-    mixed_max_consecutive_prompt_iterations: int = DEFAULT_MAX_CONSECUTIVE_PROMPT_ITERATIONS
-    max_decode_batch: int | None = None   # requests per decode batch (vLLM's max_num_seqs); None: KV memory only
-    # True: one token chunk per fast-forwarded decode run (TBT gaps = run duration / tokens of the run; ~100
-    # chunks a request at 250 req/s, ~0.8 GB for 150k records). False: just the first token and one chunk of the
-    # other n-1 at the last token (TBT gaps = the request's mean TBT), for design sweeps that only need that.
-    record_token_chunks: bool = True
-    # who streams a split request's first token: "prefill" (Splitwise: the prompt machine, at the end of the prefill)
-    # or "decode" (vLLM's P/D: the prompt instance's token is dropped; the token machine generates all n tokens,
-    # the first at the end of its first decode iteration after the KV arrived)
-    first_token: str = "prefill"
-
-
-@dataclass
-class SimResult:
-    records: list[RequestRecord]
-    instances: list[dict]   # {"id", "pool", "machine"} in cluster order
-    stats: dict
 
 
 class _Req:
@@ -117,7 +71,7 @@ class SimCluster:
 
     def __init__(self, workload, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, int],
                  kv_bytes_per_token: int):
-        _validate(cfg, perf, kv_capacity_tokens, kv_bytes_per_token)
+        validate_config(cfg, perf, kv_capacity_tokens, kv_bytes_per_token)
         self.w, self.cfg = workload, cfg
         self.machines: list[_Machine] = []
         counts: dict[str, int] = {}
@@ -132,10 +86,7 @@ class SimCluster:
         if not routable(self.ledger.views()):
             raise InputError(f"cluster cannot route requests (pools: {', '.join(sorted(counts))}): it needs a "
                              "prompt and a token machine, or a mixed/baseline machine", column="pools")
-        try:
-            self.policy = make_policy(cfg.policy, seed=cfg.seed, **(cfg.policy_params or {}))
-        except ValueError as e:
-            raise InputError(str(e), column="policy") from None
+        self.policy = make_policy(cfg.policy, seed=cfg.seed, **(cfg.policy_params or {}))
         self.sim = Simulator()
         self.kv_s_per_token = kv_bytes_per_token / cfg.link_bytes_per_s
         self.layerwise = cfg.kv_transfer == "layerwise"
@@ -394,37 +345,6 @@ class SimCluster:
             rec.phases_s = {"router_recv": arr, "prefill_sent": arr, "prefill_done": r.pdone,
                             "decode_sent": r.decode_sent, "first_token": r.first, "done": r.last}
         return rec
-
-
-def _validate(cfg: SimConfig, perf, kv_capacity_tokens, kv_bytes_per_token) -> None:
-    if not cfg.pools:
-        raise InputError("no machine pools configured", column="pools")
-    for p in cfg.pools:
-        if p.pool not in POOLS:
-            raise InputError(f"pool must be one of {', '.join(POOLS)}, got {p.pool!r}", column="pools")
-        if p.count < 0:
-            raise InputError(f"{p.pool} pool: machine count must be >= 0, got {p.count}", column="pools")
-        for what, table in (("performance model", perf), ("KV capacity", kv_capacity_tokens)):
-            if p.machine not in table:
-                raise InputError(f"machine type {p.machine!r} has no {what}", column="pools")
-        if int(kv_capacity_tokens[p.machine]) < 1:
-            raise InputError(f"machine type {p.machine!r}: KV capacity must be >= 1 token", column="pools")
-    if cfg.max_prompt_batch_tokens < 1:
-        raise InputError("max_prompt_batch_tokens must be >= 1", column="max_prompt_batch_tokens")
-    if cfg.kv_transfer not in KV_TRANSFERS:
-        raise InputError(f"kv_transfer must be one of {', '.join(KV_TRANSFERS)}, got {cfg.kv_transfer!r}",
-                         column="kv_transfer")
-    if cfg.first_token not in ("prefill", "decode"):
-        raise InputError(f"first_token must be prefill or decode, got {cfg.first_token!r}", column="first_token")
-    if not cfg.link_bytes_per_s > 0:
-        raise InputError("link_bytes_per_s must be > 0", column="link_bytes_per_s")
-    if cfg.layers < 1:
-        raise InputError("layers must be >= 1", column="layers")
-    if cfg.mixed_max_consecutive_prompt_iterations < 1:
-        raise InputError("mixed_max_consecutive_prompt_iterations must be >= 1",
-                         column="mixed_max_consecutive_prompt_iterations")
-    if kv_bytes_per_token < 0:
-        raise InputError("kv_bytes_per_token must be >= 0", column="kv_bytes_per_token")
 
 
 def simulate(workload, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, int],

@@ -1,151 +1,21 @@
 """Performance model for the simulator: prompt and decode iteration times interpolated from a SplitwiseSim-format
-profile CSV (ms), model shapes for KV-memory accounting, and finding/fetching the profile (sha256-checked).
+profile CSV (ms), fitted per (model, hardware, tensor_parallel) group.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import struct
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from splitbench.errors import InputError
-from splitbench.hardware.catalog import MachineType
+from splitbench.sim.profiles import read_profile_rows, sha256_of
+from splitbench.sim.shapes import MEMORY_BANDWIDTH_BPS, MODEL_SHAPES, ModelShape
 
-PROFILE_FILE = "perf_model.csv"
-PROFILE_URL = ("https://raw.githubusercontent.com/Mutinifni/splitwise-sim/"
-               "8f99e7dc9b407f4ce2488d03dd44c0b8b946dab0/data/perf_model.csv")
-PROFILE_SHA256 = "dbbe505d1d64fc4bd1ec03c50edf944643586de4f68a81e94cbd55dd5bdfbf41"
-ENV_VAR = "SPLITBENCH_PROFILE_DIR"
-COLUMNS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "peak_power", "average_power",
-           "prompt_time", "token_time", "e2e_time", "tensor_parallel")
-REQUIRED = ("model", "hardware", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
-            "e2e_time", "tensor_parallel")
 MAX_FIT_OUTPUT_TOKENS = 1024   # PROFILES.md caveat 3: longer output-sweep runs were capped
 BLOWUP_RATIO = 1.5             # e2e > 1.5 x (prompt + (n-1) x token_time): failed run (caveat 2), point dropped
 CAPPED_RATIO = 0.95            # e2e < 0.95 x that: fewer tokens generated than asked; not used for the kv fit
 FALL_RATIO = 0.9               # prompt_time < 0.9 x a smaller batch's (same prompt, tokens): failed run, dropped
-
-# Accelerator memory as NVIDIA states it (decimal GB) and HBM bandwidth (NVIDIA A100/H100 SXM/H200 SXM datasheets).
-ACCELERATOR_MEMORY_BYTES = {"a100-80gb": 80e9, "h100-80gb": 80e9, "h200-141gb": 141e9}
-MEMORY_BANDWIDTH_BPS = {"a100-80gb": 2.039e12, "h100-80gb": 3.35e12, "h200-141gb": 4.8e12,
-                        "cpu-host": 20e9}  # cpu-host: ESTIMATE for a small VM's DRAM bandwidth
-_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float8_e4m3fn": 1,
-                "float8_e5m2": 1, "int8": 1, "uint8": 1, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1,
-                "F8_E5M2": 1, "I8": 1, "U8": 1, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "BOOL": 1}
-
-
-# ----------------------------------------------------------------------------- model shapes and KV memory
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What KV-memory accounting needs: KV bytes per token and the weights' bytes."""
-    name: str
-    layers: int
-    kv_heads: int      # key/value heads (GQA/MQA: fewer than attention heads)
-    head_dim: int
-    dtype_bytes: int   # of the KV cache (= the weights' dtype here)
-    weight_bytes: float
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes   # K and V
-
-
-MODEL_SHAPES = {
-    # huggingface.co/bigscience/bloom config.json: n_layer 70, n_head 112 (MHA), hidden_size 14336 -> head dim 128;
-    # 176B parameters (model card), fp16.
-    "bloom-176b": ModelShape("bloom-176b", layers=70, kv_heads=112, head_dim=128, dtype_bytes=2,
-                             weight_bytes=176e9 * 2),
-    # huggingface.co/meta-llama/Llama-2-70b-hf config.json: num_hidden_layers 80, num_attention_heads 64,
-    # num_key_value_heads 8 (GQA), hidden_size 8192 -> head dim 128; 70B parameters, torch_dtype float16.
-    "llama2-70b": ModelShape("llama2-70b", layers=80, kv_heads=8, head_dim=128, dtype_bytes=2,
-                             weight_bytes=70e9 * 2),
-}
-
-
-def _safetensors_params(path: Path) -> int:
-    """Parameter count of one .safetensors file from its header (8-byte length + JSON)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
-
-
-def shape_from_hf_config(model_dir: str | os.PathLike) -> ModelShape:
-    """ModelShape of a local HF model dir: config.json + the safetensors headers (weights at the config dtype)."""
-    d = Path(model_dir)
-    cfg_path = d / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read model config: {e}", file=str(cfg_path)) from None
-    cfg = {**cfg.get("text_config", {}), **cfg}
-
-    def get(*keys):
-        for k in keys:
-            if cfg.get(k) is not None:
-                return cfg[k]
-        raise InputError(f"config has none of {', '.join(keys)}", file=str(cfg_path), column=keys[0])
-    layers = int(get("num_hidden_layers", "n_layer", "num_layers"))
-    heads = int(get("num_attention_heads", "n_head"))
-    kv_heads = int(cfg.get("num_key_value_heads") or (1 if cfg.get("multi_query") else heads))
-    head_dim = int(cfg.get("head_dim") or get("hidden_size", "n_embed") // heads)
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
-    if dtype not in _DTYPE_BYTES:
-        raise InputError(f"unknown dtype {dtype!r}", file=str(cfg_path), column="torch_dtype")
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise InputError(f"{d}: no *.safetensors files to size the weights from")
-    params = sum(_safetensors_params(f) for f in files)
-    return ModelShape(d.name, layers, kv_heads, head_dim, _DTYPE_BYTES[dtype], float(params * _DTYPE_BYTES[dtype]))
-
-
-def accelerator_memory_bytes(accelerator: str, override: float | None = None) -> float:
-    """Memory of one accelerator: `override` when given, else ACCELERATOR_MEMORY_BYTES (InputError if unknown)."""
-    if override is not None:
-        return float(override)
-    try:
-        return ACCELERATOR_MEMORY_BYTES[accelerator]
-    except KeyError:
-        raise InputError(f"memory of accelerator {accelerator!r} is unknown (known: "
-                         f"{', '.join(ACCELERATOR_MEMORY_BYTES)}); give it explicitly") from None
-
-
-def kv_capacity_tokens(shape: ModelShape, accelerators: int, accelerator_memory_bytes: float,
-                       memory_fraction: float = 0.9) -> int:
-    """KV tokens that fit on `accelerators` devices holding one copy of the weights (>= 0)."""
-    if accelerators < 1 or accelerator_memory_bytes <= 0 or not 0 < memory_fraction <= 1:
-        raise InputError(f"kv capacity needs accelerators >= 1, memory > 0 and 0 < fraction <= 1, got "
-                         f"{accelerators}, {accelerator_memory_bytes}, {memory_fraction}")
-    free = memory_fraction * accelerators * accelerator_memory_bytes - shape.weight_bytes
-    return max(0, int(free // shape.kv_bytes_per_token))
-
-
-def machine_kv_capacity_tokens(shape: ModelShape, machine: MachineType, memory_bytes: float | None = None,
-                               memory_fraction: float = 0.9, tensor_parallel: int | None = None) -> int:
-    """KV tokens on one catalog machine: accelerators // tensor_parallel instances (default: one instance over
-    all accelerators), each holding its own copy of the weights."""
-    tp = int(tensor_parallel or machine.accelerators)
-    if tp < 1 or tp > machine.accelerators:
-        raise InputError(f"tensor_parallel {tp} does not fit machine {machine.name!r} "
-                         f"({machine.accelerators} accelerators)")
-    mem = accelerator_memory_bytes(machine.accelerator, memory_bytes)
-    return (machine.accelerators // tp) * kv_capacity_tokens(shape, tp, mem, memory_fraction)
-
-
-def profile_hardware_name(machine_type: str | MachineType, catalog: dict | None = None) -> str:
-    """Catalog machine -> profile `hardware`: its accelerator (+ "-pcap" when power-capped); CPU hosts: own name."""
-    if isinstance(machine_type, str):
-        from splitbench.hardware.catalog import get_machine, load_catalog
-        machine_type = get_machine(machine_type, catalog if catalog is not None else load_catalog())
-    if machine_type.accelerators == 0:
-        return machine_type.name
-    return machine_type.accelerator + ("-pcap" if machine_type.power_cap_fraction is not None else "")
 
 
 # ----------------------------------------------------------------------------- piecewise-linear helpers
@@ -360,21 +230,12 @@ class PerfModel:
         return d
 
 
-# ----------------------------------------------------------------------------- loading, finding, fetching
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
+# ----------------------------------------------------------------------------- loading
 
 def load_profiles(path: str | os.PathLike, shapes: dict[str, ModelShape] | None = None,
                   **model_options) -> dict[tuple[str, str, int], PerfModel]:
     """Every (model, hardware, tensor_parallel) group of a profile CSV fitted into a PerfModel; `shapes` adds
     model shapes (e.g. shape_from_hf_config of a measured model) to MODEL_SHAPES for the bandwidth estimate."""
-    from splitbench.sim.profiles import read_profile_rows
     rows = read_profile_rows(path)
     digest = sha256_of(path)
     known = {**MODEL_SHAPES, **(shapes or {})}
@@ -395,27 +256,3 @@ def get_perf_model(profiles: dict[tuple[str, str, int], PerfModel], model: str, 
         raise InputError(f"no profile for model {model!r} on {hardware!r} with tensor_parallel {tp} "
                          f"(known: {known})") from None
 
-
-def profile_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "splitbench" / "profiles"
-
-
-def profile_search_path() -> list[Path]:
-    """$SPLITBENCH_PROFILE_DIR (os.pathsep-separated), ../shared/profiles (from the CWD), the user cache."""
-    dirs = [Path(x) for x in os.environ.get(ENV_VAR, "").split(os.pathsep) if x]
-    return dirs + [Path("..") / "shared" / "profiles", profile_cache_dir()]
-
-
-def find_profile(path: str | os.PathLike | None = None) -> Path:
-    """An explicit profile file, else the first perf_model.csv along profile_search_path()."""
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise InputError("profile file not found", file=str(p))
-        return p
-    for d in profile_search_path():
-        if (d / PROFILE_FILE).is_file():
-            return d / PROFILE_FILE
-    where = ", ".join(str(d) for d in profile_search_path())
-    raise InputError(f"no {PROFILE_FILE} found (searched {where}); run `splitbench profiles fetch`")

@@ -1,18 +1,31 @@
-"""Profile CSV files in SplitwiseSim's format: validated reading, writing, and the sha256-checked fetch of
-perf_model.csv.
+"""Profile CSV files in SplitwiseSim's format: where they are found, validated reading, writing, the sha256-checked
+fetch of perf_model.csv, and the measuring grid.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import http.client
 import io
 import math
 import os
+import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-
 from splitbench.errors import InputError
-from splitbench.sim.perfmodel import (COLUMNS, PROFILE_FILE, PROFILE_SHA256, PROFILE_URL, REQUIRED, profile_cache_dir)
+from splitbench.hardware.catalog import MachineType, get_machine, load_catalog
+
+PROFILE_FILE = "perf_model.csv"
+PROFILE_URL = ("https://raw.githubusercontent.com/Mutinifni/splitwise-sim/"
+               "8f99e7dc9b407f4ce2488d03dd44c0b8b946dab0/data/perf_model.csv")
+PROFILE_SHA256 = "dbbe505d1d64fc4bd1ec03c50edf944643586de4f68a81e94cbd55dd5bdfbf41"
+ENV_VAR = "SPLITBENCH_PROFILE_DIR"
+COLUMNS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "peak_power", "average_power",
+           "prompt_time", "token_time", "e2e_time", "tensor_parallel")
+REQUIRED = ("model", "hardware", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
+            "e2e_time", "tensor_parallel")
 
 DEFAULT_PROMPT_SIZES = (32, 128, 512, 2048)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
@@ -72,6 +85,48 @@ def read_profile_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- finding
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def profile_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "splitbench" / "profiles"
+
+
+def profile_search_path() -> list[Path]:
+    """$SPLITBENCH_PROFILE_DIR (os.pathsep-separated), ../shared/profiles (from the CWD), the user cache."""
+    dirs = [Path(x) for x in os.environ.get(ENV_VAR, "").split(os.pathsep) if x]
+    return dirs + [Path("..") / "shared" / "profiles", profile_cache_dir()]
+
+
+def find_profile(path: str | os.PathLike | None = None) -> Path:
+    """An explicit profile file, else the first perf_model.csv along profile_search_path()."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise InputError("profile file not found", file=str(p))
+        return p
+    for d in profile_search_path():
+        if (d / PROFILE_FILE).is_file():
+            return d / PROFILE_FILE
+    where = ", ".join(str(d) for d in profile_search_path())
+    raise InputError(f"no {PROFILE_FILE} found (searched {where}); run `splitbench profiles fetch`")
+
+
+def profile_hardware_name(machine_type: str | MachineType, catalog: dict | None = None) -> str:
+    """Catalog machine -> profile `hardware`: its accelerator (+ "-pcap" when power-capped); CPU hosts: own name."""
+    if isinstance(machine_type, str):
+        machine_type = get_machine(machine_type, catalog if catalog is not None else load_catalog())
+    if machine_type.accelerators == 0:
+        return machine_type.name
+    return machine_type.accelerator + ("-pcap" if machine_type.power_cap_fraction is not None else "")
 
 
 # ----------------------------------------------------------------------------- fetching
@@ -81,10 +136,6 @@ def fetch_profile(dest: str | os.PathLike | None = None, url: str | None = None,
                   max_bytes: int = 64 << 20) -> dict:
     """Download SplitwiseSim's perf_model.csv into dest (default: the user cache); the sha256 must match,
     else InputError and nothing is written (temp file + atomic rename)."""
-    import http.client
-    import tempfile
-    import urllib.error
-    import urllib.request
     dest = Path(dest) if dest else profile_cache_dir()
     url = url or PROFILE_URL
     dest.mkdir(parents=True, exist_ok=True)
