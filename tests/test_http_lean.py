@@ -15,8 +15,10 @@ import pytest
 
 from splitbench.schema import records as R
 from splitbench.servers.stub import run_stub_in_thread
-from splitbench.client.http_lean import LeanClient, StreamError, _Conn
-from splitbench.client.replayer import RecordSink
+from splitbench.client.http_conn import _Conn
+from splitbench.client.http_lean import LeanClient
+from splitbench.client.outcome import StreamError
+from splitbench.client.sink import RecordSink
 from splitbench.schema.records import RequestRecord
 from splitbench.timing import run
 

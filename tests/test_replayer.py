@@ -19,6 +19,7 @@ from splitbench.servers.stub import run_stub_in_thread
 from splitbench.cli import app
 from splitbench.workload.prompts import TokenIdPrompts
 from splitbench.client.replayer import ReplayConfig, Replayer
+from splitbench.client.sink import RecordSink
 from splitbench.workload.types import Workload
 
 
@@ -182,7 +183,6 @@ def test_sigterm_stops_sending_writes_records_and_exits_nonzero(tmp_path):
 
 def test_events_in_one_read_are_one_chunk():
     """Several SSE events arriving in one network read are one chunk of k tokens (k gaps of g/k later)."""
-    from splitbench.client.replayer import RecordSink
     rec = R.RequestRecord(request_id="r0", trace_index=0, intended_send_s=0.0, planned_input_tokens=1,
                           planned_output_tokens=3)
     sink = RecordSink(rec, t0=0.0, send=1.0)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from splitbench.schema import records as R
-from splitbench.client.workers import merge_stats, shard
+from splitbench.client.shards import shard
+from splitbench.client.workers import merge_stats
 from splitbench.workload.types import Workload
 from splitbench.app.runner import RunOptions, run
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from splitbench.schema import records as R
 from splitbench.errors import InputError
-from splitbench.client.locust_bridge import HEADERS_ENV, SHARDING, workload_to_json
+from splitbench.client.locust_bridge import HEADERS_ENV, workload_to_json
+from splitbench.client.shards import SHARDING
 
 LOCUSTFILE = str(Path(__file__).with_name("locustfile.py"))
 SESSION_ENV = "SPLITBENCH_LOCUST_SESSION"

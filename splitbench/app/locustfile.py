@@ -32,10 +32,10 @@ from splitbench.client.locust_bridge import (
     LLM_COLUMNS,
     LiveLLM,
     llm_samples,
-    shard_positions,
     workload_from_json,
     workload_to_json,
 )
+from splitbench.client.shards import shard_positions
 
 log = logging.getLogger("splitbench.locust")
 MSG_SHARD, MSG_STOP = "splitbench_shard", "splitbench_stop"          # master -> worker

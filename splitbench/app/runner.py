@@ -164,7 +164,8 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         R.atomic_write_json(run_dir / R.RUN_FILE, meta)
         on_status(f"replaying {len(workload)} requests against {base_url}")
         if opts.workers > 1:
-            from splitbench.client.workers import SHARDING, replay_workers
+            from splitbench.client.shards import SHARDING
+            from splitbench.client.workers import replay_workers
             meta["client"]["sharding"] = SHARDING
             stats, interrupted = replay_workers(workload, prompts.payload, cfg, run_dir, run_id, opts.workers,
                                                 on_status)
