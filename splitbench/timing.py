@@ -28,7 +28,7 @@ class PreciseEpollSelector(selectors.EpollSelector):
 
 def new_event_loop(kind: str = "precise") -> asyncio.AbstractEventLoop:
     if kind == "uvloop":
-        import uvloop  # optional loop kind: loaded only when asked for
+        import uvloop  # lazy: not installed on Windows (pyproject marker), and only this loop kind needs it
         return uvloop.new_event_loop()
     if kind == "precise" and hasattr(selectors, "EpollSelector"):
         return asyncio.SelectorEventLoop(PreciseEpollSelector())

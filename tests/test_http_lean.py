@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -347,7 +348,6 @@ def test_https(tmp_path):
 
 
 def test_connection_refused_is_an_error():
-    import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

@@ -7,7 +7,7 @@ import asyncio
 import functools
 import gc
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
