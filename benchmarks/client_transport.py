@@ -17,7 +17,8 @@ from splitbench.schema import records as R
 from splitbench import timing
 from splitbench.backends.stub import StubBackend
 from splitbench.workload.prompts import TokenIdPrompts
-from splitbench.client.replayer import HTTP_TRANSPORTS, ReplayConfig, Replayer
+from splitbench.client.replayer import ReplayConfig, Replayer
+from splitbench.client.transport import HTTP_TRANSPORTS
 from splitbench.workload.traces import load_workload
 
 

@@ -125,7 +125,7 @@ def test_a_busy_client_loop_does_not_land_in_ttft():
 
     from splitbench.servers.stub import run_stub_in_thread
     from splitbench.client.http_lean import LeanClient
-    from splitbench.client.replayer import RecordSink
+    from splitbench.client.sink import RecordSink
     from splitbench.timing import run as run_loop
 
     url, stop = run_stub_in_thread(ttft_s=0.02, tpot_s=0.002)

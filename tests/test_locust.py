@@ -24,10 +24,10 @@ from splitbench.client.locust_bridge import (
     PipeWriter,
     Samples,
     llm_samples,
-    shard_positions,
     workload_from_json,
     workload_to_json,
 )
+from splitbench.client.shards import shard_positions
 from splitbench.client.replayer import ReplayConfig
 from splitbench.workload.types import Workload
 from splitbench.client.replay import replay_workload

@@ -460,7 +460,7 @@ def test_shared_ticker_keeps_many_streams_on_schedule(tmp_path):
     stub's lateness histogram counts every chunk, /metrics?reset=lateness starts it over, and the exit summary
     reports it."""
     from splitbench.client.http_lean import LeanClient
-    from splitbench.client.replayer import RecordSink
+    from splitbench.client.sink import RecordSink
     from splitbench.schema.records import RequestRecord
     ttft_s, tpot_s, n_out, n_req = 0.02, 0.002, 8, 200
     be = StubBackend(ttft_s=ttft_s, tpot_s=tpot_s, loop="uvloop")

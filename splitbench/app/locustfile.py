@@ -24,10 +24,10 @@ from splitbench.client.locust_bridge import (
     LLM_COLUMNS,
     LiveLLM,
     llm_samples,
-    shard_positions,
     workload_from_json,
     workload_to_json,
 )
+from splitbench.client.shards import shard_positions
 from splitbench.schema import records as R
 
 log = logging.getLogger("splitbench.locust")
@@ -302,7 +302,7 @@ class Coordinator:
         """Write records.parquet, run.json (status, t0, replay_stats, locust section) and summary.json."""
         from dataclasses import fields
 
-        from splitbench.client.replayer import ReplayStats
+        from splitbench.client.replayer import ReplayStats  # not at the top: see the gevent note in finalize's caller
         self.finalized = True
         self._recover_from_shard_dirs()
         self.writer.close()
@@ -310,10 +310,11 @@ class Coordinator:
         shards = [{k: v for k, v in sh.items() if k != "absent_since"} for sh in self.shards.values()]
         stats = [sh["stats"] or {} for sh in shards]
         total = {f.name: sum(s.get(f.name) or 0 for s in stats) for f in fields(ReplayStats)
-                 if f.name not in ("stopped_early", "t0_unix_s", "duration_s", "inflight_peak")}
+                 if f.name not in ("stopped_early", "t0_unix_s", "duration_s", "inflight_peak", "start_late_s")}
         total.update(planned=len(self.workload), stopped_early=any(s.get("stopped_early") for s in stats),
                      inflight_peak=max((s.get("inflight_peak") or 0 for s in stats), default=0),
                      duration_s=max((s.get("duration_s") or 0.0 for s in stats), default=0.0),
+                     start_late_s=max((s.get("start_late_s") or 0.0 for s in stats), default=0.0),
                      t0_unix_s=self.start_at)
         interrupted = (quitting or total["stopped_early"] or any(s.get("interrupted") for s in stats)
                        or any(sh["status"] != "done" for sh in shards))

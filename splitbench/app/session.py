@@ -10,11 +10,12 @@ from typing import Any, Callable
 from splitbench.app import accounting
 from splitbench.app.calibrate import client_section
 from splitbench.app.options import RunOptions, check_options, new_run_id, resolve_defaults
-from splitbench.backends import get_backend
+from splitbench.backends.base import get_backend
 from splitbench.client.probe import served_model
 from splitbench.client.replay import replay_workload
 from splitbench.client.replayer import ReplayConfig, Replayer, ReplayStats
-from splitbench.client.workers import SHARDING, replay_workers
+from splitbench.client.shards import SHARDING
+from splitbench.client.workers import replay_workers
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog
 from splitbench.metrics.slo import load_reference, parse_slos

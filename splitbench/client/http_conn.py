@@ -7,36 +7,10 @@ from __future__ import annotations
 
 import asyncio
 
+from splitbench.client.outcome import ERROR_CHARS, StreamError
 from splitbench.schema import records as R
 
-try:
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover
-    from json import loads as _loads
-
-ERROR_CHARS = 300
-ERROR_BODY_BYTES = 4096
 MAX_HEAD_BYTES = 64 * 1024
-
-
-class StreamError(Exception):
-    """A failed request; `status` is one of the records statuses."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def error_text(body: bytes) -> str:
-    """The message of an OpenAI-style error body (or the body itself), shortened."""
-    try:
-        msg = _loads(body)
-        err = msg.get("error", msg) if isinstance(msg, dict) else msg
-        if isinstance(err, dict):
-            err = err.get("message") or err
-        return str(err)[:ERROR_CHARS]
-    except ValueError:
-        return body.decode("utf-8", "replace").strip()[:ERROR_CHARS]
 
 
 # ============================================================== the HTTP/1.1 connection
@@ -211,36 +185,44 @@ class _Conn(asyncio.Protocol):
                     raise StreamError(R.ERROR, "bad HTTP response: chunk not followed by CRLF")
                 pos += 2
                 state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    self.buf = data[pos:]
-                    break
-                empty, pos = eol == pos, eol + 2
-                if empty:
-                    self.buf = data[pos:]
-                    return self._finish(body, now)
             elif state == _UNTIL_CLOSE:
                 if pos < n:
                     body.append(data[pos:])
                 break
-            elif state == _HEAD:
-                end = data.find(b"\r\n\r\n", pos)
-                if end < 0:
-                    if n - pos > MAX_HEAD_BYTES:
-                        raise StreamError(R.ERROR, "bad HTTP response: header block too large")
-                    self.buf = data[pos:]
+            else:   # the head or the trailers: once per response
+                pos, state = self._head_or_trailers(data, pos, state)
+                if pos < 0:
                     break
-                head, pos = data[pos:end], end + 4
-                state = self._head(head)
                 if state == _IDLE:
-                    self.buf = data[pos:]
                     return self._finish(body, now)
-            else:
-                raise StreamError(R.ERROR, "bad HTTP response: bytes after the end of the response")
         self.state = state
         if body and self.fut is not None:
             self.sink.on_body(body[0] if len(body) == 1 else b"".join(body), now)
+
+    def _head_or_trailers(self, data: bytes, pos: int, state: int) -> tuple[int, int]:
+        """Parse the head (status line + headers) or the trailers from pos: (new pos, next state); pos -1 when the
+        rest waits in self.buf for more bytes; state _IDLE when the response ended (the rest is in self.buf)."""
+        if state == _TRAILERS:
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                self.buf = data[pos:]
+                return -1, state
+            if eol != pos:
+                return eol + 2, state
+            self.buf = data[eol + 2:]
+            return eol + 2, _IDLE
+        if state != _HEAD:
+            raise StreamError(R.ERROR, "bad HTTP response: bytes after the end of the response")
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            if len(data) - pos > MAX_HEAD_BYTES:
+                raise StreamError(R.ERROR, "bad HTTP response: header block too large")
+            self.buf = data[pos:]
+            return -1, state
+        state = self._head(data[pos:end])
+        if state == _IDLE:
+            self.buf = data[end + 4:]
+        return end + 4, state
 
     def _finish(self, body: list, now: float) -> None:
         if body:

@@ -12,13 +12,15 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit
 
-from splitbench.client.http_conn import ERROR_BODY_BYTES, ERROR_CHARS, MAX_HEAD_BYTES, StreamError, _Conn, error_text
+from splitbench.client.http_conn import _Conn
 from splitbench.client.kstamp import SUPPORTED as KSTAMP_SUPPORTED
 from splitbench.client.kstamp import ClockMap, open_stamped
+from splitbench.client.outcome import ERROR_CHARS, StreamError
 from splitbench.errors import InputError
 from splitbench.schema import records as R
 
-__all__ = ["ERROR_BODY_BYTES", "ERROR_CHARS", "MAX_HEAD_BYTES", "LeanClient", "StreamError", "error_text"]
+__all__ = ["LeanClient", "LeanTransport"]
+SPARE_CONNECTIONS = 32   # a replay keeps this many idle connections ready in the background
 
 
 # ============================================================== the pool
@@ -87,9 +89,9 @@ class LeanClient:
             raise
 
     def start_now(self, body: bytes, sink, *, send: float, timeout_s: float = 600.0, idle_timeout_s: float = 120.0,
-                  request_id: str | None = None) -> tuple[asyncio.Future, "_Conn"] | None:
-        """Write the request now on an idle connection, without a task: returns (future, connection), or None when
-        no connection is idle (then use request()). The future ends like request(); cancel with conn.cancel(fut)."""
+                  request_id: str | None = None) -> asyncio.Future | None:
+        """Write the request now on an idle connection, without a task: returns its future, or None when no
+        connection is idle (then use request()). The future ends like request(); cancel it with cancel([fut])."""
         conn = self._acquire()
         if self.spare and len(self._idle) + self._opening < self.spare:
             self._top_up()
@@ -99,7 +101,17 @@ class LeanClient:
         rid = b"X-Request-Id: %s\r\n" % request_id.encode("latin-1") if request_id else b""
         conn.start(fut, sink, b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, rid, len(body), body), send,
                    timeout_s, idle_timeout_s)
-        return fut, conn
+        return fut
+
+    def cancel(self, futs) -> None:
+        """End these requests now (start_now futures fail with status cancelled; request() tasks are cancelled)."""
+        serving = {c.fut: c for c in self._conns if c.fut is not None}
+        for f in futs:
+            conn = serving.get(f)
+            if conn is not None:
+                conn.cancel(f)
+            else:
+                f.cancel()
 
     async def close(self, timeout_s: float = 2.0) -> None:
         """Close every connection and wait until their sockets are gone."""
@@ -181,3 +193,35 @@ class LeanClient:
         self._conns.discard(conn)
         if conn in self._idle:   # rare: an idle connection closed by the server
             self._idle.remove(conn)
+
+
+# ============================================================== the replayer's transport
+class LeanTransport(LeanClient):
+    """LeanClient behind the replayer's Transport protocol (transport.py): a request goes out on an idle
+    connection at once, without a task; only when none is idle does a task connect and send it. Network reads
+    that find a send due (due / on_due) send it from the read path."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None, *, clock: Callable[[], float], timeout_s: float,
+                 idle_timeout_s: float, spare: int = SPARE_CONNECTIONS):
+        super().__init__(url, headers, clock=clock)
+        self.timeout_s, self.idle_timeout_s, self._spare = timeout_s, idle_timeout_s, spare
+
+    async def open(self, warm: int) -> None:
+        if warm:
+            await self.warm(warm)
+        self.spare = self._spare
+
+    def start(self, body: bytes, sink, request_id: str) -> asyncio.Future:
+        fut = self.start_now(body, sink, send=sink.send, timeout_s=self.timeout_s,
+                             idle_timeout_s=self.idle_timeout_s, request_id=request_id)
+        if fut is None:
+            fut = self._loop.create_task(self._connect_and_send(body, sink, request_id))
+        return fut
+
+    async def _connect_and_send(self, body: bytes, sink, request_id: str) -> None:
+        sink.sent(self.clock())   # sent when this task runs: connecting counts in the answer's time, not the lag
+        await self.request(body, sink, send=sink.send, timeout_s=self.timeout_s, idle_timeout_s=self.idle_timeout_s,
+                           request_id=request_id)
+
+    async def aclose(self) -> None:
+        await self.close()

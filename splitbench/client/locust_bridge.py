@@ -4,33 +4,30 @@ that shard a workload, turn records into Locust samples and keep the live LLM-ta
 """
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import json
 import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import orjson
 
+from splitbench.client.replay import replay_workload
+from splitbench.client.replayer import ReplayConfig
 from splitbench.metrics.latency import e2e_s, output_tokens, tbt_gaps_s, ttft_s
 from splitbench.schema.records import RequestRecord
+from splitbench.workload.prompts import prompt_source
 from splitbench.workload.types import Workload
 
-SHARDING = "round-robin by request index (shard k of n sends requests k, k+n, k+2n, ...)"
 HEADERS_ENV = "SPLITBENCH_LOCUST_HEADERS"   # request headers (API keys) travel by environment, never by file
 
 
-# ----------------------------------------------------------------------------- workload shards
-
-def shard_positions(n_requests: int, shard: int, shards: int) -> np.ndarray:
-    """Positions (in arrival order) of the requests shard `shard` of `shards` sends: every shards-th one, so each
-    shard follows the trace's burst shape at 1/shards of its rate and the shards together send each request once."""
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard {shard} out of range for {shards} shards")
-    return np.arange(shard, n_requests, shards, dtype=np.int64)
-
+# ----------------------------------------------------------------------------- a shard's workload as JSON
 
 def workload_to_json(w: Workload, positions: np.ndarray | None = None) -> dict:
     """The arrays a replayer needs (optionally only some positions), as JSON-able lists."""
@@ -175,7 +172,6 @@ class PipeWriter:
             if not data:
                 return
             self.buf += data
-            import asyncio
             try:
                 self._loop = asyncio.get_running_loop()
                 self._loop.add_writer(self.fd, self._drain)
@@ -209,7 +205,6 @@ def _die_with_parent() -> None:
     """SIGTERM (a graceful stop) when the Locust process that started us dies, however it dies (Linux)."""
     parent = os.getppid()
     try:
-        import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -221,11 +216,6 @@ def _die_with_parent() -> None:
 def replay_shard(spec: dict, out_fd: int) -> dict:
     """Replay one shard (core Replayer, shared start time) into spec["shard_dir"]; each finished record also goes
     to out_fd as one JSON line. Returns the replay stats."""
-    from dataclasses import asdict
-
-    from splitbench.client.replay import replay_workload
-    from splitbench.client.replayer import ReplayConfig
-    from splitbench.workload.prompts import prompt_source
     w = workload_from_json(spec["workload"])
     p = spec["prompts"]
     prompts = prompt_source({"root": p.get("model_root")}, api=spec["replay"].get("api", "completions"),

@@ -7,9 +7,10 @@ import signal
 from pathlib import Path
 from typing import Callable
 
-from splitbench import timing
-from splitbench.client.replayer import ReplayConfig, Replayer
+from splitbench.client.replayer import ReplayConfig, Replayer, StartGate
+from splitbench.client.transport import Transport
 from splitbench.schema import records as R
+from splitbench.timing import Clock, RealClock
 from splitbench.workload.types import Workload
 
 
@@ -64,19 +65,23 @@ async def replay_with_signals(replayer: Replayer, writer: R.RecordWriter,
 
 
 def replay_workload(workload: Workload, payload, cfg: ReplayConfig, run_dir: Path, run_id: str,
-                    on_progress=None, on_record: Callable[[R.RequestRecord], None] | None = None
+                    on_progress=None, on_record: Callable[[R.RequestRecord], None] | None = None, *,
+                    transport: Transport | None = None, clock: Clock | None = None, gate: StartGate | None = None
                     ) -> tuple[Replayer, bool]:
     """Replay and stream records into run_dir; records.parquet is complete when this returns.
-    on_record (optional) also receives each finished record, on the replayer's loop: it must not block."""
+    on_record (optional) also receives each finished record, on the replayer's loop: it must not block.
+    transport, clock and gate go to the Replayer; the loop is the clock's (cfg.loop's kind for a real one)."""
     writer = R.RecordWriter(run_dir, run_id)
 
     def both(rec: R.RequestRecord) -> None:
         writer.add(rec)
         on_record(rec)
-    replayer = Replayer(workload, payload, cfg, writer.add if on_record is None else both)
+    clock = clock or RealClock()
+    replayer = Replayer(workload, payload, cfg, writer.add if on_record is None else both, transport=transport,
+                        clock=clock, gate=gate)
     interrupted = True
     try:
-        interrupted = timing.run(replay_with_signals(replayer, writer, on_progress), cfg.loop)
+        interrupted = clock.run(replay_with_signals(replayer, writer, on_progress), cfg.loop)
     finally:
         writer.close()
     return replayer, interrupted

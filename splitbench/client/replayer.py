@@ -1,23 +1,22 @@
-"""Open-loop async replayer: fires each request at its absolute intended time, timestamps every SSE chunk.
-
-One uncapped keep-alive pool (the lean transport, or aiohttp); failures become records with a status, never exceptions.
+"""Open-loop async replayer: fires each request at its absolute intended time on an injected clock and hands it to
+a transport (transport.py) that feeds a RecordSink; failures become records with a status, never exceptions.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
-import aiohttp
 import numpy as np
 
-from splitbench.client.http_lean import ERROR_BODY_BYTES, ERROR_CHARS, LeanClient, StreamError
+from splitbench.client.outcome import classify
 from splitbench.client.sink import RecordSink
-from splitbench.errors import InputError
+from splitbench.client.transport import Transport, make_transport
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
+from splitbench.timing import Clock, RealClock
 from splitbench.workload.types import Workload
 
 try:
@@ -31,15 +30,13 @@ except ImportError:  # pragma: no cover
     def _dumps(obj) -> bytes:
         return _json.dumps(obj).encode()
 
-__all__ = ["HTTP_TRANSPORTS", "PATHS", "RecordSink", "ReplayConfig", "ReplayStats", "Replayer"]
+__all__ = ["PATHS", "ReplayConfig", "ReplayStats", "Replayer", "StartGate"]
 
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-HTTP_TRANSPORTS = ("lean", "aiohttp")
 PREBUILD_MAX = 250_000   # request bodies built before the start (~1 kB each); longer replays build as they go
 GC_EVERY_S = 1.0         # automatic GC is off during a replay; young generations are collected this often...
-PRECONNECT_WINDOW_S, PRECONNECT_MAX = 0.25, 256   # connections opened before t0: the first window's requests
-SPARE_CONNECTIONS = 32   # then this many idle connections are kept ready in the background
 GC_GAP_S = 0.003         # ...when the next send is at least this far away
+PRECONNECT_WINDOW_S, PRECONNECT_MAX = 0.25, 256   # connections opened before t0: the first window's requests
 
 
 @dataclass
@@ -78,28 +75,44 @@ class ReplayStats:
     stopped_early: bool = False
     t0_unix_s: float = 0.0        # wall time of run-clock zero
     duration_s: float = 0.0
+    start_late_s: float = 0.0     # how far past run-clock zero the replayer was ready to send (a shared start missed)
+
+
+class StartGate(Protocol):
+    """Several replayers that start together (workers.py): the replayer calls prepared() once its request bodies
+    are built, warmed() once its connections are open; warmed() returns the shared start (unix s). False or None:
+    leave without sending."""
+
+    async def prepared(self) -> bool: ...
+
+    async def warmed(self) -> float | None: ...
 
 
 class Replayer:
-    """Replays a Workload against an OpenAI-compatible endpoint. `sink` receives each finished record."""
+    """Replays a Workload against an OpenAI-compatible endpoint. `sink` receives each finished record. The
+    transport (default: cfg.http's) and the clock (default: RealClock) may be injected, e.g. MockTransport and
+    FakeClock for tests."""
 
     def __init__(self, workload: Workload, payload: Callable[[int, int], dict], cfg: ReplayConfig,
-                 sink: Callable[[RequestRecord], None]):
+                 sink: Callable[[RequestRecord], None], *, transport: Transport | None = None,
+                 clock: Clock | None = None, gate: StartGate | None = None):
         self.w = workload
         self.payload = payload          # (trace_index, input_tokens) -> {"prompt": ...} or {"messages": ...}
         self.cfg = cfg
         self.sink = sink
         self.url = cfg.base_url.rstrip("/") + PATHS[cfg.api]
         self.stats = ReplayStats(planned=len(workload))
-        self.stop_event: asyncio.Event | None = None
-        self._inflight: set[asyncio.Task] = set()
+        self.clock = clock or RealClock()
+        self.transport = transport
+        self.gate = gate
+        self._now = self.clock.now
+        self._stopping = False
+        self._waiter: asyncio.Future | None = None   # what the dispatcher waits on; request_stop ends the wait
+        self._wake_on_done = ""   # "slot": a finished request wakes the waiter (a free slot); "drain": the last one
+        self._inflight: set[asyncio.Future] = set()
         self._active = 0   # requests sent and not yet finished
-        self._clock = time.perf_counter
         self._t0 = 0.0
-        self._client: LeanClient | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._bodies: list[bytes] | None = None
-        self._conn_of: dict[asyncio.Future, Any] = {}   # lean requests sent without a task -> their connection
         self._arrivals: list[float] = []
         self._next = 0          # index of the next request to send
         self._data = b""        # its body, built ahead
@@ -107,30 +120,26 @@ class Replayer:
 
     # ------------------------------------------------------------------ public
     def request_stop(self) -> None:
-        if self.stop_event is not None:
-            self.stop_event.set()
+        """Send nothing more; in-flight requests get cfg.grace_s, then they are cancelled."""
+        self._stopping = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     @property
     def inflight(self) -> int:
         return self._active
 
     async def run(self) -> ReplayStats:
-        if self.cfg.http not in HTTP_TRANSPORTS:
-            raise InputError(f"http transport must be one of {', '.join(HTTP_TRANSPORTS)}, got {self.cfg.http!r}")
-        self.stop_event = asyncio.Event()
-        headers = {"Content-Type": "application/json", **self.cfg.headers}
-        if self.cfg.http == "lean":
-            self._client = LeanClient(self.url, headers, clock=self._clock)
-            try:
-                return await self._run()
-            finally:
-                await self._client.close()
-        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s, sock_read=self.cfg.idle_timeout_s)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers,
-                                         auto_decompress=False) as session:
-            self._session = session
+        cfg = self.cfg
+        if self.transport is None:
+            self.transport = make_transport(cfg.http, self.url, {"Content-Type": "application/json", **cfg.headers},
+                                            clock=self._now, timeout_s=cfg.timeout_s,
+                                            idle_timeout_s=cfg.idle_timeout_s)
+        try:
             return await self._run()
+        finally:
+            await self.transport.aclose()
 
     def prepare(self) -> None:
         """Build every request body before the clock starts (up to PREBUILD_MAX requests; beyond that, each body
@@ -153,82 +162,106 @@ class Replayer:
         self._body = body
         self._bodies = [body(i) for i in range(len(w))] if len(w) <= PREBUILD_MAX else []
 
+    # ------------------------------------------------------------------ the run
     async def _run(self) -> ReplayStats:
         self.prepare()
-        if self._client is not None and len(self.w):  # connections ready before the clock starts
-            first = int(np.searchsorted(self.w.arrival_s, PRECONNECT_WINDOW_S))
-            await self._client.warm(min(max(first, 1), PRECONNECT_MAX))
-            self._client.spare = SPARE_CONNECTIONS
+        if self.gate is not None and not await self.gate.prepared():
+            return self._left()
+        first = int(np.searchsorted(self.w.arrival_s, PRECONNECT_WINDOW_S)) if len(self.w) else 0
+        await self.transport.open(min(max(first, 1), PRECONNECT_MAX) if len(self.w) else 0)
         gc.collect()
         gc.freeze()  # long-lived setup objects out of the GC's way
         gc_was_enabled = gc.isenabled()
         gc.disable()  # no collector pauses while sending; the dispatcher collects in idle gaps instead
-        sem = asyncio.Semaphore(self.cfg.max_inflight) if self.cfg.max_inflight else None
-        if self.cfg.start_at_unix_s is not None:  # one start time shared with other processes (wall clock)
-            self._t0 = self._clock() + (self.cfg.start_at_unix_s - time.time())
-            self.stats.t0_unix_s = self.cfg.start_at_unix_s
-        else:
-            self._t0 = self._clock() + self.cfg.start_delay_s
-            self.stats.t0_unix_s = time.time() + self.cfg.start_delay_s
+        started = False
         try:
-            await self._dispatch(sem)
-            await self._drain(None if not self.stop_event.is_set() else self.cfg.grace_s)
+            start_unix = await self.gate.warmed() if self.gate is not None else self.cfg.start_at_unix_s
+            if start_unix is None and self.gate is not None:
+                return self._left()
+            self._start_clock(start_unix)
+            started = True
+            await self._dispatch()
+            await self._drain()
         except asyncio.CancelledError:
             self.stats.stopped_early = True
-            await self._drain(0.0)
+            await self._cancel(set(self._inflight))
             raise
         finally:
-            self.stats.duration_s = self._clock() - self._t0
+            if started:
+                self.stats.duration_s = self._now() - self._t0
             if gc_was_enabled:
                 gc.enable()
             gc.unfreeze()
         return self.stats
 
-    # ------------------------------------------------------------------ internals
-    async def _dispatch(self, sem: asyncio.Semaphore | None) -> None:
-        """Wake at each due time and send everything due. With the lean transport the read path also sends a
-        request that falls due while a burst of reads is being handled (client.due / client.on_due), so send lag
-        is bounded by one read's work, not by the whole burst."""
-        w, cfg, clock, t0 = self.w, self.cfg, self._clock, self._t0
-        self._arrivals = arrivals = w.arrival_s.tolist()
-        self._next = 0
-        self._data = (self._bodies[0] if self._bodies else self._body(0)) if arrivals else b""
-        n, stop, spin_s = len(arrivals), self.stop_event, cfg.spin_s
-        client = self._client if sem is None else None
-        next_gc = clock() + GC_EVERY_S
-        if client is not None:
-            client.on_due = self._send_due
+    def _left(self) -> ReplayStats:
+        """The start gate said leave: nothing was sent."""
+        self.stats.stopped_early = True
+        return self.stats
+
+    def _start_clock(self, start_unix: float | None) -> None:
+        """Run-clock zero: at start_unix (shared with other processes: a time already past starts at once, and the
+        lateness shows in every record's lag), else start_delay_s from now."""
+        now, clock, stats = self._now(), self.clock, self.stats
+        if start_unix is not None:
+            self._t0 = now + (start_unix - clock.unix())
+            stats.t0_unix_s = start_unix
+        else:
+            self._t0 = now + self.cfg.start_delay_s
+            stats.t0_unix_s = clock.unix() + self.cfg.start_delay_s
+        stats.start_late_s = max(0.0, now - self._t0)
+
+    async def _wait(self, fut: asyncio.Future, wake_on_done: str = "") -> None:
+        self._waiter, self._wake_on_done = fut, wake_on_done
         try:
-            while self._next < n:
-                if stop.is_set():
-                    self.stats.stopped_early = True
-                    return
-                target = t0 + arrivals[self._next]
-                if client is not None:
-                    client.due = target
-                now = clock()
-                if target - now > GC_GAP_S and now > next_gc:  # an idle gap: collect young garbage now
-                    gc.collect(1)
-                    next_gc = now + GC_EVERY_S
-                    now = clock()
-                delay = target - now
-                if delay > spin_s:
-                    await asyncio.sleep(delay - spin_s)
-                if self._next < n and t0 + arrivals[self._next] == target:  # not sent meanwhile by the read path
-                    while clock() < target:  # yield-spin the last stretch; other tasks keep running
-                        await asyncio.sleep(0)
-                    if sem is not None:
-                        if sem.locked():
-                            self.stats.inflight_cap_waits += 1
-                        await sem.acquire()
-                        self._send(self._next, sem)
-                        self._next += 1
-                        self._data = self._next_body()
-                    else:
-                        self._send_due()
+            await fut
         finally:
-            if client is not None:
-                client.due, client.on_due = float("inf"), None
+            self._waiter, self._wake_on_done = None, ""
+
+    async def _dispatch(self) -> None:
+        """Wake at each due time and send everything due. A transport with a read path (lean) also sends a request
+        that falls due while a burst of reads is being handled (due / on_due), so send lag is bounded by one read's
+        work, not by the whole burst; not under an in-flight cap, whose waits belong to this loop."""
+        cfg, now, t0, transport, stats = self.cfg, self._now, self._t0, self.transport, self.stats
+        self._arrivals = arrivals = self.w.arrival_s.tolist()
+        self._next = 0
+        self._data = self._next_body()
+        n, spin_s, cap = len(arrivals), cfg.spin_s, cfg.max_inflight
+        loop = asyncio.get_running_loop()
+        read_path = not cap
+        next_gc = now() + GC_EVERY_S
+        if read_path:
+            transport.on_due = self._send_due
+        try:
+            while self._next < n and not self._stopping:
+                target = t0 + arrivals[self._next]
+                if read_path:
+                    transport.due = target
+                t = now()
+                if target - t > GC_GAP_S and t > next_gc:  # an idle gap: collect young garbage now
+                    gc.collect(1)
+                    next_gc = t + GC_EVERY_S
+                    t = now()
+                if target - t > spin_s:
+                    await self._wait(self.clock.wake_at(target - spin_s))
+                if self._stopping or self._next >= n or t0 + arrivals[self._next] != target:
+                    continue  # stopped, or sent meanwhile by the read path
+                while now() < target:  # yield-spin the last stretch; other tasks keep running
+                    await asyncio.sleep(0)
+                if not read_path:
+                    if self._active >= cap:
+                        stats.inflight_cap_waits += 1
+                        await self._wait(loop.create_future(), "slot")
+                        continue   # a slot is free (or a stop came): look again
+                    self._send(self._next)
+                    self._next += 1
+                    self._data = self._next_body()
+                else:
+                    self._send_due()
+            stats.stopped_early = stats.stopped_early or self._next < n
+        finally:
+            if read_path:
+                transport.due, transport.on_due = float("inf"), None
 
     def _next_body(self) -> bytes:
         i = self._next
@@ -237,132 +270,59 @@ class Replayer:
         return self._bodies[i] if self._bodies else self._body(i)
 
     def _send_due(self) -> None:
-        """Send every request whose time has come (also called from the lean client's read path)."""
-        arrivals, t0, clock, n = self._arrivals, self._t0, self._clock, len(self._arrivals)
-        client = self._client
-        while self._next < n and t0 + arrivals[self._next] <= clock():
-            if self.stop_event.is_set():
+        """Send every request whose time has come (also called from the transport's read path)."""
+        arrivals, t0, now, n = self._arrivals, self._t0, self._now, len(self._arrivals)
+        while self._next < n and t0 + arrivals[self._next] <= now():
+            if self._stopping:
                 break
-            self._send(self._next, None)
+            self._send(self._next)
             self._next += 1
             self._data = self._next_body()
-        if client is not None:
-            client.due = t0 + arrivals[self._next] if self._next < n else float("inf")
+        self.transport.due = t0 + arrivals[self._next] if self._next < n else float("inf")
 
-    def _send(self, i: int, sem: asyncio.Semaphore | None) -> None:
-        w, stats = self.w, self.stats
+    def _send(self, i: int) -> None:
+        w, stats, t0 = self.w, self.stats, self._t0
         ti = int(w.trace_index[i])
         rec = RequestRecord(request_id=f"r{ti}", trace_index=ti, intended_send_s=self._arrivals[i],
                             planned_input_tokens=int(w.input_tokens[i]), planned_output_tokens=int(w.output_tokens[i]))
-        data = self._data
-        started = self._send_now(rec, data) if self._client is not None and sem is None else None
-        if started is None:   # aiohttp, an in-flight cap, or no idle connection: a task sends it
-            task = asyncio.get_running_loop().create_task(self._one(rec, data, sem))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+        send = self._now()
+        rec.actual_send_s = send - t0
+        sink = RecordSink(rec, t0, send)
+        fut = self.transport.start(self._data, sink, rec.request_id)
+        self._inflight.add(fut)
+        fut.add_done_callback(functools.partial(self._done, rec, sink))
         stats.sent += 1
         self._active += 1
         if self._active > stats.inflight_peak:
             stats.inflight_peak = self._active
 
-    def _send_now(self, rec: RequestRecord, data: bytes) -> asyncio.Future | None:
-        """The lean hot path: write on an idle connection right now (no task); the response completes the record
-        in a done callback. None when no connection is idle."""
-        clock, t0 = self._clock, self._t0
-        send = clock()
-        sink = RecordSink(rec, t0, send)
-        started = self._client.start_now(data, sink, send=send, timeout_s=self.cfg.timeout_s,
-                                         idle_timeout_s=self.cfg.idle_timeout_s, request_id=rec.request_id)
-        if started is None:
-            return None
-        fut, conn = started
-        rec.actual_send_s = send - t0
-        self._conn_of[fut] = conn
-        self._inflight.add(fut)
-        fut.add_done_callback(lambda f: self._sent_done(f, rec, sink))
-        return fut
-
-    def _sent_done(self, fut: asyncio.Future, rec: RequestRecord, sink: "RecordSink") -> None:
+    def _done(self, rec: RequestRecord, sink: RecordSink, fut: asyncio.Future) -> None:
+        """A request ended (its future's done callback): the outcome goes into its record, the record to the sink."""
         self._inflight.discard(fut)
-        self._conn_of.pop(fut, None)
-        if fut.cancelled():
-            rec.status, rec.error = R.CANCELLED, "cancelled at shutdown"
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if exc is not None:
+            rec.status, rec.error = classify(exc, self.cfg.timeout_s, self.cfg.idle_timeout_s)
             sink.partial()
-        else:
-            e = fut.exception()
-            if isinstance(e, StreamError):
-                rec.status, rec.error = e.status, str(e)[:ERROR_CHARS]
-                sink.partial()
-            elif e is not None:
-                rec.status, rec.error = R.ERROR, f"{type(e).__name__}: {e}"[:ERROR_CHARS]
-        self._finished(rec, sink.end if sink.end is not None else self._clock(), None)
-
-    def _finished(self, rec: RequestRecord, end: float, sem: asyncio.Semaphore | None) -> None:
-        rec.end_s = end - self._t0
+        rec.end_s = (sink.end if sink.end is not None else self._now()) - self._t0
         self._active -= 1
-        if sem is not None:
-            sem.release()
-        self.stats.finished += 1
+        stats = self.stats
+        stats.finished += 1
         if rec.status != R.OK:
-            self.stats.failed += 1
+            stats.failed += 1
+        if self._wake_on_done and (self._wake_on_done == "slot" or not self._inflight) and not self._waiter.done():
+            self._waiter.set_result(None)
         self.sink(rec)
 
-    async def _drain(self, grace_s: float | None) -> None:
-        if not self._inflight:
-            return
-        pending = set(self._inflight)
-        if grace_s is None:
-            await asyncio.gather(*pending, return_exceptions=True)
-            return
-        done, pending = await asyncio.wait(pending, timeout=grace_s)
-        for t in pending:
-            conn = self._conn_of.get(t)
-            if conn is not None:
-                conn.cancel(t)   # fails the request with status cancelled (its done callback records it)
-            else:
-                t.cancel()
+    async def _drain(self) -> None:
+        """Wait for the in-flight requests; after a stop, at most grace_s more, then cancel the rest."""
+        if self._inflight and not self._stopping:
+            await self._wait(asyncio.get_running_loop().create_future(), "drain")  # the last one, or a stop
+        if self._inflight:
+            pending = set(self._inflight)
+            _, pending = await asyncio.wait(pending, timeout=self.cfg.grace_s)
+            await self._cancel(pending)
+
+    async def _cancel(self, pending: set[asyncio.Future]) -> None:
         if pending:
+            self.transport.cancel(pending)
             await asyncio.gather(*pending, return_exceptions=True)
-
-    async def _one(self, rec: RequestRecord, data: bytes, sem: asyncio.Semaphore | None) -> None:
-        clock, t0 = self._clock, self._t0
-        send = clock()
-        rec.actual_send_s = send - t0
-        sink = RecordSink(rec, t0, send)
-        try:
-            if self._client is not None:
-                await self._client.request(data, sink, send=send, timeout_s=self.cfg.timeout_s,
-                                           idle_timeout_s=self.cfg.idle_timeout_s, request_id=rec.request_id)
-            else:
-                await self._one_aiohttp(data, sink, rec.request_id)
-        except asyncio.CancelledError:
-            rec.status, rec.error = R.CANCELLED, "cancelled at shutdown"
-            sink.partial()
-        except StreamError as e:
-            rec.status, rec.error = e.status, str(e)[:ERROR_CHARS]
-            sink.partial()
-        except asyncio.TimeoutError:
-            rec.status, rec.error = R.TIMEOUT, f"no response within limits (total {self.cfg.timeout_s}s, " \
-                                               f"idle {self.cfg.idle_timeout_s}s)"
-            sink.partial()
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
-            rec.status, rec.error = R.DISCONNECTED, f"{type(e).__name__}: {e}"[:ERROR_CHARS]
-            sink.partial()
-        except aiohttp.ClientError as e:
-            rec.status, rec.error = R.ERROR, f"{type(e).__name__}: {e}"[:ERROR_CHARS]
-        except Exception as e:  # never crash the run on one bad response
-            rec.status, rec.error = R.ERROR, f"{type(e).__name__}: {e}"[:ERROR_CHARS]
-        finally:
-            self._finished(rec, sink.end if sink.end is not None and rec.status == R.OK else clock(), sem)
-
-    async def _one_aiohttp(self, data: bytes, sink: RecordSink, request_id: str) -> None:
-        """The aiohttp transport: the same RecordSink, fed from aiohttp's stream reader."""
-        clock = self._clock
-        async with self._session.post(self.url, data=data, headers={"X-Request-Id": request_id}) as resp:
-            sink.on_head(resp.status, resp.reason or "", resp.headers)
-            if resp.status != 200:
-                sink.on_body(await resp.content.read(ERROR_BODY_BYTES), clock())
-            else:
-                async for chunk in resp.content.iter_any():
-                    sink.on_body(chunk, clock())
-            sink.on_end(clock())

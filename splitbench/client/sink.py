@@ -1,10 +1,10 @@
-"""Response -> RequestRecord for both replayer transports: SSE events to token chunks (usage/continuous stats, or
+"""Response -> RequestRecord for every replayer transport: SSE events to token chunks (usage/continuous stats, or
 one token per non-empty delta), non-streamed JSON answers, error bodies. The hot path only appends each read."""
 from __future__ import annotations
 
 from typing import Any
 
-from splitbench.client.http_conn import ERROR_BODY_BYTES, StreamError, error_text
+from splitbench.client.outcome import ERROR_BODY_BYTES, StreamError, answer_status, error_text
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
 
@@ -30,6 +30,11 @@ class RecordSink:
         self.reads: list = []   # SSE reads as (data, now), parsed at the end: the hot path only appends
         self.end: float | None = None   # on_end's `now`: when the response's last byte arrived
 
+    def sent(self, now: float) -> None:
+        """The request left at `now` (a transport that sends from a task of its own stamps it there)."""
+        self.send = now
+        self.rec.actual_send_s = now - self.t0
+
     def on_head(self, status: int, reason: str, headers: Any) -> None:
         self.rec.http_status, self.reason = status, reason
         if status != 200:
@@ -47,7 +52,7 @@ class RecordSink:
         self.end = now
         rec = self.rec
         if self.mode == _ERR:
-            rec.status = R.HTTP_ERROR
+            rec.status = answer_status(rec.http_status)
             rec.error = error_text(self.buf[:ERROR_BODY_BYTES]) or self.reason or f"HTTP {rec.http_status}"
         elif self.mode == _JSON:  # non-streaming server: the whole answer is one chunk
             try:
@@ -60,14 +65,13 @@ class RecordSink:
             rec.first_token_s = rec.last_token_s = now - self.t0
             rec.chunk_offsets_s.append(now - self.send)
             rec.chunk_tokens.append(rec.actual_output_tokens or 1)
-            rec.status = R.OK
+            rec.status = answer_status(rec.http_status)
         else:
             self._parse_reads()
             self.partial()
-            if self.done:
-                rec.status = R.OK
-            else:
-                rec.status, rec.error = R.DISCONNECTED, "stream ended without [DONE]"
+            rec.status = answer_status(rec.http_status, self.done)
+            if not self.done:
+                rec.error = "stream ended without [DONE]"
 
     def partial(self) -> None:
         """Token totals from what arrived so far (also called when a request fails mid-stream)."""

@@ -1,55 +1,112 @@
-"""Several sender processes for one replay (`--workers N`): the trace is dealt round-robin in arrival order (each
-worker follows the whole timeline at 1/N of the rate), every worker starts at one shared wall-clock instant (the
-replayer's start_at_unix_s hook) once all have built their request bodies, and the shard records are merged."""
+"""Several sender processes for one replay (`--workers N`): one forked worker per shard (shards.py) meet at a start
+barrier (all bodies built -> all connections warm -> the message round trip measured -> one start time far enough
+ahead), then the shard records are merged. A worker that still starts late records that lateness in its lag."""
 from __future__ import annotations
 
 import multiprocessing as mp
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from splitbench.client.locust_bridge import shard_positions
+from splitbench.client.replay import replay_workload
 from splitbench.client.replayer import ReplayConfig, ReplayStats
+from splitbench.client.shards import shard
 from splitbench.errors import InputError
 from splitbench.schema import records as R
 from splitbench.workload.types import Workload
 
-SHARDING = "round-robin by arrival order: worker k of n sends requests k, k+n, k+2n, ... at their trace times"
-START_MARGIN_S = 0.3   # shared start this long after the last worker reported ready
-READY_TIMEOUT_S = 600.0
+READY_TIMEOUT_S = 600.0    # a worker builds its request bodies in at most this long
+PINGS = 3                  # round trips measured per worker once all are ready
+START_RTT_FACTOR = 5.0     # the shared start is this many of the slowest round trips ahead of the barrier's end,
+START_MIN_MARGIN_S = 0.1   # and at least this far
 
 
-def shard(workload: Workload, k: int, n: int) -> Workload:
-    """Worker k's requests; arrival times stay absolute (run clock), so all shards share one t0."""
-    pos = shard_positions(len(workload), k, n)
-    return Workload(name=f"{workload.name}#shard{k}of{n}", arrival_s=workload.arrival_s[pos],
-                    input_tokens=workload.input_tokens[pos], output_tokens=workload.output_tokens[pos],
-                    trace_index=workload.trace_index[pos], source=workload.source, transforms=workload.transforms)
+def start_margin_s(rtts_s: Sequence[float], min_margin_s: float = START_MIN_MARGIN_S,
+                   factor: float = START_RTT_FACTOR) -> float:
+    """How far ahead the shared start goes: the start message takes half a round trip to reach a worker; a
+    multiple of the slowest round trip measured on this host, now, covers it with margin (busy hosts get more)."""
+    return max(min_margin_s, factor * max(rtts_s, default=0.0))
+
+
+class StartBarrier:
+    """The parent's side. send(k, msg) and recv(k, timeout_s) talk to worker k (recv: None when it died or timed
+    out); clock is the wall clock. Every worker reports "prepared" (bodies built), is told "warm", reports "ready"
+    (connections open, loop running) and answers PINGS pings; then all get ("start", unix s), or "abort"."""
+
+    def __init__(self, n: int, send: Callable[[int, tuple], None], recv: Callable[[int, float], tuple | None],
+                 clock: Callable[[], float] = time.time, pings: int = PINGS, timeout_s: float = READY_TIMEOUT_S):
+        self.n, self.send, self.recv, self.clock, self.pings, self.timeout_s = n, send, recv, clock, pings, timeout_s
+        self.errors: list[str] = []
+        self.rtt_s = [0.0] * n
+        self.margin_s: float | None = None
+        self.start_unix_s: float | None = None
+
+    def run(self) -> float | None:
+        """The shared start (unix s), or None when a worker failed (then every worker was told to leave)."""
+        if self._gather("prepared"):
+            self._all(("warm",))
+            if self._gather("ready") and self._measure():
+                self.margin_s = start_margin_s(self.rtt_s)
+                self.start_unix_s = self.clock() + self.margin_s
+                self._all(("start", self.start_unix_s))
+                return self.start_unix_s
+        self._all(("abort",))
+        return None
+
+    def _gather(self, what: str) -> bool:
+        for k in range(self.n):
+            msg = self.recv(k, self.timeout_s)
+            if not msg or msg[0] != what:
+                why = msg[1] if msg and msg[0] == "error" else f"exited before it was {what}"
+                self.errors.append(f"worker {k}: {why}")
+        return not self.errors
+
+    def _measure(self) -> bool:
+        for _ in range(self.pings):
+            for k in range(self.n):
+                t = self.clock()
+                self.send(k, ("ping",))
+                msg = self.recv(k, self.timeout_s)
+                if not msg or msg[0] != "pong":
+                    self.errors.append(f"worker {k}: no answer at the start barrier")
+                    return False
+                self.rtt_s[k] = max(self.rtt_s[k], self.clock() - t)
+        return True
+
+    def _all(self, msg: tuple) -> None:
+        for k in range(self.n):
+            self.send(k, msg)
+
+
+class WorkerGate:
+    """A worker's side of the barrier: the replayer's StartGate over its end of the pipe. Its waits block the
+    worker's loop on purpose: nothing is due before the start."""
+
+    def __init__(self, k: int, conn):
+        self.k, self.conn = k, conn
+
+    async def prepared(self) -> bool:
+        self.conn.send(("prepared", self.k))
+        return self.conn.recv()[0] == "warm"
+
+    async def warmed(self) -> float | None:
+        self.conn.send(("ready", self.k))
+        while True:
+            msg = self.conn.recv()
+            if msg[0] == "ping":
+                self.conn.send(("pong",))
+            else:
+                return msg[1] if msg[0] == "start" else None
 
 
 def _child(k: int, workload: Workload, payload, cfg: ReplayConfig, shard_dir: str, run_id: str, conn) -> None:
     """Worker process body (forked: inherits the workload and the prompt source without pickling)."""
-    from splitbench import timing
-    from splitbench.client.replay import replay_with_signals
-    from splitbench.client.replayer import Replayer
     try:
-        writer = R.RecordWriter(shard_dir, f"{run_id}-w{k}")
-        replayer = Replayer(workload, payload, cfg, writer.add)
-        replayer.prepare()
-        conn.send(("ready", k))
-        start = conn.recv()
-        if start is None:   # the parent gave up (another worker failed): leave without sending
-            writer.close()
-            conn.send(("done", asdict(replayer.stats), True))
-            return
-        replayer.cfg = replace(cfg, start_at_unix_s=start)
-        try:
-            interrupted = timing.run(replay_with_signals(replayer, writer, None), cfg.loop)
-        finally:
-            writer.close()
-        conn.send(("done", asdict(replayer.stats), interrupted))
+        replayer, interrupted = replay_workload(workload, payload, cfg, Path(shard_dir), f"{run_id}-w{k}",
+                                                gate=WorkerGate(k, conn))
+        conn.send(("done", asdict(replayer.stats), interrupted or replayer.stats.stopped_early))
     except BaseException as e:  # report, never hang the parent
         try:
             conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -60,14 +117,18 @@ def _child(k: int, workload: Workload, payload, cfg: ReplayConfig, shard_dir: st
 
 def merge_stats(parts: list[dict]) -> ReplayStats:
     """One ReplayStats for the whole replay: counts add up; the in-flight peak is the sum of the workers' peaks
-    (an upper bound: they need not peak together)."""
+    (an upper bound: they need not peak together); every worker that started shares one t0."""
     s = ReplayStats()
     for p in parts:
         for name in ("planned", "sent", "finished", "failed", "inflight_peak", "inflight_cap_waits"):
             setattr(s, name, getattr(s, name) + p[name])
         s.stopped_early = s.stopped_early or p["stopped_early"]
-        s.t0_unix_s = p["t0_unix_s"]
         s.duration_s = max(s.duration_s, p["duration_s"])
+        s.start_late_s = max(s.start_late_s, p["start_late_s"])
+    t0s = {p["t0_unix_s"] for p in parts if p["t0_unix_s"]}
+    if len(t0s) > 1:
+        raise RuntimeError(f"workers started on different clocks: t0 {sorted(t0s)}")
+    s.t0_unix_s = t0s.pop() if t0s else 0.0
     return s
 
 
@@ -80,9 +141,25 @@ def replay_workers(workload: Workload, payload: Callable[[int, int], dict], cfg:
         raise InputError(f"--workers must be >= 1, got {workers}")
     if "fork" not in mp.get_all_start_methods():
         raise InputError("--workers > 1 needs the 'fork' start method (Linux/macOS)")
+    shard_root = Path(run_dir) / "shards"
+    procs, pipes = _spawn(workload, payload, cfg, shard_root, run_id, workers)
+    try:
+        barrier = StartBarrier(workers, lambda k, m: _send(pipes[k], m), lambda k, t: _recv(pipes[k], procs[k], t))
+        if barrier.run() is not None:
+            on_status(f"{workers} workers ready; slowest message round trip {max(barrier.rtt_s) * 1e3:.1f} ms; "
+                      f"shared start in {barrier.margin_s:.2f} s")
+        parts, errors, interrupted = _collect(pipes, procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return _merge(workload, Path(run_dir), run_id, workers, parts, barrier.errors + errors, interrupted)
+
+
+def _spawn(workload, payload, cfg, shard_root: Path, run_id: str, workers: int) -> tuple[list, list]:
     ctx = mp.get_context("fork")
-    run_dir = Path(run_dir)
-    shard_root = run_dir / "shards"
     procs, pipes = [], []
     for k in range(workers):
         parent, child = ctx.Pipe()
@@ -92,36 +169,25 @@ def replay_workers(workload: Workload, payload: Callable[[int, int], dict], cfg:
         child.close()
         procs.append(p)
         pipes.append(parent)
+    return procs, pipes
+
+
+def _collect(pipes, procs) -> tuple[list[dict], list[str], bool]:
     parts, errors, interrupted = [], [], False
-    try:
-        ready = 0
-        for k, c in enumerate(pipes):
-            msg = _recv(c, procs[k], READY_TIMEOUT_S)
-            if msg and msg[0] == "ready":
-                ready += 1
-            else:
-                errors.append(f"worker {k}: {msg[1] if msg else 'exited before it was ready'}")
-        start = time.time() + START_MARGIN_S if not errors else None
-        if start is not None:
-            on_status(f"{workers} workers ready; shared start in {START_MARGIN_S:.1f} s")
-        for c in pipes:
-            try:
-                c.send(start)
-            except (OSError, ValueError):
-                pass
-        for k, c in enumerate(pipes):
-            msg = _recv(c, procs[k], None)
-            if msg and msg[0] == "done":
-                parts.append(msg[1])
-                interrupted = interrupted or msg[2]
-            elif msg and msg[0] == "error":
-                errors.append(f"worker {k}: {msg[1]}")
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    for k, c in enumerate(pipes):
+        msg = _recv(c, procs[k], None)
+        if msg and msg[0] == "done":
+            parts.append(msg[1])
+            interrupted = interrupted or msg[2]
+        elif msg and msg[0] == "error":
+            errors.append(f"worker {k}: {msg[1]}")
+    return parts, errors, interrupted
+
+
+def _merge(workload: Workload, run_dir: Path, run_id: str, workers: int, parts: list[dict], errors: list[str],
+           interrupted: bool) -> tuple[ReplayStats, bool]:
+    """The shards' records into run_dir (in trace order), the shards removed; the merged stats."""
+    shard_root = run_dir / "shards"
     recs = []
     for k in range(workers):
         d = shard_root / str(k)
@@ -137,6 +203,13 @@ def replay_workers(workload: Workload, payload: Callable[[int, int], dict], cfg:
     if errors:
         stats.stopped_early = True
     return stats, interrupted or bool(errors)
+
+
+def _send(conn, msg: tuple) -> None:
+    try:
+        conn.send(msg)
+    except (OSError, ValueError):   # that worker is gone: the barrier hears it from recv
+        pass
 
 
 def _recv(conn, proc, timeout_s: float | None):
