@@ -553,7 +553,7 @@ def compare(
 
     from splitbench.app import runner
     from splitbench.metrics.compare import render_compare, render_compare_markdown
-    from splitbench.schema.records import atomic_write_bytes
+    from splitbench.schema.files import atomic_write_bytes
     comparison = runner.compare(list(run_dirs), slos=slo, labels=label, with_series=not no_html)
     if markdown:
         print(render_compare_markdown(comparison), end="")
@@ -774,7 +774,7 @@ def design(
     from rich.table import Table
 
     from splitbench.app.design import DesignSpec, plot_design, search
-    from splitbench.schema.records import atomic_write_json
+    from splitbench.schema.files import atomic_write_json
     spec = DesignSpec(trace=trace, designs=[d.strip() for d in designs.split(",") if d.strip()], objective=objective,
                       budget=budget, budget_design=budget_design, budget_machines=budget_machines,
                       target_rate_rps=target_rate, duration_s=duration, model=model, profile=profile,
@@ -851,7 +851,7 @@ app.add_typer(baseline_app, name="baseline")
 
 def _emit_gate(result: dict, markdown: Optional[Path], junit: Optional[Path], json_out: Optional[Path]) -> None:
     from splitbench.render.gate import render_console, render_json, render_junit, render_markdown
-    from splitbench.schema.records import atomic_write_bytes
+    from splitbench.schema.files import atomic_write_bytes
     render_console(result, console)
     for path, text in ((markdown, render_markdown), (junit, render_junit), (json_out, render_json)):
         if path is not None:

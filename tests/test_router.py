@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from splitbench.schema import records as R
+from splitbench.schema.runmeta import read_run_meta
 from splitbench.servers.stub import run_stub_in_thread
 from splitbench.servers.phaselog import load_phase_log, merge_phases
 from splitbench.servers.router import PREFILL_KV_PARAMS, Router
@@ -336,7 +337,7 @@ def test_router_process_end_to_end_with_the_replayer(stubs, tmp_path):
         rp.stop()  # idempotent
     assert rp.proc is None
     recs = R.read_records(res.run_dir)
-    t0 = R.read_run(res.run_dir)["t0_unix_s"]
+    t0 = read_run_meta(res.run_dir)["t0_unix_s"]
     log = load_phase_log(tmp_path / "phases.jsonl")
     assert set(log) == {r.request_id for r in recs}, \
         "the replayer must send X-Request-Id: <request_id> on every request (the router's phase-log key)"

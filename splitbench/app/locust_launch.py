@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_json
+from splitbench.schema.runmeta import host_info, package_versions, read_run_meta, write_run_meta
 from splitbench.errors import InputError
 from splitbench.client.locust_bridge import HEADERS_ENV, SHARDING, workload_to_json
 
@@ -166,13 +168,13 @@ def run_locust(opts, lo: LocustOptions, on_status: Callable[[str], None] = lambd
     run_dir.mkdir(parents=True, exist_ok=False)
     backend = get_backend(opts.backend, **opts.backend_options)
     mode = "master" if lo.master or lo.processes else "standalone"
-    meta = {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": "starting", "simulated": False,
-            "created_unix_s": time.time(), "options": asdict(opts), "versions": R.package_versions(),
-            "host": R.host_info(),
+    meta = {"run_id": run_id, "status": "starting", "simulated": False,
+            "created_unix_s": time.time(), "options": asdict(opts), "versions": package_versions(),
+            "host": host_info(),
             "locust": {"mode": mode, "processes": lo.processes, "expect_workers": lo.expect_workers if lo.master
                        else lo.processes, "headless": lo.headless, "sharding": SHARDING,
                        "start_lead_s": lo.start_lead_s, "csv_prefix": CSV_PREFIX, "html": HTML_FILE}}
-    R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    write_run_meta(run_dir, meta)
     try:
         on_status(f"starting backend {opts.backend}")
         backend.start(run_dir)
@@ -183,7 +185,7 @@ def run_locust(opts, lo: LocustOptions, on_status: Callable[[str], None] = lambd
         meta.update(status="running", workload=workload.describe(), backend=backend.describe(),
                     model={"id": model, **{k: model_info[k] for k in ("root", "max_model_len") if k in model_info}},
                     prompts=prompts.describe(), replay=cfg.describe())
-        R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+        write_run_meta(run_dir, meta)
         replay = {k: v for k, v in asdict(cfg).items() if k not in ("headers", "start_at_unix_s")}
         session = {"run_id": run_id, "run_dir": str(run_dir.resolve()), "start_lead_s": lo.start_lead_s,
                    "headless": lo.headless, "http_name": PATHS[opts.api], "replay": replay,
@@ -191,7 +193,7 @@ def run_locust(opts, lo: LocustOptions, on_status: Callable[[str], None] = lambd
                                "shared_prefix_tokens": opts.shared_prefix_tokens,
                                "model_root": model_info.get("root")},
                    "workload": workload_to_json(workload)}
-        R.atomic_write_json(run_dir / SESSION_FILE, session)
+        atomic_write_json(run_dir / SESSION_FILE, session)
         env = {**os.environ, SESSION_ENV: str((run_dir / SESSION_FILE).resolve()), HEADERS_ENV: json.dumps(headers)}
         cmd = locust_command(lo, host=base_url, run_dir=run_dir.resolve())
         on_status(f"locust ({mode}{', headless' if lo.headless else ''}): {len(workload)} requests against {base_url}"
@@ -199,7 +201,7 @@ def run_locust(opts, lo: LocustOptions, on_status: Callable[[str], None] = lambd
         rc = _wait(_spawn(cmd, env, lo.log_file))
     except BaseException as e:
         meta.update(status="failed", error=f"{type(e).__name__}: {e}")
-        R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+        write_run_meta(run_dir, meta)
         raise
     finally:
         on_status("stopping backend")
@@ -209,7 +211,7 @@ def run_locust(opts, lo: LocustOptions, on_status: Callable[[str], None] = lambd
 
 def _conclude(run_dir: Path, rc: int, lo: LocustOptions, report) -> LocustResult:
     """Check what the master wrote (finish it if Locust died first), recompute the summary, choose the exit code."""
-    meta = R.read_run(run_dir)
+    meta = read_run_meta(run_dir)
     problems: list[str] = []
     loc = meta.setdefault("locust", {})
     loc["returncode"] = rc
@@ -217,7 +219,7 @@ def _conclude(run_dir: Path, rc: int, lo: LocustOptions, report) -> LocustResult
         R.finalize(run_dir)
         meta["status"] = "failed"
         problems.append(f"Locust exited ({rc}) before assembling the run: records are what reached the master")
-    R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    write_run_meta(run_dir, meta)
     for d in loc.get("dead_workers") or []:
         problems.append(f"worker {d['worker']} (shard {d['shard']}) died: {d['missing_requests']} of its requests "
                         "were never reported (absent from the records)")
@@ -240,7 +242,7 @@ def assemble(run_dir: str | Path) -> dict:
     """The master's last step, run in a plain (gevent-free) process: router phases into the records, summary.json."""
     from splitbench.app.runner import merge_router_phases, report
     run_dir = Path(run_dir)
-    merge_router_phases(run_dir, R.read_run(run_dir))
+    merge_router_phases(run_dir, read_run_meta(run_dir))
     return report(run_dir)
 
 

@@ -19,6 +19,8 @@ from splitbench.hardware.catalog import get_machine, load_catalog
 from splitbench.hardware.power import detect_gpus, machine_type_for_gpus
 from splitbench.metrics.latency import e2e_s, mean_tbt_s, output_tokens, ttft_s
 from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_bytes, atomic_write_json
+from splitbench.schema.runmeta import host_info, package_versions
 from splitbench.sim.perfmodel import profile_hardware_name
 from splitbench.sim.profiles import (DEFAULT_BATCH_SIZES, DEFAULT_OUTPUT_SIZES, DEFAULT_PROMPT_SIZES, profile_csv_bytes,
                                      profile_grid)
@@ -110,9 +112,9 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
         description = backend.describe()
     finally:
         backend.stop()
-    R.atomic_write_bytes(out, profile_csv_bytes(rows))
+    atomic_write_bytes(out, profile_csv_bytes(rows))
     meta = {"run_id": run_id, "kind": "profile", "out": str(out), "model": model, "hardware": hardware,
             "grid": grid, "repeats": int(repeats), "backend": description, "wall_s": time.monotonic() - started,
-            "versions": R.package_versions(), "host": R.host_info()}
-    R.atomic_write_json(run_dir / "profile.json", meta)
+            "versions": package_versions(), "host": host_info()}
+    atomic_write_json(run_dir / "profile.json", meta)
     return {**meta, "rows": len(rows), "run_dir": str(run_dir)}

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import numpy as np
 
 from splitbench.schema import records as R
+from splitbench.schema.runmeta import host_info, package_versions, read_run_meta, write_run_meta
+from splitbench.schema.summary import write_summary
 from splitbench.app.accounting import backend_instances, hardware_for, measured_energy, start_power
 from splitbench.backends import get_backend
 from splitbench.client.probe import served_model
@@ -113,7 +115,7 @@ def load(opts: RunOptions) -> Workload:
 
 def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         on_status: Callable[[str], None] = lambda s: None) -> RunResult:
-    from splitbench.metrics.summary import save_summary, summarize
+    from splitbench.metrics.summary import summarize
     ensure_trace(opts, on_status)
     workload = load(opts)  # bad input fails here, before anything starts
     slos = None
@@ -140,11 +142,11 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
     backend = get_backend(opts.backend, **opts.backend_options)
     sampler = None
     meta: dict[str, Any] = {
-        "schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": "starting", "simulated": False,
+        "run_id": run_id, "status": "starting", "simulated": False,
         "created_unix_s": time.time(), "options": asdict(opts),
-        "versions": R.package_versions(), "host": R.host_info(),
+        "versions": package_versions(), "host": host_info(),
     }
-    R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    write_run_meta(run_dir, meta)
     try:
         on_status(f"starting backend {opts.backend}")
         backend.start(run_dir)
@@ -161,7 +163,7 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         meta.update(status="running", workload=workload.describe(), backend=backend.describe(),
                     model={"id": model, **{k: model_info[k] for k in ("root", "max_model_len") if k in model_info}},
                     prompts=prompts.describe(), replay=cfg.describe())
-        R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+        write_run_meta(run_dir, meta)
         on_status(f"replaying {len(workload)} requests against {base_url}")
         if opts.workers > 1:
             from splitbench.client.workers import SHARDING, replay_workers
@@ -173,7 +175,7 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
             stats = replayer.stats
     except BaseException as e:
         meta.update(status="failed", error=f"{type(e).__name__}: {e}")
-        R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+        write_run_meta(run_dir, meta)
         raise
     finally:
         if sampler is not None:
@@ -186,12 +188,12 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
     final = {k: v for k, v in backend.describe().items() if v is not None}  # e.g. metrics summary after stop
     meta.update(status="interrupted" if interrupted else "complete", t0_unix_s=stats.t0_unix_s,
                 replay_stats=asdict(stats), backend={**meta["backend"], **final})
-    R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    write_run_meta(run_dir, meta)
     merge_router_phases(run_dir, meta)
     records = R.read_records(run_dir)
     summary = summarize(records, run_meta=meta, slos=slos, reference=reference,
                         fidelity_limits=client_limits(meta), measured_energy=measured_energy(run_dir, meta, records))
-    save_summary(summary, run_dir / R.SUMMARY_FILE)
+    write_summary(run_dir, summary)
     return RunResult(run_dir, summary, interrupted, stats)
 
 
@@ -217,9 +219,9 @@ def report(run_dir: str | Path, slos: str | None = None, reference: str | None =
            write: bool = True) -> dict:
     """Recompute the summary of a run directory from its records (works on live and simulated runs)."""
     from splitbench.metrics.slo import load_reference, parse_slos
-    from splitbench.metrics.summary import save_summary, summarize
+    from splitbench.metrics.summary import summarize
     run_dir = Path(run_dir)
-    meta = R.read_run(run_dir)
+    meta = read_run_meta(run_dir)
     if slos is None:
         slos = (meta.get("options") or {}).get("slos")
     if reference is None:
@@ -233,7 +235,7 @@ def report(run_dir: str | Path, slos: str | None = None, reference: str | None =
                         fidelity_limits=client_limits(meta),
                         measured_energy=measured_energy(run_dir, meta, records))
     if write:
-        save_summary(summary, run_dir / R.SUMMARY_FILE)
+        write_summary(run_dir, summary)
     return summary
 
 
@@ -264,10 +266,10 @@ def measure_reference(backend_name: str, backend_options: dict, *, sizes: list[i
         prompts = prompt_source(info, api=api, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed)
         cfg = ReplayConfig(base_url=backend.endpoint(), model=info.get("id") or "default", api=api,
                            headers=headers, max_inflight=1)
-        meta = {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "kind": "reference", "simulated": False,
+        meta = {"run_id": run_id, "kind": "reference", "simulated": False,
                 "workload": w.describe(), "backend": backend.describe(), "prompts": prompts.describe(),
-                "replay": cfg.describe(), "versions": R.package_versions(), "host": R.host_info()}
-        R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+                "replay": cfg.describe(), "versions": package_versions(), "host": host_info()}
+        write_run_meta(run_dir, meta)
         on_status(f"measuring {n} requests one at a time")
         replay_workload(w, prompts.payload, cfg, run_dir, run_id)
     finally:
@@ -289,7 +291,7 @@ def compare(run_dirs: list[str | Path], slos: str | None = None, labels: list[st
     runs, seen = [], set()
     for k, d in enumerate(run_dirs):
         d = Path(d)
-        meta = R.read_run(d)
+        meta = read_run_meta(d)
         summary = report(d, slos=slos, write=False)
         label = (labels[k] if labels and k < len(labels) else None) or d.name
         while label in seen:

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from splitbench.schema import records as R
+from splitbench.schema.runmeta import host_info, package_versions, write_run_meta
+from splitbench.schema.summary import write_summary
 from splitbench.errors import InputError
 from splitbench.workload.types import Workload
 
@@ -177,7 +179,7 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary)."""
     from splitbench.workload.traces import load_workload
     from splitbench.metrics.slo import parse_slos
-    from splitbench.metrics.summary import save_summary, summarize
+    from splitbench.metrics.summary import summarize
     workload = load_workload(opts.trace, trace_dir=opts.trace_dir, start_s=opts.start_s, duration_s=opts.duration_s,
                              rate_scale=opts.rate_scale, max_requests=opts.max_requests,
                              max_context_tokens=opts.max_context_tokens)
@@ -208,7 +210,7 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     from splitbench.hardware.catalog import whole_machine_allocation
     instances = [{**i, "role": i["pool"]} for i in res.instances]
     now = time.time()
-    meta = {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": "complete", "simulated": True,
+    meta = {"run_id": run_id, "status": "complete", "simulated": True,
             "created_unix_s": now, "t0_unix_s": now, "options": asdict(opts), "workload": workload.describe(),
             "backend": {"backend": "simulator", "cluster": opts.cluster, "pools": [asdict(p) for p in pools],
                         "policy": opts.policy, "instances": instances, "sim_config": asdict(cfg),
@@ -218,9 +220,9 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
                       "kv_bytes_per_token": setup.shape.kv_bytes_per_token},
             "hardware": whole_machine_allocation(res.instances, setup.catalog),
             "reference": asdict(reference) if reference is not None else None, "reference_machine": ref_machine,
-            "versions": R.package_versions(), "host": R.host_info()}
+            "versions": package_versions(), "host": host_info()}
     R.write_records(run_dir, run_id, res.records)
-    R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    write_run_meta(run_dir, meta)
     summary = summarize(res.records, run_meta=meta, slos=slos, reference=reference)
-    save_summary(summary, run_dir / R.SUMMARY_FILE)
+    write_summary(run_dir, summary)
     return run_dir, summary

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from splitbench.errors import InputError
-from splitbench.schema.records import RequestRecord, atomic_write_json
+from splitbench.schema.files import atomic_write_json
+from splitbench.schema.records import RequestRecord
 from splitbench.metrics.latency import PER_REQUEST, input_tokens, mean_tbt_s, metric_values, output_tokens, stat_of, \
     throughput_section, ttft_s, e2e_s
 
