@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from splitbench.hardware.catalog import load_catalog, plan_allocation
+from splitbench.hardware.power import PowerSamplerProcess, attribute_energy, energy_by_gpu, load_power_samples
+from splitbench.metrics.latency import window_s
+
 
 def backend_instances(desc: dict) -> list[dict]:
     """The serving instances a backend description names: [{"id", "pool", "gpu_ids", "cpu_cores"}]."""
@@ -20,7 +24,6 @@ def backend_instances(desc: dict) -> list[dict]:
 
 def hardware_for(opts, instances: list[dict]) -> dict | None:
     """run.json "hardware": machine type and the share of it each instance (pool) holds."""
-    from splitbench.hardware.catalog import load_catalog, plan_allocation
     catalog = load_catalog(opts.hardware_file)
     detected = None
     if any(i.get("gpu_ids") for i in instances) and opts.machine is None:
@@ -38,7 +41,6 @@ def start_power(opts, instances: list[dict], run_dir: Path):
     gpus = sorted({g for i in instances for g in i.get("gpu_ids") or []})
     if opts.power == "off" or (opts.power == "auto" and not gpus):
         return None
-    from splitbench.hardware.power import PowerSamplerProcess
     # 20 Hz: >= 10 Hz with margin. $SPLITBENCH_NVML_MODULE names another NVML binding (tests use a fake one).
     sampler = PowerSamplerProcess(run_dir / "power", gpus=gpus or None, interval_s=0.05,
                                   nvml_module=os.environ.get("SPLITBENCH_NVML_MODULE") or "pynvml")
@@ -48,12 +50,10 @@ def start_power(opts, instances: list[dict], run_dir: Path):
 
 def measured_energy(run_dir: Path, meta: dict, records) -> dict | None:
     """Energy per pool over the throughput window from run_dir/power samples; None when nothing was sampled."""
-    from splitbench.metrics.latency import window_s
     path = run_dir / "power" / "power_samples.jsonl"
     start, end = window_s(records)
     if not path.exists() or start is None or meta.get("t0_unix_s") is None:
         return None
-    from splitbench.hardware.power import attribute_energy, energy_by_gpu, load_power_samples
     samples = load_power_samples(path)
     t0 = meta["t0_unix_s"]
     per_gpu = energy_by_gpu(samples, t0 + start, t0 + end)

@@ -9,9 +9,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from splitbench.app.reports import report
+from splitbench.errors import InputError
+from splitbench.metrics.gate import evaluate, load_rules
 from splitbench.schema import records as R
 from splitbench.schema.runmeta import read_run_meta
-from splitbench.errors import InputError
 
 ENV_VAR = "SPLITBENCH_BASELINES"
 FILES = (R.RECORDS_FILE, R.RUN_FILE, R.SUMMARY_FILE)
@@ -80,7 +82,6 @@ def resolve(ref: str | Path, store: str | Path | None = None) -> Path:
 
 
 def _load(ref, store) -> dict:
-    from splitbench.app.runner import report
     d = resolve(ref, store)
     meta = read_run_meta(d)
     return {"label": d.name, "dir": str(d), "records": R.read_records(d), "summary": report(d, write=False),
@@ -89,7 +90,6 @@ def _load(ref, store) -> dict:
 
 def gate(baselines: list, candidates: list, rules_path: str | Path, store: str | Path | None = None) -> dict:
     """Evaluate gates.toml on baseline run(s) vs candidate run(s); see metrics.gate.evaluate for the verdict."""
-    from splitbench.metrics.gate import evaluate, load_rules
     rules = load_rules(rules_path)
     base = [_load(b, store) for b in baselines]
     cand = [_load(c, store) for c in candidates]

@@ -13,11 +13,11 @@ from typing import Callable
 
 import numpy as np
 
+from splitbench.errors import InputError
+from splitbench.metrics.fidelity import peak_rate_rps
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_json
 from splitbench.schema.runmeta import host_info
-from splitbench.errors import InputError
-from splitbench.metrics.fidelity import peak_rate_rps
 
 CRITERIA = {"min_rate_ratio": 0.95, "ttft_p99_error_s": 0.005, "lag_p99_s": 0.002}
 RAMP_RPS = (250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000)
@@ -176,10 +176,10 @@ def measure_point(rate_rps: float, duration_s: float, workers: int = 1, stub_cpu
     """One open-loop run at rate_rps against a fresh stub, through the runner's replay path (one process or
     `workers`); scored by score_point (client CPU only), plus the stub's own chunk lateness p99."""
     from splitbench.backends import get_backend
-    from splitbench.workload.prompts import TokenIdPrompts
-    from splitbench.client.replayer import ReplayConfig
-    from splitbench.workload.traces import load_workload
     from splitbench.client.replay import replay_workload
+    from splitbench.client.replayer import ReplayConfig
+    from splitbench.workload.prompts import TokenIdPrompts
+    from splitbench.workload.traces import load_workload
     w = WORKLOAD
     spec = (f"synth:arrivals=poisson,rate={rate_rps},duration={duration_s + WARMUP_S},lengths=fixed,"
             f"input={w['input_tokens']},output={w['output_tokens']},seed=1")

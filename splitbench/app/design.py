@@ -9,8 +9,13 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from splitbench.app.simrun import DESIGNS, build_setup, run_sim, sim_config, sim_reference
 from splitbench.errors import InputError
-from splitbench.app.simrun import DESIGNS
+from splitbench.hardware.catalog import load_catalog
+from splitbench.metrics.latency import throughput_section
+from splitbench.metrics.slo import splitwise_verdict
+from splitbench.sim.cluster import SimPool
+from splitbench.workload.traces import load_workload
 
 OBJECTIVES = ("throughput", "cost", "power")
 BUDGETS = ("iso-power", "iso-cost")
@@ -105,7 +110,6 @@ _SETUPS: dict = {}
 
 
 def _setup(spec: DesignSpec, machines: tuple[str, ...]):
-    from splitbench.app.simrun import build_setup, sim_reference
     key = (machines, spec.model, spec.profile, spec.hardware_file, spec.reference_machine)
     if key not in _SETUPS:
         setup = build_setup(list(machines) + [spec.reference_machine], model=spec.model, profile=spec.profile,
@@ -116,11 +120,6 @@ def _setup(spec: DesignSpec, machines: tuple[str, ...]):
 
 def probe(spec: DesignSpec, pools: list[tuple[str, str, int]], rate_rps: float) -> tuple[bool, dict]:
     """Simulate `duration_s` of Poisson arrivals at `rate_rps` (lengths from the trace); do all nine SLOs hold?"""
-    from splitbench.sim.cluster import SimPool
-    from splitbench.workload.traces import load_workload
-    from splitbench.metrics.latency import throughput_section
-    from splitbench.metrics.slo import splitwise_verdict
-    from splitbench.app.simrun import run_sim, sim_config
     setup, ref = _setup(spec, tuple(sorted({m for _, m, _ in pools})))
     w = load_workload(f"synth:arrivals=poisson,rate={rate_rps:.6g},duration={spec.duration_s:g},"
                       f"lengths={spec.trace},seed={spec.seed}")
@@ -161,7 +160,6 @@ def max_rate(spec: DesignSpec, pools: list[tuple[str, str, int]]) -> tuple[float
 def _evaluate(args) -> dict:
     """(spec, design, pools, rate): rate None = search the max rate; a number = one probe at that rate."""
     spec, design, pools, at_rate = args
-    from splitbench.hardware.catalog import load_catalog
     cat = load_catalog(spec.hardware_file)
     if at_rate is None:
         rate, probes, info = max_rate(spec, pools)
@@ -181,7 +179,6 @@ def _evaluate(args) -> dict:
 
 def search(spec: DesignSpec, on_status=lambda s: None) -> dict:
     """Evaluate every configuration (parallel), pick the best per design for the objective, and compare designs."""
-    from splitbench.hardware.catalog import load_catalog
     if spec.objective not in OBJECTIVES:
         raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {spec.objective!r}")
     if spec.budget not in BUDGETS:

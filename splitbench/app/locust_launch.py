@@ -9,16 +9,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from splitbench.app.options import RunOptions
+from splitbench.app.reports import report
+from splitbench.app.session import RunSession, merge_router_phases
+from splitbench.client.locust_bridge import HEADERS_ENV, SHARDING, workload_to_json
+from splitbench.client.replayer import PATHS
+from splitbench.errors import InputError
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_json
-from splitbench.schema.runmeta import host_info, package_versions, read_run_meta, write_run_meta
-from splitbench.errors import InputError
-from splitbench.client.locust_bridge import HEADERS_ENV, SHARDING, workload_to_json
+from splitbench.schema.runmeta import read_run_meta, write_run_meta
 
 LOCUSTFILE = str(Path(__file__).with_name("locustfile.py"))
 SESSION_ENV = "SPLITBENCH_LOCUST_SESSION"
@@ -142,74 +145,49 @@ def run_worker(lo: LocustOptions) -> LocustResult:
     return LocustResult(None, None, rc, rc, [])
 
 
-def run_locust(opts, lo: LocustOptions, on_status: Callable[[str], None] = lambda s: None) -> LocustResult:
-    """Master or standalone: prepare the run like runner.run() (same run.json keys), run Locust until the replay
-    ends (headless) or the web UI session is closed, then report on the run directory Locust's master assembled."""
-    from splitbench.app.accounting import backend_instances, hardware_for
-    from splitbench.backends import get_backend
-    from splitbench.client.replayer import PATHS, ReplayConfig
-    from splitbench.app.runner import connect, ensure_trace, load, new_run_id, report
+def _locust_meta(lo: LocustOptions) -> dict:
+    mode = "master" if lo.master or lo.processes else "standalone"
+    return {"locust": {"mode": mode, "processes": lo.processes, "headless": lo.headless, "sharding": SHARDING,
+                       "expect_workers": lo.expect_workers if lo.master else lo.processes,
+                       "start_lead_s": lo.start_lead_s, "csv_prefix": CSV_PREFIX, "html": HTML_FILE}}
+
+
+def _session_file(session: RunSession, lo: LocustOptions) -> Path:
+    """What Locust's master needs to shard and replay: the connected workload, replay and prompt settings."""
+    o, c = session.opts, session.conn
+    replay = {k: v for k, v in asdict(c.cfg).items() if k not in ("headers", "start_at_unix_s")}
+    spec = {"run_id": session.meta["run_id"], "run_dir": str(session.run_dir.resolve()),
+            "start_lead_s": lo.start_lead_s, "headless": lo.headless, "http_name": PATHS[o.api], "replay": replay,
+            "prompts": {"tokenizer": o.tokenizer, "vocab_size": o.vocab_size, "seed": o.seed,
+                        "shared_prefix_tokens": o.shared_prefix_tokens, "model_root": c.model_info.get("root")},
+            "workload": workload_to_json(c.workload)}
+    path = (session.run_dir / SESSION_FILE).resolve()
+    atomic_write_json(path, spec)
+    return path
+
+
+def run_locust(opts: RunOptions, lo: LocustOptions, on_status: Callable[[str], None] = lambda s: None
+               ) -> LocustResult:
+    """Master or standalone: one RunSession (same run.json keys as `run`) whose replay step is Locust, run until the
+    replay ends (headless) or the web UI session is closed; then report on the run directory Locust's master
+    assembled."""
     check_options(lo)
     if lo.worker:
         return run_worker(lo)
-    ensure_trace(opts, on_status)
-    workload = load(opts)
-    if len(workload) == 0:
-        raise InputError("the trace window holds no request", file=opts.trace)
-    if opts.slos:
-        from splitbench.metrics.slo import parse_slos
-        parse_slos(opts.slos)
-    if opts.reference:
-        from splitbench.metrics.slo import load_reference
-        load_reference(opts.reference)
-    run_id = opts.run_id or new_run_id(f"locust-{opts.backend}", opts.trace)
-    opts.run_id = run_id
-    run_dir = Path(opts.results_dir) / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
-    backend = get_backend(opts.backend, **opts.backend_options)
-    mode = "master" if lo.master or lo.processes else "standalone"
-    meta = {"run_id": run_id, "status": "starting", "simulated": False,
-            "created_unix_s": time.time(), "options": asdict(opts), "versions": package_versions(),
-            "host": host_info(),
-            "locust": {"mode": mode, "processes": lo.processes, "expect_workers": lo.expect_workers if lo.master
-                       else lo.processes, "headless": lo.headless, "sharding": SHARDING,
-                       "start_lead_s": lo.start_lead_s, "csv_prefix": CSV_PREFIX, "html": HTML_FILE}}
-    write_run_meta(run_dir, meta)
-    try:
-        on_status(f"starting backend {opts.backend}")
-        backend.start(run_dir)
-        base_url, headers, model_info, model, workload, prompts = connect(opts, backend, workload)
-        meta["hardware"] = hardware_for(opts, backend_instances(backend.describe()))
-        cfg = ReplayConfig(base_url=base_url, model=model, api=opts.api, http=opts.http,
-                           max_inflight=opts.max_inflight, timeout_s=opts.timeout_s, grace_s=opts.grace_s)
-        meta.update(status="running", workload=workload.describe(), backend=backend.describe(),
-                    model={"id": model, **{k: model_info[k] for k in ("root", "max_model_len") if k in model_info}},
-                    prompts=prompts.describe(), replay=cfg.describe())
-        write_run_meta(run_dir, meta)
-        replay = {k: v for k, v in asdict(cfg).items() if k not in ("headers", "start_at_unix_s")}
-        session = {"run_id": run_id, "run_dir": str(run_dir.resolve()), "start_lead_s": lo.start_lead_s,
-                   "headless": lo.headless, "http_name": PATHS[opts.api], "replay": replay,
-                   "prompts": {"tokenizer": opts.tokenizer, "vocab_size": opts.vocab_size, "seed": opts.seed,
-                               "shared_prefix_tokens": opts.shared_prefix_tokens,
-                               "model_root": model_info.get("root")},
-                   "workload": workload_to_json(workload)}
-        atomic_write_json(run_dir / SESSION_FILE, session)
-        env = {**os.environ, SESSION_ENV: str((run_dir / SESSION_FILE).resolve()), HEADERS_ENV: json.dumps(headers)}
-        cmd = locust_command(lo, host=base_url, run_dir=run_dir.resolve())
-        on_status(f"locust ({mode}{', headless' if lo.headless else ''}): {len(workload)} requests against {base_url}"
-                  + ("" if lo.headless else f"; web UI at http://{lo.web_host}:{lo.web_port}"))
+    with RunSession(opts, kind="locust", meta=_locust_meta(lo), on_status=on_status) as session:
+        if len(session.workload) == 0:
+            raise InputError("the trace window holds no request", file=opts.trace)
+        c = session.start()
+        env = {**os.environ, SESSION_ENV: str(_session_file(session, lo)), HEADERS_ENV: json.dumps(c.headers)}
+        cmd = locust_command(lo, host=c.base_url, run_dir=session.run_dir.resolve())
+        mode = session.meta["locust"]["mode"]
+        on_status(f"locust ({mode}{', headless' if lo.headless else ''}): {len(c.workload)} requests against "
+                  f"{c.base_url}" + ("" if lo.headless else f"; web UI at http://{lo.web_host}:{lo.web_port}"))
         rc = _wait(_spawn(cmd, env, lo.log_file))
-    except BaseException as e:
-        meta.update(status="failed", error=f"{type(e).__name__}: {e}")
-        write_run_meta(run_dir, meta)
-        raise
-    finally:
-        on_status("stopping backend")
-        backend.stop()
-    return _conclude(run_dir, rc, lo, report)
+    return _conclude(session.run_dir, rc, lo)
 
 
-def _conclude(run_dir: Path, rc: int, lo: LocustOptions, report) -> LocustResult:
+def _conclude(run_dir: Path, rc: int, lo: LocustOptions) -> LocustResult:
     """Check what the master wrote (finish it if Locust died first), recompute the summary, choose the exit code."""
     meta = read_run_meta(run_dir)
     problems: list[str] = []
@@ -240,7 +218,6 @@ def _conclude(run_dir: Path, rc: int, lo: LocustOptions, report) -> LocustResult
 
 def assemble(run_dir: str | Path) -> dict:
     """The master's last step, run in a plain (gevent-free) process: router phases into the records, summary.json."""
-    from splitbench.app.runner import merge_router_phases, report
     run_dir = Path(run_dir)
     merge_router_phases(run_dir, read_run_meta(run_dir))
     return report(run_dir)

@@ -17,18 +17,8 @@ import gevent
 import orjson
 from gevent import subprocess as gsub
 from locust import User, constant, events, task
-from locust.runners import (
-    STATE_MISSING,
-    STATE_RUNNING,
-    STATE_SPAWNING,
-    LocalRunner,
-    MasterRunner,
-    WorkerRunner,
-)
+from locust.runners import STATE_MISSING, STATE_RUNNING, STATE_SPAWNING, LocalRunner, MasterRunner, WorkerRunner
 
-from splitbench.schema import records as R
-from splitbench.schema.files import atomic_write_json
-from splitbench.schema.runmeta import read_run_meta, write_run_meta
 from splitbench.client.locust_bridge import (
     HEADERS_ENV,
     LLM_COLUMNS,
@@ -38,6 +28,9 @@ from splitbench.client.locust_bridge import (
     workload_from_json,
     workload_to_json,
 )
+from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_json
+from splitbench.schema.runmeta import read_run_meta, write_run_meta
 
 log = logging.getLogger("splitbench.locust")
 MSG_SHARD, MSG_STOP = "splitbench_shard", "splitbench_stop"          # master -> worker

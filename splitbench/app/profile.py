@@ -9,22 +9,22 @@ from typing import Callable
 
 import numpy as np
 
-from splitbench.app.runner import new_run_id
-from splitbench.backends import get_backend
-from splitbench.client.probe import served_model
-from splitbench.client.replay import replay_workload
-from splitbench.client.replayer import ReplayConfig
+from splitbench.app.options import RunOptions
+from splitbench.app.session import RunSession
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog
 from splitbench.hardware.power import detect_gpus, machine_type_for_gpus
 from splitbench.metrics.latency import e2e_s, mean_tbt_s, output_tokens, ttft_s
-from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_bytes, atomic_write_json
 from splitbench.schema.runmeta import host_info, package_versions
 from splitbench.sim.perfmodel import profile_hardware_name
-from splitbench.sim.profiles import (DEFAULT_BATCH_SIZES, DEFAULT_OUTPUT_SIZES, DEFAULT_PROMPT_SIZES, profile_csv_bytes,
-                                     profile_grid)
-from splitbench.workload.prompts import prompt_source
+from splitbench.sim.profiles import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_OUTPUT_SIZES,
+    DEFAULT_PROMPT_SIZES,
+    profile_csv_bytes,
+    profile_grid,
+)
 from splitbench.workload.types import Workload
 
 
@@ -59,6 +59,21 @@ def point_row(records, model: str, hardware: str, p: int, b: int, t: int, tp: in
             "e2e_time": mean(e2e_s), "tensor_parallel": tp}
 
 
+def _point_workload(p: int, b: int, t: int, first_index: int, repeat) -> Workload:
+    """b requests of p prompt tokens and t output tokens, all due at 0, with fresh token ids (no prefix hits)."""
+    return Workload(name="profile-point", arrival_s=np.zeros(b), input_tokens=np.full(b, p, np.int64),
+                    output_tokens=np.full(b, t, np.int64), trace_index=np.arange(first_index, first_index + b),
+                    source={"name": "profile-grid", "point": [p, b, t], "repeat": repeat}, transforms={})
+
+
+def _plan(grid: list[tuple[int, int, int]], repeats: int) -> list[tuple]:
+    """Two warm-up points (first requests are slow: not recorded), then the grid, repeats outermost."""
+    p_max, b_max = max(p for p, _, _ in grid), max(b for _, b, _ in grid)
+    p0 = next(p for p, b, _ in grid if b == b_max)
+    return [("warmup", p_max, 1, 8), ("warmup", p0, b_max, 8)] + [(k, p, b, t) for k in range(repeats)
+                                                                  for p, b, t in grid]
+
+
 def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.PathLike,
                     prompt_sizes=DEFAULT_PROMPT_SIZES, batch_sizes=DEFAULT_BATCH_SIZES,
                     output_sizes=DEFAULT_OUTPUT_SIZES, repeats: int = 2, model_name: str | None = None,
@@ -71,50 +86,35 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
     if int(repeats) < 1:
         raise InputError(f"--repeats must be >= 1, got {repeats}")
     hardware = _host_hardware(machine, hardware_file)
-    run_id = new_run_id(backend_name, "profile")
-    run_dir = Path(results_dir) / run_id
-    run_dir.mkdir(parents=True)
-    backend = get_backend(backend_name, **backend_options)
-    rows, index, started = [], 0, time.monotonic()
-    try:
-        on_status(f"starting backend {backend_name}")
-        backend.start(run_dir)
-        headers = backend.headers() if hasattr(backend, "headers") else {}
-        info = served_model(backend.endpoint(), headers)
-        served = info.get("id") or "default"
+    opts = RunOptions(trace="profile", backend=backend_name, backend_options=backend_options,
+                      results_dir=str(results_dir), hardware_file=hardware_file, machine=machine)
+    plan, rows, index, started = _plan(grid, int(repeats)), [], 0, time.monotonic()
+    with RunSession(opts, kind="profile", workload=_point_workload(*grid[0], 0, "plan"),
+                    on_status=on_status) as session:
+        info = session.start().model_info
+        served = session.conn.model
         model = model_name or (Path(served).name if "/" in served else served)
-        limit = info.get("max_model_len")
-        if limit and max(p + t for p, _, t in grid) > int(limit):
-            raise InputError(f"profile grid needs prompt + output up to {max(p + t for p, _, t in grid)} tokens "
-                             f"but the server's max_model_len is {limit}")
-        prompts = prompt_source(info)
-        p_max, b_max = max(p for p, _, _ in grid), max(b for _, b, _ in grid)
-        p0 = next(p for p, b, _ in grid if b == b_max)
-        warmup = [("warmup", p_max, 1, 8), ("warmup", p0, b_max, 8)]   # first requests are slow: not recorded
+        need = max(p + t for p, _, t in grid)
+        if info.get("max_model_len") and need > int(info["max_model_len"]):
+            raise InputError(f"profile grid needs prompt + output up to {need} tokens but the server's "
+                             f"max_model_len is {info['max_model_len']}")
         on_status(f"warm-up, then {len(grid)} points x {repeats} repeats on {hardware}")
-        plan = warmup + [(k, p, b, t) for k in range(int(repeats)) for p, b, t in grid]  # repeats outermost
         for k, p, b, t in plan:
-            w = Workload(name="profile-point", arrival_s=np.zeros(b), input_tokens=np.full(b, p, np.int64),
-                         output_tokens=np.full(b, t, np.int64), trace_index=np.arange(index, index + b),
-                         source={"name": "profile-grid", "point": [p, b, t], "repeat": k}, transforms={})
-            index += b                      # fresh token ids for every request: no prefix-cache hits
-            cfg = ReplayConfig(base_url=backend.endpoint(), model=served, headers=headers, max_inflight=b,
-                               timeout_s=300.0, start_delay_s=0.05)
-            pdir = run_dir / "points" / f"p{p}-b{b}-t{t}-r{k}"
+            pdir = session.run_dir / "points" / f"p{p}-b{b}-t{t}-r{k}"
             pdir.mkdir(parents=True)
-            replay_workload(w, prompts.payload, cfg, pdir, run_id)
-            row = point_row(R.read_records(pdir), model, hardware, p, b, t, tensor_parallel)
-            if k == "warmup":
-                continue
-            rows.append(row)
-            on_status(f"prompt {p} batch {b} tokens {t} (repeat {k + 1}): TTFT {rows[-1]['prompt_time']:.1f} ms, "
-                      f"TBT {rows[-1]['token_time']:.2f} ms")
-        description = backend.describe()
-    finally:
-        backend.stop()
+            recs = session.replay_into(_point_workload(p, b, t, index, k), pdir, max_inflight=b, timeout_s=300.0,
+                                       start_delay_s=0.05)
+            index += b
+            row = point_row(recs, model, hardware, p, b, t, tensor_parallel)
+            if k != "warmup":
+                rows.append(row)
+                on_status(f"prompt {p} batch {b} tokens {t} (repeat {k + 1}): TTFT {row['prompt_time']:.1f} ms, "
+                          f"TBT {row['token_time']:.2f} ms")
+        session.meta.update(status="complete")
+        session.write_meta()
     atomic_write_bytes(out, profile_csv_bytes(rows))
-    meta = {"run_id": run_id, "kind": "profile", "out": str(out), "model": model, "hardware": hardware,
-            "grid": grid, "repeats": int(repeats), "backend": description, "wall_s": time.monotonic() - started,
-            "versions": package_versions(), "host": host_info()}
-    atomic_write_json(run_dir / "profile.json", meta)
-    return {**meta, "rows": len(rows), "run_dir": str(run_dir)}
+    meta = {"run_id": session.meta["run_id"], "kind": "profile", "out": str(out), "model": model,
+            "hardware": hardware, "grid": grid, "repeats": int(repeats), "backend": session.meta["backend"],
+            "wall_s": time.monotonic() - started, "versions": package_versions(), "host": host_info()}
+    atomic_write_json(session.run_dir / "profile.json", meta)
+    return {**meta, "rows": len(rows), "run_dir": str(session.run_dir)}

@@ -10,10 +10,24 @@ from typing import Any
 
 import numpy as np
 
+from splitbench.app.session import ensure_trace, load
+from splitbench.errors import InputError
+from splitbench.hardware.catalog import get_machine, load_catalog, whole_machine_allocation
+from splitbench.metrics.slo import fit_reference, parse_slos
+from splitbench.metrics.summary import summarize
 from splitbench.schema import records as R
 from splitbench.schema.runmeta import host_info, package_versions, write_run_meta
 from splitbench.schema.summary import write_summary
-from splitbench.errors import InputError
+from splitbench.sim.cluster import SimConfig, SimPool, simulate
+from splitbench.sim.perfmodel import (
+    MODEL_SHAPES,
+    find_profile,
+    get_perf_model,
+    load_profiles,
+    machine_kv_capacity_tokens,
+    profile_hardware_name,
+    shape_from_hf_config,
+)
 from splitbench.workload.types import Workload
 
 # Splitwise's cluster designs (paper §VI): pool -> machine type; counts come from the search or the user.
@@ -31,7 +45,6 @@ CPU_KV_CACHE_BYTES = 1 << 30   # VLLM_CPU_KVCACHE_SPACE=1 (GiB), as the live CPU
 def parse_cluster(spec: str):
     """'prompt=dgx-h100:35,token=dgx-a100:35' or a design with counts, 'splitwise-ha:35,35' / 'baseline-a100:40'
     -> [SimPool]. One-line InputError naming the bad item."""
-    from splitbench.sim.cluster import SimPool
     spec = (spec or "").strip()
     name, colon, rest = spec.partition(":")
     if name.lower() in DESIGNS:
@@ -78,9 +91,6 @@ class SimSetup:
 def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: str | None = None,
                 profile: str | None = None, tensor_parallel: int | None = None, hardware_file: str | None = None,
                 kv_capacity_tokens: int | None = None, memory_fraction: float = 0.9) -> SimSetup:
-    from splitbench.hardware.catalog import get_machine, load_catalog
-    from splitbench.sim.perfmodel import (MODEL_SHAPES, find_profile, get_perf_model, load_profiles,
-                                     machine_kv_capacity_tokens, profile_hardware_name, shape_from_hf_config)
     catalog = load_catalog(hardware_file)
     if model_dir:
         shape = shape_from_hf_config(model_dir)
@@ -111,7 +121,6 @@ def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: st
 def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_tokens: int = 2048,
                kv_transfer: str = "layerwise", link_gbps: float | None = None, layers: int | None = None,
                policy_params: dict | None = None, max_decode_batch: int | None = None, first_token: str = "prefill"):
-    from splitbench.sim.cluster import SimConfig
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
                               max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
                               max_decode_batch=max_decode_batch, first_token=first_token)
@@ -123,7 +132,6 @@ def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_to
 
 
 def run_sim(workload: Workload, cfg, setup: SimSetup):
-    from splitbench.sim.cluster import simulate
     return simulate(workload, cfg, setup.perf, setup.kv_capacity_tokens, setup.shape.kv_bytes_per_token)
 
 
@@ -132,8 +140,6 @@ def run_sim(workload: Workload, cfg, setup: SimSetup):
 def sim_reference(setup: SimSetup, machine: str, sizes=(64, 256, 1024, 2048, 4096, 8192), output_tokens: int = 32):
     """Splitwise's SLO reference from the simulator itself: each prompt size alone (arrivals far apart) on one
     baseline machine of `machine`, fitted exactly as `splitbench reference` fits live records."""
-    from splitbench.sim.cluster import SimPool
-    from splitbench.metrics.slo import fit_reference
     n = len(sizes)
     w = Workload(name="reference-grid", arrival_s=np.arange(n) * 1000.0,
                  input_tokens=np.asarray(sizes, dtype=np.int64), output_tokens=np.full(n, output_tokens, np.int64),
@@ -149,6 +155,7 @@ class SimOptions:
     cluster: str
     trace: str = "azure-conv-2023"
     trace_dir: str | None = None
+    columns: dict | None = None
     start_s: float = 0.0
     duration_s: float | None = None
     rate_scale: float = 1.0
@@ -173,17 +180,19 @@ class SimOptions:
     reference_machine: str | None = "auto"
     results_dir: str = "results"
     run_id: str | None = None
+    fetch: bool = True
+    policy_params: dict = field(default_factory=dict)
 
 
 def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary)."""
-    from splitbench.workload.traces import load_workload
-    from splitbench.metrics.slo import parse_slos
-    from splitbench.metrics.summary import summarize
-    workload = load_workload(opts.trace, trace_dir=opts.trace_dir, start_s=opts.start_s, duration_s=opts.duration_s,
-                             rate_scale=opts.rate_scale, max_requests=opts.max_requests,
-                             max_context_tokens=opts.max_context_tokens)
+    ensure_trace(opts, lambda s: None)
+    workload = load(opts)
     pools = parse_cluster(opts.cluster)
+    run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
+    run_dir = Path(opts.results_dir) / run_id
+    if run_dir.exists():
+        raise InputError("run directory exists already: choose another --run-id or remove it", file=str(run_dir))
     slos = parse_slos(opts.slos) if opts.slos else None
     def setup_with(ref_machine):
         return build_setup([p.machine for p in pools] + ([ref_machine] if ref_machine else []), model=opts.model,
@@ -204,10 +213,7 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     res = run_sim(workload, cfg, setup)
     sim_wall_s = time.perf_counter() - t
     reference = sim_reference(setup, ref_machine) if ref_machine else None
-    run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
-    run_dir = Path(opts.results_dir) / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
-    from splitbench.hardware.catalog import whole_machine_allocation
+    run_dir.mkdir(parents=True)
     instances = [{**i, "role": i["pool"]} for i in res.instances]
     now = time.time()
     meta = {"run_id": run_id, "status": "complete", "simulated": True,

@@ -60,7 +60,7 @@ def efficiency_rows(eff: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def efficiency_note(eff: dict) -> str:
-    return ((f"* " if eff["estimated"] else "") + f"energy: {eff['energy_method']} - {eff['energy_note']}; window {_num(eff['window_s'], '.1f')} s"
+    return (("* " if eff["estimated"] else "") + f"energy: {eff['energy_method']} - {eff['energy_note']}; window {_num(eff['window_s'], '.1f')} s"
             + (f"; sample coverage {eff['energy_coverage']:.1%}" if eff.get("energy_coverage") is not None else ""))
 
 

@@ -14,7 +14,7 @@ from splitbench.schema.records import RUN_FILE
 from splitbench.schema.typed import field_types, first_problem
 
 RUN_META_VERSION = 2   # 1: the untyped dict of splitbench <= 0.1 (its schema_version was the records version)
-RUN_KINDS = ("run", "reference")
+RUN_KINDS = ("run", "reference", "locust", "profile")   # RunSession kinds
 RUN_STATUSES = ("starting", "running", "complete", "interrupted", "failed")
 
 
@@ -23,7 +23,7 @@ class RunMeta(TypedDict, total=False):
     (or null) when the run did not get that far or does not have it."""
     schema_version: Required[int]       # RUN_META_VERSION; stamped by write_run_meta
     run_id: Required[str]               # the results/<run-id> directory name
-    kind: str                           # "run" (replay or simulation) or "reference" (unloaded grid)
+    kind: str                           # RUN_KINDS: run (replay or simulation), reference, locust, profile
     status: str                         # starting | running | complete | interrupted | failed
     error: str                          # "Type: message" of what ended a failed run
     simulated: bool                     # records come from the simulator

@@ -1,0 +1,105 @@
+"""What a run is asked to do (`RunOptions`) and the library's defaults for it, so `run(RunOptions(backend="vllm"))`
+is exactly `splitbench run --backend vllm`: the CLI declares no defaults of its own."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from splitbench.errors import InputError
+
+DEFAULT_TRACE = "azure-conv-2023"
+CLUSTER_BACKENDS = ("vllm", "splitwise", "mixed")
+LOCAL_CLUSTER_DURATION_S = 40.0    # a local CPU cluster's default window (trace seconds)
+DURATION_S = 60.0                  # every other backend's
+POWER_MODES = ("auto", "nvml", "off")
+
+
+@dataclass
+class RunOptions:
+    """One replay's configuration; every field has the library default the CLI shows."""
+    trace: str = DEFAULT_TRACE
+    trace_dir: str | None = None
+    columns: dict | None = None
+    start_s: float = 0.0
+    duration_s: float | None = None        # None: 40 s on a local CPU cluster, else 60 s (resolve_defaults)
+    rate_scale: float | None = None        # None: sized to the cluster on a local CPU cluster, else 1.0
+    max_requests: int | None = None
+    backend: str = "stub"
+    backend_options: dict = field(default_factory=dict)
+    api: str = "completions"
+    model: str | None = None
+    tokenizer: str | None = None           # tokenizer dir; default: the served model's dir when local
+    vocab_size: int | None = None          # token-id range when no tokenizer is known
+    seed: int = 0
+    shared_prefix_tokens: int = 0
+    max_context_tokens: int | None = None  # default: the server's max_model_len
+    max_inflight: int | None = None
+    timeout_s: float = 600.0
+    grace_s: float = 10.0
+    results_dir: str = "results"
+    run_id: str | None = None
+    slos: str | None = None
+    reference: str | None = None
+    fetch: bool = True                     # download a catalogue trace that is not local
+    http: str = "lean"                     # replayer transport: lean | aiohttp
+    machine: str | None = None             # hardware-catalog machine type (default: detected / cpu-host)
+    machines: float | None = None          # machines of that type (default 1: this host; remote URL: say it)
+    hardware_file: str | None = None       # user hardware catalog TOML merged over the packaged one
+    power: str = "auto"                    # auto (NVML when instances hold GPUs) | nvml | off
+    workers: int = 1                       # sender processes (client/workers.py); 1 = this process
+
+
+def local_cpu_cluster(opts: RunOptions) -> bool:
+    """A cluster of vLLM CPU instances on this host (no --gpus): the embedded default's kind of backend."""
+    return opts.backend in CLUSTER_BACKENDS and not opts.backend_options.get("gpus")
+
+
+def resolve_defaults(opts: RunOptions) -> RunOptions:
+    """The options with None defaults made concrete. rate_scale stays None on a local CPU cluster: the session
+    sizes it to what the cluster sustains (app/sizing.py)."""
+    duration = opts.duration_s
+    if duration is None:
+        duration = LOCAL_CLUSTER_DURATION_S if local_cpu_cluster(opts) else DURATION_S
+    rate = opts.rate_scale
+    if rate is None and not local_cpu_cluster(opts):
+        rate = 1.0
+    return replace(opts, duration_s=duration, rate_scale=rate)
+
+
+def check_options(opts: RunOptions) -> None:
+    """Option values that are wrong whatever the trace or backend: one-line InputError before anything starts."""
+    if opts.workers < 1:
+        raise InputError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.power not in POWER_MODES:
+        raise InputError(f"--power must be auto, nvml or off, got {opts.power!r}")
+    if opts.rate_scale is not None and opts.rate_scale <= 0:
+        raise InputError(f"--rate-scale must be > 0, got {opts.rate_scale}")
+
+
+def backend_options(backend: str, *, url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                    stub_ttft_ms: float = 20.0, stub_tpot_ms: float = 5.0, **cluster) -> dict:
+    """Backend constructor options from the flat flags of `run`, `locust`, `reference` and `profile`."""
+    if backend == "openai":
+        if not url:
+            raise InputError("--backend openai needs --url http://HOST:PORT")
+        return {"url": url, "api_key_env": api_key_env}
+    if url:
+        raise InputError("--url is for --backend openai (an existing server)")
+    if backend == "stub":
+        return {"ttft_s": stub_ttft_ms / 1000, "tpot_s": stub_tpot_ms / 1000}
+    if backend in CLUSTER_BACKENDS:
+        opts = {k: v for k, v in cluster.items() if v is not None}
+        drop = ("prompt_instances", "token_instances") if backend == "vllm" else ("instances",)
+        for k in drop:
+            opts.pop(k, None)
+        return opts
+    return {}
+
+
+def new_run_id(backend: str, trace: str) -> str:
+    """time-backend-trace-pid: sortable, unique per process and second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(trace).stem)[:40]
+    return f"{stamp}-{backend}-{safe}-{os.getpid() % 10000:04d}"

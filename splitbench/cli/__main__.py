@@ -1,0 +1,4 @@
+"""`python -m splitbench.cli`: the same CLI as the `splitbench` command."""
+from splitbench.cli import app
+
+app()

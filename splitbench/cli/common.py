@@ -1,0 +1,125 @@
+"""What every command shares: the consoles, the error-to-exit-code wrapper, and option groups declared once
+(flag, type, help) whose defaults are read from the library's option dataclasses."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from splitbench.errors import InputError
+from splitbench.servers.launcher import ServerStartError
+
+console = Console()
+err_console = Console(stderr=True, log_path=False)
+LIBRARY = object()   # Opt.default: take the target dataclass's default for this field
+
+
+def say_error(message: str) -> None:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def user_errors(fn):
+    """Bad input becomes one line on stderr and exit code 2; a backend that could not start exit 1; no traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            say_error(str(e))
+            raise typer.Exit(2)
+        except ServerStartError as e:
+            say_error(str(e))
+            raise typer.Exit(1)
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One command-line option: `name` is the library field it fills, `flags` its spellings on the command line."""
+    name: str
+    type: Any
+    help: str
+    flags: tuple[str, ...] = ()
+    default: Any = LIBRARY
+
+    def option(self, target: type | None, overrides: dict) -> Any:
+        default = overrides.get(self.name, self.default)
+        if default is LIBRARY:
+            default = _library_default(target, self.name)
+        flags = self.flags or ("--" + self.name.replace("_", "-"),)
+        return typer.Option(default, *flags, help=self.help)
+
+
+def _library_default(target: type | None, name: str) -> Any:
+    for f in dataclasses.fields(target) if target is not None else ():
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return None
+
+
+def with_options(*groups: tuple[Opt, ...], target: type | None = None, overrides: dict | None = None):
+    """Add the groups' options to a command. The command takes `opts: dict` (field name -> value) plus its own
+    parameters; defaults are `target`'s (a library dataclass) unless `overrides` or the Opt say otherwise."""
+    opts = [o for g in groups for o in g]
+
+    def deco(fn: Callable) -> Callable:
+        hints = typing.get_type_hints(fn)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(fn).parameters.values() if p.name != "opts"]
+        added = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=o.type,
+                                   default=o.option(target, overrides or {})) for o in opts]
+
+        @functools.wraps(fn)
+        def wrapper(**kw):
+            return fn(opts={o.name: kw.pop(o.name) for o in opts}, **kw)
+        params = own + added
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__
+        return wrapper
+    return deco
+
+
+def int_list(spec: str, flag: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]; anything else a one-line InputError naming the flag."""
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag}: expected comma-separated whole numbers, got {spec!r}") from None
+
+
+def parse_columns(spec: Optional[str]) -> Optional[dict]:
+    """'timestamp=ts,input=prompt_len,output=gen_len' (roles may be written ts/in/out) -> mapping."""
+    if not spec:
+        return None
+    out = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        role, eq, col = item.partition("=")
+        if not eq or not col.strip():
+            raise InputError(f"--columns: expected ROLE=COLUMN (roles: timestamp, input, output), got {item!r}")
+        out[role.strip()] = col.strip()
+    return out
+
+
+def parse_policy_params(items: list[str] | None) -> dict:
+    """['k=v', ...] from --policy-param -> {k: v} (values are checked by the policy)."""
+    out = {}
+    for item in items or []:
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise InputError(f"--policy-param: expected KEY=VALUE, got {item!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def pick(values: dict, names: typing.Iterable[str]) -> dict:
+    return {k: values[k] for k in names if k in values}

@@ -1,0 +1,169 @@
+"""`splitbench traces`, `model tiny` and `serve-stub`: workloads, the tiny model and the stub server."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from splitbench.cli.common import console, err_console, parse_columns, user_errors
+from splitbench.servers.stub import StubConfig, run_server
+from splitbench.servers.tiny_model import write_tiny_model
+from splitbench.workload.synth import from_spec, write_azure_csv
+from splitbench.workload.traces import catalog, fetch_trace, find_local, load_workload
+from splitbench.workload.transforms import plot_workload, workload_stats
+
+
+@user_errors
+def traces_list(trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="Searched first.")):
+    """List catalogue traces and where each is found locally (search path: --trace-dir,
+    $SPLITBENCH_TRACE_DIR, ./traces, ../shared/traces, the user cache)."""
+
+    table = Table("name", "description", "where")
+    for name, entry in catalog().items():
+        path = find_local(name, trace_dir)
+        table.add_row(name, entry["description"], str(path) if path else "not local")
+    console.print(table)
+
+
+@user_errors
+def traces_show(trace: str = typer.Argument(..., help="Catalogue name, file path, or synth:... spec."),
+                trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="Searched first for names."),
+                start_s: float = typer.Option(0.0, "--start", help="Window start, s after the first row."),
+                duration_s: Optional[float] = typer.Option(None, "--duration", help="Window length in seconds."),
+                rate_scale: float = typer.Option(1.0, "--rate-scale", help="Multiply the arrival rate."),
+                max_requests: Optional[int] = typer.Option(None, "--max-requests", help="Keep the first N."),
+                max_context_tokens: Optional[int] = typer.Option(None, "--max-context-tokens",
+                                                                 help="Clip input+output to this context."),
+                columns: Optional[str] = typer.Option(None, "--columns",
+                                                      help="timestamp=COL,input=COL,output=COL for other files."),
+                plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: arrivals/s + length histograms."),
+                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """Validate a trace, apply the transforms and print its statistics."""
+
+
+    w = load_workload(trace, trace_dir=trace_dir, columns=parse_columns(columns), start_s=start_s,
+                      duration_s=duration_s, rate_scale=rate_scale, max_requests=max_requests,
+                      max_context_tokens=max_context_tokens)
+    stats = workload_stats(w)
+    if plot:
+        plot_workload(w, str(plot))
+    if as_json:
+        print(json.dumps({"workload": w.describe(), "stats": stats}, indent=2, default=str))
+        return
+    table = Table("statistic", "value", title=f"{w.name}  ({w.source.get('path') or w.source.get('name')})")
+    rate = stats["mean_rate_rps"]
+    cv = stats["interarrival_cv"]
+    for k, v in (("rows", f"{stats['rows']:,}"), ("span", f"{stats['span_s']:.1f} s"),
+                 ("mean rate", f"{rate:.3f} req/s" if rate else "-"),
+                 ("inter-arrival CV", f"{cv:.2f}" if cv is not None else "-"),
+                 ("longest gap", f"{stats['max_gap_s']:.2f} s"),
+                 ("busiest second", f"{stats['busiest_second']['requests']} requests at "
+                                    f"{stats['busiest_second']['at_s']:.0f} s")):
+        table.add_row(k, v)
+    for role in ("input_tokens", "output_tokens"):
+        d = stats[role]
+        table.add_row(role.replace("_", " "), f"mean {d['mean']:.1f}  min {d['min']}  p50 {d['p50']:.0f}  "
+                      f"p90 {d['p90']:.0f}  p99 {d['p99']:.0f}  max {d['max']}")
+    table.add_row("sha256", str(w.source.get("sha256")))
+    for k, v in w.transforms.items():
+        table.add_row(f"transform: {k}", json.dumps(v, default=str))
+    console.print(table)
+    if plot:
+        console.print(f"plot written to {plot}")
+
+
+@user_errors
+def traces_fetch(name: str = typer.Argument(..., help="Catalogue name (see `splitbench traces list`)."),
+                 dest: Optional[Path] = typer.Option(None, "--dest", help="Directory (default: the user cache)."),
+                 url: Optional[str] = typer.Option(None, "--url", help="Download from this URL instead.")):
+    """Download a catalogue trace (temp file, sha256 check, atomic rename). A mismatch with a verified
+    catalogue hash is an error and leaves nothing behind; third-party (unverified) hashes only warn."""
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task(f"fetch {name}", total=None)
+        res = fetch_trace(name, dest=dest, url=url,
+                          progress=lambda done, total: progress.update(task, completed=done, total=total))
+    console.print(f"saved {res['path']} ({res['bytes']:,} bytes)", highlight=False)
+    console.print(f"sha256 {res['sha256']}", highlight=False)
+    if res["status"] == "verified":
+        console.print("sha256 verified against the catalogue")
+    elif res["status"] == "matches-unverified":
+        console.print("sha256 matches the third-party value in the catalogue (not independently verified)")
+    else:
+        err_console.print(f"warning: sha256 differs from the unverified third-party value "
+                          f"{res['expected_sha256']}; check the file before relying on it", highlight=False)
+
+
+@user_errors
+def traces_synth(spec: str = typer.Argument(..., help="e.g. synth:arrivals=poisson,rate=20,duration=60,"
+                                                    "lengths=fixed,input=128,output=32,seed=1"),
+                 out: Path = typer.Option(..., "--out", help="CSV to write (Azure format)."),
+                 trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="For lengths=TRACE.")):
+    """Generate a seeded synthetic workload and write it as an Azure-format CSV
+    (TIMESTAMP,ContextTokens,GeneratedTokens). Keys: arrivals=poisson|gamma, rate, cv (gamma),
+    duration|count, lengths=fixed|uniform|TRACE, input, output (N or LOW-HIGH), seed."""
+    w = from_spec(spec, trace_dir=trace_dir)
+    write_azure_csv(w, out)
+    span = float(w.arrival_s[-1]) if len(w) else 0.0
+    console.print(f"wrote {out}: {len(w):,} requests over {span:.1f} s", highlight=False)
+
+
+@user_errors
+def model_tiny(out: Path = typer.Option(..., "--out", help="Directory to write the HF-format model to."),
+               layers: int = typer.Option(2, help="Decoder layers."),
+               hidden: int = typer.Option(128, help="Hidden size."),
+               heads: int = typer.Option(4, help="Attention heads."),
+               kv_heads: int = typer.Option(2, help="Key/value heads."),
+               vocab_size: int = typer.Option(4096, help="Tokenizer vocabulary size."),
+               max_position: int = typer.Option(16384, help="max_position_embeddings."),
+               seed: int = typer.Option(0, help="Seed for tokenizer corpus and weights.")) -> None:
+    """Write a tiny random-weight Llama with a locally trained tokenizer (vLLM serves it; no download)."""
+
+    t0 = time.perf_counter()
+    path = write_tiny_model(out, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                            vocab_size=vocab_size, max_position=max_position, seed=seed)
+    console.print(f"wrote {path} in {time.perf_counter() - t0:.2f} s", highlight=False)
+
+
+@user_errors
+def serve_stub(
+    port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
+    ttft_ms: float = typer.Option(20.0, help="Request received -> first token chunk, ms."),
+    tpot_ms: float = typer.Option(5.0, help="Time per output token after the first chunk, ms."),
+    tokens_per_chunk: int = typer.Option(1, help="Output tokens per streamed chunk."),
+    cpu: Optional[int] = typer.Option(None, help="Pin the server to this core."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    model: str = typer.Option("stub-model", help="Model id reported by /v1/models."),
+    fail_rate: float = typer.Option(0.0, help="Fraction of requests answered HTTP 500 (seeded)."),
+    seed: int = typer.Option(0, help="Seed for --fail-rate."),
+    loop: str = typer.Option("precise", help="Event loop: precise (asyncio, µs selector), uvloop, asyncio. The "
+                                            "lean server's ticker is µs-precise on any of them (timerfd)."),
+    server: str = typer.Option("lean", help="lean (asyncio.Protocol + one shared chunk ticker) or aiohttp "
+                                            "(one timer and write per chunk; for comparison)."),
+    tick_ms: float = typer.Option(0.2, help="Lean server: least time between two ticker wakeups, ms."),
+    kv_transfer_ms: float = typer.Option(0.0, help="P/D: replaces TTFT for do_remote_prefill requests, ms."),
+) -> None:
+    """Run the built-in OpenAI-compatible stub server in the foreground until Ctrl-C; prints a one-line summary
+    (requests, chunk emission lateness p50/p99/max) at exit. /metrics has the lateness live."""
+    cfg = StubConfig(ttft_ms / 1e3, tpot_ms / 1e3, tokens_per_chunk, model, fail_rate, seed,
+                     kv_transfer_s=kv_transfer_ms / 1e3, tick_s=tick_ms / 1e3)
+    run_server(cfg, host, port, cpu=cpu, loop=loop, server=server)
+
+
+def register(app: typer.Typer) -> None:
+    traces_app = typer.Typer(no_args_is_help=True, help="List, inspect, fetch and synthesize traces.")
+    model_app = typer.Typer(no_args_is_help=True, help="Generate models that need no download.")
+    app.add_typer(traces_app, name="traces")
+    app.add_typer(model_app, name="model")
+    traces_app.command("list")(traces_list)
+    traces_app.command("show")(traces_show)
+    traces_app.command("fetch")(traces_fetch)
+    traces_app.command("synth")(traces_synth)
+    model_app.command("tiny")(model_tiny)
+    app.command("serve-stub")(serve_stub)
