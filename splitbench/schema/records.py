@@ -201,9 +201,9 @@ def _read_journal(path: Path) -> list[RequestRecord]:
 
 
 def _journal_table(path: Path, run_id: str) -> pa.Table:
-    recs = sorted(_read_journal(path), key=lambda r: r.trace_index)
+    recs = _read_journal(path)
     try:
-        return records_to_table(recs, run_id)
+        return records_to_table(sorted(recs, key=lambda r: r.trace_index), run_id)
     except (pa.ArrowException, TypeError, ValueError) as e:
         raise InputError(f"corrupt record journal: {_first_line(e)}", file=str(path)) from None
 
