@@ -8,6 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from splitbench.errors import InputError
+from splitbench.hardware.catalog import load_catalog, plan_allocation
+from splitbench.metrics.gate import samples
+from splitbench.metrics.summary import summarize
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord, placement
 
@@ -168,3 +171,22 @@ def test_journal_with_a_value_of_the_wrong_type_is_one_line_error(tmp_path):
 def test_no_records_at_all_says_so(tmp_path):
     with pytest.raises(InputError, match="not a splitbench run directory"):
         R.read_records(tmp_path)
+
+
+# ---------------------------------------------------------------- consumers: work per machine pool
+
+def test_efficiency_and_gate_put_split_work_on_the_prefill_and_decode_instances_pools():
+    hw = plan_allocation([{"id": "prompt-0", "pool": "prompt", "gpu_ids": [0, 1]},
+                          {"id": "token-1", "pool": "token", "gpu_ids": [2, 3]},
+                          {"id": "mixed-0", "pool": "mixed", "gpu_ids": [4, 5]}],
+                         catalog=load_catalog(), machine="dgx-h100")
+    recs = [rec(0, **SPLIT, actual_input_tokens=100, actual_output_tokens=8),
+            rec(1, **COLOCATED, actual_input_tokens=40, actual_output_tokens=3)]
+    s = summarize(recs, run_meta={"hardware": hw})
+    pools = s["efficiency"]["pools"]
+    assert {p: (pools[p]["input_tokens"], pools[p]["output_tokens"]) for p in ("prompt", "token", "mixed")} == \
+        {"prompt": (100, 0), "token": (0, 8), "mixed": (40, 3)}
+    t = samples(recs, s, hw).tokens
+    assert (t["prompt.in"].tolist(), t["token.out"].tolist(), t["mixed.in"].tolist(), t["mixed.out"].tolist()) == \
+        ([100, 0], [8, 0], [0, 40], [0, 3])
+    assert set(s["pools"]) == {"split", "mixed"}   # latency per request pool
