@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_json
 from splitbench import timing
 from splitbench.backends.stub import StubBackend
 from splitbench.workload.prompts import TokenIdPrompts
@@ -123,7 +124,7 @@ def main() -> int:
                   f"lag p99 {s['lag_p99_ms']:.3f} ms  TBT p99 {s['tbt_p99_ms']:.3f} ms  "
                   f"CPU {s['cpu_s_per_1k_req']:.3f} s/1k req  (others {s['others_cpu_pct']:.0f}%)")
     if args.json:
-        R.atomic_write_json(args.json, {"args": vars(args), "runs": runs, "summary": summary})
+        atomic_write_json(args.json, {"args": vars(args), "runs": runs, "summary": summary})
     return 0 if all(r["ok"] == r["requests"] for r in runs) else 1
 
 

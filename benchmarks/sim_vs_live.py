@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from splitbench.schema import records as R
+from splitbench.schema.runmeta import read_run_meta
 from splitbench.metrics.latency import metric_values, stat_of
 from splitbench.app.simrun import SimOptions, simulate_run
 
@@ -31,7 +32,7 @@ def server_scales(run_dir: Path, recs, pm) -> dict[str, tuple[float, float]]:
     """Per pool: (live prefill time / profile's, live inter-token latency / profile's), from the instances' own
     scraped /metrics histograms against the profile's batch-1 predictions for the same requests. A diagnostic:
     it says how much slower a role's steps ran live than when profiled alone (contention, KV connector)."""
-    meta = R.read_run(run_dir)
+    meta = read_run_meta(run_dir)
     summ = json.loads((run_dir / "metrics" / "summary.json").read_text())
     ok = [r for r in recs if r.ok]
     pred_prefill = sum(pm.prompt_time_s(r.planned_input_tokens) for r in ok) / len(ok)
@@ -98,7 +99,7 @@ def main() -> int:
     a = ap.parse_args()
     rows = []
     for live in a.runs:
-        meta = R.read_run(live)
+        meta = read_run_meta(live)
         o, b = meta["options"], meta["backend"]
         counts: dict[str, int] = {}
         for inst in b["instances"]:

@@ -284,7 +284,7 @@ def main() -> None:
               f"max {med['late_max_ms']:.1f} ms  client lag p99 {med['client_lag_p99_ms']:.2f} ms  "
               f"{'PASS' if med['pass'] else 'FAIL'}")
     if a.json:
-        from splitbench.schema.records import atomic_write_json
+        from splitbench.schema.files import atomic_write_json
         atomic_write_json(a.json, {"args": vars(a), "runs": results, "median": summary})
 
 

@@ -50,7 +50,7 @@ class Decision:
 
     @property
     def label(self) -> str:
-        """RequestRecord.instance: "prompt-0>token-1" for a split request, else the instance id."""
+        """The router phase log's instance label: "prompt-0>token-1" for a split request, else the instance id."""
         return f"{self.prompt_instance}>{self.token_instance}" if self.token_instance else self.prompt_instance
 
 

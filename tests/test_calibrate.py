@@ -9,6 +9,7 @@ import pytest
 
 from splitbench.app import calibrate as C
 from splitbench.schema import records as R
+from splitbench.schema.runmeta import host_info
 from splitbench.metrics.fidelity import fidelity_section
 from splitbench.schema.records import RequestRecord
 from splitbench.app.runner import RunOptions, run
@@ -76,7 +77,7 @@ def test_store_roundtrip_per_host_and_workers(tmp_path, monkeypatch):
     C.save_result({"workers": 2, "ceiling_rps": 3000.0})
     assert path.parent == tmp_path / "calibration" and path.name == C.host_id() + ".json"
     data = json.loads(path.read_text())
-    assert data["host"]["hostname"] == R.host_info()["hostname"]
+    assert data["host"]["hostname"] == host_info()["hostname"]
     assert C.stored_ceiling(1)["ceiling_rps"] == 1800.0 and C.stored_ceiling(2)["ceiling_rps"] == 3000.0
     sec = C.client_section(np.arange(2048) / 1024, workers=1)   # exact binary fractions: 1024 per second
     assert sec["ceiling_rps"] == 1800.0 and sec["peak_offered_rps"] == 1024.0

@@ -16,16 +16,16 @@ from splitbench.errors import InputError
 from splitbench.metrics.compare import build_comparison, iso_views
 from splitbench.metrics.efficiency import efficiency_section
 from splitbench.metrics.slo import parse_slos
-from splitbench.schema.records import RequestRecord
+from splitbench.schema.records import RequestRecord, placement
 
 CAT = load_catalog()
 
 
-def rec(i, *, instance=None, n_in=100, n_out=10, send=0.0, end=36.0, status="ok", ttft=0.5):
+def rec(i, *, where=None, n_in=100, n_out=10, send=0.0, end=36.0, status="ok", ttft=0.5):
     return RequestRecord(request_id=f"r{i}", trace_index=i, intended_send_s=send, planned_input_tokens=n_in,
                          planned_output_tokens=n_out, actual_send_s=send, first_token_s=send + ttft,
                          last_token_s=end, end_s=end, chunk_offsets_s=[ttft], chunk_tokens=[n_out],
-                         actual_input_tokens=n_in, actual_output_tokens=n_out, status=status, instance=instance)
+                         actual_input_tokens=n_in, actual_output_tokens=n_out, status=status, **(where or {}))
 
 
 # ----------------------------------------------------------------------------- allocation
@@ -77,9 +77,10 @@ def split_meta():
 
 
 def split_records():
-    return [rec(0, instance="prompt-0>token-0", n_in=100, n_out=10),           # window 0..36 s
-            rec(1, instance="prompt-0>token-0", n_in=300, n_out=30, send=6.0, end=20.0, ttft=3.0),
-            rec(2, instance="prompt-0>token-0", n_in=999, n_out=99, status="http_error")]
+    split = placement("prompt-0", "prompt", "token-0", "token")
+    return [rec(0, where=split, n_in=100, n_out=10),           # window 0..36 s
+            rec(1, where=split, n_in=300, n_out=30, send=6.0, end=20.0, ttft=3.0),
+            rec(2, where=split, n_in=999, n_out=99, status="http_error")]
 
 
 def test_per_pool_cost_and_estimated_energy_by_hand():

@@ -9,6 +9,8 @@ import pytest
 from browser_check import check_rendered, launch
 
 from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_bytes
+from splitbench.schema.runmeta import read_run_meta
 from splitbench.metrics.series import (
     TTFT_COMPONENTS,
     cdf_points,
@@ -135,7 +137,7 @@ def _stub_run(tmp: Path, label: str, ttft_ms: float, seed: int) -> dict:
     res = run(RunOptions(trace=SYNTH.format(seed=seed), duration_s=None, backend="stub",
                          backend_options={"ttft_s": ttft_ms / 1e3, "tpot_s": 0.004},
                          results_dir=str(tmp), run_id=label, vocab_size=1000))
-    return _entry(label, res.run_dir, R.read_records(res.run_dir), R.read_run(res.run_dir))
+    return _entry(label, res.run_dir, R.read_records(res.run_dir), read_run_meta(res.run_dir))
 
 
 def _split_run(tmp: Path) -> dict:
@@ -163,7 +165,7 @@ def _split_run(tmp: Path) -> dict:
         rp.stop()
         p_stop()
         t_stop()
-    meta = R.read_run(res.run_dir)
+    meta = read_run_meta(res.run_dir)
     recs = merge_phases(R.read_records(res.run_dir), load_phase_log(tmp / "phases.jsonl"), meta["t0_unix_s"])
     rows = {i["id"]: read_series(tmp / "metrics" / f"{i['id']}.jsonl") for i in instances}
     return _entry("split <stub>", res.run_dir, recs, meta, rows=rows, instances=instances)
@@ -242,7 +244,7 @@ def browser():
 def test_html_report_in_headless_chromium(real_runs, browser, tmp_path):
     from splitbench.render.html import render_html
     path = tmp_path / "compare.html"
-    R.atomic_write_bytes(path, render_html(build_comparison(real_runs)).encode())
+    atomic_write_bytes(path, render_html(build_comparison(real_runs)).encode())
     seen = check_rendered(browser, path, labels=["stub-20ms", "stub-60ms", "split <stub>"],
                           figures={"plot-latency-cdf": 20, "plot-efficiency": 10, "plot-timeline": 20,
                                    "plot-ttft-breakdown": 10}, shot=tmp_path / "compare.png")

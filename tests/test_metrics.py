@@ -13,7 +13,8 @@ from splitbench.metrics.latency import (METRIC_DEFINITIONS, e2e_s, latency_secti
 from splitbench.render.console import render_markdown, render_summary
 from splitbench.metrics.slo import (SLO, Reference, evaluate_slos, fit_reference, load_reference,
                                     parse_slos, save_reference, splitwise_verdict)
-from splitbench.metrics.summary import load_summary, save_summary, summarize
+from splitbench.metrics.summary import summarize
+from splitbench.schema.summary import read_summary, write_summary
 from splitbench.schema.records import RequestRecord
 
 _ids = iter(range(10**6))
@@ -245,8 +246,8 @@ def test_summary_is_json_and_roundtrips(tmp_path):
     assert s["slos"]["good_requests"] == 0
     assert s["fidelity"]["verdict"] == "client-behind"  # one request sent a second late -> max lag 1 s
     assert summarize([])["latency"]["ttft_s"]["count"] == 0
-    save_summary(s, tmp_path / "summary.json")
-    assert load_summary(tmp_path / "summary.json") == s
+    write_summary(tmp_path, s)
+    assert read_summary(tmp_path) == s
     assert "mean TBT" in METRIC_DEFINITIONS
 
 

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from splitbench.schema import records as R
+from splitbench.schema.runmeta import read_run_meta
 from splitbench.servers.stub import run_stub_in_thread
 from splitbench.servers.phaselog import load_phase_log, merge_phases
 from splitbench.servers.router import PREFILL_KV_PARAMS, Router
@@ -308,12 +309,15 @@ def test_no_healthy_route_is_503_and_bad_body_is_400(tmp_path):
 def test_merge_phases_converts_router_clock_to_run_clock(tmp_path):
     path = tmp_path / "p.jsonl"
     lines = [{"kind": "anchor", "unix_s": 1000.0, "perf_s": 50.0},
-             {"request_id": "a", "instance": "p0>t1", "pool": "prompt", "t": {"router_recv": 51.0, "done": 52.5}}]
+             {"request_id": "a", "instance": "p0>t1", "pool": "prompt", "prompt_instance": "p0", "token_instance": "t1",
+              "prefill_pool": "prompt", "decode_pool": "token", "t": {"router_recv": 51.0, "done": 52.5}}]
     path.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines) + b'{"request_id": "torn')
     log = load_phase_log(path)
     recs = [RequestRecord("a", 0, 0.0, 1, 1), RequestRecord("b", 1, 0.1, 1, 1)]
     out = merge_phases(recs, log, t0_unix_s=1000.25)
-    assert out[0].instance == "p0>t1" and out[0].pool == "prompt"
+    a = out[0]
+    assert (a.prefill_instance, a.decode_instance, a.prefill_pool, a.decode_pool, a.instance, a.pool) == \
+        ("p0", "t1", "prompt", "token", None, "split")
     assert out[0].phases_s == pytest.approx({"router_recv": 0.75, "done": 2.25})
     assert out[1] == recs[1] and recs[0].phases_s == {}  # inputs untouched
 
@@ -336,7 +340,7 @@ def test_router_process_end_to_end_with_the_replayer(stubs, tmp_path):
         rp.stop()  # idempotent
     assert rp.proc is None
     recs = R.read_records(res.run_dir)
-    t0 = R.read_run(res.run_dir)["t0_unix_s"]
+    t0 = read_run_meta(res.run_dir)["t0_unix_s"]
     log = load_phase_log(tmp_path / "phases.jsonl")
     assert set(log) == {r.request_id for r in recs}, \
         "the replayer must send X-Request-Id: <request_id> on every request (the router's phase-log key)"
@@ -344,7 +348,7 @@ def test_router_process_end_to_end_with_the_replayer(stubs, tmp_path):
     assert merged and all(r.ok for r in merged)
     for r in merged:
         ph = r.phases_s
-        assert r.instance == "p0>t0" and r.pool == "prompt"
+        assert (r.prefill_instance, r.decode_instance, r.pool) == ("p0", "t0", "split")
         assert r.actual_send_s <= ph["router_recv"] < r.actual_send_s + 0.05
         assert ph["prefill_done"] - ph["prefill_sent"] >= 0.02
         assert ph["decode_sent"] <= ph["first_token"] <= r.first_token_s < ph["first_token"] + 0.05

@@ -95,7 +95,7 @@ def test_one_split_request_every_time_by_hand():
     x = 100 * 1000 / bw                        # 100 KB over 1 MB/s: 100 ms, longer than the prefill
     kv_at = 0.5 + max(p / layers + x, p + x / layers)   # layer-wise, link-bound
     last = kv_at + decode_s(1, 101, 3)         # tokens 2..4: contexts 101, 102, 103
-    assert r.status == "ok" and r.instance == "prompt-0>token-0" and r.pool == "prompt"
+    assert r.status == "ok" and (r.prefill_instance, r.decode_instance, r.pool) == ("prompt-0", "token-0", "split")
     assert r.first_token_s == pytest.approx(0.5 + p, abs=EPS)
     assert ttft_s(r) == pytest.approx(p, abs=EPS)
     assert r.last_token_s == pytest.approx(last, abs=EPS) and r.end_s == r.last_token_s
@@ -145,7 +145,7 @@ def test_layerwise_and_serialized_transfer_times_and_link_queueing():
     # serialized: after the prefill, one after the other over the token machine's link
     assert se.records[0].phases_s["decode_sent"] == pytest.approx(p + x, abs=EPS)
     assert se.records[1].phases_s["decode_sent"] == pytest.approx(p + 2 * x, abs=EPS)
-    assert [r.instance for r in se.records] == ["prompt-0>token-0", "prompt-1>token-0"]
+    assert [(r.prefill_instance, r.decode_instance) for r in se.records] == [("prompt-0", "token-0"), ("prompt-1", "token-0")]
 
 
 def test_two_requests_batched_under_the_prompt_cap():
@@ -226,7 +226,7 @@ def test_request_larger_than_kv_capacity_is_an_error_record_and_the_rest_runs():
     res = run(wl([0.0, 0.1], [200, 10], [101, 5]), split_cfg(), kv_cap=300)
     bad, good = res.records
     assert bad.status == "error" and "301 KV tokens" in bad.error and "token-0" in bad.error
-    assert bad.first_token_s is None and bad.end_s == 0.0 and bad.instance == "prompt-0>token-0"
+    assert bad.first_token_s is None and bad.end_s == 0.0 and bad.prefill_instance == "prompt-0"
     assert good.status == "ok" and good.first_token_s == pytest.approx(0.1 + 0.01 + 1e-3, abs=EPS)
     assert res.stats["errors"] == 1
 
@@ -240,14 +240,14 @@ def test_mixed_pool_borrows_a_token_machine_and_returns_it_when_drained():
     w = wl([0.0, 0.0, 0.0, 100.0], [150, 150, 150, 150], [1, 1, 3, 3])
     res = run(w, cfg)
     r0, r1, r2, r3 = res.records
-    assert r0.pool == r1.pool == "prompt" and ">" in r0.instance and ">" in r1.instance
-    assert r0.instance.split(">")[0] != r1.instance.split(">")[0]
-    assert r2.pool == "mixed" and r2.instance.startswith("token-")
+    assert r0.pool == r1.pool == "split" and (r0.prefill_pool, r0.decode_pool) == ("prompt", "token")
+    assert r0.prefill_instance != r1.prefill_instance
+    assert r2.pool == r2.decode_pool == "mixed" and r2.instance.startswith("token-") and r2.decode_instance == r2.instance
     assert list(r2.phases_s) == ["router_recv", "sent", "first_token", "done"]
     p = 0.01 + 1e-4 * 150
     assert r2.first_token_s == pytest.approx(p, abs=EPS)            # prefilled on the (idle) borrowed machine
     assert r2.last_token_s == pytest.approx(p + decode_s(1, 151, 2), abs=EPS)
-    assert r3.pool == "prompt" and ">" in r3.instance
+    assert r3.pool == "split" and r3.instance is None
     assert res.stats["borrow_count"] == 1 and res.stats["return_count"] == 1
 
 
@@ -288,7 +288,7 @@ def test_same_seed_same_records_and_other_seeds_break_jsq_ties_differently():
     cfg = lambda s: split_cfg(prompts=4, tokens=4, seed=s)
     a, b = run(w, cfg(7)), run(w, cfg(7))
     assert a.records == b.records and a.stats == b.stats
-    labels = lambda res: [r.instance for r in res.records]
+    labels = lambda res: [(r.prefill_instance, r.decode_instance) for r in res.records]
     assert len(set(labels(a))) > 4
     assert any(labels(run(w, cfg(s))) != labels(a) for s in (1, 2, 3))
     busy = _random_workload(3)

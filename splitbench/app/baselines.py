@@ -13,6 +13,7 @@ from splitbench.app.reports import report
 from splitbench.errors import InputError
 from splitbench.metrics.gate import evaluate, load_rules
 from splitbench.schema import records as R
+from splitbench.schema.runmeta import read_run_meta
 
 ENV_VAR = "SPLITBENCH_BASELINES"
 FILES = (R.RECORDS_FILE, R.RUN_FILE, R.SUMMARY_FILE)
@@ -32,7 +33,7 @@ def save(name: str, run_dir: str | Path, store: str | Path | None = None, force:
     """Copy a run's records, run.json and summary.json into STORE/NAME atomically (a temp dir renamed in place)."""
     _check_name(name)
     run_dir = Path(run_dir)
-    R.read_run(run_dir)        # one-line error if it is not a run
+    read_run_meta(run_dir)  # one-line error if it is not a run
     R.read_table(run_dir)
     dest = store_dir(store) / name
     if dest.exists() and not force:
@@ -43,7 +44,7 @@ def save(name: str, run_dir: str | Path, store: str | Path | None = None, force:
         for f in FILES:
             if (run_dir / f).exists():
                 shutil.copy2(run_dir / f, tmp / f)
-        meta = {"name": name, "source": str(run_dir.resolve()), "run_id": R.read_run(run_dir).get("run_id")}
+        meta = {"name": name, "source": str(run_dir.resolve()), "run_id": read_run_meta(run_dir).get("run_id")}
         (tmp / "baseline.json").write_text(json.dumps(meta, indent=2))
         if dest.exists():
             shutil.rmtree(dest)
@@ -59,7 +60,7 @@ def list_baselines(store: str | Path | None = None) -> list[dict]:
     out = []
     for d in sorted(root.iterdir()) if root.is_dir() else []:
         if d.is_dir() and not d.name.startswith(".") and (d / R.RUN_FILE).exists():
-            meta = json.loads((d / R.RUN_FILE).read_text())
+            meta = read_run_meta(d)
             out.append({"name": d.name, "path": str(d), "run_id": meta.get("run_id"),
                         "simulated": meta.get("simulated", False),
                         "workload": (meta.get("workload") or {}).get("name"),
@@ -82,7 +83,7 @@ def resolve(ref: str | Path, store: str | Path | None = None) -> Path:
 
 def _load(ref, store) -> dict:
     d = resolve(ref, store)
-    meta = R.read_run(d)
+    meta = read_run_meta(d)
     return {"label": d.name, "dir": str(d), "records": R.read_records(d), "summary": report(d, write=False),
             "hardware": meta.get("hardware")}
 

@@ -16,6 +16,8 @@ import numpy as np
 from splitbench.errors import InputError
 from splitbench.metrics.fidelity import peak_rate_rps
 from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_json
+from splitbench.schema.runmeta import host_info
 
 CRITERIA = {"min_rate_ratio": 0.95, "ttft_p99_error_s": 0.005, "lag_p99_s": 0.002}
 RAMP_RPS = (250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000)
@@ -27,7 +29,7 @@ WARMUP_S = 1.0   # the first second of each point is not scored (connections, ca
 
 def host_id(host: dict | None = None) -> str:
     """A file-name-safe id of this machine: hostname + a short hash of what makes its client core what it is."""
-    h = host or R.host_info()
+    h = host or host_info()
     model = ""
     try:
         m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
@@ -64,10 +66,10 @@ def load_store(path: Path | None = None) -> dict:
 def save_result(result: dict, path: Path | None = None) -> Path:
     """Store one calibration (keyed by its worker count) in this host's file, atomically."""
     path = path or store_path()
-    data = load_store(path) or {"host_id": host_id(), "host": R.host_info(), "ceilings": {}}
-    data["host"] = R.host_info()
+    data = load_store(path) or {"host_id": host_id(), "host": host_info(), "ceilings": {}}
+    data["host"] = host_info()
     data.setdefault("ceilings", {})[str(result["workers"])] = result
-    R.atomic_write_json(path, data)
+    atomic_write_json(path, data)
     return path
 
 
@@ -255,7 +257,7 @@ def calibrate(duration_s: float = 10.0, workers: int = 1, client_cpus: set[int] 
               "ceiling_rps": best["achieved_rps"] if best else 0.0,
               "tokens_per_s": best["tokens_per_s"] if best else None,
               "cpu_s_per_request": best["cpu_s_per_request"] if best else None,
-              "points": points, "host": R.host_info(), "host_id": host_id()}
+              "points": points, "host": host_info(), "host_id": host_id()}
     if save:
         result["path"] = str(store_path())
         save_result(result)

@@ -21,6 +21,8 @@ from splitbench.client.replayer import PATHS
 from splitbench.client.shards import SHARDING
 from splitbench.errors import InputError
 from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_json
+from splitbench.schema.runmeta import read_run_meta, write_run_meta
 
 LOCUSTFILE = str(Path(__file__).with_name("locustfile.py"))
 SESSION_ENV = "SPLITBENCH_LOCUST_SESSION"
@@ -161,7 +163,7 @@ def _session_file(session: RunSession, lo: LocustOptions) -> Path:
                         "shared_prefix_tokens": o.shared_prefix_tokens, "model_root": c.model_info.get("root")},
             "workload": workload_to_json(c.workload)}
     path = (session.run_dir / SESSION_FILE).resolve()
-    R.atomic_write_json(path, spec)
+    atomic_write_json(path, spec)
     return path
 
 
@@ -188,7 +190,7 @@ def run_locust(opts: RunOptions, lo: LocustOptions, on_status: Callable[[str], N
 
 def _conclude(run_dir: Path, rc: int, lo: LocustOptions) -> LocustResult:
     """Check what the master wrote (finish it if Locust died first), recompute the summary, choose the exit code."""
-    meta = R.read_run(run_dir)
+    meta = read_run_meta(run_dir)
     problems: list[str] = []
     loc = meta.setdefault("locust", {})
     loc["returncode"] = rc
@@ -196,7 +198,7 @@ def _conclude(run_dir: Path, rc: int, lo: LocustOptions) -> LocustResult:
         R.finalize(run_dir)
         meta["status"] = "failed"
         problems.append(f"Locust exited ({rc}) before assembling the run: records are what reached the master")
-    R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    write_run_meta(run_dir, meta)
     for d in loc.get("dead_workers") or []:
         problems.append(f"worker {d['worker']} (shard {d['shard']}) died: {d['missing_requests']} of its requests "
                         "were never reported (absent from the records)")
@@ -218,7 +220,7 @@ def _conclude(run_dir: Path, rc: int, lo: LocustOptions) -> LocustResult:
 def assemble(run_dir: str | Path) -> dict:
     """The master's last step, run in a plain (gevent-free) process: router phases into the records, summary.json."""
     run_dir = Path(run_dir)
-    merge_router_phases(run_dir, R.read_run(run_dir))
+    merge_router_phases(run_dir, read_run_meta(run_dir))
     return report(run_dir)
 
 

@@ -29,6 +29,8 @@ from splitbench.client.locust_bridge import (
 )
 from splitbench.client.shards import shard_positions
 from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_json
+from splitbench.schema.runmeta import read_run_meta, write_run_meta
 
 log = logging.getLogger("splitbench.locust")
 MSG_SHARD, MSG_STOP = "splitbench_shard", "splitbench_stop"          # master -> worker
@@ -113,7 +115,7 @@ class Agent:
             shard_dir = Path(tempfile.mkdtemp(prefix=f"splitbench-shard{k}-"))
         spec["shard_dir"] = str(shard_dir)
         path = shard_dir / "shard.json"
-        R.atomic_write_json(path, spec)
+        atomic_write_json(path, spec)
         env = {**os.environ, HEADERS_ENV: json.dumps(headers)}
         pending: list[dict] = []
         done, error, rc = None, None, None
@@ -306,7 +308,7 @@ class Coordinator:
         self.finalized = True
         self._recover_from_shard_dirs()
         self.writer.close()
-        meta = R.read_run(self.run_dir)
+        meta = read_run_meta(self.run_dir)
         shards = [{k: v for k, v in sh.items() if k != "absent_since"} for sh in self.shards.values()]
         stats = [sh["stats"] or {} for sh in shards]
         total = {f.name: sum(s.get(f.name) or 0 for s in stats) for f in fields(ReplayStats)
@@ -326,7 +328,7 @@ class Coordinator:
                "locust_version": _locust_version()}
         meta.update(status="interrupted" if interrupted else "complete", t0_unix_s=self.start_at,
                     replay_stats=total, locust=loc)
-        R.atomic_write_json(self.run_dir / R.RUN_FILE, meta)
+        write_run_meta(self.run_dir, meta)
         # router phases + summary.json in a plain process: splitbench's precise event loop cannot import under gevent
         out = gsub.run([sys.executable, "-m", "splitbench.app.locust_launch", str(self.run_dir)],
                        stdout=gsub.PIPE, check=False)

@@ -15,7 +15,8 @@ from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog
 from splitbench.hardware.power import detect_gpus, machine_type_for_gpus
 from splitbench.metrics.latency import e2e_s, mean_tbt_s, output_tokens, ttft_s
-from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_bytes, atomic_write_json
+from splitbench.schema.runmeta import host_info, package_versions
 from splitbench.sim.profiles import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_OUTPUT_SIZES,
@@ -111,9 +112,9 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
                           f"TBT {row['token_time']:.2f} ms")
         session.meta.update(status="complete")
         session.write_meta()
-    R.atomic_write_bytes(out, profile_csv_bytes(rows))
+    atomic_write_bytes(out, profile_csv_bytes(rows))
     meta = {"run_id": session.meta["run_id"], "kind": "profile", "out": str(out), "model": model,
             "hardware": hardware, "grid": grid, "repeats": int(repeats), "backend": session.meta["backend"],
-            "wall_s": time.monotonic() - started, "versions": R.package_versions(), "host": R.host_info()}
-    R.atomic_write_json(session.run_dir / "profile.json", meta)
+            "wall_s": time.monotonic() - started, "versions": package_versions(), "host": host_info()}
+    atomic_write_json(session.run_dir / "profile.json", meta)
     return {**meta, "rows": len(rows), "run_dir": str(session.run_dir)}

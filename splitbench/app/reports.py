@@ -10,6 +10,7 @@ from splitbench.metrics.compare import build_comparison
 from splitbench.metrics.series import run_series
 from splitbench.metrics.slo import Reference, load_reference, parse_slos
 from splitbench.schema import records as R
+from splitbench.schema.runmeta import read_run_meta
 from splitbench.servers.scrape import read_series
 
 
@@ -17,7 +18,7 @@ def report(run_dir: str | Path, slos: str | None = None, reference: str | None =
            write: bool = True) -> dict:
     """Recompute the summary of a run directory from its records (works on live and simulated runs)."""
     run_dir = Path(run_dir)
-    meta = R.read_run(run_dir)
+    meta = read_run_meta(run_dir)
     options = meta.get("options") or {}
     slos = options.get("slos") if slos is None else slos
     reference = options.get("reference") if reference is None else reference
@@ -45,7 +46,7 @@ def compare(run_dirs: list[str | Path], slos: str | None = None, labels: list[st
     runs, seen = [], set()
     for k, d in enumerate(run_dirs):
         d = Path(d)
-        meta = R.read_run(d)
+        meta = read_run_meta(d)
         label = (labels[k] if labels and k < len(labels) else None) or d.name
         while label in seen:
             label += "'"

@@ -19,8 +19,10 @@ from splitbench.client.workers import replay_workers
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog
 from splitbench.metrics.slo import load_reference, parse_slos
-from splitbench.metrics.summary import save_summary, summarize
+from splitbench.metrics.summary import summarize
 from splitbench.schema import records as R
+from splitbench.schema.runmeta import host_info, package_versions, write_run_meta
+from splitbench.schema.summary import write_summary
 from splitbench.servers.phaselog import load_phase_log, merge_phases
 from splitbench.workload.prompts import prompt_source
 from splitbench.workload.traces import catalog, fetch_trace, find_local, load_workload
@@ -98,14 +100,14 @@ class RunSession:
                              file=str(self.run_dir))
         self.run_dir.mkdir(parents=True)
         self.opts = replace(o, run_id=run_id)
-        self.meta = {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "kind": self.kind, "status": "starting",
+        self.meta = {"run_id": run_id, "kind": self.kind, "status": "starting",
                      "simulated": False, "created_unix_s": time.time(), "options": asdict(self.opts),
-                     "versions": R.package_versions(), "host": R.host_info(), **self.extra_meta}
+                     "versions": package_versions(), "host": host_info(), **self.extra_meta}
         self.write_meta()
         return self
 
     def write_meta(self) -> None:
-        R.atomic_write_json(self.run_dir / R.RUN_FILE, self.meta)
+        write_run_meta(self.run_dir, self.meta)
 
     def __enter__(self) -> "RunSession":
         return self.plan()
@@ -221,5 +223,5 @@ def summarize_run(run_dir: Path, meta: dict, slos=None, reference=None, write: b
     summary = summarize(records, run_meta=meta, slos=slos, reference=reference, fidelity_limits=client_limits(meta),
                         measured_energy=accounting.measured_energy(run_dir, meta, records))
     if write:
-        save_summary(summary, run_dir / R.SUMMARY_FILE)
+        write_summary(run_dir, summary)
     return summary

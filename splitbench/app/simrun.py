@@ -14,8 +14,10 @@ from splitbench.app.session import ensure_trace, load
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog, whole_machine_allocation
 from splitbench.metrics.slo import fit_reference, parse_slos
-from splitbench.metrics.summary import save_summary, summarize
+from splitbench.metrics.summary import summarize
 from splitbench.schema import records as R
+from splitbench.schema.runmeta import host_info, package_versions, write_run_meta
+from splitbench.schema.summary import write_summary
 from splitbench.sim.cluster import simulate
 from splitbench.sim.config import SimConfig, SimPool
 from splitbench.sim.perfmodel import get_perf_model, load_profiles
@@ -209,7 +211,7 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     run_dir.mkdir(parents=True)
     instances = [{**i, "role": i["pool"]} for i in res.instances]
     now = time.time()
-    meta = {"schema_version": R.SCHEMA_VERSION, "run_id": run_id, "status": "complete", "simulated": True,
+    meta = {"run_id": run_id, "status": "complete", "simulated": True,
             "created_unix_s": now, "t0_unix_s": now, "options": asdict(opts), "workload": workload.describe(),
             "backend": {"backend": "simulator", "cluster": opts.cluster, "pools": [asdict(p) for p in pools],
                         "policy": opts.policy, "instances": instances, "sim_config": asdict(cfg),
@@ -219,9 +221,9 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
                       "kv_bytes_per_token": setup.shape.kv_bytes_per_token},
             "hardware": whole_machine_allocation(res.instances, setup.catalog),
             "reference": asdict(reference) if reference is not None else None, "reference_machine": ref_machine,
-            "versions": R.package_versions(), "host": R.host_info()}
+            "versions": package_versions(), "host": host_info()}
     R.write_records(run_dir, run_id, res.records)
-    R.atomic_write_json(run_dir / R.RUN_FILE, meta)
+    write_run_meta(run_dir, meta)
     summary = summarize(res.records, run_meta=meta, slos=slos, reference=reference)
-    save_summary(summary, run_dir / R.SUMMARY_FILE)
+    write_summary(run_dir, summary)
     return run_dir, summary

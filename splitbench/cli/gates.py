@@ -22,7 +22,7 @@ from splitbench.hardware.catalog import load_catalog
 from splitbench.metrics.compare import render_compare, render_compare_markdown
 from splitbench.render.gate import render_console, render_json, render_junit, render_markdown
 from splitbench.render.html import render_html
-from splitbench.schema.records import atomic_write_bytes
+from splitbench.schema.files import atomic_write_bytes
 
 
 @user_errors

@@ -17,7 +17,7 @@ from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
 from splitbench.policies import parse_policy_params
 from splitbench.render.console import render_summary
-from splitbench.schema.records import atomic_write_json
+from splitbench.schema.files import atomic_write_json
 from splitbench.sim.perfmodel import load_profiles
 from splitbench.sim.profiles import fetch_profile, find_profile, profile_hardware_name
 from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config

@@ -25,9 +25,9 @@ def _pool_of(instances: dict[str, str], default: str | None):
 
 def pool_usage(records: Sequence[RequestRecord], pools_by_instance: dict[str, str],
                slos: Sequence[SLO] = ()) -> dict[str, dict]:
-    """Work each pool did for ok requests. A split request ("p>t" in RequestRecord.instance) puts its input
-    tokens on the prompt instance's pool and its output tokens on the token instance's pool; a co-located one
-    both on its instance's pool; a record without an instance goes to the only pool when there is one."""
+    """Work each pool did for ok requests: input tokens on the pool of RequestRecord.prefill_instance, output
+    tokens on that of decode_instance (the same instance for a co-located request; `instance` when a record has
+    only that); a record without an instance goes to the only pool when there is one."""
     distinct = set(pools_by_instance.values())
     default = next(iter(distinct)) if len(distinct) == 1 else "unknown"
     pool = _pool_of(pools_by_instance, default)
@@ -40,8 +40,8 @@ def pool_usage(records: Sequence[RequestRecord], pools_by_instance: dict[str, st
     for r in records:
         if not r.ok:
             continue
-        pre, _, dec = (r.instance or "").partition(">")
-        p_pre, p_dec = pool(pre or None), pool(dec or pre or None)
+        pre = r.prefill_instance or r.instance
+        p_pre, p_dec = pool(pre), pool(r.decode_instance or pre)
         good = bool(slos) and request_is_good(r, slos)
         for p in {p_pre, p_dec}:
             s = slot(p)

@@ -166,7 +166,8 @@ def throughput_section(records: Sequence[RequestRecord]) -> dict:
 
 
 def pools_section(records: Sequence[RequestRecord]) -> dict:
-    """Latency percentiles per backend pool; {} when no record names a pool."""
+    """Latency percentiles per RequestRecord.pool ("split" for prefill and decode on two instances, else the
+    co-located pool: mixed, baseline, ...); {} when no record names a pool."""
     pools = sorted({r.pool for r in records if r.pool is not None})
     out = {}
     for p in pools:

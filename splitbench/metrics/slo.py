@@ -25,7 +25,8 @@ from splitbench.metrics.latency import (
     throughput_section,
     ttft_s,
 )
-from splitbench.schema.records import RequestRecord, atomic_write_json
+from splitbench.schema.files import atomic_write_json
+from splitbench.schema.records import RequestRecord
 
 SLO_METRICS = ("ttft", "tbt", "mean_tbt", "e2e", "norm")
 SLO_STATS = ("mean", "p50", "p90", "p99", "max")

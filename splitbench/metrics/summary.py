@@ -1,22 +1,17 @@
 """summarize(): one JSON-able dict of counts, latency, throughput, SLOs, Splitwise verdict and fidelity.
 
-save_summary/load_summary are the only I/O here.
+No I/O: splitbench.schema.summary writes and reads summary.json (write_summary / read_summary).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Sequence
 
-from splitbench.errors import InputError
 from splitbench.metrics.efficiency import efficiency_section
 from splitbench.metrics.fidelity import fidelity_section
 from splitbench.metrics.latency import counts_section, latency_section, pools_section, throughput_section
 from splitbench.metrics.slo import SLO, Reference, evaluate_slos, parse_slos, splitwise_verdict
-from splitbench.schema.records import RequestRecord, atomic_write_json
-
-SUMMARY_KIND = "splitbench.summary"
-SUMMARY_VERSION = 1
+from splitbench.schema.records import RequestRecord
+from splitbench.schema.summary import SUMMARY_KIND, SUMMARY_VERSION
 
 
 def summarize(records: Sequence[RequestRecord], *, run_meta: dict | None = None,
@@ -55,20 +50,3 @@ def run_header(meta: dict) -> dict:
         "workload_sha256": source.get("workload_sha256") or source.get("sha256"),
         "t0_unix_s": meta.get("t0_unix_s"),
     }
-
-
-def save_summary(summary: dict, path: str | Path) -> None:
-    atomic_write_json(path, summary)
-
-
-def load_summary(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError("summary file not found", file=str(path)) from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"not a JSON summary ({e})", file=str(path)) from None
-    if not isinstance(data, dict) or data.get("kind") != SUMMARY_KIND:
-        raise InputError("not a splitbench summary (missing kind)", file=str(path))
-    return data

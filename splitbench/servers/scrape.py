@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_json
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
@@ -170,7 +170,7 @@ class MetricsScraper:
         for f in self._files.values():
             f.close()
         summary = self.summary()
-        R.atomic_write_json(self.out_dir / "summary.json", summary)
+        atomic_write_json(self.out_dir / "summary.json", summary)
         return summary
 
     def summary(self) -> dict[str, Any]:

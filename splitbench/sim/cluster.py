@@ -10,7 +10,7 @@ from typing import Any
 
 from splitbench.errors import InputError
 from splitbench.policies import Decision, Ledger, NoHealthyInstance, Request, make_policy, routable
-from splitbench.schema.records import ERROR, OK, RequestRecord
+from splitbench.schema.records import ERROR, OK, RequestRecord, placement
 from splitbench.sim.config import SimConfig, SimResult, validate_config
 from splitbench.sim.engine import Simulator
 
@@ -313,10 +313,10 @@ class SimCluster:
     def _record(self, r: _Req) -> RequestRecord:
         arr = r.arrival
         d = r.d
+        where = placement(d.prompt_instance, d.pool, d.token_instance, self.ledger.pool.get(d.token_instance)) \
+            if d.prompt_instance != "-" else {}
         rec = RequestRecord(request_id=r.req.id, trace_index=self._ti[r.i], intended_send_s=arr,
-                            planned_input_tokens=r.n_in, planned_output_tokens=r.n_out, actual_send_s=arr,
-                            instance=d.label if d.prompt_instance != "-" else None,
-                            pool=d.pool if d.prompt_instance != "-" else None)
+                            planned_input_tokens=r.n_in, planned_output_tokens=r.n_out, actual_send_s=arr, **where)
         if r.error is not None or r.last is None:
             rec.status, rec.end_s = ERROR, arr
             rec.error = r.error or "simulation ended before the request finished"

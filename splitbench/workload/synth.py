@@ -149,7 +149,7 @@ def from_spec(spec: str, trace_dir: str | None = None) -> Workload:
 
 def write_azure_csv(w: Workload, path: str | os.PathLike) -> None:
     """Write TIMESTAMP,ContextTokens,GeneratedTokens (Azure 2023 format, 7 fractional digits), atomically."""
-    from splitbench.schema.records import atomic_write_bytes
+    from splitbench.schema.files import atomic_write_bytes
     ts = _EPOCH + np.round((w.arrival_s - (w.arrival_s[0] if len(w) else 0)) * 1e6).astype(np.int64) * 1000
     s = np.char.replace(np.datetime_as_string(ts, unit="us"), "T", " ")
     lines = [f"{t}0,{i},{o}" for t, i, o in zip(s.tolist(), w.input_tokens.tolist(), w.output_tokens.tolist())]

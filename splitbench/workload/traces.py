@@ -387,7 +387,7 @@ def fetch_trace(name: str, *, dest: str | os.PathLike | None = None, url: str | 
     status = ("verified" if entry.get("sha256_verified") else
               "matches-unverified" if digest == expected else "mismatch-unverified")
     st = target.stat()
-    from splitbench.schema.records import atomic_write_json
+    from splitbench.schema.files import atomic_write_json
     atomic_write_json(target.with_name(target.name + SIDECAR_SUFFIX),
                       {"sha256": digest, "verified": status == "verified", "size_bytes": st.st_size,
                        "mtime_ns": st.st_mtime_ns, "url": url, "catalog_sha256": expected})

@@ -157,7 +157,7 @@ def plot_workload(w: Workload, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitbench.schema.records import atomic_write_bytes
+    from splitbench.schema.files import atomic_write_bytes
 
     t = w.arrival_s - w.arrival_s[0] if len(w) else w.arrival_s
     fig, axes = plt.subplots(3, 1, figsize=(9, 9))

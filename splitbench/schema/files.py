@@ -1,0 +1,68 @@
+"""Atomic file writes (temp file in the same directory, then rename: readers never see half a file) and the one
+JSON-object reader whose failures are one-line InputErrors naming the file."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from splitbench.errors import InputError
+
+
+def _atomic(path: str | os.PathLike, write) -> None:
+    """Call write(temp_path) for a temp file beside `path`, then rename it over `path` (removed on failure)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (fsync'd before the rename)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    _atomic(path, write)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Indented JSON (non-JSON values via str()) written atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def atomic_write_table(path: str | os.PathLike, table: pa.Table) -> None:
+    """A Parquet file (zstd) written atomically."""
+    _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in `path`; InputError naming the file when it is missing, unreadable, not JSON or not an
+    object (`what` names the file's role in the message, e.g. "run metadata")."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode()
+    except FileNotFoundError:
+        raise InputError(f"missing {what}: not a splitbench run directory, or the run did not get that far",
+                         file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"unreadable {what} ({type(e).__name__}: {e})", file=str(path)) from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"corrupt {what}: not JSON ({e})", file=str(path)) from None
+    if not isinstance(data, dict):
+        raise InputError(f"corrupt {what}: expected a JSON object, got {type(data).__name__}", file=str(path))
+    return data
