@@ -3,20 +3,19 @@ loses fidelity, store the ceiling per host (user cache), and describe each run's
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from splitbench.errors import InputError
-from splitbench.metrics.fidelity import peak_rate_rps
+from splitbench.app.options import RunOptions
+from splitbench.app.session import RunSession
+from splitbench.client.probe import http_get
+from splitbench.hardware.ceiling import host_id, save_result, store_path
 from splitbench.schema import records as R
-from splitbench.schema.files import atomic_write_json
 from splitbench.schema.runmeta import host_info
 
 CRITERIA = {"min_rate_ratio": 0.95, "ttft_p99_error_s": 0.005, "lag_p99_s": 0.002}
@@ -25,80 +24,7 @@ WORKLOAD = {"ttft_s": 0.02, "tpot_s": 0.005, "input_tokens": 128, "output_tokens
 WARMUP_S = 1.0   # the first second of each point is not scored (connections, caches)
 
 
-# ----------------------------------------------------------------------------- store
-
-def host_id(host: dict | None = None) -> str:
-    """A file-name-safe id of this machine: hostname + a short hash of what makes its client core what it is."""
-    h = host or host_info()
-    model = ""
-    try:
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        model = m.group(1) if m else ""
-    except OSError:
-        pass
-    key = f"{h.get('hostname')}|{h.get('cpu_count')}|{h.get('platform')}|{model}"
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", str(h.get("hostname") or "host"))[:40]
-    return f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-
-
-def store_dir() -> Path:
-    base = os.environ.get("SPLITBENCH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
-                                                               or os.path.expanduser("~/.cache"), "splitbench")
-    return Path(base) / "calibration"
-
-
-def store_path() -> Path:
-    return store_dir() / f"{host_id()}.json"
-
-
-def load_store(path: Path | None = None) -> dict:
-    import json
-    path = path or store_path()
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"unreadable calibration file ({e}); delete it or run `splitbench calibrate` again",
-                         file=str(path)) from None
-
-
-def save_result(result: dict, path: Path | None = None) -> Path:
-    """Store one calibration (keyed by its worker count) in this host's file, atomically."""
-    path = path or store_path()
-    data = load_store(path) or {"host_id": host_id(), "host": host_info(), "ceilings": {}}
-    data["host"] = host_info()
-    data.setdefault("ceilings", {})[str(result["workers"])] = result
-    atomic_write_json(path, data)
-    return path
-
-
-def stored_ceiling(workers: int = 1, path: Path | None = None) -> dict | None:
-    return (load_store(path).get("ceilings") or {}).get(str(workers))
-
-
-# ----------------------------------------------------------------------------- pure helpers
-
-def client_section(arrival_s: np.ndarray, workers: int = 1, path: Path | None = None) -> dict:
-    """run.json's `client`: peak offered rate vs the stored ceiling; headroom = ceiling / peak (< 1: over it)."""
-    peak = peak_rate_rps(arrival_s) or 0.0
-    try:
-        cal = stored_ceiling(workers, path)
-    except InputError as e:
-        cal, err = None, str(e)
-    else:
-        err = None
-    out = {"workers": workers, "peak_offered_rps": peak, "ceiling_rps": None, "headroom": None,
-           "calibration": None}
-    if cal:
-        c = float(cal["ceiling_rps"])
-        out.update(ceiling_rps=c, headroom=(c / peak) if peak > 0 else None,
-                   calibration={k: cal.get(k) for k in ("created_unix_s", "tokens_per_s", "cpu_s_per_request",
-                                                          "workload", "path")})
-    elif err:
-        out["error"] = err
-    return out
-
+# ----------------------------------------------------------------------------- scoring
 
 def score_point(records: list[R.RequestRecord], target_rps: float, ttft_s: float, cpu_s: float,
                 warmup_s: float = WARMUP_S, criteria: dict | None = None) -> dict:
@@ -161,7 +87,6 @@ def _cpu_s() -> float:
 
 def _stub_lateness_p99_s(base_url: str) -> float | None:
     """The stub's own chunk lateness p99 from its /metrics (separates server from client effects), if exposed."""
-    from splitbench.client.probe import http_get
     try:
         status, body = http_get(base_url.rstrip("/") + "/metrics", timeout_s=2.0)
     except OSError:
@@ -171,37 +96,30 @@ def _stub_lateness_p99_s(base_url: str) -> float | None:
     return float(m.group(1)) if status == 200 and m else None
 
 
-def measure_point(rate_rps: float, duration_s: float, workers: int = 1, stub_cpu: int | None = None,
-                  http: str = "lean") -> dict:
-    """One open-loop run at rate_rps against a fresh stub, through the runner's replay path (one process or
-    `workers`); scored by score_point (client CPU only), plus the stub's own chunk lateness p99."""
-    from splitbench.backends.base import get_backend
-    from splitbench.client.replay import replay_workload
-    from splitbench.client.replayer import ReplayConfig
-    from splitbench.workload.prompts import TokenIdPrompts
-    from splitbench.workload.traces import load_workload
+def point_options(rate_rps: float, duration_s: float, workers: int, stub_cpu: int | None, http: str,
+                  results_dir: str) -> RunOptions:
+    """One calibration point: a Poisson synth trace of the fixed WORKLOAD against a fresh stub on its own core."""
     w = WORKLOAD
     spec = (f"synth:arrivals=poisson,rate={rate_rps},duration={duration_s + WARMUP_S},lengths=fixed,"
             f"input={w['input_tokens']},output={w['output_tokens']},seed=1")
-    workload = load_workload(spec)
-    prompts = TokenIdPrompts(vocab_size=32000, special_ids=set(range(10)), seed=0)
-    stub = get_backend("stub", ttft_s=w["ttft_s"], tpot_s=w["tpot_s"], cpu=stub_cpu)
+    return RunOptions(trace=spec, rate_scale=1.0, backend="stub", workers=workers, http=http, vocab_size=32000,
+                      backend_options={"ttft_s": w["ttft_s"], "tpot_s": w["tpot_s"], "cpu": stub_cpu},
+                      results_dir=results_dir, run_id="calibrate", power="off")
+
+
+def measure_point(rate_rps: float, duration_s: float, workers: int = 1, stub_cpu: int | None = None,
+                  http: str = "lean") -> dict:
+    """One open-loop run at rate_rps against a fresh stub through a RunSession (one process or `workers`);
+    scored by score_point (client CPU only), plus the stub's own chunk lateness p99."""
     with tempfile.TemporaryDirectory(prefix="splitbench-calibrate-") as tmp:
-        stub.start(Path(tmp))
-        try:
-            cfg = ReplayConfig(base_url=stub.endpoint(), model=stub.cfg.model, http=http)
+        with RunSession(point_options(rate_rps, duration_s, workers, stub_cpu, http, tmp)) as session:
+            conn = session.start()
             c0 = _cpu_s()
-            if workers > 1:
-                from splitbench.client.workers import replay_workers
-                replay_workers(workload, prompts.payload, cfg, Path(tmp), "calibrate", workers)
-            else:
-                replay_workload(workload, prompts.payload, cfg, Path(tmp), "calibrate")
+            session.replay()
             cpu = _cpu_s() - c0
-            lateness = _stub_lateness_p99_s(stub.endpoint())
-        finally:
-            stub.stop()
-        recs = R.read_records(tmp)
-    p = score_point(recs, rate_rps, w["ttft_s"], cpu)
+            lateness = _stub_lateness_p99_s(conn.base_url)
+        recs = R.read_records(session.run_dir)
+    p = score_point(recs, rate_rps, WORKLOAD["ttft_s"], cpu)
     p["stub_lateness_p99_s"] = lateness
     p["loadavg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if workers > 1:   # the senders are child processes; their CPU is not measured apart from the stub's

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from splitbench.app import accounting
-from splitbench.app.calibrate import client_section
 from splitbench.app.options import RunOptions, check_options, new_run_id, resolve_defaults
 from splitbench.backends.base import get_backend
 from splitbench.client.probe import served_model
@@ -18,6 +17,7 @@ from splitbench.client.shards import SHARDING
 from splitbench.client.workers import replay_workers
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog
+from splitbench.hardware.ceiling import client_section
 from splitbench.metrics.slo import load_reference, parse_slos
 from splitbench.metrics.summary import summarize
 from splitbench.schema import records as R

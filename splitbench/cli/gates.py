@@ -14,11 +14,12 @@ from rich.table import Table
 from splitbench.app import reports
 from splitbench.app.baselines import gate as run_gate
 from splitbench.app.baselines import list_baselines, save, store_dir
-from splitbench.app.calibrate import CRITERIA, store_path
+from splitbench.app.calibrate import CRITERIA
 from splitbench.app.calibrate import calibrate as run_calibration
 from splitbench.cli.common import console, err_console, user_errors
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
+from splitbench.hardware.ceiling import store_path
 from splitbench.metrics.compare import render_compare, render_compare_markdown
 from splitbench.render.gate import render_console, render_json, render_junit, render_markdown
 from splitbench.render.html import render_html

@@ -13,7 +13,8 @@ import numpy as np
 
 from splitbench.errors import InputError
 from splitbench.metrics.fidelity import peak_rate_rps
-from splitbench.schema.records import atomic_write_json, host_info
+from splitbench.schema.files import atomic_write_json
+from splitbench.schema.runmeta import host_info
 
 
 def host_id(host: dict | None = None) -> str:
