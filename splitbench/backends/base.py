@@ -32,6 +32,8 @@ def register(name: str):
 
 def get_backend(name: str, **options: Any) -> Backend:
     # Import built-ins lazily so that registering them has no import-time cost for other commands.
+    from splitbench.backends import openai, splitwise, vllm  # noqa: F401
+    from splitbench.backends import stub as stub_backend  # noqa: F401
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
     return BACKENDS[name](**options)
