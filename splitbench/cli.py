@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from splitbench.servers.launcher import ServerStartError
+from splitbench.errors import ServerStartError
 from splitbench.errors import InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -209,7 +209,8 @@ def serve_stub(
 ) -> None:
     """Run the built-in OpenAI-compatible stub server in the foreground until Ctrl-C; prints a one-line summary
     (requests, chunk emission lateness p50/p99/max) at exit. /metrics has the lateness live."""
-    from splitbench.servers.stub import StubConfig, run_server
+    from splitbench.servers.stub import StubConfig
+    from splitbench.servers.stub_main import run_server
     cfg = StubConfig(ttft_ms / 1e3, tpot_ms / 1e3, tokens_per_chunk, model, fail_rate, seed,
                      kv_transfer_s=kv_transfer_ms / 1e3, tick_s=tick_ms / 1e3)
     run_server(cfg, host, port, cpu=cpu, loop=loop, server=server)

@@ -123,7 +123,7 @@ def test_a_busy_client_loop_does_not_land_in_ttft():
     import asyncio
     import time
 
-    from splitbench.servers.stub import run_stub_in_thread
+    from splitbench.servers.stub_main import run_stub_in_thread
     from splitbench.client.http_lean import LeanClient
     from splitbench.client.replayer import RecordSink
     from splitbench.timing import run as run_loop

@@ -140,7 +140,7 @@ def _stub_run(tmp: Path, label: str, ttft_ms: float, seed: int) -> dict:
 
 def _split_run(tmp: Path) -> dict:
     """A real split run: prompt and token stubs behind the router process, scraped /metrics, merged phases."""
-    from splitbench.servers.stub import run_stub_in_thread
+    from splitbench.servers.stub_main import run_stub_in_thread
     from splitbench.servers.phaselog import load_phase_log, merge_phases
     from splitbench.servers.router_process import RouterProcess
     from splitbench.servers.scrape import MetricsScraper, read_series

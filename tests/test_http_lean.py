@@ -14,7 +14,7 @@ import time
 import pytest
 
 from splitbench.schema import records as R
-from splitbench.servers.stub import run_stub_in_thread
+from splitbench.servers.stub_main import run_stub_in_thread
 from splitbench.client.http_lean import LeanClient, StreamError, _Conn
 from splitbench.client.replayer import RecordSink
 from splitbench.schema.records import RequestRecord

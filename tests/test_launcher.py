@@ -14,10 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from splitbench.servers.launcher import Cluster, ServerStartError, VllmServer
-from splitbench.servers.topology import assign_cores, assign_gpus, connector_config, plan_cluster
-from splitbench.errors import InputError
+from splitbench.errors import InputError, ServerStartError
+from splitbench.servers.launcher import Cluster, VllmServer
 from splitbench.procs import group_alive
+from splitbench.servers.topology import assign_cores, assign_gpus, connector_config, plan_cluster
 
 FAKE_SERVER = r"""
 import http.server, os, signal, subprocess, sys, time

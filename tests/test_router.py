@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from splitbench.schema import records as R
-from splitbench.servers.stub import run_stub_in_thread
+from splitbench.servers.stub_main import run_stub_in_thread
 from splitbench.servers.phaselog import load_phase_log, merge_phases
 from splitbench.servers.router import PREFILL_KV_PARAMS, Router
 from splitbench.servers.router_process import RouterProcess, parse_instance_spec

@@ -17,12 +17,13 @@ import aiohttp
 import pytest
 from typer.testing import CliRunner
 
-from splitbench.backends.base import get_backend
+from splitbench.backends import get_backend
 from splitbench.backends.openai import OpenAIBackend
-from splitbench.servers.stub import count_input_tokens, run_stub_in_thread
 from splitbench.backends.stub import StubBackend
 from splitbench.cli import app
-from splitbench.errors import InputError
+from splitbench.errors import InputError, ServerStartError
+from splitbench.servers.stub import count_input_tokens
+from splitbench.servers.stub_main import run_stub_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -285,13 +286,13 @@ def test_stub_backend_dies_on_busy_port_with_log_tail(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         be = StubBackend(port=s.getsockname()[1], cpu=-1)
-        with pytest.raises(InputError, match="exited with code 2 .*cannot listen"):
+        with pytest.raises(ServerStartError, match="exited with code 2 .*cannot listen"):
             be.start(run_dir=tmp_path)
     assert be.pid is None
 
 
 def test_module_help_and_cli_validation():
-    r = subprocess.run([sys.executable, "-m", "splitbench.servers.stub", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "splitbench.servers.stub_main", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "--ttft-ms" in r.stdout and "--tokens-per-chunk" in r.stdout
     res = CliRunner().invoke(app, ["serve-stub", "--tokens-per-chunk", "0"])
@@ -506,6 +507,6 @@ def test_shared_ticker_keeps_many_streams_on_schedule(tmp_path):
 def test_serve_stub_cli_rejects_unknown_server():
     res = CliRunner().invoke(app, ["serve-stub", "--server", "nginx"])
     assert res.exit_code == 2 and "lean, aiohttp" in res.output
-    r = subprocess.run([sys.executable, "-m", "splitbench.servers.stub", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "splitbench.servers.stub_main", "--help"], capture_output=True,
                        text=True, timeout=60, check=True)
     assert "--server" in r.stdout and "--tick-ms" in r.stdout
