@@ -4,9 +4,9 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import math
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -231,11 +231,38 @@ def test_fail_rate_is_seeded():
 
 # ----------------------------------------------------------------------------- timing (child process)
 
-def test_timing_ttft_and_gaps_from_child_process(tmp_path):
+def _metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in r.read().decode().splitlines()
+                if ln and not ln.startswith("#")}
+
+
+LATENESS = "splitbench_stub_chunk_lateness_seconds"
+
+
+def assert_server_lateness_bounded_by_client(m: dict[str, float], client_late_s: list[float]) -> None:
+    """Each chunk's lateness seen by the client (its receipt - its own send - schedule) is at least what the stub
+    recorded for it (its emission - its receipt of the request - schedule), so every quantile of the client's
+    values bounds the stub's (which is the upper edge of its 10 µs bin). Holds on any host, busy or not."""
+    c = sorted(client_late_s)
+    assert m[f"{LATENESS}_count"] == len(c)   # every chunk, nothing before the reset
+    for q, key in ((0.5, 'quantile="0.5"'), (0.99, 'quantile="0.99"')):
+        assert m[f"{LATENESS}{{{key}}}"] <= c[math.ceil(q * len(c)) - 1] + 1e-5 + 1e-9
+    assert m[f'{LATENESS}{{quantile="1"}}'] <= c[-1] + 1e-9
+    assert 0 <= m[f'{LATENESS}{{quantile="0.5"}}'] <= m[f'{LATENESS}{{quantile="0.99"}}'] \
+        <= m[f'{LATENESS}{{quantile="1"}}']
+
+
+def test_child_process_stub_is_never_early_and_its_lateness_is_honest(tmp_path):
+    """Real process, real sockets: no chunk reaches the client before its schedule (ttft + k * tpot after the
+    client sent), and the stub's own lateness histogram never claims better than what the client saw. The exact
+    pacing logic is tested on a fake clock (test_stub_ticker.py); precision on an idle host: benchmarks/."""
     ttft_s, tpot_s, n_out, n_req = 0.03, 0.01, 6, 16
     be = StubBackend(ttft_s=ttft_s, tpot_s=tpot_s)
     be.start(run_dir=tmp_path)
     try:
+        urllib.request.urlopen(be.endpoint() + "/metrics?reset=lateness", timeout=30).read()
+
         async def one(delay):
             await asyncio.sleep(delay)
             t0 = time.perf_counter()
@@ -247,16 +274,12 @@ def test_timing_ttft_and_gaps_from_child_process(tmp_path):
         async def go():
             return await asyncio.gather(*(one(i * 0.004) for i in range(n_req)))
         offsets = asyncio.run(go())
+        m = _metrics(be.endpoint())
     finally:
         be.stop()
-    ttfts = [o[0] for o in offsets]
-    gaps = [b - a for o in offsets for a, b in zip(o, o[1:])]
-    lasts = [o[-1] for o in offsets]
-    assert min(ttfts) >= ttft_s  # never early: deadlines count from when the server got the request
-    assert statistics.median(ttfts) - ttft_s < 0.003
-    assert abs(statistics.median(gaps) - tpot_s) < 0.001
-    # absolute deadlines: no drift over the stream
-    assert statistics.median(lasts) - (ttft_s + (n_out - 1) * tpot_s) < 0.003
+    late = [off - (ttft_s + k * tpot_s) for o in offsets for k, off in enumerate(o)]
+    assert len(late) == n_req * n_out and min(late) >= 0   # never early: deadlines count from the server's receipt
+    assert_server_lateness_bounded_by_client(m, late)
     assert "listening on" in (tmp_path / "stub.log").read_text()
 
 
@@ -458,21 +481,16 @@ def test_lateness_histogram_quantiles():
 
 def test_shared_ticker_keeps_many_streams_on_schedule(tmp_path):
     """200 concurrent streams against the lean server in its own process: no chunk is early (client clock), the
-    stub's lateness histogram counts every chunk, /metrics?reset=lateness starts it over, and the exit summary
-    reports it."""
+    stub's lateness histogram counts every chunk and is bounded by the client's view, /metrics?reset=lateness
+    starts it over, and the exit summary reports it."""
     from splitbench.client.http_lean import LeanClient
     from splitbench.client.replayer import RecordSink
     from splitbench.schema.records import RequestRecord
     ttft_s, tpot_s, n_out, n_req = 0.02, 0.002, 8, 200
     be = StubBackend(ttft_s=ttft_s, tpot_s=tpot_s, loop="uvloop")
     be.start(run_dir=tmp_path)
-
-    def metrics():
-        with urllib.request.urlopen(be.endpoint() + "/metrics", timeout=5) as r:
-            return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in r.read().decode().splitlines()
-                    if ln and not ln.startswith("#")}
     try:
-        urllib.request.urlopen(be.endpoint() + "/metrics?reset=lateness", timeout=5).read()
+        urllib.request.urlopen(be.endpoint() + "/metrics?reset=lateness", timeout=30).read()
         body = json.dumps({"prompt": [1] * 16, "max_tokens": n_out, "stream": True,
                            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}).encode()
 
@@ -490,16 +508,17 @@ def test_shared_ticker_keeps_many_streams_on_schedule(tmp_path):
             finally:
                 await client.close()
         recs = asyncio.run(go())
-        m = metrics()
+        m = _metrics(be.endpoint())
     finally:
         be.stop()
+    late = []
     for r in recs:
         assert r.actual_output_tokens == n_out == sum(r.chunk_tokens)
-        assert all(off >= ttft_s + k * tpot_s for k, off in enumerate(r.chunk_offsets_s))   # never early
-    name = "splitbench_stub_chunk_lateness_seconds"
-    assert m[f"{name}_count"] == n_req * n_out   # every chunk, nothing before the reset
-    assert 0 <= m[f'{name}{{quantile="0.5"}}'] <= m[f'{name}{{quantile="0.99"}}'] <= m[f'{name}{{quantile="1"}}']
-    assert m[f'{name}{{quantile="0.5"}}'] < 0.005   # loose: the machine is shared; benchmarks/ measures
+        # a client read may carry several chunks: token k arrived with the read that brought the output past k
+        arrivals = [off for off, n in zip(r.chunk_offsets_s, r.chunk_tokens) for _ in range(n)]
+        late += [off - (ttft_s + k * tpot_s) for k, off in enumerate(arrivals)]
+    assert min(late) >= 0   # never early
+    assert_server_lateness_bounded_by_client(m, late)   # the stub counts every chunk and never flatters itself
     log = (tmp_path / "stub.log").read_text()
     assert "server lean" in log and "chunk lateness p50" in log and f"{n_req * n_out} chunks" in log
 
