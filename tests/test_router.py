@@ -336,7 +336,7 @@ def test_router_process_end_to_end_with_the_replayer(stubs, tmp_path):
     t, _ = stubs(ttft_s=0.3, kv_transfer_s=0.003)
     rp = RouterProcess([{"id": "p0", "url": p, "pool": "prompt"}, {"id": "t0", "url": t, "pool": "token"}],
                        "jsq", phase_log=tmp_path / "phases.jsonl")
-    rp.start(timeout_s=20)
+    rp.start(timeout_s=120)
     try:
         res = run(RunOptions(trace="synth:arrivals=poisson,rate=40,duration=0.5,lengths=fixed,input=32,output=4,"
                                    "seed=3", duration_s=None, backend="openai", backend_options={"url": rp.url},

@@ -417,7 +417,7 @@ def test_lean_and_aiohttp_servers_stream_the_same_events(tpc):
     assert [_tokens(c) for c in got["lean"][1][:-1]] == ([1, 1, 1, 1] if tpc == 1 else [3, 1])
 
 
-def _raw_http(port: int, data: bytes, timeout_s: float = 5.0) -> bytes:
+def _raw_http(port: int, data: bytes, timeout_s: float = 60.0) -> bytes:
     """Send raw bytes, read until the server closes the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
         s.sendall(data)
@@ -444,7 +444,7 @@ def test_lean_http_framing_keepalive_pipelining_http10_and_bad_requests():
         assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head
         assert rest.startswith(b"data: {") and rest.endswith(b"data: [DONE]\n\n")
         # the body may arrive in pieces
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
             s.sendall(post[:-5])
             time.sleep(0.05)
             s.sendall(post[-5:] + b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n")

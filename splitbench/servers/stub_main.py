@@ -17,7 +17,6 @@ from typing import Any
 
 from splitbench.errors import InputError
 from splitbench.servers.stub import DEFAULT_MODEL, LOOPS, SERVERS, StubConfig
-from splitbench.servers.stub_aiohttp import serve_aiohttp
 from splitbench.servers.stub_lean import serve_lean
 from splitbench.timing import new_event_loop
 
@@ -30,6 +29,9 @@ async def serve(cfg: StubConfig, host: str = "127.0.0.1", port: int = 0, *, stop
     if server not in SERVERS:
         raise InputError(f"stub server must be one of {', '.join(SERVERS)}, got {server!r}")
     if server == "aiohttp":
+        # lazy: aiohttp would cost every stub process start 0.3-0.6 s of imports (measured on the shared 2-core
+        # dev host: stub_main 0.86-1.2 s with it at top, 0.10-0.31 s without); the default lean server never uses it
+        from splitbench.servers.stub_aiohttp import serve_aiohttp
         return await serve_aiohttp(cfg, host, port, stop or asyncio.Event(), on_ready)
     return await serve_lean(cfg, host, port, stop or asyncio.Event(), on_ready, manage_gc=manage_gc)
 
