@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from splitbench.app import calibrate as C
-from splitbench.backends import get_backend
+from splitbench.backends.registry import get_backend
 from splitbench.servers.tiny_model import ensure_tiny_model
 
 VBENCH = """import sys

@@ -16,11 +16,12 @@ import tempfile
 
 import numpy as np
 
-from splitbench.schema import records as R
+from splitbench.app.options import RunOptions
+from splitbench.app.runner import run
 from splitbench.backends.stub import StubBackend
+from splitbench.schema import records as R
 from splitbench.servers.phaselog import load_phase_log
 from splitbench.servers.router_process import RouterProcess
-from splitbench.app.runner import RunOptions, run
 
 
 def _ttft_ms(run_dir) -> np.ndarray:

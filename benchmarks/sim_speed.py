@@ -23,7 +23,7 @@ from pathlib import Path
 
 from splitbench.app.simrun import build_setup, run_sim, sim_config
 from splitbench.metrics.latency import metric_values, stat_of
-from splitbench.schema.records import host_info, package_versions
+from splitbench.schema.runmeta import host_info, package_versions
 from splitbench.sim.config import SimPool
 from splitbench.workload.traces import load_workload
 

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/stub_capacity.py [--rate 3000] [--duration 20] [--warmup 3] [--repeats 3]
            [--servers lean:precise,lean:uvloop,aiohttp:uvloop] [--tick-ms 0.2] [--pass-rps 3000] [--json F]
-The stub (`python -m splitbench.servers.stub`, TTFT 20 ms, 5 ms/token) is pinned to --stub-cpu (default: the last
+The stub (`python -m splitbench.servers.stub_main`, TTFT 20 ms, 5 ms/token) is pinned to --stub-cpu (default: the last
 core); this process, the load generator, pins itself to --client-cpu (default 0). The load generator is a raw
 epoll loop over pre-opened keep-alive sockets that only counts SSE events (`data: `) and response ends, so it is far
 cheaper than the stub; it reports its own send lag and CPU so it can be seen not to be the limit. Each request:
@@ -75,7 +75,7 @@ def core_split(t0: list[int], t1: list[int]) -> dict[str, float]:
 def start_stub(server: str, loop: str, cpu: int, ttft_ms: float, tpot_ms: float, tick_ms: float, tmp: Path):
     port_file, log = tmp / f"port-{server}-{loop}", tmp / f"stub-{server}-{loop}.log"
     port_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "splitbench.servers.stub", "--port", "0", "--port-file", str(port_file),
+    cmd = [sys.executable, "-m", "splitbench.servers.stub_main", "--port", "0", "--port-file", str(port_file),
            "--ttft-ms", str(ttft_ms), "--tpot-ms", str(tpot_ms), "--cpu", str(cpu), "--loop", loop,
            "--server", server, "--tick-ms", str(tick_ms)]
     with open(log, "wb") as out:

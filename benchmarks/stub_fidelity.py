@@ -14,8 +14,9 @@ import tempfile
 
 import numpy as np
 
+from splitbench.app.options import RunOptions
+from splitbench.app.runner import run
 from splitbench.schema import records as R
-from splitbench.app.runner import RunOptions, run
 
 
 def main() -> int:

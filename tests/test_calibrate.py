@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from splitbench.app import calibrate as C
-from splitbench.schema import records as R
-from splitbench.schema.runmeta import host_info
+from splitbench.app.options import RunOptions
+from splitbench.app.runner import run
 from splitbench.metrics.fidelity import fidelity_section
+from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
-from splitbench.app.runner import RunOptions, run
+from splitbench.schema.runmeta import host_info
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,9 +125,9 @@ def test_a_busy_client_loop_does_not_land_in_ttft():
     import asyncio
     import time
 
-    from splitbench.servers.stub import run_stub_in_thread
     from splitbench.client.http_lean import LeanClient
     from splitbench.client.sink import RecordSink
+    from splitbench.servers.stub_main import run_stub_in_thread
     from splitbench.timing import run as run_loop
 
     url, stop = run_stub_in_thread(ttft_s=0.02, tpot_s=0.002)

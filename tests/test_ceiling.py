@@ -10,7 +10,7 @@ import pytest
 
 from splitbench.errors import InputError
 from splitbench.hardware import ceiling as C
-from splitbench.schema.records import host_info
+from splitbench.schema.runmeta import host_info
 
 
 @pytest.fixture

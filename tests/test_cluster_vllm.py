@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from splitbench.schema import records as R
+from splitbench.app.options import RunOptions
+from splitbench.app.runner import run
 from splitbench.procs import group_alive
-from splitbench.app.runner import RunOptions, run
+from splitbench.schema import records as R
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                                    reason="vllm is not installed")]
@@ -193,9 +194,8 @@ def test_vllm_baseline_two_instances_behind_jsq(base_run):
 def test_compare_baseline_and_splitwise_per_pool_cost_energy_and_html(base_run, nixl_run, tmp_path):
     """Acceptance of the cost/power issue: `splitbench compare` over a baseline and a splitwise run prints per-pool
     cost and (estimated) energy and writes an HTML report that headless Chromium renders, TTFT breakdown included."""
-    from playwright.sync_api import sync_playwright
-
     from browser_check import check_rendered, launch
+    from playwright.sync_api import sync_playwright
     base, split = base_run[0].run_dir, nixl_run[0].run_dir
     html, js = tmp_path / "cmp.html", tmp_path / "cmp.json"
     out = subprocess.run([sys.executable, "-m", "splitbench.cli", "compare", str(base), str(split),

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from splitbench.hardware.catalog import load_catalog, plan_allocation
 from splitbench.errors import InputError
+from splitbench.hardware.catalog import load_catalog, plan_allocation
 from splitbench.metrics.compare import build_comparison, iso_views
 from splitbench.metrics.efficiency import efficiency_section
 from splitbench.metrics.slo import parse_slos
@@ -180,7 +180,8 @@ def test_run_with_nvml_power_measures_energy_instead_of_estimating(tmp_path, mon
     samples land in the run dir and the summary's energy is measured, ~400 W x the throughput window."""
     from pathlib import Path
 
-    from splitbench.app.runner import RunOptions, run
+    from splitbench.app.options import RunOptions
+    from splitbench.app.runner import run
     fake = Path(__file__).resolve().parent / "fake_nvml"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("FAKE_NVML_GPUS", "H100:300,H100:100:noenergy")

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from splitbench.app.baselines import gate, save
+from splitbench.app.options import RunOptions
+from splitbench.app.runner import run
 from splitbench.errors import InputError
 from splitbench.metrics.gate import load_rules
-from splitbench.app.runner import RunOptions, run
 
 CLI = [sys.executable, "-m", "splitbench.cli"]
 REPO = Path(__file__).resolve().parents[1]

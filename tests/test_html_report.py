@@ -8,9 +8,6 @@ from pathlib import Path
 import pytest
 from browser_check import check_rendered, launch
 
-from splitbench.schema import records as R
-from splitbench.schema.files import atomic_write_bytes
-from splitbench.schema.runmeta import read_run_meta
 from splitbench.metrics.series import (
     TTFT_COMPONENTS,
     cdf_points,
@@ -20,7 +17,10 @@ from splitbench.metrics.series import (
     ttft_breakdown,
     ttft_components,
 )
+from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_bytes
 from splitbench.schema.records import RequestRecord
+from splitbench.schema.runmeta import read_run_meta
 
 
 def rec(i, send, end=None, first=None, status="ok", phases=None) -> RequestRecord:
@@ -133,7 +133,8 @@ def build_comparison(runs: list[dict]) -> dict:
 
 
 def _stub_run(tmp: Path, label: str, ttft_ms: float, seed: int) -> dict:
-    from splitbench.app.runner import RunOptions, run
+    from splitbench.app.options import RunOptions
+    from splitbench.app.runner import run
     res = run(RunOptions(trace=SYNTH.format(seed=seed), duration_s=None, backend="stub",
                          backend_options={"ttft_s": ttft_ms / 1e3, "tpot_s": 0.004},
                          results_dir=str(tmp), run_id=label, vocab_size=1000))
@@ -142,11 +143,12 @@ def _stub_run(tmp: Path, label: str, ttft_ms: float, seed: int) -> dict:
 
 def _split_run(tmp: Path) -> dict:
     """A real split run: prompt and token stubs behind the router process, scraped /metrics, merged phases."""
-    from splitbench.servers.stub import run_stub_in_thread
+    from splitbench.app.options import RunOptions
+    from splitbench.app.runner import run
     from splitbench.servers.phaselog import load_phase_log, merge_phases
     from splitbench.servers.router_process import RouterProcess
     from splitbench.servers.scrape import MetricsScraper, read_series
-    from splitbench.app.runner import RunOptions, run
+    from splitbench.servers.stub_main import run_stub_in_thread
     p_url, p_stop = run_stub_in_thread(ttft_s=0.03, tpot_s=0.004, loop="uvloop")
     t_url, t_stop = run_stub_in_thread(ttft_s=0.5, tpot_s=0.004, kv_transfer_s=0.01, loop="uvloop")
     instances = [{"id": "prompt-0", "url": p_url, "pool": "prompt", "cpu_cores": [0]},

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from splitbench.schema import records as R
-from splitbench.servers.stub import run_stub_in_thread
+from splitbench.servers.stub_main import run_stub_in_thread
 from splitbench.client.http_conn import _Conn
 from splitbench.client.http_lean import LeanClient, LeanTransport
 from splitbench.client.outcome import StreamError

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from splitbench.schema import records as R
-from splitbench.servers.stub import run_stub_in_thread
+from splitbench.servers.stub_main import run_stub_in_thread
 from splitbench.client.locust_bridge import (
     LiveLLM,
     PipeWriter,

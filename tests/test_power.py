@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitbench.errors import InputError
+from splitbench.errors import InputError, ServerStartError
 from splitbench.hardware import energy as E
 from splitbench.hardware import power as P
 
@@ -245,7 +245,7 @@ def test_nvml_missing(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "no_such_nvml_module" in r.stderr and "nvidia-ml-py" in r.stderr
     s = P.PowerSamplerProcess(tmp_path / "x", nvml_module="pynvml_fake",
                               env={**_env("H100:300"), "FAKE_NVML_INIT_ERROR": "1"})
-    with pytest.raises(RuntimeError, match="nvmlInit.*Library Not Found"):
+    with pytest.raises(ServerStartError, match="nvmlInit.*Library Not Found"):
         s.start(timeout_s=120)
     assert s.stop() == {}
 

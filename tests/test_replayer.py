@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from splitbench.schema import records as R
-from splitbench.servers.stub import run_stub_in_thread
+from splitbench.servers.stub_main import run_stub_in_thread
 from splitbench.cli import app
 from splitbench.workload.prompts import TokenIdPrompts
 from splitbench.client.replayer import ReplayConfig, Replayer

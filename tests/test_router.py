@@ -13,14 +13,14 @@ import orjson
 import pytest
 from aiohttp import web
 
+from splitbench.errors import InputError
 from splitbench.schema import records as R
+from splitbench.schema.records import RequestRecord
 from splitbench.schema.runmeta import read_run_meta
-from splitbench.servers.stub import run_stub_in_thread
 from splitbench.servers.phaselog import load_phase_log, merge_phases
 from splitbench.servers.router import PREFILL_KV_PARAMS, Router
 from splitbench.servers.router_process import RouterProcess, parse_instance_spec
-from splitbench.errors import InputError
-from splitbench.schema.records import RequestRecord
+from splitbench.servers.stub_main import run_stub_in_thread
 
 
 @pytest.fixture
@@ -176,8 +176,9 @@ def test_split_flow_speaks_vllm_kv_transfer_protocol_exactly():
 
 
 def test_split_flow_on_stubs_counts_and_phases(stubs, tmp_path):
+    decode_ttft_s = 60.0   # what a token stub would take if it prefilled itself: the KV transfer replaces it
     prompts = [stubs(ttft_s=0.03)[0] for _ in range(2)]
-    tokens = [stubs(ttft_s=0.5, kv_transfer_s=0.004)[0] for _ in range(2)]
+    tokens = [stubs(ttft_s=decode_ttft_s, kv_transfer_s=0.004)[0] for _ in range(2)]
     inst = [{"id": f"p{i}", "url": u, "pool": "prompt"} for i, u in enumerate(prompts)] + \
            [{"id": f"t{i}", "url": u, "pool": "token"} for i, u in enumerate(tokens)]
     n = 8
@@ -205,12 +206,14 @@ def test_split_flow_on_stubs_counts_and_phases(stubs, tmp_path):
         ph = e["phases_unix_s"]
         assert list(ph) == order and [ph[k] for k in order] == sorted(ph[k] for k in order)
         assert ph["prefill_done"] - ph["prefill_sent"] >= 0.03           # prompt stub's TTFT
-        assert 0.004 <= ph["first_token"] - ph["decode_sent"] < 0.4      # KV transfer, not the 0.5 s prefill
+        assert 0.004 <= ph["first_token"] - ph["decode_sent"] < decode_ttft_s   # the KV transfer, no prefill
         assert e["flow"] == "split" and e["instance"] == f"{e['prompt_instance']}>{e['token_instance']}"
 
 
 def test_jsq_spreads_concurrent_load(stubs, tmp_path):
-    urls = [stubs(ttft_s=0.2, tpot_s=0.01)[0] for _ in range(3)]
+    # a TTFT long enough that all 30 requests are in flight before the first finishes (checked below): then JSQ
+    # over equal requests must split them evenly, whatever the host's speed
+    urls = [stubs(ttft_s=2.0, tpot_s=0.01)[0] for _ in range(3)]
     inst = [{"id": f"b{i}", "url": u, "pool": "baseline"} for i, u in enumerate(urls)]
 
     async def go():
@@ -221,8 +224,10 @@ def test_jsq_spreads_concurrent_load(stubs, tmp_path):
     res, ms = asyncio.run(go())
     assert all(s == 200 for s, _, _ in res)
     counts = [m["splitbench_stub_requests_total"] for m in ms]
-    assert sum(counts) == 30 and max(counts) - min(counts) <= 2, counts
-    by_inst = [e["instance"] for e in load_phase_log(tmp_path / "p.jsonl").values()]
+    log = load_phase_log(tmp_path / "p.jsonl").values()
+    assert max(e["phases_unix_s"]["router_recv"] for e in log) < min(e["phases_unix_s"]["done"] for e in log)
+    assert sum(counts) == 30 and max(counts) - min(counts) <= 1, counts
+    by_inst = [e["instance"] for e in log]
     assert [by_inst.count(f"b{i}") for i in range(3)] == counts
 
 
@@ -231,9 +236,12 @@ def test_dead_instance_leaves_rotation_fails_fast_and_comes_back(stubs, tmp_path
     dead, stop_dead = stubs()
     port = int(dead.rsplit(":", 1)[1])
     inst = [{"id": "dead", "url": dead, "pool": "baseline"}, {"id": "live", "url": live, "pool": "baseline"}]
+    connect_timeout_s = 120.0
 
     async def go():
-        async with running(inst, "round-robin", phase_log=tmp_path / "p.jsonl", health_interval_s=0.2) as r:
+        # no health polls of its own during the test (the test polls): what the router knows comes from requests
+        async with running(inst, "round-robin", phase_log=tmp_path / "p.jsonl", health_interval_s=3600,
+                           connect_timeout_s=connect_timeout_s) as r:
             stop_dead()  # after the router saw it healthy
             t = time.perf_counter()
             first = await post_sse(r.url, BODY, rid="f0")
@@ -241,12 +249,13 @@ def test_dead_instance_leaves_rotation_fails_fast_and_comes_back(stubs, tmp_path
             elapsed = time.perf_counter() - t
             m1 = await metrics(r.url)
             _, stop2 = stubs(port=port)  # the instance comes back on its port
-            await asyncio.sleep(0.6)
+            await r.poll_health()
             back = [await post_sse(r.url, BODY, rid=f"g{k}") for k in range(2)]
             return first, rest, elapsed, m1, back, await metrics(r.url)
     first, rest, elapsed, m1, back, m2 = asyncio.run(go())
     assert first[0] == 502 and "dead" in json.loads(first[2])["error"]["message"]
-    assert all(s == 200 for s, _, _ in rest) and elapsed < 5
+    assert all(s == 200 for s, _, _ in rest)
+    assert elapsed < connect_timeout_s   # failed on the refused connection, never waited for a timeout
     assert m1["splitbench_router_marked_unhealthy_total"] == 1
     assert m1['splitbench_router_instance_healthy{instance="dead",pool="baseline"}'] == 0
     assert all(s == 200 for s, _, _ in back)
@@ -276,8 +285,9 @@ def test_hanging_instances_time_out_and_bad_requests_pass_through(stubs, tmp_pat
             hang2_s = time.perf_counter() - t0
         return hang, hang_s, bad, m, hang2, hang2_s
     hang, hang_s, bad, m, hang2, hang2_s = asyncio.run(go())
-    assert hang[0] == 502 and 0.3 <= hang_s < 3 and "prefill" in json.loads(hang[2])["error"]["message"]
-    assert hang2[0] == 502 and 0.3 <= hang2_s < 3
+    # the router's timeouts answer 502 (the client's own timeout, 5 min, would raise instead)
+    assert hang[0] == 502 and hang_s >= 0.3 and "prefill" in json.loads(hang[2])["error"]["message"]
+    assert hang2[0] == 502 and hang2_s >= 0.3
     assert bad[0] == 400 and b"X-Stub-Fault" in bad[2]
     assert m["splitbench_router_http_error_total"] == 1 and m["splitbench_router_upstream_error_total"] == 1
     log = load_phase_log(tmp_path / "p.jsonl")
@@ -325,12 +335,13 @@ def test_merge_phases_converts_router_clock_to_run_clock(tmp_path):
 def test_router_process_end_to_end_with_the_replayer(stubs, tmp_path):
     """A real run (runner + replayer) through the router as a child process; merged phases line up with the
     client's own timestamps on its run clock."""
-    from splitbench.app.runner import RunOptions, run
+    from splitbench.app.options import RunOptions
+    from splitbench.app.runner import run
     p, _ = stubs(ttft_s=0.02)
     t, _ = stubs(ttft_s=0.3, kv_transfer_s=0.003)
     rp = RouterProcess([{"id": "p0", "url": p, "pool": "prompt"}, {"id": "t0", "url": t, "pool": "token"}],
                        "jsq", phase_log=tmp_path / "phases.jsonl")
-    rp.start(timeout_s=20)
+    rp.start(timeout_s=120)
     try:
         res = run(RunOptions(trace="synth:arrivals=poisson,rate=40,duration=0.5,lengths=fixed,input=32,output=4,"
                                    "seed=3", duration_s=None, backend="openai", backend_options={"url": rp.url},
@@ -346,15 +357,20 @@ def test_router_process_end_to_end_with_the_replayer(stubs, tmp_path):
         "the replayer must send X-Request-Id: <request_id> on every request (the router's phase-log key)"
     merged = merge_phases(recs, log, t0)
     assert merged and all(r.ok for r in merged)
+    order = ["router_recv", "prefill_sent", "prefill_done", "decode_sent", "first_token", "done"]
     for r in merged:
         ph = r.phases_s
         assert (r.prefill_instance, r.decode_instance, r.pool) == ("p0", "t0", "split")
-        assert r.actual_send_s <= ph["router_recv"] < r.actual_send_s + 0.05
+        assert list(ph) == order and [ph[k] for k in order] == sorted(ph.values())
         assert ph["prefill_done"] - ph["prefill_sent"] >= 0.02
-        assert ph["decode_sent"] <= ph["first_token"] <= r.first_token_s < ph["first_token"] + 0.05
-        # "done" is stamped after the router's own write_eof/cleanup, so it may trail the client's end
-        # by scheduling noise on a busy 2-core box; it must not trail by more than that
-        assert r.last_token_s <= ph["done"] + 0.001 and ph["done"] <= r.end_s + 0.02
+    # The two processes' clocks meet through time.time() anchors, so the router's times may sit off the client's
+    # by one constant e (their anchors' skew; large only if a process was preempted while anchoring). Causality
+    # bounds e per request: send <= router_recv + e and router first_token + e <= client first token.
+    # One e must fit every request: phases are on the run clock, not shifted per request or scaled.
+    e_lo = max(r.actual_send_s - r.phases_s["router_recv"] for r in merged)
+    e_hi = min(r.first_token_s - r.phases_s["first_token"] for r in merged)
+    assert e_lo <= e_hi, (e_lo, e_hi)
+    assert e_lo < 1.0 and e_hi > -1.0   # and the anchors agree to well within a second
 
 
 def test_parse_instance_spec():

@@ -4,9 +4,9 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import math
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -17,12 +17,13 @@ import aiohttp
 import pytest
 from typer.testing import CliRunner
 
-from splitbench.backends.base import get_backend
 from splitbench.backends.openai import OpenAIBackend
-from splitbench.servers.stub import count_input_tokens, run_stub_in_thread
+from splitbench.backends.registry import get_backend
 from splitbench.backends.stub import StubBackend
 from splitbench.cli import app
-from splitbench.errors import InputError
+from splitbench.errors import InputError, ServerStartError
+from splitbench.servers.stub import count_input_tokens
+from splitbench.servers.stub_main import run_stub_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -230,11 +231,38 @@ def test_fail_rate_is_seeded():
 
 # ----------------------------------------------------------------------------- timing (child process)
 
-def test_timing_ttft_and_gaps_from_child_process(tmp_path):
+def _metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in r.read().decode().splitlines()
+                if ln and not ln.startswith("#")}
+
+
+LATENESS = "splitbench_stub_chunk_lateness_seconds"
+
+
+def assert_server_lateness_bounded_by_client(m: dict[str, float], client_late_s: list[float]) -> None:
+    """Each chunk's lateness seen by the client (its receipt - its own send - schedule) is at least what the stub
+    recorded for it (its emission - its receipt of the request - schedule), so every quantile of the client's
+    values bounds the stub's (which is the upper edge of its 10 µs bin). Holds on any host, busy or not."""
+    c = sorted(client_late_s)
+    assert m[f"{LATENESS}_count"] == len(c)   # every chunk, nothing before the reset
+    for q, key in ((0.5, 'quantile="0.5"'), (0.99, 'quantile="0.99"')):
+        assert m[f"{LATENESS}{{{key}}}"] <= c[math.ceil(q * len(c)) - 1] + 1e-5 + 1e-9
+    assert m[f'{LATENESS}{{quantile="1"}}'] <= c[-1] + 1e-9
+    assert 0 <= m[f'{LATENESS}{{quantile="0.5"}}'] <= m[f'{LATENESS}{{quantile="0.99"}}'] \
+        <= m[f'{LATENESS}{{quantile="1"}}']
+
+
+def test_child_process_stub_is_never_early_and_its_lateness_is_honest(tmp_path):
+    """Real process, real sockets: no chunk reaches the client before its schedule (ttft + k * tpot after the
+    client sent), and the stub's own lateness histogram never claims better than what the client saw. The exact
+    pacing logic is tested on a fake clock (test_stub_ticker.py); precision on an idle host: benchmarks/."""
     ttft_s, tpot_s, n_out, n_req = 0.03, 0.01, 6, 16
     be = StubBackend(ttft_s=ttft_s, tpot_s=tpot_s)
     be.start(run_dir=tmp_path)
     try:
+        urllib.request.urlopen(be.endpoint() + "/metrics?reset=lateness", timeout=30).read()
+
         async def one(delay):
             await asyncio.sleep(delay)
             t0 = time.perf_counter()
@@ -246,16 +274,12 @@ def test_timing_ttft_and_gaps_from_child_process(tmp_path):
         async def go():
             return await asyncio.gather(*(one(i * 0.004) for i in range(n_req)))
         offsets = asyncio.run(go())
+        m = _metrics(be.endpoint())
     finally:
         be.stop()
-    ttfts = [o[0] for o in offsets]
-    gaps = [b - a for o in offsets for a, b in zip(o, o[1:])]
-    lasts = [o[-1] for o in offsets]
-    assert min(ttfts) >= ttft_s  # never early: deadlines count from when the server got the request
-    assert statistics.median(ttfts) - ttft_s < 0.003
-    assert abs(statistics.median(gaps) - tpot_s) < 0.001
-    # absolute deadlines: no drift over the stream
-    assert statistics.median(lasts) - (ttft_s + (n_out - 1) * tpot_s) < 0.003
+    late = [off - (ttft_s + k * tpot_s) for o in offsets for k, off in enumerate(o)]
+    assert len(late) == n_req * n_out and min(late) >= 0   # never early: deadlines count from the server's receipt
+    assert_server_lateness_bounded_by_client(m, late)
     assert "listening on" in (tmp_path / "stub.log").read_text()
 
 
@@ -285,13 +309,13 @@ def test_stub_backend_dies_on_busy_port_with_log_tail(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         be = StubBackend(port=s.getsockname()[1], cpu=-1)
-        with pytest.raises(InputError, match="exited with code 2 .*cannot listen"):
+        with pytest.raises(ServerStartError, match="exited with code 2 .*cannot listen"):
             be.start(run_dir=tmp_path)
     assert be.pid is None
 
 
 def test_module_help_and_cli_validation():
-    r = subprocess.run([sys.executable, "-m", "splitbench.servers.stub", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "splitbench.servers.stub_main", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "--ttft-ms" in r.stdout and "--tokens-per-chunk" in r.stdout
     res = CliRunner().invoke(app, ["serve-stub", "--tokens-per-chunk", "0"])
@@ -393,7 +417,7 @@ def test_lean_and_aiohttp_servers_stream_the_same_events(tpc):
     assert [_tokens(c) for c in got["lean"][1][:-1]] == ([1, 1, 1, 1] if tpc == 1 else [3, 1])
 
 
-def _raw_http(port: int, data: bytes, timeout_s: float = 5.0) -> bytes:
+def _raw_http(port: int, data: bytes, timeout_s: float = 60.0) -> bytes:
     """Send raw bytes, read until the server closes the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
         s.sendall(data)
@@ -420,7 +444,7 @@ def test_lean_http_framing_keepalive_pipelining_http10_and_bad_requests():
         assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head
         assert rest.startswith(b"data: {") and rest.endswith(b"data: [DONE]\n\n")
         # the body may arrive in pieces
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
             s.sendall(post[:-5])
             time.sleep(0.05)
             s.sendall(post[-5:] + b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n")
@@ -457,21 +481,16 @@ def test_lateness_histogram_quantiles():
 
 def test_shared_ticker_keeps_many_streams_on_schedule(tmp_path):
     """200 concurrent streams against the lean server in its own process: no chunk is early (client clock), the
-    stub's lateness histogram counts every chunk, /metrics?reset=lateness starts it over, and the exit summary
-    reports it."""
+    stub's lateness histogram counts every chunk and is bounded by the client's view, /metrics?reset=lateness
+    starts it over, and the exit summary reports it."""
     from splitbench.client.http_lean import LeanClient
     from splitbench.client.sink import RecordSink
     from splitbench.schema.records import RequestRecord
     ttft_s, tpot_s, n_out, n_req = 0.02, 0.002, 8, 200
     be = StubBackend(ttft_s=ttft_s, tpot_s=tpot_s, loop="uvloop")
     be.start(run_dir=tmp_path)
-
-    def metrics():
-        with urllib.request.urlopen(be.endpoint() + "/metrics", timeout=5) as r:
-            return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in r.read().decode().splitlines()
-                    if ln and not ln.startswith("#")}
     try:
-        urllib.request.urlopen(be.endpoint() + "/metrics?reset=lateness", timeout=5).read()
+        urllib.request.urlopen(be.endpoint() + "/metrics?reset=lateness", timeout=30).read()
         body = json.dumps({"prompt": [1] * 16, "max_tokens": n_out, "stream": True,
                            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}).encode()
 
@@ -489,16 +508,17 @@ def test_shared_ticker_keeps_many_streams_on_schedule(tmp_path):
             finally:
                 await client.close()
         recs = asyncio.run(go())
-        m = metrics()
+        m = _metrics(be.endpoint())
     finally:
         be.stop()
+    late = []
     for r in recs:
         assert r.actual_output_tokens == n_out == sum(r.chunk_tokens)
-        assert all(off >= ttft_s + k * tpot_s for k, off in enumerate(r.chunk_offsets_s))   # never early
-    name = "splitbench_stub_chunk_lateness_seconds"
-    assert m[f"{name}_count"] == n_req * n_out   # every chunk, nothing before the reset
-    assert 0 <= m[f'{name}{{quantile="0.5"}}'] <= m[f'{name}{{quantile="0.99"}}'] <= m[f'{name}{{quantile="1"}}']
-    assert m[f'{name}{{quantile="0.5"}}'] < 0.005   # loose: the machine is shared; benchmarks/ measures
+        # a client read may carry several chunks: token k arrived with the read that brought the output past k
+        arrivals = [off for off, n in zip(r.chunk_offsets_s, r.chunk_tokens) for _ in range(n)]
+        late += [off - (ttft_s + k * tpot_s) for k, off in enumerate(arrivals)]
+    assert min(late) >= 0   # never early
+    assert_server_lateness_bounded_by_client(m, late)   # the stub counts every chunk and never flatters itself
     log = (tmp_path / "stub.log").read_text()
     assert "server lean" in log and "chunk lateness p50" in log and f"{n_req * n_out} chunks" in log
 
@@ -506,6 +526,6 @@ def test_shared_ticker_keeps_many_streams_on_schedule(tmp_path):
 def test_serve_stub_cli_rejects_unknown_server():
     res = CliRunner().invoke(app, ["serve-stub", "--server", "nginx"])
     assert res.exit_code == 2 and "lean, aiohttp" in res.output
-    r = subprocess.run([sys.executable, "-m", "splitbench.servers.stub", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "splitbench.servers.stub_main", "--help"], capture_output=True,
                        text=True, timeout=60, check=True)
     assert "--server" in r.stdout and "--tick-ms" in r.stdout

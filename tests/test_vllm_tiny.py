@@ -122,7 +122,8 @@ def test_launcher_start_health_and_group_stop(tmp_path, mode):
 
 
 def test_launcher_start_failure_shows_log(tmp_path):
-    from splitbench.servers.launcher import ServerStartError, VllmServer, free_port
+    from splitbench.errors import ServerStartError
+    from splitbench.servers.launcher import VllmServer, free_port
     srv = VllmServer(tmp_path / "model", port=free_port(), python=fake_python(tmp_path),
                      log_path=tmp_path / "bad.log", env={"FAKE_MODE": "die"})
     with pytest.raises(ServerStartError, match="(?s)exited with code 3.*no such model"):

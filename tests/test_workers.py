@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from splitbench.app.runner import RunOptions, run
+from splitbench.app.options import RunOptions
+from splitbench.app.runner import run
 from splitbench.client.replayer import ReplayConfig
 from splitbench.client.workers import replay_workers
 from splitbench.schema import records as R

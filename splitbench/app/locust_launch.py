@@ -19,7 +19,8 @@ from splitbench.app.session import RunSession, merge_router_phases
 from splitbench.client.locust_bridge import HEADERS_ENV, workload_to_json
 from splitbench.client.replayer import PATHS
 from splitbench.client.shards import SHARDING
-from splitbench.errors import InputError
+from splitbench.errors import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, InputError
+from splitbench.procs import die_with_parent
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_json
 from splitbench.schema.runmeta import read_run_meta, write_run_meta
@@ -29,7 +30,6 @@ SESSION_ENV = "SPLITBENCH_LOCUST_SESSION"
 SESSION_FILE = "locust_session.json"
 CSV_PREFIX = "locust"            # Locust's CSVs: locust_stats.csv, locust_failures.csv, ... in the run directory
 HTML_FILE = "locust.html"
-EXIT_OK, EXIT_SLO_MISSED, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 3, 130
 
 
 @dataclass
@@ -123,16 +123,8 @@ def _wait(proc: subprocess.Popen) -> int:
             signal.signal(s, h)
 
 
-def _die_with_parent() -> None:   # in the Locust child, before exec: SIGTERM if this process dies
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _spawn(cmd: list[str], env: dict, log_file: str | None) -> subprocess.Popen:
-    kw = {"env": env, "stdin": subprocess.DEVNULL, "start_new_session": True, "preexec_fn": _die_with_parent}
+    kw = {"env": env, "stdin": subprocess.DEVNULL, "start_new_session": True, "preexec_fn": die_with_parent}
     if log_file is None:
         return subprocess.Popen(cmd, **kw)
     with open(log_file, "ab") as log:
@@ -209,7 +201,7 @@ def _conclude(run_dir: Path, rc: int, lo: LocustOptions) -> LocustResult:
     if problems:
         code = EXIT_INCOMPLETE
     elif (summary.get("slos") or {}).get("all_met") is False:
-        code = EXIT_SLO_MISSED
+        code = EXIT_FAILED
     elif meta.get("status") == "interrupted" and lo.headless:
         code = EXIT_INTERRUPTED
     else:
@@ -231,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     lag = (summary.get("fidelity") or {}).get("lag_s") or {}
     print(json.dumps({"slos_all_met": (summary.get("slos") or {}).get("all_met"), "lag_p99_s": lag.get("p99"),
                       "records": (summary.get("counts") or {}).get("total")}))
-    return EXIT_SLO_MISSED if (summary.get("slos") or {}).get("all_met") is False else EXIT_OK
+    return EXIT_FAILED if (summary.get("slos") or {}).get("all_met") is False else EXIT_OK
 
 
 if __name__ == "__main__":

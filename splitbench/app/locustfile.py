@@ -28,6 +28,7 @@ from splitbench.client.locust_bridge import (
     workload_to_json,
 )
 from splitbench.client.shards import shard_positions
+from splitbench.procs import die_with_parent
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_json
 from splitbench.schema.runmeta import read_run_meta, write_run_meta
@@ -132,7 +133,7 @@ class Agent:
         sender = gevent.spawn(send)
         try:
             proc = gsub.Popen([sys.executable, "-m", "splitbench.client.locust_bridge", str(path)],
-                              stdout=gsub.PIPE, stdin=gsub.DEVNULL, env=env)
+                              stdout=gsub.PIPE, stdin=gsub.DEVNULL, env=env, preexec_fn=die_with_parent)
             self.procs[k] = proc
             _lower_priority()
             for line in proc.stdout:   # one JSON object per finished request, then {"done": replay stats}

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from splitbench.app import accounting
 from splitbench.app.options import RunOptions, check_options, new_run_id, resolve_defaults
-from splitbench.backends.base import get_backend
+from splitbench.backends.registry import get_backend
 from splitbench.client.probe import served_model
 from splitbench.client.replay import replay_workload
 from splitbench.client.replayer import ReplayConfig, Replayer, ReplayStats

@@ -1,2 +1,2 @@
-"""Backends: one small protocol, registered by name (openai, stub, later vllm/splitwise/mixed)."""
-from splitbench.backends.base import BACKENDS, Backend, get_backend, register  # noqa: F401
+"""Backends: adapters that start (or find) an OpenAI-compatible server; get_backend(name) picks one by name."""
+from splitbench.backends.registry import BACKENDS, get_backend  # noqa: F401

@@ -1,8 +1,8 @@
-"""The Backend protocol (start/stop/health/endpoint/describe) and the by-name registry."""
+"""The Backend protocol (start/stop/health/endpoint/describe) and the option helpers the adapters share."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from splitbench.errors import InputError
 
@@ -19,21 +19,12 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]: ...  # JSON-able, no secrets; goes into run.json
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {}
-
-
-def register(name: str):
-    def deco(factory):
-        BACKENDS[name] = factory
-        factory.name = name
-        return factory
-    return deco
-
-
-def get_backend(name: str, **options: Any) -> Backend:
-    # Import built-ins lazily so that registering them has no import-time cost for other commands.
-    from splitbench.backends import openai, splitwise, vllm  # noqa: F401
-    from splitbench.backends import stub as stub_backend  # noqa: F401
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
-    return BACKENDS[name](**options)
+def int_option(value: Any, flag: str, minimum: int) -> int:
+    """A whole-number option (`flag` is its CLI name without --) that is at least `minimum`; else InputError."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--{flag} must be a whole number, got {value!r}") from None
+    if n < minimum or n != float(value):
+        raise InputError(f"--{flag} must be a whole number >= {minimum}, got {value!r}")
+    return n

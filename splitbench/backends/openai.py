@@ -10,7 +10,6 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from splitbench.backends.base import register
 from splitbench.client.probe import http_get
 from splitbench.errors import InputError
 
@@ -37,9 +36,9 @@ def first_model_id(base_url: str, headers: dict[str, str] | None = None, timeout
         raise InputError(f"GET {base_url}/v1/models listed no model; pass the model name") from None
 
 
-@register("openai")
 class OpenAIBackend:
     """A server someone else runs. health() tries /health, then /v1/models."""
+    name = "openai"
 
     def __init__(self, url: str, api_key_env: str = "OPENAI_API_KEY", model: str | None = None,
                  health_timeout_s: float = 5.0, **_: Any):

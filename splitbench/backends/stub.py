@@ -1,4 +1,5 @@
-"""The `stub` backend: the built-in stub server (splitbench.servers.stub) as a pinned child process."""
+"""The `stub` backend: the built-in stub server (splitbench.servers.stub_main) as a pinned child process, started
+through procs.spawn (own session; reaped if this process dies, even by SIGKILL)."""
 from __future__ import annotations
 
 import atexit
@@ -9,10 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from splitbench.backends.base import register
 from splitbench.client.probe import http_get
 from splitbench.errors import InputError
-from splitbench.procs import stop_group, wait_ready
+from splitbench.procs import spawn, stop_group, wait_ready
 from splitbench.servers.stub import DEFAULT_MODEL, LOOPS, StubConfig
 
 
@@ -22,9 +22,9 @@ def _default_cpu() -> int | None:
     return n - 1 if n >= 2 else None
 
 
-@register("stub")
 class StubBackend:
     """Runs the stub server as a child process (its own session, pinned to one core) for live runs."""
+    name = "stub"
 
     def __init__(self, ttft_s: float = 0.02, tpot_s: float = 0.005, tokens_per_chunk: int = 1,
                  port: int | None = None, cpu: int | None = None, host: str = "127.0.0.1",
@@ -48,21 +48,19 @@ class StubBackend:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / "stub.log"
         c = self.cfg
-        cmd = [sys.executable, "-m", "splitbench.servers.stub", "--host", self.host,
+        cmd = [sys.executable, "-m", "splitbench.servers.stub_main", "--host", self.host,
                "--port", str(self.requested_port or 0), "--ttft-ms", repr(c.ttft_s * 1e3), "--tpot-ms", repr(c.tpot_s * 1e3),
                "--tokens-per-chunk", str(c.tokens_per_chunk), "--model", c.model, "--fail-rate", repr(c.fail_rate),
                "--seed", str(c.seed), "--loop", self.loop, "--port-file", str(port_file)]
         if self.cpu is not None:
             cmd += ["--cpu", str(self.cpu)]
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+        self.proc = spawn(cmd, log_path=log_path)
         atexit.register(self.stop)
         try:
             self.port = wait_ready(self.proc, port_file,
                                    lambda port: http_get(f"http://{self.host}:{port}/health", timeout_s=1.0)[0] == 200,
                                    self.startup_timeout_s, "stub server", log_path)
-        except InputError:
+        except BaseException:
             self.stop()
             raise
 

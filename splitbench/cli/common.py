@@ -12,8 +12,7 @@ from typing import Any, Callable, Optional
 import typer
 from rich.console import Console
 
-from splitbench.errors import InputError
-from splitbench.servers.launcher import ServerStartError
+from splitbench.errors import InputError, SplitbenchError, exit_code
 
 console = Console()
 err_console = Console(stderr=True, log_path=False)
@@ -25,17 +24,15 @@ def say_error(message: str) -> None:
 
 
 def user_errors(fn):
-    """Bad input becomes one line on stderr and exit code 2; a backend that could not start exit 1; no traceback."""
+    """A splitbench error ends the command with one line on stderr and its exit code (errors.exit_code: bad input
+    2, a server that could not start 1, an incomplete run 3), never a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except InputError as e:
+        except SplitbenchError as e:
             say_error(str(e))
-            raise typer.Exit(2)
-        except ServerStartError as e:
-            say_error(str(e))
-            raise typer.Exit(1)
+            raise typer.Exit(exit_code(e))
     return wrapper
 
 

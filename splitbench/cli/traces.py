@@ -11,7 +11,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from splitbench.cli.common import console, err_console, parse_columns, user_errors
-from splitbench.servers.stub import StubConfig, run_server
+from splitbench.servers.stub import StubConfig
+from splitbench.servers.stub_main import run_server
 from splitbench.servers.tiny_model import write_tiny_model
 from splitbench.workload.synth import from_spec, write_azure_csv
 from splitbench.workload.traces import catalog, fetch_trace, find_local, load_workload

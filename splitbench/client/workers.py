@@ -14,6 +14,7 @@ from splitbench.client.replay import replay_workload
 from splitbench.client.replayer import ReplayConfig, ReplayStats
 from splitbench.client.shards import shard
 from splitbench.errors import InputError
+from splitbench.procs import die_with_parent
 from splitbench.schema import records as R
 from splitbench.workload.types import Workload
 
@@ -103,6 +104,7 @@ class WorkerGate:
 
 def _child(k: int, workload: Workload, payload, cfg: ReplayConfig, shard_dir: str, run_id: str, conn) -> None:
     """Worker process body (forked: inherits the workload and the prompt source without pickling)."""
+    die_with_parent()   # a SIGKILLed CLI must not leave senders replaying
     try:
         replayer, interrupted = replay_workload(workload, payload, cfg, Path(shard_dir), f"{run_id}-w{k}",
                                                 gate=WorkerGate(k, conn))

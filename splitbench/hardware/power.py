@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from splitbench.procs import log_tail, stop_group
+from splitbench.errors import ServerStartError
+from splitbench.procs import log_tail, spawn, stop_group
 
 SAMPLES_FILE = "power_samples.jsonl"
 SUMMARY_FILE = "power_summary.json"
@@ -229,21 +230,19 @@ class PowerSamplerProcess:
         log_path = self.out_dir / LOG_FILE
         self.samples_path.unlink(missing_ok=True)
         (self.out_dir / SUMMARY_FILE).unlink(missing_ok=True)
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env={**os.environ, **self.env})
+        self.proc = spawn(cmd, log_path=log_path, env={**os.environ, **self.env})   # reaped if we die
         self._summary = None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 rc, self.proc = self.proc.returncode, None
-                raise RuntimeError(f"power sampler exited with code {rc} before its first sample: {log_tail(log_path)}")
+                raise ServerStartError(f"power sampler exited with code {rc} before its first sample: {log_tail(log_path)}")
             if self._first_tick_on_disk():
                 return
             time.sleep(0.02)
         proc, self.proc = self.proc, None
         stop_group(proc)
-        raise RuntimeError(f"power sampler took no sample within {timeout_s:g} s: {log_tail(log_path)}")
+        raise ServerStartError(f"power sampler took no sample within {timeout_s:g} s: {log_tail(log_path)}")
 
     def _first_tick_on_disk(self) -> bool:
         try:

@@ -1,7 +1,7 @@
 """Start and stop vLLM OpenAI servers as child process groups: one `VllmServer`, or a `Cluster` of them in parallel.
 
-No orphans: every group is stopped on stop()/atexit, SIGTERM becomes SystemExit while a cluster runs, and a
-reaper process kills the registered groups if this process dies any other way (even SIGKILL).
+No orphans: every group is stopped on stop()/atexit, SIGTERM becomes SystemExit while a cluster runs, and
+procs.spawn's reaper kills the groups if this process dies any other way (even SIGKILL).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from splitbench.procs import group_alive
+from splitbench.errors import ServerStartError
+from splitbench.procs import spawn, stop_group
 
 # Args that start the tiny model fastest on a small CPU box (measured: ~40 s to /health on 2 cores;
 # without --enforce-eager torch.compile adds ~13 s). 16384 covers the Azure traces (max 14,050 + 1,000).
@@ -32,75 +33,11 @@ DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
 
 
-class ServerStartError(RuntimeError):
-    """The server process died or did not become healthy in time; the message carries its log tail."""
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-# The reaper: a tiny process in its own session that reads "+PGID"/"-PGID" lines on stdin; when stdin closes
-# (this process exited, however it died) it SIGTERMs the groups still registered, then SIGKILLs them after
-# $SPLITBENCH_REAPER_GRACE_S (default 8) seconds.
-_REAPER_CODE = r"""
-import os, signal, sys, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-groups = set()
-for line in sys.stdin:
-    line = line.strip()
-    if line[:1] == "+": groups.add(int(line[1:]))
-    elif line[:1] == "-": groups.discard(int(line[1:]))
-def alive(g):
-    try: os.killpg(g, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-for sig, wait_s in ((signal.SIGTERM, float(os.environ.get("SPLITBENCH_REAPER_GRACE_S", "8"))), (signal.SIGKILL, 0.0)):
-    for g in list(groups):
-        try: os.killpg(g, sig)
-        except OSError: groups.discard(g)
-    end = time.monotonic() + wait_s
-    while groups and time.monotonic() < end and any(alive(g) for g in groups):
-        time.sleep(0.1)
-"""
-
-
-class _Reaper:
-    """Started lazily (once per process); add()/remove() never raise."""
-
-    def __init__(self):
-        self._proc: subprocess.Popen | None = None
-        self._lock = threading.Lock()
-
-    def _send(self, line: str) -> None:
-        with self._lock:
-            try:
-                if self._proc is None or self._proc.poll() is not None:
-                    self._proc = subprocess.Popen([sys.executable, "-c", _REAPER_CODE], stdin=subprocess.PIPE,
-                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                  start_new_session=True)
-                self._proc.stdin.write(line.encode())
-                self._proc.stdin.flush()
-            except OSError:
-                pass
-
-    def add(self, pgid: int) -> None:
-        self._send(f"+{pgid}\n")
-
-    def remove(self, pgid: int) -> None:
-        if self._proc is not None:
-            self._send(f"-{pgid}\n")
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-
-REAPER = _Reaper()
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -188,20 +125,13 @@ class VllmServer:
         if self.running:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
         self._t_spawn = time.monotonic()
         self.start_unix_s, self.start_s = time.time(), None
-        try:
-            pin = None
-            if self.cpu_cores and not shutil.which("taskset"):
-                cores = set(self.cpu_cores)
-                pin = lambda: os.sched_setaffinity(0, cores)  # noqa: E731
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.environment(),
-                                         start_new_session=True, preexec_fn=pin)
-        finally:
-            log.close()
-        REAPER.add(self.proc.pid)
+        pin = None
+        if self.cpu_cores and not shutil.which("taskset"):
+            cores = set(self.cpu_cores)
+            pin = lambda: os.sched_setaffinity(0, cores)  # noqa: E731
+        self.proc = spawn(self.command(), log_path=self.log_path, env=self.environment(), preexec_fn=pin)
         atexit.register(self.stop)
 
     def poll_ready(self) -> bool:
@@ -241,26 +171,7 @@ class VllmServer:
         if proc is None:
             return
         atexit.unregister(self.stop)
-        pgid = proc.pid  # start_new_session: the child leads its own group
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            # Wait for the whole group (workers may outlive the leader); orphans go once init reaps them.
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if proc.poll() is not None and not group_alive(pgid):
-                    break
-                time.sleep(0.05)
-            else:
-                continue
-            break
-        try:
-            proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            pass
-        REAPER.remove(pgid)
+        stop_group(proc, grace_s)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "vllm", "url": self.url, "model_dir": self.model_dir, "model_name": self.model_name,

@@ -1,6 +1,6 @@
 """P/D router: an aiohttp proxy that places each request with a policy (co-located, or split prefill->decode with
 vLLM's kv_transfer_params protocol), streams the answer back, tracks health and pending tokens, logs phases.
-Run it: `python -m splitbench.servers.router --instance id=p0,url=URL,pool=prompt ...` (router_process.py).
+Run it: `python -m splitbench.servers.router_process --instance id=p0,url=URL,pool=prompt ...`.
 """
 from __future__ import annotations
 
@@ -387,8 +387,3 @@ class Router:
             if request.transport is not None:
                 request.transport.abort()
             return resp
-
-
-if __name__ == "__main__":  # the command line lives in router_process.py
-    from splitbench.servers.router_process import main
-    main()

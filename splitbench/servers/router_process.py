@@ -1,28 +1,28 @@
-"""The router's command line (`python -m splitbench.servers.router ...`) and RouterProcess, which runs it as a
-child process in its own session (start waits for /health; stop kills the process group; idempotent, atexit).
+"""The router's process: its command line (`python -m splitbench.servers.router_process ...`) and RouterProcess,
+which runs it as a child (procs.spawn: own session, reaped if this process dies; start waits for /health; stop
+kills the process group; idempotent, atexit).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import atexit
+import gc
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Sequence
 
+import uvloop
+
+from splitbench.client.probe import http_get
 from splitbench.errors import InputError
 from splitbench.policies import POOLS
-from splitbench.procs import stop_group, wait_ready
+from splitbench.procs import spawn, stop_group, wait_ready
 from splitbench.servers.router import Router
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 
 def parse_instance_spec(text: str) -> dict:
@@ -60,7 +60,9 @@ async def _serve(router: Router, port_file: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m splitbench.servers.router", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m splitbench.servers.router_process",
+                                description="The splitbench P/D router: places each request with a policy, "
+                                            "streams the answer back, logs phases.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port-file)")
     p.add_argument("--instance", action="append", default=[], help="id=ID,url=URL,pool=prompt|token|mixed|baseline")
@@ -86,11 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             if a.cpu not in os.sched_getaffinity(0):
                 raise InputError(f"--cpu {a.cpu} is not one of this process's cores {sorted(os.sched_getaffinity(0))}")
             os.sched_setaffinity(0, {a.cpu})
-        import gc
         gc.collect()
         gc.freeze()
         if a.loop == "uvloop":
-            import uvloop
             uvloop.run(_serve(router, a.port_file))
         else:
             asyncio.run(_serve(router, a.port_file))
@@ -101,20 +101,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: router cannot listen on {a.host}:{a.port}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
 
-
-if __name__ == "__main__":
-    main()
-
-
-def _get_status(url: str, timeout_s: float = 1.0) -> int:
-    try:
-        with _OPENER.open(url, timeout=timeout_s) as r:
-            r.read()
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError, ValueError):
-        return 0
 
 
 class RouterProcess:
@@ -143,7 +129,7 @@ class RouterProcess:
         return f"http://{self.host}:{self.port}"
 
     def command(self, port_file: str | None = None) -> list[str]:
-        cmd = [self.python, "-m", "splitbench.servers.router", "--host", self.host,
+        cmd = [self.python, "-m", "splitbench.servers.router_process", "--host", self.host,
                "--port", str(self.requested_port or 0), "--policy", self.policy, "--seed", str(self.seed),
                "--loop", self.loop, "--health-interval-s", repr(self.health_interval_s),
                "--idle-timeout-s", repr(self.idle_timeout_s)]
@@ -167,17 +153,16 @@ class RouterProcess:
         port_file = str(Path(self._tmp.name) / "port")
         log_path = self.log_path or Path(self._tmp.name) / "router.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(port_file), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = spawn(self.command(port_file), log_path=log_path)
         atexit.register(self.stop)
+
         def ready(port: int) -> bool:
-            status = _get_status(f"http://{self.host}:{port}/health")
+            status = http_get(f"http://{self.host}:{port}/health", timeout_s=1.0)[0]
             return status == 200 or bool(status and not require_instances)
         try:
             self.port = wait_ready(self.proc, port_file, ready, timeout_s, "router", log_path,
                                    " (are its instances up?)")
-        except InputError:
+        except BaseException:
             self.stop()
             raise
 
@@ -192,10 +177,14 @@ class RouterProcess:
             self._tmp = None
 
     def health(self) -> bool:
-        return self.port is not None and _get_status(f"{self.url}/health") == 200
+        return self.port is not None and http_get(f"{self.url}/health", timeout_s=1.0)[0] == 200
 
     def describe(self) -> dict:
         return {"router": "splitbench", "policy": self.policy, "policy_params": self.policy_params,
                 "seed": self.seed, "url": self.url if self.port else None, "instances": self.instances,
                 "pid": self.proc.pid if self.proc else None, "cpu": self.cpu, "loop": self.loop,
                 "phase_log": str(self.phase_log) if self.phase_log else None}
+
+
+if __name__ == "__main__":
+    main()

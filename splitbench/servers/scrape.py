@@ -6,10 +6,14 @@ The client's TTFT in records.parquet stays the truth; these series explain it (q
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -17,7 +21,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from splitbench.schema.files import atomic_write_json
+from splitbench.errors import ServerStartError
+from splitbench.procs import log_tail, spawn, stop_group
+from splitbench.schema import records as R
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
@@ -170,7 +176,7 @@ class MetricsScraper:
         for f in self._files.values():
             f.close()
         summary = self.summary()
-        atomic_write_json(self.out_dir / "summary.json", summary)
+        R.atomic_write_json(self.out_dir / "summary.json", summary)
         return summary
 
     def summary(self) -> dict[str, Any]:
@@ -213,31 +219,32 @@ class ScraperProcess:
 
     def __init__(self, targets: dict[str, str], out_dir: str | Path, interval_s: float = 1.0):
         self.targets, self.out_dir, self.interval_s = dict(targets), Path(out_dir), float(interval_s)
-        self.proc = None
+        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        import subprocess
-        import sys
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Spawn the scraper; return once every target's first scrape is on disk (ServerStartError if not)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "splitbench.servers.scrape", "--out", str(self.out_dir),
                "--interval", str(self.interval_s)]
         for iid, url in self.targets.items():
             cmd += ["--target", f"{iid}={url}"]
-        with open(self.out_dir / "scraper.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+        log_path = self.out_dir / "scraper.log"
+        self.proc = spawn(cmd, log_path=log_path)
         # counters are reported as deltas from the first scrape: it must happen before any request is sent
         files = [self.out_dir / f"{i}.jsonl" for i in self.targets]
-        deadline = time.monotonic() + 30.0
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.proc.poll() is None:
             if all(f.exists() and f.stat().st_size > 0 for f in files):
                 return
             time.sleep(0.02)
-        raise RuntimeError(f"metrics scraper did not take its first scrape (see {self.out_dir / 'scraper.log'})")
+        proc, self.proc = self.proc, None
+        rc = proc.poll()
+        stop_group(proc)
+        why = f"exited with code {rc}" if rc is not None else f"took no first scrape within {timeout_s:g} s"
+        raise ServerStartError(f"metrics scraper {why}: {log_tail(log_path)}")
 
     def stop(self) -> dict[str, Any]:
         """SIGTERM: the child takes a last scrape and writes metrics/summary.json, which is returned."""
-        from splitbench.procs import stop_group
         proc, self.proc = self.proc, None
         stop_group(proc, grace_s=10.0)
         try:
@@ -247,8 +254,6 @@ class ScraperProcess:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import signal
     ap = argparse.ArgumentParser(description="Scrape vLLM /metrics of each target into DIR/<id>.jsonl")
     ap.add_argument("--out", required=True)
     ap.add_argument("--interval", type=float, default=1.0)

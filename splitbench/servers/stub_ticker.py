@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import heapq
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
-from splitbench.servers.stub import _DIGITS, TOKEN, Frames
-
-if TYPE_CHECKING:
-    from splitbench.servers.stub_lean import LeanStub
+from splitbench.servers.stub import DIGITS, TOKEN, Frames
 
 MAX_BATCH_S = 0.002   # one ticker wakeup runs at most this long before letting the loop do I/O
 
@@ -66,8 +64,6 @@ class _TimerFd:
     event loop, uvloop included (its own timers round to ms). None where timerfd is missing."""
 
     def __init__(self):
-        import ctypes
-
         class _Ts(ctypes.Structure):
             _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
@@ -98,19 +94,25 @@ class _TimerFd:
 class Ticker:
     """One wakeup serves every chunk due by now, across all streams, in deadline order. Wakeups are at the next
     deadline but at least tick_s apart (a floor on cost under load, a ceiling of tick_s on added lateness).
-    Armed through a timerfd where possible (µs precision on every loop), else loop.call_later."""
+    Armed through a timerfd where possible (µs precision on every loop), else loop.call_later.
+    srv: the server state it serves (stub_lean.LeanStub: cfg, gap_s, full_text, n, lateness, end_fault).
+    clock: time.monotonic (what timerfd and the servers' t_recv use); another clock (a test's fake one) arms
+    through loop.call_later instead of the timerfd."""
 
-    def __init__(self, srv: LeanStub, loop: asyncio.AbstractEventLoop, tick_s: float):
-        self.srv, self.loop, self.tick_s = srv, loop, tick_s
+    def __init__(self, srv: Any, loop: asyncio.AbstractEventLoop, tick_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.srv, self.loop, self.tick_s, self.clock = srv, loop, tick_s, clock
         self.heap: list[tuple[float, Stream]] = []
         self.handle: asyncio.TimerHandle | None = None
         self.armed_at = float("inf")
         self.last_tick = 0.0
-        try:
-            self.tfd: _TimerFd | None = _TimerFd()
-            loop.add_reader(self.tfd.fd, self._on_timerfd)
-        except (OSError, AttributeError, NotImplementedError):
-            self.tfd = None
+        self.tfd: _TimerFd | None = None
+        if clock is time.monotonic:
+            try:
+                self.tfd = _TimerFd()
+                loop.add_reader(self.tfd.fd, self._on_timerfd)
+            except (OSError, AttributeError, NotImplementedError):
+                self.tfd = None
 
     def add(self, deadline: float, s: Stream) -> None:
         heapq.heappush(self.heap, (deadline, s))
@@ -124,7 +126,7 @@ class Ticker:
             return self.tfd.arm(when)
         if self.handle is not None:
             self.handle.cancel()
-        self.handle = self.loop.call_later(when - time.monotonic(), self._tick)
+        self.handle = self.loop.call_later(when - self.clock(), self._tick)
 
     def close(self) -> None:
         if self.handle is not None:
@@ -141,8 +143,8 @@ class Ticker:
 
     def _tick(self) -> None:
         self.handle, self.armed_at = None, float("inf")
-        heap, clock, srv = self.heap, time.monotonic, self.srv
-        lat, digits = srv.lateness, _DIGITS
+        heap, clock, srv = self.heap, self.clock, self.srv
+        lat, digits = srv.lateness, DIGITS
         hist, lmax = lat.hist, lat.max_s
         tpc, gap = srv.cfg.tokens_per_chunk, srv.gap_s
         replace = heapq.heapreplace

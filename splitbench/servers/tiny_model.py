@@ -11,7 +11,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from splitbench.errors import InputError
 from splitbench.workload.words import WORDS
 
 GENERATOR_VERSION = 1
@@ -50,8 +53,7 @@ def _corpus(seed: int, n_words: int = 60_000) -> list[str]:
     return lines
 
 
-def _train_tokenizer(vocab_size: int, seed: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def _train_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -89,6 +91,59 @@ def _weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     return w
 
 
+def _config(tok: Tokenizer, *, layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int,
+            max_position: int, dtype: str) -> dict:
+    """config.json of the Llama (ids of the special tokens from the trained tokenizer)."""
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True), "max_position_embeddings": max_position,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "initializer_range": 0.02, "bos_token_id": ids[BOS], "eos_token_id": ids[EOS],
+        "pad_token_id": ids[PAD], "torch_dtype": dtype, "use_cache": True,
+    }
+
+
+def _json_files(cfg: dict, seed: int) -> dict[str, dict]:
+    """The model directory's JSON files besides tokenizer.json: config, tokenizer config, generation, marker."""
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+        "pad_token": PAD, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
+        "model_max_length": cfg["max_position_embeddings"], "clean_up_tokenization_spaces": False,
+        "additional_special_tokens": [IM_START, IM_END], "chat_template": CHAT_TEMPLATE,
+    }
+    marker = {"generator_version": GENERATOR_VERSION, "layers": cfg["num_hidden_layers"],
+              "hidden": cfg["hidden_size"], "heads": cfg["num_attention_heads"],
+              "kv_heads": cfg["num_key_value_heads"], "intermediate": cfg["intermediate_size"],
+              "vocab_size": cfg["vocab_size"], "max_position": cfg["max_position_embeddings"], "seed": seed,
+              "dtype": cfg["torch_dtype"]}
+    return {
+        "config.json": cfg, "tokenizer_config.json": tok_cfg,
+        "special_tokens_map.json": {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                                    "additional_special_tokens": [IM_START, IM_END]},
+        "generation_config.json": {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+                                   "pad_token_id": cfg["pad_token_id"], "do_sample": False},
+        MARKER_FILE: marker,
+    }
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished tmp directory at out (an existing out is swapped away, then removed)."""
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    tmp.chmod(0o755)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / "m")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def write_tiny_model(out_dir: str | os.PathLike, *, layers: int = 2, hidden: int = 128, heads: int = 4,
                      kv_heads: int = 2, intermediate: int = 256, vocab_size: int = 4096,
                      max_position: int = 16384, seed: int = 0, dtype: str = "bfloat16") -> Path:
@@ -96,9 +151,6 @@ def write_tiny_model(out_dir: str | os.PathLike, *, layers: int = 2, hidden: int
 
     `dtype` is the config's torch_dtype (what vLLM serves it as); the stored weights are float32.
     """
-    from safetensors.numpy import save_file
-
-    from splitbench.errors import InputError
     if hidden % heads or heads % kv_heads:
         raise InputError(f"hidden ({hidden}) must divide by heads ({heads}) and heads by kv_heads ({kv_heads})")
     if min(layers, hidden, heads, kv_heads, intermediate, max_position) < 1 or vocab_size < 300:
@@ -108,49 +160,13 @@ def write_tiny_model(out_dir: str | os.PathLike, *, layers: int = 2, hidden: int
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tok = _train_tokenizer(vocab_size, seed)
-        real_vocab = tok.get_vocab_size(with_added_tokens=True)
-        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-        cfg = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
-            "vocab_size": real_vocab, "max_position_embeddings": max_position,
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-            "initializer_range": 0.02, "bos_token_id": ids[BOS], "eos_token_id": ids[EOS],
-            "pad_token_id": ids[PAD], "torch_dtype": dtype, "use_cache": True,
-        }
+        cfg = _config(tok, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                      intermediate=intermediate, max_position=max_position, dtype=dtype)
         tok.save(str(tmp / "tokenizer.json"))
-        tok_cfg = {
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-            "pad_token": PAD, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
-            "model_max_length": max_position, "clean_up_tokenization_spaces": False,
-            "additional_special_tokens": [IM_START, IM_END], "chat_template": CHAT_TEMPLATE,
-        }
-        files = {
-            "config.json": cfg, "tokenizer_config.json": tok_cfg,
-            "special_tokens_map.json": {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-                                        "additional_special_tokens": [IM_START, IM_END]},
-            "generation_config.json": {"bos_token_id": ids[BOS], "eos_token_id": ids[EOS],
-                                       "pad_token_id": ids[PAD], "do_sample": False},
-            MARKER_FILE: {"generator_version": GENERATOR_VERSION, "layers": layers, "hidden": hidden,
-                          "heads": heads, "kv_heads": kv_heads, "intermediate": intermediate,
-                          "vocab_size": real_vocab, "max_position": max_position, "seed": seed,
-                          "dtype": dtype},
-        }
-        for name, obj in files.items():
+        for name, obj in _json_files(cfg, seed).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         save_file(_weights(cfg, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "m")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from splitbench.errors import InputError
+from splitbench.servers.launcher import free_port
 
 ROLES = ("prompt", "token", "mixed", "baseline")
 CONNECTORS = ("nixl", "example")
@@ -178,17 +179,8 @@ def assign_gpus(roles: list[str], gpus: list[int], tensor_parallel: int, layout:
 
 # ----------------------------------------------------------------------------- plan
 
-def plan_cluster(model_dir: str | os.PathLike, *, prompt: int = 0, token: int = 0, baseline: int = 0,
-                 mixed: int = 0, connector: str | None = None, kv_transfer_config: str | dict | None = None,
-                 hardware: str | None = None, gpus: str | list[int] | None = None,
-                 cores: str | list[int] | None = None, tensor_parallel: int = 1, layout: str | None = None,
-                 base_args: list[str] | None = None, shared_dir: str | os.PathLike | None = None,
-                 gpu_memory_shares: tuple[float, float] = SPLITWISER_SHARES, host: str = "127.0.0.1",
-                 port_fn: Callable[[], int] | None = None) -> ClusterSpec:
-    """Instances in order prompt-*, token-*, mixed-*, baseline-*; each gets a port (and a NIXL side-channel port)."""
-    from splitbench.servers.launcher import free_port
-    port_fn = port_fn or free_port
-    layout = layout or "separate"
+def _roles(prompt: int, token: int, mixed: int, baseline: int, layout: str, tensor_parallel: int) -> list[str]:
+    """The role of each instance, in plan order; InputError for impossible shapes."""
     if layout not in LAYOUTS:
         raise InputError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     counts = {"prompt": prompt, "token": token, "mixed": mixed, "baseline": baseline}
@@ -202,6 +194,36 @@ def plan_cluster(model_dir: str | os.PathLike, *, prompt: int = 0, token: int = 
     roles = [r for r, n in counts.items() for _ in range(n)]
     if not roles:
         raise InputError("a cluster needs at least one instance")
+    return roles
+
+
+def _placement(roles: list[str], hardware: str, gpu_list: list[int] | None, cores: str | list[int] | None,
+               tensor_parallel: int, layout: str) -> tuple[list[list[int] | None], list[list[int] | None]]:
+    """(CPU cores, GPU ids) per instance: GPUs on a gpu-host, else this process's cores split among them."""
+    if hardware == "gpu-host":
+        if gpu_list is None:
+            n_prompt = roles.count("prompt")
+            n_gpu = len(roles) * tensor_parallel if layout == "separate" else n_prompt * tensor_parallel
+            gpu_list = list(range(n_gpu))
+        return [None] * len(roles), list(assign_gpus(roles, gpu_list, tensor_parallel, layout))
+    core_list = parse_id_list(cores, "cores") or sorted(os.sched_getaffinity(0))
+    placement_cores = list(assign_cores(len(roles), core_list))
+    if tensor_parallel > 1 and any(len(c) % tensor_parallel for c in placement_cores):
+        raise InputError(f"tensor parallel {tensor_parallel} needs cores per instance divisible by it")
+    return placement_cores, [None] * len(roles)
+
+
+def plan_cluster(model_dir: str | os.PathLike, *, prompt: int = 0, token: int = 0, baseline: int = 0,
+                 mixed: int = 0, connector: str | None = None, kv_transfer_config: str | dict | None = None,
+                 hardware: str | None = None, gpus: str | list[int] | None = None,
+                 cores: str | list[int] | None = None, tensor_parallel: int = 1, layout: str | None = None,
+                 base_args: list[str] | None = None, shared_dir: str | os.PathLike | None = None,
+                 gpu_memory_shares: tuple[float, float] = SPLITWISER_SHARES, host: str = "127.0.0.1",
+                 port_fn: Callable[[], int] | None = None) -> ClusterSpec:
+    """Instances in order prompt-*, token-*, mixed-*, baseline-*; each gets a port (and a NIXL side-channel port)."""
+    port_fn = port_fn or free_port
+    layout = layout or "separate"
+    roles = _roles(prompt, token, mixed, baseline, layout, tensor_parallel)
     gpu_list = parse_id_list(gpus, "gpus")
     hardware = hardware or ("gpu-host" if gpu_list else detect_hardware())
     if hardware not in ("cpu-host", "gpu-host"):
@@ -212,20 +234,7 @@ def plan_cluster(model_dir: str | os.PathLike, *, prompt: int = 0, token: int = 
     if prompt and kv is None:
         raise InputError("prompt/token instances need a KV connector (--connector nixl|example or --kv-transfer-config)")
     name = "custom" if kv_transfer_config is not None else connector if kv is not None else None
-
-    if hardware == "gpu-host":
-        if gpu_list is None:
-            n_gpu = len(roles) * tensor_parallel if layout == "separate" else prompt * tensor_parallel
-            gpu_list = list(range(n_gpu))
-        placement_gpus = assign_gpus(roles, gpu_list, tensor_parallel, layout)
-        placement_cores: list[list[int] | None] = [None] * len(roles)
-    else:
-        core_list = parse_id_list(cores, "cores") or sorted(os.sched_getaffinity(0))
-        placement_cores = list(assign_cores(len(roles), core_list))
-        placement_gpus = [None] * len(roles)
-        if tensor_parallel > 1 and any(len(c) % tensor_parallel for c in placement_cores):
-            raise InputError(f"tensor parallel {tensor_parallel} needs cores per instance divisible by it")
-
+    placement_cores, placement_gpus = _placement(roles, hardware, gpu_list, cores, tensor_parallel, layout)
     seen: dict[str, int] = {}
     instances = []
     for k, role in enumerate(roles):
