@@ -18,7 +18,7 @@ from splitbench import timing
 from splitbench.backends.stub import StubBackend
 from splitbench.workload.prompts import TokenIdPrompts
 from splitbench.client.replayer import HTTP_TRANSPORTS, ReplayConfig, Replayer
-from splitbench.workload.traces import load_workload
+from splitbench.workload.load import WorkloadSpec, load
 
 
 _HZ = os.sysconf("SC_CLK_TCK")
@@ -77,8 +77,8 @@ def main() -> int:
     transports = args.transports.split(",")
     spec = (f"synth:arrivals=poisson,rate={args.rate},duration={{d}},lengths=fixed,input={args.input},"
             f"output={args.output},seed=1")
-    workload = load_workload(spec.format(d=args.duration))
-    warm = load_workload(spec.format(d=args.warmup))
+    workload = load(WorkloadSpec(spec.format(d=args.duration)))
+    warm = load(WorkloadSpec(spec.format(d=args.warmup)))
     prompts = TokenIdPrompts(vocab_size=32000, seed=1)
     cores = sorted(os.sched_getaffinity(0))
     if args.shared_core:

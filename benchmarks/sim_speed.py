@@ -18,7 +18,7 @@ import sys
 import time
 
 from splitbench.sim.cluster import SimPool
-from splitbench.workload.traces import load_workload
+from splitbench.workload.load import WorkloadSpec, load
 from splitbench.metrics.latency import metric_values, stat_of
 from splitbench.app.simrun import build_setup, run_sim, sim_config
 
@@ -35,7 +35,7 @@ def main() -> int:
     ok = True
     for name, trace, pools, target_s in CASES:
         t = time.perf_counter()
-        w = load_workload(trace)
+        w = load(WorkloadSpec(trace, fetch=False))
         load_s = time.perf_counter() - t
         t = time.perf_counter()
         res = run_sim(w, sim_config(pools, layers=setup.shape.layers), setup)

@@ -40,19 +40,6 @@ def user_errors(fn):
 
 # ===================================================================== traces (section: traces)
 
-def _trace_columns(spec: Optional[str]) -> Optional[dict]:
-    """'timestamp=ts,input=prompt_len,output=gen_len' (roles may be written ts/in/out) -> mapping."""
-    if not spec:
-        return None
-    out = {}
-    for item in filter(None, (p.strip() for p in spec.split(","))):
-        role, eq, col = item.partition("=")
-        if not eq or not col.strip():
-            raise InputError(f"--columns: expected ROLE=COLUMN (roles: timestamp, input, output), got {item!r}")
-        out[role.strip()] = col.strip()
-    return out
-
-
 @traces_app.command("list")
 @user_errors
 def traces_list(trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="Searched first.")):
@@ -60,7 +47,7 @@ def traces_list(trace_dir: Optional[str] = typer.Option(None, "--trace-dir", hel
     $SPLITBENCH_TRACE_DIR, ./traces, ../shared/traces, the user cache)."""
     from rich.table import Table
 
-    from splitbench.workload.traces import catalog, find_local
+    from splitbench.workload.catalog import catalog, find_local
     table = Table("name", "description", "where")
     for name, entry in catalog().items():
         path = find_local(name, trace_dir)
@@ -87,11 +74,13 @@ def traces_show(trace: str = typer.Argument(..., help="Catalogue name, file path
 
     from rich.table import Table
 
-    from splitbench.workload.traces import load_workload
-    from splitbench.workload.transforms import plot_workload, workload_stats
-    w = load_workload(trace, trace_dir=trace_dir, columns=_trace_columns(columns), start_s=start_s,
-                      duration_s=duration_s, rate_scale=rate_scale, max_requests=max_requests,
-                      max_context_tokens=max_context_tokens)
+    from splitbench.render.plots import plot_workload
+    from splitbench.workload.load import WorkloadSpec, load
+    from splitbench.workload.traces import parse_columns
+    from splitbench.workload.transforms import workload_stats
+    w = load(WorkloadSpec(trace, trace_dir=trace_dir, columns=parse_columns(columns), start_s=start_s,
+                          duration_s=duration_s, rate_scale=rate_scale, max_requests=max_requests,
+                          max_context_tokens=max_context_tokens, fetch=False))
     stats = workload_stats(w)
     if plot:
         plot_workload(w, str(plot))
@@ -130,7 +119,7 @@ def traces_fetch(name: str = typer.Argument(..., help="Catalogue name (see `spli
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from splitbench.workload.traces import fetch_trace
+    from splitbench.workload.catalog import fetch_trace
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as progress:
         task = progress.add_task(f"fetch {name}", total=None)
@@ -217,18 +206,6 @@ def serve_stub(
 
 # ===================================================================== run / report / reference (section: run)
 
-def _parse_columns(spec: Optional[str]) -> Optional[dict]:
-    if not spec:
-        return None
-    out = {}
-    for item in spec.split(","):
-        if "=" not in item:
-            raise InputError(f"--columns: expected key=column, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
 CLUSTER_BACKENDS = ("vllm", "splitwise", "mixed")
 
 
@@ -314,11 +291,12 @@ def run(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from splitbench.app import runner
     from splitbench.render.console import render_summary
+    from splitbench.workload.traces import parse_columns
     if (gate_rules is None) != (gate_baseline is None):
         raise InputError("--gate and --baseline go together")
     if gate_rules is not None:   # bad rules or an unknown baseline fail before anything starts
         from splitbench.app.baselines import resolve
-        from splitbench.metrics.gate import load_rules
+        from splitbench.metrics.gate_rules import load_rules
         load_rules(gate_rules)
         resolve(gate_baseline, baseline_dir)
     local_cpu_cluster = backend in CLUSTER_BACKENDS and not gpus
@@ -327,7 +305,7 @@ def run(
     if rate_scale is None:
         rate_scale = 0.5 if local_cpu_cluster else 1.0
     opts = runner.RunOptions(
-        trace=trace, trace_dir=trace_dir, columns=_parse_columns(columns), start_s=start, duration_s=duration,
+        trace=trace, trace_dir=trace_dir, columns=parse_columns(columns), start_s=start, duration_s=duration,
         rate_scale=rate_scale, max_requests=max_requests, backend=backend,
         backend_options=_backend_options(
             backend, url, api_key_env, stub_ttft_ms, stub_tpot_ms, instances=instances,
@@ -552,7 +530,7 @@ def compare(
     import time as _time
 
     from splitbench.app import runner
-    from splitbench.metrics.compare import render_compare, render_compare_markdown
+    from splitbench.render.compare import render_compare, render_compare_markdown
     from splitbench.schema.records import atomic_write_bytes
     comparison = runner.compare(list(run_dirs), slos=slo, labels=label, with_series=not no_html)
     if markdown:

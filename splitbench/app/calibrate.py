@@ -176,12 +176,12 @@ def measure_point(rate_rps: float, duration_s: float, workers: int = 1, stub_cpu
     from splitbench.backends import get_backend
     from splitbench.workload.prompts import TokenIdPrompts
     from splitbench.client.replayer import ReplayConfig
-    from splitbench.workload.traces import load_workload
+    from splitbench.workload.load import WorkloadSpec, load
     from splitbench.client.replay import replay_workload
     w = WORKLOAD
     spec = (f"synth:arrivals=poisson,rate={rate_rps},duration={duration_s + WARMUP_S},lengths=fixed,"
             f"input={w['input_tokens']},output={w['output_tokens']},seed=1")
-    workload = load_workload(spec)
+    workload = load(WorkloadSpec(spec))
     prompts = TokenIdPrompts(vocab_size=32000, special_ids=set(range(10)), seed=0)
     stub = get_backend("stub", ttft_s=w["ttft_s"], tpot_s=w["tpot_s"], cpu=stub_cpu)
     with tempfile.TemporaryDirectory(prefix="splitbench-calibrate-") as tmp:

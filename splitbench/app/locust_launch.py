@@ -146,12 +146,11 @@ def run_locust(opts, lo: LocustOptions, on_status: Callable[[str], None] = lambd
     from splitbench.app.accounting import backend_instances, hardware_for
     from splitbench.backends import get_backend
     from splitbench.client.replayer import PATHS, ReplayConfig
-    from splitbench.app.runner import connect, ensure_trace, load, new_run_id, report
+    from splitbench.app.runner import connect, load, new_run_id, report
     check_options(lo)
     if lo.worker:
         return run_worker(lo)
-    ensure_trace(opts, on_status)
-    workload = load(opts)
+    workload = load(opts, on_status)
     if len(workload) == 0:
         raise InputError("the trace window holds no request", file=opts.trace)
     if opts.slos:

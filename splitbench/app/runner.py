@@ -20,6 +20,7 @@ from splitbench.client.replay import replay_workload
 from splitbench.workload.prompts import prompt_source
 from splitbench.errors import InputError
 from splitbench.client.replayer import ReplayConfig, Replayer, ReplayStats
+from splitbench.workload.load import WorkloadSpec, load as load_workload
 from splitbench.workload.types import Workload
 
 DEFAULT_TRACE = "azure-conv-2023"
@@ -91,22 +92,12 @@ def new_run_id(backend: str, trace: str) -> str:
     return f"{stamp}-{backend}-{safe}-{os.getpid() % 10000:04d}"
 
 
-def ensure_trace(opts: RunOptions, on_status: Callable[[str], None] = lambda s: None) -> None:
-    """A catalogue trace that is not local is downloaded (sha256-verified) into the user cache."""
-    from splitbench.workload.traces import catalog, fetch_trace, find_local
-    if not opts.fetch or opts.trace not in catalog() or Path(opts.trace).is_file():
-        return
-    if find_local(opts.trace, opts.trace_dir) is None:
-        on_status(f"trace {opts.trace} not found locally: downloading it")
-        res = fetch_trace(opts.trace)
-        on_status(f"fetched {res.get('path')} ({res.get('status')})")
-
-
-def load(opts: RunOptions) -> Workload:
-    from splitbench.workload.traces import load_workload
-    return load_workload(opts.trace, trace_dir=opts.trace_dir, columns=opts.columns, start_s=opts.start_s,
-                         duration_s=opts.duration_s, rate_scale=opts.rate_scale,
-                         max_requests=opts.max_requests, max_context_tokens=opts.max_context_tokens)
+def load(opts: RunOptions, on_status: Callable[[str], None] = lambda s: None) -> Workload:
+    """The run's workload (workload.load: validated; a missing catalogue trace is fetched when opts.fetch)."""
+    spec = WorkloadSpec(trace=opts.trace, trace_dir=opts.trace_dir, columns=opts.columns, start_s=opts.start_s,
+                        duration_s=opts.duration_s, rate_scale=opts.rate_scale, max_requests=opts.max_requests,
+                        max_context_tokens=opts.max_context_tokens, fetch=opts.fetch)
+    return load_workload(spec, on_status)
 
 
 # ----------------------------------------------------------------------------- run
@@ -114,8 +105,7 @@ def load(opts: RunOptions) -> Workload:
 def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         on_status: Callable[[str], None] = lambda s: None) -> RunResult:
     from splitbench.metrics.summary import save_summary, summarize
-    ensure_trace(opts, on_status)
-    workload = load(opts)  # bad input fails here, before anything starts
+    workload = load(opts, on_status)  # bad input fails here, before anything starts
     slos = None
     if opts.slos:
         from splitbench.metrics.slo import parse_slos

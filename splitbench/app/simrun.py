@@ -175,12 +175,12 @@ class SimOptions:
 
 def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary)."""
-    from splitbench.workload.traces import load_workload
+    from splitbench.workload.load import WorkloadSpec, load
     from splitbench.metrics.slo import parse_slos
     from splitbench.metrics.summary import save_summary, summarize
-    workload = load_workload(opts.trace, trace_dir=opts.trace_dir, start_s=opts.start_s, duration_s=opts.duration_s,
-                             rate_scale=opts.rate_scale, max_requests=opts.max_requests,
-                             max_context_tokens=opts.max_context_tokens)
+    workload = load(WorkloadSpec(opts.trace, trace_dir=opts.trace_dir, start_s=opts.start_s, duration_s=opts.duration_s,
+                                 rate_scale=opts.rate_scale, max_requests=opts.max_requests,
+                                 max_context_tokens=opts.max_context_tokens, fetch=False))
     pools = parse_cluster(opts.cluster)
     slos = parse_slos(opts.slos) if opts.slos else None
     def setup_with(ref_machine):
