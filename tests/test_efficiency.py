@@ -8,9 +8,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from splitbench.app.runner import RunOptions, run
 from splitbench.hardware.catalog import load_catalog, plan_allocation
 from splitbench.errors import InputError
 from splitbench.metrics.compare import build_comparison, iso_views
@@ -164,7 +166,7 @@ def test_compare_cli_on_two_real_stub_runs(tmp_path):
     comp = json.loads((tmp_path / "cmp.json").read_text())
     rows = {r["metric"]: r for r in comp["rows"]}
     fast, slow = rows["ttft_p50_s"]["values"]
-    assert 0.010 <= fast < 0.030 and 0.080 <= slow < 0.110       # the stubs' configured TTFTs
+    assert 0.010 <= fast < 0.080 <= slow       # the stubs' configured TTFTs (10 and 80 ms) are floors; any host
     assert rows["slo_ttft_p99_met"]["values"] == ["met", "MISSED"]
     # same hardware share and the same trace: per-$ figures differ only by the window length
     assert rows["total_usd_per_hour"]["values"] == [pytest.approx(0.1)] * 2
@@ -177,9 +179,6 @@ def test_compare_cli_on_two_real_stub_runs(tmp_path):
 def test_run_with_nvml_power_measures_energy_instead_of_estimating(tmp_path, monkeypatch):
     """The whole runner path with the fake NVML (2 GPUs at 300 W and 100 W, one without an energy counter):
     samples land in the run dir and the summary's energy is measured, ~400 W x the throughput window."""
-    from pathlib import Path
-
-    from splitbench.app.runner import RunOptions, run
     fake = Path(__file__).resolve().parent / "fake_nvml"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("FAKE_NVML_GPUS", "H100:300,H100:100:noenergy")

@@ -6,6 +6,7 @@ import csv
 import functools
 import hashlib
 import http.server
+import json
 import subprocess
 import sys
 import threading
@@ -57,7 +58,7 @@ def stdlib_parse(path: Path):
     ("azure-code-2023", 8819, 13.2, 67, 3435.9, 2047.8, 1469, 251, 1899),
 ])
 def test_shared_traces_match_manifest(name, rows, cv, busiest, span_s, in_mean, in_p50, out_p99, out_max):
-    w = load(WorkloadSpec(name, trace_dir=str(SHARED)))   # load speed: benchmarks/trace_load.py
+    w = load(WorkloadSpec(name, trace_dir=str(SHARED)))   # load speed: benchmarks/workload_speed.py
     s = workload_stats(w)
     assert s["rows"] == rows == len(w)
     assert round(s["interarrival_cv"], 2 if cv < 10 else 1) == cv
@@ -81,7 +82,6 @@ def test_seven_digit_fractions_parsed_exactly():
 def test_show_cli_json():
     r = cli("traces", "show", "azure-code-2023", "--trace-dir", str(SHARED), "--json")
     assert r.exit_code == 0, r.output
-    import json
     d = json.loads(r.stdout)
     assert d["stats"]["rows"] == 8819 and d["workload"]["source"]["name"] == "azure-code-2023"
 
@@ -367,7 +367,7 @@ def test_streamed_window_on_big_2024_file(tmp_path, monkeypatch):
     text = path.read_text()
     assert "+00:00," in text and any(len(l.split(",")[0]) == 25 for l in text.splitlines()[1:200])
     monkeypatch.setattr(tr, "BLOCK_BYTES", 256 << 10)   # many batches
-    w = load(WorkloadSpec(str(path), start_s=500, duration_s=10))   # streaming speed: benchmarks/trace_load.py
+    w = load(WorkloadSpec(str(path), start_s=500, duration_s=10))   # streaming speed: benchmarks/workload_speed.py
     idx = np.nonzero((t >= 500) & (t < 510))[0]
     assert list(w.trace_index) == list(idx) and 900 < len(idx) < 1100
     assert np.allclose(w.arrival_s, t[idx] - t[idx[0]], atol=1e-9)

@@ -88,7 +88,8 @@ def _load(ref, store) -> dict:
 
 def gate(baselines: list, candidates: list, rules_path: str | Path, store: str | Path | None = None) -> dict:
     """Evaluate gates.toml on baseline run(s) vs candidate run(s); see metrics.gate.evaluate for the verdict."""
-    from splitbench.metrics.gate import evaluate, load_rules
+    from splitbench.metrics.gate import evaluate
+    from splitbench.metrics.gate_rules import load_rules
     rules = load_rules(rules_path)
     base = [_load(b, store) for b in baselines]
     cand = [_load(c, store) for c in candidates]

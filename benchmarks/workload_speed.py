@@ -1,11 +1,12 @@
-"""Trace loading speed targets (the wall-clock checks that used to sit in tests/test_traces.py):
+"""Workload speed targets (the wall-clock checks that used to sit in tests/test_traces.py and tests/test_prompts.py):
 
 1. each shared Azure 2023 trace (azure-conv-2023: 19,366 rows; azure-code-2023: 8,819 rows), parsed, validated and
    hashed through workload.load: <= 1 s;
 2. a 10 s window at 500 s of a 200,000-row 2024-style CSV (UTC offsets, 100 req/s) streamed in 256 KiB batches, so
-   only the rows up to the window are read: <= 2 s.
+   only the rows up to the window are read: <= 2 s;
+3. a 1000-token token-id prompt body (TokenIdPrompts.payload, Llama-3-sized vocabulary): <= 200 us per request.
 
-Run: `python benchmarks/trace_load.py [--shared ../shared/traces]`. Prints each case's wall time (best of 3) against
+Run: `python benchmarks/workload_speed.py [--shared ../shared/traces]`. Prints each case's wall time (best of 3) against
 its target; exit 0 when every target is met. Timing targets live here, never in tests (a busy host is not a bug).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from splitbench.workload import traces
 from splitbench.workload.load import WorkloadSpec, load
+from splitbench.workload.prompts import TokenIdPrompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +65,12 @@ def main() -> int:
         ok &= good
         print(f"200,000-row CSV, 10 s window at 500 s: {len(w):,} requests, {w.source['rows_read']:,} rows read in "
               f"{secs:.3f} s (target <= 2 s) {'PASS' if good else 'FAIL'}")
+    p = TokenIdPrompts(128_256, set(range(128_000, 128_256)))
+    secs, _ = best_of(3, lambda: [p.payload(i, 1000) for i in range(2000)])
+    good = secs / 2000 <= 200e-6
+    ok &= good
+    print(f"token-id payload, 1000 tokens: {secs / 2000 * 1e6:.1f} us per request (target <= 200 us) "
+          f"{'PASS' if good else 'FAIL'}")
     return 0 if ok else 1
 
 
