@@ -13,15 +13,14 @@ import sys
 
 import numpy as np
 
-from splitbench.schema import records as R
-from splitbench.schema.files import atomic_write_json
 from splitbench import timing
 from splitbench.backends.stub import StubBackend
-from splitbench.workload.prompts import TokenIdPrompts
 from splitbench.client.replayer import ReplayConfig, Replayer
 from splitbench.client.transport import HTTP_TRANSPORTS
-from splitbench.workload.traces import load_workload
-
+from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_json
+from splitbench.workload.load import WorkloadSpec, load
+from splitbench.workload.prompts import TokenIdPrompts
 
 _HZ = os.sysconf("SC_CLK_TCK")
 
@@ -79,8 +78,8 @@ def main() -> int:
     transports = args.transports.split(",")
     spec = (f"synth:arrivals=poisson,rate={args.rate},duration={{d}},lengths=fixed,input={args.input},"
             f"output={args.output},seed=1")
-    workload = load_workload(spec.format(d=args.duration))
-    warm = load_workload(spec.format(d=args.warmup))
+    workload = load(WorkloadSpec(spec.format(d=args.duration)))
+    warm = load(WorkloadSpec(spec.format(d=args.warmup)))
     prompts = TokenIdPrompts(vocab_size=32000, seed=1)
     cores = sorted(os.sched_getaffinity(0))
     if args.shared_core:

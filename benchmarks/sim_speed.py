@@ -25,7 +25,7 @@ from splitbench.app.simrun import build_setup, run_sim, sim_config
 from splitbench.metrics.latency import metric_values, stat_of
 from splitbench.schema.runmeta import host_info, package_versions
 from splitbench.sim.config import SimPool
-from splitbench.workload.traces import load_workload
+from splitbench.workload.load import WorkloadSpec, load
 
 CASES = (   # (name, JSON key, trace, pools, target_s)
     ("azure-conv-2023 full hour, 70 machines", "azure_conv_hour", "azure-conv-2023",
@@ -49,7 +49,7 @@ def main() -> int:
     ok, cases = True, []
     for name, key, trace, pools, target_s in CASES:
         t = time.perf_counter()
-        w = load_workload(trace)
+        w = load(WorkloadSpec(trace, fetch=False))
         load_s = time.perf_counter() - t
         t, c = time.perf_counter(), time.process_time()
         res = run_sim(w, sim_config(pools, layers=setup.shape.layers), setup)

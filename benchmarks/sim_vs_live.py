@@ -20,10 +20,10 @@ import argparse
 import json
 from pathlib import Path
 
+from splitbench.app.simrun import SimOptions, simulate_run
+from splitbench.metrics.latency import metric_values, stat_of
 from splitbench.schema import records as R
 from splitbench.schema.runmeta import read_run_meta
-from splitbench.metrics.latency import metric_values, stat_of
-from splitbench.app.simrun import SimOptions, simulate_run
 
 METRICS = (("ttft", "TTFT"), ("tbt", "TBT"), ("e2e", "E2E"))
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from splitbench.hardware.catalog import (MachineType, cost_usd, get_machine, load_catalog,
-                                          provisioned_energy_j)
 from splitbench.errors import InputError
+from splitbench.hardware.catalog import MachineType, cost_usd, get_machine, load_catalog, provisioned_energy_j
 
 
 @pytest.fixture(autouse=True)

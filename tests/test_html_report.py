@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from browser_check import check_rendered, launch
 
+from splitbench.hardware.catalog import load_catalog, plan_allocation
+from splitbench.metrics.compare import build_comparison as lead_build
+from splitbench.metrics.efficiency import efficiency_section
 from splitbench.metrics.series import (
     TTFT_COMPONENTS,
     cdf_points,
@@ -17,6 +20,8 @@ from splitbench.metrics.series import (
     ttft_breakdown,
     ttft_components,
 )
+from splitbench.metrics.summary import summarize
+from splitbench.render.html import render_html
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_bytes
 from splitbench.schema.records import RequestRecord
@@ -108,14 +113,11 @@ SYNTH = "synth:arrivals=poisson,rate=20,duration=3,lengths=fixed,input=32,output
 
 
 def _efficiency(records, run_meta, instances):
-    from splitbench.hardware.catalog import load_catalog, plan_allocation
-    from splitbench.metrics.efficiency import efficiency_section
     hw = plan_allocation(instances, catalog=load_catalog(), host_cpus=2)
     return efficiency_section(records, {**run_meta, "hardware": hw})
 
 
 def _entry(label, run_dir, records, meta, rows=None, instances=None, with_efficiency=True):
-    from splitbench.metrics.summary import summarize
     if instances is not None:
         meta = {**meta, "backend": {**(meta.get("backend") or {}), "instances": instances}}
     summary = summarize(records, run_meta=meta, slos="ttft_p99=0.05s")
@@ -126,7 +128,6 @@ def _entry(label, run_dir, records, meta, rows=None, instances=None, with_effici
 
 
 def build_comparison(runs: list[dict]) -> dict:
-    from splitbench.metrics.compare import build_comparison as lead_build
     c = lead_build(runs)
     c["notes"].append("test comparison <built by tests/test_html_report.py>")
     return c
@@ -183,17 +184,19 @@ def real_runs(tmp_path_factory):
 
 def test_series_of_real_runs(real_runs):
     fast, slow, split = real_runs
-    for run, ttft in ((fast, 0.02), (slow, 0.06)):
-        s = run["series"]
+    for entry, ttft in ((fast, 0.02), (slow, 0.06)):
+        s = entry["series"]
         assert s["ttft_breakdown"] is None and s["instances"] == {}
         x = s["cdf"]["ttft_s"]["x"]
-        assert len(x) == run["summary"]["latency"]["ttft_s"]["count"] > 30
-        assert ttft <= x[0] and x[len(x) // 2] < ttft + 0.03
+        assert len(x) == entry["summary"]["latency"]["ttft_s"]["count"] > 30
+        assert ttft <= x[0]                                       # the stub's TTFT is a floor
         assert max(s["inflight"]["requests"]) >= 1
+    fast_x, slow_x = fast["series"]["cdf"]["ttft_s"]["x"], slow["series"]["cdf"]["ttft_s"]["x"]
+    assert fast_x[len(fast_x) // 2] < slow_x[0]                   # the 20 ms run's median is below all 60 ms ones
     b = split["series"]["ttft_breakdown"]
     assert b["requests"] == split["summary"]["counts"]["ok"] > 30
     assert b["mean_s"]["prefill"] >= 0.03                       # the prompt stub's TTFT
-    assert 0.01 <= b["mean_s"]["kv_transfer_and_decode_start"] < 0.1  # token stub: kv_transfer_s, not its ttft_s
+    assert 0.01 <= b["mean_s"]["kv_transfer_and_decode_start"] < 0.5  # token stub: kv_transfer_s, not its 0.5 s ttft_s
     assert sum(b["mean_s"].values()) == pytest.approx(split["summary"]["latency"]["ttft_s"]["mean"], abs=1e-9)
     inst = split["series"]["instances"]
     assert set(inst) == {"prompt-0", "token-0"} and inst["prompt-0"]["pool"] == "prompt"
@@ -202,7 +205,6 @@ def test_series_of_real_runs(real_runs):
 
 
 def test_html_is_self_contained_and_escaped(real_runs):
-    from splitbench.render.html import render_html
     html = render_html(build_comparison(real_runs))
     assert "<script" not in html.lower() and "src=" not in html and "url(http" not in html
     assert 'href="http' not in html and "xlink:href=\"http" not in html
@@ -218,7 +220,6 @@ def _figure(html: str, fid: str) -> str:
 
 
 def test_figures_are_text_without_split_runs_or_hardware(real_runs):
-    from splitbench.render.html import render_html
     runs = [{**r, "summary": {**r["summary"], "efficiency": None}} for r in real_runs[:2]]
     html = render_html(build_comparison(runs))
     assert "<svg" not in _figure(html, "plot-ttft-breakdown") and "no TTFT breakdown" in html
@@ -231,7 +232,7 @@ def test_figures_are_text_without_split_runs_or_hardware(real_runs):
 
 @pytest.fixture(scope="module")
 def browser():
-    try:
+    try:   # lazy: without the optional [test] extra only the browser test fails, with this message
         from playwright.sync_api import sync_playwright
     except ImportError as e:
         pytest.fail(f"playwright is not installed ({e}): `pip install -e '.[test]'`")
@@ -244,7 +245,6 @@ def browser():
 
 
 def test_html_report_in_headless_chromium(real_runs, browser, tmp_path):
-    from splitbench.render.html import render_html
     path = tmp_path / "compare.html"
     atomic_write_bytes(path, render_html(build_comparison(real_runs)).encode())
     seen = check_rendered(browser, path, labels=["stub-20ms", "stub-60ms", "split <stub>"],

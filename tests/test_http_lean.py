@@ -14,13 +14,13 @@ import time
 
 import pytest
 
-from splitbench.schema import records as R
-from splitbench.servers.stub_main import run_stub_in_thread
 from splitbench.client.http_conn import _Conn
 from splitbench.client.http_lean import LeanClient, LeanTransport
 from splitbench.client.outcome import StreamError
 from splitbench.client.sink import RecordSink
+from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
+from splitbench.servers.stub_main import run_stub_in_thread
 from splitbench.timing import run
 
 pytestmark = pytest.mark.timeout(60)

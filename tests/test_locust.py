@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitbench.schema import records as R
-from splitbench.servers.stub_main import run_stub_in_thread
 from splitbench.client.locust_bridge import (
     LiveLLM,
     PipeWriter,
@@ -27,10 +25,12 @@ from splitbench.client.locust_bridge import (
     workload_from_json,
     workload_to_json,
 )
-from splitbench.client.shards import shard_positions
-from splitbench.client.replayer import ReplayConfig
-from splitbench.workload.types import Workload
 from splitbench.client.replay import replay_workload
+from splitbench.client.replayer import ReplayConfig
+from splitbench.client.shards import shard_positions
+from splitbench.schema import records as R
+from splitbench.servers.stub_main import run_stub_in_thread
+from splitbench.workload.types import Workload
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 SYNTH = "synth:arrivals=poisson,rate={rate},duration={dur},lengths=fixed,input=32,output={out},seed={seed}"

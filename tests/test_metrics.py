@@ -8,14 +8,31 @@ from rich.console import Console
 
 from splitbench.errors import InputError
 from splitbench.metrics.fidelity import fidelity_section
-from splitbench.metrics.latency import (METRIC_DEFINITIONS, e2e_s, latency_section, mean_tbt_s, norm_s,
-                                        percentile_set, tbt_gaps_s, throughput_section, ttft_s)
-from splitbench.render.console import render_markdown, render_summary
-from splitbench.metrics.slo import (SLO, Reference, evaluate_slos, fit_reference, load_reference,
-                                    parse_slos, save_reference, splitwise_verdict)
+from splitbench.metrics.latency import (
+    METRIC_DEFINITIONS,
+    e2e_s,
+    latency_section,
+    mean_tbt_s,
+    norm_s,
+    percentile_set,
+    tbt_gaps_s,
+    throughput_section,
+    ttft_s,
+)
+from splitbench.metrics.slo import (
+    SLO,
+    Reference,
+    evaluate_slos,
+    fit_reference,
+    load_reference,
+    parse_slos,
+    save_reference,
+    splitwise_verdict,
+)
 from splitbench.metrics.summary import summarize
-from splitbench.schema.summary import read_summary, write_summary
+from splitbench.render.console import render_markdown, render_summary
 from splitbench.schema.records import RequestRecord
+from splitbench.schema.summary import read_summary, write_summary
 
 _ids = iter(range(10**6))
 

@@ -18,14 +18,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from splitbench.app.profile import measure_profile
+from splitbench.errors import InputError
+from splitbench.hardware.catalog import load_catalog
 from splitbench.sim import perfmodel as pm
 from splitbench.sim import profiles as pf
 from splitbench.sim import shapes as sh
-from splitbench.hardware.catalog import load_catalog
-from splitbench.app.profile import measure_profile
 from splitbench.sim.profiles import fetch_profile, read_profile_rows
-from splitbench.errors import InputError
-
 
 
 def _shared_profile() -> Path:

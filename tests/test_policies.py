@@ -8,8 +8,20 @@ from dataclasses import replace
 import pytest
 
 from splitbench.errors import InputError
-from splitbench.policies import (JSQ, Decision, InstanceView, Ledger, MixedPool, NoHealthyInstance, Request,
-                                 RoundRobin, make_policy, parse_policy_params, policy_params, routable)
+from splitbench.policies import (
+    JSQ,
+    Decision,
+    InstanceView,
+    Ledger,
+    MixedPool,
+    NoHealthyInstance,
+    Request,
+    RoundRobin,
+    make_policy,
+    parse_policy_params,
+    policy_params,
+    routable,
+)
 
 R = Request("r", 100, 10)
 

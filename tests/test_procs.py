@@ -6,8 +6,17 @@ import time
 
 import pytest
 
-from splitbench.errors import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK,
-                               IncompleteRunError, InputError, ServerStartError, exit_code)
+from splitbench.errors import (
+    EXIT_FAILED,
+    EXIT_INCOMPLETE,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    IncompleteRunError,
+    InputError,
+    ServerStartError,
+    exit_code,
+)
 from splitbench.procs import REAPER, group_alive, spawn, stop_group, wait_ready
 
 STUBBORN = r"""

@@ -2,22 +2,18 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from tokenizers import Tokenizer
 
-from splitbench.servers.tiny_model import write_tiny_model
 from splitbench.errors import InputError
+from splitbench.servers.tiny_model import MARKER_FILE, ensure_tiny_model, write_tiny_model
 from splitbench.workload.prompts import ChatPrompts, TokenIdPrompts
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    t0 = time.perf_counter()
-    d = write_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
-    assert time.perf_counter() - t0 < 5
-    return d
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
 
 
 def test_tiny_model_files_and_determinism(model_dir, tmp_path):
@@ -68,16 +64,6 @@ def test_shared_prefix():
     assert TokenIdPrompts(4096, {0, 1}, seed=3).token_ids(0, 300)[:64] != a[:64]
 
 
-def test_token_id_payload_is_fast():
-    p = TokenIdPrompts(128_256, set(range(128_000, 128_256)))
-    n = 2000
-    t0 = time.perf_counter()
-    for i in range(n):
-        p.payload(i, 1000)
-    per_call_s = (time.perf_counter() - t0) / n
-    assert per_call_s < 200e-6, per_call_s   # typically ~35 us on the 2-core dev box
-
-
 def test_chat_calibration_exact(model_dir):
     c = ChatPrompts(model_dir, seed=1)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -112,7 +98,6 @@ def test_chat_count_matches_transformers(model_dir):
 
 
 def test_ensure_tiny_model_generates_once_and_regenerates_on_version_change(tmp_path):
-    from splitbench.servers.tiny_model import MARKER_FILE, ensure_tiny_model
     d = ensure_tiny_model(tmp_path)
     assert d == tmp_path / "tiny-llama" and (d / "model.safetensors").is_file()
     stamp = (d / "model.safetensors").stat().st_mtime_ns

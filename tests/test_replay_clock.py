@@ -15,8 +15,15 @@ from splitbench.client.mock import MockResponse, MockTransport
 from splitbench.client.replay import replay_workload
 from splitbench.client.replayer import ReplayConfig, Replayer
 from splitbench.client.shards import shard, shard_positions
-from splitbench.client.workers import (PINGS, START_MIN_MARGIN_S, START_RTT_FACTOR, StartBarrier, WorkerGate,
-                                       merge_stats, start_margin_s)
+from splitbench.client.workers import (
+    PINGS,
+    START_MIN_MARGIN_S,
+    START_RTT_FACTOR,
+    StartBarrier,
+    WorkerGate,
+    merge_stats,
+    start_margin_s,
+)
 from splitbench.schema import records as R
 from splitbench.timing import FakeClock
 from splitbench.workload.synth import synthesize

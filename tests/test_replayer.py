@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from splitbench.schema import records as R
-from splitbench.servers.stub_main import run_stub_in_thread
 from splitbench.cli import app
-from splitbench.workload.prompts import TokenIdPrompts
 from splitbench.client.replayer import ReplayConfig, Replayer
 from splitbench.client.sink import RecordSink
+from splitbench.schema import records as R
+from splitbench.servers.stub_main import run_stub_in_thread
+from splitbench.workload.prompts import TokenIdPrompts
 from splitbench.workload.types import Workload
 
 

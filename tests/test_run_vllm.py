@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from splitbench.schema import records as R
 from splitbench.cli import app
+from splitbench.schema import records as R
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
 

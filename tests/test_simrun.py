@@ -10,11 +10,11 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from splitbench.schema import records as R
 from splitbench.app.design import DesignSpec, configurations, search
+from splitbench.app.simrun import SimOptions, parse_cluster, simulate_run
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
-from splitbench.app.simrun import SimOptions, parse_cluster, simulate_run
+from splitbench.schema import records as R
 
 CLI = [sys.executable, "-m", "splitbench.cli"]
 WINDOW = dict(trace="azure-conv-2023", duration_s=120.0)

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 
 from splitbench import policies
-
+from splitbench.errors import InputError
+from splitbench.metrics.latency import e2e_s, tbt_gaps_s, ttft_s
 from splitbench.servers import router
-
 from splitbench.sim import cluster as sim_cluster
 from splitbench.sim.cluster import simulate
 from splitbench.sim.config import SimConfig, SimPool
 from splitbench.sim.engine import Simulator
-from splitbench.errors import InputError
 from splitbench.workload.types import Workload
-from splitbench.metrics.latency import e2e_s, tbt_gaps_s, ttft_s
 
 EPS = 1e-12
 

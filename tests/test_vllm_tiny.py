@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from splitbench.workload.prompts import ChatPrompts, TokenIdPrompts
 from splitbench.procs import group_alive
+from splitbench.workload.prompts import ChatPrompts, TokenIdPrompts
 
 
 def stream(server, path: str, body: dict) -> list[dict]:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from splitbench.app.reports import report
 from splitbench.errors import InputError
-from splitbench.metrics.gate import evaluate, load_rules
+from splitbench.metrics.gate import evaluate
+from splitbench.metrics.gate_rules import load_rules
 from splitbench.schema import records as R
 from splitbench.schema.runmeta import read_run_meta
 

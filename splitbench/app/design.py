@@ -15,7 +15,7 @@ from splitbench.hardware.catalog import load_catalog
 from splitbench.metrics.latency import throughput_section
 from splitbench.metrics.slo import splitwise_verdict
 from splitbench.sim.config import SimPool
-from splitbench.workload.traces import load_workload
+from splitbench.workload.load import WorkloadSpec, load
 
 OBJECTIVES = ("throughput", "cost", "power")
 BUDGETS = ("iso-power", "iso-cost")
@@ -121,8 +121,8 @@ def _setup(spec: DesignSpec, machines: tuple[str, ...]):
 def probe(spec: DesignSpec, pools: list[tuple[str, str, int]], rate_rps: float) -> tuple[bool, dict]:
     """Simulate `duration_s` of Poisson arrivals at `rate_rps` (lengths from the trace); do all nine SLOs hold?"""
     setup, ref = _setup(spec, tuple(sorted({m for _, m, _ in pools})))
-    w = load_workload(f"synth:arrivals=poisson,rate={rate_rps:.6g},duration={spec.duration_s:g},"
-                      f"lengths={spec.trace},seed={spec.seed}")
+    w = load(WorkloadSpec(f"synth:arrivals=poisson,rate={rate_rps:.6g},duration={spec.duration_s:g},"
+                          f"lengths={spec.trace},seed={spec.seed}", fetch=False))
     res = run_sim(w, sim_config([SimPool(*p) for p in pools], seed=spec.seed, layers=setup.shape.layers), setup)
     v = splitwise_verdict(res.records, ref)
     ok = v["passed"] and all(r.ok for r in res.records)

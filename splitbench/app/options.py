@@ -9,8 +9,8 @@ from pathlib import Path
 
 from splitbench.errors import InputError
 from splitbench.policies import parse_policy_params
+from splitbench.workload.load import DEFAULT_TRACE, WorkloadSpec
 
-DEFAULT_TRACE = "azure-conv-2023"
 CLUSTER_BACKENDS = ("vllm", "splitwise", "mixed")
 DEFAULT_POLICY = {"vllm": "jsq", "splitwise": "jsq", "mixed": "mixed-pool"}   # the backends' own defaults
 LOCAL_CLUSTER_DURATION_S = 40.0    # a local CPU cluster's default window (trace seconds)
@@ -51,6 +51,14 @@ class RunOptions:
     hardware_file: str | None = None       # user hardware catalog TOML merged over the packaged one
     power: str = "auto"                    # auto (NVML when instances hold GPUs) | nvml | off
     workers: int = 1                       # sender processes (client/workers.py); 1 = this process
+
+
+def workload_spec(opts) -> WorkloadSpec:
+    """The workload options of RunOptions (or SimOptions: same field names); a rate scale the session has still
+    to size reads as 1."""
+    return WorkloadSpec(trace=opts.trace, trace_dir=opts.trace_dir, columns=opts.columns, start_s=opts.start_s,
+                        duration_s=opts.duration_s, rate_scale=opts.rate_scale or 1.0, max_requests=opts.max_requests,
+                        max_context_tokens=opts.max_context_tokens, fetch=opts.fetch)
 
 
 def local_cpu_cluster(opts: RunOptions) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from splitbench.app import accounting
-from splitbench.app.options import RunOptions, check_options, new_run_id, resolve_defaults
+from splitbench.app.options import RunOptions, check_options, new_run_id, resolve_defaults, workload_spec
 from splitbench.backends.registry import get_backend
 from splitbench.client.probe import served_model
 from splitbench.client.replay import replay_workload
@@ -24,8 +24,8 @@ from splitbench.schema import records as R
 from splitbench.schema.runmeta import host_info, package_versions, write_run_meta
 from splitbench.schema.summary import write_summary
 from splitbench.servers.phaselog import load_phase_log, merge_phases
+from splitbench.workload.load import load
 from splitbench.workload.prompts import prompt_source
-from splitbench.workload.traces import catalog, fetch_trace, find_local, load_workload
 from splitbench.workload.transforms import clip_context, workload_digest
 from splitbench.workload.types import Workload
 
@@ -42,23 +42,6 @@ class Connection:
     workload: Workload
     prompts: Any
     cfg: ReplayConfig
-
-
-def ensure_trace(opts: RunOptions, on_status: Status) -> None:
-    """A catalogue trace that is not local is downloaded (sha256-verified) into the user cache."""
-    if not opts.fetch or opts.trace not in catalog() or Path(opts.trace).is_file():
-        return
-    if find_local(opts.trace, opts.trace_dir) is None:
-        on_status(f"trace {opts.trace} not found locally: downloading it")
-        res = fetch_trace(opts.trace)
-        on_status(f"fetched {res.get('path')} ({res.get('status')})")
-
-
-def load(opts: RunOptions) -> Workload:
-    """The trace window the options name (rate scale 1 while the session has still to size it)."""
-    return load_workload(opts.trace, trace_dir=opts.trace_dir, columns=opts.columns, start_s=opts.start_s,
-                         duration_s=opts.duration_s, rate_scale=opts.rate_scale or 1.0,
-                         max_requests=opts.max_requests, max_context_tokens=opts.max_context_tokens)
 
 
 class RunSession:
@@ -90,8 +73,7 @@ class RunSession:
         self.backend = get_backend(o.backend, **o.backend_options)
         given = self.workload is not None
         if not given:
-            ensure_trace(o, self.on_status)
-            self.workload = load(o)
+            self.workload = load(workload_spec(o), self.on_status)
         run_id = o.run_id or new_run_id(o.backend if self.kind == "run" else f"{self.kind}-{o.backend}",
                                         self.kind if given else o.trace)
         self.run_dir = Path(o.results_dir) / run_id

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from splitbench.app.session import ensure_trace, load
+from splitbench.app.options import workload_spec
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog, whole_machine_allocation
 from splitbench.metrics.slo import fit_reference, parse_slos
@@ -23,6 +23,7 @@ from splitbench.sim.config import SimConfig, SimPool
 from splitbench.sim.perfmodel import get_perf_model, load_profiles
 from splitbench.sim.profiles import find_profile, profile_hardware_name
 from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
+from splitbench.workload.load import load
 from splitbench.workload.types import Workload
 
 # Splitwise's cluster designs (paper §VI): pool -> machine type; counts come from the search or the user.
@@ -181,8 +182,7 @@ class SimOptions:
 
 def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary)."""
-    ensure_trace(opts, lambda s: None)
-    workload = load(opts)
+    workload = load(workload_spec(opts))
     pools = parse_cluster(opts.cluster)
     run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
     run_dir = Path(opts.results_dir) / run_id

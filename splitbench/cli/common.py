@@ -7,7 +7,7 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import typer
 from rich.console import Console
@@ -92,19 +92,6 @@ def int_list(spec: str, flag: str) -> list[int]:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"{flag}: expected comma-separated whole numbers, got {spec!r}") from None
-
-
-def parse_columns(spec: Optional[str]) -> Optional[dict]:
-    """'timestamp=ts,input=prompt_len,output=gen_len' (roles may be written ts/in/out) -> mapping."""
-    if not spec:
-        return None
-    out = {}
-    for item in filter(None, (p.strip() for p in spec.split(","))):
-        role, eq, col = item.partition("=")
-        if not eq or not col.strip():
-            raise InputError(f"--columns: expected ROLE=COLUMN (roles: timestamp, input, output), got {item!r}")
-        out[role.strip()] = col.strip()
-    return out
 
 
 def pick(values: dict, names: typing.Iterable[str]) -> dict:

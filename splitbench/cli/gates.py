@@ -20,7 +20,7 @@ from splitbench.cli.common import console, err_console, user_errors
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
 from splitbench.hardware.ceiling import store_path
-from splitbench.metrics.compare import render_compare, render_compare_markdown
+from splitbench.render.compare import render_compare, render_compare_markdown
 from splitbench.render.gate import render_console, render_json, render_junit, render_markdown
 from splitbench.render.html import render_html
 from splitbench.schema.files import atomic_write_bytes

@@ -13,12 +13,13 @@ from splitbench.app.baselines import gate as run_gate
 from splitbench.app.baselines import resolve
 from splitbench.app.locust_launch import LocustOptions, run_locust, run_worker
 from splitbench.app.options import RunOptions, backend_options
-from splitbench.cli.common import console, err_console, int_list, parse_columns, pick, user_errors, with_options
+from splitbench.cli.common import console, err_console, int_list, pick, user_errors, with_options
 from splitbench.cli.gates import emit_gate
 from splitbench.cli.groups import BACKEND, BACKEND_FLAGS, CLIENT, CLUSTER, FETCH, HARDWARE, PROMPTS, RESULTS, WORKLOAD
 from splitbench.errors import InputError
-from splitbench.metrics.gate import load_rules
+from splitbench.metrics.gate_rules import load_rules
 from splitbench.render.console import render_markdown, render_summary
+from splitbench.workload.traces import parse_columns
 
 
 def run_options(opts: dict, **fixed) -> RunOptions:

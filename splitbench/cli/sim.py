@@ -11,7 +11,7 @@ from rich.table import Table
 from splitbench.app.design import DesignSpec, plot_design, search
 from splitbench.app.profile import measure_profile
 from splitbench.app.simrun import SimOptions, simulate_run
-from splitbench.cli.common import console, err_console, int_list, parse_columns, user_errors, with_options
+from splitbench.cli.common import console, err_console, int_list, user_errors, with_options
 from splitbench.cli.groups import FETCH, RESULTS, WORKLOAD
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
@@ -21,6 +21,7 @@ from splitbench.schema.files import atomic_write_json
 from splitbench.sim.perfmodel import load_profiles
 from splitbench.sim.profiles import fetch_profile, find_profile, profile_hardware_name
 from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
+from splitbench.workload.traces import parse_columns
 
 
 @user_errors

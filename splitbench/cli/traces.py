@@ -10,13 +10,17 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from splitbench.cli.common import console, err_console, parse_columns, user_errors
+from splitbench.cli.common import console, err_console, user_errors, with_options
+from splitbench.cli.groups import WORKLOAD
+from splitbench.render.plots import plot_workload
 from splitbench.servers.stub import StubConfig
 from splitbench.servers.stub_main import run_server
 from splitbench.servers.tiny_model import write_tiny_model
+from splitbench.workload.catalog import catalog, fetch_trace, find_local
+from splitbench.workload.load import WorkloadSpec, load
 from splitbench.workload.synth import from_spec, write_azure_csv
-from splitbench.workload.traces import catalog, fetch_trace, find_local, load_workload
-from splitbench.workload.transforms import plot_workload, workload_stats
+from splitbench.workload.traces import parse_columns
+from splitbench.workload.transforms import workload_stats
 
 
 @user_errors
@@ -32,24 +36,15 @@ def traces_list(trace_dir: Optional[str] = typer.Option(None, "--trace-dir", hel
 
 
 @user_errors
-def traces_show(trace: str = typer.Argument(..., help="Catalogue name, file path, or synth:... spec."),
-                trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="Searched first for names."),
-                start_s: float = typer.Option(0.0, "--start", help="Window start, s after the first row."),
-                duration_s: Optional[float] = typer.Option(None, "--duration", help="Window length in seconds."),
-                rate_scale: float = typer.Option(1.0, "--rate-scale", help="Multiply the arrival rate."),
-                max_requests: Optional[int] = typer.Option(None, "--max-requests", help="Keep the first N."),
-                max_context_tokens: Optional[int] = typer.Option(None, "--max-context-tokens",
-                                                                 help="Clip input+output to this context."),
-                columns: Optional[str] = typer.Option(None, "--columns",
-                                                      help="timestamp=COL,input=COL,output=COL for other files."),
+@with_options(WORKLOAD[1:], target=WorkloadSpec)
+def traces_show(opts: dict,
+                trace: str = typer.Argument(..., help="Catalogue name, file path, or synth:... spec."),
                 plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: arrivals/s + length histograms."),
                 as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """Validate a trace, apply the transforms and print its statistics."""
 
 
-    w = load_workload(trace, trace_dir=trace_dir, columns=parse_columns(columns), start_s=start_s,
-                      duration_s=duration_s, rate_scale=rate_scale, max_requests=max_requests,
-                      max_context_tokens=max_context_tokens)
+    w = load(WorkloadSpec(trace, **{**opts, "columns": parse_columns(opts["columns"])}, fetch=False))
     stats = workload_stats(w)
     if plot:
         plot_workload(w, str(plot))

@@ -1,5 +1,5 @@
 """Side-by-side comparison of runs (pure): rows of latency, SLO, throughput, cost/energy efficiency and iso-cost /
-iso-power views with ratios against the first run; console and Markdown rendering of those rows.
+iso-power views with ratios against the first run. Rendering of those rows: render/compare.py and render/html.py.
 """
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 
 COMPARE_KIND = "splitbench.compare"
 COMPARE_VERSION = 1
+SECTIONS = (("latency", "Latency"), ("slo", "SLO verdicts"), ("throughput", "Throughput"),
+            ("efficiency", "Efficiency"), ("iso", "Iso-cost and iso-power views"), ("fidelity", "Replay fidelity"))
 
 LATENCY = (("ttft_s", "TTFT"), ("tbt_s", "TBT"), ("mean_tbt_s", "mean TBT"), ("e2e_s", "E2E"))
 LAT_STATS = ("p50", "p90", "p99")
@@ -150,61 +152,3 @@ def build_comparison(runs: list[dict]) -> dict:
                       "backend": _get(r["summary"], "run", "backend"), "summary": r["summary"],
                       "series": r.get("series")} for r in runs],
             "rows": comparison_rows(summaries), "notes": notes}
-
-
-# ----------------------------------------------------------------------------- rendering
-
-def _fmt(v, unit: str) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    if unit == "s":
-        return f"{v * 1e3:.1f} ms"
-    return f"{v:.4g}"
-
-
-def _cell(row: dict, i: int, with_ratio: bool = True) -> str:
-    text = _fmt(row["values"][i], row["unit"])
-    if row["estimated"][i] and row["values"][i] is not None:
-        text += "*"
-    r = row["ratios"][i]
-    if with_ratio and i > 0 and r is not None:
-        text += f" ({r:.2f}x)"
-    return text
-
-
-def render_compare(comparison: dict, console) -> None:
-    """Rich tables, one per section; '*' marks estimated figures; (Nx) is the ratio against the first run."""
-    from rich.table import Table
-    labels = [r["label"] for r in comparison["runs"]]
-    for section in ("latency", "slo", "throughput", "efficiency", "iso", "fidelity"):
-        rows = [r for r in comparison["rows"] if r["section"] == section]
-        if not rows:
-            continue
-        t = Table(title=f"{section} (ratio vs {labels[0]})" if len(labels) > 1 else section)
-        t.add_column("metric", no_wrap=True)
-        t.add_column("unit")
-        for lab in labels:
-            t.add_column(lab, justify="right")
-        for r in rows:
-            t.add_row(r["label"], "ms" if r["unit"] == "s" else r["unit"], *[_cell(r, i) for i in range(len(labels))])
-        console.print(t)
-    if any(any(r["estimated"]) for r in comparison["rows"]):
-        console.print("* estimated (see notes)", markup=False)
-    for n in comparison["notes"]:
-        console.print(f"note: {n}", markup=False, highlight=False)
-
-
-def render_compare_markdown(comparison: dict) -> str:
-    labels = [r["label"] for r in comparison["runs"]]
-    out = ["# splitbench compare", "", "| metric | unit | " + " | ".join(labels) + " |",
-           "|---|---|" + "---:|" * len(labels)]
-    for r in comparison["rows"]:
-        out.append(f"| {r['label']} | {'ms' if r['unit'] == 's' else r['unit']} | "
-                   + " | ".join(_cell(r, i) for i in range(len(labels))) + " |")
-    out.append("")
-    if any(any(r["estimated"]) for r in comparison["rows"]):
-        out.append("\\* estimated (see notes)")
-    out += [f"- {n}" for n in comparison["notes"]]
-    return "\n".join(out) + "\n"

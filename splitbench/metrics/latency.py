@@ -35,7 +35,8 @@ All times are seconds on the run clock. Only `ok` records contribute to latency;
 | Splitwise verdict | passes when TTFT slowdown P50/P90/P99 <= 2/3/6x, TBT and E2E slowdown P50/P90/P99 <= 1.25/1.5/5x (all nine) |
 | schedule lag | `actual_send_s - intended_send_s` per sent record (p50, p99, max) |
 | send rates | trace rate = (n - 1) / span of `intended_send_s` over all records; achieved = (n - 1) / span of `actual_send_s` over sent records |
-| fidelity verdict | `client-behind` when lag p99 > 10 ms or achieved rate < 95% of trace rate (defaults); flag `token-mismatch` when an ok record's actual input/output tokens differ from planned (actual unknown = unverified, counted apart) |
+| server failures | failed / attempted, counting every failed status but `cancelled` (a stop, not the server); grouped by kind (`http_error <code>`, `timeout`, `error (<ExceptionName>)`, ...); onset = intended send time of the first failed request |
+| fidelity verdict | the first that holds of: `server-failures` when server failures > 5% of attempted requests; `client-behind` when lag p99 > 10 ms or achieved rate < 95% of trace rate; `over-ceiling` when the peak offered rate exceeds the calibrated client ceiling; else `ok` (defaults). Flags list every one that holds, plus `token-mismatch` when an ok record's actual input/output tokens differ from planned (actual unknown = unverified, counted apart) |
 """
 
 PERCENTILE_KEYS = ("count", "mean", "p50", "p90", "p99", "max")

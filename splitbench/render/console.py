@@ -60,80 +60,85 @@ def efficiency_rows(eff: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def efficiency_note(eff: dict) -> str:
-    return (("* " if eff["estimated"] else "") + f"energy: {eff['energy_method']} - {eff['energy_note']}; window {_num(eff['window_s'], '.1f')} s"
+    """The energy method line under the cost/energy table."""
+    return (("* " if eff["estimated"] else "") + f"energy: {eff['energy_method']} - {eff['energy_note']}; "
+            f"window {_num(eff['window_s'], '.1f')} s"
             + (f"; sample coverage {eff['energy_coverage']:.1%}" if eff.get("energy_coverage") is not None else ""))
 
 
-def render_summary(summary: dict, console: Console) -> None:
-    """Print the run header, latency, throughput, failures, SLO, Splitwise and fidelity tables."""
-    s = summary
-    console.rule("[bold]splitbench run summary")
-    for line in _header_lines(s):
-        console.print(line, markup=False, highlight=False)
+def _table(title: str, *cols: tuple[str, str]) -> Table:
+    """A table with (name, justify) columns."""
+    t = Table(title=title)
+    for name, justify in cols:
+        t.add_column(name, justify=justify)
+    return t
 
-    t = Table(title="Latency (ms, ok requests)")
-    t.add_column("metric")
-    t.add_column("n", justify="right")
-    for st in STATS:
-        t.add_column(st, justify="right")
+
+def _latency(s: dict, console: Console) -> None:
+    t = _table("Latency (ms, ok requests)", ("metric", "left"), ("n", "right"), *[(st, "right") for st in STATS])
     for label, key in LAT_ROWS:
         d = s["latency"][key]
         t.add_row(label, str(d["count"]), *[_ms(d[st]) for st in STATS])
     console.print(t)
 
+
+def _throughput(s: dict, console: Console) -> None:
     th = s["throughput"]
-    t = Table(title="Throughput")
-    t.add_column("quantity")
-    t.add_column("value", justify="right")
+    t = _table("Throughput", ("quantity", "left"), ("value", "right"))
     t.add_row("window (s)", _num(th["window_s"]))
     t.add_row("requests/s", _num(th["requests_per_s"]))
     t.add_row("input tokens/s", _num(th["input_tokens_per_s"], ".1f"))
     t.add_row("output tokens/s", _num(th["output_tokens_per_s"], ".1f"))
     console.print(t)
 
+
+def _statuses(s: dict, console: Console) -> None:
     c = s["counts"]
-    t = Table(title="Requests by status")
-    t.add_column("status")
-    t.add_column("count", justify="right")
+    t = _table("Requests by status", ("status", "left"), ("count", "right"))
     for status, n in c["by_status"].items():
         t.add_row(status if status == "ok" else f"[red]{status}[/red]", str(n))
     t.add_row("error rate", "-" if c["error_rate"] is None else f"{c['error_rate']:.2%}")
     console.print(t)
 
+
+def _slos(s: dict, console: Console) -> None:
     slo = s["slos"]
-    if slo["items"]:
-        t = Table(title="SLOs")
-        for col in ("slo", "value (ms)", "threshold (ms)", "result"):
-            t.add_column(col, justify="left" if col in ("slo", "result") else "right")
-        for i in slo["items"]:
-            t.add_row(i["name"], _ms(i["value_s"]), _ms(i["threshold_s"]), _met(i["met"]))
-        console.print(t)
-        att = slo["attainment"]
-        console.print(f"goodput {_num(slo['goodput_rps'])} req/s, attainment "
-                      f"{'-' if att is None else f'{att:.2%}'} ({slo['good_requests']} good requests)",
-                      highlight=False)
+    if not slo["items"]:
+        return
+    t = _table("SLOs", ("slo", "left"), ("value (ms)", "right"), ("threshold (ms)", "right"), ("result", "left"))
+    for i in slo["items"]:
+        t.add_row(i["name"], _ms(i["value_s"]), _ms(i["threshold_s"]), _met(i["met"]))
+    console.print(t)
+    att = slo["attainment"]
+    console.print(f"goodput {_num(slo['goodput_rps'])} req/s, attainment "
+                  f"{'-' if att is None else f'{att:.2%}'} ({slo['good_requests']} good requests)", highlight=False)
 
+
+def _splitwise(s: dict, console: Console) -> None:
     sw = s.get("splitwise")
-    if sw:
-        t = Table(title="Splitwise checks (slowdown vs unloaded reference)")
-        for col in ("check", "slowdown", "limit", "result"):
-            t.add_column(col, justify="right" if col in ("slowdown", "limit") else "left")
-        for ch in sw["checks"]:
-            t.add_row(ch["name"], _num(ch["slowdown"], ".2f") + ("" if ch["slowdown"] is None else "x"),
-                      f"{ch['limit']:g}x", _met(ch["met"]))
-        console.print(t)
-        console.print("Splitwise verdict: " + ("[green]PASS[/green]" if sw["passed"]
-                                                else f"[red]FAIL[/red] ({', '.join(sw['failed'])})"))
+    if not sw:
+        return
+    t = _table("Splitwise checks (slowdown vs unloaded reference)", ("check", "left"), ("slowdown", "right"),
+               ("limit", "right"), ("result", "left"))
+    for ch in sw["checks"]:
+        t.add_row(ch["name"], _num(ch["slowdown"], ".2f") + ("" if ch["slowdown"] is None else "x"),
+                  f"{ch['limit']:g}x", _met(ch["met"]))
+    console.print(t)
+    console.print("Splitwise verdict: " + ("[green]PASS[/green]" if sw["passed"]
+                                            else f"[red]FAIL[/red] ({', '.join(sw['failed'])})"))
 
+
+def _fidelity(s: dict, console: Console) -> None:
     f = s["fidelity"]
-    t = Table(title="Replay fidelity")
-    t.add_column("quantity")
-    t.add_column("value", justify="right")
-    t.add_row("send lag p50 (ms)", _ms(f["lag_s"]["p50"]))
-    t.add_row("send lag p99 (ms)", _ms(f["lag_s"]["p99"]))
-    t.add_row("send lag max (ms)", _ms(f["lag_s"]["max"]))
+    t = _table("Replay fidelity", ("quantity", "left"), ("value", "right"))
+    for label, key in (("p50", "p50"), ("p99", "p99"), ("max", "max")):
+        t.add_row(f"send lag {label} (ms)", _ms(f["lag_s"][key]))
     t.add_row("trace rate (req/s)", _num(f["trace_rate_rps"]))
     t.add_row("achieved rate (req/s)", _num(f["achieved_rate_rps"]))
+    errors = f.get("errors") or {}
+    if errors.get("failed"):
+        t.add_row("server failures", f"{errors['failed']} ({errors['error_rate']:.2%}), "
+                                     f"mostly {errors['dominant_kind']}")
     tok = f["tokens"]
     t.add_row("token mismatches (in/out)", f"{tok['input_mismatch']}/{tok['output_mismatch']}")
     t.add_row("unverified tokens (in/out)", f"{tok['input_unverified']}/{tok['output_unverified']}")
@@ -145,25 +150,41 @@ def render_summary(summary: dict, console: Console) -> None:
     for reason in f["reasons"]:
         console.print(f"  - {reason}", markup=False, highlight=False)
 
-    eff = s.get("efficiency")
-    if eff:
-        head, rows = efficiency_rows(eff)
-        t = Table(title="Cost and energy per pool" + (" (* energy ESTIMATED)" if eff["estimated"] else ""))
-        for col in head:
-            t.add_column(col, justify="left" if col == "pool" else "right", no_wrap=True)
-        for r in rows:
-            t.add_row(*r)
-        console.print(t)
-        console.print(efficiency_note(eff), markup=False, highlight=False)
 
-    if s.get("pools"):
-        t = Table(title="Per pool (p50 / p99 ms)")
-        for col in ("pool", "n", "ok", "ttft", "tbt", "e2e"):
-            t.add_column(col)
-        for pool, d in s["pools"].items():
-            t.add_row(pool, str(d["count"]), str(d["ok"]),
-                      *[f"{_ms(d[k]['p50'])} / {_ms(d[k]['p99'])}" for k in ("ttft_s", "tbt_s", "e2e_s")])
-        console.print(t)
+def _efficiency(s: dict, console: Console) -> None:
+    eff = s.get("efficiency")
+    if not eff:
+        return
+    head, rows = efficiency_rows(eff)
+    t = Table(title="Cost and energy per pool" + (" (* energy ESTIMATED)" if eff["estimated"] else ""))
+    for col in head:
+        t.add_column(col, justify="left" if col == "pool" else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    console.print(efficiency_note(eff), markup=False, highlight=False)
+
+
+def _pools(s: dict, console: Console) -> None:
+    if not s.get("pools"):
+        return
+    t = _table("Per pool (p50 / p99 ms)", *[(col, "left") for col in ("pool", "n", "ok", "ttft", "tbt", "e2e")])
+    for pool, d in s["pools"].items():
+        t.add_row(pool, str(d["count"]), str(d["ok"]),
+                  *[f"{_ms(d[k]['p50'])} / {_ms(d[k]['p99'])}" for k in ("ttft_s", "tbt_s", "e2e_s")])
+    console.print(t)
+
+
+SECTIONS = (_latency, _throughput, _statuses, _slos, _splitwise, _fidelity, _efficiency, _pools)
+
+
+def render_summary(summary: dict, console: Console) -> None:
+    """Print the run header, then latency, throughput, statuses, SLO, Splitwise, fidelity, cost and pool tables."""
+    console.rule("[bold]splitbench run summary")
+    for line in _header_lines(summary):
+        console.print(line, markup=False, highlight=False)
+    for section in SECTIONS:
+        section(summary, console)
 
 
 def render_markdown(summary: dict) -> str:

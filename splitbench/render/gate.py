@@ -5,6 +5,8 @@ import json
 import math
 from xml.sax.saxutils import quoteattr
 
+from rich.table import Table
+
 _ICON = {"pass": "PASS", "regression": "REGRESSION", "improvement": "improved", "no-data": "NO DATA",
          "invalid": "INVALID"}
 
@@ -38,7 +40,6 @@ HEAD = ["rule", "better", "baseline", "candidate", "change", "CI", "tolerance", 
 
 
 def render_console(result: dict, console) -> None:
-    from rich.table import Table
     failed = [p for p in result["preconditions"] if not p["ok"]]
     t = Table(title=f"gate: {result['verdict'].upper()} (CI {result['confidence']:.0%}, "
                     f"{result['bootstrap']} bootstrap resamples)")

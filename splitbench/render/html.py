@@ -3,20 +3,21 @@ for a compare_runs() dict: run headers, comparison tables, latency CDFs, efficie
 """
 from __future__ import annotations
 
+import datetime
 import io
 import math
 
 import jinja2
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")   # headless SVG rendering; this module is the plotting backend (import it only for --html)
 import matplotlib.pyplot as plt
 from markupsafe import Markup
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-SECTIONS = (("latency", "Latency"), ("slo", "SLO verdicts"), ("throughput", "Throughput"),
-            ("efficiency", "Efficiency"), ("iso", "Iso-cost and iso-power views"), ("fidelity", "Replay fidelity"))
+from splitbench.metrics.compare import SECTIONS
+
 POOL_ORDER = ("prompt", "token", "baseline", "mixed", "unallocated")
 EST_HATCH = "//"
 COLORS = plt.get_cmap("tab10").colors
@@ -159,12 +160,8 @@ def _efficiency_svg(runs: list[dict], iso_rows: list[dict]) -> tuple[str | None,
         ax = axes.pop(0)
         idx = {id(r): k for k, r in enumerate(runs)}
 
-        def ratio(run, k):
-            row = iso[k]
-            i = idx[id(run)]
-            v, ref = _num(row["values"][i]), _num(row["values"][0])
-            rat = _num((row.get("ratios") or [None] * len(runs))[i])
-            return rat if rat is not None else (v / ref if v is not None and ref else None)
+        def ratio(run, k):   # the row's own ratio against the first run (metrics.compare), never recomputed here
+            return _num((iso[k].get("ratios") or [None] * len(runs))[idx[id(run)]])
 
         iso_est = lambda run, k: bool((iso[k].get("estimated") or [False] * len(runs))[idx[id(run)]])
         short = [(r.get("label") or r.get("metric", "")).replace(" output tok/s", "").replace(" (", "\n(")
@@ -368,8 +365,7 @@ def render_html(comparison: dict) -> str:
         any(any(r.get("estimated") or []) for r in rows)
     created = comparison.get("created_unix_s")
     if isinstance(created, (int, float)):
-        import datetime as _dt
-        created = _dt.datetime.fromtimestamp(created, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        created = datetime.datetime.fromtimestamp(created, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     for f in figures:
         f["svg"] = Markup(f["svg"]) if f.get("svg") else None
     return _ENV.from_string(_TEMPLATE).render(

@@ -9,7 +9,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import jinja2.ext
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
 
 from splitbench.errors import InputError
 from splitbench.workload.words import WORDS
@@ -111,10 +114,6 @@ class ChatPrompts:
 
     def __init__(self, tokenizer_dir: str | Path, seed: int = 0, *, strict: bool = False,
                  words: list[str] | None = None):
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        from tokenizers import Tokenizer
-
         self.tokenizer_dir, self.seed, self.strict = Path(tokenizer_dir), int(seed), strict
         f = _tokenizer_file(tokenizer_dir)
         self._tok = Tokenizer.from_file(str(f))

@@ -9,6 +9,9 @@ import os
 import numpy as np
 
 from splitbench.errors import InputError
+from splitbench.schema.files import atomic_write_bytes
+from splitbench.workload.catalog import catalog, file_source, resolve_trace
+from splitbench.workload.traces import read_trace
 from splitbench.workload.types import Workload
 
 _KEYS = ("arrivals", "rate", "cv", "duration", "count", "lengths", "input", "output", "seed")
@@ -82,7 +85,6 @@ def synthesize(*, rate_rps: float, arrivals: str = "poisson", cv: float = 1.0, d
         out = rng.integers(o_lo, o_hi, n, endpoint=True, dtype=np.int64)
         params.update(input_tokens=[i_lo, i_hi], output_tokens=[o_lo, o_hi])
     else:
-        from splitbench.workload.traces import catalog, file_source, read_trace, resolve_trace
         path, cat_name = resolve_trace(lengths, trace_dir)
         cols = catalog()[cat_name]["columns"] if cat_name else None
         base = read_trace(path, columns=cols, name=cat_name or path.stem)
@@ -144,12 +146,12 @@ def parse_spec(spec: str) -> dict:
 
 
 def from_spec(spec: str, trace_dir: str | None = None) -> Workload:
+    """The workload of a `synth:k=v,...` spec (lengths=<trace name> is looked up along trace_dir first)."""
     return synthesize(**parse_spec(spec), trace_dir=trace_dir)
 
 
 def write_azure_csv(w: Workload, path: str | os.PathLike) -> None:
     """Write TIMESTAMP,ContextTokens,GeneratedTokens (Azure 2023 format, 7 fractional digits), atomically."""
-    from splitbench.schema.files import atomic_write_bytes
     ts = _EPOCH + np.round((w.arrival_s - (w.arrival_s[0] if len(w) else 0)) * 1e6).astype(np.int64) * 1000
     s = np.char.replace(np.datetime_as_string(ts, unit="us"), "T", " ")
     lines = [f"{t}0,{i},{o}" for t, i, o in zip(s.tolist(), w.input_tokens.tolist(), w.output_tokens.tolist())]

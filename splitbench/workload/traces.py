@@ -1,27 +1,21 @@
-"""Trace catalogue, name resolution through the search path, validated streaming CSV/Parquet parsing, and fetch.
+"""Trace parsing: validated, streamed CSV/Parquet -> Workload, and the column mapping (`--columns`).
 
-`load_workload()` is the one entry point the runner calls: catalogue name, file path or `synth:` spec -> Workload.
+Every problem is a one-line InputError naming file, line and column. Names and fetch: catalog.py; entry point: load.py.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
-import http.client
-import json
 import math
 import os
 import re
-import tempfile
-import urllib.error
-import urllib.request
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
 from splitbench.errors import InputError
 from splitbench.workload.types import Workload
@@ -29,54 +23,43 @@ from splitbench.workload.types import Workload
 DEFAULT_COLUMNS = {"timestamp": "TIMESTAMP", "input": "ContextTokens", "output": "GeneratedTokens"}
 ROLES = ("timestamp", "input", "output")
 _ROLE_ALIASES = {"ts": "timestamp", "time": "timestamp", "in": "input", "out": "output"}
-SHA256_MAX_BYTES = 50 * 1024 * 1024   # hash files up to this size on every load; bigger ones only on fetch
 BLOCK_BYTES = 8 << 20                 # CSV bytes per streamed batch
-SIDECAR_SUFFIX = ".sha256.json"       # written next to a fetched file: its hash, size and mtime
 _NUMERIC = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 _TZ = re.compile(r"(Z|[+-]\d\d:?\d\d)\s*$")
 
 
-# ----------------------------------------------------------------------------- catalogue and search path
+# ----------------------------------------------------------------------------- column mapping
 
-@lru_cache(maxsize=1)
-def catalog() -> dict[str, dict]:
-    """Named traces (package data `splitbench/data/trace_catalog.json`)."""
-    return json.loads(resources.files("splitbench").joinpath("data/trace_catalog.json").read_text())
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "splitbench" / "traces"
-
-
-def search_path(trace_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Directories searched for named traces, in order: trace_dir, $SPLITBENCH_TRACE_DIR, ./traces,
-    ../shared/traces (relative to the CWD), the user cache."""
-    dirs = [Path(trace_dir)] if trace_dir else []
-    dirs += [Path(p) for p in os.environ.get("SPLITBENCH_TRACE_DIR", "").split(os.pathsep) if p]
-    return dirs + [Path("traces"), Path("..") / "shared" / "traces", cache_dir()]
+def column_mapping(columns: dict[str, str] | None) -> dict[str, str]:
+    """Role -> column name: DEFAULT_COLUMNS overridden by `columns` (roles may be written ts/time/in/out)."""
+    cols = dict(DEFAULT_COLUMNS)
+    for key, col in (columns or {}).items():
+        role = _ROLE_ALIASES.get(key, key)
+        if role not in ROLES:
+            raise InputError(f"unknown column role {key!r} in column mapping (roles: {', '.join(ROLES)})")
+        if not isinstance(col, str) or not col.strip():
+            raise InputError(f"column mapping: role {role!r} needs a column name, got {col!r}")
+        cols[role] = col
+    return cols
 
 
-def find_local(name: str, trace_dir: str | os.PathLike | None = None) -> Path | None:
-    """First file of catalogue trace `name` along the search path, or None."""
-    fname = catalog()[name]["file"]
-    return next((d / fname for d in search_path(trace_dir) if (d / fname).is_file()), None)
-
-
-def resolve_trace(spec: str, trace_dir: str | os.PathLike | None = None) -> tuple[Path, str | None]:
-    """(path, catalogue name or None) for an existing file path or a catalogue name."""
-    p = Path(spec).expanduser()
-    if p.is_file():
-        return p, next((n for n, e in catalog().items() if e["file"] == p.name), None)
-    if spec not in catalog():
-        raise InputError(f"unknown trace {spec!r}: not an existing file and not a catalogue name "
-                         f"(known: {', '.join(catalog())}; or a synth: spec)")
-    found = find_local(spec, trace_dir)
-    if found is None:
-        where = ", ".join(str(d) for d in search_path(trace_dir))
-        raise InputError(f"trace {spec!r} is not available locally (searched {where}); "
-                         f"run `splitbench traces fetch {spec}`")
-    return found, spec
+def parse_columns(text: str | None) -> dict[str, str] | None:
+    """The `--columns` value `timestamp=COL,input=COL,output=COL` (roles may be written ts/time/in/out; any subset;
+    the rest keep their defaults) -> {role: column} with canonical role names; None when empty."""
+    if text is None or not text.strip():
+        return None
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, col = (s.strip() for s in item.partition("="))
+        if not eq or not key or not col:
+            raise InputError(f"--columns: expected ROLE=COLUMN (roles: {', '.join(ROLES)}), got {item!r}")
+        role = _ROLE_ALIASES.get(key, key)
+        if role not in ROLES:
+            raise InputError(f"--columns: unknown role {key!r} (roles: {', '.join(ROLES)}; or ts, in, out)")
+        if role in out:
+            raise InputError(f"--columns: role {role!r} given twice")
+        out[role] = col
+    return out or None
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -189,7 +172,6 @@ def _bad_csv_line(path: Path, ncols: int) -> int | None:
 
 
 def _csv_batches(path: Path, names: list[str], ncols: int) -> Iterator[pa.RecordBatch]:
-    import pyarrow.csv as pcsv
     opts = dict(read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES),
                 parse_options=pcsv.ParseOptions(invalid_row_handler=lambda row: "error"),
                 convert_options=pcsv.ConvertOptions(include_columns=names, column_types={n: pa.string() for n in names},
@@ -199,6 +181,70 @@ def _csv_batches(path: Path, names: list[str], ncols: int) -> Iterator[pa.Record
     except pa.ArrowInvalid as e:
         msg = str(e).splitlines()[0][:200]
         raise InputError(msg, file=str(path), line=_bad_csv_line(path, ncols)) from None
+
+
+def _batches(path: Path, parser: "_Parser") -> Iterator[pa.RecordBatch]:
+    """Batches of the three mapped columns, after checking the header has them."""
+    cols = parser.cols
+    pfile = None if parser.is_csv else pq.ParquetFile(path)
+    header = _csv_header(path) if pfile is None else pfile.schema_arrow.names
+    if not header:
+        parser.fail("empty file: no header line and no data rows", None, "timestamp", line=1)
+    for role in ROLES:
+        if cols[role] not in header:
+            parser.fail(f"missing {role} column {cols[role]!r} (header has: {', '.join(header)}; "
+                        f"map columns with --columns)", None, role, line=1)
+    names = list(dict.fromkeys(cols[r] for r in ROLES))
+    if pfile is None:
+        return _csv_batches(path, names, len(header))
+    return pfile.iter_batches(batch_size=1 << 20, columns=names)
+
+
+class _Window:
+    """Keeps the rows of [start_s, end_s) (at most max_requests) batch by batch, checking order as it goes."""
+
+    def __init__(self, parser: "_Parser", start_s: float, end_s: float, max_requests: int | None):
+        self.parser, self.start_s, self.end_s, self.max_requests = parser, start_s, end_s, max_requests
+        self.parts: list[tuple] = []
+        self.row0 = self.kept = 0
+        self.t0 = self.prev = self.first_raw = None
+
+    def add(self, batch: pa.RecordBatch) -> bool:
+        """Take one batch; True once past the stop point (later rows need not be read)."""
+        parser, cols, row0 = self.parser, self.parser.cols, self.row0
+        ts_col = batch.column(cols["timestamp"])
+        t = parser.times(ts_col, row0)
+        if self.t0 is None:
+            self.t0, self.first_raw = t[0], str(ts_col[0].as_py())
+        rel = parser.relative(t, self.t0)
+        d = np.diff(rel, prepend=rel[0] if self.prev is None else self.prev)
+        if (d < 0).any():
+            i = int(np.argmax(d < 0))
+            parser.fail(f"timestamps not sorted: {ts_col[i].as_py()!s} is earlier than the row before",
+                        row0 + i, "timestamp")
+        self.prev = rel[-1]
+        inp = parser.tokens(batch.column(cols["input"]), "input", row0)
+        out = parser.tokens(batch.column(cols["output"]), "output", row0)
+        a, b = (int(x) for x in np.searchsorted(rel, [self.start_s, self.end_s], side="left"))
+        if self.max_requests is not None:
+            b = max(a, min(b, a + self.max_requests - self.kept))
+        if b > a:
+            self.parts.append((rel[a:b], inp[a:b], out[a:b], np.arange(row0 + a, row0 + b, dtype=np.int64)))
+            self.kept += b - a
+        self.row0 += batch.num_rows
+        return bool(rel[-1] >= self.end_s or (self.max_requests is not None and self.kept >= self.max_requests))
+
+    def workload(self, name: str, stopped: bool) -> Workload:
+        if self.row0 == 0:
+            self.parser.fail("no data rows (file has only a header)", 0, "timestamp")
+        parts = self.parts
+        cat = (lambda k, dt: np.concatenate([p[k] for p in parts]) if parts else np.empty(0, dt))
+        src = {"columns": self.parser.cols, "first_timestamp": self.first_raw, "timestamp_kind": self.parser.mode,
+               "rows_read": self.row0, "read_to_end": not stopped}
+        if not stopped:
+            src.update(rows=self.row0, trace_span_s=float(self.prev))
+        return Workload(name=name, arrival_s=cat(0, np.float64), input_tokens=cat(1, np.int64),
+                        output_tokens=cat(2, np.int64), trace_index=cat(3, np.int64), source=src)
 
 
 def read_trace(path: str | os.PathLike, *, columns: dict | None = None, start_s: float = 0.0,
@@ -211,185 +257,16 @@ def read_trace(path: str | os.PathLike, *, columns: dict | None = None, start_s:
     stop point are neither read nor validated.
     """
     path = Path(path)
-    cols = dict(DEFAULT_COLUMNS)
-    for k, v in (columns or {}).items():
-        k = _ROLE_ALIASES.get(k, k)
-        if k not in ROLES:
-            raise InputError(f"unknown column role {k!r} in column mapping (roles: {', '.join(ROLES)})")
-        cols[k] = v
-    is_csv = not _is_parquet(path)
-    parser = _Parser(path, cols, is_csv)
-    if is_csv:
-        header = _csv_header(path)
-    else:
-        import pyarrow.parquet as pq
-        pfile = pq.ParquetFile(path)
-        header = pfile.schema_arrow.names
-    if not header:
-        parser.fail("empty file: no header line and no data rows", None, "timestamp", line=1)
-    for role in ROLES:
-        if cols[role] not in header:
-            parser.fail(f"missing {role} column {cols[role]!r} (header has: {', '.join(header)}; "
-                        f"map columns with --columns)", None, role, line=1)
-    names = list(dict.fromkeys(cols[r] for r in ROLES))
-    batches = (_csv_batches(path, names, len(header)) if is_csv
-               else pfile.iter_batches(batch_size=1 << 20, columns=names))
-    end_s = start_s + duration_s if duration_s is not None else math.inf
-    parts, row0, kept, t0, prev, first_raw, stopped = [], 0, 0, None, None, None, False
-    for batch in batches:
-        n = batch.num_rows
-        if n == 0:
-            continue
-        ts_col = batch.column(cols["timestamp"])
-        t = parser.times(ts_col, row0)
-        if t0 is None:
-            t0, first_raw = t[0], str(ts_col[0].as_py())
-        rel = parser.relative(t, t0)
-        d = np.diff(rel, prepend=rel[0] if prev is None else prev)
-        if (d < 0).any():
-            i = int(np.argmax(d < 0))
-            parser.fail(f"timestamps not sorted: {ts_col[i].as_py()!s} is earlier than the row before",
-                        row0 + i, "timestamp")
-        prev = rel[-1]
-        inp = parser.tokens(batch.column(cols["input"]), "input", row0)
-        out = parser.tokens(batch.column(cols["output"]), "output", row0)
-        a, b = (int(x) for x in np.searchsorted(rel, [start_s, end_s], side="left"))
-        if max_requests is not None:
-            b = max(a, min(b, a + max_requests - kept))
-        if b > a:
-            parts.append((rel[a:b], inp[a:b], out[a:b], np.arange(row0 + a, row0 + b, dtype=np.int64)))
-            kept += b - a
-        row0 += n
-        if rel[-1] >= end_s or (max_requests is not None and kept >= max_requests):
-            stopped = True
-            break
-    if hasattr(batches, "close"):
-        batches.close()
-    if row0 == 0:
-        parser.fail("no data rows (file has only a header)", 0, "timestamp")
-    cat = (lambda k, dt: np.concatenate([p[k] for p in parts]) if parts else np.empty(0, dt))
-    src = {"columns": cols, "first_timestamp": first_raw, "timestamp_kind": parser.mode, "rows_read": row0,
-           "read_to_end": not stopped}
-    if not stopped:
-        src.update(rows=row0, trace_span_s=float(prev))
-    return Workload(name=name or path.stem, arrival_s=cat(0, np.float64), input_tokens=cat(1, np.int64),
-                    output_tokens=cat(2, np.int64), trace_index=cat(3, np.int64), source=src)
-
-
-# ----------------------------------------------------------------------------- identity (sha256)
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sidecar(path: Path, st: os.stat_result) -> dict | None:
-    side = path.with_name(path.name + SIDECAR_SUFFIX)
+    parser = _Parser(path, column_mapping(columns), not _is_parquet(path))
+    batches = _batches(path, parser)
+    window = _Window(parser, start_s, start_s + duration_s if duration_s is not None else math.inf, max_requests)
+    stopped = False
     try:
-        d = json.loads(side.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if d.get("size_bytes") == st.st_size and d.get("mtime_ns") == st.st_mtime_ns else None
-
-
-def file_source(path: Path, name: str | None) -> dict:
-    """Identity of a trace file: name, path, size, mtime, sha256 (or "not computed" for huge unfetched files)."""
-    st = path.stat()
-    src = {"name": name or path.name, "path": str(path.resolve()), "size_bytes": st.st_size,
-           "mtime": st.st_mtime}
-    side = _sidecar(path, st)
-    if side:
-        src["sha256"] = side["sha256"]
-        src["sha256_source"] = "fetch, verified" if side.get("verified") else "fetch, computed (catalogue hash unverified)"
-    elif st.st_size <= SHA256_MAX_BYTES:
-        src["sha256"], src["sha256_source"] = sha256_file(path), "computed"
-    else:
-        src["sha256"] = "not computed"
-        src["sha256_source"] = f"file over {SHA256_MAX_BYTES >> 20} MB and not fetched by splitbench; compare size+mtime"
-    entry = catalog().get(name) if name else None
-    if entry:
-        src["catalog"] = name
-        src["catalog_sha256"] = entry["sha256"]
-        src["sha256_matches_catalog"] = None if src["sha256"] == "not computed" else src["sha256"] == entry["sha256"]
-    return src
-
-
-# ----------------------------------------------------------------------------- the entry point
-
-def load_workload(trace: str, *, trace_dir: str | None = None, columns: dict | None = None, start_s: float = 0.0,
-                  duration_s: float | None = None, rate_scale: float = 1.0, max_requests: int | None = None,
-                  max_context_tokens: int | None = None) -> Workload:
-    """Catalogue name, file path or `synth:...` spec -> validated, transformed Workload (arrival_s from 0).
-
-    Raises InputError (one line: file, line, column) before anything could be sent.
-    """
-    from splitbench.workload.transforms import apply_transforms, check_transform_args, workload_digest
-    check_transform_args(start_s=start_s, duration_s=duration_s, rate_scale=rate_scale,
-                         max_requests=max_requests, max_context_tokens=max_context_tokens)
-    if trace.startswith("synth:"):
-        from splitbench.workload.synth import from_spec
-        w = from_spec(trace, trace_dir=trace_dir)
-    else:
-        path, cat_name = resolve_trace(trace, trace_dir)
-        if columns is None and cat_name:
-            columns = catalog()[cat_name]["columns"]
-        w = read_trace(path, columns=columns, start_s=start_s, duration_s=duration_s,
-                       max_requests=max_requests, name=cat_name or path.stem)
-        w.source.update(file_source(path, cat_name))
-    w = apply_transforms(w, start_s=start_s, duration_s=duration_s, rate_scale=rate_scale,
-                         max_requests=max_requests, max_context_tokens=max_context_tokens)
-    w.source["workload_sha256"] = workload_digest(w)
-    return w
-
-
-# ----------------------------------------------------------------------------- fetch
-
-def fetch_trace(name: str, *, dest: str | os.PathLike | None = None, url: str | None = None,
-                progress: Callable[[int, int | None], None] | None = None, timeout_s: float = 60.0) -> dict:
-    """Download catalogue trace `name` into dest (default: the user cache) via a temp file + atomic rename.
-
-    A catalogue-verified sha256 must match (else InputError, nothing left behind); an unverified one is only
-    compared and reported in the returned dict's "status" ("verified", "matches-unverified", "mismatch-unverified").
-    """
-    entry = catalog().get(name)
-    if entry is None:
-        raise InputError(f"unknown trace {name!r} (known: {', '.join(catalog())})")
-    dest = Path(dest) if dest else cache_dir()
-    dest.mkdir(parents=True, exist_ok=True)
-    url = url or entry["url"]
-    target = dest / entry["file"]
-    fd, tmp = tempfile.mkstemp(prefix=f".{entry['file']}.", suffix=".part", dir=dest)
-    h, nbytes = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-                h.update(chunk)
-                nbytes += len(chunk)
-                if progress:
-                    progress(nbytes, total)
-            f.flush()
-            os.fsync(f.fileno())
-        if total is not None and nbytes != total:
-            raise InputError(f"download of {url} truncated: {nbytes} of {total} bytes; nothing was saved")
-        digest, expected = h.hexdigest(), entry.get("sha256")
-        if entry.get("sha256_verified") and digest != expected:
-            raise InputError(f"sha256 mismatch for {url}: got {digest}, catalogue has {expected}; nothing was saved")
-        os.replace(tmp, target)
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        raise InputError(f"download of {url} failed: {e}") from None
+        for batch in batches:
+            if batch.num_rows and window.add(batch):
+                stopped = True
+                break
     finally:
-        Path(tmp).unlink(missing_ok=True)
-    status = ("verified" if entry.get("sha256_verified") else
-              "matches-unverified" if digest == expected else "mismatch-unverified")
-    st = target.stat()
-    from splitbench.schema.files import atomic_write_json
-    atomic_write_json(target.with_name(target.name + SIDECAR_SUFFIX),
-                      {"sha256": digest, "verified": status == "verified", "size_bytes": st.st_size,
-                       "mtime_ns": st.st_mtime_ns, "url": url, "catalog_sha256": expected})
-    return {"name": name, "path": str(target), "url": url, "bytes": nbytes, "sha256": digest,
-            "expected_sha256": expected, "status": status}
+        if hasattr(batches, "close"):
+            batches.close()
+    return window.workload(name or path.stem, stopped)

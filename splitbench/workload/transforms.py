@@ -1,5 +1,5 @@
 """Workload transforms (time window, rate scale, max requests, context clipping; in that order) and the
-statistics/plot behind `splitbench traces show`. Pure functions: each returns a new Workload.
+statistics behind `splitbench traces show` (its plot: render/plots.py). Pure functions: each returns a new Workload.
 """
 from __future__ import annotations
 
@@ -118,12 +118,19 @@ def workload_digest(w: Workload) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- stats and plot
+# ----------------------------------------------------------------------------- statistics
 
 def _dist(x: np.ndarray) -> dict:
     p50, p90, p99 = np.percentile(x, [50, 90, 99])
     return {"mean": float(x.mean()), "min": int(x.min()), "p50": float(p50), "p90": float(p90),
             "p99": float(p99), "max": int(x.max())}
+
+
+def arrivals_per_s(w: Workload) -> np.ndarray:
+    """Requests arriving in each whole second after the first arrival (bin k = [k, k+1) s); [0] when empty."""
+    if len(w) == 0:
+        return np.zeros(1, dtype=np.int64)
+    return np.bincount(np.floor(w.arrival_s - w.arrival_s[0]).astype(np.int64))
 
 
 def workload_stats(w: Workload) -> dict:
@@ -135,7 +142,7 @@ def workload_stats(w: Workload) -> dict:
     span = float(t[-1])
     gaps = np.diff(t)
     cv = float(gaps.std() / gaps.mean()) if n > 2 and gaps.mean() > 0 else None
-    per_s = np.bincount(np.floor(t).astype(np.int64))
+    per_s = arrivals_per_s(w)
     k = int(per_s.argmax())
     return {
         "rows": n,
@@ -147,28 +154,3 @@ def workload_stats(w: Workload) -> dict:
         "max_gap_s": float(gaps.max()) if n > 1 else 0.0,
         "busiest_second": {"requests": int(per_s[k]), "at_s": float(k)},
     }
-
-
-def plot_workload(w: Workload, path: str) -> None:
-    """PNG: arrivals per second over time, and input/output length histograms."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from splitbench.schema.files import atomic_write_bytes
-
-    t = w.arrival_s - w.arrival_s[0] if len(w) else w.arrival_s
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9))
-    per_s = np.bincount(np.floor(t).astype(np.int64)) if len(w) else np.zeros(1)
-    axes[0].plot(np.arange(len(per_s)), per_s, lw=0.7)
-    axes[0].set(xlabel="time since first request (s)", ylabel="requests / s", title=f"{w.name}: arrivals")
-    for ax, arr, label in ((axes[1], w.input_tokens, "input tokens"), (axes[2], w.output_tokens, "output tokens")):
-        ax.hist(arr, bins=80, color="tab:orange" if "output" in label else "tab:blue")
-        ax.set(xlabel=label, ylabel="requests")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
