@@ -20,6 +20,7 @@ from splitbench.metrics.summary import summarize
 from splitbench.render.console import render_markdown, render_summary
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
+from splitbench.schema.runmeta import read_run_meta
 from splitbench.servers.stub_main import run_stub_in_thread
 from splitbench.workload.load import WorkloadSpec, load
 from splitbench.workload.prompts import TokenIdPrompts
@@ -146,6 +147,6 @@ def test_run_whose_server_is_killed_half_way_says_server_failures(tmp_path):
     assert f["verdict"] == "server-failures", f["reasons"]
     assert f["errors"]["error_rate"] > 0.4 and f["errors"]["error_rate_after_onset"] > 0.9
     assert f["errors"]["dominant_kind"] == "error (ConnectionRefusedError)"
-    saved = R.read_run(res.run_dir)
+    saved = read_run_meta(res.run_dir)
     assert saved["status"] == "complete"
     assert (res.run_dir / R.SUMMARY_FILE).exists()

@@ -23,7 +23,7 @@ from typing import Any
 
 from splitbench.errors import ServerStartError
 from splitbench.procs import log_tail, spawn, stop_group
-from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_json
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
@@ -176,7 +176,7 @@ class MetricsScraper:
         for f in self._files.values():
             f.close()
         summary = self.summary()
-        R.atomic_write_json(self.out_dir / "summary.json", summary)
+        atomic_write_json(self.out_dir / "summary.json", summary)
         return summary
 
     def summary(self) -> dict[str, Any]:
