@@ -113,7 +113,7 @@ def test_real_replay_against_a_stub_answering_500s(tmp_path):
 
 def _free_stub(tmp: Path) -> tuple[subprocess.Popen, str]:
     port_file = tmp / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "splitbench.servers.stub", "--port", "0", "--ttft-ms", "5",
+    proc = subprocess.Popen([sys.executable, "-m", "splitbench.servers.stub_main", "--port", "0", "--ttft-ms", "5",
                              "--tpot-ms", "2", "--port-file", str(port_file)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     for _ in range(600):

@@ -57,9 +57,9 @@ def samples(records: Sequence[RequestRecord], summary: dict, hardware: dict | No
         for k, r in enumerate(records):
             if not r.ok:
                 continue
-            pre, _, dec = (r.instance or "").partition(">")
+            pre, dec = r.prefill_instance or r.instance, r.decode_instance or r.prefill_instance or r.instance
             p_pre = pools_by_instance.get(pre, only) if pre else only
-            p_dec = pools_by_instance.get(dec or pre, only) if (dec or pre) else only
+            p_dec = pools_by_instance.get(dec, only) if dec else only
             pin[k] = input_tokens(r) if p_pre == pool else 0
             pout[k] = output_tokens(r) if p_dec == pool else 0
         toks[f"{pool}.in"], toks[f"{pool}.out"] = pin, pout
