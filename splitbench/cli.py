@@ -263,8 +263,9 @@ def run(
     start: float = typer.Option(0.0, help="Window start, seconds after the trace's first request."),
     duration: Optional[float] = typer.Option(None, help="Window length in seconds of trace time [60; local "
                                              "CPU clusters (vllm/splitwise/mixed): 40]."),
-    rate_scale: Optional[float] = typer.Option(None, help="Multiply the arrival rate, keeping the burst shape "
-                                               "[1.0; local CPU clusters: 0.5, sized for the tiny model]."),
+    rate_scale: Optional[str] = typer.Option(None, help="Multiply the arrival rate, keeping the burst shape, or "
+                                             "'auto': measure the started backend and load it to 50% of what it "
+                                             "sustains [1.0; local CPU clusters: auto]."),
     max_requests: Optional[int] = typer.Option(None, help="Replay at most this many requests."),
     api: str = typer.Option("completions", help="completions (token-id prompts) or chat."),
     model: Optional[str] = typer.Option(None, help="Model name to send (default: first of /v1/models)."),
@@ -312,7 +313,7 @@ def run(
 ):
     """Replay a trace open-loop against a backend; write records, run.json and summary.json; print the report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from splitbench.app import runner
+    from splitbench.app import runner, sizing
     from splitbench.render.console import render_summary
     if (gate_rules is None) != (gate_baseline is None):
         raise InputError("--gate and --baseline go together")
@@ -324,8 +325,11 @@ def run(
     local_cpu_cluster = backend in CLUSTER_BACKENDS and not gpus
     if duration is None:
         duration = 40.0 if local_cpu_cluster else 60.0
-    if rate_scale is None:
-        rate_scale = 0.5 if local_cpu_cluster else 1.0
+    rate_scale = sizing.parse_rate_scale(rate_scale)
+    if sizing.wants_sizing(rate_scale, backend, gpus):
+        rate_scale = "auto"
+    elif rate_scale is None:
+        rate_scale = 1.0
     opts = runner.RunOptions(
         trace=trace, trace_dir=trace_dir, columns=_parse_columns(columns), start_s=start, duration_s=duration,
         rate_scale=rate_scale, max_requests=max_requests, backend=backend,

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from splitbench.schema import records as R
+from splitbench.app import sizing
 from splitbench.app.accounting import backend_instances, hardware_for, measured_energy, start_power
 from splitbench.backends import get_backend
 from splitbench.client.probe import served_model
@@ -32,7 +33,7 @@ class RunOptions:
     columns: dict | None = None
     start_s: float = 0.0
     duration_s: float | None = 60.0
-    rate_scale: float = 1.0
+    rate_scale: float | str = 1.0          # "auto": sized against the started backend (app/sizing.py)
     max_requests: int | None = None
     backend: str = "stub"
     backend_options: dict = field(default_factory=dict)
@@ -105,7 +106,7 @@ def ensure_trace(opts: RunOptions, on_status: Callable[[str], None] = lambda s: 
 def load(opts: RunOptions) -> Workload:
     from splitbench.workload.traces import load_workload
     return load_workload(opts.trace, trace_dir=opts.trace_dir, columns=opts.columns, start_s=opts.start_s,
-                         duration_s=opts.duration_s, rate_scale=opts.rate_scale,
+                         duration_s=opts.duration_s, rate_scale=1.0 if opts.rate_scale == "auto" else opts.rate_scale,
                          max_requests=opts.max_requests, max_context_tokens=opts.max_context_tokens)
 
 
@@ -149,6 +150,13 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         on_status(f"starting backend {opts.backend}")
         backend.start(run_dir)
         base_url, headers, model_info, model, workload, prompts = connect(opts, backend, workload)
+        if opts.rate_scale == "auto":
+            sized, workload = sizing.size_session(opts.backend, opts.backend_options, model_info, sizing.Probe(
+                base_url, model, prompts.payload, headers, opts.api, run_dir / "sizing"), workload, on_status)
+            meta["sizing"] = sized.describe()
+            if reference is None:   # the run is judged against its own unloaded reference
+                reference = sized.reference
+                meta["reference"] = asdict(reference)
         instances = backend_instances(backend.describe())
         meta["hardware"] = hardware_for(opts, instances)
         sampler = start_power(opts, instances, run_dir)
