@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 from splitbench.schema import records as R
 from splitbench.cli import app
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()),
+              ROOT.parent / "shared") / "traces"   # ../shared beside a clone; ../../shared beside a worktree
 
 
 @pytest.mark.vllm

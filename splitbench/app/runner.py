@@ -204,9 +204,12 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
 
 
 def client_limits(meta: dict) -> dict | None:
-    """The fidelity verdict's extra input: the calibrated client ceiling recorded in run.json, if any."""
-    c = (meta.get("client") or {}).get("ceiling_rps")
-    return {"ceiling_rps": c} if c else None
+    """The fidelity verdict's extra input: the calibrated client ceiling recorded in run.json and the lowest lag
+    p99 of that calibration (what this host's client can do; gates may judge lag by it), if any."""
+    client = meta.get("client") or {}
+    c, lag = client.get("ceiling_rps"), (client.get("calibration") or {}).get("lag_p99_floor_s")
+    out = {**({"ceiling_rps": c} if c else {}), **({"host_lag_p99_s": lag} if lag is not None else {})}
+    return out or None
 
 
 def merge_router_phases(run_dir: Path, meta: dict) -> int:
