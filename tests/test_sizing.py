@@ -113,10 +113,15 @@ def test_decide_records_what_was_chosen_and_why():
     assert d["method_version"] == S.METHOD_VERSION and d["reference"]["tbt_s"] == 0.01
     msg = s.message()
     assert "rate scale 1.5" in msg and "50%" in msg and "3.00 req/s" in msg and "--rate-scale" in msg
+    assert s.warning is None and "\n" not in msg                           # one line when all is well
     slow = S.decide({**measured, "points": [_pt(2, 0.1, True)]}, _window(n=11, span_s=1.0))   # offers 10 req/s
     assert slow.rate_scale == S.SCALE_BOUNDS[0] and slow.utilisation > 0.5      # the floor binds: said plainly
-    assert "too slow or busy" in slow.message() and "expect the Splitwise verdict to fail" in slow.message()
-    assert "too slow" not in s.message()
+    assert "too slow or busy" in slow.warning and "expect the Splitwise verdict to fail" in slow.message()
+    crowded = {**_pt(2, 2.0, False), "ttft_slowdown_p50": 1.4, "tbt_slowdown_p50": 2.3}
+    cannot = S.decide({**measured, "points": [crowded]}, w)
+    assert cannot.capacity_rps == cannot.unloaded_rps                     # capacity falls back to one at a time
+    assert "cannot pass here at any load" in cannot.warning and "TBT 2.30x > 1.25x" in cannot.warning
+    assert "TTFT" not in cannot.warning.split("(")[1]                     # only the slowdown that is past its limit
     with pytest.raises(InputError, match="two requests"):
         S.decide(measured, _window(n=1))
 

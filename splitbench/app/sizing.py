@@ -88,14 +88,14 @@ def capacity(points: Sequence[dict], floor_rps: float) -> tuple[float, str]:
     best = max(within, key=lambda p: p["throughput_rps"], default=None)
     if best is None or best["throughput_rps"] <= floor_rps:
         first = points[0] if points else None
-        why = ("one request at a time (unloaded reference)" + (
+        why = "one request at a time, the reference" + (
             f": concurrency {first['concurrency']} was already past the P50 limits" if first and not first.get(
-                "within") else ""))
+                "within") else "")
         return floor_rps, why
     last = points[-1]
     tail = " (the largest probed: capacity is at least this)" if last is best and best["concurrency"] == max(
         p["concurrency"] for p in points) else ""
-    return float(best["throughput_rps"]), f"closed loop at concurrency {best['concurrency']}, within " \
+    return float(best["throughput_rps"]), f"closed loop at concurrency {best['concurrency']} within " \
                                          f"Splitwise's P50 slowdown limits{tail}"
 
 
@@ -216,6 +216,7 @@ class Sizing:
     probe_s: float | None = None
     unloaded_rps: float | None = None
     records_dir: str | None = None
+    warning: str | None = None            # why the Splitwise verdict is not expected to pass, if it is not
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -228,16 +229,28 @@ class Sizing:
         return self.offered_rps * self.rate_scale / self.capacity_rps
 
     def message(self) -> str:
-        src = f"cached {self.cache_path}" if self.cache_hit else f"measured in {self.probe_s:.0f} s"
-        line = (f"sizing: rate scale {self.rate_scale:g} -> {self.offered_rps * self.rate_scale:.2f} req/s, "
-                f"{self.utilisation:.0%} of the {self.capacity_rps:.2f} req/s this cluster sustains of the "
-                f"trace's mix ({self.capacity_basis}; {src}); the window offers {self.offered_rps:.2f} req/s at "
-                f"rate scale 1. Give --rate-scale to override.")
-        if self.utilisation > self.target_utilisation * 1.05:
-            line += (f" This host is too slow or busy for the target {self.target_utilisation:.0%}: even the lowest "
-                     f"default rate scale {SCALE_BOUNDS[0]:g} overloads the cluster, so expect the Splitwise verdict "
-                     "to fail (a smaller --rate-scale or a shorter --duration helps).")
-        return line
+        """One line: the choice and why; a second one when the Splitwise verdict is not expected to pass."""
+        src = f"cached in {self.cache_path}" if self.cache_hit else f"measured in {self.probe_s:.0f} s"
+        line = (f"sizing: rate scale {self.rate_scale:g} ({self.offered_rps * self.rate_scale:.2f} req/s) loads the "
+                f"cluster to {self.utilisation:.0%} of the {self.capacity_rps:.2f} req/s it sustains of this trace's "
+                f"mix ({self.capacity_basis}; {src}); --rate-scale overrides.")
+        return line + (f"\n{self.warning}" if self.warning else "")
+
+
+def warning(points: Sequence[dict], utilisation: float, target: float) -> str | None:
+    """Why the run is not expected to meet the Splitwise verdict, in plain words; None when it should."""
+    first = points[0] if points else None
+    if first is not None and not first["within"]:
+        past = [f"{m.upper()} {first[f'{m}_slowdown_p50']:.2f}x > {P50_LIMITS[m]:g}x" for m in P50_LIMITS
+                if (first[f"{m}_slowdown_p50"] or 0) > P50_LIMITS[m]]
+        return (f"The Splitwise verdict cannot pass here at any load: {first['concurrency']} requests at once already "
+                f"exceed its P50 limits ({', '.join(past) or 'failed requests'}) against the one-at-a-time reference; "
+                "this host has too few free cores for the cluster's processes, or is busy.")
+    if utilisation > target * 1.05:
+        return (f"This host is too slow or busy for {target:.0%}: the lowest default rate scale {SCALE_BOUNDS[0]:g} "
+                f"loads the cluster to {utilisation:.0%}, so expect the Splitwise verdict to fail (a smaller "
+                "--rate-scale helps).")
+    return None
 
 
 def decide(measured: dict, w: Workload, *, target: float = TARGET_UTILISATION) -> Sizing:
@@ -248,11 +261,13 @@ def decide(measured: dict, w: Workload, *, target: float = TARGET_UTILISATION) -
                          "give --rate-scale")
     ref = Reference(**measured["reference"])
     floor = unloaded_rps(ref, w)
-    cap, why = capacity(measured.get("points") or [], floor)
-    return Sizing(rate_scale=choose_rate_scale(cap, offered, target), target_utilisation=target, capacity_rps=cap,
-                  capacity_basis=why, offered_rps=offered, reference=ref, points=list(measured.get("points") or []),
-                  measured_unix_s=measured.get("measured_unix_s"), probe_s=measured.get("probe_s"),
-                  unloaded_rps=floor, records_dir=measured.get("records_dir"))
+    points = list(measured.get("points") or [])
+    cap, why = capacity(points, floor)
+    scale = choose_rate_scale(cap, offered, target)
+    return Sizing(rate_scale=scale, target_utilisation=target, capacity_rps=cap, capacity_basis=why,
+                  offered_rps=offered, reference=ref, points=points, measured_unix_s=measured.get("measured_unix_s"),
+                  probe_s=measured.get("probe_s"), unloaded_rps=floor, records_dir=measured.get("records_dir"),
+                  warning=warning(points, offered * scale / cap, target))
 
 
 # ----------------------------------------------------------------------------- measuring (real requests)
