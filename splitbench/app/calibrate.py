@@ -94,7 +94,7 @@ def client_section(arrival_s: np.ndarray, workers: int = 1, path: Path | None = 
         out.update(ceiling_rps=c, headroom=(c / peak) if peak > 0 else None,
                    calibration={**{k: cal.get(k) for k in ("created_unix_s", "tokens_per_s", "cpu_s_per_request",
                                                             "workload", "path")},
-                                "lag_p99_floor_s": min(lags) if lags else None})
+                                "lag_p99_median_s": float(np.median(lags)) if lags else None})
     elif err:
         out["error"] = err
     return out

@@ -204,10 +204,10 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
 
 
 def client_limits(meta: dict) -> dict | None:
-    """The fidelity verdict's extra input: the calibrated client ceiling recorded in run.json and the lowest lag
-    p99 of that calibration (what this host's client can do; gates may judge lag by it), if any."""
+    """The fidelity verdict's extra input: the calibrated client ceiling recorded in run.json and the median lag
+    p99 of that calibration's points (what this host's client does; gates may judge lag by it), if any."""
     client = meta.get("client") or {}
-    c, lag = client.get("ceiling_rps"), (client.get("calibration") or {}).get("lag_p99_floor_s")
+    c, lag = client.get("ceiling_rps"), (client.get("calibration") or {}).get("lag_p99_median_s")
     out = {**({"ceiling_rps": c} if c else {}), **({"host_lag_p99_s": lag} if lag is not None else {})}
     return out or None
 

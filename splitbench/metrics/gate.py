@@ -321,8 +321,8 @@ def pairing(base: Samples, cand: Samples) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- preconditions and decisions
 
 def lag_limit_ms(pre: dict, limits: dict) -> tuple[float, str]:
-    """The send-lag p99 limit of one run: max_lag_p99_ms, raised to max_lag_p99_host_multiple x the lowest lag p99
-    this host's client showed in its calibration (recorded in the run as fidelity limit host_lag_p99_s)."""
+    """The send-lag p99 limit of one run: max_lag_p99_ms, raised to max_lag_p99_host_multiple x the lag p99 this
+    host's client showed in its calibration (median of its points; the run's fidelity limit host_lag_p99_s)."""
     limit, k = float(pre["max_lag_p99_ms"]), pre.get("max_lag_p99_host_multiple")
     if not k:
         return limit, ""
