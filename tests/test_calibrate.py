@@ -3,19 +3,26 @@ their peak offered rate against it (real stub runs)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from splitbench.app import calibrate as C
+from splitbench.app.baselines import gate
 from splitbench.app.options import RunOptions
 from splitbench.app.runner import run
 from splitbench.metrics.fidelity import fidelity_section
+from splitbench.metrics.gate import lag_limit_ms, preconditions
+from splitbench.metrics.gate_rules import load_rules
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
 from splitbench.schema.runmeta import host_info
+from splitbench.workload.traces import load_workload
 
 pytestmark = pytest.mark.timeout(60)
+BLOCK_S = 0.3
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_peak_rate_is_the_busiest_one_second_window():
@@ -96,13 +103,19 @@ def test_fidelity_flags_over_ceiling():
     assert fidelity_section(recs)["verdict"] == "ok"
 
 
-def test_measure_point_against_the_stub_passes_at_a_low_rate():
+def test_measure_point_against_the_stub_scores_every_request_of_the_point():
     p = C.measure_point(100.0, 1.0, stub_cpu=-1)
-    assert p["ok"] == p["requests"] > 60 and p["achieved_rps"] > 80, p   # timing criteria: too noisy to assert
+    w = C.WORKLOAD      # the point's workload is seeded: the requests after the warm-up are known exactly
+    spec = (f"synth:arrivals=poisson,rate=100.0,duration={1.0 + C.WARMUP_S},lengths=fixed,input={w['input_tokens']},"
+            f"output={w['output_tokens']},seed=1")
+    scored = int((load_workload(spec).arrival_s >= C.WARMUP_S).sum())
+    assert p["ok"] == p["requests"] == scored, p             # every one sent and answered, whatever the host
+    # the verdict follows from the figures (timing itself is the host's business: no thresholds here)
     assert p["pass"] == (p["lag_p99_s"] <= 0.002 and p["ttft_p99_error_s"] <= 0.005 and p["rate_ratio"] >= 0.95)
-    assert p["requests"] > 60 and 0.8 < p["rate_ratio"] < 1.2 and p["cpu_s_per_request"] > 0
-    assert 0 <= p["ttft_p50_error_s"] < 0.005 and p["tokens_per_s"] > 100
-    assert isinstance(p["stub_lateness_p99_s"], float)   # the stub's own lateness, read from its /metrics
+    assert p["planned_rps"] > 0 and p["rate_ratio"] == pytest.approx(p["achieved_rps"] / p["planned_rps"])
+    assert p["ttft_p50_error_s"] >= -0.001                   # nothing came before the stub's configured TTFT
+    assert p["cpu_s_per_request"] > 0 and p["tokens_per_s"] > 0
+    assert isinstance(p["stub_lateness_p99_s"], float)       # the stub's own lateness, read from its /metrics
 
 
 def test_runs_record_the_stored_ceiling_and_are_judged_by_it(tmp_path, monkeypatch):
@@ -120,8 +133,9 @@ def test_runs_record_the_stored_ceiling_and_are_judged_by_it(tmp_path, monkeypat
 
 
 def test_a_busy_client_loop_does_not_land_in_ttft():
-    """The loop is blocked 80 ms while the first token arrives (stub TTFT 20 ms, served from another thread):
-    kernel receive stamps still put the first token at ~20 ms; user-space stamps (kernel_stamps=False) at ~85."""
+    """The loop is blocked 300 ms while the first token arrives (stub TTFT 20 ms, served from another thread):
+    kernel receive stamps still put the first token at ~20 ms; user-space stamps (kernel_stamps=False) only after
+    the block. Bounds are the block itself, not host speed: a busy host would have to delay the stub by 280 ms."""
     import asyncio
     import time
 
@@ -140,7 +154,7 @@ def test_a_busy_client_loop_does_not_land_in_ttft():
             await client.warm(1)
             rec = RequestRecord("r", 0, 0.0, 8, 3)
             send = time.perf_counter()
-            asyncio.get_running_loop().call_later(0.005, time.sleep, 0.08)   # the client is busy elsewhere
+            asyncio.get_running_loop().call_later(0.005, time.sleep, BLOCK_S)   # the client is busy elsewhere
             await client.request(body, RecordSink(rec, 0.0, send), send=send)
             assert rec.status == R.OK and rec.actual_output_tokens == 3
             return rec.first_token_s - send
@@ -151,5 +165,58 @@ def test_a_busy_client_loop_does_not_land_in_ttft():
         unstamped = run_loop(one(False))
     finally:
         stop()
-    assert 0.019 < stamped < 0.030, stamped
-    assert unstamped > 0.08, unstamped
+    assert 0.019 < stamped < 0.005 + BLOCK_S, stamped         # when the bytes arrived, inside the block
+    assert unstamped > 0.005 + BLOCK_S, unstamped              # when the loop got to them: after it
+
+
+# ----------------------------------------------------------------------------- the CI gate follows the host
+
+def _summary(lag_p99_s: float, host_lag_s: float | None) -> dict:
+    limits = {"host_lag_p99_s": host_lag_s} if host_lag_s is not None else {}
+    return {"fidelity": {"lag_s": {"p99": lag_p99_s}, "achieved_rate_rps": 20.0, "trace_rate_rps": 20.0,
+                         "tokens": {"input_mismatch": 0, "output_mismatch": 0}, "limits": limits},
+            "counts": {"error_rate": 0.0}, "run": {"workload_sha256": "x"}}
+
+
+def test_lag_precondition_follows_the_hosts_calibrated_lag():
+    pre = load_rules(ROOT / "gates" / "stub.toml").pre
+    assert pre["max_lag_p99_host_multiple"] == 10 and pre["max_lag_p99_ms"] == 10
+    assert lag_limit_ms(pre, {}) == (10.0, "no client calibration recorded for this host: the absolute limit applies")
+    assert lag_limit_ms(pre, {"host_lag_p99_s": 0.0005})[0] == 10.0         # a quiet host: the absolute floor
+    limit, why = lag_limit_ms(pre, {"host_lag_p99_s": 0.008})               # a busy one: 10 x what it showed
+    assert limit == pytest.approx(80.0) and "10 x this host's calibrated lag p99 8.00 ms" in why
+    runs = [{"label": "busy", "side": "candidate", "summary": _summary(0.013, 0.008)},
+            {"label": "behind", "side": "candidate", "summary": _summary(0.400, 0.008)},
+            {"label": "uncalibrated", "side": "candidate", "summary": _summary(0.013, None)}]
+    lag = {c["run"]: c["ok"] for c in preconditions(runs, pre) if c["check"] == "send lag p99 (ms)"}
+    assert lag == {"candidate:busy": True, "candidate:behind": False, "candidate:uncalibrated": False}
+    assert load_rules(ROOT / "gates" / "vllm-tiny.toml").pre["max_lag_p99_host_multiple"] == 10
+
+
+def test_client_section_records_the_calibrations_median_lag(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path))
+    C.save_result({"workers": 1, "ceiling_rps": 0.0, "points": [{"lag_p99_s": 0.012}, {"lag_p99_s": 0.007},
+                                                               {"lag_p99_s": 0.009}, {"target_rps": 250}]})
+    sec = C.client_section(np.arange(10) / 10.0)
+    assert sec["calibration"]["lag_p99_median_s"] == 0.009 and sec["ceiling_rps"] == 0.0
+
+
+@pytest.mark.timeout(300)
+def test_ci_stub_gate_passes_a_replicate_and_fails_a_slowed_stub_on_this_host(tmp_path, monkeypatch):
+    """gates/stub.toml as .ci/run uses it, on this host now: a short calibration, then a baseline run, a replicate
+    and a run whose stub answers 10 ms later. The replicate passes and the slowed stub is a regression, busy or
+    idle (the lag precondition follows the calibration; the latency rules are medians)."""
+    monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path / "cache"))
+    C.calibrate(duration_s=1.0, max_points=2, retries=0)
+    spec = "synth:arrivals=poisson,rate=20,count=300,seed=7"          # .ci/run's stub workload
+
+    def one(name, ttft_s):
+        return run(RunOptions(trace=spec, duration_s=None, backend="stub", results_dir=str(tmp_path / "r"),
+                              run_id=name, vocab_size=1000, backend_options={"ttft_s": ttft_s, "tpot_s": 0.005})).run_dir
+    base, same, slow = one("base", 0.02), one("same", 0.02), one("slow", 0.03)
+    rules = ROOT / "gates" / "stub.toml"
+    ok, bad = gate([str(base)], [str(same)], rules), gate([str(base)], [str(slow)], rules)
+    why = [(p["run"], p["check"], p["value"], p["limit"]) for p in ok["preconditions"] + bad["preconditions"]
+           if not p["ok"]]
+    assert ok["verdict"] == "pass" and bad["verdict"] == "regression", (why, ok["rules"], bad["rules"])
+    assert [r["metric"] for r in bad["rules"] if r["decision"] == "regression"] == ["ttft_p50"]

@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 from splitbench.cli import app
 from splitbench.schema import records as R
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()),
+              ROOT.parent / "shared") / "traces"   # ../shared beside a clone; ../../shared beside a worktree
 
 
 @pytest.mark.vllm
@@ -51,3 +53,24 @@ def test_chat_api_exact_prompt_and_output_lengths(vllm_server, tiny_model_dir, t
     for r in recs:
         assert r.actual_input_tokens == r.planned_input_tokens
         assert r.actual_output_tokens == r.planned_output_tokens
+
+
+@pytest.mark.vllm
+def test_rate_scale_auto_sizes_against_the_real_server(vllm_server, tmp_path, monkeypatch):
+    """`--rate-scale auto` on a real vLLM: the probe's reference becomes the run's, the window is replayed at the
+    chosen scale, and the probe's requests stay out of the run's records (kept under sizing/)."""
+    monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, [
+        "run", "--backend", "openai", "--url", vllm_server.url, "--rate-scale", "auto", "--trace", "azure-conv-2023",
+        "--trace-dir", str(SHARED), "--duration", "10", "--results", str(tmp_path), "--run-id", "sized"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "sized" / "run.json").read_text())
+    sz = meta["sizing"]
+    assert sz["rate_scale"] == meta["workload"]["transforms"]["rate_scale"] > 0 and not sz["cache_hit"]
+    assert sz["reference"]["n_requests"] == 6 and sz["reference"]["tbt_s"] > 0 and sz["points"]
+    assert sz["capacity_rps"] >= sz["unloaded_rps"] > 0 and sz["offered_rps"] > 0
+    summary = json.loads((tmp_path / "sized" / "summary.json").read_text())
+    assert summary["splitwise"]["reference"] == sz["reference"]            # judged against its own reference
+    recs = R.read_records(tmp_path / "sized")
+    assert len(recs) == meta["workload"]["requests"] and all(r.trace_index < 10 ** 9 for r in recs)
+    assert R.read_records(tmp_path / "sized" / "sizing" / "reference")

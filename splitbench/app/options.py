@@ -2,6 +2,7 @@
 is exactly `splitbench run --backend vllm`: the CLI declares no defaults of its own."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,8 @@ class RunOptions:
     columns: dict | None = None
     start_s: float = 0.0
     duration_s: float | None = None        # None: 40 s on a local CPU cluster, else 60 s (resolve_defaults)
-    rate_scale: float | None = None        # None: sized to the cluster on a local CPU cluster, else 1.0
+    rate_scale: float | str | None = None  # "auto": sized to the started backend (app/sizing.py); None: auto on a
+                                           # local CPU cluster, else 1.0
     max_requests: int | None = None
     backend: str = "stub"
     backend_options: dict = field(default_factory=dict)
@@ -53,11 +55,26 @@ class RunOptions:
     workers: int = 1                       # sender processes (client/workers.py); 1 = this process
 
 
+def parse_rate_scale(value: str | float | None, *, allow_auto: bool = True) -> float | str | None:
+    """--rate-scale: None (not given), "auto" (where sizing applies) or a number > 0; else a one-line InputError."""
+    if isinstance(value, str) and value.strip().lower() == "auto" and allow_auto:
+        return "auto"
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise InputError(f"--rate-scale must be a number > 0{' or auto' if allow_auto else ''}, got {value!r}")
+    return number
+
+
 def workload_spec(opts) -> WorkloadSpec:
     """The workload options of RunOptions (or SimOptions: same field names); a rate scale the session has still
-    to size reads as 1."""
+    to size ("auto") reads as 1."""
     return WorkloadSpec(trace=opts.trace, trace_dir=opts.trace_dir, columns=opts.columns, start_s=opts.start_s,
-                        duration_s=opts.duration_s, rate_scale=opts.rate_scale or 1.0, max_requests=opts.max_requests,
+                        duration_s=opts.duration_s, rate_scale=1.0 if opts.rate_scale in (None, "auto") else opts.rate_scale, max_requests=opts.max_requests,
                         max_context_tokens=opts.max_context_tokens, fetch=opts.fetch)
 
 
@@ -67,14 +84,14 @@ def local_cpu_cluster(opts: RunOptions) -> bool:
 
 
 def resolve_defaults(opts: RunOptions) -> RunOptions:
-    """The options with None defaults made concrete. rate_scale stays None on a local CPU cluster: the session
-    sizes it to what the cluster sustains (app/sizing.py)."""
+    """The options with None defaults made concrete: rate_scale None is "auto" on a local CPU cluster (the session
+    sizes it to what the started cluster sustains, app/sizing.py), else 1."""
     duration = opts.duration_s
     if duration is None:
         duration = LOCAL_CLUSTER_DURATION_S if local_cpu_cluster(opts) else DURATION_S
     rate = opts.rate_scale
-    if rate is None and not local_cpu_cluster(opts):
-        rate = 1.0
+    if rate is None:
+        rate = "auto" if local_cpu_cluster(opts) else 1.0
     return replace(opts, duration_s=duration, rate_scale=rate)
 
 
@@ -84,8 +101,7 @@ def check_options(opts: RunOptions) -> None:
         raise InputError(f"--workers must be >= 1, got {opts.workers}")
     if opts.power not in POWER_MODES:
         raise InputError(f"--power must be auto, nvml or off, got {opts.power!r}")
-    if opts.rate_scale is not None and opts.rate_scale <= 0:
-        raise InputError(f"--rate-scale must be > 0, got {opts.rate_scale}")
+    parse_rate_scale(opts.rate_scale)
 
 
 def backend_options(backend: str, *, url: str | None = None, api_key_env: str = "OPENAI_API_KEY",

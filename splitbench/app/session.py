@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from splitbench.app import accounting
+from splitbench.app import accounting, sizing
 from splitbench.app.options import RunOptions, check_options, new_run_id, resolve_defaults, workload_spec
 from splitbench.backends.registry import get_backend
 from splitbench.client.probe import served_model
@@ -125,8 +125,22 @@ class RunSession:
         self.sampler = accounting.start_power(o, instances, self.run_dir)
         if self.sampler is not None:
             self.meta["power"] = self.sampler.describe()
-        self.set_workload(workload)
+        self.set_workload(self.size(workload) if o.rate_scale == "auto" else workload)
         return self.conn
+
+    def size(self, workload: Workload) -> Workload:
+        """rate_scale "auto": measure what the started backend sustains of this window's request mix (or reuse this
+        host's cached measurement) and replay the window at the rate scale for the target utilisation; its unloaded
+        reference becomes the run's reference unless one was given (app/sizing.py)."""
+        c, o = self.conn, self.opts
+        probe = sizing.Probe(c.base_url, c.model, c.prompts.payload, c.headers, o.api, self.run_dir / "sizing")
+        sized, workload = sizing.size_session(o.backend, o.backend_options, c.model_info, probe, workload,
+                                              self.on_status)
+        self.meta["sizing"] = sized.describe()
+        if self.reference is None:
+            self.reference = sized.reference
+            self.meta["reference"] = asdict(sized.reference)
+        return workload
 
     def set_workload(self, workload: Workload) -> None:
         """The workload to replay (after sizing, say), recorded in run.json `running` with what was connected."""
@@ -194,9 +208,12 @@ def merge_router_phases(run_dir: Path, meta: dict) -> int:
 
 
 def client_limits(meta: dict) -> dict | None:
-    """The fidelity verdict's extra input: the calibrated client ceiling recorded in run.json, if any."""
-    c = (meta.get("client") or {}).get("ceiling_rps")
-    return {"ceiling_rps": c} if c else None
+    """The fidelity verdict's extra input: the calibrated client ceiling recorded in run.json and the median lag
+    p99 of that calibration's points (what this host's client does; gates may judge lag by it), if any."""
+    client = meta.get("client") or {}
+    c, lag = client.get("ceiling_rps"), (client.get("calibration") or {}).get("lag_p99_median_s")
+    out = {**({"ceiling_rps": c} if c else {}), **({"host_lag_p99_s": lag} if lag is not None else {})}
+    return out or None
 
 
 def summarize_run(run_dir: Path, meta: dict, slos=None, reference=None, write: bool = True) -> dict:

@@ -13,8 +13,9 @@ WORKLOAD = (
     Opt("start_s", float, "Window start, seconds after the trace's first request.", ("--start",)),
     Opt("duration_s", Optional[float], "Window length in seconds of trace time [run: 60; local CPU clusters: 40; "
         "simulate/traces: the whole trace].", ("--duration",)),
-    Opt("rate_scale", Optional[float], "Multiply the arrival rate, keeping the burst shape [1; local CPU "
-        "clusters: sized to what the cluster sustains, see README].", ("--rate-scale",)),
+    Opt("rate_scale", Optional[str], "Multiply the arrival rate, keeping the burst shape, or 'auto' (run: measure "
+        "the started backend and load it to 50% of what it sustains) [1; local CPU clusters: auto].",
+        ("--rate-scale",)),
     Opt("max_requests", Optional[int], "Replay at most this many requests."),
     Opt("max_context_tokens", Optional[int], "Clip requests to this context (run: default the server's "
         "max_model_len).", ("--max-context", "--max-context-tokens")),

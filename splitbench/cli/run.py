@@ -12,7 +12,7 @@ from splitbench.app import reports, runner
 from splitbench.app.baselines import gate as run_gate
 from splitbench.app.baselines import resolve
 from splitbench.app.locust_launch import LocustOptions, run_locust, run_worker
-from splitbench.app.options import RunOptions, backend_options
+from splitbench.app.options import RunOptions, backend_options, parse_rate_scale
 from splitbench.cli.common import console, err_console, int_list, pick, user_errors, with_options
 from splitbench.cli.gates import emit_gate
 from splitbench.cli.groups import BACKEND, BACKEND_FLAGS, CLIENT, CLUSTER, FETCH, HARDWARE, PROMPTS, RESULTS, WORKLOAD
@@ -27,6 +27,7 @@ def run_options(opts: dict, **fixed) -> RunOptions:
     flags = pick(opts, BACKEND_FLAGS)
     fields = {k: v for k, v in opts.items() if k not in BACKEND_FLAGS}
     fields["columns"] = parse_columns(fields.get("columns"))
+    fields["rate_scale"] = parse_rate_scale(fields.get("rate_scale"))
     return RunOptions(**fields, **fixed, backend_options=backend_options(opts["backend"], **flags))
 
 

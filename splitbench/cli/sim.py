@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from splitbench.app.design import DesignSpec, plot_design, search
+from splitbench.app.options import parse_rate_scale
 from splitbench.app.profile import measure_profile
 from splitbench.app.simrun import SimOptions, simulate_run
 from splitbench.cli.common import console, err_console, int_list, user_errors, with_options
@@ -146,6 +147,7 @@ def simulate(
 ):
     """Replay a trace on a simulated cluster; writes a run directory like `run` does (marked simulated)."""
     opts["columns"] = parse_columns(opts["columns"])
+    opts["rate_scale"] = parse_rate_scale(opts["rate_scale"], allow_auto=False) or 1.0
     sim = SimOptions(**opts, cluster=cluster, model=model, model_dir=model_dir, profile=profile,
                      tensor_parallel=tensor_parallel, policy=policy, policy_params=parse_policy_params(policy_param or [], policy),
                      seed=seed, max_prompt_batch_tokens=max_prompt_batch_tokens, max_decode_batch=max_decode_batch,

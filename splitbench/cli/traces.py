@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from splitbench.app.options import parse_rate_scale
 from splitbench.cli.common import console, err_console, user_errors, with_options
 from splitbench.cli.groups import WORKLOAD
 from splitbench.render.plots import plot_workload
@@ -44,7 +45,9 @@ def traces_show(opts: dict,
     """Validate a trace, apply the transforms and print its statistics."""
 
 
-    w = load(WorkloadSpec(trace, **{**opts, "columns": parse_columns(opts["columns"])}, fetch=False))
+    w = load(WorkloadSpec(trace, **{**opts, "columns": parse_columns(opts["columns"]),
+                                    "rate_scale": parse_rate_scale(opts["rate_scale"], allow_auto=False) or 1.0},
+                          fetch=False))
     stats = workload_stats(w)
     if plot:
         plot_workload(w, str(plot))

@@ -91,9 +91,11 @@ def client_section(arrival_s: np.ndarray, workers: int = 1, path: Path | None = 
         except (KeyError, TypeError, ValueError):
             out["error"] = f"stored calibration for {workers} worker(s) has no ceiling_rps; run `splitbench calibrate`"
             return out
+        lags = [p["lag_p99_s"] for p in cal.get("points") or [] if p.get("lag_p99_s") is not None]
         out.update(ceiling_rps=c, headroom=(c / peak) if peak > 0 else None,
-                   calibration={k: cal.get(k) for k in ("created_unix_s", "tokens_per_s", "cpu_s_per_request",
-                                                          "workload", "path")})
+                   calibration={**{k: cal.get(k) for k in ("created_unix_s", "tokens_per_s", "cpu_s_per_request",
+                                                            "workload", "path")},
+                                "lag_p99_median_s": float(np.median(lags)) if lags else None})
     elif err:
         out["error"] = err
     return out

@@ -147,6 +147,19 @@ def pairing(base: Samples, cand: Samples) -> np.ndarray | None:
 
 # ----------------------------------------------------------------------------- preconditions and decisions
 
+def lag_limit_ms(pre: dict, limits: dict) -> tuple[float, str]:
+    """The send-lag p99 limit of one run: max_lag_p99_ms, raised to max_lag_p99_host_multiple x the lag p99 this
+    host's client showed in its calibration (median of its points; the run's fidelity limit host_lag_p99_s)."""
+    limit, k = float(pre["max_lag_p99_ms"]), pre.get("max_lag_p99_host_multiple")
+    if not k:
+        return limit, ""
+    host = limits.get("host_lag_p99_s")
+    if host is None:
+        return limit, "no client calibration recorded for this host: the absolute limit applies"
+    rel = k * host * 1e3
+    return max(limit, rel), f"{k:g} x this host's calibrated lag p99 {host * 1e3:.2f} ms = {rel:.1f} ms"
+
+
 def preconditions(runs: list[dict], pre: dict) -> list[dict]:
     """runs: [{"label", "side", "summary"}]; each check {"run", "check", "value", "limit", "ok", "why"}."""
     out = []
@@ -154,8 +167,9 @@ def preconditions(runs: list[dict], pre: dict) -> list[dict]:
         s, lab = r["summary"], f"{r['side']}:{r['label']}"
         f = s["fidelity"]
         lag = f["lag_s"]["p99"]
+        limit, why = lag_limit_ms(pre, f.get("limits") or {})
         out.append({"run": lab, "check": "send lag p99 (ms)", "value": None if lag is None else lag * 1e3,
-                    "limit": pre["max_lag_p99_ms"], "ok": lag is None or lag * 1e3 <= pre["max_lag_p99_ms"]})
+                    "limit": limit, "ok": lag is None or lag * 1e3 <= limit, "why": why})
         ratio = (f["achieved_rate_rps"] / f["trace_rate_rps"]) if f["achieved_rate_rps"] and f["trace_rate_rps"] \
             else None
         out.append({"run": lab, "check": "achieved / trace rate", "value": ratio, "limit": pre["min_rate_ratio"],

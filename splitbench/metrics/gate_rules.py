@@ -21,7 +21,8 @@ EFF = {"input_tokens_per_usd": ("in", "cost_usd"), "output_tokens_per_usd": ("ou
        "input_tokens_per_j": ("in", "energy_j"), "output_tokens_per_j": ("out", "energy_j"),
        "tokens_per_j": ("tok", "energy_j")}
 GATE_KEYS = {"confidence", "bootstrap", "seed", "slo"}
-PRE_KEYS = {"max_lag_p99_ms", "min_rate_ratio", "max_token_mismatches", "max_error_rate", "same_workload"}
+PRE_KEYS = {"max_lag_p99_ms", "max_lag_p99_host_multiple", "min_rate_ratio", "max_token_mismatches",
+            "max_error_rate", "same_workload"}
 RULE_KEYS = {"metric", "tolerance", "better", "name"}
 DEFAULT_PRE = {"max_lag_p99_ms": 10.0, "min_rate_ratio": 0.95, "max_token_mismatches": 0, "max_error_rate": 0.01,
                "same_workload": True}
