@@ -12,13 +12,14 @@ from splitbench.app import calibrate as C
 from splitbench.app.baselines import gate
 from splitbench.app.options import RunOptions
 from splitbench.app.runner import run
-from splitbench.metrics.fidelity import fidelity_section
+from splitbench.hardware import ceiling as H
+from splitbench.metrics.fidelity import fidelity_section, peak_rate_rps
 from splitbench.metrics.gate import lag_limit_ms, preconditions
 from splitbench.metrics.gate_rules import load_rules
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
 from splitbench.schema.runmeta import host_info
-from splitbench.workload.traces import load_workload
+from splitbench.workload.load import WorkloadSpec, load
 
 pytestmark = pytest.mark.timeout(60)
 BLOCK_S = 0.3
@@ -28,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_peak_rate_is_the_busiest_one_second_window():
     # 3 requests in [0, 1), then 5 packed into [2.0, 2.4], then one at 10
     a = np.array([0.0, 0.5, 0.9, 2.0, 2.1, 2.2, 2.3, 2.4, 10.0])
-    assert C.peak_rate_rps(a) == 5.0
-    assert C.peak_rate_rps(a, window_s=0.25) == 12.0   # 3 in [2.0, 2.25)
-    assert C.peak_rate_rps(np.array([])) is None
+    assert peak_rate_rps(a) == 5.0
+    assert peak_rate_rps(a, window_s=0.25) == 12.0   # 3 in [2.0, 2.25)
+    assert peak_rate_rps(np.array([])) is None
 
 
 def _pt(rate, ok):
@@ -80,18 +81,18 @@ def test_score_point_applies_each_criterion():
 
 def test_store_roundtrip_per_host_and_workers(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path))
-    assert C.stored_ceiling(1) is None
-    path = C.save_result({"workers": 1, "ceiling_rps": 1800.0, "created_unix_s": 1.0})
-    C.save_result({"workers": 2, "ceiling_rps": 3000.0})
-    assert path.parent == tmp_path / "calibration" and path.name == C.host_id() + ".json"
+    assert H.stored_ceiling(1) is None
+    path = H.save_result({"workers": 1, "ceiling_rps": 1800.0, "created_unix_s": 1.0})
+    H.save_result({"workers": 2, "ceiling_rps": 3000.0})
+    assert path.parent == tmp_path / "calibration" and path.name == H.host_id() + ".json"
     data = json.loads(path.read_text())
     assert data["host"]["hostname"] == host_info()["hostname"]
-    assert C.stored_ceiling(1)["ceiling_rps"] == 1800.0 and C.stored_ceiling(2)["ceiling_rps"] == 3000.0
-    sec = C.client_section(np.arange(2048) / 1024, workers=1)   # exact binary fractions: 1024 per second
+    assert H.stored_ceiling(1)["ceiling_rps"] == 1800.0 and H.stored_ceiling(2)["ceiling_rps"] == 3000.0
+    sec = H.client_section(np.arange(2048) / 1024, workers=1)   # exact binary fractions: 1024 per second
     assert sec["ceiling_rps"] == 1800.0 and sec["peak_offered_rps"] == 1024.0
     assert sec["headroom"] == 1800.0 / 1024
     path.write_text("{not json")
-    assert "unreadable calibration file" in C.client_section(np.zeros(3))["error"]
+    assert "unreadable calibration file" in H.client_section(np.zeros(3))["error"]
 
 
 def test_fidelity_flags_over_ceiling():
@@ -108,7 +109,7 @@ def test_measure_point_against_the_stub_scores_every_request_of_the_point():
     w = C.WORKLOAD      # the point's workload is seeded: the requests after the warm-up are known exactly
     spec = (f"synth:arrivals=poisson,rate=100.0,duration={1.0 + C.WARMUP_S},lengths=fixed,input={w['input_tokens']},"
             f"output={w['output_tokens']},seed=1")
-    scored = int((load_workload(spec).arrival_s >= C.WARMUP_S).sum())
+    scored = int((load(WorkloadSpec(spec)).arrival_s >= C.WARMUP_S).sum())
     assert p["ok"] == p["requests"] == scored, p             # every one sent and answered, whatever the host
     # the verdict follows from the figures (timing itself is the host's business: no thresholds here)
     assert p["pass"] == (p["lag_p99_s"] <= 0.002 and p["ttft_p99_error_s"] <= 0.005 and p["rate_ratio"] >= 0.95)
@@ -120,7 +121,7 @@ def test_measure_point_against_the_stub_scores_every_request_of_the_point():
 
 def test_runs_record_the_stored_ceiling_and_are_judged_by_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path / "cache"))
-    C.save_result({"workers": 1, "ceiling_rps": 50.0, "created_unix_s": 1.0, "tokens_per_s": 1600.0})
+    H.save_result({"workers": 1, "ceiling_rps": 50.0, "created_unix_s": 1.0, "tokens_per_s": 1600.0})
     spec = "synth:arrivals=poisson,rate=120,duration=1,lengths=fixed,input=16,output=4,seed=2"
     res = run(RunOptions(trace=spec, duration_s=None, backend="stub", results_dir=str(tmp_path / "r"),
                          vocab_size=1000, backend_options={"ttft_s": 0.005, "tpot_s": 0.001, "cpu": -1}))
@@ -195,9 +196,9 @@ def test_lag_precondition_follows_the_hosts_calibrated_lag():
 
 def test_client_section_records_the_calibrations_median_lag(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path))
-    C.save_result({"workers": 1, "ceiling_rps": 0.0, "points": [{"lag_p99_s": 0.012}, {"lag_p99_s": 0.007},
+    H.save_result({"workers": 1, "ceiling_rps": 0.0, "points": [{"lag_p99_s": 0.012}, {"lag_p99_s": 0.007},
                                                                {"lag_p99_s": 0.009}, {"target_rps": 250}]})
-    sec = C.client_section(np.arange(10) / 10.0)
+    sec = H.client_section(np.arange(10) / 10.0)
     assert sec["calibration"]["lag_p99_median_s"] == 0.009 and sec["ceiling_rps"] == 0.0
 
 

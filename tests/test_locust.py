@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitbench.client.locust_bridge import (
+from splitbench.client.locust_rows import (
     LiveLLM,
     PipeWriter,
     Samples,

@@ -15,9 +15,10 @@ from splitbench.client.probe import http_get
 from splitbench.errors import InputError
 from splitbench.metrics.slo import Reference
 from splitbench.schema import records as R
+from splitbench.schema.files import atomic_write_json
 from splitbench.schema.records import RequestRecord
+from splitbench.workload.load import WorkloadSpec, load
 from splitbench.workload.prompts import TokenIdPrompts
-from splitbench.workload.traces import load_workload
 from splitbench.workload.types import Workload
 
 REF = Reference(ttft_intercept_s=0.1, ttft_per_token_s=0.0, tbt_s=0.01)
@@ -153,7 +154,7 @@ def test_a_cached_measurement_is_reused_and_keyed_by_layout_and_mix(tmp_path, mo
     assert path.parent == tmp_path / "sizing" and path.name.startswith(S.host_id() + "-")
     assert S.cache_path({**full, "options": {"cores": "0"}}) != path          # another layout
     assert S.cache_path({**full, "mix": S.mix_digest(_window(n=7))}) != path  # another request mix
-    R.atomic_write_json(path, {"method_version": S.METHOD_VERSION, "reference": vars(REF),
+    atomic_write_json(path, {"method_version": S.METHOD_VERSION, "reference": vars(REF),
                                "points": [_pt(4, 2.0, True)], "probe_s": 20.0})
     never = S.Probe("http://127.0.0.1:9", "m", lambda i, n: {"prompt": [1] * n}, out_dir=tmp_path / "x")
     s = S.size_run(never, w, parts)                     # a hit: the unreachable endpoint is never asked
@@ -176,7 +177,7 @@ def test_probe_against_the_stub_measures_its_reference_and_caches_it(tmp_path, m
     stub = StubBackend(ttft_s=0.02, tpot_s=0.005, cpu=-1)
     stub.start(tmp_path)
     try:
-        w = load_workload("synth:arrivals=poisson,rate=4,count=40,lengths=uniform,input=20-400,output=10-60,seed=3")
+        w = load(WorkloadSpec("synth:arrivals=poisson,rate=4,count=40,lengths=uniform,input=20-400,output=10-60,seed=3"))
         probe = S.Probe(stub.endpoint(), stub.cfg.model, TokenIdPrompts(vocab_size=1000, seed=0).payload,
                         out_dir=tmp_path / "records")
         parts = S.key_parts("stub", {}, {"id": stub.cfg.model}, "completions")
@@ -210,7 +211,7 @@ def test_a_sized_run_replays_the_window_at_the_chosen_rate_and_judges_it_by_its_
     assert meta["status"] == "complete" and meta["options"]["rate_scale"] == "auto"
     assert sz["rate_scale"] == meta["workload"]["transforms"]["rate_scale"] and not sz["cache_hit"]
     assert sz["cache_path"].startswith(str(tmp_path / "cache" / "sizing"))
-    same = load_workload(spec, rate_scale=sz["rate_scale"])          # == `--rate-scale <chosen>`
+    same = load(WorkloadSpec(spec, rate_scale=sz["rate_scale"]))          # == `--rate-scale <chosen>`
     assert meta["workload"]["source"]["workload_sha256"] == same.source["workload_sha256"]
     assert res.summary["splitwise"]["reference"] == sz["reference"] == meta["reference"]
     assert len(R.read_records(res.run_dir)) == 30 and (res.run_dir / "sizing" / "reference").is_dir()

@@ -16,7 +16,7 @@ from pathlib import Path
 from splitbench.app.options import RunOptions
 from splitbench.app.reports import report
 from splitbench.app.session import RunSession, merge_router_phases
-from splitbench.client.locust_bridge import HEADERS_ENV, workload_to_json
+from splitbench.client.locust_rows import HEADERS_ENV, workload_to_json
 from splitbench.client.replayer import PATHS
 from splitbench.client.shards import SHARDING
 from splitbench.errors import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, InputError

@@ -19,7 +19,7 @@ from gevent import subprocess as gsub
 from locust import User, constant, events, task
 from locust.runners import STATE_MISSING, STATE_RUNNING, STATE_SPAWNING, LocalRunner, MasterRunner, WorkerRunner
 
-from splitbench.client.locust_bridge import (
+from splitbench.client.locust_rows import (
     HEADERS_ENV,
     LLM_COLUMNS,
     LiveLLM,
