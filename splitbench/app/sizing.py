@@ -25,8 +25,8 @@ from splitbench.schema.runmeta import host_info, package_versions
 from splitbench.workload.transforms import scale_rate, workload_digest
 from splitbench.workload.types import Workload
 
-# Half of the capacity: open-loop arrivals of a bursty trace queue well before 100%, and at 50% the mean number in
-# flight is about half the probe's knee, so the trace's 2x bursts stay within it (see README "sizing").
+# Half of the capacity: open-loop arrivals of a bursty trace queue well before 100%; at 50% the mean number in flight
+# is about half the probe's knee (its last point within Splitwise's P50 limits), so 2x bursts stay within it.
 TARGET_UTILISATION = 0.5
 METHOD = "unloaded reference + closed-loop probe"
 METHOD_VERSION = 1
