@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import gevent
@@ -28,6 +29,7 @@ from splitbench.client.locust_rows import (
     workload_to_json,
 )
 from splitbench.client.shards import shard_positions
+from splitbench.client.stats import ReplayStats
 from splitbench.procs import die_with_parent
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_json
@@ -303,9 +305,6 @@ class Coordinator:
 
     def finalize(self, quitting: bool = False) -> None:
         """Write records.parquet, run.json (status, t0, replay_stats, locust section) and summary.json."""
-        from dataclasses import fields
-
-        from splitbench.client.replayer import ReplayStats  # not at the top: see the gevent note in finalize's caller
         self.finalized = True
         self._recover_from_shard_dirs()
         self.writer.close()

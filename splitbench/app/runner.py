@@ -10,7 +10,8 @@ import numpy as np
 
 from splitbench.app.options import RunOptions
 from splitbench.app.session import RunSession
-from splitbench.client.replayer import Replayer, ReplayStats
+from splitbench.client.replayer import Replayer
+from splitbench.client.stats import ReplayStats
 from splitbench.metrics.slo import Reference, fit_reference, save_reference
 from splitbench.schema import records as R
 from splitbench.workload.types import Workload

@@ -12,8 +12,9 @@ from splitbench.app.options import RunOptions, check_options, new_run_id, resolv
 from splitbench.backends.registry import get_backend
 from splitbench.client.probe import served_model
 from splitbench.client.replay import replay_workload
-from splitbench.client.replayer import ReplayConfig, Replayer, ReplayStats
+from splitbench.client.replayer import ReplayConfig, Replayer
 from splitbench.client.shards import SHARDING
+from splitbench.client.stats import ReplayStats
 from splitbench.client.workers import replay_workers
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog

@@ -13,6 +13,7 @@ import numpy as np
 
 from splitbench.client.outcome import classify
 from splitbench.client.sink import RecordSink
+from splitbench.client.stats import ReplayStats
 from splitbench.client.transport import Transport, make_transport
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
@@ -62,20 +63,6 @@ class ReplayConfig:
         d = {k: v for k, v in self.__dict__.items() if k != "headers"}
         d["header_names"] = sorted(self.headers)  # values may hold secrets
         return d
-
-
-@dataclass
-class ReplayStats:
-    planned: int = 0
-    sent: int = 0
-    finished: int = 0
-    failed: int = 0
-    inflight_peak: int = 0
-    inflight_cap_waits: int = 0   # times --max-inflight delayed a send
-    stopped_early: bool = False
-    t0_unix_s: float = 0.0        # wall time of run-clock zero
-    duration_s: float = 0.0
-    start_late_s: float = 0.0     # how far past run-clock zero the replayer was ready to send (a shared start missed)
 
 
 class StartGate(Protocol):

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from splitbench.client.replay import replay_workload
-from splitbench.client.replayer import ReplayConfig, ReplayStats
+from splitbench.client.replayer import ReplayConfig
 from splitbench.client.shards import shard
+from splitbench.client.stats import ReplayStats
 from splitbench.errors import InputError
 from splitbench.procs import die_with_parent
 from splitbench.schema import records as R
