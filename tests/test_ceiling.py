@@ -82,7 +82,10 @@ def test_client_section_against_the_stored_ceiling(cache):
     sec = C.client_section(arrivals, workers=1)
     assert sec["ceiling_rps"] == 1800.0 and sec["peak_offered_rps"] == 1024.0 and sec["headroom"] == 1800.0 / 1024
     assert sec["calibration"] == {"created_unix_s": 1.0, "tokens_per_s": 9.0, "cpu_s_per_request": None,
-                                  "workload": None, "path": None}
+                                  "workload": None, "path": None, "lag_p99_median_s": None}
+    C.save_result({"workers": 2, "ceiling_rps": 900.0, "points": [{"lag_p99_s": x} for x in (0.004, 0.001, 0.002)]
+                   + [{"lag_p99_s": None}, {}]})
+    assert C.client_section(arrivals, workers=2)["calibration"]["lag_p99_median_s"] == 0.002   # of the 3 measured
     assert C.client_section(arrivals, workers=3)["ceiling_rps"] is None   # calibrated for 1 worker only
     empty = C.client_section(np.array([]))
     assert empty["peak_offered_rps"] == 0.0 and empty["ceiling_rps"] == 1800.0 and empty["headroom"] is None

@@ -1,1 +1,1 @@
-"""Pure metric functions over request records, and report rendering."""
+"""Pure metric functions over request records and run metadata (rendering lives in render/)."""
