@@ -46,7 +46,7 @@ def assert_nothing_left(meta: dict) -> None:
 
 
 def run_cluster(tmp_path, run_id: str, backend: str, trace: str = TRACE, **options):
-    opts = RunOptions(trace=trace, duration_s=None, backend=backend, backend_options=options,
+    opts = RunOptions(trace=trace, duration_s=None, rate_scale=1.0, backend=backend, backend_options=options,
                       results_dir=str(tmp_path), run_id=run_id, timeout_s=120, grace_s=5)
     res = run(opts)
     meta = json.loads((res.run_dir / "run.json").read_text())

@@ -86,7 +86,7 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
     if int(repeats) < 1:
         raise InputError(f"--repeats must be >= 1, got {repeats}")
     hardware = _host_hardware(machine, hardware_file)
-    opts = RunOptions(trace="profile", backend=backend_name, backend_options=backend_options,
+    opts = RunOptions(trace="profile", rate_scale=1.0, backend=backend_name, backend_options=backend_options,
                       results_dir=str(results_dir), hardware_file=hardware_file, machine=machine)
     plan, rows, index, started = _plan(grid, int(repeats)), [], 0, time.monotonic()
     with RunSession(opts, kind="profile", workload=_point_workload(*grid[0], 0, "plan"),
