@@ -54,6 +54,7 @@ class RunSession:
                  meta: dict | None = None, on_status: Status = lambda s: None):
         self.opts, self.kind, self.on_status = resolve_defaults(opts), kind, on_status
         self.workload, self.conn, self.backend, self.sampler = workload, None, None, None
+        self.sized = False
         self.extra_meta = meta or {}
         self.slos = self.reference = None
         self.run_dir: Path | None = None
@@ -73,6 +74,7 @@ class RunSession:
                 get_machine(o.machine, cat)
         self.backend = get_backend(o.backend, **o.backend_options)
         given = self.workload is not None
+        self.sized = not given and o.rate_scale == "auto"   # a given workload (profile points, a grid) is never sized
         if not given:
             self.workload = load(workload_spec(o), self.on_status)
         run_id = o.run_id or new_run_id(o.backend if self.kind == "run" else f"{self.kind}-{o.backend}",
@@ -126,7 +128,7 @@ class RunSession:
         self.sampler = accounting.start_power(o, instances, self.run_dir)
         if self.sampler is not None:
             self.meta["power"] = self.sampler.describe()
-        self.set_workload(self.size(workload) if o.rate_scale == "auto" else workload)
+        self.set_workload(self.size(workload) if self.sized else workload)
         return self.conn
 
     def size(self, workload: Workload) -> Workload:
