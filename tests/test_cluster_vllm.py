@@ -92,7 +92,9 @@ def check_split(meta, res, recs, connector: str, token_killed: bool = False):
     external = d["vllm:prompt_tokens_by_source_total{source=external_kv_transfer}"]
     local = d["vllm:prompt_tokens_by_source_total{source=local_compute}"]
     served = d["vllm:request_success_total{finished_reason=length}"]
-    assert external + local == n_in and local < 128 * served and external > 0, d
+    # a killed token instance's last scrape can predate its first finished request: bound by what was sent to it
+    admitted = served if not token_killed else max(served, sum(1 for e in entries if "decode_sent" in e["t"]))
+    assert external + local == n_in and local < 128 * admitted and external > 0, d
     if not token_killed:
         assert served == len(ok)
     return m
