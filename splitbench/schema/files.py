@@ -66,3 +66,13 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(data, dict):
         raise InputError(f"corrupt {what}: expected a JSON object, got {type(data).__name__}", file=str(path))
     return data
+
+
+def check_version(version, latest: int, field: str, name: str, path: Path) -> int:
+    """A JSON file's version: a whole number not newer than `latest`; else a one-line InputError naming the file."""
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InputError(f"{field} must be a whole number, got {version!r}", file=str(path))
+    if version > latest:
+        raise InputError(f"{name} {version} is newer than this splitbench reads ({latest}): upgrade splitbench",
+                         file=str(path))
+    return version

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Required, TypedDict
 
 from splitbench.errors import InputError
-from splitbench.schema.files import atomic_write_json, read_json_object
+from splitbench.schema.files import atomic_write_json, check_version, read_json_object
 from splitbench.schema.records import RUN_FILE
 from splitbench.schema.typed import field_types, first_problem
 
@@ -88,12 +88,7 @@ def read_run_meta(run_dir: str | os.PathLike) -> RunMeta:
     field when one is wrong, for a missing, corrupt, newer or invalid file. Undeclared keys are kept."""
     path = Path(run_dir) / RUN_FILE
     meta = read_json_object(path, "run metadata")
-    version = meta.get("schema_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise InputError(f"schema_version must be a whole number, got {version!r}", file=str(path))
-    if version > RUN_META_VERSION:
-        raise InputError(f"run.json version {version} is newer than this splitbench reads ({RUN_META_VERSION}): "
-                         "upgrade splitbench", file=str(path))
+    version = check_version(meta.get("schema_version", 1), RUN_META_VERSION, "schema_version", "run.json version", path)
     if version < 2:
         meta = _migrate_v1(meta)
     bad = _problem(meta)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Required, TypedDict
 
 from splitbench.errors import InputError
-from splitbench.schema.files import atomic_write_json, read_json_object
+from splitbench.schema.files import atomic_write_json, check_version, read_json_object
 from splitbench.schema.records import SPLIT, SUMMARY_FILE
 from splitbench.schema.typed import field_types, first_problem
 
@@ -66,12 +66,7 @@ def read_summary(where: str | os.PathLike) -> Summary:
     data = read_json_object(path, "summary")
     if data.get("kind") != SUMMARY_KIND:
         raise InputError(f"not a splitbench summary (kind {data.get('kind')!r})", file=str(path), column="kind")
-    version = data.get("version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise InputError(f"summary version must be a whole number, got {version!r}", file=str(path))
-    if version > SUMMARY_VERSION:
-        raise InputError(f"summary version {version} is newer than this splitbench reads ({SUMMARY_VERSION}): "
-                         "upgrade splitbench", file=str(path))
+    version = check_version(data.get("version"), SUMMARY_VERSION, "summary version", "summary version", path)
     if version < 2:
         data = _migrate_v1(data)
     bad = first_problem(data, FIELD_TYPES, REQUIRED)
