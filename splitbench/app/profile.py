@@ -17,6 +17,7 @@ from splitbench.hardware.power import detect_gpus, machine_type_for_gpus
 from splitbench.metrics.latency import e2e_s, mean_tbt_s, output_tokens, ttft_s
 from splitbench.schema.files import atomic_write_bytes, atomic_write_json
 from splitbench.schema.runmeta import host_info, package_versions
+from splitbench.servers import scrape
 from splitbench.sim.profiles import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_OUTPUT_SIZES,
@@ -26,6 +27,8 @@ from splitbench.sim.profiles import (
     profile_hardware_name,
 )
 from splitbench.workload.types import Workload
+
+POINT_ATTEMPTS = 3   # a point whose tokens the client saw coalesced is measured again, at most this often
 
 
 def _host_hardware(machine: str | None, hardware_file: str | None) -> str:
@@ -59,6 +62,73 @@ def point_row(records, model: str, hardware: str, p: int, b: int, t: int, tp: in
             "e2e_time": mean(e2e_s), "tensor_parallel": tp}
 
 
+def coalesced(records) -> bool:
+    """True when some response chunk held more than one token: the client could not time each token (its host, or
+    the server's frontend, was too busy), so the point's client TBT and TTFT are not iteration times."""
+    return any(len(r.chunk_tokens or ()) < output_tokens(r) for r in records)
+
+
+def server_times_ms(pairs: list[tuple[dict | None, dict | None]]) -> dict | None:
+    """The point's iteration times from vLLM's own /metrics, scraped before and after it on each instance (count-
+    weighted over instances), or None without them: mean inter-token latency (engine-core timestamps, immune to a
+    starved frontend) and mean prefill time."""
+    sums = {"vllm:inter_token_latency_seconds": [0.0, 0.0], "vllm:request_prefill_time_seconds": [0.0, 0.0]}
+    for first, last in pairs:
+        h = scrape.delta(first, last).get("histograms", {})
+        for name, acc in sums.items():
+            x = h.get(name, {})
+            if x.get("count") and x.get("mean") is not None:
+                acc[0] += x["mean"] * x["count"]
+                acc[1] += x["count"]
+    (itl, n_itl), (prefill, n_prefill) = sums.values()
+    if not n_itl or not n_prefill:
+        return None
+    return {"token_time": itl / n_itl * 1e3, "prompt_time": prefill / n_prefill * 1e3}
+
+
+def _metrics_urls(session: RunSession) -> list[str]:
+    """Every vLLM instance the backend started (their /metrics), else the endpoint itself."""
+    cluster = getattr(session.backend, "cluster", None)
+    servers = getattr(cluster, "servers", None) or {}
+    return [sv.url for sv in servers.values()] or [session.conn.base_url]
+
+
+def _snapshots(urls: list[str]) -> list[dict | None]:
+    out = []
+    for url in urls:
+        try:
+            out.append({**scrape.snapshot(url), "t_unix_s": time.time()})
+        except (OSError, ValueError):
+            out.append(None)
+    return out
+
+
+def _measure_point(session: RunSession, point: tuple, index: int, model: str, hardware: str,
+                   tp: int) -> tuple[dict, int, dict | None]:
+    """One grid point, up to POINT_ATTEMPTS times while the client sees tokens coalesced; if every attempt was,
+    its prompt/token times come from the server's /metrics (noted), or it fails with one line saying why."""
+    k, p, b, t = point
+    urls = _metrics_urls(session)
+    for attempt in range(1, POINT_ATTEMPTS + 1):
+        pdir = session.run_dir / "points" / f"p{p}-b{b}-t{t}-r{k}" / f"a{attempt}"
+        pdir.mkdir(parents=True)
+        before = _snapshots(urls)
+        recs = session.replay_into(_point_workload(p, b, t, index, k), pdir, max_inflight=b, timeout_s=300.0,
+                                   start_delay_s=0.05)
+        index += b
+        row = point_row(recs, model, hardware, p, b, t, tp)
+        if not coalesced(recs):
+            return row, index, None
+    server = server_times_ms(list(zip(before, _snapshots(urls))))
+    why = (f"profile point prompt {p} batch {b} tokens {t}: the client saw tokens arrive together in all "
+           f"{POINT_ATTEMPTS} attempts (this host is too busy to time each token)")
+    if server is None:
+        raise InputError(why + "; the server has no vLLM /metrics to fall back on: rerun on a quieter host")
+    return {**row, **server}, index, {"point": [p, b, t], "repeat": k, "source": "server /metrics",
+                                      "why": why + "; prompt_time and token_time taken from vLLM's /metrics "
+                                      "(mean request_prefill_time, mean inter_token_latency)"}
+
+
 def _point_workload(p: int, b: int, t: int, first_index: int, repeat) -> Workload:
     """b requests of p prompt tokens and t output tokens, all due at 0, with fresh token ids (no prefix hits)."""
     return Workload(name="profile-point", arrival_s=np.zeros(b), input_tokens=np.full(b, p, np.int64),
@@ -89,6 +159,7 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
     opts = RunOptions(trace="profile", rate_scale=1.0, backend=backend_name, backend_options=backend_options,
                       results_dir=str(results_dir), hardware_file=hardware_file, machine=machine)
     plan, rows, index, started = _plan(grid, int(repeats)), [], 0, time.monotonic()
+    notes: list[dict] = []
     with RunSession(opts, kind="profile", workload=_point_workload(*grid[0], 0, "plan"),
                     on_status=on_status) as session:
         info = session.start().model_info
@@ -100,12 +171,10 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
                              f"max_model_len is {info['max_model_len']}")
         on_status(f"warm-up, then {len(grid)} points x {repeats} repeats on {hardware}")
         for k, p, b, t in plan:
-            pdir = session.run_dir / "points" / f"p{p}-b{b}-t{t}-r{k}"
-            pdir.mkdir(parents=True)
-            recs = session.replay_into(_point_workload(p, b, t, index, k), pdir, max_inflight=b, timeout_s=300.0,
-                                       start_delay_s=0.05)
-            index += b
-            row = point_row(recs, model, hardware, p, b, t, tensor_parallel)
+            row, index, note = _measure_point(session, (k, p, b, t), index, model, hardware, tensor_parallel)
+            if note:
+                notes.append(note)
+                on_status(note["why"])
             if k != "warmup":
                 rows.append(row)
                 on_status(f"prompt {p} batch {b} tokens {t} (repeat {k + 1}): TTFT {row['prompt_time']:.1f} ms, "
@@ -115,6 +184,6 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
     atomic_write_bytes(out, profile_csv_bytes(rows))
     meta = {"run_id": session.meta["run_id"], "kind": "profile", "out": str(out), "model": model,
             "hardware": hardware, "grid": grid, "repeats": int(repeats), "backend": session.meta["backend"],
-            "wall_s": time.monotonic() - started, "versions": package_versions(), "host": host_info()}
+            "wall_s": time.monotonic() - started, "point_notes": notes, "versions": package_versions(), "host": host_info()}
     atomic_write_json(session.run_dir / "profile.json", meta)
     return {**meta, "rows": len(rows), "run_dir": str(session.run_dir)}
