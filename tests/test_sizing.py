@@ -3,6 +3,7 @@ and a sized run against the real stub (its configured TTFT/TPOT are the ground t
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -75,6 +76,23 @@ def _streaming(send_s, ttft, gap_s, n_tokens, status=R.OK, i=0, prompt=100):
     return r
 
 
+def test_a_slow_cluster_replays_the_windows_first_requests_for_about_replay_s():
+    assert S.replay_requests(500, 2.0) == math.ceil(S.REPLAY_S * 2.0)            # 90 s worth at 2 req/s
+    assert S.replay_requests(500, 0.2) == S.MIN_REQUESTS                          # at least 40 for the tails
+    assert S.replay_requests(500, 0.05) == math.floor(S.LONGEST_S * 0.05)          # unless 40 would take > 300 s
+    assert S.replay_requests(30, 5.0) == 30 and S.replay_requests(500, 1e-4) == 2
+    w = _window(n=201, span_s=40.0)                                                # offers 5 req/s
+    measured = {"reference": vars(REF), "points": [_pt(2, 0.4, True), _pt(8, 0.62, False)], "probe_s": 9.0}
+    s = S.decide(measured, w, target=0.5)              # capacity = one at a time (REF), half of it offered
+    expected = s.offered_rps * s.rate_scale
+    n = s.max_requests
+    assert s.window_requests == 201 and n == S.replay_requests(201, expected) and S.MIN_REQUESTS <= n < 201
+    assert f"first {n} of 201 requests" in s.message() and s.warning is None
+    out = S.scaled(w, s.rate_scale, n)
+    assert len(out) == n and out.transforms["max_requests"] == n
+    assert out.arrival_s[-1] == pytest.approx((n - 1) / 5.0 / s.rate_scale)
+
+
 def test_point_stats_counts_tokens_inside_the_window_and_p50_slowdowns():
     # 4 requests streaming one token every 20 ms (2x the reference TBT) from 0.3 s after send at t=0;
     # the window [1, 5] holds 201 chunks of each -> 804 tokens in 4 s -> 201 tokens/s
@@ -123,7 +141,7 @@ def test_decide_records_what_was_chosen_and_why():
     msg = s.message()
     assert "rate scale 1.5" in msg and "50%" in msg and "3.00 req/s" in msg and "--rate-scale" in msg
     assert s.warning is None and "\n" not in msg                           # one line when all is well
-    slow = S.decide({**measured, "points": [_pt(2, 0.1, True)]}, _window(n=11, span_s=1.0))   # offers 10 req/s
+    slow = S.decide({**measured, "points": [_pt(2, 0.1, True)]}, _window(n=1001, span_s=1.0))  # 1000 req/s
     assert slow.rate_scale == S.SCALE_BOUNDS[0] and slow.utilisation > 0.5      # the floor binds: said plainly
     assert "too slow or busy" in slow.warning and "expect the Splitwise verdict to fail" in slow.message()
     crowded = {**_pt(2, 2.0, False), "ttft_slowdown_p50": 1.4, "tbt_slowdown_p50": 2.3}

@@ -22,7 +22,7 @@ from splitbench.metrics.slo import SPLITWISE_CHECKS, Reference, fit_reference
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_json
 from splitbench.schema.runmeta import host_info, package_versions
-from splitbench.workload.transforms import scale_rate, workload_digest
+from splitbench.workload.transforms import limit, scale_rate, workload_digest
 from splitbench.workload.types import Workload
 
 # Half of the capacity: open-loop arrivals of a bursty trace queue well before 100%; at 50% the mean number in flight
@@ -39,9 +39,12 @@ REF_REPEATS = 2
 REF_OUTPUT_TOKENS = 16
 PROBE_INDEX_BASE = 10 ** 9        # trace indices of probe requests: no prompt of the replay is sent (prefix cache)
 P50_LIMITS = {m: limit for m, stat, limit in SPLITWISE_CHECKS if stat == "p50" and m in ("ttft", "tbt")}
-# The lowest rate scale keeps a default replay within 4x its window's length; a cluster too slow for it is run
-# overloaded at that scale, and the message says so.
-SCALE_BOUNDS = (0.25, 100.0)
+SCALE_BOUNDS = (0.01, 100.0)
+# A slow cluster gets a low rate scale, so the replay keeps the window's first requests: as many as arrive in
+# REPLAY_S at the chosen rate, at least MIN_REQUESTS (for the tail percentiles) unless that would take LONGEST_S.
+REPLAY_S = 90.0
+MIN_REQUESTS = 40
+LONGEST_S = 300.0
 
 
 # ----------------------------------------------------------------------------- decisions (pure)
@@ -84,6 +87,13 @@ def choose_rate_scale(capacity_rps: float, offered: float, target: float = TARGE
         raise ValueError(f"no rate scale from capacity {capacity_rps} and offered load {offered}")
     digits = 1 - int(math.floor(math.log10(raw)))
     return float(min(max(round(raw, digits), SCALE_BOUNDS[0]), SCALE_BOUNDS[1]))
+
+
+def replay_requests(n: int, expected_rps: float) -> int:
+    """How many of the window's n requests a sized replay keeps (its first ones): REPLAY_S worth at expected_rps,
+    at least MIN_REQUESTS unless those would take longer than LONGEST_S, never more than n (or fewer than 2)."""
+    want = max(math.ceil(REPLAY_S * expected_rps), min(MIN_REQUESTS, math.floor(LONGEST_S * expected_rps)))
+    return int(min(n, max(2, want)))
 
 
 def point_stats(records: Sequence[R.RequestRecord], ref: Reference, concurrency: int,
@@ -195,6 +205,8 @@ class Sizing:
     unloaded_rps: float | None = None
     records_dir: str | None = None
     warning: str | None = None            # why the Splitwise verdict is not expected to pass, if it is not
+    window_requests: int | None = None    # the window's requests, and how many of its first ones are replayed
+    max_requests: int | None = None
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -212,6 +224,10 @@ class Sizing:
         line = (f"sizing: rate scale {self.rate_scale:g} ({self.offered_rps * self.rate_scale:.2f} req/s) loads the "
                 f"cluster to {self.utilisation:.0%} of the {self.capacity_rps:.2f} req/s it sustains of this trace's "
                 f"mix ({self.capacity_basis}; {src}); --rate-scale overrides.")
+        if self.max_requests is not None and self.window_requests and self.max_requests < self.window_requests:
+            line += (f"\nsizing: replaying the window's first {self.max_requests} of {self.window_requests} requests "
+                     f"(about {self.max_requests / (self.offered_rps * self.rate_scale):.0f} s at that rate; "
+                     "--max-requests overrides).")
         return line + (f"\n{self.warning}" if self.warning else "")
 
 
@@ -245,7 +261,8 @@ def decide(measured: dict, w: Workload, *, target: float = TARGET_UTILISATION) -
     return Sizing(rate_scale=scale, target_utilisation=target, capacity_rps=cap, capacity_basis=why,
                   offered_rps=offered, reference=ref, points=points, measured_unix_s=measured.get("measured_unix_s"),
                   probe_s=measured.get("probe_s"), unloaded_rps=floor, records_dir=measured.get("records_dir"),
-                  warning=warning(points, offered * scale / cap, target))
+                  warning=warning(points, offered * scale / cap, target), window_requests=len(w),
+                  max_requests=replay_requests(len(w), offered * scale))
 
 
 # ----------------------------------------------------------------------------- measuring (real requests)
@@ -341,9 +358,12 @@ def key_parts(backend: str, backend_options: dict, model_info: dict, api: str) -
             "versions": versions}
 
 
-def scaled(w: Workload, rate_scale: float) -> Workload:
-    """The window at the chosen rate scale, with its digest: the same requests `--rate-scale X` would replay."""
+def scaled(w: Workload, rate_scale: float, max_requests: int | None = None) -> Workload:
+    """The window at the chosen rate scale (its first max_requests), with its digest: the same requests
+    `--rate-scale X --max-requests N` would replay."""
     out = scale_rate(w, rate_scale)
+    if max_requests is not None and max_requests < len(out):
+        out = limit(out, max_requests)
     out.source["workload_sha256"] = workload_digest(out)
     return out
 
@@ -354,4 +374,4 @@ def size_session(backend: str, backend_options: dict, model_info: dict, probe: P
     be replayed); returns the Sizing (run.json `sizing`, the run's reference) and the window at its rate scale."""
     s = size_run(probe, w, key_parts(backend, backend_options, model_info, probe.api), on_status=on_status)
     on_status(s.message())
-    return s, scaled(w, s.rate_scale)
+    return s, scaled(w, s.rate_scale, s.max_requests)
