@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +22,10 @@ from splitbench.metrics.gate_rules import load_rules
 from splitbench.render.console import render_markdown, render_summary
 from splitbench.workload.traces import parse_columns
 
+# The progress bar is redrawn from the replay loop at most once a second, never by rich's refresh thread: that
+# thread's renders take the GIL from the sender (measured: send lag p99 10-15 ms with it, 6.6 ms without).
+PROGRESS_REFRESH_S = 1.0
+
 
 def run_options(opts: dict, **fixed) -> RunOptions:
     """RunOptions from a command's option groups: backend flags become backend_options."""
@@ -36,8 +41,8 @@ def _progress() -> tuple[Progress, callable]:
                         TextColumn("{task.completed}/{task.total} done"),
                         TextColumn("sent {task.fields[sent]}  in flight {task.fields[inflight]}  failed "
                                    "{task.fields[failed]}"),
-                        TimeElapsedColumn(), console=err_console, transient=False, refresh_per_second=4)
-    task = None
+                        TimeElapsedColumn(), console=err_console, transient=False, auto_refresh=False)
+    task, last = None, [-PROGRESS_REFRESH_S]
 
     def on_progress(rep):
         nonlocal task
@@ -45,6 +50,10 @@ def _progress() -> tuple[Progress, callable]:
             task = progress.add_task("replay", total=rep.stats.planned, sent=0, inflight=0, failed=0)
         progress.update(task, completed=rep.stats.finished, sent=rep.stats.sent, inflight=rep.inflight,
                         failed=rep.stats.failed)
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_REFRESH_S and err_console.is_terminal:
+            last[0] = now
+            progress.refresh()
     return progress, on_progress
 
 
