@@ -23,6 +23,7 @@ from typing import Any
 
 from splitbench.errors import ServerStartError
 from splitbench.procs import spawn, stop_group
+from splitbench.servers.logcause import log_failure_cause
 
 # Args that start the tiny model fastest on a small CPU box (measured: ~40 s to /health on 2 cores;
 # without --enforce-eager torch.compile adds ~13 s). 16384 covers the Azure traces (max 14,050 + 1,000).
@@ -57,6 +58,12 @@ def _arg_value(args: list[str], flag: str) -> str | None:
         if a.startswith(flag + "="):
             return a.split("=", 1)[1]
     return None
+
+
+def _cause(path: Path) -> str:
+    """": <the real cause>" from a server log (servers/logcause.py), or "" when it names none."""
+    cause = log_failure_cause(path)
+    return f": {cause}" if cause else ""
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -172,7 +179,7 @@ class VllmServer:
         if self.proc.poll() is not None:
             code = self.last_exit_code = self.proc.returncode
             self.stop()
-            raise ServerStartError(f"vLLM exited with code {code} while starting; "
+            raise ServerStartError(f"vLLM exited with code {code} while starting{_cause(self.log_path)}; "
                                    f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}")
         if self.health(timeout_s=1.0):
             self.start_s = time.monotonic() - self._t_spawn
@@ -187,7 +194,7 @@ class VllmServer:
         try:
             while not self.poll_ready():
                 if time.monotonic() - self._t_spawn > timeout_s:
-                    raise ServerStartError(f"vLLM not healthy after {timeout_s:.0f} s; "
+                    raise ServerStartError(f"vLLM not healthy after {timeout_s:.0f} s{_cause(self.log_path)}; "
                                            f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}")
                 time.sleep(0.5)
         except BaseException:
@@ -261,7 +268,8 @@ class Cluster:
                     except ServerStartError:
                         self.stop()
                         raise ServerStartError(
-                            f"instance {iid} ({s.url}) exited with code {s.last_exit_code} while starting; "
+                            f"instance {iid} ({s.url}) exited with code {s.last_exit_code} while starting"
+                            f"{_cause(s.log_path)}; "
                             f"all {len(self.servers)} instances stopped; last lines of {s.log_path}:\n"
                             f"{_log_tail(s.log_path, 20)}") from None
                     if ready:
@@ -269,7 +277,8 @@ class Cluster:
                 if pending and time.monotonic() - t0 > timeout_s:
                     iid, s = next(iter(pending.items()))
                     raise ServerStartError(
-                        f"instance(s) {', '.join(pending)} not healthy after {timeout_s:.0f} s; all stopped; "
+                        f"instance(s) {', '.join(pending)} not healthy after {timeout_s:.0f} s{_cause(s.log_path)}; "
+                        f"all stopped; "
                         f"last lines of {s.log_path}:\n{_log_tail(s.log_path, 20)}")
                 if pending:
                     time.sleep(0.5)
