@@ -25,6 +25,13 @@ def test_packaged_catalog_has_issue_figures():
     assert pcap.accelerator_power_w == pytest.approx(0.7 * 700)
     assert pcap.server_power_w == pytest.approx(0.7 * 10200)
     assert cat["dgx-h200"].accelerator == "h200-141gb" and cat["dgx-h200"].estimated
+    for name, acc, gpu_w, server_w, price in (("1x-a100", "a100-80gb", 400, 6500 / 8, 27.44705 / 8),
+                                               ("1x-h100", "h100-80gb", 700, 10200 / 8, 55.04 / 8),
+                                               ("1x-h200", "h200-141gb", 700, 10200 / 8, 63.296 / 8)):
+        one = cat[name]   # one SXM GPU: its TDP, the DGX's per-GPU server power, a cloud per-GPU list price
+        assert (one.accelerator, one.accelerators, one.accelerator_power_w) == (acc, 1, gpu_w)
+        assert one.server_power_w == pytest.approx(server_w) and one.usd_per_hour == pytest.approx(price, abs=5e-3)
+        assert "on-demand" in one.source and not one.estimated
     cpu = cat["cpu-host"]
     assert cpu.accelerators == 0 and cpu.estimated and cpu.usd_per_hour > 0 and cpu.server_power_w > 0
     for m in cat.values():

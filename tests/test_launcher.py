@@ -185,6 +185,7 @@ def test_cluster_start_failure_stops_all_and_shows_log_tail(tmp_path, fake_pytho
     msg = str(ei.value)
     first, _, rest = msg.partition("\n")
     assert "baseline-1" in first and "exited with code 3" in first and "all 2 instances stopped" in first
+    assert "exited with code 3 while starting: RuntimeError: NIXL is not available on this host;" in first
     assert "NIXL is not available" in rest and "baseline-1.log" in first
     assert all(s.proc is None for s in c.servers.values())   # the healthy one was stopped too
 

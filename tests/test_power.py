@@ -257,22 +257,16 @@ def test_bad_gpu_index_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "power sampler: --gpus 0,3: this host has 1 GPU(s) (0..0)"
 
 
-def test_detect_gpus_and_machine_type(monkeypatch):
+def test_detect_gpus(monkeypatch):
     monkeypatch.syspath_prepend(str(FAKE_DIR))
     monkeypatch.setenv("FAKE_NVML_GPUS", "H200:500,H200:100")
     gpus = P.detect_gpus("pynvml_fake")
     assert gpus == [{"index": 0, "name": "NVIDIA H200 (fake)", "memory_total_bytes": 141 * 2**30},
                     {"index": 1, "name": "NVIDIA H200 (fake)", "memory_total_bytes": 141 * 2**30}]
-    assert P.machine_type_for_gpus(gpus) == "dgx-h200"
+    monkeypatch.setenv("SPLITBENCH_NVML_MODULE", "pynvml_fake")   # the default module, as the power sampler's
+    assert P.detect_gpus() == gpus
     monkeypatch.setenv("FAKE_NVML_INIT_ERROR", "1")
     assert P.detect_gpus("pynvml_fake") == []
-    a100 = {"name": "NVIDIA A100-SXM4-80GB", "memory_total_bytes": 80 * 2**30}
-    assert P.machine_type_for_gpus([a100]) == "dgx-a100"
-    assert P.machine_type_for_gpus([{"name": "NVIDIA A100-SXM4-40GB", "memory_total_bytes": 40 * 2**30}]) is None
-    assert P.machine_type_for_gpus([{"name": "NVIDIA H100 80GB HBM3"}] * 8) == "dgx-h100"
-    assert P.machine_type_for_gpus([{"name": "NVIDIA GH200 480GB"}]) is None
-    assert P.machine_type_for_gpus([a100, {"name": "NVIDIA H100 80GB HBM3"}]) is None
-    assert P.machine_type_for_gpus([]) is None
 
 
 # ---- pure functions on hand-built samples ----

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 from splitbench.hardware.catalog import load_catalog, plan_allocation
+from splitbench.hardware.detect import host_machine
 from splitbench.hardware.energy import attribute_energy, energy_by_gpu, load_power_samples
-from splitbench.hardware.power import PowerSamplerProcess
+from splitbench.hardware.power import PowerSamplerProcess, detect_gpus
 from splitbench.metrics.latency import window_s
 
 
@@ -26,14 +27,16 @@ def backend_instances(desc: dict) -> list[dict]:
 def hardware_for(opts, instances: list[dict]) -> dict | None:
     """run.json "hardware": machine type and the share of it each instance (pool) holds."""
     catalog = load_catalog(opts.hardware_file)
-    detected = None
+    host = None
     if any(i.get("gpu_ids") for i in instances) and opts.machine is None:
-        from splitbench.hardware.power import detect_gpus, machine_type_for_gpus
-        detected = machine_type_for_gpus(detect_gpus())
+        host = host_machine(detect_gpus(), catalog)
     hw = plan_allocation(instances, catalog=catalog, machine=opts.machine, machines=opts.machines,
-                         detected_machine=detected)
+                         detected_machine=host.machine if host else None,
+                         detected_machines=host.machines if host else None)
     if hw is not None:
         hw["catalog"] = opts.hardware_file or os.environ.get("SPLITBENCH_HARDWARE") or "packaged"
+        if host is not None:
+            hw["detected"] = host.describe()
     return hw
 
 

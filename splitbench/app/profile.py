@@ -13,7 +13,8 @@ from splitbench.app.options import RunOptions
 from splitbench.app.session import RunSession
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog
-from splitbench.hardware.power import detect_gpus, machine_type_for_gpus
+from splitbench.hardware.detect import host_machine
+from splitbench.hardware.power import detect_gpus
 from splitbench.metrics.latency import e2e_s, mean_tbt_s, output_tokens, ttft_s
 from splitbench.schema.files import atomic_write_bytes, atomic_write_json
 from splitbench.schema.runmeta import host_info, package_versions
@@ -36,7 +37,8 @@ def _host_hardware(machine: str | None, hardware_file: str | None) -> str:
     catalog = load_catalog(hardware_file)
     if machine is None:
         gpus = detect_gpus()
-        machine = machine_type_for_gpus(gpus) if gpus else "cpu-host"
+        host = host_machine(gpus, catalog)
+        machine = host.machine if host else ("cpu-host" if not gpus else None)
         if machine is None:
             raise InputError(f"cannot tell the machine type of this host's GPUs: give --machine "
                              f"(known: {', '.join(sorted(catalog))})")

@@ -57,7 +57,9 @@ def profiles_list(file: Optional[str] = typer.Option(None, "--file", help="Profi
     if json_out:
         print(json.dumps([m.describe() for m in profiles.values()], indent=2, default=str))
         return
-    machines = {profile_hardware_name(m): m for m in load_catalog(hardware_file).values()}
+    # per profile hardware name the machine with the most accelerators (a DGX, not its 1-GPU sibling)
+    machines = {profile_hardware_name(m): m for m in sorted(load_catalog(hardware_file).values(),
+                                                             key=lambda m: m.accelerators)}
     table = Table("model", "hardware", "TP", "prefill ms\n512 | 2048", "decode ms\nb1 | b64", "kv us/token\n(used)",
                   "kv fitted\n(+-1 se)", "kv bw est.", "dropped\npoints", "KV tokens\nper DGX (*)")
     us = lambda v: "-" if v is None else f"{v * 1e6:.3f}"  # noqa: E731
@@ -90,7 +92,7 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
             repeats: int = typer.Option(2, help="Repeats of every point."),
             model: Optional[str] = typer.Option(None, help="Model name for the CSV (default: served name's last part)."),
             machine: Optional[str] = typer.Option(None, help="Hardware-catalog machine type of this host "
-                                                  "(default: detected GPUs' DGX type, or cpu-host)."),
+                                                  "(default: the detected GPUs' type, or cpu-host)."),
             hardware: Optional[str] = typer.Option(None, help="User hardware catalog TOML."),
             results: str = typer.Option("results", help="Directory for the measurement's per-point records."),
             cores: Optional[str] = typer.Option(None, help="--backend vllm on CPU: pin the instance to these cores "

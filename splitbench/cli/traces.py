@@ -1,4 +1,4 @@
-"""`splitbench traces`, `model tiny` and `serve-stub`: workloads, the tiny model and the stub server."""
+"""`splitbench traces`, `model tiny|random` and `serve-stub`: workloads, generated models and the stub server."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ from splitbench.app.options import parse_rate_scale
 from splitbench.cli.common import console, err_console, user_errors, with_options
 from splitbench.cli.groups import WORKLOAD
 from splitbench.render.plots import plot_workload
+from splitbench.servers.random_model import KNOWN_CONFIGS, MARKER_FILE, write_random_model
 from splitbench.servers.stub import StubConfig
 from splitbench.servers.stub_main import run_server
 from splitbench.servers.tiny_model import write_tiny_model
@@ -131,6 +132,26 @@ def model_tiny(out: Path = typer.Option(..., "--out", help="Directory to write t
 
 
 @user_errors
+def model_random(out: Path = typer.Option(..., "--out", help="Directory to write the HF-format model to."),
+                 config: Optional[str] = typer.Option(None, help=f"Known config ({', '.join(KNOWN_CONFIGS)}; "
+                                                      "default llama-3.1-8b) or a HF config.json / its directory."),
+                 weights: bool = typer.Option(False, "--weights", help="Also write random bf16 safetensors (16 GB "
+                                              "for 8B) for paths that need weight files."),
+                 seed: int = typer.Option(0, help="Seed for tokenizer corpus and weights.")) -> None:
+    """Write a real-architecture model with random weights: the config's shapes and the tiny model's tokenizer
+    (no download). Without --weights there are no weight files and vLLM serves it with --load-format dummy."""
+
+    t0 = time.perf_counter()
+    path = write_random_model(out, config, weights=weights, seed=seed)
+    meta = json.loads((path / MARKER_FILE).read_text())
+    params = f"{meta['params'] / 1e9:.2f}e9 parameters, " if meta["params"] else ""
+    how = (f"{meta['weight_bytes'] / 1e9:.1f} GB bf16 safetensors" if weights else
+           "no weight files: splitbench serves it with vLLM --load-format dummy")
+    console.print(f"wrote {path} ({meta['config']}: {params}{how}) in {time.perf_counter() - t0:.1f} s",
+                  highlight=False, markup=False)
+
+
+@user_errors
 def serve_stub(
     port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
     ttft_ms: float = typer.Option(20.0, help="Request received -> first token chunk, ms."),
@@ -165,4 +186,5 @@ def register(app: typer.Typer) -> None:
     traces_app.command("fetch")(traces_fetch)
     traces_app.command("synth")(traces_synth)
     model_app.command("tiny")(model_tiny)
+    model_app.command("random")(model_random)
     app.command("serve-stub")(serve_stub)

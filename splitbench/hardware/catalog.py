@@ -189,17 +189,20 @@ def _shares(instances: list[dict], key: str) -> dict[str, float]:
 
 def plan_allocation(instances: list[dict], *, catalog: dict[str, MachineType], machine: str | None = None,
                     machines: float | None = None, host_cpus: int | None = None,
-                    detected_machine: str | None = None) -> dict | None:
+                    detected_machine: str | None = None, detected_machines: float | None = None) -> dict | None:
     """Which share of which machine type each instance (and so each pool) holds: run.json's "hardware".
 
     instances: [{"id", "pool", "gpu_ids"?, "cpu_cores"?}]. GPU instances: share = GPUs held / accelerators per
     machine; CPU-pinned instances: cores held / host cores; neither (a remote URL): `machines` whole machines
     of `machine` for the one pool. The host's share no instance holds is pool "unallocated" (idle capacity,
-    still paid for). Returns None when nothing says what hardware a remote URL runs on.
+    still paid for). `detected_machine` x `detected_machines` (hardware.detect.host_machine) is what a GPU host
+    is when `machine` is not given. Returns None when nothing says what hardware a remote URL runs on.
     """
     uses_gpus = any(i.get("gpu_ids") for i in instances)
     uses_cores = not uses_gpus and any(i.get("cpu_cores") for i in instances)
     name = machine or (detected_machine if uses_gpus else "cpu-host" if uses_cores else None)
+    if machines is None and machine is None and uses_gpus:
+        machines = detected_machines
     if name is None:
         if uses_gpus:
             raise InputError("cannot tell the machine type of these GPUs: give --machine (known: "

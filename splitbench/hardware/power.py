@@ -9,7 +9,6 @@ import importlib
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -269,8 +268,11 @@ class PowerSamplerProcess:
                 "nvml_module": self.nvml_module}
 
 
-def detect_gpus(nvml_module: str = "pynvml") -> list[dict]:
-    """[{"index", "name", "memory_total_bytes"}] of this host's GPUs; [] when NVML is unavailable. Never raises."""
+def detect_gpus(nvml_module: str | None = None) -> list[dict]:
+    """[{"index", "name", "memory_total_bytes"}] of this host's GPUs; [] when NVML is unavailable. Never raises.
+
+    nvml_module: default $SPLITBENCH_NVML_MODULE or pynvml (as the run's power sampler)."""
+    nvml_module = nvml_module or os.environ.get("SPLITBENCH_NVML_MODULE") or "pynvml"
     try:
         nvml = importlib.import_module(nvml_module)   # chosen at run time and optional: see _load_nvml
         nvml.nvmlInit()
@@ -287,23 +289,6 @@ def detect_gpus(nvml_module: str = "pynvml") -> list[dict]:
         return []
     finally:
         _shutdown(nvml)
-
-
-def machine_type_for_gpus(gpus: list[dict]) -> str | None:
-    """Hardware-catalog machine type for detect_gpus()'s result: A100 80GB -> dgx-a100, H100 -> dgx-h100,
-    H200 -> dgx-h200; None for no GPUs, mixed products or anything else (A100 40GB, GH200, L40S, ...)."""
-    types = set()
-    for g in gpus:
-        name = str(g.get("name", "")).upper()
-        if re.search(r"\bH200\b", name):
-            types.add("dgx-h200")
-        elif re.search(r"\bH100\b", name):
-            types.add("dgx-h100")
-        elif re.search(r"\bA100\b", name) and ("80GB" in name or g.get("memory_total_bytes", 0) >= 70 * 2**30):
-            types.add("dgx-a100")
-        else:
-            return None
-    return types.pop() if len(types) == 1 else None
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 
 from splitbench.errors import ServerStartError
 from splitbench.procs import spawn, stop_group
+from splitbench.servers.logcause import log_failure_cause
 
 # Args that start the tiny model fastest on a small CPU box (measured: ~40 s to /health on 2 cores;
 # without --enforce-eager torch.compile adds ~13 s). 16384 covers the Azure traces (max 14,050 + 1,000).
@@ -31,6 +32,9 @@ TINY_CPU_ARGS = ["--dtype", "bfloat16", "--max-model-len", "16384", "--enforce-e
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
+# vLLM's default load format looks for these; a model dir without any is served with random weights
+# (`--load-format dummy`: vLLM initialises them from config.json alone)
+WEIGHT_FILE_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,6 +42,28 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def weightless_model_dir(model_dir: str | os.PathLike) -> bool:
+    """A local model directory with a config.json and no weight files (e.g. `splitbench model random`)."""
+    d = Path(model_dir)
+    return (d / "config.json").is_file() and not any(next(d.glob(g), None) for g in WEIGHT_FILE_GLOBS)
+
+
+def _arg_value(args: list[str], flag: str) -> str | None:
+    """The value of `flag` in an argv list (`--flag V` or `--flag=V`); None when absent."""
+    for k, a in enumerate(args):
+        if a == flag and k + 1 < len(args):
+            return args[k + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _cause(path: Path) -> str:
+    """": <the real cause>" from a server log (servers/logcause.py), or "" when it names none."""
+    cause = log_failure_cause(path)
+    return f": {cause}" if cause else ""
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -73,12 +99,20 @@ class VllmServer:
         self.start_unix_s: float | None = None
         self.last_exit_code: int | None = None   # set when the process was found dead while starting
         self._t_spawn = 0.0
+        # --load-format dummy is added for a weightless model dir unless the args name a load format
+        self.dummy_weights = _arg_value(self.extra_args, "--load-format") is None and \
+            weightless_model_dir(self.model_dir)
         if self.cpu_cores and len(self.cpu_cores) % self.tensor_parallel:
             raise ValueError(f"{len(self.cpu_cores)} cpu cores do not split into {self.tensor_parallel} ranks")
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def load_format(self) -> str:
+        """The vLLM load format this server starts with: from the args, "dummy" (added), else vLLM's "auto"."""
+        return "dummy" if self.dummy_weights else _arg_value(self.extra_args, "--load-format") or "auto"
 
     @property
     def model_name(self) -> str:
@@ -92,6 +126,8 @@ class VllmServer:
             cmd += ["--served-model-name", self.served_model_name]
         if self.tensor_parallel > 1:
             cmd += ["--tensor-parallel-size", str(self.tensor_parallel)]
+        if self.dummy_weights:
+            cmd += ["--load-format", "dummy"]
         cmd += self.extra_args
         if self.cpu_cores and shutil.which("taskset"):
             cmd = ["taskset", "-c", ",".join(map(str, self.cpu_cores))] + cmd
@@ -143,7 +179,7 @@ class VllmServer:
         if self.proc.poll() is not None:
             code = self.last_exit_code = self.proc.returncode
             self.stop()
-            raise ServerStartError(f"vLLM exited with code {code} while starting; "
+            raise ServerStartError(f"vLLM exited with code {code} while starting{_cause(self.log_path)}; "
                                    f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}")
         if self.health(timeout_s=1.0):
             self.start_s = time.monotonic() - self._t_spawn
@@ -158,7 +194,7 @@ class VllmServer:
         try:
             while not self.poll_ready():
                 if time.monotonic() - self._t_spawn > timeout_s:
-                    raise ServerStartError(f"vLLM not healthy after {timeout_s:.0f} s; "
+                    raise ServerStartError(f"vLLM not healthy after {timeout_s:.0f} s{_cause(self.log_path)}; "
                                            f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}")
                 time.sleep(0.5)
         except BaseException:
@@ -176,7 +212,7 @@ class VllmServer:
     def describe(self) -> dict[str, Any]:
         return {"kind": "vllm", "url": self.url, "model_dir": self.model_dir, "model_name": self.model_name,
                 "cpu_cores": self.cpu_cores, "gpu_ids": self.gpu_ids,
-                "tensor_parallel": self.tensor_parallel, "args": self.extra_args,
+                "tensor_parallel": self.tensor_parallel, "args": self.extra_args, "load_format": self.load_format,
                 "env": {k: ("<redacted>" if any(w in k.upper() for w in _SECRET_WORDS) else v)
                         for k, v in {**DEFAULT_ENV, **self.env}.items()},
                 "log_path": str(self.log_path), "start_s": self.start_s, "start_unix_s": self.start_unix_s,
@@ -232,7 +268,8 @@ class Cluster:
                     except ServerStartError:
                         self.stop()
                         raise ServerStartError(
-                            f"instance {iid} ({s.url}) exited with code {s.last_exit_code} while starting; "
+                            f"instance {iid} ({s.url}) exited with code {s.last_exit_code} while starting"
+                            f"{_cause(s.log_path)}; "
                             f"all {len(self.servers)} instances stopped; last lines of {s.log_path}:\n"
                             f"{_log_tail(s.log_path, 20)}") from None
                     if ready:
@@ -240,7 +277,8 @@ class Cluster:
                 if pending and time.monotonic() - t0 > timeout_s:
                     iid, s = next(iter(pending.items()))
                     raise ServerStartError(
-                        f"instance(s) {', '.join(pending)} not healthy after {timeout_s:.0f} s; all stopped; "
+                        f"instance(s) {', '.join(pending)} not healthy after {timeout_s:.0f} s{_cause(s.log_path)}; "
+                        f"all stopped; "
                         f"last lines of {s.log_path}:\n{_log_tail(s.log_path, 20)}")
                 if pending:
                     time.sleep(0.5)
@@ -283,6 +321,7 @@ class Cluster:
             s = self.servers[inst.id]
             out.append({**inst.describe(), "hardware": self.spec.hardware, "connector": self.spec.connector,
                         "model_dir": self.spec.model_dir, "log_path": str(s.log_path), "args": s.extra_args,
+                        "load_format": s.load_format,
                         "start_s": s.start_s, "start_unix_s": s.start_unix_s,
                         "pid": s.proc.pid if s.proc is not None else None})
         return out

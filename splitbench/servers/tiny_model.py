@@ -53,7 +53,8 @@ def _corpus(seed: int, n_words: int = 60_000) -> list[str]:
     return lines
 
 
-def _train_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
+def train_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
+    """Byte-level BPE trained on the seeded English-like corpus; special tokens are ids 0..4."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -91,10 +92,15 @@ def _weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     return w
 
 
+def special_token_ids(tok: Tokenizer) -> dict[str, int]:
+    """config.json's bos/eos/pad token ids in the trained tokenizer."""
+    return {"bos_token_id": tok.token_to_id(BOS), "eos_token_id": tok.token_to_id(EOS),
+            "pad_token_id": tok.token_to_id(PAD)}
+
+
 def _config(tok: Tokenizer, *, layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int,
             max_position: int, dtype: str) -> dict:
     """config.json of the Llama (ids of the special tokens from the trained tokenizer)."""
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
@@ -102,35 +108,38 @@ def _config(tok: Tokenizer, *, layers: int, hidden: int, heads: int, kv_heads: i
         "vocab_size": tok.get_vocab_size(with_added_tokens=True), "max_position_embeddings": max_position,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "initializer_range": 0.02, "bos_token_id": ids[BOS], "eos_token_id": ids[EOS],
-        "pad_token_id": ids[PAD], "torch_dtype": dtype, "use_cache": True,
+        "initializer_range": 0.02, **special_token_ids(tok), "torch_dtype": dtype, "use_cache": True,
     }
 
 
-def _json_files(cfg: dict, seed: int) -> dict[str, dict]:
-    """The model directory's JSON files besides tokenizer.json: config, tokenizer config, generation, marker."""
+def tokenizer_json_files(cfg: dict) -> dict[str, dict]:
+    """The tokenizer's JSON files besides tokenizer.json (tokenizer config, special tokens, generation config)."""
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
         "pad_token": PAD, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
         "model_max_length": cfg["max_position_embeddings"], "clean_up_tokenization_spaces": False,
         "additional_special_tokens": [IM_START, IM_END], "chat_template": CHAT_TEMPLATE,
     }
+    return {
+        "tokenizer_config.json": tok_cfg,
+        "special_tokens_map.json": {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                                    "additional_special_tokens": [IM_START, IM_END]},
+        "generation_config.json": {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+                                   "pad_token_id": cfg["pad_token_id"], "do_sample": False},
+    }
+
+
+def _json_files(cfg: dict, seed: int) -> dict[str, dict]:
+    """The model directory's JSON files besides tokenizer.json: config, tokenizer files, marker."""
     marker = {"generator_version": GENERATOR_VERSION, "layers": cfg["num_hidden_layers"],
               "hidden": cfg["hidden_size"], "heads": cfg["num_attention_heads"],
               "kv_heads": cfg["num_key_value_heads"], "intermediate": cfg["intermediate_size"],
               "vocab_size": cfg["vocab_size"], "max_position": cfg["max_position_embeddings"], "seed": seed,
               "dtype": cfg["torch_dtype"]}
-    return {
-        "config.json": cfg, "tokenizer_config.json": tok_cfg,
-        "special_tokens_map.json": {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-                                    "additional_special_tokens": [IM_START, IM_END]},
-        "generation_config.json": {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
-                                   "pad_token_id": cfg["pad_token_id"], "do_sample": False},
-        MARKER_FILE: marker,
-    }
+    return {"config.json": cfg, **tokenizer_json_files(cfg), MARKER_FILE: marker}
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     """Put the finished tmp directory at out (an existing out is swapped away, then removed)."""
     for f in tmp.iterdir():
         f.chmod(0o644)
@@ -159,14 +168,14 @@ def write_tiny_model(out_dir: str | os.PathLike, *, layers: int = 2, hidden: int
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tok = _train_tokenizer(vocab_size, seed)
+        tok = train_tokenizer(vocab_size, seed)
         cfg = _config(tok, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
                       intermediate=intermediate, max_position=max_position, dtype=dtype)
         tok.save(str(tmp / "tokenizer.json"))
         for name, obj in _json_files(cfg, seed).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         save_file(_weights(cfg, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,7 +22,7 @@ _DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2
                 "float8_e5m2": 1, "int8": 1, "uint8": 1, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1,
                 "F8_E5M2": 1, "I8": 1, "U8": 1, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "BOOL": 1}
 
-
+_DENSE_DECODERS = ("llama", "mistral", "qwen2")   # model types config_params() sizes
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,21 @@ def _safetensors_params(path: Path) -> int:
     return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
 
 
+def config_params(cfg: dict) -> int:
+    """Parameters of a dense Llama/Mistral/Qwen2 decoder from its config's shapes (no weight files needed)."""
+    heads = int(cfg["num_attention_heads"])
+    h, inter, layers, vocab = (int(cfg[k]) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                     "vocab_size"))
+    hd = int(cfg.get("head_dim") or h // heads)
+    q, kv = heads * hd, int(cfg.get("num_key_value_heads") or heads) * hd
+    bias = (q + 2 * kv) if cfg.get("model_type") == "qwen2" or cfg.get("attention_bias") else 0
+    per_layer = 2 * h + 2 * h * q + 2 * h * kv + 3 * h * inter + bias
+    return vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + h + layers * per_layer
+
+
 def shape_from_hf_config(model_dir: str | os.PathLike) -> ModelShape:
-    """ModelShape of a local HF model dir: config.json + the safetensors headers (weights at the config dtype)."""
+    """ModelShape of a local HF model dir: config.json + the safetensors headers (weights at the config dtype);
+    without weight files (a `--load-format dummy` model) a Llama/Mistral/Qwen2 config's parameter count."""
     d = Path(model_dir)
     cfg_path = d / "config.json"
     try:
@@ -83,9 +96,13 @@ def shape_from_hf_config(model_dir: str | os.PathLike) -> ModelShape:
     if dtype not in _DTYPE_BYTES:
         raise InputError(f"unknown dtype {dtype!r}", file=str(cfg_path), column="torch_dtype")
     files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise InputError(f"{d}: no *.safetensors files to size the weights from")
-    params = sum(_safetensors_params(f) for f in files)
+    if files:
+        params = sum(_safetensors_params(f) for f in files)
+    elif cfg.get("model_type") in _DENSE_DECODERS:
+        params = config_params(cfg)
+    else:
+        raise InputError(f"{d}: no *.safetensors files to size the weights from (and model type "
+                         f"{cfg.get('model_type')!r} is not one sized from its config: {', '.join(_DENSE_DECODERS)})")
     return ModelShape(d.name, layers, kv_heads, head_dim, _DTYPE_BYTES[dtype], float(params * _DTYPE_BYTES[dtype]))
 
 
