@@ -111,3 +111,23 @@ def test_check_run_on_stub_runs_with_the_fake_nvml(tmp_path, monkeypatch):
     assert not split["ok"] and "not prefilled on prompt" in split["why"] and "no /metrics" in split["why"]
     cpu = G.check_run("baseline", stub_run(tmp_path, "unmeasured", power="off"), None)
     assert cpu["ok"] and cpu["power_hz"] is None and cpu["energy_j"] is None
+
+
+def test_device_run_dry_prints_every_steps_commands_and_runs_nothing(tmp_path):
+    import subprocess
+    env = {**os.environ, "DRY": "1", "OUT": str(tmp_path / "out"), "STEPS": "check live profile robust ceiling"}
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "device_run.sh")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr
+    log = p.stderr
+    for step in ("check", "live", "profile", "robust", "ceiling"):
+        assert f"== step {step}" in log
+    assert "benchmarks/gpu_check.py --gpu 0" in log and "model random --config llama-3.1-8b" in log
+    assert log.count("cli run --backend splitwise --connector nixl --layout splitwiser") == 3   # 2 live + robust
+    assert "profile --backend splitwise --connector nixl" in log and "sim_vs_live.py" in log
+    assert "env VLLM_USE_V2_MODEL_RUNNER=1" in log and "nvidia-smi --query-compute-apps" in log
+    assert [f"--workers {w} --stubs {max(2, w)}" in log for w in (1, 2, 4, 8)] == [True] * 4
+    assert (tmp_path / "out" / "steps.txt").read_text().count("+ ") == log.count("+ ")
+    only = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "device_run.sh")], cwd=ROOT, check=False,
+                          env={**env, "STEPS": "ceiling"}, capture_output=True, text=True, timeout=60).stderr
+    assert "== step ceiling" in only and "== step check" not in only
