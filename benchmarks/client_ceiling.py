@@ -1,6 +1,7 @@
 """Client ceilings: splitbench (1 worker) vs `vllm bench serve`, same stub, same workload, same core split.
 
-Usage: python benchmarks/client_ceiling.py [--duration 10] [--workers 1] [--skip-vllm] [--json F]
+Usage: python benchmarks/client_ceiling.py [--duration 10] [--workers 1] [--stubs 1] [--ramp-from RPS] [--skip-vllm]
+       [--json F]
 The stub (TTFT 20 ms, 5 ms/token; 128 input ids, 32 output tokens, Poisson arrivals) is pinned to the last core and
 the client to core 0. Each client climbs an open-loop rate ramp (250, 500, 1000, 1500, 2000, 3000, ...) and then
 bisects to within 10%; a point passes when achieved >= 95% of target and TTFT p99 error <= 5 ms, and for splitbench
@@ -107,6 +108,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per point")
     ap.add_argument("--workers", type=int, default=1, help="splitbench sender processes")
+    ap.add_argument("--stubs", type=int, default=1, help="splitbench: stub processes on one port, one core each "
+                    "(the last cores; senders on the first)")
+    ap.add_argument("--ramp-from", type=float, default=0.0, help="splitbench: start the rate ramp at this req/s")
     ap.add_argument("--max-points", type=int, default=10)
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-splitbench", action="store_true")
@@ -118,10 +122,12 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     out: dict = {"stub_cpu": stub_cpu, "client_cpu": client_cpu, "workload": C.WORKLOAD, "criteria": C.CRITERIA}
     if not args.skip_splitbench:
-        res = C.calibrate(duration_s=args.duration, workers=args.workers, stub_cpu=stub_cpu,
-                          max_points=args.max_points, save=False,
-                          on_point=lambda p: show("splitbench" + (" (1st try)" if p.get("retrying") else ""), p))
-        out["splitbench"] = {"ceiling_rps": res["ceiling_rps"], "workers": args.workers, "points": res["points"]}
+        res = C.calibrate(duration_s=args.duration, workers=args.workers,
+                          stub_cpu=stub_cpu if args.stubs == 1 else None, max_points=args.max_points, save=False,
+                          on_point=lambda p: show("splitbench" + (" (1st try)" if p.get("retrying") else ""), p),
+                          stubs=args.stubs, ramp_from_rps=args.ramp_from)
+        out["splitbench"] = {"ceiling_rps": res["ceiling_rps"], "workers": args.workers, "points": res["points"],
+                             "stubs": res["stubs"], "stub_cpus": res["stub_cpus"], "client_cpus": res["client_cpus"]}
     if not args.skip_vllm:
         tok = str(ensure_tiny_model())
         ceiling, pts = search(lambda r: vllm_point(r, args.duration, stub_cpu, client_cpu, tok),

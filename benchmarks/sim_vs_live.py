@@ -6,6 +6,8 @@ Steps (README "Simulator validation"):
   splitbench run --backend splitwise --run-id live-split      # the same window on a prompt + token pair
   splitbench profile --backend vllm --cores 1 --machine cpu-core --out tiny.csv   # one instance on one core
   python benchmarks/sim_vs_live.py --profile tiny.csv results/live-base results/live-split
+On a GPU: --machine TYPE (the live runs' run.json hardware.machine) and --split-profile P.csv, a profile of the
+prompt + token pair measured with the connector active (`splitbench profile --backend splitwise`), for split runs.
 
 Each live run's window (trace, start, duration, rate scale, clipping to max_model_len) and cluster (instances per
 pool, one core each = machine type cpu-core, the router's policy) are read from its run.json; vLLM's CPU scheduler
@@ -90,57 +92,81 @@ def nixl_link_gbps(run_dir: Path, kv_bytes_per_token: float, input_tokens: int) 
     return kv_bytes_per_token * input_tokens / secs * 8 / 1e9
 
 
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:.1f}"
+
+
+def variants(a, live: Path, counts: dict, model_dir: str, live_recs) -> list[tuple]:
+    """(name, cluster, profile, hardware file, first token, KV link Gb/s) of each simulation of one live run."""
+    from splitbench.sim.perfmodel import get_perf_model, load_profiles
+    from splitbench.sim.shapes import shape_from_hf_config
+    cluster = ",".join(f"{pool}={a.machine}:{n}" for pool, n in counts.items())
+    if "prompt" in counts and a.split_profile:
+        # measured on the split pair with the connector active: its prompt_time already holds the KV transfer and
+        # the first token, so the prompt machine streams the first token and the transfer adds nothing
+        return [("split-profile", cluster, a.split_profile, None, "prefill", 1e6)]
+    shape = shape_from_hf_config(model_dir)
+    n_in = sum(r.actual_input_tokens or r.planned_input_tokens for r in live_recs if r.ok)
+    link = nixl_link_gbps(live, shape.kv_bytes_per_token, n_in) if "prompt" in counts else None
+    pm = get_perf_model(load_profiles(a.profile), Path(model_dir).name, a.machine, 1)
+    scales = server_scales(live, live_recs, pm)
+    cal_profile, cal_hw = scaled_profile(a.profile, a.machine, scales, Path(a.results) / f"cal-{live.name}")
+    calibrated = ",".join(f"{p}={a.machine}-{p}:{n}" for p, n in counts.items())
+    print(f"{live.name}: step-time scales (prefill, decode) per pool from the live /metrics: "
+          + ", ".join(f"{p} ({x or 1:.2f}, {y or 1:.2f})" for p, (x, y) in scales.items())
+          + (f"; KV link calibrated to {link:.2f} Gb/s from NIXL counters" if link else ""))
+    return [("profile", cluster, a.profile, None, "decode", link),
+            ("calibrated", calibrated, cal_profile, cal_hw, "decode", link)]
+
+
+def simulate_live(a, live: Path) -> list[tuple]:
+    """Error rows (run, variant, metric, live s, sim s, error) of every simulation of one live run."""
+    meta = read_run_meta(live)
+    o, b = meta["options"], meta["backend"]
+    counts: dict[str, int] = {}
+    for inst in b["instances"]:
+        counts[inst["role"]] = counts.get(inst["role"], 0) + 1
+    live_recs = R.read_records(live)
+    model_dir = meta["model"].get("root")
+    rows = []
+    for variant, spec, prof, hw, first, link in variants(a, live, counts, model_dir, live_recs):
+        sim_dir, _ = simulate_run(SimOptions(
+            cluster=spec, trace=o["trace"], trace_dir=o.get("trace_dir"), start_s=o["start_s"],
+            duration_s=o["duration_s"], rate_scale=o["rate_scale"], max_requests=o.get("max_requests"),
+            max_context_tokens=meta["model"].get("max_model_len"), model=Path(model_dir).name,
+            model_dir=model_dir, profile=prof, hardware_file=hw, tensor_parallel=1,
+            policy=b.get("policy") or "jsq", max_prompt_batch_tokens=2048, max_decode_batch=a.max_decode_batch,
+            first_token=first, kv_transfer="serialized", link_gbps=link, reference_machine=None,
+            results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
+        sim_recs = R.read_records(sim_dir)
+        print(f"{live.name} [{variant}]: cluster {spec}, {len(live_recs)} live / {len(sim_recs)} simulated "
+              f"requests; simulated run: {sim_dir}")
+        for key, label in METRICS:
+            lv, sv = metric_values(live_recs, key), metric_values(sim_recs, key)
+            for st in ("p50", "p99"):
+                x, y = stat_of(lv, st), stat_of(sv, st)
+                rows.append((live.name, variant, f"{label} {st}", x, y, (y - x) / x if x else None))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="live run directories")
     ap.add_argument("--profile", required=True, help="profile CSV of one instance (splitbench profile)")
+    ap.add_argument("--split-profile", default=None, help="profile CSV of a prompt + token pair measured with the "
+                    "connector active (splitbench profile --backend splitwise), used for split runs")
     ap.add_argument("--machine", default="cpu-core", help="machine type each live instance is [cpu-core]")
+    ap.add_argument("--max-decode-batch", type=int, default=128, help="vLLM's max_num_seqs [128, the CPU build's]")
     ap.add_argument("--results", default="results", help="where the simulated run directories go")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     a = ap.parse_args()
-    rows = []
-    for live in a.runs:
-        meta = read_run_meta(live)
-        o, b = meta["options"], meta["backend"]
-        counts: dict[str, int] = {}
-        for inst in b["instances"]:
-            counts[inst["role"]] = counts.get(inst["role"], 0) + 1
-        cluster = ",".join(f"{pool}={a.machine}:{n}" for pool, n in counts.items())
-        live_recs = R.read_records(live)
-        model_dir = meta["model"].get("root")
-        from splitbench.sim.shapes import shape_from_hf_config
-        shape = shape_from_hf_config(model_dir)
-        n_in = sum(r.actual_input_tokens or r.planned_input_tokens for r in live_recs if r.ok)
-        link = nixl_link_gbps(live, shape.kv_bytes_per_token, n_in) if "prompt" in counts else None
-        from splitbench.sim.perfmodel import get_perf_model, load_profiles
-        pm = get_perf_model(load_profiles(a.profile), Path(model_dir).name, a.machine, 1)
-        scales = server_scales(live, live_recs, pm)
-        cal_profile, cal_hw = scaled_profile(a.profile, a.machine, scales, Path(a.results) / f"cal-{live.name}")
-        variants = (("profile", cluster, a.profile, None),
-                    ("calibrated", ",".join(f"{p}={a.machine}-{p}:{n}" for p, n in counts.items()), cal_profile,
-                     cal_hw))
-        for variant, spec, prof, hw in variants:
-            sim_dir, _ = simulate_run(SimOptions(
-                cluster=spec, trace=o["trace"], trace_dir=o.get("trace_dir"), start_s=o["start_s"],
-                duration_s=o["duration_s"], rate_scale=o["rate_scale"], max_requests=o.get("max_requests"),
-                max_context_tokens=meta["model"].get("max_model_len"), model=Path(model_dir).name,
-                model_dir=model_dir, profile=prof, hardware_file=hw, tensor_parallel=1,
-                policy=b.get("policy") or "jsq", max_prompt_batch_tokens=2048, max_decode_batch=128,
-                first_token="decode", kv_transfer="serialized", link_gbps=link, reference_machine=None,
-                results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
-            sim_recs = R.read_records(sim_dir)
-            print(f"{live.name} [{variant}]: cluster {spec}, {len(live_recs)} live / {len(sim_recs)} simulated "
-                  f"requests" + (f", KV link calibrated to {link:.2f} Gb/s from NIXL counters" if link else "")
-                  + (f", step-time scales (prefill, decode) per pool from the live /metrics: "
-                     + ", ".join(f"{p} ({x or 1:.2f}, {y or 1:.2f})" for p, (x, y) in scales.items())
-                     if variant == "calibrated" else "") + f"; simulated run: {sim_dir}")
-            for key, label in METRICS:
-                lv, sv = metric_values(live_recs, key), metric_values(sim_recs, key)
-                for st in ("p50", "p99"):
-                    x, y = stat_of(lv, st), stat_of(sv, st)
-                    rows.append((live.name, variant, f"{label} {st}", x, y, (y - x) / x if x else None))
+    rows = [row for live in a.runs for row in simulate_live(a, live)]
     print("\n| run | simulated with | metric | live (ms) | sim (ms) | error |\n|---|---|---|---:|---:|---:|")
     for run, variant, m, x, y, e in rows:
-        print(f"| {run} | {variant} | {m} | {x * 1e3:.1f} | {y * 1e3:.1f} | {e:+.0%} |")
+        print(f"| {run} | {variant} | {m} | {_ms(x)} | {_ms(y)} | {'-' if e is None else f'{e:+.0%}'} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps([dict(zip(("run", "variant", "metric", "live_s", "sim_s", "error"), r))
+                                            for r in rows], indent=1) + "\n")
     return 0
 
 

@@ -64,6 +64,17 @@ def _recs(n, rate, lag_s=0.0, ttft_s=0.02):
     return out
 
 
+def test_stub_layout_puts_stubs_on_the_last_cores_and_senders_on_the_first():
+    assert C.stub_layout(1, 1, 2) == ({0}, [1])                     # the single-stub default, as before
+    assert C.stub_layout(8, 8, 16) == (set(range(8)), list(range(8, 16)))
+    assert C.stub_layout(2, 4, 16) == ({0, 1}, [12, 13, 14, 15])
+    assert C.stub_layout(4, 8, 4) == ({0}, [1, 2, 3])               # too few cores: at least one for senders
+    assert C.stub_layout(1, 1, 1) == (None, None)
+    opts = C.point_options(100.0, 1.0, 2, None, "lean", "/tmp", stub_cpus=[6, 7])
+    assert opts.backend_options["processes"] == 2 and opts.backend_options["cpus"] == [6, 7]
+    assert C.RAMP_RPS[-1] > 10000   # the ramp reaches the multi-worker target
+
+
 def test_score_point_applies_each_criterion():
     good = C.score_point(_recs(200, 100.0), 100.0, 0.02, cpu_s=0.5)
     assert good["pass"] and abs(good["achieved_rps"] - 100.0) < 1e-6 and good["cpu_s_per_request"] == 0.0025

@@ -6,6 +6,7 @@ import http.server
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -302,6 +303,30 @@ def test_stub_backend_start_stop_leaves_no_process(tmp_path):
         os.kill(pid, 0)
     be.stop()  # idempotent
     assert be.describe()["pid"] is None
+
+
+def test_several_stub_processes_share_one_port_and_each_serves(tmp_path):
+    """processes=2: one port (SO_REUSEPORT), both answer (the kernel spreads new connections), both stopped."""
+    be = StubBackend(ttft_s=0.001, tpot_s=0.001, processes=2, cpus=[-1, -1])
+    be.start(run_dir=tmp_path)
+    pids = [p.pid for p in be.procs]
+    try:
+        assert len(set(pids)) == 2 and be.describe()["processes"] == 2 and be.describe()["pids"] == pids
+        body = json.dumps({"model": "stub-model", "prompt": [1, 2], "max_tokens": 2}).encode()
+        for _ in range(24):   # a new connection each: 24 connections all hashed to one listener: p = 2^-23
+            req = urllib.request.Request(be.endpoint() + "/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                assert r.status == 200
+    finally:
+        be.stop()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    served = [int(re.search(r"stub: (\d+) requests", f.read_text()).group(1))
+              for f in (tmp_path / "stub.log", tmp_path / "stub-1.log")]
+    assert sum(served) == 24 and min(served) > 0, served
+    with pytest.raises(InputError, match="one core each"):
+        StubBackend(processes=2, cpus=[3])
 
 
 def test_stub_backend_dies_on_busy_port_with_log_tail(tmp_path):

@@ -19,7 +19,7 @@ from splitbench.schema import records as R
 from splitbench.schema.runmeta import host_info
 
 CRITERIA = {"min_rate_ratio": 0.95, "ttft_p99_error_s": 0.005, "lag_p99_s": 0.002}
-RAMP_RPS = (250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000)
+RAMP_RPS = (250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000, 32000)   # past 8000: workers
 WORKLOAD = {"ttft_s": 0.02, "tpot_s": 0.005, "input_tokens": 128, "output_tokens": 32}
 WARMUP_S = 1.0   # the first second of each point is not scored (connections, caches)
 
@@ -97,22 +97,24 @@ def _stub_lateness_p99_s(base_url: str) -> float | None:
 
 
 def point_options(rate_rps: float, duration_s: float, workers: int, stub_cpu: int | None, http: str,
-                  results_dir: str) -> RunOptions:
-    """One calibration point: a Poisson synth trace of the fixed WORKLOAD against a fresh stub on its own core."""
+                  results_dir: str, stub_cpus: list[int] | None = None) -> RunOptions:
+    """One calibration point: a Poisson synth trace of the fixed WORKLOAD against a fresh stub on its own core (or
+    len(stub_cpus) stubs sharing one port, one core each)."""
     w = WORKLOAD
     spec = (f"synth:arrivals=poisson,rate={rate_rps},duration={duration_s + WARMUP_S},lengths=fixed,"
             f"input={w['input_tokens']},output={w['output_tokens']},seed=1")
     return RunOptions(trace=spec, rate_scale=1.0, backend="stub", workers=workers, http=http, vocab_size=32000,
-                      backend_options={"ttft_s": w["ttft_s"], "tpot_s": w["tpot_s"], "cpu": stub_cpu},
+                      backend_options={"ttft_s": w["ttft_s"], "tpot_s": w["tpot_s"], "cpu": stub_cpu,
+                                       "processes": len(stub_cpus) if stub_cpus else 1, "cpus": stub_cpus},
                       results_dir=results_dir, run_id="calibrate", power="off")
 
 
 def measure_point(rate_rps: float, duration_s: float, workers: int = 1, stub_cpu: int | None = None,
-                  http: str = "lean") -> dict:
+                  http: str = "lean", stub_cpus: list[int] | None = None) -> dict:
     """One open-loop run at rate_rps against a fresh stub through a RunSession (one process or `workers`);
     scored by score_point (client CPU only), plus the stub's own chunk lateness p99."""
     with tempfile.TemporaryDirectory(prefix="splitbench-calibrate-") as tmp:
-        with RunSession(point_options(rate_rps, duration_s, workers, stub_cpu, http, tmp)) as session:
+        with RunSession(point_options(rate_rps, duration_s, workers, stub_cpu, http, tmp, stub_cpus)) as session:
             conn = session.start()
             c0 = _cpu_s()
             session.replay()
@@ -136,34 +138,49 @@ def _badness(p: dict) -> float:
                c["min_rate_ratio"] / max(p["rate_ratio"] or 1e-9, 1e-9))
 
 
+def stub_layout(workers: int, stubs: int, ncpu: int) -> tuple[set[int] | None, list[int] | None]:
+    """(client cores, stub cores): stubs on the last `stubs` cores, senders on the first ones (None: unpinned,
+    a host with too few cores)."""
+    if ncpu < 2:
+        return None, None
+    stubs = min(stubs, ncpu - 1)
+    return set(range(min(workers, ncpu - stubs))), list(range(ncpu - stubs, ncpu))
+
+
 def calibrate(duration_s: float = 10.0, workers: int = 1, client_cpus: set[int] | None = None,
               stub_cpu: int | None = None, max_points: int = 12, http: str = "lean",
-              on_point: Callable[[dict], None] = lambda p: None, save: bool = True, retries: int = 1) -> dict:
+              on_point: Callable[[dict], None] = lambda p: None, save: bool = True, retries: int = 1,
+              stubs: int = 1, ramp_from_rps: float = 0.0) -> dict:
     """Find this client's ceiling (see CRITERIA), store it (save=True) and return it. A failed point is measured
     again up to `retries` times (another process on the host can only make a point worse); it passes if any
-    attempt does."""
+    attempt does. stubs > 1: that many stub processes on one port, each on its own core, so at several workers
+    the stub is not the limit. ramp_from_rps: start the ramp there (a known neighbourhood saves points)."""
     ncpu = os.cpu_count() or 1
-    if stub_cpu is None and ncpu >= 2:
-        stub_cpu = ncpu - 1
-    if client_cpus is None and ncpu >= 2:
-        client_cpus = set(range(min(workers, ncpu - 1)))
+    cores, stub_cpus = stub_layout(workers, stubs, ncpu)
+    if stub_cpu is None and stub_cpus:
+        stub_cpu = stub_cpus[-1]
+    if client_cpus is None:
+        client_cpus = cores
+    stub_cpus = stub_cpus if stubs > 1 else None
+    stubs = len(stub_cpus) if stub_cpus else 1
     old = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     points: list[dict] = []
+    ramp = tuple(r for r in RAMP_RPS if r >= ramp_from_rps) or RAMP_RPS[-1:]
     try:
         if client_cpus and old is not None:
             os.sched_setaffinity(0, client_cpus)
-        rate = next_rate(points)
+        rate = next_rate(points, ramp)
         while rate is not None and len(points) < max_points:
-            p = measure_point(rate, duration_s, workers, stub_cpu, http)
+            p = measure_point(rate, duration_s, workers, stub_cpu, http, stub_cpus)
             for attempt in range(retries):   # a shared host's noise only ever hurts: re-measure a failure
                 if p["pass"]:
                     break
                 on_point({**p, "retrying": True})
-                q = measure_point(rate, duration_s, workers, stub_cpu, http)
+                q = measure_point(rate, duration_s, workers, stub_cpu, http, stub_cpus)
                 p = {**(q if q["pass"] or _badness(q) < _badness(p) else p), "attempts": attempt + 2}
             points.append(p)
             on_point(p)
-            rate = next_rate(points)
+            rate = next_rate(points, ramp)
     finally:
         if old is not None:
             os.sched_setaffinity(0, old)
@@ -172,6 +189,7 @@ def calibrate(duration_s: float = 10.0, workers: int = 1, client_cpus: set[int] 
     result = {"workers": workers, "http": http, "created_unix_s": time.time(), "criteria": CRITERIA,
               "workload": {**WORKLOAD, "arrivals": "poisson", "duration_s": duration_s},
               "client_cpus": sorted(client_cpus) if client_cpus else None, "stub_cpu": stub_cpu,
+              "stubs": stubs, "stub_cpus": stub_cpus,
               "ceiling_rps": best["achieved_rps"] if best else 0.0,
               "tokens_per_s": best["tokens_per_s"] if best else None,
               "cpu_s_per_request": best["cpu_s_per_request"] if best else None,

@@ -18,6 +18,7 @@ from splitbench.servers.router_process import RouterProcess
 from splitbench.servers.scrape import ScraperProcess
 from splitbench.servers.tiny_model import ensure_tiny_model
 from splitbench.servers.topology import ClusterSpec, detect_hardware, parse_id_list, plan_cluster
+from splitbench.servers.vllm_features import detect as detect_vllm
 
 # CPU defaults for clusters: TINY_CPU_ARGS without --disable-log-stats (it would blank the /metrics series).
 _CPU_DROP = ("--disable-log-stats",)
@@ -70,10 +71,13 @@ class ClusterBackend:
         args = self.vllm_args
         if args is None:
             args = [a for a in TINY_CPU_ARGS if a not in _CPU_DROP] if hardware == "cpu-host" else GPU_DEFAULT_ARGS
+        # flags and connector names as the host's vLLM spells them (probed once per vLLM install, then cached);
+        # a flag of the user's --vllm-args that it lacks fails here, before anything starts
         return plan_cluster(model_dir, **self.counts, connector=self.connector,
                             kv_transfer_config=self.kv_transfer_config, hardware=hardware, gpus=self.gpus,
                             cores=self.cores, tensor_parallel=self.tensor_parallel, layout=self.layout,
-                            base_args=list(args), shared_dir=run_dir / "kv-shared")
+                            base_args=list(args), shared_dir=run_dir / "kv-shared", features=detect_vllm(),
+                            strict_args=self.vllm_args is not None)
 
     def start(self, run_dir: Path | None = None) -> None:
         if self.cluster is not None:
@@ -155,7 +159,8 @@ class ClusterBackend:
                 "policy": self.policy if router is not None else None, "started_unix_s": self.started_unix_s,
                 "instances": cluster.describe(), "router": router.describe() if router is not None else None,
                 "url": router.url if router is not None else cluster.describe()[0]["url"],
-                "metrics_dir": str(self.run_dir / "metrics"), "phase_log": str(self.phase_log or "") or None}
+                "metrics_dir": str(self.run_dir / "metrics"), "phase_log": str(self.phase_log or "") or None,
+                "vllm": spec.features.describe(), "arg_notes": list(spec.arg_notes)}
 
     def describe(self) -> dict[str, Any]:
         if self.cluster is None:

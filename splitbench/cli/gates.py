@@ -85,11 +85,13 @@ def calibrate(
     http: str = typer.Option("lean", help="Client HTTP transport: lean (default) or aiohttp."),
     max_points: int = typer.Option(12, help="Give up the search after this many points."),
     save: bool = typer.Option(True, help="Store the ceiling for this host (runs record it in run.json)."),
+    stubs: int = typer.Option(1, help="Stub processes sharing one port, each on its own core (the last cores), "
+                              "so that at several workers the stub is never the limit."),
 ):
     """Find this client's ceiling: ramp an open-loop rate against the built-in stub (TTFT 20 ms, 5 ms/token,
     128 in / 32 out) until achieved < 95% of target, TTFT p99 error > 5 ms or send lag p99 > 2 ms."""
-    if workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
+    if workers < 1 or stubs < 1:
+        raise InputError(f"--workers and --stubs must be >= 1, got {workers} and {stubs}")
     c = CRITERIA
     console.print(f"criteria: achieved >= {c['min_rate_ratio']:.0%} of target, TTFT p99 error <= "
                   f"{c['ttft_p99_error_s'] * 1e3:g} ms, lag p99 <= {c['lag_p99_s'] * 1e3:g} ms", highlight=False)
@@ -109,7 +111,7 @@ def calibrate(
                          if p.get("stub_lateness_p99_s") is not None else "")
                       + ("  ok" if p["pass"] else f"  FAIL ({p['reason']})"), highlight=False)
     res = run_calibration(duration_s=duration, workers=workers, stub_cpu=stub_cpu, http=http,
-                          max_points=max_points, on_point=show, save=save)
+                          max_points=max_points, on_point=show, save=save, stubs=stubs)
     console.print(f"ceiling: {res['ceiling_rps']:.0f} req/s"
                   + (f", {res['tokens_per_s']:.0f} streamed tokens/s" if res.get("tokens_per_s") else "")
                   + (f", {res['cpu_s_per_request'] * 1e6:.0f} us CPU per request" if res.get("cpu_s_per_request")

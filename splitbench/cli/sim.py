@@ -81,7 +81,8 @@ def profiles_list(file: Optional[str] = typer.Option(None, "--file", help="Profi
 
 
 @user_errors
-def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (local server), openai (--url), stub."),
+def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (local server), splitwise (a prompt + "
+                                        "token pair behind the router, KV connector active), openai (--url), stub."),
             model_dir: Optional[str] = typer.Option(None, help="--backend vllm: model dir (default: the tiny model)."),
             url: Optional[str] = typer.Option(None, help="--backend openai: base URL."),
             api_key_env: str = typer.Option("OPENAI_API_KEY", help="Env var holding the API key."),
@@ -97,11 +98,18 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
             results: str = typer.Option("results", help="Directory for the measurement's per-point records."),
             cores: Optional[str] = typer.Option(None, help="--backend vllm on CPU: pin the instance to these cores "
                                                 "(e.g. 1, as one instance of the local clusters holds)."),
-            gpus: Optional[str] = typer.Option(None, help="--backend vllm on GPU hosts: GPU ids of the instance.")):
-    """Measure a real backend into a profile CSV that `load_profiles` (and the simulator) accepts."""
-    if backend == "vllm":
-        opts = {"instances": 1, **({"model_dir": model_dir} if model_dir else {}),
-                **({"cores": cores} if cores else {}), **({"gpus": gpus} if gpus else {})}
+            gpus: Optional[str] = typer.Option(None, help="--backend vllm on GPU hosts: GPU ids of the instance."),
+            connector: Optional[str] = typer.Option(None, help="--backend splitwise: KV connector (nixl, example)."),
+            layout: Optional[str] = typer.Option(None, help="--backend splitwise: 'splitwiser' (one GPU for both)."),
+            vllm_args: Optional[str] = typer.Option(None, help="Extra arguments for every vLLM server (quoted).")):
+    """Measure a real backend into a profile CSV that `load_profiles` (and the simulator) accepts. --backend
+    splitwise measures a prompt + token pair with the connector active: prompt_time is then the split TTFT
+    (prefill, KV transfer, first token), token_time the token instance's TBT."""
+    if backend in ("vllm", "splitwise"):
+        given = {"model_dir": model_dir, "cores": cores, "gpus": gpus, "vllm_args": vllm_args}
+        if backend == "splitwise":
+            given.update(connector=connector or "nixl", layout=layout)
+        opts = {**({"instances": 1} if backend == "vllm" else {}), **{k: v for k, v in given.items() if v}}
     elif backend == "openai":
         if not url:
             raise InputError("--backend openai needs --url http://HOST:PORT")

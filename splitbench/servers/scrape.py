@@ -3,6 +3,7 @@
 Server-side numbers are per instance and per phase: on a decode (token) instance vLLM's TTFT histogram starts when
 *that* instance got the request, so it excludes the prefill done on the prompt instance and the KV transfer.
 The client's TTFT in records.parquet stays the truth; these series explain it (queues, KV usage, transfers).
+Series renamed across vLLM versions are stored under their current name (METRIC_ALIASES), whichever the server has.
 """
 from __future__ import annotations
 
@@ -27,14 +28,20 @@ from splitbench.schema.files import atomic_write_json
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-          "vllm:gpu_cache_usage_perc", "vllm:num_requests_kv_fetch_by_stage")
+          "vllm:num_requests_kv_fetch_by_stage")
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
             "vllm:prompt_tokens_by_source_total", "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total",
             "vllm:prefix_cache_hits_total", "vllm:external_prefix_cache_hits_total")
 HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
-              "vllm:time_per_output_token_seconds", "vllm:request_time_per_output_token_seconds",
+              "vllm:request_time_per_output_token_seconds",
               "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
               "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds")
+# old name -> current name (vLLM deprecated the gpu_ names in 0.10 and removed them in 0.12; 0.26 and 0.32 have
+# only the current ones). A server that still sends both (the deprecation releases) is read by the current name.
+METRIC_ALIASES = {"vllm:gpu_cache_usage_perc": "vllm:kv_cache_usage_perc",
+                  "vllm:gpu_prefix_cache_queries_total": "vllm:prefix_cache_queries_total",
+                  "vllm:gpu_prefix_cache_hits_total": "vllm:prefix_cache_hits_total",
+                  "vllm:time_per_output_token_seconds": "vllm:inter_token_latency_seconds"}
 _BUCKETS_KEPT = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
                  "vllm:e2e_request_latency_seconds")
 _DROP_LABELS = ("engine", "model_name")
@@ -68,9 +75,29 @@ def _le(v: str) -> float:
     return math.inf if v in ("+Inf", "Inf") else float(v)
 
 
+def canonical(samples: list[tuple[str, dict[str, str], float]]) -> list[tuple[str, dict[str, str], float]]:
+    """Samples with old series names (METRIC_ALIASES, histogram parts included) renamed to the current ones; an old
+    series is dropped where the current one is also there (a deprecation release sends both)."""
+    names = {n for n, _, _ in samples}
+    out = []
+    for name, labels, value in samples:
+        base, part = name, ""
+        if name not in METRIC_ALIASES:
+            head, _, tail = name.rpartition("_")
+            if head in METRIC_ALIASES and tail in ("sum", "count", "bucket", "created"):
+                base, part = head, "_" + tail
+        new = METRIC_ALIASES.get(base)
+        if new is None:
+            out.append((name, labels, value))
+        elif new + part not in names:
+            out.append((new + part, labels, value))
+    return out
+
+
 def select(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, Any]:
-    """Keep the relevant vLLM series (summed over engines): gauges, counters, histograms (sum/count[/buckets]),
-    and every vllm:nixl_* series. Returns {"gauges": {...}, "counters": {...}, "histograms": {...}, "nixl": {...}}."""
+    """Keep the relevant vLLM series (summed over engines), by their current names: gauges, counters, histograms
+    (sum/count[/buckets]), and every vllm:nixl_* series. Returns {"gauges", "counters", "histograms", "nixl"}."""
+    samples = canonical(samples)
     gauges: dict[str, float] = {}
     counters: dict[str, float] = {}
     nixl: dict[str, float] = {}

@@ -188,14 +188,15 @@ class StubServer:
         return web.json_response(whole_completion(chat, model, n_in, n_out))
 
 
-async def serve_aiohttp(cfg: StubConfig, host: str, port: int, stop: asyncio.Event, on_ready=None) -> dict:
+async def serve_aiohttp(cfg: StubConfig, host: str, port: int, stop: asyncio.Event, on_ready=None,
+                        reuse_port: bool = False) -> dict:
     """Serve until `stop` is set; on_ready(port) once listening. -> stats() at exit."""
     srv = StubServer(cfg)
     runner = web.AppRunner(srv.make_app(), access_log=None, handler_cancellation=True,
                            shutdown_timeout=0.5, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port or None)
         await site.start()
         if on_ready is not None:
             on_ready(runner.addresses[0][1])

@@ -314,9 +314,10 @@ def _young_gc(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def serve_lean(cfg: StubConfig, host: str, port: int, stop: asyncio.Event, on_ready=None,
-                     manage_gc: bool = False) -> dict:
+                     manage_gc: bool = False, reuse_port: bool = False) -> dict:
     """Serve until `stop` is set; on_ready(port) once listening. -> stats() at exit. manage_gc (a process of its
-    own only): freeze what exists, turn the automatic cyclic GC off and collect young objects every second."""
+    own only): freeze what exists, turn the automatic cyclic GC off and collect young objects every second.
+    reuse_port: SO_REUSEPORT, so several stub processes share one port (the kernel spreads connections)."""
     loop = asyncio.get_running_loop()
     srv = LeanStub(cfg, loop)
     if manage_gc:
@@ -324,7 +325,8 @@ async def serve_lean(cfg: StubConfig, host: str, port: int, stop: asyncio.Event,
         gc.freeze()
         gc.disable()
         loop.call_later(GC_PERIOD_S, _young_gc, loop)
-    server = await loop.create_server(lambda: _Conn(srv), host, port, backlog=4096, reuse_address=True)
+    server = await loop.create_server(lambda: _Conn(srv), host, port, backlog=4096, reuse_address=True,
+                                      reuse_port=reuse_port or None)
     try:
         if on_ready is not None:
             on_ready(server.sockets[0].getsockname()[1])

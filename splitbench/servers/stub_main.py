@@ -22,18 +22,21 @@ from splitbench.timing import new_event_loop
 
 
 async def serve(cfg: StubConfig, host: str = "127.0.0.1", port: int = 0, *, stop: asyncio.Event | None = None,
-                on_ready=None, server: str = "lean", manage_gc: bool = False) -> dict[str, Any]:
+                on_ready=None, server: str = "lean", manage_gc: bool = False,
+                reuse_port: bool = False) -> dict[str, Any]:
     """Serve until `stop` is set (or the task is cancelled); on_ready(port) once listening. -> stats() at exit.
     server: "lean" (asyncio.Protocol + shared ticker, stub_lean.py) or "aiohttp" (stub_aiohttp.py).
-    manage_gc: the lean server owns this process's GC (no automatic full collections); run_server sets it."""
+    manage_gc: the lean server owns this process's GC (no automatic full collections); run_server sets it.
+    reuse_port: several stub processes listen on one port (SO_REUSEPORT)."""
     if server not in SERVERS:
         raise InputError(f"stub server must be one of {', '.join(SERVERS)}, got {server!r}")
     if server == "aiohttp":
         # lazy: aiohttp would cost every stub process start 0.3-0.6 s of imports (measured on the shared 2-core
         # dev host: stub_main 0.86-1.2 s with it at top, 0.10-0.31 s without); the default lean server never uses it
         from splitbench.servers.stub_aiohttp import serve_aiohttp
-        return await serve_aiohttp(cfg, host, port, stop or asyncio.Event(), on_ready)
-    return await serve_lean(cfg, host, port, stop or asyncio.Event(), on_ready, manage_gc=manage_gc)
+        return await serve_aiohttp(cfg, host, port, stop or asyncio.Event(), on_ready, reuse_port=reuse_port)
+    return await serve_lean(cfg, host, port, stop or asyncio.Event(), on_ready, manage_gc=manage_gc,
+                            reuse_port=reuse_port)
 
 
 def run_stub_in_thread(ttft_s: float = 0.02, tpot_s: float = 0.005, tokens_per_chunk: int = 1,
@@ -76,7 +79,8 @@ def run_stub_in_thread(ttft_s: float = 0.02, tpot_s: float = 0.005, tokens_per_c
 
 
 def run_server(cfg: StubConfig, host: str = "127.0.0.1", port: int = 8000, *, cpu: int | None = None,
-               loop: str = "precise", port_file: str | None = None, server: str = "lean") -> dict[str, Any]:
+               loop: str = "precise", port_file: str | None = None, server: str = "lean",
+               reuse_port: bool = False) -> dict[str, Any]:
     """Serve in the foreground until SIGINT/SIGTERM; pins this process to `cpu` when given. Prints a one-line
     exit summary (requests, chunks' emission lateness) and returns stats()."""
     if loop not in LOOPS:
@@ -105,7 +109,7 @@ def run_server(cfg: StubConfig, host: str = "127.0.0.1", port: int = 8000, *, cp
               f"loop {loop}, server {server})", flush=True)
     try:
         st = ev_loop.run_until_complete(serve(cfg, host, port, stop=stop, on_ready=on_ready, server=server,
-                                              manage_gc=True))
+                                              manage_gc=True, reuse_port=reuse_port))
     except OSError as e:
         raise InputError(f"stub cannot listen on {host}:{port}: {e.strerror or e}") from None
     finally:
@@ -139,11 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server", choices=SERVERS, default="lean", help="lean (shared ticker) or aiohttp (comparison)")
     p.add_argument("--tick-ms", type=float, default=0.2, help="lean server: least time between ticker wakeups")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening")
+    p.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT: several stubs share one port")
     a = p.parse_args(argv)
     try:
         cfg = StubConfig(a.ttft_ms / 1e3, a.tpot_ms / 1e3, a.tokens_per_chunk, a.model, a.fail_rate, a.seed,
                          kv_transfer_s=a.kv_transfer_ms / 1e3, tick_s=a.tick_ms / 1e3)
-        run_server(cfg, a.host, a.port, cpu=a.cpu, loop=a.loop, port_file=a.port_file, server=a.server)
+        run_server(cfg, a.host, a.port, cpu=a.cpu, loop=a.loop, port_file=a.port_file, server=a.server,
+                   reuse_port=a.reuse_port)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -1,6 +1,7 @@
 """Cluster spec -> instances: roles, pools, ports, CPU cores or GPUs, KV-connector config and vLLM args.
 
-Pure planning (no processes): `plan_cluster()` returns a `ClusterSpec` that the launcher starts and run.json records.
+Pure planning (no processes): `plan_cluster()` returns a `ClusterSpec` that the launcher starts and run.json records;
+flag and connector names follow the host's vLLM when its features (servers/vllm_features.py) are given.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Callable
 
 from splitbench.errors import InputError
 from splitbench.servers.launcher import free_port
+from splitbench.servers.vllm_features import UNKNOWN, VllmFeatures, adapt_args
 
 ROLES = ("prompt", "token", "mixed", "baseline")
 CONNECTORS = ("nixl", "example")
@@ -36,6 +38,7 @@ class InstanceSpec:
     side_channel_port: int | None = None   # NIXL handshake port (VLLM_NIXL_SIDE_CHANNEL_PORT)
     env: dict[str, str] = field(default_factory=dict)
     base_args: list[str] = field(default_factory=list)
+    features: VllmFeatures = field(default=UNKNOWN, repr=False, compare=False)   # the host's vLLM
 
     @property
     def url(self) -> str:
@@ -50,7 +53,11 @@ class InstanceSpec:
         """Args after --model/--host/--port (VllmServer adds those and --tensor-parallel-size)."""
         args = list(self.base_args)
         if self.gpu_memory_utilization is not None:
-            args += ["--gpu-memory-utilization", f"{self.gpu_memory_utilization:g}"]
+            flag = self.features.flag("--gpu-memory-utilization")
+            if flag is None:
+                raise InputError(f"vLLM {self.features.version} has no --gpu-memory-utilization (nor an alias): "
+                                 "the memory split of --layout splitwiser cannot be set")
+            args += [flag, f"{self.gpu_memory_utilization:g}"]
         if self.kv_transfer_config is not None:
             args += ["--kv-transfer-config", json.dumps(self.kv_transfer_config, separators=(",", ":"))]
         return args
@@ -76,6 +83,8 @@ class ClusterSpec:
     layout: str
     connector: str | None          # "nixl" | "example" | "custom" | None
     instances: list[InstanceSpec]
+    features: VllmFeatures = field(default=UNKNOWN, repr=False, compare=False)
+    arg_notes: list[str] = field(default_factory=list)   # flags renamed or dropped for the host's vLLM
 
     def by_role(self, *roles: str) -> list[InstanceSpec]:
         return [i for i in self.instances if i.role in roles]
@@ -86,17 +95,19 @@ class ClusterSpec:
 
     def describe(self) -> dict[str, Any]:
         return {"model_dir": self.model_dir, "hardware": self.hardware, "layout": self.layout,
-                "connector": self.connector, "instances": [i.describe() for i in self.instances]}
+                "connector": self.connector, "instances": [i.describe() for i in self.instances],
+                "vllm": self.features.describe(), "arg_notes": list(self.arg_notes)}
 
 
 # ----------------------------------------------------------------------------- connectors
 
 def connector_config(connector: str | None, *, hardware: str, shared_dir: str | os.PathLike | None = None,
-                     raw: str | dict | None = None) -> dict | None:
+                     raw: str | dict | None = None, features: VllmFeatures = UNKNOWN) -> dict | None:
     """The --kv-transfer-config dict for a connector name; `raw` JSON (LMCache, Mooncake, ...) passes through.
 
     nixl: NixlConnector, kv_both, KV buffer on "cpu" on CPU hosts and "cuda" on GPU hosts.
-    example: ExampleConnector, kv_both, KV files under `shared_dir` (both instances must see it).
+    example: ExampleConnector, kv_both, KV files under `shared_dir` (both instances must see it); named as the
+    host's vLLM names it (`features`: SharedStorageConnector before 0.11).
     """
     if raw is not None:
         if isinstance(raw, str):
@@ -115,7 +126,7 @@ def connector_config(connector: str | None, *, hardware: str, shared_dir: str | 
     if connector == "example":
         if shared_dir is None:
             raise ValueError("the example connector needs a shared directory")
-        return {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+        return {"kv_connector": features.connector("ExampleConnector"), "kv_role": "kv_both",
                 "kv_connector_extra_config": {"shared_storage_path": str(shared_dir)}}
     raise InputError(f"unknown connector {connector!r} (known: {', '.join(CONNECTORS)}; "
                      "or pass --kv-transfer-config JSON)")
@@ -219,8 +230,11 @@ def plan_cluster(model_dir: str | os.PathLike, *, prompt: int = 0, token: int = 
                  cores: str | list[int] | None = None, tensor_parallel: int = 1, layout: str | None = None,
                  base_args: list[str] | None = None, shared_dir: str | os.PathLike | None = None,
                  gpu_memory_shares: tuple[float, float] = SPLITWISER_SHARES, host: str = "127.0.0.1",
-                 port_fn: Callable[[], int] | None = None) -> ClusterSpec:
-    """Instances in order prompt-*, token-*, mixed-*, baseline-*; each gets a port (and a NIXL side-channel port)."""
+                 port_fn: Callable[[], int] | None = None, features: VllmFeatures = UNKNOWN,
+                 strict_args: bool = True) -> ClusterSpec:
+    """Instances in order prompt-*, token-*, mixed-*, baseline-*; each gets a port (and a NIXL side-channel port).
+    `base_args` are spelled for the host's vLLM (`features`); strict_args: a flag it lacks is an InputError, else
+    only splitbench's optional defaults may be dropped (vllm_features.adapt_args)."""
     port_fn = port_fn or free_port
     layout = layout or "separate"
     roles = _roles(prompt, token, mixed, baseline, layout, tensor_parallel)
@@ -230,7 +244,9 @@ def plan_cluster(model_dir: str | os.PathLike, *, prompt: int = 0, token: int = 
         raise InputError(f"hardware must be cpu-host or gpu-host, got {hardware!r}")
     if layout == "splitwiser" and hardware != "gpu-host":
         raise InputError("--layout splitwiser shares one GPU between a prompt and a token instance: needs GPUs")
-    kv = connector_config(connector, hardware=hardware, shared_dir=shared_dir, raw=kv_transfer_config)
+    kv = connector_config(connector, hardware=hardware, shared_dir=shared_dir, raw=kv_transfer_config,
+                          features=features)
+    base_args, notes = adapt_args(list(base_args or []), features, strict=strict_args)
     if prompt and kv is None:
         raise InputError("prompt/token instances need a KV connector (--connector nixl|example or --kv-transfer-config)")
     name = "custom" if kv_transfer_config is not None else connector if kv is not None else None
@@ -248,6 +264,6 @@ def plan_cluster(model_dir: str | os.PathLike, *, prompt: int = 0, token: int = 
             gpu_ids=placement_gpus[k], tensor_parallel=tensor_parallel, gpu_memory_utilization=share,
             kv_transfer_config=kv if role != "baseline" or kv_transfer_config is not None else None,
             side_channel_port=port_fn() if nixl and role != "baseline" else None,
-            base_args=list(base_args or [])))
+            base_args=list(base_args), features=features))
     return ClusterSpec(model_dir=str(Path(model_dir)), hardware=hardware, layout=layout, connector=name,
-                       instances=instances)
+                       instances=instances, features=features, arg_notes=notes)
