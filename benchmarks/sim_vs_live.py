@@ -26,6 +26,7 @@ from splitbench.app.simrun import SimOptions, simulate_run
 from splitbench.metrics.latency import metric_values, stat_of
 from splitbench.schema import records as R
 from splitbench.schema.runmeta import read_run_meta
+from splitbench.sim.profiles import profile_hardware_name
 
 METRICS = (("ttft", "TTFT"), ("tbt", "TBT"), ("e2e", "E2E"))
 
@@ -108,10 +109,11 @@ def variants(a, live: Path, counts: dict, model_dir: str, live_recs) -> list[tup
     shape = shape_from_hf_config(model_dir)
     n_in = sum(r.actual_input_tokens or r.planned_input_tokens for r in live_recs if r.ok)
     link = nixl_link_gbps(live, shape.kv_bytes_per_token, n_in) if "prompt" in counts else None
-    pm = get_perf_model(load_profiles(a.profile), Path(model_dir).name, a.machine, 1)
+    phw = profile_hardware_name(a.machine)   # the profile's `hardware` (h200-141gb for 1x-h200; cpu-core itself)
+    pm = get_perf_model(load_profiles(a.profile), Path(model_dir).name, phw, 1)
     scales = server_scales(live, live_recs, pm)
-    cal_profile, cal_hw = scaled_profile(a.profile, a.machine, scales, Path(a.results) / f"cal-{live.name}")
-    calibrated = ",".join(f"{p}={a.machine}-{p}:{n}" for p, n in counts.items())
+    cal_profile, cal_hw = scaled_profile(a.profile, phw, scales, Path(a.results) / f"cal-{live.name}")
+    calibrated = ",".join(f"{p}={phw}-{p}:{n}" for p, n in counts.items())
     print(f"{live.name}: step-time scales (prefill, decode) per pool from the live /metrics: "
           + ", ".join(f"{p} ({x or 1:.2f}, {y or 1:.2f})" for p, (x, y) in scales.items())
           + (f"; KV link calibrated to {link:.2f} Gb/s from NIXL counters" if link else ""))
