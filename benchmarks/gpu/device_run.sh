@@ -102,7 +102,7 @@ fi
 
 # ---------------------------------------------------------------- (b) live windows of the 8B-shaped model
 have_random() { [ -n "$DRY" ] || "$PY" -m splitbench.cli model random --help > /dev/null 2>&1; }
-make_8b() { [ -f "$M8/config.json" ] || sb model random --config llama-3.1-8b --out "$M8" > "$OUT/model-random.txt" 2>&1; }
+make_8b() { [ -z "$DRY" ] && [ -f "$M8/config.json" ] || sb model random --config llama-3.1-8b --out "$M8" > "$OUT/model-random.txt" 2>&1; }
 if want live; then
   if have_random; then
     make_8b
