@@ -380,3 +380,36 @@ def test_parse_instance_spec():
                 "id=p0,url=http://h:1,pool=prompt,x=1"):
         with pytest.raises(InputError):
             parse_instance_spec(bad)
+
+
+def test_a_health_probe_that_only_times_out_ejects_after_three_in_a_row(tmp_path):
+    """A busy CPU vLLM can answer /health late: one slow probe must not take it out (the default run saw 503s
+    'no healthy route' from that), three in a row do; a refused connection still ejects at once."""
+    slow = {"on": False}
+
+    async def go():
+        async def health(request):
+            if slow["on"]:
+                await asyncio.sleep(1.5)      # past the probe's 1 s timeout
+            return web.Response(text="ok")
+        app = web.Application()
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with running([{"id": "b0", "url": url, "pool": "baseline"}], phase_log=tmp_path / "p.jsonl",
+                               health_interval_s=3600) as r:
+                slow["on"] = True
+                seen = []
+                for _ in range(3):
+                    await r.poll_health()
+                    seen.append((await metrics(r.url))['splitbench_router_instance_healthy{instance="b0",pool="baseline"}'])
+                slow["on"] = False
+                await r.poll_health()
+                seen.append((await metrics(r.url))['splitbench_router_instance_healthy{instance="b0",pool="baseline"}'])
+                return seen
+        finally:
+            await runner.cleanup()
+    assert asyncio.run(go()) == [1, 1, 0, 1]

@@ -77,9 +77,9 @@ def _streaming(send_s, ttft, gap_s, n_tokens, status=R.OK, i=0, prompt=100):
 
 
 def test_a_slow_cluster_replays_the_windows_first_requests_for_about_replay_s():
-    assert S.replay_requests(500, 2.0) == math.ceil(S.REPLAY_S * 2.0)            # 90 s worth at 2 req/s
-    assert S.replay_requests(500, 0.2) == S.MIN_REQUESTS                          # at least 40 for the tails
-    assert S.replay_requests(500, 0.05) == math.floor(S.LONGEST_S * 0.05)          # unless 40 would take > 300 s
+    assert S.replay_requests(500, 2.0) == math.ceil(S.REPLAY_S * 2.0)            # 120 s worth at 2 req/s
+    assert S.replay_requests(500, 0.5) == S.MIN_REQUESTS                          # at least 100 for the tails
+    assert S.replay_requests(500, 0.05) == math.floor(S.LONGEST_S * 0.05)          # unless 100 would take > 300 s
     assert S.replay_requests(30, 5.0) == 30 and S.replay_requests(500, 1e-4) == 2
     w = _window(n=201, span_s=40.0)                                                # offers 5 req/s
     measured = {"reference": vars(REF), "points": [_pt(2, 0.4, True), _pt(8, 0.62, False)], "probe_s": 9.0}

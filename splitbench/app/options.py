@@ -14,7 +14,7 @@ from splitbench.workload.load import DEFAULT_TRACE, WorkloadSpec
 
 CLUSTER_BACKENDS = ("vllm", "splitwise", "mixed")
 DEFAULT_POLICY = {"vllm": "jsq", "splitwise": "jsq", "mixed": "mixed-pool"}   # the backends' own defaults
-LOCAL_CLUSTER_DURATION_S = 40.0    # a local CPU cluster's default window (trace seconds)
+LOCAL_CLUSTER_DURATION_S = 60.0    # a local CPU cluster's default window (trace seconds): sizing keeps its first part
 DURATION_S = 60.0                  # every other backend's
 POWER_MODES = ("auto", "nvml", "off")
 
@@ -26,7 +26,7 @@ class RunOptions:
     trace_dir: str | None = None
     columns: dict | None = None
     start_s: float = 0.0
-    duration_s: float | None = None        # None: 40 s on a local CPU cluster, else 60 s (resolve_defaults)
+    duration_s: float | None = None        # None: 60 s (resolve_defaults)
     rate_scale: float | str | None = None  # "auto": sized to the started backend (app/sizing.py); None: auto on a
                                            # local CPU cluster, else 1.0
     max_requests: int | None = None

@@ -27,6 +27,7 @@ _HOP = frozenset(h.lower() for h in ("Host", "Content-Length", "Connection", "Ke
 PREFILL_KV_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                      "remote_block_ids": None, "remote_host": None, "remote_port": None}
 _UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError)
+PROBE_TIMEOUTS_TO_EJECT = 3   # health probes that time out in a row before an instance is taken out
 
 
 class _ClientGone(Exception):
@@ -96,6 +97,7 @@ class Router:
         self.phase_log_path = Path(phase_log) if phase_log else None
         self.phase_log: PhaseLog | None = None
         self.health_interval_s = health_interval_s
+        self._probe_timeouts: dict[str, int] = {}   # consecutive timed-out health probes per instance
         self._connect_timeout_s = connect_timeout_s
         self._prefill_timeout = aiohttp.ClientTimeout(total=prefill_timeout_s, sock_connect=connect_timeout_s)
         self._stream_timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s,
@@ -168,16 +170,24 @@ class Router:
             await self.poll_health()
 
     async def poll_health(self) -> None:
-        """GET /health of every instance (timeout <= 1 s); 200 = healthy, anything else = unhealthy."""
+        """GET /health of every instance (timeout <= 1 s). 200 = healthy; an answer other than 200 or a refused
+        connection = unhealthy at once; a probe that only timed out (a busy CPU server) counts toward
+        PROBE_TIMEOUTS_TO_EJECT in a row, as Kubernetes' failureThreshold and Envoy's outlier detection do."""
         timeout = aiohttp.ClientTimeout(total=min(1.0, max(self.health_interval_s, 0.2)))
 
         async def one(iid: str) -> None:
+            timed_out = False
             try:
                 async with self._session.get(self.urls[iid] + "/health", timeout=timeout) as r:
                     await r.read()
                     ok = r.status == 200
+            except asyncio.TimeoutError:
+                ok, timed_out = False, True
             except _UPSTREAM_ERRORS:
                 ok = False
+            self._probe_timeouts[iid] = self._probe_timeouts.get(iid, 0) + 1 if timed_out else 0
+            if timed_out and self._probe_timeouts[iid] < PROBE_TIMEOUTS_TO_EJECT:
+                return   # slow, not dead (yet): keep its state
             if ok and not self.ledger.healthy[iid]:
                 self.n["recovered"] += 1
             self.ledger.set_healthy(iid, ok)
