@@ -25,10 +25,11 @@ from splitbench.schema.runmeta import host_info, package_versions
 from splitbench.workload.transforms import limit, scale_rate, workload_digest
 from splitbench.workload.types import Workload
 
-# 30% of the capacity: the probe's capacity is its best closed-loop point within Splitwise's P50 limits, but the
-# verdict also judges P90/P99, and open-loop bursts of a trace queue long before 100%. Measured on a 2-core host
-# (tiny model, splitwise, azure-conv-2023): at 50% TTFT p90/p99 were 3.9x/9.6x (limits 3x/6x), at 30% 1.4-1.9x/2.2-5x.
-TARGET_UTILISATION = 0.3
+# A quarter of the capacity: the probe's capacity is its best closed-loop point within Splitwise's P50 limits, but
+# the verdict also judges P90/P99, and open-loop bursts of a trace queue long before 100%. Measured on a 2-core host
+# (tiny model, splitwise, azure-conv-2023): at 50% TTFT p90/p99 were 3.9x/9.6x (limits 3x/6x); at 30% 5 of 7 runs
+# passed (one failed on TBT/E2E p90 1.54x/1.55x against 1.5x in the 60 s window's burst).
+TARGET_UTILISATION = 0.25
 METHOD = "unloaded reference + closed-loop probe"
 METHOD_VERSION = 1
 CONCURRENCIES = (2, 4, 8, 16)     # closed-loop ladder; it stops at the first point past the limits
