@@ -1,13 +1,22 @@
-"""Profile points on a busy host: a point whose tokens the client saw coalesced is detected, and its iteration times
+"""Profile points and the sizing reference on a busy host: tokens the client saw coalesced are detected, and the times
 come from vLLM's own /metrics deltas (real Prometheus text through the real parser)."""
 from __future__ import annotations
 
+import http.server
+import threading
+
+import numpy as np
 import pytest
 
-from splitbench.app.profile import coalesced, point_row, server_times_ms
+from splitbench.app import sizing as S
+from splitbench.errors import InputError
+from splitbench.workload.types import Workload
+
+from splitbench.app.profile import point_row
+from splitbench.metrics.latency import coalesced
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
-from splitbench.servers.scrape import parse_prometheus, select
+from splitbench.servers.scrape import parse_prometheus, select, server_times_ms
 
 
 def rec(chunks: list[int], offsets: list[float]) -> RequestRecord:
@@ -50,3 +59,51 @@ def test_no_server_metrics_means_no_fallback():
     assert server_times_ms([(None, None)]) is None
     idle = metrics(1.0, 5, 1.0, 5, 0.0)
     assert server_times_ms([(idle, {**idle, "t_unix_s": 1.0})]) is None
+
+
+class _Metrics(http.server.BaseHTTPRequestHandler):
+    """A /metrics whose inter-token latency histogram grows by 15 tokens at 12 ms per scrape (as vLLM's would)."""
+    scrapes = 0
+
+    def do_GET(self):  # noqa: N802
+        _Metrics.scrapes += 1
+        n = _Metrics.scrapes
+        body = (f"vllm:inter_token_latency_seconds_count {15 * n}\nvllm:inter_token_latency_seconds_sum {0.012 * 15 * n}\n"
+                f"vllm:request_prefill_time_seconds_count {n}\nvllm:request_prefill_time_seconds_sum {0.03 * n}\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+class _CoalescingProbe(S.Probe):
+    """The server streams every reference request's tokens in one chunk, as a starved vLLM frontend does."""
+    def replay(self, w, concurrency, name, stop_after_s=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        return [RequestRecord(request_id=f"r{i}", trace_index=int(w.trace_index[i]), intended_send_s=0.0,
+                              planned_input_tokens=int(w.input_tokens[i]), planned_output_tokens=int(n),
+                              actual_send_s=0.0, first_token_s=0.05 + 0.001 * w.input_tokens[i] / 100,
+                              last_token_s=0.3, end_s=0.3, chunk_offsets_s=[0.05 + 0.001 * w.input_tokens[i] / 100],
+                              chunk_tokens=[int(n)], actual_input_tokens=int(w.input_tokens[i]),
+                              actual_output_tokens=int(n), status=R.OK) for i, n in enumerate(w.output_tokens)]
+
+
+def test_sizing_reference_on_a_busy_host_is_retried_then_timed_from_vllm_metrics():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        w = Workload(name="w", arrival_s=np.linspace(0, 9, 10), input_tokens=np.arange(100, 1100, 100),
+                     output_tokens=np.full(10, 50), trace_index=np.arange(10))
+        probe = _CoalescingProbe("http://127.0.0.1:9", "m", lambda i, n: {"prompt": [1] * n},
+                                 metrics_urls=[f"http://127.0.0.1:{srv.server_address[1]}"])
+        ref, _ = S.measure_reference(probe, w)
+        assert probe.calls == 1 + S.REF_ATTEMPTS                     # the warm-up, then every attempt
+        assert ref.tbt_s == pytest.approx(0.012) and "server /metrics" in ref.meta["tbt_source"]
+        probe.metrics_urls = []
+        with pytest.raises(InputError, match="too busy to time tokens"):
+            S.measure_reference(probe, w)
+    finally:
+        srv.shutdown()

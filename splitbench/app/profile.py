@@ -15,7 +15,7 @@ from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog
 from splitbench.hardware.detect import host_machine
 from splitbench.hardware.power import detect_gpus
-from splitbench.metrics.latency import e2e_s, mean_tbt_s, output_tokens, ttft_s
+from splitbench.metrics.latency import coalesced, e2e_s, mean_tbt_s, output_tokens, ttft_s
 from splitbench.schema.files import atomic_write_bytes, atomic_write_json
 from splitbench.schema.runmeta import host_info, package_versions
 from splitbench.servers import scrape
@@ -64,64 +64,23 @@ def point_row(records, model: str, hardware: str, p: int, b: int, t: int, tp: in
             "e2e_time": mean(e2e_s), "tensor_parallel": tp}
 
 
-def coalesced(records) -> bool:
-    """True when some response chunk held more than one token: the client could not time each token (its host, or
-    the server's frontend, was too busy), so the point's client TBT and TTFT are not iteration times."""
-    return any(len(r.chunk_tokens or ()) < output_tokens(r) for r in records)
-
-
-def server_times_ms(pairs: list[tuple[dict | None, dict | None]]) -> dict | None:
-    """The point's iteration times from vLLM's own /metrics, scraped before and after it on each instance (count-
-    weighted over instances), or None without them: mean inter-token latency (engine-core timestamps, immune to a
-    starved frontend) and mean prefill time."""
-    sums = {"vllm:inter_token_latency_seconds": [0.0, 0.0], "vllm:request_prefill_time_seconds": [0.0, 0.0]}
-    for first, last in pairs:
-        h = scrape.delta(first, last).get("histograms", {})
-        for name, acc in sums.items():
-            x = h.get(name, {})
-            if x.get("count") and x.get("mean") is not None:
-                acc[0] += x["mean"] * x["count"]
-                acc[1] += x["count"]
-    (itl, n_itl), (prefill, n_prefill) = sums.values()
-    if not n_itl or not n_prefill:
-        return None
-    return {"token_time": itl / n_itl * 1e3, "prompt_time": prefill / n_prefill * 1e3}
-
-
-def _metrics_urls(session: RunSession) -> list[str]:
-    """Every vLLM instance the backend started (their /metrics), else the endpoint itself."""
-    cluster = getattr(session.backend, "cluster", None)
-    servers = getattr(cluster, "servers", None) or {}
-    return [sv.url for sv in servers.values()] or [session.conn.base_url]
-
-
-def _snapshots(urls: list[str]) -> list[dict | None]:
-    out = []
-    for url in urls:
-        try:
-            out.append({**scrape.snapshot(url), "t_unix_s": time.time()})
-        except (OSError, ValueError):
-            out.append(None)
-    return out
-
-
 def _measure_point(session: RunSession, point: tuple, index: int, model: str, hardware: str,
                    tp: int) -> tuple[dict, int, dict | None]:
     """One grid point, up to POINT_ATTEMPTS times while the client sees tokens coalesced; if every attempt was,
     its prompt/token times come from the server's /metrics (noted), or it fails with one line saying why."""
     k, p, b, t = point
-    urls = _metrics_urls(session)
+    urls = session.metrics_urls()
     for attempt in range(1, POINT_ATTEMPTS + 1):
         pdir = session.run_dir / "points" / f"p{p}-b{b}-t{t}-r{k}" / f"a{attempt}"
         pdir.mkdir(parents=True)
-        before = _snapshots(urls)
+        before = scrape.snapshots(urls)
         recs = session.replay_into(_point_workload(p, b, t, index, k), pdir, max_inflight=b, timeout_s=300.0,
                                    start_delay_s=0.05)
         index += b
         row = point_row(recs, model, hardware, p, b, t, tp)
         if not coalesced(recs):
             return row, index, None
-    server = server_times_ms(list(zip(before, _snapshots(urls))))
+    server = scrape.server_times_ms(list(zip(before, scrape.snapshots(urls))))
     why = (f"profile point prompt {p} batch {b} tokens {t}: the client saw tokens arrive together in all "
            f"{POINT_ATTEMPTS} attempts (this host is too busy to time each token)")
     if server is None:

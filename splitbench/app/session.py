@@ -131,12 +131,18 @@ class RunSession:
         self.set_workload(self.size(workload) if self.sized else workload)
         return self.conn
 
+    def metrics_urls(self) -> list[str]:
+        """Every vLLM instance the backend started (their /metrics), else the endpoint itself."""
+        servers = getattr(getattr(self.backend, "cluster", None), "servers", None) or {}
+        return [sv.url for sv in servers.values()] or [self.conn.base_url]
+
     def size(self, workload: Workload) -> Workload:
         """rate_scale "auto": measure what the started backend sustains of this window's request mix (or reuse this
         host's cached measurement) and replay the window at the rate scale for the target utilisation; its unloaded
         reference becomes the run's reference unless one was given (app/sizing.py)."""
         c, o = self.conn, self.opts
-        probe = sizing.Probe(c.base_url, c.model, c.prompts.payload, c.headers, o.api, self.run_dir / "sizing")
+        probe = sizing.Probe(c.base_url, c.model, c.prompts.payload, c.headers, o.api, self.run_dir / "sizing",
+                             self.metrics_urls())
         sized, workload = sizing.size_session(o.backend, o.backend_options, c.model_info, probe, workload,
                                               self.on_status)
         self.meta["sizing"] = sized.describe()

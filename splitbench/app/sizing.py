@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,11 +17,12 @@ from splitbench.client.replay import replay_workload
 from splitbench.client.replayer import ReplayConfig
 from splitbench.errors import InputError
 from splitbench.hardware.ceiling import host_id, store_dir
-from splitbench.metrics.latency import input_tokens
+from splitbench.metrics.latency import coalesced, input_tokens
 from splitbench.metrics.slo import SPLITWISE_CHECKS, Reference, fit_reference
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_json
 from splitbench.schema.runmeta import host_info, package_versions
+from splitbench.servers import scrape
 from splitbench.workload.transforms import limit, scale_rate, workload_digest
 from splitbench.workload.types import Workload
 
@@ -39,6 +40,7 @@ BUDGET_S = 30.0                   # the whole measurement; the ladder stops befo
 REF_QUANTILES = (5, 50, 95)       # reference prompt sizes: these percentiles of the window's prompt lengths
 REF_REPEATS = 2
 REF_OUTPUT_TOKENS = 16
+REF_ATTEMPTS = 3                  # reference replays while the client sees tokens coalesced
 PROBE_INDEX_BASE = 10 ** 9        # trace indices of probe requests: no prompt of the replay is sent (prefix cache)
 P50_LIMITS = {m: limit for m, stat, limit in SPLITWISE_CHECKS if stat == "p50" and m in ("ttft", "tbt")}
 SCALE_BOUNDS = (0.01, 100.0)
@@ -280,6 +282,7 @@ class Probe:
     headers: dict = field(default_factory=dict)
     api: str = "completions"
     out_dir: Path | None = None           # records of every phase go under here (raw timestamps kept)
+    metrics_urls: list[str] = field(default_factory=list)   # vLLM /metrics to time tokens the client saw coalesced
 
     def replay(self, w: Workload, concurrency: int, name: str, stop_after_s: float | None = None
                ) -> list[R.RequestRecord]:
@@ -298,13 +301,26 @@ class Probe:
 
 
 def measure_reference(probe: Probe, w: Workload) -> tuple[Reference, list[int]]:
-    """Warm each reference size once (first shapes are slow on CPU builds), then fit TTFT(prompt) and TBT."""
+    """Warm each reference size once (first shapes are slow on CPU builds), then fit TTFT(prompt) and TBT. On a
+    host too busy for the client to see each token (coalesced chunks) the reference is measured again, up to
+    REF_ATTEMPTS times; then its TBT is vLLM's own mean inter-token latency over it, or sizing fails in one line."""
     sizes = reference_sizes(w)
     probe.replay(grid(sizes, 1, 4, PROBE_INDEX_BASE // 2, "warmup"), 1, "warmup")
-    recs = probe.replay(grid(sizes, REF_REPEATS, REF_OUTPUT_TOKENS, PROBE_INDEX_BASE // 2 + 1000, "reference"),
-                        1, "reference")
-    return fit_reference(recs, meta={"source": "sizing", "sizes": sizes, "repeats": REF_REPEATS,
-                                     "output_tokens": REF_OUTPUT_TOKENS}), sizes
+    meta = {"source": "sizing", "sizes": sizes, "repeats": REF_REPEATS, "output_tokens": REF_OUTPUT_TOKENS}
+    for attempt in range(1, REF_ATTEMPTS + 1):
+        before = scrape.snapshots(probe.metrics_urls)
+        recs = probe.replay(grid(sizes, REF_REPEATS, REF_OUTPUT_TOKENS, PROBE_INDEX_BASE // 2 + 1000 * attempt,
+                                 "reference"), 1, "reference" if attempt == 1 else f"reference-{attempt}")
+        if not coalesced(recs):
+            return fit_reference(recs, meta=meta), sizes
+    server = scrape.server_times_ms(list(zip(before, scrape.snapshots(probe.metrics_urls))))
+    if server is None:
+        raise InputError(f"sizing: the client saw each reference request's tokens arrive together in "
+                         f"{REF_ATTEMPTS} attempts (this host is too busy to time tokens) and the server has no vLLM "
+                         "/metrics to fall back on; give --rate-scale")
+    ref = fit_reference(recs, meta={**meta, "tbt_source": "server /metrics (mean inter_token_latency): the client "
+                                    "saw tokens coalesced"})
+    return replace(ref, tbt_s=server["token_time"] / 1e3), sizes
 
 
 def measure(probe: Probe, w: Workload, *, budget_s: float | None = None, concurrencies: Sequence[int] | None = None,

@@ -175,3 +175,9 @@ def pools_section(records: Sequence[RequestRecord]) -> dict:
         sub = [r for r in records if r.pool == p]
         out[p] = {"count": len(sub), "ok": sum(1 for r in sub if r.ok), **latency_section(sub)}
     return out
+
+
+def coalesced(records) -> bool:
+    """True when some response chunk held more than one token: the client could not time each token (its host, or
+    the server's frontend, was too busy), so client TBT and TTFT are not iteration times."""
+    return any(len(r.chunk_tokens or ()) < output_tokens(r) for r in records)

@@ -228,6 +228,35 @@ def delta(first: dict | None, last: dict | None) -> dict[str, Any]:
     return out
 
 
+def server_times_ms(pairs: list[tuple[dict | None, dict | None]]) -> dict | None:
+    """Iteration times from vLLM's own /metrics, scraped before and after some requests on each instance (count-
+    weighted over instances), or None without them: mean inter-token latency (engine-core timestamps, immune to a
+    starved frontend) and mean prefill time, in ms."""
+    sums = {"vllm:inter_token_latency_seconds": [0.0, 0.0], "vllm:request_prefill_time_seconds": [0.0, 0.0]}
+    for first, last in pairs:
+        h = delta(first, last).get("histograms", {})
+        for name, acc in sums.items():
+            x = h.get(name, {})
+            if x.get("count") and x.get("mean") is not None:
+                acc[0] += x["mean"] * x["count"]
+                acc[1] += x["count"]
+    (itl, n_itl), (prefill, n_prefill) = sums.values()
+    if not n_itl or not n_prefill:
+        return None
+    return {"token_time": itl / n_itl * 1e3, "prompt_time": prefill / n_prefill * 1e3}
+
+
+def snapshots(urls: list[str]) -> list[dict | None]:
+    """One snapshot() per URL, stamped; None where nothing (or no Prometheus text) answered."""
+    out = []
+    for url in urls:
+        try:
+            out.append({**snapshot(url), "t_unix_s": time.time()})
+        except (OSError, ValueError):
+            out.append(None)
+    return out
+
+
 def read_series(path: str | Path) -> list[dict]:
     """All rows of one metrics/<id>.jsonl (a torn last line is skipped)."""
     rows = []
