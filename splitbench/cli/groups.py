@@ -11,8 +11,8 @@ WORKLOAD = (
     Opt("trace_dir", Optional[str], "Directory searched first for named traces."),
     Opt("columns", Optional[str], "Column mapping for other files: timestamp=COL,input=COL,output=COL."),
     Opt("start_s", float, "Window start, seconds after the trace's first request.", ("--start",)),
-    Opt("duration_s", Optional[float], "Window length in seconds of trace time [run: 60 (a sized replay keeps its first part); "
-        "simulate/traces: the whole trace].", ("--duration",)),
+    Opt("duration_s", Optional[float], "Window length in seconds of trace time [run: 60 (a sized replay keeps "
+        "its first part); simulate/traces: the whole trace].", ("--duration",)),
     Opt("rate_scale", Optional[str], "Multiply the arrival rate, keeping the burst shape, or 'auto' (run: measure "
         "the started backend and load it to 50% of what it sustains) [1; local CPU clusters: auto].",
         ("--rate-scale",)),
