@@ -145,6 +145,7 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
     atomic_write_bytes(out, profile_csv_bytes(rows))
     meta = {"run_id": session.meta["run_id"], "kind": "profile", "out": str(out), "model": model,
             "hardware": hardware, "grid": grid, "repeats": int(repeats), "backend": session.meta["backend"],
-            "wall_s": time.monotonic() - started, "point_notes": notes, "versions": package_versions(), "host": host_info()}
+            "wall_s": time.monotonic() - started, "point_notes": notes, "versions": package_versions(),
+            "host": host_info()}
     atomic_write_json(session.run_dir / "profile.json", meta)
     return {**meta, "rows": len(rows), "run_dir": str(session.run_dir)}
