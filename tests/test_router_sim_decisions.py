@@ -1,0 +1,266 @@
+"""One request sequence through the live router (real sockets, in front of splitbench's stub server processes) and
+through the simulator with the same policy, seed and a performance model of the stubs' timings: both make the same
+placement decisions request by request (round robin, JSQ, mixed pool). The sequences are built so that JSQ's and the
+mixed pool's choices depend on the ledger's pending tokens (they differ from round robin and from what a ledger that
+released prompt or decode tokens at another moment would choose) and every ledger update lands 0.2-0.3 s clear of
+every later arrival, so host jitter of a hundred ms or more cannot reorder them."""
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+
+from splitbench import policies
+from splitbench.backends.stub import StubBackend
+from splitbench.client.replayer import ReplayConfig, Replayer
+from splitbench.schema.records import OK
+from splitbench.servers.phaselog import load_phase_log, merge_phases
+from splitbench.servers.router import Router
+from splitbench.sim.cluster import simulate
+from splitbench.sim.config import SimConfig, SimPool
+from splitbench.timing import run as run_loop
+from splitbench.workload.types import Workload
+
+PREFILL_S = 0.6    # the stubs' ttft_s: a prefill takes this long on the live side and in the simulator
+TPOT_S = 0.05      # the stubs' tpot_s: one decode iteration (any batch) in the simulator
+# Every prefill end and finish of a request lies at least BEFORE_S before or AFTER_S after each later arrival.
+# Live ledger updates only come later than nominal (each hop adds delay), simulated ones by at most one TPOT_S.
+BEFORE_S, AFTER_S = 0.3, 0.2
+SEED = 3
+# (arrival_s, input_tokens, output_tokens); request k is "r<k>" on both sides. Nominal times: prefill end = arrival +
+# PREFILL_S, finish = prefill end + (output - 1) x TPOT_S. JSQ (seed 3) over it, pending tokens in brackets:
+# r1 prompt-1 (prompt-0 prefills r0 [300]) and token-1 (token-0 holds r0 [25]); r2: both prefills over, the rng
+# breaks the prompt tie (prompt-1; round robin: prompt-0), token-0 [25] < token-1 [27]; r3 prompt-0 (prompt-1
+# prefills r2 [900]), token-1 [27] < [29]; r4 token-0 (r0-r2 finished: [0] vs [40]); r6 token-1 [40] < token-0
+# [41] by one token; r7 prompt-1 (prompt-0 prefills r6), token-0 [41] < [70].
+JSQ_SEQUENCE = ((0.0, 300, 25), (0.15, 1200, 27), (1.05, 900, 4), (1.35, 1200, 40), (2.4, 300, 27), (2.6, 300, 14),
+                (3.5, 1200, 30), (3.65, 300, 6))
+MIXED_SEQUENCE = ((0.0, 900, 40), (0.1, 300, 23), (1.0, 900, 26), (1.05, 900, 6), (1.4, 600, 24), (2.35, 600, 32),
+                  (3.45, 900, 18), (3.6, 900, 23))
+# The mixed pool (thresholds MIXED_PARAMS) over it: r3 to mixed-0 (the least-loaded token instance holds 40 >= 40
+# pending decode tokens); r4: still so and mixed-0 prefills r3 [900 >= 500]: prompt-0 is borrowed and runs r4 whole;
+# r5: prompt-0 is still borrowed (r4 runs to 3.15 s), so prompt-1 alone; r6: prompt-0 drained, back in its pool;
+# r7 prompt-0 as a prompt instance again (prompt-1 prefills r6).
+SEQUENCES = {"round-robin": JSQ_SEQUENCE, "jsq": JSQ_SEQUENCE, "mixed-pool": MIXED_SEQUENCE}
+INSTANCES = (("prompt-0", "prompt"), ("prompt-1", "prompt"), ("token-0", "token"), ("token-1", "token"),
+             ("mixed-0", "mixed"))
+MIXED_PARAMS = {"prompt_threshold_tokens": 500, "decode_threshold_tokens": 40}
+POLICY_PARAMS = {"round-robin": {}, "jsq": {}, "mixed-pool": MIXED_PARAMS}
+PLACEMENT = ("instance", "pool", "prefill_instance", "decode_instance", "prefill_pool", "decode_pool")
+
+
+class StubTimes:
+    """The simulator's performance model of a stub: a prefill of any size takes PREFILL_S, every decode iteration
+    TPOT_S whatever the batch (each stub stream is paced on its own)."""
+
+    def prompt_time_s(self, tokens: int) -> float:
+        return PREFILL_S if tokens > 0 else 0.0
+
+    def token_time_s(self, batch: int, context_tokens: int) -> float:
+        return TPOT_S if batch > 0 else 0.0
+
+    def token_iterations_s(self, batch: int, context_tokens: int, iterations: int) -> float:
+        return TPOT_S * iterations if batch > 0 and iterations > 0 else 0.0
+
+    def iterations_within(self, batch: int, context_tokens: int, duration_s: float) -> int:
+        """Largest k with k x TPOT_S <= duration_s (the float quotient's rounding fixed either way)."""
+        k = max(0, math.floor(duration_s / TPOT_S))
+        while TPOT_S * (k + 1) <= duration_s:
+            k += 1
+        while k > 0 and TPOT_S * k > duration_s:
+            k -= 1
+        return k
+
+
+def workload(seq) -> Workload:
+    a, i, o = (np.array(col) for col in zip(*seq))
+    return Workload("decisions", a.astype(np.float64), i.astype(np.int64), o.astype(np.int64),
+                    np.arange(len(seq), dtype=np.int64))
+
+
+def nominal_times(arrival_s: float, output_tokens: int) -> tuple[float, float]:
+    """(prefill end, finish) of a request on an idle stub: the prefill, then output-1 tokens TPOT_S apart."""
+    return arrival_s + PREFILL_S, arrival_s + PREFILL_S + (output_tokens - 1) * TPOT_S
+
+
+RELEASES = ("documented", "prefill-at-finish", "finish-at-prefill", "never")
+
+
+def nominal_decisions(policy: str, seq, release: str = "documented") -> list[policies.Decision]:
+    """The policy driven by hand over `seq` with its own Ledger, updated at the nominal times. `release`: when
+    tokens leave the ledger: "documented" (prompt tokens at the prefill end, decode tokens at the finish),
+    "prefill-at-finish", "finish-at-prefill" (both at the prefill end) or "never" (a ledger that only adds)."""
+    pol = policies.make_policy(policy, seed=SEED, **POLICY_PARAMS[policy])
+    reqs = [policies.Request(f"r{k}", n_in, n_out) for k, (_, n_in, n_out) in enumerate(seq)]
+    ledger, due, out = policies.Ledger(INSTANCES), [], []
+    for k, (a, _, n_out) in enumerate(seq):
+        for ev in sorted(e for e in due if e[0] < a):   # (time, prefill_done before finish, request, update)
+            due.remove(ev)
+            getattr(ledger, ev[3])(out[ev[2]], reqs[ev[2]])
+        out.append(pol.choose(reqs[k], ledger.views()))
+        ledger.dispatch(out[k], reqs[k])
+        pd, fin = nominal_times(a, n_out)
+        at = {"documented": (pd, fin), "prefill-at-finish": (fin, fin), "finish-at-prefill": (pd, pd)}.get(release)
+        if at is not None:
+            due += [(at[0], 0, k, "prefill_done"), (at[1], 1, k, "finish")]
+    return out
+
+
+def margin_violations(seq) -> list[str]:
+    """Ledger updates (prefill ends, finishes) of earlier requests closer to a later arrival than the margins."""
+    bad, eps = [], 1e-9
+    for j, (aj, _, oj) in enumerate(seq):
+        for what, t in zip(("prefill end", "finish"), nominal_times(aj, oj)):
+            bad += [f"r{j} {what} {t:.2f} s vs r{k} arrival {a:.2f} s" for k, (a, _, _) in enumerate(seq)
+                    if k > j and a - BEFORE_S + eps < t < a + AFTER_S - eps]
+    return bad
+
+
+def sim_only_waits(decisions, seq) -> list[str]:
+    """Placements where the simulated machine would make a request wait while a stub would not: a prefill on an
+    instance that is already prefilling or decoding another request (a stub serves each request on its own)."""
+    busy, bad = {}, []
+    for k, ((a, _, o), d) in enumerate(zip(seq, decisions)):
+        pd, fin = nominal_times(a, o)
+        busy.setdefault(d.prompt_instance, []).append((a, pd, k, "prefill"))
+        busy.setdefault(d.token_instance or d.prompt_instance, []).append((pd, fin, k, "decode"))
+    for iid, spans in busy.items():
+        bad += [f"{iid}: r{p[2]} prefill {p[0]:.2f}-{p[1]:.2f} s meets r{s[2]} {s[3]} {s[0]:.2f}-{s[1]:.2f} s"
+                for p in spans if p[3] == "prefill" for s in spans
+                if s[2] != p[2] and (s[3] == "decode" or s[2] < p[2]) and p[0] < s[1] + TPOT_S and s[0] < p[1]]
+    return bad
+
+
+def sim_config(policy: str) -> SimConfig:
+    """The live cluster's shape; instance ids (pool-k, in this order) are the router's."""
+    return SimConfig(pools=[SimPool("prompt", "stub", 2), SimPool("token", "stub", 2), SimPool("mixed", "stub", 1)],
+                     policy=policy, policy_params=POLICY_PARAMS[policy], seed=SEED)
+
+
+def simulated_records(policy: str) -> list:
+    # KV of 0 bytes a token: the transfer takes no time, as with the stubs' kv_transfer_s = 0
+    return simulate(workload(SEQUENCES[policy]), sim_config(policy), {"stub": StubTimes()}, {"stub": 10**6},
+                    0).records
+
+
+def placement(rec) -> tuple:
+    return tuple(getattr(rec, f) for f in PLACEMENT)
+
+
+def decision_placement(d: policies.Decision) -> tuple:
+    pools = dict(INSTANCES)
+    if d.split:
+        return (None, "split", d.prompt_instance, d.token_instance, d.pool, pools[d.token_instance])
+    return (d.prompt_instance, d.pool, d.prompt_instance, d.prompt_instance, d.pool, d.pool)
+
+
+# ---------------------------------------------------------------- the sequences are ones that can tell
+
+@pytest.mark.parametrize("policy", ["jsq", "mixed-pool"])
+def test_the_sequences_are_clear_of_jitter_and_decide_by_the_ledger(policy):
+    """Pure checks (no servers): every ledger update is clear of every later arrival; no placement makes a
+    simulated machine queue where a stub would not; JSQ and the mixed pool decide differently from round robin and
+    from ledgers that release tokens at another moment (so a router or simulator whose ledger updates came at the
+    wrong moment decides differently); the mixed pool places a request on its mixed instance and borrows one."""
+    seq = SEQUENCES[policy]   # round robin runs on JSQ's: its decisions depend on neither ledger nor timing
+    assert not margin_violations(seq)
+    ds = nominal_decisions(policy, seq)
+    assert not sim_only_waits(ds, seq)
+    assert ds != nominal_decisions("round-robin", seq)
+    for release in RELEASES[1:]:
+        assert nominal_decisions(policy, seq, release) != ds, release
+    if policy == "mixed-pool":
+        assert ds != nominal_decisions("jsq", seq)
+        assert any(d.prompt_instance == "mixed-0" for d in ds)
+        assert any(d.pool == policies.MIXED and d.prompt_instance != "mixed-0" for d in ds)   # a borrowed one
+
+
+@pytest.mark.parametrize("policy", list(SEQUENCES))
+def test_the_simulator_decides_as_the_documented_ledger(policy):
+    """The simulator on the stubs' performance model: the hand-driven policy's decisions, request by request."""
+    sim, seq = simulated_records(policy), SEQUENCES[policy]
+    assert [r.status for r in sim] == [OK] * len(seq)
+    assert [placement(r) for r in sim] == [decision_placement(d) for d in nominal_decisions(policy, seq)]
+
+
+# ---------------------------------------------------------------- live router vs simulator
+
+@pytest.fixture(scope="module")
+def stub_urls():
+    """One stub server process per instance (`python -m splitbench.servers.stub_main`, what `splitbench serve-stub`
+    runs; unpinned; kv_transfer_s 0), shared by the routers: a stub paces every request on its own."""
+    stubs = [StubBackend(ttft_s=PREFILL_S, tpot_s=TPOT_S, cpu=-1) for _ in INSTANCES]
+    try:
+        for stub in stubs:
+            stub.start()
+        yield [stub.endpoint() for stub in stubs]
+    finally:
+        for stub in stubs:
+            stub.stop()
+
+
+async def _live(policy: str, urls: list[str], log_path) -> list:
+    """The policy's sequence replayed (splitbench's open-loop replayer) through a router running `policy` -> the
+    records with the router's phase log merged in (placement fields, phases on the run clock), as a run has them."""
+    router = Router([{"id": iid, "url": u, "pool": pool} for (iid, pool), u in zip(INSTANCES, urls)], policy,
+                    phase_log=log_path, seed=SEED, policy_params=POLICY_PARAMS[policy])
+    await router.start()
+    records: list = []
+    try:
+        replayer = Replayer(workload(SEQUENCES[policy]), lambda _ti, n_in: {"prompt": [7] * n_in},
+                            ReplayConfig(router.url, "stub-model", timeout_s=60.0), records.append)
+        stats = await replayer.run()
+    finally:
+        await router.stop()
+    records.sort(key=lambda r: r.trace_index)
+    return merge_phases(records, load_phase_log(log_path), stats.t0_unix_s)
+
+
+def _table(seq, live, sim, nominal) -> str:
+    """Per request: live, simulated and hand-driven placement, and the live ledger moments vs the nominal ones."""
+    rows = []
+    for (a, _, o), lr, sr, d in zip(seq, live, sim, nominal):
+        ph = lr.phases_s or {}
+        pd = ph.get("prefill_done", ph.get("first_token", math.nan))
+        npd, nfin = nominal_times(a, o)
+        rows.append(f"{lr.request_id}: live {placement(lr)[2:4]} sim {placement(sr)[2:4]} nominal "
+                    f"{decision_placement(d)[2:4]}; recv {ph.get('router_recv', math.nan) - a:+.3f} s, prefill end "
+                    f"{pd - npd:+.3f} s, finish {ph.get('done', math.nan) - nfin:+.3f} s off nominal")
+    return "\n".join(rows)
+
+
+def live_slack(seq, live) -> tuple[float, str]:
+    """How close the live run came to reordering a ledger update and a later arrival: the smallest live gap (s)
+    between an earlier request's prefill end or finish and a later request's receipt at the router, on the side the
+    nominal times put it (negative: reordered), and which pair."""
+    worst = (math.inf, "")
+    for j, (aj, _, oj) in enumerate(seq):
+        ph = live[j].phases_s or {}
+        for what, t_nom in zip(("prefill_done", "done"), nominal_times(aj, oj)):
+            t = ph.get(what, ph.get("first_token")) if what == "prefill_done" else ph.get("done")
+            for k in range(j + 1, len(seq)):
+                recv = (live[k].phases_s or {}).get("router_recv", math.nan)
+                gap = (recv - t) if t_nom < seq[k][0] else (t - recv)
+                worst = min(worst, (gap, f"r{j} {what} vs r{k} arrival"))
+    return worst
+
+
+def test_live_router_and_simulator_make_the_same_decisions(stub_urls, tmp_path):
+    """The three policies at once (one router each, the stubs shared: a stub paces every request on its own)."""
+    async def all_policies():
+        return await asyncio.gather(*(_live(p, stub_urls, tmp_path / f"{p}.jsonl") for p in POLICY_PARAMS))
+    lives = run_loop(all_policies())
+    wrong = []
+    for policy, live in zip(POLICY_PARAMS, lives):
+        seq = SEQUENCES[policy]
+        assert [r.status for r in live] == [OK] * len(seq), [(r.request_id, r.error) for r in live]
+        sim, nominal = simulated_records(policy), nominal_decisions(policy, seq)
+        assert [r.request_id for r in live] == [r.request_id for r in sim]
+        if [placement(r) for r in live] != [placement(r) for r in sim]:
+            gap, pair = live_slack(seq, live)
+            wrong.append(f"{policy}: live and simulated decisions differ (live order of ledger updates and arrivals "
+                         f"{'kept' if gap > 0 else 'NOT kept: host too slow'}, closest {gap:+.3f} s: {pair})\n"
+                         + _table(seq, live, sim, nominal))
+    assert not wrong, "\n".join(wrong)
