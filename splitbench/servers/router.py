@@ -370,7 +370,7 @@ class Router:
                         first = False
                         if stream and up.status == 200:
                             t["first_token"] = self.perf()
-                        if state["prefill_open"]:
+                        if state["prefill_open"]:  # first bytes = prefill done; not streamed: the end
                             self.ledger.prefill_done(d, req)
                             state["prefill_open"] = False
                     try:
