@@ -3,14 +3,18 @@ fake performance model, a one-iteration-at-a-time reference for the fast-forward
 unchanged by the batching option."""
 from __future__ import annotations
 
+import json
 import random
 from collections import deque
 
 import numpy as np
 import pytest
 
+from splitbench.app.design import DesignSpec, probe, search
+from splitbench.app.simrun import SimOptions, simulate_run
 from splitbench.errors import InputError
 from splitbench.metrics.latency import tbt_gaps_s
+from splitbench.schema import records as R
 from splitbench.sim.batching import mixed_iteration_s
 from splitbench.sim.cluster import simulate
 from splitbench.sim.config import SimConfig, SimPool
@@ -253,3 +257,25 @@ def test_split_designs_give_the_same_records_under_either_batching(policy, param
     if policy == "mixed-pool":
         assert out["chunked"].stats["borrow_count"] > 0
         assert any(r.pool == "mixed" for r in out["chunked"].records)
+
+
+# ---------------------------------------------------------------- the option end to end
+
+def test_batching_is_recorded_in_run_json_and_reaches_the_design_search(tmp_path):
+    window = dict(trace="azure-conv-2023", duration_s=30.0, cluster="baseline-a100:2", results_dir=str(tmp_path))
+    metas = {}
+    for b in ("chunked", "prompt-first"):
+        run_dir, _ = simulate_run(SimOptions(run_id=b, batching=b, max_num_batched_tokens=1024, **window))
+        metas[b] = (json.loads((run_dir / "run.json").read_text()), R.read_records(run_dir))
+    (mc, rc), (mp, rp) = metas["chunked"], metas["prompt-first"]
+    assert mc["backend"]["sim_config"]["batching"] == "chunked" and mc["options"]["batching"] == "chunked"
+    assert mc["backend"]["sim_config"]["max_num_batched_tokens"] == 1024
+    assert mc["backend"]["stats"]["chunked_iterations"] > 0 and mp["backend"]["stats"]["prompt_iterations"] > 0
+    assert mp["backend"]["sim_config"]["batching"] == "prompt-first" and "chunked_iterations" not in mp["backend"]["stats"]
+    assert [r.first_token_s for r in rc] != [r.first_token_s for r in rp]
+    assert mc["reference"] == mp["reference"]   # one SLO reference for both models
+    pools = [("baseline", "dgx-a100", 2)]
+    probes = {b: probe(DesignSpec(batching=b, duration_s=30.0), pools, 1.0)[1]["verdict"] for b in metas}
+    assert probes["chunked"]["checks"] != probes["prompt-first"]["checks"]
+    with pytest.raises(InputError, match="--batching must be one of"):
+        search(DesignSpec(batching="nope"))
