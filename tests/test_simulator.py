@@ -253,7 +253,8 @@ def test_mixed_machine_runs_prompts_first_up_to_the_preemption_cap():
     # r0 decodes a long output; five prompts arrive at once while it runs; cap 2: two prompt iterations,
     # then one decode iteration, then the rest
     w = wl([0.0, 0.05, 0.05, 0.05, 0.05, 0.05], [100, 2000, 2000, 2000, 2000, 2000], [200, 1, 1, 1, 1, 1])
-    cfg = SimConfig(pools=[SimPool("mixed", "m", 1)], mixed_max_consecutive_prompt_iterations=2)
+    cfg = SimConfig(pools=[SimPool("mixed", "m", 1)], mixed_max_consecutive_prompt_iterations=2,
+                    batching="prompt-first")
     res = run(w, cfg)
     p0, pb = 0.01 + 1e-4 * 100, 0.01 + 1e-4 * 2000
     t = p0
@@ -456,7 +457,7 @@ def test_fast_forward_matches_one_iteration_at_a_time(seed):
     arr, ins, outs = w.arrival_s.tolist(), w.input_tokens.tolist(), w.output_tokens.tolist()
     kv_cap, cap_iters = 3000, 2
     res = run(w, SimConfig(pools=[SimPool("baseline", "m", 1)], mixed_max_consecutive_prompt_iterations=cap_iters,
-                           seed=seed), kv_cap=kv_cap)
+                           seed=seed, batching="prompt-first"), kv_cap=kv_cap)
     first, last = ref_colocated(arr, ins, outs, PERF, 2048, kv_cap, cap_iters)
     assert [r.first_token_s for r in res.records] == pytest.approx(first, abs=1e-9)
     assert [r.last_token_s for r in res.records] == pytest.approx(last, abs=1e-9)

@@ -14,7 +14,7 @@ from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
 from splitbench.metrics.latency import throughput_section
 from splitbench.metrics.slo import splitwise_verdict
-from splitbench.sim.config import SimPool
+from splitbench.sim.config import BATCHINGS, DEFAULT_MAX_NUM_BATCHED_TOKENS, SimPool
 from splitbench.workload.load import WorkloadSpec, load
 
 OBJECTIVES = ("throughput", "cost", "power")
@@ -39,6 +39,8 @@ class DesignSpec:
     seed: int = 0
     processes: int | None = None
     hardware_file: str | None = None
+    batching: str = "chunked"              # baseline designs' machines: chunked (vLLM V1) or prompt-first
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
 @dataclass
@@ -123,7 +125,9 @@ def probe(spec: DesignSpec, pools: list[tuple[str, str, int]], rate_rps: float) 
     setup, ref = _setup(spec, tuple(sorted({m for _, m, _ in pools})))
     w = load(WorkloadSpec(f"synth:arrivals=poisson,rate={rate_rps:.6g},duration={spec.duration_s:g},"
                           f"lengths={spec.trace},seed={spec.seed}", fetch=False))
-    res = run_sim(w, sim_config([SimPool(*p) for p in pools], seed=spec.seed, layers=setup.shape.layers), setup)
+    cfg = sim_config([SimPool(*p) for p in pools], seed=spec.seed, layers=setup.shape.layers, batching=spec.batching,
+                     max_num_batched_tokens=spec.max_num_batched_tokens)
+    res = run_sim(w, cfg, setup)
     v = splitwise_verdict(res.records, ref)
     ok = v["passed"] and all(r.ok for r in res.records)
     return ok, {"verdict": v, "throughput": throughput_section(res.records)}
@@ -183,6 +187,8 @@ def search(spec: DesignSpec, on_status=lambda s: None) -> dict:
         raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {spec.objective!r}")
     if spec.budget not in BUDGETS:
         raise InputError(f"--budget must be one of {', '.join(BUDGETS)}, got {spec.budget!r}")
+    if spec.batching not in BATCHINGS:
+        raise InputError(f"--batching must be one of {', '.join(BATCHINGS)}, got {spec.batching!r}")
     unknown = [d for d in spec.designs + [spec.budget_design] if d not in DESIGNS]
     if unknown:
         raise InputError(f"unknown design {unknown[0]!r} (known: {', '.join(DESIGNS)})")

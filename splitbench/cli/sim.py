@@ -20,6 +20,7 @@ from splitbench.policies import parse_policy_params
 from splitbench.render.console import render_summary
 from splitbench.schema.files import atomic_write_json
 from splitbench.sim.perfmodel import load_profiles
+from splitbench.sim.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from splitbench.sim.profiles import fetch_profile, find_profile, profile_hardware_name
 from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
 from splitbench.workload.traces import parse_columns
@@ -36,6 +37,10 @@ def profiles_fetch(dest: Optional[str] = typer.Option(None, "--dest", help="Dire
 
 
 _KV_LABEL = {"fitted": "fit", "bandwidth": "bw", "zero:": "zero"}
+BATCHING_HELP = ("Baseline/mixed machines: chunked (vLLM V1: decodes first, FCFS prefill chunks under "
+                 "--max-num-batched-tokens) or prompt-first (whole prompts first, decodes wait). Prompt/token "
+                 "machines are the same in both.")
+BUDGET_HELP = "Chunked machines: tokens per iteration, decodes' + prefill chunks' (vLLM's max_num_batched_tokens)."
 
 
 @user_errors
@@ -140,9 +145,12 @@ def simulate(
     policy: str = typer.Option("jsq", help="Cluster policy: jsq, round-robin, mixed-pool (the router's objects)."),
     policy_param: Optional[list[str]] = typer.Option(None, help="Policy parameter KEY=VALUE (repeatable)."),
     seed: int = typer.Option(0, help="Seed for the policy's tie-breaks."),
-    max_prompt_batch_tokens: int = typer.Option(2048, help="Prompt machines: batched prompt tokens cap."),
+    max_prompt_batch_tokens: int = typer.Option(2048, help="Prompt machines (and prompt-first baseline/mixed "
+                                                "ones): batched prompt tokens cap."),
     max_decode_batch: Optional[int] = typer.Option(None, help="Requests per decode batch (vLLM's max_num_seqs) "
-                                                   "[KV memory only]."),
+                                                   "[KV memory only; chunked machines: the token budget]."),
+    batching: str = typer.Option("chunked", help=BATCHING_HELP),
+    max_num_batched_tokens: int = typer.Option(DEFAULT_MAX_NUM_BATCHED_TOKENS, help=BUDGET_HELP),
     kv_transfer: str = typer.Option("layerwise", help="KV transfer: layerwise (overlapped) or serialized."),
     first_token: str = typer.Option("prefill", help="Split requests' first token: prefill (Splitwise: the prompt "
                                     "machine streams it) or decode (vLLM P/D: after the token machine's 1st step)."),
@@ -161,6 +169,7 @@ def simulate(
     sim = SimOptions(**opts, cluster=cluster, model=model, model_dir=model_dir, profile=profile,
                      tensor_parallel=tensor_parallel, policy=policy, policy_params=parse_policy_params(policy_param or [], policy),
                      seed=seed, max_prompt_batch_tokens=max_prompt_batch_tokens, max_decode_batch=max_decode_batch,
+                     batching=batching, max_num_batched_tokens=max_num_batched_tokens,
                      first_token=first_token, kv_transfer=kv_transfer, link_gbps=link_gbps,
                      kv_capacity_tokens=kv_capacity_tokens, hardware_file=hardware,
                      reference_machine=reference_machine or None)
@@ -192,6 +201,8 @@ def design(
     splits: int = typer.Option(10, help="Prompt/token splits tried per Splitwise design."),
     processes: Optional[int] = typer.Option(None, help="Worker processes [all cores]."),
     seed: int = typer.Option(0, help="Seed of arrivals and policy tie-breaks."),
+    batching: str = typer.Option("chunked", help=BATCHING_HELP),
+    max_num_batched_tokens: int = typer.Option(DEFAULT_MAX_NUM_BATCHED_TOKENS, help=BUDGET_HELP),
     out: Path = typer.Option(Path("results") / "design", help="Directory for design.json and design.png."),
 ):
     """Search Splitwise's cluster designs: highest rate meeting all nine Splitwise SLOs within a budget."""
@@ -200,7 +211,8 @@ def design(
     spec = DesignSpec(trace=trace, designs=[d.strip() for d in designs.split(",") if d.strip()], objective=objective,
                       budget=budget, budget_design=budget_design, budget_machines=budget_machines,
                       target_rate_rps=target_rate, duration_s=duration, model=model, profile=profile,
-                      reference_machine=reference_machine, splits=splits, seed=seed, processes=processes)
+                      reference_machine=reference_machine, splits=splits, seed=seed, processes=processes,
+                      batching=batching, max_num_batched_tokens=max_num_batched_tokens)
     result = search(spec, on_status=lambda s: err_console.log(s))
     t = Table(title=f"{trace}: {objective}-optimal, {budget} ({budget_machines} x {budget_design} machines)")
     for col in ("design", "prompt", "token", "machines", "max req/s", "out tok/s", "$/h", "kW"):

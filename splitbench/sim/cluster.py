@@ -9,8 +9,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from splitbench.errors import InputError
-from splitbench.policies import Decision, Ledger, NoHealthyInstance, Request, make_policy, routable
+from splitbench.policies import (COLOCATED_POOLS, Decision, Ledger, NoHealthyInstance, Request, make_policy,
+                                 routable)
 from splitbench.schema.records import ERROR, OK, RequestRecord, placement
+from splitbench.sim.batching import ChunkedBatching, ChunkState
 from splitbench.sim.config import SimConfig, SimResult, validate_config
 from splitbench.sim.engine import Simulator
 
@@ -32,7 +34,7 @@ class _Req:
 class _Machine:
     __slots__ = ("admit_q", "b", "consec", "ctx", "fin", "id", "it", "kv_cap", "kv_free", "link_free", "log_it",
                  "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end", "run_k", "run_t0",
-                 "single", "state", "version")
+                 "single", "state", "version", "chunk")
 
     def __init__(self, iid, pool, mtype, perf, kv_cap):
         self.id, self.pool, self.mtype, self.perf = iid, pool, mtype, perf
@@ -51,6 +53,7 @@ class _Machine:
         self.run_k = self.version = 0
         self.link_free = 0.0
         self.single = False
+        self.chunk: ChunkState | None = None   # set on machines that batch as vLLM V1 does (sim/batching.py)
 
 
 class SimCluster:
@@ -67,6 +70,9 @@ class SimCluster:
     k tokens at the run's end, so the k TBT gaps all equal the run's mean iteration time (iterations inside a run
     grow slightly with the context; the per-token spread is lost, the sum is exact). Same-instant arrivals on an
     idle machine share its first batch. A request whose KV can never fit is an "error" record.
+    cfg.batching "chunked" (the default): baseline/mixed machines batch as vLLM V1 does instead (sim/batching.py:
+    decodes first, FCFS prefill chunks under max_num_batched_tokens, KV reserved at admission); "prompt-first":
+    as described here. Prompt and token machines are the same in both.
     """
 
     def __init__(self, workload, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, int],
@@ -97,6 +103,10 @@ class SimCluster:
         self.reqs: list[_Req] = []
         self.n = {"runs": 0, "prompt_iterations": 0, "stale_events": 0, "interrupts": 0, "transfers": 0,
                   "errors": 0}
+        chunked = [m for m in self.machines if m.pool in COLOCATED_POOLS] if cfg.batching == "chunked" else []
+        self.batching = ChunkedBatching(self, (_IDLE, _PROMPT, _DECODE)) if chunked else None
+        for m in chunked:
+            m.chunk = ChunkState()
         self._arr = workload.arrival_s.tolist()
         self._in = workload.input_tokens.tolist()
         self._out = workload.output_tokens.tolist()
@@ -159,7 +169,9 @@ class SimCluster:
 
     def _plan(self, m: _Machine) -> None:
         """The machine is at an iteration boundary: admit waiting decodes, then prompts first (up to the cap),
-        else a decode run up to the batch's next finish."""
+        else a decode run up to the batch's next finish. Chunked machines plan in sim/batching.py."""
+        if m.chunk is not None:
+            return self.batching.plan(m)
         now = self.sim.now_s
         q = m.admit_q
         while q and q[0].kv <= m.kv_free and m.b < self.cap_batch:

@@ -20,6 +20,14 @@ DEFAULT_LAYERS = 80   # Llama-2-70B, Splitwise's main model; pass the real model
 # Not a Splitwise number (it prioritizes prompts); 4 keeps TBT bounded yet favours TTFT.
 DEFAULT_MAX_CONSECUTIVE_PROMPT_ITERATIONS = 4
 KV_TRANSFERS = ("layerwise", "serialized")
+# How baseline/mixed machines batch (prompt and token machines of split designs are the same in both):
+# "chunked" = vLLM V1 (continuous batching, decodes first, FCFS prefill chunks under max_num_batched_tokens; the
+# physical default, sim/batching.py); "prompt-first" = whole prompts as separate iterations first, up to
+# mixed_max_consecutive_prompt_iterations in a row while decodes wait (the simulator's model before issue 14).
+BATCHINGS = ("chunked", "prompt-first")
+# vLLM V1's max_num_batched_tokens for an OpenAI server on A100-class GPUs (engine/arg_utils.py
+# get_batch_defaults; 8192 on >= 70 GiB GPUs other than A100, e.g. H100).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class SimConfig:
     policy: str = "jsq"
     policy_params: dict = field(default_factory=dict)   # policies.policy_params(policy, ...): e.g. mixed-pool thresholds
     seed: int = 0
-    max_prompt_batch_tokens: int = 2048
+    max_prompt_batch_tokens: int = 2048   # prompt machines and prompt-first baseline/mixed machines: prompt batch cap
     kv_transfer: str = "layerwise"
     link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
     layers: int = DEFAULT_LAYERS
@@ -49,6 +57,9 @@ class SimConfig:
     # or "decode" (vLLM's P/D: the prompt instance's token is dropped; the token machine generates all n tokens,
     # the first at the end of its first decode iteration after the KV arrived)
     first_token: str = "prefill"
+    batching: str = "chunked"   # baseline/mixed machines: chunked (vLLM V1) or prompt-first (see BATCHINGS)
+    # chunked machines: tokens per iteration (1 per decode + prefill chunks), vLLM's max_num_batched_tokens
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
 @dataclass
@@ -80,6 +91,13 @@ def validate_config(cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens:
                          column="kv_transfer")
     if cfg.first_token not in ("prefill", "decode"):
         raise InputError(f"first_token must be prefill or decode, got {cfg.first_token!r}", column="first_token")
+    if cfg.batching not in BATCHINGS:
+        raise InputError(f"batching must be one of {', '.join(BATCHINGS)}, got {cfg.batching!r}", column="batching")
+    if cfg.max_num_batched_tokens < 1:
+        raise InputError("max_num_batched_tokens must be >= 1", column="max_num_batched_tokens")
+    if cfg.batching == "chunked" and (cfg.max_decode_batch or 0) > cfg.max_num_batched_tokens:
+        raise InputError(f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= max_decode_batch "
+                         f"({cfg.max_decode_batch}), as vLLM requires of max_num_seqs", column="max_num_batched_tokens")
     if not cfg.link_bytes_per_s > 0:
         raise InputError("link_bytes_per_s must be > 0", column="link_bytes_per_s")
     if cfg.layers < 1:
