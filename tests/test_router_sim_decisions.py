@@ -134,9 +134,11 @@ def sim_only_waits(decisions, seq) -> list[str]:
 
 
 def sim_config(policy: str) -> SimConfig:
-    """The live cluster's shape; instance ids (pool-k, in this order) are the router's."""
+    """The live cluster's shape; instance ids (pool-k, in this order) are the router's. The mixed machine runs
+    prompt-first batching: a stub prefills a request in PREFILL_S whatever else it serves, which the fixed-time
+    prefill iteration models; chunked batching would price a prefill by its tokens (a stub does not)."""
     return SimConfig(pools=[SimPool("prompt", "stub", 2), SimPool("token", "stub", 2), SimPool("mixed", "stub", 1)],
-                     policy=policy, policy_params=POLICY_PARAMS[policy], seed=SEED)
+                     policy=policy, policy_params=POLICY_PARAMS[policy], seed=SEED, batching="prompt-first")
 
 
 def simulated_records(policy: str) -> list:
