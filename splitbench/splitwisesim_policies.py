@@ -10,15 +10,14 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from splitbench.errors import InputError
 from splitbench.policies import MIXED, PROMPT, TOKEN, Decision, NoHealthyInstance, Param
 
 
-@dataclass(frozen=True, slots=True)
-class SchedView:
-    """What SplitwiseSim's schedulers read of an instance."""
+class SchedView(NamedTuple):
+    """What SplitwiseSim's schedulers read of an instance (a tuple: one is built per instance per request)."""
     id: str
     pool: str               # its own pool: prompt | token | mixed | baseline
     pending_tokens: int     # sched_pending_tokens: prompt tokens not yet prefilled + 1 per unfinished decode

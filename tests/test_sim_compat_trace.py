@@ -78,3 +78,41 @@ def test_generation_follows_generate_trace_py_draw_order(tmp_path):
     assert back.input_tokens.tolist() == t["prompt_size"].tolist()
     assert generate_splitwisesim_trace(lengths, 50.0, 2.0, seed=1, max_requests=1000)["prompt_size"].tolist() != \
         t["prompt_size"].tolist()
+
+
+def _profile(tmp_path):
+    from splitbench.sim.profiles import COLUMNS
+    lines = [",".join(COLUMNS)]
+    for hw in ("a100-80gb", "h100-80gb"):
+        for p, ms in ((128, 40.0), (2048, 400.0)):
+            lines.append(f"bloom-176b,{hw},{p},1,64,0,0,{ms},30.0,{ms + 64 * 30},8")
+    path = tmp_path / "perf_model.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_simulate_perf_model_splitwisesim_on_a_splitwisesim_csv(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from splitbench.app.simrun import SimOptions, simulate_run
+    rows = [f"{k},2,0,{0.05 * k + 0.01},1,{200 + 50 * k},{10 + k}" for k in range(40)]
+    trace = _csv(tmp_path, rows)
+    run_dir, s = simulate_run(SimOptions(cluster="splitwise-ha:1,1", trace=str(trace), perf_model="splitwisesim",
+                                         policy="mixed-pool", profile=_profile(tmp_path), results_dir=str(tmp_path),
+                                         run_id="c"))
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["backend"]["perf_model"] == "splitwisesim" and meta["backend"]["sim_config"]["max_batch_tokens"] == 2048
+    assert meta["backend"]["machines"]["dgx-a100"]["kv_capacity_tokens"] == (8 * 80 * 2 ** 30 - 329 * 10 ** 9) // (
+        2 * 14336 * 70 * 2)
+    assert s["counts"]["ok"] == 40 and s["pools"]["split"]["count"] >= 10   # the rest: the long prompt queue
+    assert sum(v["count"] for v in s["pools"].values()) == 40                # made the token machine mixed
+    lat = s["latency"]
+    assert lat["tbt_splitwisesim_s"]["mean"] < lat["mean_tbt_s"]["mean"]
+    bad = _csv(tmp_path, [rows[0], "1,2,0,0.5,1,-3,4"], name="bad.csv")
+    p = subprocess.run([sys.executable, "-m", "splitbench.cli", "simulate", "--perf-model", "splitwisesim",
+                        "--cluster", "baseline-a100:1", "--trace", str(bad), "--profile", _profile(tmp_path),
+                        "--results", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"{bad}:3: column 'prompt_size'" in p.stderr and not (tmp_path / "r").exists()
