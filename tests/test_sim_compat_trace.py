@@ -110,6 +110,12 @@ def test_simulate_perf_model_splitwisesim_on_a_splitwisesim_csv(tmp_path):
     assert sum(v["count"] for v in s["pools"].values()) == 40                # made the token machine mixed
     lat = s["latency"]
     assert lat["tbt_splitwisesim_s"]["mean"] < lat["mean_tbt_s"]["mean"]
+    with pytest.raises(InputError, match="--first-token does not apply to --perf-model splitwisesim"):
+        simulate_run(SimOptions(cluster="baseline-a100:1", trace=str(trace), perf_model="splitwisesim",
+                                first_token="decode", results_dir=str(tmp_path)))
+    with pytest.raises(InputError, match="--max-batch-size does not apply to --perf-model physical"):
+        simulate_run(SimOptions(cluster="baseline-a100:1", trace=str(trace), max_batch_size=8,
+                                results_dir=str(tmp_path)))
     bad = _csv(tmp_path, [rows[0], "1,2,0,0.5,1,-3,4"], name="bad.csv")
     p = subprocess.run([sys.executable, "-m", "splitbench.cli", "simulate", "--perf-model", "splitwisesim",
                         "--cluster", "baseline-a100:1", "--trace", str(bad), "--profile", _profile(tmp_path),

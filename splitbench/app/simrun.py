@@ -232,7 +232,7 @@ def _splitwisesim(workload: Workload, pools: list, opts: SimOptions) -> dict:
 
 def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary)."""
-    check_perf_model(opts.perf_model)
+    check_perf_model(opts)
     workload = load(workload_spec(opts))
     pools = parse_cluster(opts.cluster)
     run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
