@@ -52,10 +52,24 @@ class SchedLedger:
             self.order.append(iid)
             self.pool[iid], self.pending[iid] = pool, 0
             self.memory[iid], self.max_memory[iid] = int(weight_bytes), int(max_memory_bytes)
+        self.queued = dict.fromkeys(self.order, 0)   # len(pending_queue), set by the caller through set_queued
+        # views() rebuilds only what changed since the last call (one call per request, 100+ instances)
+        self._index = {iid: k for k, iid in enumerate(self.order)}
+        self._cache: list[SchedView | None] = [None] * len(self.order)
+        self._dirty: set[str] = set(self.order)
 
-    def views(self, queued_tasks: Mapping[str, int]) -> tuple[SchedView, ...]:
-        return tuple(SchedView(i, self.pool[i], self.pending[i], self.memory[i], self.max_memory[i],
-                               queued_tasks.get(i, 0)) for i in self.order)
+    def set_queued(self, iid: str, queued_tasks: int) -> None:
+        if self.queued[iid] != queued_tasks:
+            self.queued[iid] = queued_tasks
+            self._dirty.add(iid)
+
+    def views(self) -> tuple[SchedView, ...]:
+        if self._dirty:
+            for i in self._dirty:
+                self._cache[self._index[i]] = SchedView(i, self.pool[i], self.pending[i], self.memory[i],
+                                                        self.max_memory[i], self.queued[i])
+            self._dirty.clear()
+        return tuple(self._cache)
 
     def dispatch(self, d: Decision, r: KVRequest) -> None:
         tok = d.token_instance or d.prompt_instance
@@ -64,17 +78,21 @@ class SchedLedger:
         if d.token_instance:
             self.memory[d.prompt_instance] += r.prompt_kv_bytes
         self.memory[tok] += r.prompt_kv_bytes + r.decode_kv_bytes
+        self._dirty.update((d.prompt_instance, tok))
 
     def prompt_done(self, d: Decision, r: KVRequest) -> None:
         self.pending[d.prompt_instance] -= r.prompt_tokens
+        self._dirty.add(d.prompt_instance)
 
     def transfer_done(self, d: Decision, r: KVRequest) -> None:
         self.memory[d.prompt_instance] -= r.prompt_kv_bytes
+        self._dirty.add(d.prompt_instance)
 
     def finish(self, d: Decision, r: KVRequest) -> None:
         tok = d.token_instance or d.prompt_instance
         self.pending[tok] -= 1
         self.memory[tok] -= r.prompt_kv_bytes + r.decode_kv_bytes
+        self._dirty.add(tok)
 
 
 class TokenJSQ:

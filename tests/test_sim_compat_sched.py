@@ -37,6 +37,9 @@ class Host:
         if not t.prompt:
             m.memory -= t.mem
 
+    def queue_changed(self, m):
+        pass
+
     def idle(self, m, has_work):
         self.idles.append((self.sim.now_s, has_work))
 

@@ -62,7 +62,8 @@ class _Pick:
 
 class Instance:
     """One SplitwiseSim instance on the shared event loop. `host` is told when a task finishes
-    (task_done(instance, task)) and when the instance has nothing running (idle(instance, has_work))."""
+    (task_done(instance, task)), when its queue of waiting tasks changed (queue_changed(instance)) and when it has
+    nothing running (idle(instance, has_work))."""
 
     def __init__(self, iid: str, pool: str, perf, weight_bytes: int, max_memory_bytes: int, sim, host, *,
                  max_batch_size: int, max_batch_tokens: int, max_preemptions: int):
@@ -94,6 +95,7 @@ class Instance:
         bisect.insort(self.pending, t, key=_key)
         if t.prompt:
             self.prompts.append(t)
+        self.host.queue_changed(self)
         if not self.batch:
             if self.memory + t.mem <= self.max_memory:
                 self.start()
@@ -179,6 +181,7 @@ class Instance:
             self.batch.append(t)
         self.batch_tokens = pk.tokens
         self.batch_prompts = sum(1 for t in self.batch if t.prompt)
+        self.host.queue_changed(self)
 
     def start(self) -> None:
         """Start the next iteration (or go idle): select, preempt, count the passed-over, run."""

@@ -126,7 +126,7 @@ class CompatCluster:
         r = _Req(i, self.sim.now_s, n_in, n_out, kv)
         self.reqs.append(r)
         try:
-            d = self.policy.choose(kv, self.ledger.views({m.id: len(m.pending) for m in self.instances}))
+            d = self.policy.choose(kv, self.ledger.views())
         except NoHealthyInstance as e:
             r.d, r.error = Decision("-", None, "-"), str(e)
             self.n["errors"] += 1
@@ -152,6 +152,9 @@ class CompatCluster:
         m.memory -= r.kv.prompt_kv_bytes + r.kv.decode_kv_bytes   # task.py TokenTask.complete frees the request
         self.ledger.finish(r.d, r.kv)
         r.last = now
+
+    def queue_changed(self, m: Instance) -> None:
+        self.ledger.set_queued(m.id, len(m.pending))
 
     def idle(self, m: Instance, has_work: bool) -> None:
         if not has_work:
