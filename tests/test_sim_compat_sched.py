@@ -170,3 +170,20 @@ def test_mixed_pool_splits_then_borrows_when_a_queue_is_long_or_memory_full_and_
     full = {"memory_bytes": 990}
     d = pol.choose(req, _views(t0=full, t1=full))   # no token memory: the least-memory prompt instance takes it
     assert d == Decision("p0", None, "mixed") and pol.lists["prompt"] == ["p1"]
+
+
+def test_sched_ledger_counts_what_splitwisesim_schedulers_read():
+    from splitbench.splitwisesim_policies import SchedLedger
+    led = SchedLedger([("p0", "prompt", 100, 1000), ("t0", "token", 100, 1000)])
+    d, r = Decision("p0", "t0", "prompt"), KVRequest("r", 50, 7, 30, 20)
+    led.dispatch(d, r)
+    led.set_queued("p0", 1)
+    p, t = led.views()
+    assert (p.pending_tokens, p.memory_bytes, p.queued_tasks) == (50, 130, 1)   # prompt KV reserved at the source
+    assert (t.pending_tokens, t.memory_bytes) == (1, 150)                       # and the whole request at the sink
+    led.prompt_done(d, r)
+    led.transfer_done(d, r)
+    led.set_queued("p0", 0)
+    assert led.views()[0][2:4] + (led.views()[0].queued_tasks,) == (0, 100, 0)
+    led.finish(d, r)
+    assert led.views()[1][2:4] == (0, 100)
