@@ -187,3 +187,18 @@ def test_sched_ledger_counts_what_splitwisesim_schedulers_read():
     assert led.views()[0][2:4] + (led.views()[0].queued_tasks,) == (0, 100, 0)
     led.finish(d, r)
     assert led.views()[1][2:4] == (0, 100)
+
+
+def test_compat_policies_are_named_in_splitbench_and_splitwisesim_vocabulary():
+    from splitbench.errors import InputError
+    from splitbench.splitwisesim_policies import make_compat_policy
+    assert isinstance(make_compat_policy("token_jsq"), TokenJSQ) and isinstance(make_compat_policy("jsq"), TokenJSQ)
+    p = make_compat_policy("mixed_pool", prompt_max_pending_batch_tokens="4096")
+    assert isinstance(p, MixedPool) and p.threshold == 4096
+    with pytest.raises(InputError, match="unknown policy 'round-robin'"):
+        make_compat_policy("round-robin")
+    with pytest.raises(InputError, match="no parameter 'decode_threshold_tokens'"):
+        make_compat_policy("mixed-pool", decode_threshold_tokens=5)
+    with pytest.raises(InputError, match="mixed-pool needs prompt and token pools"):
+        simulate_compat(_workload([(0.0, 10, 2)]), CompatConfig([SimPool("baseline", "dgx-a100", 1)],
+                                                                  policy="mixed-pool"), {"dgx-a100": _table_perf()})
