@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from splitbench.app.options import workload_spec
+from splitbench.app.simcompat import check_perf_model, run_compat
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog, whole_machine_allocation
 from splitbench.metrics.slo import fit_reference, parse_slos
@@ -184,17 +185,17 @@ class SimOptions:
     run_id: str | None = None
     fetch: bool = True
     policy_params: dict = field(default_factory=dict)
+    # "physical" (default: splitbench's model) or "splitwisesim" (SplitwiseSim's own semantics, app/simcompat.py);
+    # the next four are SplitwiseSim's instance and scheduler settings (start_state/*.yaml, schedulers/*.yaml)
+    perf_model: str = "physical"
+    max_batch_size: int = 512
+    max_batch_tokens: int = 2048
+    max_preemptions: int = 4
+    transfer_bandwidth_gib_per_s: float = 200.0
 
 
-def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
-    """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary)."""
-    workload = load(workload_spec(opts))
-    pools = parse_cluster(opts.cluster)
-    run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
-    run_dir = Path(opts.results_dir) / run_id
-    if run_dir.exists():
-        raise InputError("run directory exists already: choose another --run-id or remove it", file=str(run_dir))
-    slos = parse_slos(opts.slos) if opts.slos else None
+def _physical(workload: Workload, pools: list, opts: SimOptions) -> dict:
+    """The physical performance model's simulation (the default) and its run.json sections."""
     def setup_with(ref_machine):
         return build_setup([p.machine for p in pools] + ([ref_machine] if ref_machine else []), model=opts.model,
                            model_dir=opts.model_dir, profile=opts.profile, tensor_parallel=opts.tensor_parallel,
@@ -215,19 +216,49 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
     res = run_sim(workload, cfg, setup)
     sim_wall_s = time.perf_counter() - t
     reference = sim_reference(setup, ref_machine) if ref_machine else None
+    return {"result": res, "reference": reference, "ref_machine": ref_machine, "sim_wall_s": sim_wall_s,
+            "backend": {"perf_model": "physical", "sim_config": asdict(cfg), "machines": setup.describe,
+                        "profile": setup.profile_path},
+            "model": {"id": opts.model, "shape": asdict(setup.shape),
+                      "kv_bytes_per_token": setup.shape.kv_bytes_per_token},
+            "hardware": whole_machine_allocation(res.instances, setup.catalog)}
+
+
+def _splitwisesim(workload: Workload, pools: list, opts: SimOptions) -> dict:
+    """The SplitwiseSim-compatible mode's simulation (app/simcompat.py) and its run.json sections."""
+    ref_machine = "dgx-a100" if opts.reference_machine == "auto" else opts.reference_machine
+    t = time.perf_counter()
+    out = run_compat(workload, pools, opts, ref_machine)
+    sim_wall_s = time.perf_counter() - t
+    return {"result": out["result"], "reference": out["reference"], "ref_machine": ref_machine,
+            "sim_wall_s": sim_wall_s,
+            "backend": {"perf_model": "splitwisesim", "sim_config": asdict(out["config"]),
+                        "machines": out["describe"]["machines"], "profile": out["describe"]["profile"]},
+            "model": out["model"], "hardware": out["hardware"]}
+
+
+def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
+    """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary)."""
+    check_perf_model(opts)
+    workload = load(workload_spec(opts))
+    pools = parse_cluster(opts.cluster)
+    run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
+    run_dir = Path(opts.results_dir) / run_id
+    if run_dir.exists():
+        raise InputError("run directory exists already: choose another --run-id or remove it", file=str(run_dir))
+    slos = parse_slos(opts.slos) if opts.slos else None
+    out = (_splitwisesim if opts.perf_model == "splitwisesim" else _physical)(workload, pools, opts)
+    res, reference = out["result"], out["reference"]
     run_dir.mkdir(parents=True)
     instances = [{**i, "role": i["pool"]} for i in res.instances]
     now = time.time()
     meta = {"run_id": run_id, "status": "complete", "simulated": True,
             "created_unix_s": now, "t0_unix_s": now, "options": asdict(opts), "workload": workload.describe(),
             "backend": {"backend": "simulator", "cluster": opts.cluster, "pools": [asdict(p) for p in pools],
-                        "policy": opts.policy, "instances": instances, "sim_config": asdict(cfg),
-                        "machines": setup.describe, "profile": setup.profile_path, "stats": res.stats,
-                        "sim_wall_s": sim_wall_s},
-            "model": {"id": opts.model, "shape": asdict(setup.shape),
-                      "kv_bytes_per_token": setup.shape.kv_bytes_per_token},
-            "hardware": whole_machine_allocation(res.instances, setup.catalog),
-            "reference": asdict(reference) if reference is not None else None, "reference_machine": ref_machine,
+                        "policy": opts.policy, "instances": instances, **out["backend"], "stats": res.stats,
+                        "sim_wall_s": out["sim_wall_s"]},
+            "model": out["model"], "hardware": out["hardware"],
+            "reference": asdict(reference) if reference is not None else None, "reference_machine": out["ref_machine"],
             "versions": package_versions(), "host": host_info()}
     R.write_records(run_dir, run_id, res.records)
     write_run_meta(run_dir, meta)

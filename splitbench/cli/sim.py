@@ -162,17 +162,31 @@ def simulate(
                                                     "the first pool's machine; '' to skip]."),
     as_json: bool = typer.Option(False, "--json", help="Print only the summary as JSON (the run directory goes to "
                                  "stderr)."),
+    perf_model: str = typer.Option("physical", help="physical (splitbench's model) or splitwisesim (SplitwiseSim's "
+                                   "own batching, scheduling, KV and transfer semantics; --policy jsq = its "
+                                   "token_jsq, mixed-pool = its mixed_pool)."),
+    max_batch_size: int = typer.Option(512, help="splitwisesim: requests per batch (its max_batch_size; vLLM's "
+                                       "max_num_seqs)."),
+    max_batch_tokens: int = typer.Option(2048, help="splitwisesim: batch tokens, a prompt counts its size and a "
+                                         "decode 1 (its max_batch_tokens; vLLM's max_num_batched_tokens)."),
+    max_preemptions: int = typer.Option(4, help="splitwisesim: a task passed over this often goes first (its "
+                                        "max_preemptions)."),
+    transfer_bandwidth_gib_per_s: float = typer.Option(200.0, help="splitwisesim: KV transfer bandwidth per "
+                                                       "request, GiB/s (its transfer_bandwidth)."),
 ):
     """Replay a trace on a simulated cluster; writes a run directory like `run` does (marked simulated)."""
     opts["columns"] = parse_columns(opts["columns"])
     opts["rate_scale"] = parse_rate_scale(opts["rate_scale"], allow_auto=False) or 1.0
     sim = SimOptions(**opts, cluster=cluster, model=model, model_dir=model_dir, profile=profile,
-                     tensor_parallel=tensor_parallel, policy=policy, policy_params=parse_policy_params(policy_param or [], policy),
+                     tensor_parallel=tensor_parallel, policy=policy,
+                     policy_params=parse_policy_params(policy_param or [], policy if perf_model == "physical" else None),
                      seed=seed, max_prompt_batch_tokens=max_prompt_batch_tokens, max_decode_batch=max_decode_batch,
                      batching=batching, max_num_batched_tokens=max_num_batched_tokens,
                      first_token=first_token, kv_transfer=kv_transfer, link_gbps=link_gbps,
                      kv_capacity_tokens=kv_capacity_tokens, hardware_file=hardware,
-                     reference_machine=reference_machine or None)
+                     reference_machine=reference_machine or None, perf_model=perf_model,
+                     max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_preemptions=max_preemptions,
+                     transfer_bandwidth_gib_per_s=transfer_bandwidth_gib_per_s)
     run_dir, summary = simulate_run(sim)
     if as_json:
         print(json.dumps(summary, indent=2, default=str))

@@ -23,6 +23,7 @@ All times are seconds on the run clock. Only `ok` records contribute to latency;
 | output tokens n | `actual_output_tokens` when known, else the sum of `chunk_tokens`, else `planned_output_tokens` |
 | TBT (per-token gaps) | consecutive token-carrying chunks with gap g where the later chunk holds k tokens contribute k gaps of g/k; the first chunk contributes nothing (that is TTFT); gaps are pooled over all requests |
 | mean TBT (per request) | `(E2E - TTFT) / (n - 1)` (Splitwise's definition); undefined for n <= 1 |
+| SplitwiseSim TBT (per request) | `(E2E - TTFT) / n` (`tbt_splitwisesim_s`: SplitwiseSim's scheduler.py get_results divides by all n output tokens, so it is (n - 1) / n of mean TBT); undefined for n < 1 |
 | normalized latency | `E2E / n` |
 | percentile set | count, mean, p50, p90, p99, max (numpy linear-interpolated percentiles) |
 | throughput window | `[min actual_send_s, max end_s]` over all sent records (those with `actual_send_s`) |
@@ -93,6 +94,15 @@ def mean_tbt_s(r: RequestRecord) -> float | None:
     return (e - t) / (n - 1)
 
 
+def tbt_splitwisesim_s(r: RequestRecord) -> float | None:
+    """(E2E - TTFT) / n, as SplitwiseSim reports TBT; None for n < 1 or missing timestamps."""
+    n = output_tokens(r)
+    t, e = ttft_s(r), e2e_s(r)
+    if n < 1 or t is None or e is None:
+        return None
+    return (e - t) / n
+
+
 def norm_s(r: RequestRecord) -> float | None:
     n = output_tokens(r)
     e = e2e_s(r)
@@ -113,7 +123,8 @@ def tbt_gaps_s(r: RequestRecord) -> list[float]:
     return gaps
 
 
-PER_REQUEST = {"ttft": ttft_s, "e2e": e2e_s, "mean_tbt": mean_tbt_s, "norm": norm_s}
+PER_REQUEST = {"ttft": ttft_s, "e2e": e2e_s, "mean_tbt": mean_tbt_s, "norm": norm_s,
+               "tbt_splitwisesim": tbt_splitwisesim_s}
 
 
 def metric_values(records: Sequence[RequestRecord], metric: str) -> list[float]:
@@ -127,7 +138,7 @@ def metric_values(records: Sequence[RequestRecord], metric: str) -> list[float]:
 def latency_section(records: Sequence[RequestRecord]) -> dict:
     """Percentile sets of every latency metric (ok records only)."""
     return {f"{m}_s": percentile_set(metric_values(records, m))
-            for m in ("ttft", "tbt", "mean_tbt", "e2e", "norm")}
+            for m in ("ttft", "tbt", "mean_tbt", "e2e", "norm", "tbt_splitwisesim")}
 
 
 # ---------------------------------------------------------------- counts and throughput

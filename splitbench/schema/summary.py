@@ -20,7 +20,7 @@ class Summary(TypedDict, total=False):
     version: Required[int]                 # SUMMARY_VERSION; stamped by write_summary
     run: Required[dict[str, Any]]          # run_id, status, simulated, backend, model, workload, sha256, t0_unix_s
     counts: Required[dict[str, Any]]       # total, attempted, sent, ok, failed, not_sent, by_status, error_rate
-    latency: Required[dict[str, Any]]      # ttft_s, tbt_s, mean_tbt_s, e2e_s, norm_s: percentile sets
+    latency: Required[dict[str, Any]]      # ttft_s, tbt_s, mean_tbt_s, e2e_s, norm_s, tbt_splitwisesim_s: sets
     throughput: Required[dict[str, Any]]   # window, ok requests, tokens, rates
     slos: dict[str, Any]                   # items, all_met, goodput_rps, attainment
     splitwise: dict[str, Any]              # the nine slowdown checks and verdict (null without a reference)

@@ -10,6 +10,7 @@ from typing import Callable
 
 from splitbench.errors import InputError
 from splitbench.workload.catalog import catalog, ensure_local, file_source, resolve_trace
+from splitbench.workload.splitwisesim import is_splitwisesim_csv, read_splitwisesim_trace
 from splitbench.workload.synth import parse_spec, synthesize
 from splitbench.workload.traces import column_mapping, read_trace
 from splitbench.workload.transforms import apply_transforms, check_transform_args, workload_digest
@@ -82,7 +83,11 @@ def _file(spec: WorkloadSpec, on_status: Callable[[str], None]) -> Workload:
     path, cat_name = resolve_trace(spec.trace, spec.trace_dir)
     columns = spec.columns
     if columns is None and cat_name:
-        columns = catalog()[cat_name]["columns"]
+        columns = catalog()[cat_name].get("columns")
+    if columns is None and is_splitwisesim_csv(path):   # SplitwiseSim's own trace format, read natively
+        w = read_splitwisesim_trace(path, name=cat_name or path.stem)
+        w.source.update(file_source(path, cat_name))
+        return w
     w = read_trace(path, columns=columns, start_s=spec.start_s, duration_s=spec.duration_s,
                    max_requests=spec.max_requests, name=cat_name or path.stem)
     w.source.update(file_source(path, cat_name))
