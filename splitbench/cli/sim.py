@@ -10,7 +10,6 @@ from rich.table import Table
 
 from splitbench.app.design import DesignSpec, plot_design, search
 from splitbench.app.options import parse_rate_scale
-from splitbench.app.profile import measure_profile
 from splitbench.app.simrun import SimOptions, simulate_run
 from splitbench.cli.common import console, err_console, int_list, user_errors, with_options
 from splitbench.cli.groups import FETCH, RESULTS, WORKLOAD
@@ -105,6 +104,9 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
     """Measure a real backend into a profile CSV that `load_profiles` (and the simulator) accepts. --backend
     splitwise measures a prompt + token pair with the connector active: prompt_time is then the split TTFT
     (prefill, KV transfer, first token), token_time the token instance's TBT."""
+    # imported here, not at the top: app.profile brings the run session (aiohttp, matplotlib, the backends), about
+    # 1 s of CPU that `splitbench simulate` (this module's other commands) would pay for nothing (-X importtime)
+    from splitbench.app.profile import measure_profile   # noqa: PLC0415
     if backend in ("vllm", "splitwise"):
         given = {"model_dir": model_dir, "cores": cores, "gpus": gpus, "vllm_args": vllm_args}
         if backend == "splitwise":
