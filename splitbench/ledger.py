@@ -120,7 +120,7 @@ class Views(Sequence):
     def ranks(self) -> dict[str, Rank] | None:
         """The ledger's ranks by pool group, while the ledger is as it was at views(); else None (scan instead)."""
         led = self._ledger
-        return led.ranks if led.version == self._version else None
+        return led.current_ranks() if led.version == self._version else None
 
     def view(self, pos: int):
         """The InstanceView at `pos`, from the ledger (use only while ranks() is not None)."""
@@ -131,6 +131,11 @@ class Views(Sequence):
 
     def id(self, pos: int) -> str:
         return self._ledger.order[pos]
+
+    @property
+    def ledger(self):
+        """The ledger itself (its counts are current: read them only while ranks() is not None)."""
+        return self._ledger
 
     def positions(self, pool: str) -> list[int]:
         """Positions of the instances configured in `pool`, in ledger order."""
@@ -157,14 +162,20 @@ class Ledger:
         self.running = dict.fromkeys(self.order, 0)
         self.healthy = dict.fromkeys(self.order, True)
         self._index = {iid: k for k, iid in enumerate(self.order)}
-        # snapshots rebuild only the instances whose counts changed since the last one
+        # changed since the last snapshot (their cached views are rebuilt) / since the ranks were last brought
+        # up to date (done when a policy reads them: many changes between two decisions cost one update)
         self._cache: list[InstanceView | None] = [None] * len(self.order)
         self._dirty: set[str] = set(self.order)
+        self._stale: set[str] = set(self.order)
         self.version = 0                   # bumped by every change; Views answer from the ranks only while equal
-        self.ranks = {g: Rank() for g in (PROMPT, TOKEN, COLOCATED)}
+        self._ranks = {g: Rank() for g in (PROMPT, TOKEN, COLOCATED)}
+        # per instance: its position, its rank and which count ranks it (0 prompt, 1 decode, 2 both)
+        self._slot = {iid: (k, self._ranks[_GROUP[p]], 0 if p == PROMPT else 1 if p == TOKEN else 2)
+                      for k, (iid, p) in enumerate(self.pool.items())}
         self._watched = None               # weak reference to the last Views handed out
-        for iid in self.order:
-            self._rerank(iid)
+        self._positions: dict[str, list[int]] = {}
+        for k, iid in enumerate(self.order):
+            self._positions.setdefault(self.pool[iid], []).append(k)
 
     def _view(self, i: str) -> InstanceView:
         return InstanceView(i, self.pool[i], self.prompt[i], self.decode[i], self.running[i], self.healthy[i])
@@ -175,6 +186,19 @@ class Ledger:
                 self._cache[self._index[i]] = self._view(i)
             self._dirty.clear()
         return tuple(self._cache)
+
+    def current_ranks(self) -> dict[str, Rank]:
+        """The ranks, brought up to date with every change so far."""
+        if self._stale:
+            for iid in self._stale:
+                pos, rank, kind = self._slot[iid]
+                if self.healthy[iid]:
+                    rank.set(pos, self.prompt[iid] if kind == 0 else self.decode[iid] if kind == 1
+                             else self.prompt[iid] + self.decode[iid])
+                else:
+                    rank.discard(pos)
+            self._stale.clear()
+        return self._ranks
 
     def views(self) -> Views:
         """The instances as InstanceViews in ledger order (a snapshot of now), with the ranks for policies."""
@@ -189,61 +213,58 @@ class Ledger:
         return self._index.get(iid)
 
     def positions(self, pool: str) -> list[int]:
-        return [k for k, iid in enumerate(self.order) if self.pool[iid] == pool]
+        return self._positions.get(pool, [])
 
-    def _rerank(self, iid: str) -> None:
-        pool = self.pool[iid]
-        rank, pos = self.ranks[_GROUP[pool]], self._index[iid]
-        if not self.healthy[iid]:
-            rank.discard(pos)
-        else:
-            rank.set(pos, self.prompt[iid] if pool == PROMPT else self.decode[iid] if pool == TOKEN
-                     else self.prompt[iid] + self.decode[iid])
+    def _touch(self, iid: str) -> None:
+        self._dirty.add(iid)
+        self._stale.add(iid)
 
-    def _changing(self) -> None:
+    def _freeze(self) -> None:
         """Before a change: views still alive and not yet read are frozen as they were."""
-        v = self._watched() if self._watched is not None else None
+        v = self._watched()
+        self._watched = None
         if v is not None:
             v._snapshot()
-        self._watched = None
-        self.version += 1
 
     def set_healthy(self, iid: str, healthy: bool) -> None:
-        self._changing()
+        if self._watched is not None:
+            self._freeze()
+        self.version += 1
         self.healthy[iid] = healthy
-        self._dirty.add(iid)
-        self._rerank(iid)
+        self._touch(iid)
 
     def dispatch(self, d, r) -> None:
-        self._changing()
-        p = d.prompt_instance
+        if self._watched is not None:
+            self._freeze()
+        self.version += 1
+        p, t = d.prompt_instance, d.token_instance
         self.prompt[p] += r.input_tokens
         self.running[p] += 1
-        tok = d.token_instance or p
-        self.decode[tok] += r.output_tokens
-        if d.token_instance:
-            self.running[tok] += 1
-        self._dirty.add(p)
-        self._dirty.add(tok)
-        self._rerank(p)
-        if tok != p:
-            self._rerank(tok)
+        if t:
+            self.decode[t] += r.output_tokens
+            self.running[t] += 1
+            self._touch(t)
+        else:
+            self.decode[p] += r.output_tokens
+        self._touch(p)
 
     def prefill_done(self, d, r) -> None:
         """Call once per request, also when the prefill failed."""
-        self._changing()
+        if self._watched is not None:
+            self._freeze()
+        self.version += 1
         p = d.prompt_instance
         self.prompt[p] -= r.input_tokens
         if d.token_instance:
             self.running[p] -= 1
-        self._dirty.add(p)
-        self._rerank(p)
+        self._touch(p)
 
     def finish(self, d, r) -> None:
         """Call once per request after prefill_done(), whether it succeeded or not."""
-        self._changing()
+        if self._watched is not None:
+            self._freeze()
+        self.version += 1
         tok = d.token_instance or d.prompt_instance
         self.decode[tok] -= r.output_tokens
         self.running[tok] -= 1
-        self._dirty.add(tok)
-        self._rerank(tok)
+        self._touch(tok)

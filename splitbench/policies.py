@@ -173,11 +173,16 @@ class JSQ:
 
 @dataclass
 class _Pool:
-    """One split pool's own (healthy, not borrowed) instances: the least loaded and its ties, count, total load."""
+    """One split pool's own (healthy, not borrowed) instances: the least loaded and its ties (views, or positions
+    in the ledger's views), count, total load, and the healthy instances it has, borrowed ones included."""
     ties: list
     n: int
     total: int
-    size: int    # healthy instances configured in the pool, borrowed ones included
+    size: int
+
+    def pick(self, instances, rng: random.Random) -> InstanceView:
+        c = _tie(self.ties, rng)
+        return instances.view(c) if isinstance(c, int) else c
 
 
 def _scanned_pool(instances: Sequence[InstanceView], pool: str, borrowed: dict, key) -> _Pool:
@@ -187,10 +192,9 @@ def _scanned_pool(instances: Sequence[InstanceView], pool: str, borrowed: dict, 
     return _Pool([i for i in own if key(i) == best], len(own), sum(key(i) for i in own), len(size))
 
 
-def _ranked_pool(instances: Views, rank, borrowed: dict) -> _Pool:
-    skip = {k for k in map(instances.position, borrowed) if k in rank}
-    return _Pool([instances.view(k) for k in rank.least(skip)], len(rank) - len(skip),
-                 rank.total - sum(rank.key(k) for k in skip), len(rank))
+def _ranked_pool(rank, borrowed_at: dict[str, int]) -> _Pool:
+    skip = {k for k in borrowed_at.values() if k in rank}
+    return _Pool(rank.least(skip), len(rank) - len(skip), rank.total - sum(rank.key(k) for k in skip), len(rank))
 
 
 class MixedPool:
@@ -229,29 +233,45 @@ class MixedPool:
     def effective_pool(self, instance: InstanceView) -> str:
         return MIXED if instance.id in self.borrowed else instance.pool
 
-    def _return_drained(self, instances: Sequence[InstanceView], live: bool) -> None:
-        if not self.borrowed:
-            return
-        if live:
-            get = lambda iid: None if instances.position(iid) is None else instances.view(instances.position(iid))  # noqa: E731
-        else:
-            get = {i.id: i for i in instances}.get
+    def _drained(self, v) -> bool:
+        return not v.healthy or (v.pending_tokens == 0 and v.running == 0)
+
+    def _return(self, iid: str) -> None:
+        del self.borrowed[iid]
+        self.return_count += 1
+
+    def _scanned(self, instances: Sequence[InstanceView]) -> tuple:
+        """Borrowed instances returned when drained, then the pools and the mixed-pool candidates, by a scan."""
+        by_id = {i.id: i for i in instances} if self.borrowed else {}
         for iid in list(self.borrowed):
-            v = get(iid)
-            if v is None or not v.healthy or (v.pending_tokens == 0 and v.running == 0):
-                del self.borrowed[iid]
-                self.return_count += 1
+            if by_id.get(iid) is None or self._drained(by_id[iid]):
+                self._return(iid)
+        mixed = [i for i in instances if i.healthy and (i.id in self.borrowed or i.pool == MIXED)]
+        return (_scanned_pool(instances, PROMPT, self.borrowed, lambda i: i.pending_prompt_tokens),
+                _scanned_pool(instances, TOKEN, self.borrowed, lambda i: i.pending_decode_tokens),
+                [(i.id, i.pending_prompt_tokens, i.pending_decode_tokens) for i in mixed])
 
-    def _fits(self, v: InstanceView) -> bool:
-        return (v.pending_prompt_tokens < self.prompt_threshold_tokens
-                and v.pending_decode_tokens < self.decode_threshold_tokens)
+    def _ranked(self, instances: Views, ranks: dict) -> tuple:
+        """_scanned from the ledger's ranks and counts (the same result, without a pass over every instance)."""
+        led = instances.ledger
+        at = {}
+        for iid in list(self.borrowed):
+            k = led.position(iid)
+            if k is None or not led.healthy[iid] or (led.prompt[iid] + led.decode[iid] == 0 and led.running[iid] == 0):
+                self._return(iid)
+            else:
+                at[iid] = k
+        ids = [led.order[k] for k in sorted({*led.positions(MIXED), *at.values()})]
+        cands = [(i, led.prompt[i], led.decode[i]) for i in ids if led.healthy[i]]
+        return _ranked_pool(ranks[PROMPT], at), _ranked_pool(ranks[TOKEN], at), cands
 
-    def _mixed(self, instances: Sequence[InstanceView], live: bool) -> list[InstanceView]:
-        """The mixed pool's healthy instances (its own and the borrowed ones) in instance order."""
-        if not live:
-            return [i for i in instances if i.healthy and (i.id in self.borrowed or i.pool == MIXED)]
-        pos = sorted({*instances.positions(MIXED), *map(instances.position, self.borrowed)} - {None})
-        return [v for v in map(instances.view, pos) if v.healthy]
+    def _room(self, cands: list[tuple], rng: random.Random) -> str | None:
+        """The least-loaded mixed instance below both thresholds (rng breaks ties), or None."""
+        room = [(i, p + d) for i, p, d in cands if p < self.prompt_threshold_tokens and d < self.decode_threshold_tokens]
+        if not room:
+            return None
+        best = min(t for _, t in room)
+        return _tie([iid for iid, t in room if t == best], rng)
 
     def _can_lend(self, pool: _Pool, lent: InstanceView, threshold: int, key) -> bool:
         lent_now = pool.size - pool.n
@@ -260,34 +280,26 @@ class MixedPool:
 
     def choose(self, request: Request, instances: Sequence[InstanceView]) -> Decision:
         rng, ranks = self.rng, _ranks(instances)
-        live = ranks is not None
-        self._return_drained(instances, live)
-        pk, dk = (lambda i: i.pending_prompt_tokens), (lambda i: i.pending_decode_tokens)
-        if live:
-            prompts = _ranked_pool(instances, ranks[PROMPT], self.borrowed)
-            tokens = _ranked_pool(instances, ranks[TOKEN], self.borrowed)
-        else:
-            prompts = _scanned_pool(instances, PROMPT, self.borrowed, pk)
-            tokens = _scanned_pool(instances, TOKEN, self.borrowed, dk)
+        prompts, tokens, cands = self._scanned(instances) if ranks is None else self._ranked(instances, ranks)
         if not (prompts.n and tokens.n):   # not a split cluster (or one pool is down): plain JSQ on what is left
-            colocated = self._mixed(instances, live) + _healthy(
-                [i for i in instances if i.id not in self.borrowed], (BASELINE,))
+            mixed = [i for i in instances if i.healthy and (i.id in self.borrowed or i.pool == MIXED)]
+            colocated = mixed + _healthy([i for i in instances if i.id not in self.borrowed], (BASELINE,))
             if not colocated:
                 raise NoHealthyInstance(_why(instances))
             c = _least(colocated, lambda i: i.pending_tokens, rng)
             return Decision(c.id, None, self.effective_pool(c))
-        p, t = _tie(prompts.ties, rng), _tie(tokens.ties, rng)
+        p, t = prompts.pick(instances, rng), tokens.pick(instances, rng)
         p_over = prompts.total >= self.prompt_threshold_tokens * prompts.n
         t_over = tokens.total >= self.decode_threshold_tokens * tokens.n
         if not (p_over or t_over):
             return Decision(p.id, t.id, PROMPT)
-        room = [m for m in self._mixed(instances, live) if self._fits(m)]
-        if room:
-            m = _least(room, lambda i: i.pending_tokens, rng)
-            return Decision(m.id, None, MIXED)
+        m = self._room(cands, rng)
+        if m is not None:
+            return Decision(m, None, MIXED)
         # Borrow from the pool that is not overloaded (prompt overloaded -> take a token instance, and so on)
-        d, ok = (t, self._can_lend(tokens, t, self.decode_threshold_tokens, dk)) if p_over else \
-            (p, self._can_lend(prompts, p, self.prompt_threshold_tokens, pk))
+        d, ok = (t, self._can_lend(tokens, t, self.decode_threshold_tokens, lambda i: i.pending_decode_tokens)) \
+            if p_over else (p, self._can_lend(prompts, p, self.prompt_threshold_tokens,
+                                              lambda i: i.pending_prompt_tokens))
         if ok:
             self.borrowed[d.id] = d.pool
             self.borrow_count += 1

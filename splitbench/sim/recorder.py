@@ -114,25 +114,30 @@ class Recorder:
         lead = ok & ~from_log            # a leading chunk: the first token, from the prefill
         count = lead.astype(np.int64) + runs
         starts = np.concatenate([[0], np.cumsum(count)])
-        offs, toks = np.empty(int(starts[-1])), np.empty(int(starts[-1]), np.int32)
-        at = starts[:-1]
-        offs[at[lead]], toks[at[lead]] = (first - arr)[lead], 1
+        total = int(starts[-1])
+        offs, toks = np.empty(total), np.empty(total, np.int32)
+        is_lead = np.zeros(total, bool)
+        is_lead[starts[:-1][lead]] = True
+        offs[is_lead], toks[is_lead] = (first - arr)[lead], 1
+        is_run = ~is_lead
         join_it = np.frombuffer(self.join_it, np.int64)
         sel = np.flatnonzero(runs > 0)
         cum = np.cumsum(runs[sel])
-        lo = 0
-        while lo < len(sel):   # blocks of about BLOCK_RUNS runs
-            hi = int(np.searchsorted(cum, (cum[lo - 1] if lo else 0) + BLOCK_RUNS, side="right"))
-            hi = max(hi, lo + 1)
-            rows = sel[lo:hi]
-            k = runs[rows]
-            rep = np.repeat(rows, k)
-            within = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
-            src = gpos[rep] + within
-            dst = at[rep] + lead[rep] + within
-            offs[dst] = g_t[src] - arr[rep]
-            toks[dst] = g_it[src] - np.where(within == 0, join_it[rep], g_it[src - 1])
-            lo = hi
+        pos = np.flatnonzero(is_run)       # where the runs' chunks go, in order
+        lo = done = 0
+        while lo < len(sel):   # blocks of about BLOCK_RUNS runs; each request's runs are contiguous in its log
+            hi = max(int(np.searchsorted(cum, done + BLOCK_RUNS, side="right")), lo + 1)
+            rows, k = sel[lo:hi], runs[sel[lo:hi]]
+            m = int(cum[hi - 1]) - done
+            first_at = np.cumsum(k) - k                     # block-local index of each request's first run
+            src = np.repeat(gpos[rows] - first_at, k) + np.arange(m)
+            t, it = g_t[src], g_it[src]
+            prev = g_it[src - 1]
+            prev[first_at] = join_it[rows]
+            at = pos[done:done + m]
+            offs[at] = t - np.repeat(arr[rows], k)
+            toks[at] = it - prev
+            lo, done = hi, done + m
         return offs, toks, starts
 
     def _placement(self, n: int) -> dict:
