@@ -15,7 +15,7 @@ import numpy as np
 
 from splitbench.schema.columns import RecordColumns
 
-BLOCK_CHUNKS = 1 << 22        # chunks per block of a pass
+BLOCK_CHUNKS = 1 << 20        # chunks per block of a pass
 _BITS = 20                    # histogram buckets: the top bits of the order-preserving key
 _QUANTILES = (50, 90, 99)
 

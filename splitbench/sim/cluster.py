@@ -193,14 +193,16 @@ class SimCluster:
         """FCFS prompts while the batch stays <= max_prompt_batch_tokens (a longer prompt runs alone) and, for
         co-located requests, their whole KV fits (reserved now, released at finish)."""
         q, batch, tokens, cap = m.prompt_q, [], 0, self.cap_tokens
+        joining = m.b   # the decode batch once the co-located prompts taken so far join it
         while q:
             r = q[0]
             if batch and tokens + r.n_in > cap:
                 break
             if r.colocated:
-                if r.kv > m.kv_free or m.b + sum(1 for x in batch if x.colocated) >= self.cap_batch:
+                if r.kv > m.kv_free or joining >= self.cap_batch:
                     break
                 m.kv_free -= r.kv
+                joining += 1
             q.popleft()
             batch.append(r)
             tokens += r.n_in

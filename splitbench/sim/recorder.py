@@ -11,7 +11,7 @@ import numpy as np
 from splitbench.schema.columns import RecordColumns
 from splitbench.schema.records import ERROR, OK, SPLIT, STATUSES
 
-BLOCK_RUNS = 1 << 22          # decode runs turned into chunks per block of the assembly
+BLOCK_RUNS = 1 << 21          # decode runs turned into chunks per block of the assembly
 UNFINISHED = "simulation ended before the request finished"
 
 
@@ -114,30 +114,25 @@ class Recorder:
         lead = ok & ~from_log            # a leading chunk: the first token, from the prefill
         count = lead.astype(np.int64) + runs
         starts = np.concatenate([[0], np.cumsum(count)])
-        total = int(starts[-1])
-        offs, toks = np.empty(total), np.empty(total, np.int32)
-        is_lead = np.zeros(total, bool)
-        is_lead[starts[:-1][lead]] = True
-        offs[is_lead], toks[is_lead] = (first - arr)[lead], 1
-        is_run = ~is_lead
+        offs, toks = np.empty(int(starts[-1])), np.empty(int(starts[-1]), np.int32)
+        at = starts[:-1][lead]
+        offs[at], toks[at] = (first - arr)[lead], 1
         join_it = np.frombuffer(self.join_it, np.int64)
         sel = np.flatnonzero(runs > 0)
         cum = np.cumsum(runs[sel])
-        pos = np.flatnonzero(is_run)       # where the runs' chunks go, in order
         lo = done = 0
-        while lo < len(sel):   # blocks of about BLOCK_RUNS runs; each request's runs are contiguous in its log
+        while lo < len(sel):   # blocks of about BLOCK_RUNS runs; a request's runs are contiguous in its log
             hi = max(int(np.searchsorted(cum, done + BLOCK_RUNS, side="right")), lo + 1)
             rows, k = sel[lo:hi], runs[sel[lo:hi]]
-            m = int(cum[hi - 1]) - done
             first_at = np.cumsum(k) - k                     # block-local index of each request's first run
-            src = np.repeat(gpos[rows] - first_at, k) + np.arange(m)
-            t, it = g_t[src], g_it[src]
+            step = np.arange(int(k.sum())) - np.repeat(first_at, k)
+            src = np.repeat(gpos[rows], k) + step
+            dst = np.repeat(starts[rows] + lead[rows], k) + step
             prev = g_it[src - 1]
             prev[first_at] = join_it[rows]
-            at = pos[done:done + m]
-            offs[at] = t - np.repeat(arr[rows], k)
-            toks[at] = it - prev
-            lo, done = hi, done + m
+            offs[dst] = g_t[src] - np.repeat(arr[rows], k)
+            toks[dst] = g_it[src] - prev
+            lo, done = hi, int(cum[hi - 1])
         return offs, toks, starts
 
     def _placement(self, n: int) -> dict:
