@@ -161,7 +161,7 @@ class Ledger:
         self.decode = dict.fromkeys(self.order, 0)
         self.running = dict.fromkeys(self.order, 0)
         self.healthy = dict.fromkeys(self.order, True)
-        self._index = {iid: k for k, iid in enumerate(self.order)}
+        self._index = self.index = {iid: k for k, iid in enumerate(self.order)}   # id -> position
         # changed since the last snapshot (their cached views are rebuilt) / since the ranks were last brought
         # up to date (done when a policy reads them: many changes between two decisions cost one update)
         self._cache: list[InstanceView | None] = [None] * len(self.order)

@@ -254,15 +254,17 @@ class MixedPool:
     def _ranked(self, instances: Views, ranks: dict) -> tuple:
         """_scanned from the ledger's ranks and counts (the same result, without a pass over every instance)."""
         led = instances.ledger
-        at = {}
+        at, index, healthy, prompt, decode = {}, led.index, led.healthy, led.prompt, led.decode
         for iid in list(self.borrowed):
-            k = led.position(iid)
-            if k is None or not led.healthy[iid] or (led.prompt[iid] + led.decode[iid] == 0 and led.running[iid] == 0):
+            k = index.get(iid)
+            if k is None or not healthy[iid] or (prompt[iid] + decode[iid] == 0 and led.running[iid] == 0):
                 self._return(iid)
             else:
                 at[iid] = k
-        ids = [led.order[k] for k in sorted({*led.positions(MIXED), *at.values()})]
-        cands = [(i, led.prompt[i], led.decode[i]) for i in ids if led.healthy[i]]
+        own = led.positions(MIXED)
+        ids = [led.order[k] for k in sorted({*own, *at.values()})] if own else \
+            sorted(at, key=at.__getitem__)
+        cands = [(i, prompt[i], decode[i]) for i in ids if healthy[i]]
         return _ranked_pool(ranks[PROMPT], at), _ranked_pool(ranks[TOKEN], at), cands
 
     def _room(self, cands: list[tuple], rng: random.Random) -> str | None:

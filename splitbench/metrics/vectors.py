@@ -37,8 +37,10 @@ def vectors(c: RecordColumns) -> Vectors:
     send, first = c.times["actual_send_s"], c.times["first_token_s"]
     last = np.where(c.times["last_token_s"] == c.times["last_token_s"], c.times["last_token_s"], c.times["end_s"])
     n_chunks = np.diff(c.tokens_at)
-    sums = np.concatenate([[0], np.cumsum(c.chunk_tokens, dtype=np.int64)])
-    chunk_sum = sums[c.tokens_at[1:]] - sums[c.tokens_at[:-1]]
+    has = np.flatnonzero(n_chunks > 0)
+    chunk_sum = np.zeros(len(c), np.int64)
+    if has.size:   # segments between the starts of records that have chunks (the others hold none)
+        chunk_sum[has] = np.add.reduceat(c.chunk_tokens, c.tokens_at[has], dtype=np.int64)
     n_out = np.where(c.actual_output_tokens >= 0, c.actual_output_tokens,
                      np.where(n_chunks > 0, chunk_sum, c.planned_output_tokens))
     n_in = np.where(c.actual_input_tokens >= 0, c.actual_input_tokens, c.planned_input_tokens)

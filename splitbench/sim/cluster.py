@@ -100,6 +100,7 @@ class SimCluster:
         self.n = {"runs": 0, "prompt_iterations": 0, "stale_events": 0, "interrupts": 0, "transfers": 0,
                   "errors": 0}
         self._arr = workload.arrival_s.tolist()
+        self._count = len(self._arr)
         self._in = workload.input_tokens.tolist()
         self._out = workload.output_tokens.tolist()
         self._ti = workload.trace_index.tolist()
@@ -110,6 +111,7 @@ class SimCluster:
         if self._arr:
             self.sim.schedule(self._arr[0], self._arrival, 0)
         end_s = self.sim.run()
+        self._arr = self._in = self._out = self._ti = None   # a million Python numbers each: gone before the records
         stats = {"events": self.sim.events, **self.n, "sim_end_s": end_s, "machines": len(self.machines)}
         for k in ("borrow_count", "return_count"):
             if hasattr(self.policy, k):
@@ -119,9 +121,10 @@ class SimCluster:
                          columns=cols)
 
     def _arrival(self, i: int) -> None:
-        now = self.sim.now_s
-        if i + 1 < len(self._arr):
-            self.sim.schedule(self._arr[i + 1], self._arrival, i + 1)
+        sim = self.sim
+        now = sim.now_s
+        if i + 1 < self._count:
+            sim.schedule(self._arr[i + 1], self._arrival, i + 1)
         n_in, n_out = self._in[i], self._out[i]
         r = _Req(i, now, n_in, n_out, Request(f"r{self._ti[i]}", n_in, n_out))
         try:
@@ -302,14 +305,16 @@ class SimCluster:
         self.n["runs"] += 1
         fin, it = m.fin, m.it
         end_log = len(m.log_t)
-        while fin and fin[0][0] <= it:
-            r = heapq.heappop(fin)[2]
-            r.last, r.end_log = now, end_log
-            m.b -= 1
-            m.ctx -= r.kv
-            m.kv_free += r.kv
-            self.ledger.finish(r.d, r.req)
-            self.rec.finished(r, m.idx)
+        if fin and fin[0][0] <= it:
+            finish, finished = self.ledger.finish, self.rec.finished
+            while fin and fin[0][0] <= it:
+                r = heapq.heappop(fin)[2]
+                r.last, r.end_log = now, end_log
+                m.b -= 1
+                m.ctx -= r.kv
+                m.kv_free += r.kv
+                finish(r.d, r.req)
+                finished(r, m.idx)
         self._plan(m)
 
 

@@ -36,11 +36,14 @@ class Recorder:
         self.state = array("b", bytes(n))      # 0 unfinished, 1 ok, 2 error
         self.errors: dict[int, str] = {}
         self.pool_names: list[str] = []
+        self._pool_code: dict[str, int] = {}
 
     def decided(self, i: int, pm: int, tm: int, pool: str) -> None:
-        if pool not in self.pool_names:
+        code = self._pool_code.get(pool)
+        if code is None:
+            code = self._pool_code[pool] = len(self.pool_names)
             self.pool_names.append(pool)
-        self.pm[i], self.tm[i], self.dpool[i] = pm, tm, self.pool_names.index(pool)
+        self.pm[i], self.tm[i], self.dpool[i] = pm, tm, code
 
     def failed(self, i: int, error: str) -> None:
         self.state[i] = 2
