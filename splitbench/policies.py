@@ -210,14 +210,15 @@ class MixedPool:
     PARAMS: ClassVar[dict[str, Param]] = {
         "prompt_threshold_tokens": Param(int, 1, 8192, "pending prompt tokens per prompt instance (on average) at "
                                          "which the prompt pool is overloaded"),
-        "decode_threshold_tokens": Param(int, 1, 4096, "pending decode tokens per token instance (on average) at "
-                                         "which the token pool is overloaded"),
+        "decode_threshold_tokens": Param(int, 1, 65536, "pending decode tokens per token instance (on average) at "
+                                         "which the token pool is overloaded (about a DGX's KV memory, in "
+                                         "tokens of BLOOM-176B: requests beyond it wait for memory)"),
         "max_borrow_fraction": Param(float, 0, 0.25, "most of a pool's instances lent to the mixed pool at once "
                                      "(at least one; 0: never borrow)"),
     }
 
     def __init__(self, rng: random.Random | None = None, prompt_threshold_tokens: int = 8192,
-                 decode_threshold_tokens: int = 4096, max_borrow_fraction: float = 0.25):
+                 decode_threshold_tokens: int = 65536, max_borrow_fraction: float = 0.25):
         if prompt_threshold_tokens < 1 or decode_threshold_tokens < 1:
             raise ValueError("mixed-pool thresholds must be >= 1 token")
         if not 0 <= max_borrow_fraction <= 1:
@@ -267,9 +268,11 @@ class MixedPool:
         cands = [(i, prompt[i], decode[i]) for i in ids if healthy[i]]
         return _ranked_pool(ranks[PROMPT], at), _ranked_pool(ranks[TOKEN], at), cands
 
-    def _room(self, cands: list[tuple], rng: random.Random) -> str | None:
-        """The least-loaded mixed instance below both thresholds (rng breaks ties), or None."""
-        room = [(i, p + d) for i, p, d in cands if p < self.prompt_threshold_tokens and d < self.decode_threshold_tokens]
+    def _room(self, cands: list[tuple], rng: random.Random, busy: tuple[str, ...] = ()) -> str | None:
+        """The least-loaded mixed instance below both thresholds (rng breaks ties), or None; instances borrowed
+        from a pool in `busy` (overloaded itself) take nothing new, so they drain and go back."""
+        room = [(i, p + d) for i, p, d in cands if p < self.prompt_threshold_tokens and d < self.decode_threshold_tokens
+                and self.borrowed.get(i) not in busy]
         if not room:
             return None
         best = min(t for _, t in room)
@@ -295,7 +298,7 @@ class MixedPool:
         t_over = tokens.total >= self.decode_threshold_tokens * tokens.n
         if not (p_over or t_over):
             return Decision(p.id, t.id, PROMPT)
-        m = self._room(cands, rng)
+        m = self._room(cands, rng, (PROMPT,) * p_over + (TOKEN,) * t_over)
         if m is not None:
             return Decision(m, None, MIXED)
         # Borrow from the pool that is not overloaded (prompt overloaded -> take a token instance, and so on)

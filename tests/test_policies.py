@@ -173,7 +173,7 @@ def test_policy_params_are_typed_and_bad_ones_name_the_key():
     assert type(pol.decode_threshold_tokens) is int
     assert policy_params("mixed-pool", {"decode_threshold_tokens": "2_048"}) == {"decode_threshold_tokens": 2048}
     assert policy_params("mixed-pool", {}, defaults=True) == {"prompt_threshold_tokens": 8192,
-                                                              "decode_threshold_tokens": 4096,
+                                                              "decode_threshold_tokens": 65536,
                                                               "max_borrow_fraction": 0.25}
     assert policy_params("jsq", None, defaults=True) == {}
     for bad in ("abc", "0", "-3", "1.5", "inf", "nan", True, None, [4]):
