@@ -31,17 +31,18 @@ class InstanceView:
         return self.pending_prompt_tokens + self.pending_decode_tokens
 
 
-
 class Rank:
     """Positions ordered by (key, position): `least()` gives the smallest key's positions in position order, so
-    a tie-break over them sees the candidates in the same order as a scan of the instance list would."""
+    a tie-break over them sees the candidates in the same order as a scan of the instance list would. Entries are
+    the ints key * SPAN + position (one int compares faster than a tuple; order is the same for any int key)."""
 
     __slots__ = ("_items", "_key", "total")
+    SPAN = 1 << 32   # more positions than any cluster has
 
     def __init__(self) -> None:
-        self._items: list[tuple[int, int]] = []   # (key, position), sorted
+        self._items: list[int] = []   # key * SPAN + position, sorted
         self._key: dict[int, int] = {}
-        self.total = 0                            # sum of the keys
+        self.total = 0                # sum of the keys
 
     def set(self, pos: int, key: int) -> None:
         old = self._key.get(pos)
@@ -49,16 +50,16 @@ class Rank:
             return
         items = self._items
         if old is not None:
-            del items[bisect_left(items, (old, pos))]
+            del items[bisect_left(items, old * self.SPAN + pos)]
             self.total -= old
         self._key[pos] = key
         self.total += key
-        insort(items, (key, pos))
+        insort(items, key * self.SPAN + pos)
 
     def discard(self, pos: int) -> None:
         old = self._key.pop(pos, None)
         if old is not None:
-            del self._items[bisect_left(self._items, (old, pos))]
+            del self._items[bisect_left(self._items, old * self.SPAN + pos)]
             self.total -= old
 
     def key(self, pos: int) -> int | None:
@@ -73,14 +74,19 @@ class Rank:
     def least(self, skip: frozenset | set | None = None) -> list[int]:
         """Positions holding the smallest key, leaving out `skip`, in position order; [] when none is left."""
         out: list[int] = []
-        best = None
-        for key, pos in self._items:
-            if skip and pos in skip:
-                continue
-            if best is None:
-                best = key
-            elif key != best:
+        span, end = self.SPAN, None
+        for e in self._items:
+            if end is None:
+                pos = e % span
+                if skip and pos in skip:
+                    continue
+                end = (e // span + 1) * span    # the first entry of the next key
+            elif e >= end:
                 break
+            else:
+                pos = e % span
+                if skip and pos in skip:
+                    continue
             out.append(pos)
         return out
 

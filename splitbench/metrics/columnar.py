@@ -28,11 +28,25 @@ class Frame:
         self.c, self.v = c, vectors(c)
         self.sent = c.times["actual_send_s"] == c.times["actual_send_s"]
         self._tbt: dict[str, dict] = {}
+        self._seen: dict[str, np.ndarray] = {}   # group -> its ok rows, for groups already computed
 
     def tbt(self, groups: dict[str, np.ndarray]) -> dict[str, dict]:
-        todo = {k: m for k, m in groups.items() if k not in self._tbt}
+        """TBT sets of row groups, computed once per distinct set of ok rows (a pool that holds every record
+        costs no second pass over the chunks)."""
+        todo, twins = {}, {}
+        for k, m in groups.items():
+            if k in self._tbt:
+                continue
+            rows = m & self.v.ok
+            twin = next((j for j, seen in self._seen.items() if np.array_equal(seen, rows)), None)
+            if twin is None:
+                self._seen[k], todo[k] = rows, m
+            else:
+                twins[k] = twin
         if todo:
             self._tbt.update(tbt_sets(self.c, self.v.ok, todo))
+        for k, j in twins.items():
+            self._tbt[k] = dict(self._tbt[j])
         return {k: self._tbt[k] for k in groups}
 
     def values(self, metric: str, mask: np.ndarray | None = None) -> np.ndarray:
