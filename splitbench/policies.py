@@ -1,5 +1,6 @@
-"""Pure cluster-level scheduling policies (round robin, join-shortest-queue, Splitwise's mixed pool), their typed
-user parameters, and the pending-token ledger. No I/O, no clock, no global random: router and simulator share them.
+"""Pure cluster-level scheduling policies (round robin, join-shortest-queue, Splitwise's mixed pool) and their typed
+user parameters, over the pending-token ledger (ledger.py). No I/O, no clock, no global random: router and simulator
+share them.
 """
 from __future__ import annotations
 
@@ -9,25 +10,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 from splitbench.errors import InputError
-
-PROMPT, TOKEN, MIXED, BASELINE = "prompt", "token", "mixed", "baseline"
-POOLS = (PROMPT, TOKEN, MIXED, BASELINE)
-COLOCATED_POOLS = (MIXED, BASELINE)  # instances configured to run whole requests themselves
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceView:
-    """What a policy may know about one instance at decision time (pending counts kept by the caller)."""
-    id: str
-    pool: str                       # configured pool: prompt | token | mixed | baseline
-    pending_prompt_tokens: int = 0  # input tokens dispatched here whose prefill has not finished
-    pending_decode_tokens: int = 0  # output tokens dispatched here whose request has not finished
-    running: int = 0                # requests dispatched here and not finished (for this instance's role)
-    healthy: bool = True
-
-    @property
-    def pending_tokens(self) -> int:
-        return self.pending_prompt_tokens + self.pending_decode_tokens
+from splitbench.ledger import (
+    BASELINE,
+    COLOCATED,
+    COLOCATED_POOLS,
+    MIXED,
+    POOLS,
+    PROMPT,
+    TOKEN,
+    InstanceView,
+    Ledger,
+    Views,
+)   # the ledger's names are re-exported: the router and the simulator import them from here
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +135,19 @@ class RoundRobin:
                                        lambda c: self._next(BASELINE, c))
 
 
+def _tie(ties: list, rng: random.Random):
+    return ties[0] if len(ties) == 1 else rng.choice(ties)
+
+
+def _ranks(instances: Sequence[InstanceView]):
+    """The ledger's ranks when `instances` are a Ledger's current views, else None (the caller scans)."""
+    return instances.ranks() if isinstance(instances, Views) else None
+
+
 class JSQ:
     """Join-shortest-queue as Splitwise's cluster scheduler: prompt instance by pending prompt tokens, token
-    instance by pending decode tokens, co-located instances by all pending tokens; rng breaks ties."""
+    instance by pending decode tokens, co-located instances by all pending tokens; rng breaks ties. Given a
+    Ledger's views it reads the ledger's ranks (same candidates in the same order, so the same rng draws)."""
     name = "jsq"
     PARAMS: ClassVar[dict[str, Param]] = {}
 
@@ -151,33 +155,78 @@ class JSQ:
         self.rng = rng or random.Random(0)
 
     def choose(self, request: Request, instances: Sequence[InstanceView]) -> Decision:
-        rng = self.rng
+        rng, ranks = self.rng, _ranks(instances)
+        if ranks is not None:
+            prompts, tokens = ranks[PROMPT].least(), ranks[TOKEN].least()
+            if prompts and tokens:
+                return Decision(instances.id(_tie(prompts, rng)), instances.id(_tie(tokens, rng)), PROMPT)
+            colocated = ranks[COLOCATED].least()
+            if colocated:
+                c = instances.view(_tie(colocated, rng))
+                return Decision(c.id, None, c.pool)
+            raise NoHealthyInstance(_why(instances))
         return _pick_pair_or_colocated(
             instances, lambda c: _least(c, lambda i: i.pending_prompt_tokens, rng),
             lambda c: _least(c, lambda i: i.pending_decode_tokens, rng),
             lambda c: _least(c, lambda i: i.pending_tokens, rng))
 
 
+@dataclass
+class _Pool:
+    """One split pool's own (healthy, not borrowed) instances: the least loaded and its ties (views, or positions
+    in the ledger's views), count, total load, and the healthy instances it has, borrowed ones included."""
+    ties: list
+    n: int
+    total: int
+    size: int
+
+    def pick(self, instances, rng: random.Random) -> InstanceView:
+        c = _tie(self.ties, rng)
+        return instances.view(c) if isinstance(c, int) else c
+
+
+def _scanned_pool(instances: Sequence[InstanceView], pool: str, borrowed: dict, key) -> _Pool:
+    size = [i for i in instances if i.healthy and i.pool == pool]
+    own = [i for i in size if i.id not in borrowed]
+    best = min((key(i) for i in own), default=None)
+    return _Pool([i for i in own if key(i) == best], len(own), sum(key(i) for i in own), len(size))
+
+
+def _ranked_pool(rank, borrowed_at: dict[str, int]) -> _Pool:
+    skip = {k for k in borrowed_at.values() if k in rank}
+    return _Pool(rank.least(skip), len(rank) - len(skip), rank.total - sum(rank.key(k) for k in skip), len(rank))
+
+
 class MixedPool:
-    """Splitwise's mixed pool on top of JSQ. When every instance of the prompt pool has at least
-    `prompt_threshold_tokens` pending prompt tokens (or every token instance `decode_threshold_tokens` pending
-    decode tokens), the request goes to the mixed pool and runs co-located there; if no mixed instance is below
-    both thresholds, the least-loaded instance of the *other* pool is borrowed into the mixed pool (a pool is
-    never emptied). A borrowed instance returns to its own pool once it is drained (nothing pending, nothing
-    running), checked at the next choose()."""
+    """Splitwise's mixed pool on top of JSQ, with overload judged per instance on average so it scales with pool
+    size. A pool is overloaded when its own instances hold on average at least `prompt_threshold_tokens` pending
+    prompt tokens (prompt pool) or `decode_threshold_tokens` pending decode tokens (token pool); the request then
+    runs co-located on the least-loaded mixed instance below both thresholds. If there is none, the least-loaded
+    instance of the other pool is borrowed into the mixed pool, when that pool can lend: it stays under its own
+    threshold on average without the instance, keeps one, and has lent fewer than `max_borrow_fraction` of its
+    instances (at least one). Else the request stays split. A borrowed instance returns to its own pool once it is
+    drained (nothing pending, nothing running), checked at the next choose()."""
     name = "mixed-pool"
     PARAMS: ClassVar[dict[str, Param]] = {
-        "prompt_threshold_tokens": Param(int, 1, 8192, "pending prompt tokens at which the prompt pool is overloaded"),
-        "decode_threshold_tokens": Param(int, 1, 4096, "pending decode tokens at which the token pool is overloaded"),
+        "prompt_threshold_tokens": Param(int, 1, 8192, "pending prompt tokens per prompt instance (on average) at "
+                                         "which the prompt pool is overloaded"),
+        "decode_threshold_tokens": Param(int, 1, 65536, "pending decode tokens per token instance (on average) at "
+                                         "which the token pool is overloaded (about a DGX's KV memory, in "
+                                         "tokens of BLOOM-176B: requests beyond it wait for memory)"),
+        "max_borrow_fraction": Param(float, 0, 0.25, "most of a pool's instances lent to the mixed pool at once "
+                                     "(at least one; 0: never borrow)"),
     }
 
     def __init__(self, rng: random.Random | None = None, prompt_threshold_tokens: int = 8192,
-                 decode_threshold_tokens: int = 4096):
+                 decode_threshold_tokens: int = 65536, max_borrow_fraction: float = 0.25):
         if prompt_threshold_tokens < 1 or decode_threshold_tokens < 1:
             raise ValueError("mixed-pool thresholds must be >= 1 token")
+        if not 0 <= max_borrow_fraction <= 1:
+            raise ValueError("mixed-pool max_borrow_fraction must be in [0, 1]")
         self.rng = rng or random.Random(0)
         self.prompt_threshold_tokens = prompt_threshold_tokens
         self.decode_threshold_tokens = decode_threshold_tokens
+        self.max_borrow_fraction = max_borrow_fraction
         self.borrowed: dict[str, str] = {}   # instance id -> its own pool, in borrowing order
         self.borrow_count = 0
         self.return_count = 0
@@ -185,51 +234,78 @@ class MixedPool:
     def effective_pool(self, instance: InstanceView) -> str:
         return MIXED if instance.id in self.borrowed else instance.pool
 
-    def _return_drained(self, instances: Sequence[InstanceView]) -> None:
-        by_id = {i.id: i for i in instances}
-        for iid in list(self.borrowed):
-            v = by_id.get(iid)
-            if v is None or not v.healthy or (v.pending_tokens == 0 and v.running == 0):
-                del self.borrowed[iid]
-                self.return_count += 1
+    def _drained(self, v) -> bool:
+        return not v.healthy or (v.pending_tokens == 0 and v.running == 0)
 
-    def _fits(self, v: InstanceView) -> bool:
-        return (v.pending_prompt_tokens < self.prompt_threshold_tokens
-                and v.pending_decode_tokens < self.decode_threshold_tokens)
+    def _return(self, iid: str) -> None:
+        del self.borrowed[iid]
+        self.return_count += 1
+
+    def _scanned(self, instances: Sequence[InstanceView]) -> tuple:
+        """Borrowed instances returned when drained, then the pools and the mixed-pool candidates, by a scan."""
+        by_id = {i.id: i for i in instances} if self.borrowed else {}
+        for iid in list(self.borrowed):
+            if by_id.get(iid) is None or self._drained(by_id[iid]):
+                self._return(iid)
+        mixed = [i for i in instances if i.healthy and (i.id in self.borrowed or i.pool == MIXED)]
+        return (_scanned_pool(instances, PROMPT, self.borrowed, lambda i: i.pending_prompt_tokens),
+                _scanned_pool(instances, TOKEN, self.borrowed, lambda i: i.pending_decode_tokens),
+                [(i.id, i.pending_prompt_tokens, i.pending_decode_tokens) for i in mixed])
+
+    def _ranked(self, instances: Views, ranks: dict) -> tuple:
+        """_scanned from the ledger's ranks and counts (the same result, without a pass over every instance)."""
+        led = instances.ledger
+        at, index, healthy, prompt, decode = {}, led.index, led.healthy, led.prompt, led.decode
+        for iid in list(self.borrowed):
+            k = index.get(iid)
+            if k is None or not healthy[iid] or (prompt[iid] + decode[iid] == 0 and led.running[iid] == 0):
+                self._return(iid)
+            else:
+                at[iid] = k
+        own = led.positions(MIXED)
+        ids = [led.order[k] for k in sorted({*own, *at.values()})] if own else \
+            sorted(at, key=at.__getitem__)
+        cands = [(i, prompt[i], decode[i]) for i in ids if healthy[i]]
+        return _ranked_pool(ranks[PROMPT], at), _ranked_pool(ranks[TOKEN], at), cands
+
+    def _room(self, cands: list[tuple], rng: random.Random, busy: tuple[str, ...] = ()) -> str | None:
+        """The least-loaded mixed instance below both thresholds (rng breaks ties), or None; instances borrowed
+        from a pool in `busy` (overloaded itself) take nothing new, so they drain and go back."""
+        room = [(i, p + d) for i, p, d in cands if p < self.prompt_threshold_tokens and d < self.decode_threshold_tokens
+                and self.borrowed.get(i) not in busy]
+        if not room:
+            return None
+        best = min(t for _, t in room)
+        return _tie([iid for iid, t in room if t == best], rng)
+
+    def _can_lend(self, pool: _Pool, lent: InstanceView, threshold: int, key) -> bool:
+        lent_now = pool.size - pool.n
+        cap = max(1, int(self.max_borrow_fraction * pool.size)) if self.max_borrow_fraction > 0 else 0
+        return pool.n > 1 and lent_now < cap and (pool.total - key(lent)) / (pool.n - 1) < threshold
 
     def choose(self, request: Request, instances: Sequence[InstanceView]) -> Decision:
-        rng = self.rng
-        self._return_drained(instances)
-        own = [i for i in instances if i.healthy and i.id not in self.borrowed]
-        prompts, tokens = _healthy(own, (PROMPT,)), _healthy(own, (TOKEN,))
-        mixed = [i for i in instances if i.healthy and (i.id in self.borrowed or i.pool == MIXED)]
-        baseline = _healthy(own, (BASELINE,))
-        if not (prompts and tokens):   # not a split cluster (or one pool is down): plain JSQ on what is left
-            colocated = mixed + baseline
+        rng, ranks = self.rng, _ranks(instances)
+        prompts, tokens, cands = self._scanned(instances) if ranks is None else self._ranked(instances, ranks)
+        if not (prompts.n and tokens.n):   # not a split cluster (or one pool is down): plain JSQ on what is left
+            mixed = [i for i in instances if i.healthy and (i.id in self.borrowed or i.pool == MIXED)]
+            colocated = mixed + _healthy([i for i in instances if i.id not in self.borrowed], (BASELINE,))
             if not colocated:
                 raise NoHealthyInstance(_why(instances))
             c = _least(colocated, lambda i: i.pending_tokens, rng)
             return Decision(c.id, None, self.effective_pool(c))
-        p = _least(prompts, lambda i: i.pending_prompt_tokens, rng)
-        t = _least(tokens, lambda i: i.pending_decode_tokens, rng)
-        p_over = p.pending_prompt_tokens >= self.prompt_threshold_tokens
-        t_over = t.pending_decode_tokens >= self.decode_threshold_tokens
+        p, t = prompts.pick(instances, rng), tokens.pick(instances, rng)
+        p_over = prompts.total >= self.prompt_threshold_tokens * prompts.n
+        t_over = tokens.total >= self.decode_threshold_tokens * tokens.n
         if not (p_over or t_over):
             return Decision(p.id, t.id, PROMPT)
-        room = [m for m in mixed if self._fits(m)]
-        if room:
-            m = _least(room, lambda i: i.pending_tokens, rng)
-            return Decision(m.id, None, MIXED)
-        # Borrow from the pool that is not overloaded (prompt overloaded -> take a token instance, and so on);
-        # when both are, from the one further below its threshold. Never take a pool's last instance.
-        if p_over and t_over:
-            take_token = (t.pending_decode_tokens / self.decode_threshold_tokens
-                          <= p.pending_prompt_tokens / self.prompt_threshold_tokens)
-        else:
-            take_token = p_over
-        donors = tokens if take_token else prompts
-        if len(donors) > 1:
-            d = t if take_token else p
+        m = self._room(cands, rng, (PROMPT,) * p_over + (TOKEN,) * t_over)
+        if m is not None:
+            return Decision(m, None, MIXED)
+        # Borrow from the pool that is not overloaded (prompt overloaded -> take a token instance, and so on)
+        d, ok = (t, self._can_lend(tokens, t, self.decode_threshold_tokens, lambda i: i.pending_decode_tokens)) \
+            if p_over else (p, self._can_lend(prompts, p, self.prompt_threshold_tokens,
+                                              lambda i: i.pending_prompt_tokens))
+        if ok:
             self.borrowed[d.id] = d.pool
             self.borrow_count += 1
             return Decision(d.id, None, MIXED)
@@ -284,67 +360,3 @@ def make_policy(name: str, seed: int = 0, **params) -> Policy:
     """Policy by name with its own rng seeded `seed` and its parameters checked (policy_params);
     InputError for an unknown name, parameter or value."""
     return policy_class(name)(random.Random(seed), **policy_params(name, params))
-
-
-class Ledger:
-    """Pending-token accounting the caller keeps and turns into InstanceViews: tokens are added on dispatch,
-    prompt tokens leave the prompt instance when its prefill is done, decode tokens leave on finish."""
-
-    def __init__(self, instances: Iterable[tuple[str, str]]):
-        self.order: list[str] = []
-        self.pool: dict[str, str] = {}
-        for iid, pool in instances:
-            if pool not in POOLS:
-                raise ValueError(f"instance {iid!r}: pool must be one of {', '.join(POOLS)}, got {pool!r}")
-            if iid in self.pool:
-                raise ValueError(f"duplicate instance id {iid!r}")
-            self.order.append(iid)
-            self.pool[iid] = pool
-        self.prompt = dict.fromkeys(self.order, 0)
-        self.decode = dict.fromkeys(self.order, 0)
-        self.running = dict.fromkeys(self.order, 0)
-        self.healthy = dict.fromkeys(self.order, True)
-        # views() rebuilds only the instances whose counts changed since the last call (the simulator calls it
-        # once per request on clusters of 100+ instances)
-        self._index = {iid: k for k, iid in enumerate(self.order)}
-        self._cache: list[InstanceView | None] = [None] * len(self.order)
-        self._dirty: set[str] = set(self.order)
-
-    def _view(self, i: str) -> InstanceView:
-        return InstanceView(i, self.pool[i], self.prompt[i], self.decode[i], self.running[i], self.healthy[i])
-
-    def views(self) -> tuple[InstanceView, ...]:
-        if self._dirty:
-            for i in self._dirty:
-                self._cache[self._index[i]] = self._view(i)
-            self._dirty.clear()
-        return tuple(self._cache)
-
-    def set_healthy(self, iid: str, healthy: bool) -> None:
-        self.healthy[iid] = healthy
-        self._dirty.add(iid)
-
-    def dispatch(self, d: Decision, r: Request) -> None:
-        self.prompt[d.prompt_instance] += r.input_tokens
-        self.running[d.prompt_instance] += 1
-        tok = d.token_instance or d.prompt_instance
-        self.decode[tok] += r.output_tokens
-        if d.token_instance:
-            self.running[tok] += 1
-        self._dirty.add(d.prompt_instance)
-        self._dirty.add(tok)
-
-    def prefill_done(self, d: Decision, r: Request) -> None:
-        """Call once per request, also when the prefill failed."""
-        self.prompt[d.prompt_instance] -= r.input_tokens
-        if d.token_instance:
-            self.running[d.prompt_instance] -= 1
-        self._dirty.add(d.prompt_instance)
-
-    def finish(self, d: Decision, r: Request) -> None:
-        """Call once per request after prefill_done(), whether it succeeded or not."""
-        tok = d.token_instance or d.prompt_instance
-        self.decode[tok] -= r.output_tokens
-        self.running[tok] -= 1
-        self._dirty.add(tok)
-

@@ -173,7 +173,8 @@ def test_policy_params_are_typed_and_bad_ones_name_the_key():
     assert type(pol.decode_threshold_tokens) is int
     assert policy_params("mixed-pool", {"decode_threshold_tokens": "2_048"}) == {"decode_threshold_tokens": 2048}
     assert policy_params("mixed-pool", {}, defaults=True) == {"prompt_threshold_tokens": 8192,
-                                                              "decode_threshold_tokens": 4096}
+                                                              "decode_threshold_tokens": 65536,
+                                                              "max_borrow_fraction": 0.25}
     assert policy_params("jsq", None, defaults=True) == {}
     for bad in ("abc", "0", "-3", "1.5", "inf", "nan", True, None, [4]):
         with pytest.raises(InputError) as e:
@@ -227,3 +228,60 @@ def test_ledger_moves_prompt_tokens_out_at_prefill_and_decode_tokens_at_finish()
     ledger.finish(split, req)
     ledger.finish(colo, req)
     assert all(x.pending_tokens == 0 and x.running == 0 for x in ledger.views())
+
+
+def _ranked_vs_scanned(name: str, pools: list[str], seed: int, steps: int = 1500, **params) -> list[str]:
+    """Two policies with one seed, one reading the ledger's ranks (its views), one scanning a plain tuple of the
+    same views, on one ledger with many ties, finishes and health flips: their decisions must be identical."""
+    ledger = Ledger([(f"{p[0]}{k}", p) for k, p in enumerate(pools)])
+    ranked, scanned = make_policy(name, seed=seed, **params), make_policy(name, seed=seed, **params)
+    work, live, out = random.Random(seed), [], []
+    for k in range(steps):
+        req = Request(str(k), work.choice([100, 200, 400]), work.choice([10, 20]))
+        views = ledger.views()
+        assert ranked.choose(req, views) == (d := scanned.choose(req, tuple(ledger.views())))
+        ledger.dispatch(d, req)
+        live.append([d, req, False])
+        out.append(d.label)
+        for _ in range(work.choice([0, 1, 1, 2])):
+            if live:
+                item = live[work.randrange(len(live))]
+                if not item[2]:
+                    ledger.prefill_done(item[0], item[1])
+                    item[2] = True
+                else:
+                    live.remove(item)
+                    ledger.finish(item[0], item[1])
+        if work.random() < 0.02:
+            iid = work.choice(ledger.order)
+            ledger.set_healthy(iid, not ledger.healthy[iid] or not routable(
+                [v for v in ledger.views() if v.id != iid]))
+    return out
+
+
+@pytest.mark.parametrize("pools", [["prompt"] * 4 + ["token"] * 5, ["baseline"] * 7,
+                                   ["prompt", "mixed", "token", "baseline", "prompt", "token", "mixed"]])
+def test_ranked_jsq_decides_exactly_as_the_scan(pools):
+    labels = _ranked_vs_scanned("jsq", pools, seed=11)
+    assert len(set(labels)) > 3
+
+
+@pytest.mark.parametrize("params", [{"prompt_threshold_tokens": 600, "decode_threshold_tokens": 10**6},
+                                    {"prompt_threshold_tokens": 10**6, "decode_threshold_tokens": 60},
+                                    {"prompt_threshold_tokens": 500, "decode_threshold_tokens": 50,
+                                     "max_borrow_fraction": 1.0}])
+def test_ranked_mixed_pool_decides_exactly_as_the_scan(params):
+    labels = _ranked_vs_scanned("mixed-pool", ["prompt"] * 5 + ["token"] * 6 + ["mixed"], seed=5, **params)
+    assert any(">" not in x for x in labels) and any(">" in x for x in labels)
+
+
+def test_views_are_a_snapshot_of_the_moment_they_were_taken():
+    ledger = Ledger([("p0", "prompt"), ("t0", "token")])
+    before = ledger.views()
+    d = Decision("p0", "t0", "prompt")
+    ledger.dispatch(d, Request("r", 300, 40))
+    assert [v.pending_tokens for v in before] == [0, 0] and before.ranks() is None   # frozen before the change
+    now = ledger.views()
+    assert now.ranks() is not None and [(v.pending_prompt_tokens, v.pending_decode_tokens) for v in now] == \
+        [(300, 0), (0, 40)]
+    assert now == tuple(now) and len(now) == 2

@@ -16,7 +16,7 @@ from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog, whole_machine_allocation
 from splitbench.metrics.slo import fit_reference, parse_slos
 from splitbench.metrics.summary import summarize
-from splitbench.schema import records as R
+from splitbench.schema.columns import write_columns
 from splitbench.schema.runmeta import host_info, package_versions, write_run_meta
 from splitbench.schema.summary import write_summary
 from splitbench.sim.cluster import simulate
@@ -260,8 +260,8 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
             "model": out["model"], "hardware": out["hardware"],
             "reference": asdict(reference) if reference is not None else None, "reference_machine": out["ref_machine"],
             "versions": package_versions(), "host": host_info()}
-    R.write_records(run_dir, run_id, res.records)
+    write_columns(run_dir, run_id, res.columns)
     write_run_meta(run_dir, meta)
-    summary = summarize(res.records, run_meta=meta, slos=slos, reference=reference)
+    summary = summarize(res.columns, run_meta=meta, slos=slos, reference=reference)
     write_summary(run_dir, summary)
     return run_dir, summary

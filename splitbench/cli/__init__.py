@@ -1,12 +1,41 @@
 """The typer CLI: parse flags, call one library function, render, set the exit code. Each module registers its
-commands on the one `app`; option groups shared by several commands are declared once in groups.py."""
+commands on the one `app`; option groups shared by several commands are declared once in groups.py.
+
+`main()` (the `splitbench` command) builds the whole app, except for the simulator's commands (sim.py), which get
+an app of that module alone: importing every command module (aiohttp, matplotlib, the run session) costs about a
+second of CPU, as long as the whole `splitbench simulate` of the 19k-request conv trace is meant to take (measured
+with `python -X importtime`); `app` (tests, `typer.main.get_command`) is the whole app, built on first use.
+"""
 from __future__ import annotations
+
+import sys
 
 import typer
 
-from splitbench.cli import gates, run, sim, traces
+from splitbench.cli import sim
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="splitbench: replay LLM traces against serving backends and measure TTFT/TBT/E2E.")
-for module in (run, traces, sim, gates):
-    module.register(app)
+SIM_COMMANDS = ("simulate", "design", "profile", "profiles")
+_HELP = "splitbench: replay LLM traces against serving backends and measure TTFT/TBT/E2E."
+
+
+def build(modules=None) -> typer.Typer:
+    """The app of `modules` (default: every command module)."""
+    if modules is None:
+        from splitbench.cli import gates, run, traces   # noqa: PLC0415  (the lazy part: see the docstring)
+        modules = (run, traces, sim, gates)
+    app = typer.Typer(no_args_is_help=True, add_completion=False, help=_HELP)
+    for module in modules:
+        module.register(app)
+    return app
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    (build((sim,)) if argv and argv[0] in SIM_COMMANDS else build())()
+
+
+def __getattr__(name: str):
+    if name == "app":
+        globals()["app"] = build()
+        return globals()["app"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
 """`python -m splitbench.cli`: the same CLI as the `splitbench` command."""
-from splitbench.cli import app
+from splitbench.cli import main
 
-app()
+main()

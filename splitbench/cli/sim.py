@@ -10,7 +10,6 @@ from rich.table import Table
 
 from splitbench.app.design import DesignSpec, plot_design, search
 from splitbench.app.options import parse_rate_scale
-from splitbench.app.profile import measure_profile
 from splitbench.app.simrun import SimOptions, simulate_run
 from splitbench.cli.common import console, err_console, int_list, user_errors, with_options
 from splitbench.cli.groups import FETCH, RESULTS, WORKLOAD
@@ -110,6 +109,9 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
     """Measure a real backend into a profile CSV that `load_profiles` (and the simulator) accepts. --backend
     splitwise measures a prompt + token pair with the connector active: prompt_time is then the split TTFT
     (prefill, KV transfer, first token), token_time the token instance's TBT."""
+    # imported here, not at the top: app.profile brings the run session (aiohttp, matplotlib, the backends), about
+    # 1 s of CPU that `splitbench simulate` (this module's other commands) would pay for nothing (-X importtime)
+    from splitbench.app.profile import measure_profile   # noqa: PLC0415
     if backend in ("vllm", "splitwise"):
         given = {"model_dir": model_dir, "cores": cores, "gpus": gpus, "vllm_args": vllm_args}
         if backend == "splitwise":
@@ -128,6 +130,16 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
                           on_status=lambda s: err_console.log(s))
     console.print(f"profile written to {out}: {res['rows']} rows, model {res['model']}, hardware {res['hardware']} "
                   f"({res['wall_s']:.0f} s; records in {res['run_dir']})", markup=False, highlight=False)
+
+
+def _sim_fields(a: dict) -> dict:
+    """`simulate`'s own options as SimOptions fields (policy parameters parsed, --reference-machine '' = none)."""
+    f = {k: v for k, v in a.items() if k not in ("opts", "policy_param", "as_json", "hardware")}
+    f["policy_params"] = parse_policy_params(a["policy_param"] or [],
+                                             a["policy"] if a["perf_model"] == "physical" else None)
+    f["reference_machine"] = a["reference_machine"] or None
+    f["hardware_file"] = a["hardware"]
+    return f
 
 
 @user_errors
@@ -175,18 +187,10 @@ def simulate(
                                                        "request, GiB/s (its transfer_bandwidth)."),
 ):
     """Replay a trace on a simulated cluster; writes a run directory like `run` does (marked simulated)."""
+    fields = _sim_fields(locals())
     opts["columns"] = parse_columns(opts["columns"])
     opts["rate_scale"] = parse_rate_scale(opts["rate_scale"], allow_auto=False) or 1.0
-    sim = SimOptions(**opts, cluster=cluster, model=model, model_dir=model_dir, profile=profile,
-                     tensor_parallel=tensor_parallel, policy=policy,
-                     policy_params=parse_policy_params(policy_param or [], policy if perf_model == "physical" else None),
-                     seed=seed, max_prompt_batch_tokens=max_prompt_batch_tokens, max_decode_batch=max_decode_batch,
-                     batching=batching, max_num_batched_tokens=max_num_batched_tokens,
-                     first_token=first_token, kv_transfer=kv_transfer, link_gbps=link_gbps,
-                     kv_capacity_tokens=kv_capacity_tokens, hardware_file=hardware,
-                     reference_machine=reference_machine or None, perf_model=perf_model,
-                     max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_preemptions=max_preemptions,
-                     transfer_bandwidth_gib_per_s=transfer_bandwidth_gib_per_s)
+    sim = SimOptions(**opts, **fields)
     run_dir, summary = simulate_run(sim)
     if as_json:
         print(json.dumps(summary, indent=2, default=str))

@@ -87,11 +87,22 @@ def efficiency_section(records: Sequence[RequestRecord], run_meta: dict, *, slos
     hw = run_meta.get("hardware")
     if not hw:
         return None
-    types = hw["types"]
-    start, end = window_s(records)
-    window = (end - start) if start is not None and end is not None else 0.0
     pools_by_instance = {a["instance"]: a["pool"] for a in hw["allocations"]}
-    usage = pool_usage(records, pools_by_instance, slos)
+    ok = [r for r in records if r.ok]
+    total = {"ok_requests": len(ok),
+             "good_requests": sum(1 for r in ok if request_is_good(r, slos)) if slos else None,
+             "input_tokens": sum(input_tokens(r) for r in ok), "output_tokens": sum(output_tokens(r) for r in ok)}
+    return efficiency_from(hw, window_s(records), pool_usage(records, pools_by_instance, slos), total, slos,
+                           measured_energy)
+
+
+def efficiency_from(hw: dict, span: tuple[float | None, float | None], usage: dict[str, dict], done: dict,
+                    slos: Sequence[SLO] = (), measured_energy: dict | None = None) -> dict:
+    """efficiency_section's dict from the allocation, the throughput window, pool_usage() and the totals of ok
+    requests (ok_requests, good_requests, input_tokens, output_tokens)."""
+    types = hw["types"]
+    start, end = span
+    window = (end - start) if start is not None and end is not None else 0.0
     measured = measured_energy is not None and measured_energy.get("pools") is not None
     shares: dict[str, dict] = {}
     for a in hw["allocations"] + ([{"pool": UNALLOCATED, "machine": hw["machine"],
@@ -111,16 +122,13 @@ def efficiency_section(records: Sequence[RequestRecord], run_meta: dict, *, slos
         energy = (measured_energy["pools"].get(p, 0.0) if measured else s["provisioned_power_w"] * window)
         pools[p] = _ratios({**s, **usage.get(p, zero), "cost_usd": s["usd_per_hour"] * window / 3600.0,
                             "energy_j": energy, "energy_estimated": not measured}, window)
-    ok = [r for r in records if r.ok]
     total = {"machines": hw["machines"], "machine_types": {}, "usd_per_hour": 0.0, "provisioned_power_w": 0.0}
     for p in pools.values():
         for k, v in p["machine_types"].items():
             total["machine_types"][k] = total["machine_types"].get(k, 0.0) + v
         total["usd_per_hour"] += p["usd_per_hour"]
         total["provisioned_power_w"] += p["provisioned_power_w"]
-    total.update(ok_requests=len(ok), good_requests=sum(1 for r in ok if request_is_good(r, slos)) if slos else None,
-                 input_tokens=sum(input_tokens(r) for r in ok), output_tokens=sum(output_tokens(r) for r in ok),
-                 cost_usd=total["usd_per_hour"] * window / 3600.0,
+    total.update(**done, cost_usd=total["usd_per_hour"] * window / 3600.0,
                  energy_j=(measured_energy.get("total_energy_j", sum(measured_energy["pools"].values()))
                            if measured else total["provisioned_power_w"] * window),
                  energy_estimated=not measured)

@@ -72,16 +72,21 @@ def server_failures(records: Sequence[RequestRecord]) -> dict:
     onset (intended send time of the first failed request) and the failed share of attempted requests from it on."""
     attempted = [r for r in records if r.status != NOT_SENT]
     failed = [r for r in attempted if not r.ok and r.status != CANCELLED]
+    onset = min((r.intended_send_s for r in failed), default=None)
+    after = [r for r in attempted if onset is not None and r.intended_send_s >= onset and r.status != CANCELLED]
+    return failures_summary(len(attempted), failed, onset,
+                            (sum(1 for r in after if not r.ok) / len(after)) if after else None)
+
+
+def failures_summary(attempted: int, failed: Sequence, onset: float | None, rate_after: float | None) -> dict:
+    """server_failures' dict from its counts and the failed records (anything with status, http_status, error)."""
     kinds = Counter(error_kind(r) for r in failed)
     dominant = kinds.most_common(1)[0][0] if kinds else None
     example = next((r.error for r in failed if error_kind(r) == dominant and r.error), None)
-    onset = min((r.intended_send_s for r in failed), default=None)
-    after = [r for r in attempted if onset is not None and r.intended_send_s >= onset and r.status != CANCELLED]
-    return {"attempted": len(attempted), "failed": len(failed),
-            "error_rate": len(failed) / len(attempted) if attempted else None,
+    return {"attempted": attempted, "failed": len(failed),
+            "error_rate": len(failed) / attempted if attempted else None,
             "by_kind": dict(kinds.most_common()), "dominant_kind": dominant,
-            "example": example[:200] if example else None, "onset_s": onset,
-            "error_rate_after_onset": (sum(1 for r in after if not r.ok) / len(after)) if after else None}
+            "example": example[:200] if example else None, "onset_s": onset, "error_rate_after_onset": rate_after}
 
 
 def _server_reason(e: dict, limit: float) -> str:
@@ -106,19 +111,21 @@ def _client_reasons(lag: dict, achieved: float | None, trace_rate: float | None,
 
 def fidelity_section(records: Sequence[RequestRecord], limits: dict | None = None) -> dict:
     """Schedule lag, achieved vs trace send rate, token mismatches, and the verdict with its reasons."""
-    lim = {**DEFAULT_LIMITS, **(limits or {})}
     sent = [r for r in records if r.actual_send_s is not None]
     lags = np.array([r.actual_send_s - r.intended_send_s for r in sent], dtype=np.float64)
+    intended = [r.intended_send_s for r in records]
+    return fidelity_from(lags, _rate(intended), _rate([r.actual_send_s for r in sent]), token_mismatches(records),
+                         peak_rate_rps(intended), server_failures(records), limits)
+
+
+def fidelity_from(lags: np.ndarray, trace_rate: float | None, achieved: float | None, tokens: dict,
+                  peak: float | None, errors: dict, limits: dict | None = None) -> dict:
+    """fidelity_section's dict from its measured parts (send lags of the sent records in order, rates, ...)."""
+    lim = {**DEFAULT_LIMITS, **(limits or {})}
     lag = ({"p50": float(np.percentile(lags, 50)), "p99": float(np.percentile(lags, 99)),
             "max": float(lags.max())} if lags.size else {"p50": None, "p99": None, "max": None})
-    trace_rate = _rate([r.intended_send_s for r in records])
-    achieved = _rate([r.actual_send_s for r in sent])
     ratio = achieved / trace_rate if achieved is not None and trace_rate else None
-    tokens = token_mismatches(records)
-    peak = peak_rate_rps([r.intended_send_s for r in records])
     ceiling = lim.get("ceiling_rps")
-
-    errors = server_failures(records)
     reasons, flags = [], []
     if errors["error_rate"] is not None and errors["error_rate"] > lim["max_error_rate"]:
         flags.append("server-failures")
@@ -137,6 +144,6 @@ def fidelity_section(records: Sequence[RequestRecord], limits: dict | None = Non
         reasons.append(f"{tokens['input_mismatch']} input / {tokens['output_mismatch']} output token "
                        "counts differ from the plan")
     verdict = next((v for v in VERDICTS if v in flags), "ok")
-    return {"lag_s": lag, "sent": len(sent), "errors": errors, "trace_rate_rps": trace_rate,
-            "achieved_rate_rps": achieved, "peak_offered_rps": peak, "ceiling_rps": ceiling, "rate_ratio": ratio, "tokens": tokens, "limits": lim, "verdict": verdict, "flags": flags,
-            "reasons": reasons}
+    return {"lag_s": lag, "sent": int(lags.size), "errors": errors, "trace_rate_rps": trace_rate,
+            "achieved_rate_rps": achieved, "peak_offered_rps": peak, "ceiling_rps": ceiling, "rate_ratio": ratio,
+            "tokens": tokens, "limits": lim, "verdict": verdict, "flags": flags, "reasons": reasons}

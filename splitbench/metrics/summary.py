@@ -6,22 +6,35 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from splitbench.metrics import columnar as C
 from splitbench.metrics.efficiency import efficiency_section
 from splitbench.metrics.fidelity import fidelity_section
 from splitbench.metrics.latency import counts_section, latency_section, pools_section, throughput_section
 from splitbench.metrics.slo import SLO, Reference, evaluate_slos, parse_slos, splitwise_verdict
+from splitbench.schema.columns import RecordColumns
 from splitbench.schema.records import RequestRecord
 from splitbench.schema.summary import SUMMARY_KIND, SUMMARY_VERSION
 
 
-def summarize(records: Sequence[RequestRecord], *, run_meta: dict | None = None,
+def summarize(records: Sequence[RequestRecord] | RecordColumns, *, run_meta: dict | None = None,
               slos: Sequence[SLO] | str | None = None, reference: Reference | None = None,
               fidelity_limits: dict | None = None, measured_energy: dict | None = None) -> dict:
     """Every derived metric of a run; `slos` may be SLO objects or an "ttft_p99=2s,..." string.
-    measured_energy: energy per pool from power samples (runner.measured_energy); None = estimated."""
+    measured_energy: energy per pool from power samples (runner.measured_energy); None = estimated.
+    RecordColumns (a simulated run's) are summarized with arrays (metrics/columnar.py), to the same dict."""
     if isinstance(slos, str):
         slos = parse_slos(slos)
     slos = list(slos or [])
+    if isinstance(records, RecordColumns):
+        f = C.Frame(records)
+        return {
+            "kind": SUMMARY_KIND, "version": SUMMARY_VERSION, "run": run_header(run_meta or {}),
+            "counts": C.counts_section(f), "latency": C.latency_section(f), "throughput": C.throughput_section(f),
+            "slos": C.evaluate_slos(f, slos),
+            "splitwise": C.splitwise_verdict(f, reference) if reference is not None else None,
+            "fidelity": C.fidelity_section(f, fidelity_limits), "pools": C.pools_section(f),
+            "efficiency": C.efficiency_section(f, run_meta or {}, slos=slos, measured_energy=measured_energy),
+        }
     return {
         "kind": SUMMARY_KIND,
         "version": SUMMARY_VERSION,

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,6 +46,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_write_table(path: str | os.PathLike, table: pa.Table) -> None:
     """A Parquet file (zstd) written atomically."""
     _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def atomic_write_tables(path: str | os.PathLike, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:
+    """A Parquet file (zstd) written atomically, one row group per table of `tables`."""
+    def write(tmp: str) -> None:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+            for t in tables:
+                w.write_table(t)
+    _atomic(path, write)
 
 
 def read_json_object(path: str | os.PathLike, what: str) -> dict:

@@ -119,6 +119,7 @@ class ChunkedBatching:
                 m.ctx -= r.kv
                 m.kv_free += r.kv
                 ledger.finish(r.d, r.req)
+                cl.rec.finished(r, m.idx)
         for e, n in st.chunks:
             e[1] += n
             r = e[0]
@@ -131,6 +132,7 @@ class ChunkedBatching:
                 r.decode_sent = r.last = now
                 m.kv_free += r.kv
                 ledger.finish(r.d, r.req)
+                cl.rec.finished(r, -1)
             else:
                 cl._join(m, r)
         st.chunks = []

@@ -4,40 +4,40 @@ KV memory from the model shape, KV transfer over per-machine links, and the live
 from __future__ import annotations
 
 import heapq
+from array import array
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 from splitbench.errors import InputError
-from splitbench.policies import (COLOCATED_POOLS, Decision, Ledger, NoHealthyInstance, Request, make_policy,
-                                 routable)
-from splitbench.schema.records import ERROR, OK, RequestRecord, placement
+from splitbench.policies import COLOCATED_POOLS, Ledger, NoHealthyInstance, Request, make_policy, routable
 from splitbench.sim.batching import ChunkedBatching, ChunkState
 from splitbench.sim.config import SimConfig, SimResult, validate_config
 from splitbench.sim.engine import Simulator
+from splitbench.sim.recorder import Recorder
 
 _IDLE, _PROMPT, _DECODE, _WAKING = 0, 1, 2, 3
 
 
 class _Req:
-    __slots__ = ("arrival", "colocated", "d", "decode_sent", "end_log", "error", "first", "i", "join_it",
+    __slots__ = ("arrival", "colocated", "d", "decode_sent", "end_log", "first", "i", "join_it",
                  "join_log", "kv", "last", "m", "n_dec", "n_in", "n_out", "pdone", "req")
 
     def __init__(self, i, arrival, n_in, n_out, req):
         self.i, self.arrival, self.n_in, self.n_out, self.req = i, arrival, n_in, n_out, req
         self.kv = n_in + n_out
         self.colocated = False
-        self.first = self.decode_sent = self.last = self.m = self.error = self.pdone = None
+        self.first = self.decode_sent = self.last = self.m = self.pdone = None
         self.n_dec = n_out - 1   # decode iterations; all n_out in "decode" first-token mode for split requests
 
 
 class _Machine:
-    __slots__ = ("admit_q", "b", "consec", "ctx", "fin", "id", "it", "kv_cap", "kv_free", "link_free", "log_it",
-                 "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end", "run_k", "run_t0",
-                 "single", "state", "version", "chunk")
+    __slots__ = ("admit_q", "b", "chunk", "consec", "ctx", "fin", "id", "idx", "it", "kv_cap", "kv_free",
+                 "link_free", "log_it", "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end",
+                 "run_k", "run_t0", "single", "state", "version")
 
-    def __init__(self, iid, pool, mtype, perf, kv_cap):
-        self.id, self.pool, self.mtype, self.perf = iid, pool, mtype, perf
+    def __init__(self, idx, iid, pool, mtype, perf, kv_cap):
+        self.idx, self.id, self.pool, self.mtype, self.perf = idx, iid, pool, mtype, perf
         self.kv_cap = self.kv_free = kv_cap
         self.prompt_q: deque = deque()   # FCFS prefills (split and co-located)
         self.admit_q: deque = deque()    # prefilled requests whose KV arrived, waiting for KV memory (FCFS)
@@ -47,8 +47,8 @@ class _Machine:
         self.consec = 0                  # prompt iterations in a row while decodes were waiting
         self.b = self.ctx = self.it = 0  # decode batch size, its KV tokens, decode iterations so far
         self.fin: list = []              # heap (finish iteration, request index, request)
-        self.log_t: list[float] = []     # end time of each decode run ...
-        self.log_it: list[int] = []      # ... and the iteration count after it (token chunks come from these)
+        self.log_t = array("d")          # end time of each decode run ...
+        self.log_it = array("q")         # ... and the iteration count after it (token chunks come from these)
         self.run_t0 = self.run_end = 0.0
         self.run_k = self.version = 0
         self.link_free = 0.0
@@ -85,8 +85,8 @@ class SimCluster:
             for _ in range(p.count):
                 k = counts.get(p.pool, 0)
                 counts[p.pool] = k + 1
-                self.machines.append(_Machine(f"{p.pool}-{k}", p.pool, p.machine, perf[p.machine],
-                                              int(kv_capacity_tokens[p.machine])))
+                self.machines.append(_Machine(len(self.machines), f"{p.pool}-{k}", p.pool, p.machine,
+                                              perf[p.machine], int(kv_capacity_tokens[p.machine])))
         self.by_id = {m.id: m for m in self.machines}
         self.ledger = Ledger((m.id, m.pool) for m in self.machines)
         if not routable(self.ledger.views()):
@@ -100,7 +100,8 @@ class SimCluster:
         self.cap_iters = cfg.mixed_max_consecutive_prompt_iterations
         self.cap_batch = cfg.max_decode_batch or float("inf")
         self.decode_first = cfg.first_token == "decode"
-        self.reqs: list[_Req] = []
+        self.rec = Recorder(workload, [m.id for m in self.machines], [m.pool for m in self.machines],
+                            cfg.record_token_chunks)
         self.n = {"runs": 0, "prompt_iterations": 0, "stale_events": 0, "interrupts": 0, "transfers": 0,
                   "errors": 0}
         chunked = [m for m in self.machines if m.pool in COLOCATED_POOLS] if cfg.batching == "chunked" else []
@@ -108,6 +109,7 @@ class SimCluster:
         for m in chunked:
             m.chunk = ChunkState()
         self._arr = workload.arrival_s.tolist()
+        self._count = len(self._arr)
         self._in = workload.input_tokens.tolist()
         self._out = workload.output_tokens.tolist()
         self._ti = workload.trace_index.tolist()
@@ -118,27 +120,26 @@ class SimCluster:
         if self._arr:
             self.sim.schedule(self._arr[0], self._arrival, 0)
         end_s = self.sim.run()
+        self._arr = self._in = self._out = self._ti = None   # a million Python numbers each: gone before the records
         stats = {"events": self.sim.events, **self.n, "sim_end_s": end_s, "machines": len(self.machines)}
         for k in ("borrow_count", "return_count"):
             if hasattr(self.policy, k):
                 stats[k] = getattr(self.policy, k)
-        reqs, records = self.reqs, []
-        for i, r in enumerate(reqs):
-            records.append(self._record(r))
-            reqs[i] = None   # keep the peak low: state goes as its record comes
-        return SimResult(records, [{"id": m.id, "pool": m.pool, "machine": m.mtype} for m in self.machines], stats)
+        cols = self.rec.columns([m.log_t for m in self.machines], [m.log_it for m in self.machines])
+        return SimResult(None, [{"id": m.id, "pool": m.pool, "machine": m.mtype} for m in self.machines], stats,
+                         columns=cols)
 
     def _arrival(self, i: int) -> None:
-        now = self.sim.now_s
-        if i + 1 < len(self._arr):
-            self.sim.schedule(self._arr[i + 1], self._arrival, i + 1)
+        sim = self.sim
+        now = sim.now_s
+        if i + 1 < self._count:
+            sim.schedule(self._arr[i + 1], self._arrival, i + 1)
         n_in, n_out = self._in[i], self._out[i]
         r = _Req(i, now, n_in, n_out, Request(f"r{self._ti[i]}", n_in, n_out))
-        self.reqs.append(r)
         try:
             d = self.policy.choose(r.req, self.ledger.views())
         except NoHealthyInstance as e:   # cannot happen with all machines healthy; kept as a record, not a crash
-            r.d, r.error = Decision("-", None, "-"), str(e)
+            self.rec.failed(i, str(e))
             self.n["errors"] += 1
             return
         r.d = d
@@ -146,9 +147,10 @@ class SimCluster:
         self.ledger.dispatch(d, r.req)
         pm = self.by_id[d.prompt_instance]
         holder = pm if r.colocated else self.by_id[d.token_instance]
+        self.rec.decided(i, pm.idx, -1 if r.colocated else holder.idx, d.pool)
         if r.kv > holder.kv_cap:
-            r.error = (f"request needs {r.kv} KV tokens (input {n_in} + output {n_out}) but {holder.id} "
-                       f"({holder.mtype}) holds at most {holder.kv_cap}")
+            self.rec.failed(i, f"request needs {r.kv} KV tokens (input {n_in} + output {n_out}) but {holder.id} "
+                               f"({holder.mtype}) holds at most {holder.kv_cap}")
             self.ledger.prefill_done(d, r.req)
             self.ledger.finish(d, r.req)
             self.n["errors"] += 1
@@ -205,14 +207,16 @@ class SimCluster:
         """FCFS prompts while the batch stays <= max_prompt_batch_tokens (a longer prompt runs alone) and, for
         co-located requests, their whole KV fits (reserved now, released at finish)."""
         q, batch, tokens, cap = m.prompt_q, [], 0, self.cap_tokens
+        joining = m.b   # the decode batch once the co-located prompts taken so far join it
         while q:
             r = q[0]
             if batch and tokens + r.n_in > cap:
                 break
             if r.colocated:
-                if r.kv > m.kv_free or m.b + sum(1 for x in batch if x.colocated) >= self.cap_batch:
+                if r.kv > m.kv_free or joining >= self.cap_batch:
                     break
                 m.kv_free -= r.kv
+                joining += 1
             q.popleft()
             batch.append(r)
             tokens += r.n_in
@@ -237,6 +241,7 @@ class SimCluster:
                 if r.colocated:
                     m.kv_free += r.kv
                 ledger.finish(r.d, r.req)
+                self.rec.finished(r, -1)
             elif r.colocated:
                 self._join(m, r)
             else:
@@ -311,52 +316,17 @@ class SimCluster:
         self.n["runs"] += 1
         fin, it = m.fin, m.it
         end_log = len(m.log_t)
-        while fin and fin[0][0] <= it:
-            r = heapq.heappop(fin)[2]
-            r.last, r.end_log = now, end_log
-            m.b -= 1
-            m.ctx -= r.kv
-            m.kv_free += r.kv
-            self.ledger.finish(r.d, r.req)
+        if fin and fin[0][0] <= it:
+            finish, finished = self.ledger.finish, self.rec.finished
+            while fin and fin[0][0] <= it:
+                r = heapq.heappop(fin)[2]
+                r.last, r.end_log = now, end_log
+                m.b -= 1
+                m.ctx -= r.kv
+                m.kv_free += r.kv
+                finish(r.d, r.req)
+                finished(r, m.idx)
         self._plan(m)
-
-    # ---------------------------------------------------------------- records
-
-    def _record(self, r: _Req) -> RequestRecord:
-        arr = r.arrival
-        d = r.d
-        where = placement(d.prompt_instance, d.pool, d.token_instance, self.ledger.pool.get(d.token_instance)) \
-            if d.prompt_instance != "-" else {}
-        rec = RequestRecord(request_id=r.req.id, trace_index=self._ti[r.i], intended_send_s=arr,
-                            planned_input_tokens=r.n_in, planned_output_tokens=r.n_out, actual_send_s=arr, **where)
-        if r.error is not None or r.last is None:
-            rec.status, rec.end_s = ERROR, arr
-            rec.error = r.error or "simulation ended before the request finished"
-            rec.phases_s = {"router_recv": arr, "done": arr}
-            return rec
-        m = r.m
-        from_log = r.first is None   # "decode" first-token mode: the first run after joining was 1 iteration
-        if from_log:
-            r.first = m.log_t[r.join_log]
-        offs, toks = [r.first - arr], [1]
-        if m is not None and not self.cfg.record_token_chunks:
-            if r.n_out > 1:
-                offs.append(r.last - arr)
-                toks.append(r.n_out - 1)
-        elif m is not None:
-            lt, li = m.log_t[r.join_log:r.end_log], m.log_it[r.join_log:r.end_log]
-            prev = [r.join_it] + li[:-1]
-            runs_t, runs_n = [t - arr for t in lt], [a - b for a, b in zip(li, prev)]
-            offs, toks = (runs_t, runs_n) if from_log else (offs + runs_t, toks + runs_n)
-        rec.first_token_s, rec.last_token_s, rec.end_s = r.first, r.last, r.last
-        rec.chunk_offsets_s, rec.chunk_tokens = offs, toks
-        rec.actual_input_tokens, rec.actual_output_tokens, rec.status = r.n_in, r.n_out, OK
-        if r.colocated:
-            rec.phases_s = {"router_recv": arr, "sent": arr, "first_token": r.first, "done": r.last}
-        else:
-            rec.phases_s = {"router_recv": arr, "prefill_sent": arr, "prefill_done": r.pdone,
-                            "decode_sent": r.decode_sent, "first_token": r.first, "done": r.last}
-        return rec
 
 
 def simulate(workload, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, int],

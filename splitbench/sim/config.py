@@ -9,6 +9,7 @@ from typing import Any
 
 from splitbench.errors import InputError
 from splitbench.policies import POOLS, policy_params
+from splitbench.schema.columns import RecordColumns
 from splitbench.schema.records import RequestRecord
 
 # Per-machine network bandwidth for KV transfer. Splitwise's machines are DGX boxes with one InfiniBand NIC per
@@ -62,11 +63,26 @@ class SimConfig:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
-@dataclass
 class SimResult:
-    records: list[RequestRecord]
-    instances: list[dict]   # {"id", "pool", "machine"} in cluster order
-    stats: dict
+    """A simulation's records (as RecordColumns, or RequestRecords made from them on first use), its instances
+    ({"id", "pool", "machine"} in cluster order) and its counters."""
+
+    def __init__(self, records: list[RequestRecord] | None = None, instances: list[dict] | None = None,
+                 stats: dict | None = None, *, columns: RecordColumns | None = None):
+        self._records, self._columns = records, columns
+        self.instances, self.stats = list(instances or []), dict(stats or {})
+
+    @property
+    def records(self) -> list[RequestRecord]:
+        if self._records is None:
+            self._records = self._columns.records()
+        return self._records
+
+    @property
+    def columns(self) -> RecordColumns:
+        if self._columns is None:
+            self._columns = RecordColumns.from_records(self._records)
+        return self._columns
 
 
 def validate_config(cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, int],

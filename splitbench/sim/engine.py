@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 Event = tuple  # (time_s, handler, *args) as returned by a handler
+_push = heapq.heappush
 
 
 class Simulator:
@@ -25,9 +26,10 @@ class Simulator:
 
     def schedule(self, t_s: float, fn: Callable[..., Any], *args: Any) -> None:
         """Run fn(*args) at time t_s (not before now: the past is clamped to now)."""
-        t_s = max(t_s, self.now_s)
+        if t_s < self.now_s:
+            t_s = self.now_s
         self._seq += 1
-        heapq.heappush(self._heap, (t_s, self._seq, fn, args))
+        _push(self._heap, (t_s, self._seq, fn, args))
 
     def pending(self) -> int:
         return len(self._heap)

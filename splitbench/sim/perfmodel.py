@@ -73,6 +73,10 @@ class PerfModel:
             self._info["notes"].append("power-capped rows are SYNTHETIC in SplitwiseSim's profile (PROFILES.md "
                                        "caveat 1: prompt_time x 1.30 of the uncapped rows, token_time and e2e_time "
                                        "unchanged, so e2e - prompt_time is understated and the kv fit is biased)")
+        # memos of the two interpolations, keyed by the whole-number argument: the simulator asks for the same
+        # batch sizes and prompt-token totals millions of times (np.interp is ~5 us a call)
+        self._prompt_memo: dict[int, float] = {}
+        self._base_memo: dict[int, float] = {}
         pts = self._points(rows, max_fit_output_tokens)
         self._fit_prompt(pts)
         self._fit_kv(pts, bandwidth_bps)
@@ -184,12 +188,17 @@ class PerfModel:
     # ---------------------------------------------------------------- queries
     def prompt_time_s(self, batched_prompt_tokens: int) -> float:
         """One prefill iteration over `batched_prompt_tokens` tokens (0 for none)."""
-        if batched_prompt_tokens <= 0:
-            return 0.0
-        return _interp(self._px, self._py, batched_prompt_tokens)
+        v = self._prompt_memo.get(batched_prompt_tokens)
+        if v is None:
+            v = 0.0 if batched_prompt_tokens <= 0 else _interp(self._px, self._py, batched_prompt_tokens)
+            self._prompt_memo[batched_prompt_tokens] = v
+        return v
 
     def base_s(self, batch_size: int) -> float:
-        return 0.0 if batch_size <= 0 else _interp(self._bx, self._by, batch_size)
+        v = self._base_memo.get(batch_size)
+        if v is None:
+            v = self._base_memo[batch_size] = 0.0 if batch_size <= 0 else _interp(self._bx, self._by, batch_size)
+        return v
 
     def token_time_s(self, batch_size: int, context_tokens: int) -> float:
         """One decode iteration of `batch_size` requests holding `context_tokens` KV tokens in total."""

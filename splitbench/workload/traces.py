@@ -18,6 +18,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from splitbench.errors import InputError
+from splitbench.schema.columns import np_values   # no pandas import (to_numpy imports it: ~0.5 s of CPU)
 from splitbench.workload.types import Workload
 
 DEFAULT_COLUMNS = {"timestamp": "TIMESTAMP", "input": "ContextTokens", "output": "GeneratedTokens"}
@@ -110,7 +111,7 @@ class _Parser:
         if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
                 or pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
             self.fail(f"column type {arr.type} is not numeric", None, role, line=1)
-        v = self._cast(arr, pa.float64(), role, base, "non-numeric token count").to_numpy(zero_copy_only=False)
+        v = np_values(self._cast(arr, pa.float64(), role, base, "non-numeric token count"))
         bad = ~(np.isfinite(v) & (v >= 1) & (v == np.floor(v)))
         if bad.any():
             i = int(np.argmax(bad))
@@ -132,10 +133,10 @@ class _Parser:
             else:
                 self.fail(f"column type {t} is not a timestamp or number", None, "timestamp", line=1)
         if self.mode == "ts":
-            return arr.cast(pa.timestamp("ns", tz=t.tz)).cast(pa.int64()).to_numpy(zero_copy_only=False)
+            return np_values(arr.cast(pa.timestamp("ns", tz=t.tz)).cast(pa.int64()))
         if self.mode == "s":
             v = self._cast(arr, pa.float64(), "timestamp", base, "unparseable timestamp (expected seconds)")
-            v = v.to_numpy(zero_copy_only=False)
+            v = np_values(v)
             if not np.isfinite(v).all():
                 i = int(np.argmax(~np.isfinite(v)))
                 self.fail(f"unparseable timestamp {arr[i].as_py()!r}", base + i, "timestamp")
@@ -144,7 +145,7 @@ class _Parser:
         hint = "with" if self.mode == "tz" else "without"
         ts = self._cast(arr, target, "timestamp", base, f"unparseable timestamp (expected a date-time {hint} UTC offset"
                         f" like the first row)")
-        return ts.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        return np_values(ts.cast(pa.int64()))
 
     def relative(self, t: np.ndarray, t0) -> np.ndarray:
         return (t - t0).astype(np.float64) / (1.0 if self.mode == "s" else 1e9)

@@ -1,0 +1,276 @@
+"""The pending-token Ledger the router and the simulator keep, the InstanceViews policies see, and the ledger's
+ranks: each pool group sorted by the count its policies compare, so a least-loaded choice and its ties take
+O(log n) instead of a scan of every instance per request. No policy logic: that is policies.py.
+"""
+from __future__ import annotations
+
+import weakref
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+PROMPT, TOKEN, MIXED, BASELINE = "prompt", "token", "mixed", "baseline"
+POOLS = (PROMPT, TOKEN, MIXED, BASELINE)
+COLOCATED_POOLS = (MIXED, BASELINE)  # instances configured to run whole requests themselves
+COLOCATED = "colocated"              # the Ledger's rank of co-located instances (by all pending tokens)
+_GROUP = {PROMPT: PROMPT, TOKEN: TOKEN, MIXED: COLOCATED, BASELINE: COLOCATED}
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """What a policy may know about one instance at decision time (pending counts kept by the caller)."""
+    id: str
+    pool: str                       # configured pool: prompt | token | mixed | baseline
+    pending_prompt_tokens: int = 0  # input tokens dispatched here whose prefill has not finished
+    pending_decode_tokens: int = 0  # output tokens dispatched here whose request has not finished
+    running: int = 0                # requests dispatched here and not finished (for this instance's role)
+    healthy: bool = True
+
+    @property
+    def pending_tokens(self) -> int:
+        return self.pending_prompt_tokens + self.pending_decode_tokens
+
+
+class Rank:
+    """Positions ordered by (key, position): `least()` gives the smallest key's positions in position order, so
+    a tie-break over them sees the candidates in the same order as a scan of the instance list would. Entries are
+    the ints key * SPAN + position (one int compares faster than a tuple; order is the same for any int key)."""
+
+    __slots__ = ("_items", "_key", "total")
+    SPAN = 1 << 32   # more positions than any cluster has
+
+    def __init__(self) -> None:
+        self._items: list[int] = []   # key * SPAN + position, sorted
+        self._key: dict[int, int] = {}
+        self.total = 0                # sum of the keys
+
+    def set(self, pos: int, key: int) -> None:
+        old = self._key.get(pos)
+        if old == key:
+            return
+        items = self._items
+        if old is not None:
+            del items[bisect_left(items, old * self.SPAN + pos)]
+            self.total -= old
+        self._key[pos] = key
+        self.total += key
+        insort(items, key * self.SPAN + pos)
+
+    def discard(self, pos: int) -> None:
+        old = self._key.pop(pos, None)
+        if old is not None:
+            del self._items[bisect_left(self._items, old * self.SPAN + pos)]
+            self.total -= old
+
+    def key(self, pos: int) -> int | None:
+        return self._key.get(pos)
+
+    def __contains__(self, pos: int) -> bool:
+        return pos in self._key
+
+    def __len__(self) -> int:
+        return len(self._key)
+
+    def least(self, skip: frozenset | set | None = None) -> list[int]:
+        """Positions holding the smallest key, leaving out `skip`, in position order; [] when none is left."""
+        out: list[int] = []
+        span, end = self.SPAN, None
+        for e in self._items:
+            if end is None:
+                pos = e % span
+                if skip and pos in skip:
+                    continue
+                end = (e // span + 1) * span    # the first entry of the next key
+            elif e >= end:
+                break
+            else:
+                pos = e % span
+                if skip and pos in skip:
+                    continue
+            out.append(pos)
+        return out
+
+
+class Views(Sequence):
+    """A ledger's instance views in its order. Reading it as a sequence gives the snapshot of the moment views()
+    was called (materialized on first read, or by the ledger before it next changes while this object is alive);
+    `ranks()`, `view()` and `position()` answer from the live ledger and are None/unusable once it changed."""
+
+    __slots__ = ("__weakref__", "_items", "_ledger", "_version")
+
+    def __init__(self, ledger) -> None:
+        self._ledger, self._version, self._items = ledger, ledger.version, None
+
+    def _snapshot(self) -> tuple:
+        if self._items is None:
+            self._items = self._ledger.snapshot()
+        return self._items
+
+    def __getitem__(self, i):
+        return self._snapshot()[i]
+
+    def __len__(self) -> int:
+        return len(self._ledger.order)
+
+    def __iter__(self):
+        return iter(self._snapshot())
+
+    def __eq__(self, other) -> bool:
+        return tuple(self) == (tuple(other) if isinstance(other, Sequence) else other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Views({self._snapshot()!r})"
+
+    def ranks(self) -> dict[str, Rank] | None:
+        """The ledger's ranks by pool group, while the ledger is as it was at views(); else None (scan instead)."""
+        led = self._ledger
+        return led.current_ranks() if led.version == self._version else None
+
+    def view(self, pos: int):
+        """The InstanceView at `pos`, from the ledger (use only while ranks() is not None)."""
+        return self._ledger.view_at(pos)
+
+    def position(self, iid: str) -> int | None:
+        return self._ledger.position(iid)
+
+    def id(self, pos: int) -> str:
+        return self._ledger.order[pos]
+
+    @property
+    def ledger(self):
+        """The ledger itself (its counts are current: read them only while ranks() is not None)."""
+        return self._ledger
+
+    def positions(self, pool: str) -> list[int]:
+        """Positions of the instances configured in `pool`, in ledger order."""
+        return self._ledger.positions(pool)
+
+
+class Ledger:
+    """Pending-token accounting the caller keeps and turns into InstanceViews: tokens are added on dispatch,
+    prompt tokens leave the prompt instance when its prefill is done, decode tokens leave on finish. It also keeps
+    each pool group ranked by the count its policies sort by (ranks.Rank), which views() hands to policies."""
+
+    def __init__(self, instances: Iterable[tuple[str, str]]):
+        self.order: list[str] = []
+        self.pool: dict[str, str] = {}
+        for iid, pool in instances:
+            if pool not in POOLS:
+                raise ValueError(f"instance {iid!r}: pool must be one of {', '.join(POOLS)}, got {pool!r}")
+            if iid in self.pool:
+                raise ValueError(f"duplicate instance id {iid!r}")
+            self.order.append(iid)
+            self.pool[iid] = pool
+        self.prompt = dict.fromkeys(self.order, 0)
+        self.decode = dict.fromkeys(self.order, 0)
+        self.running = dict.fromkeys(self.order, 0)
+        self.healthy = dict.fromkeys(self.order, True)
+        self._index = self.index = {iid: k for k, iid in enumerate(self.order)}   # id -> position
+        # changed since the last snapshot (their cached views are rebuilt) / since the ranks were last brought
+        # up to date (done when a policy reads them: many changes between two decisions cost one update)
+        self._cache: list[InstanceView | None] = [None] * len(self.order)
+        self._dirty: set[str] = set(self.order)
+        self._stale: set[str] = set(self.order)
+        self.version = 0                   # bumped by every change; Views answer from the ranks only while equal
+        self._ranks = {g: Rank() for g in (PROMPT, TOKEN, COLOCATED)}
+        # per instance: its position, its rank and which count ranks it (0 prompt, 1 decode, 2 both)
+        self._slot = {iid: (k, self._ranks[_GROUP[p]], 0 if p == PROMPT else 1 if p == TOKEN else 2)
+                      for k, (iid, p) in enumerate(self.pool.items())}
+        self._watched = None               # weak reference to the last Views handed out
+        self._positions: dict[str, list[int]] = {}
+        for k, iid in enumerate(self.order):
+            self._positions.setdefault(self.pool[iid], []).append(k)
+
+    def _view(self, i: str) -> InstanceView:
+        return InstanceView(i, self.pool[i], self.prompt[i], self.decode[i], self.running[i], self.healthy[i])
+
+    def snapshot(self) -> tuple[InstanceView, ...]:
+        if self._dirty:
+            for i in self._dirty:
+                self._cache[self._index[i]] = self._view(i)
+            self._dirty.clear()
+        return tuple(self._cache)
+
+    def current_ranks(self) -> dict[str, Rank]:
+        """The ranks, brought up to date with every change so far."""
+        if self._stale:
+            for iid in self._stale:
+                pos, rank, kind = self._slot[iid]
+                if self.healthy[iid]:
+                    rank.set(pos, self.prompt[iid] if kind == 0 else self.decode[iid] if kind == 1
+                             else self.prompt[iid] + self.decode[iid])
+                else:
+                    rank.discard(pos)
+            self._stale.clear()
+        return self._ranks
+
+    def views(self) -> Views:
+        """The instances as InstanceViews in ledger order (a snapshot of now), with the ranks for policies."""
+        v = Views(self)
+        self._watched = weakref.ref(v)
+        return v
+
+    def view_at(self, pos: int) -> InstanceView:
+        return self._view(self.order[pos])
+
+    def position(self, iid: str) -> int | None:
+        return self._index.get(iid)
+
+    def positions(self, pool: str) -> list[int]:
+        return self._positions.get(pool, [])
+
+    def _touch(self, iid: str) -> None:
+        self._dirty.add(iid)
+        self._stale.add(iid)
+
+    def _freeze(self) -> None:
+        """Before a change: views still alive and not yet read are frozen as they were."""
+        v = self._watched()
+        self._watched = None
+        if v is not None:
+            v._snapshot()
+
+    def set_healthy(self, iid: str, healthy: bool) -> None:
+        if self._watched is not None:
+            self._freeze()
+        self.version += 1
+        self.healthy[iid] = healthy
+        self._touch(iid)
+
+    def dispatch(self, d, r) -> None:
+        if self._watched is not None:
+            self._freeze()
+        self.version += 1
+        p, t = d.prompt_instance, d.token_instance
+        self.prompt[p] += r.input_tokens
+        self.running[p] += 1
+        if t:
+            self.decode[t] += r.output_tokens
+            self.running[t] += 1
+            self._touch(t)
+        else:
+            self.decode[p] += r.output_tokens
+        self._touch(p)
+
+    def prefill_done(self, d, r) -> None:
+        """Call once per request, also when the prefill failed."""
+        if self._watched is not None:
+            self._freeze()
+        self.version += 1
+        p = d.prompt_instance
+        self.prompt[p] -= r.input_tokens
+        if d.token_instance:
+            self.running[p] -= 1
+        self._touch(p)
+
+    def finish(self, d, r) -> None:
+        """Call once per request after prefill_done(), whether it succeeded or not."""
+        if self._watched is not None:
+            self._freeze()
+        self.version += 1
+        tok = d.token_instance or d.prompt_instance
+        self.decode[tok] -= r.output_tokens
+        self.running[tok] -= 1
+        self._touch(tok)
