@@ -211,8 +211,10 @@ class PerfModel:
         k = int(iterations)
         if k <= 0 or batch_size <= 0:
             return 0.0
-        return k * self.base_s(batch_size) + self.kv_s_per_token * (k * context_tokens +
-                                                                      batch_size * k * (k - 1) / 2)
+        base = self._base_memo.get(batch_size)
+        if base is None:
+            base = self.base_s(batch_size)
+        return k * base + self.kv_s_per_token * (k * context_tokens + batch_size * k * (k - 1) / 2)
 
     def iterations_within(self, batch_size: int, context_tokens: int, duration_s: float) -> int:
         """Largest k with token_iterations_s(b, C, k) <= duration_s (quadratic root, then exact boundary fix)."""
@@ -222,10 +224,12 @@ class PerfModel:
             raise ValueError(f"duration_s must be finite, got {duration_s}")
         if duration_s <= 0:
             return 0
-        a2 = self.kv_s_per_token * batch_size / 2
-        a1 = self.base_s(batch_size) + self.kv_s_per_token * context_tokens - a2
+        b, c, kv, base = batch_size, context_tokens, self.kv_s_per_token, self.base_s(batch_size)
+        a2 = kv * b / 2
+        a1 = base + kv * c - a2
         k = int(duration_s / a1) if a2 == 0 else int(2 * duration_s / (a1 + math.sqrt(a1 * a1 + 4 * a2 * duration_s)))
-        f = lambda n: self.token_iterations_s(batch_size, context_tokens, n)  # noqa: E731
+        # token_iterations_s(b, c, n), the same expression (so the same floats), without the calls
+        f = lambda n: 0.0 if n <= 0 else n * base + kv * (n * c + b * n * (n - 1) / 2)  # noqa: E731
         while f(k + 1) <= duration_s:
             k += 1
         while k > 0 and f(k) > duration_s:
