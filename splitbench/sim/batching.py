@@ -3,7 +3,6 @@ runs the decodes first (one token each), then fills the rest of a per-iteration 
 """
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from typing import Any
 
@@ -111,15 +110,7 @@ class ChunkedBatching:
             m.ctx += m.b
             m.log_t.append(now)
             m.log_it.append(m.it)
-            fin, it, end_log = m.fin, m.it, len(m.log_t)
-            while fin and fin[0][0] <= it:
-                r = heapq.heappop(fin)[2]
-                r.last, r.end_log = now, end_log
-                m.b -= 1
-                m.ctx -= r.kv
-                m.kv_free += r.kv
-                ledger.finish(r.d, r.req)
-                cl.rec.finished(r, m.idx)
+            cl.finish_due(m, now)
         for e, n in st.chunks:
             e[1] += n
             r = e[0]

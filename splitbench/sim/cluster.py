@@ -314,9 +314,15 @@ class SimCluster:
         m.log_t.append(now)
         m.log_it.append(m.it)
         self.n["runs"] += 1
+        self.finish_due(m, now)
+        self._plan(m)
+
+    def finish_due(self, m: _Machine, now: float) -> None:
+        """The requests of m's decode batch whose last token came with the iteration just logged leave it
+        (KV freed, ledger and recorder told); the chunked batching's iterations end the same way."""
         fin, it = m.fin, m.it
-        end_log = len(m.log_t)
         if fin and fin[0][0] <= it:
+            end_log = len(m.log_t)
             finish, finished = self.ledger.finish, self.rec.finished
             while fin and fin[0][0] <= it:
                 r = heapq.heappop(fin)[2]
@@ -326,7 +332,6 @@ class SimCluster:
                 m.kv_free += r.kv
                 finish(r.d, r.req)
                 finished(r, m.idx)
-        self._plan(m)
 
 
 def simulate(workload, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, int],
