@@ -26,9 +26,13 @@ from splitbench.ledger import (
 
 @dataclass(frozen=True, slots=True)
 class Request:
+    """What a policy sees of a request. prefix_hashes: the prompt's KV block hashes in order (equal hash at the same
+    position = a reusable prefix block; the live router hashes the prompt's token blocks, the simulator takes the
+    trace's hash ids), empty when unknown. Policies that ignore prefixes never read it."""
     id: str
     input_tokens: int
     output_tokens: int
+    prefix_hashes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

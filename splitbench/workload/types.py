@@ -16,6 +16,13 @@ class Workload:
     trace_index: np.ndarray     # int64: 0-based data-row index in the source trace
     source: dict = field(default_factory=dict)      # {"name", "path", "sha256", ...}
     transforms: dict = field(default_factory=dict)  # what was applied: window, rate_scale, clipped, ...
+    # prefix-hash traces (Mooncake and the like): per request its prompt's block hash ids in order (int64 arrays;
+    # block_tokens tokens each, the last block may be partial); None for traces without hashes
+    prefix_hashes: list[np.ndarray] | None = None
+    block_tokens: int = 0
+    # multi-turn sessions: int64 per request, -1 = not part of a session; turn 0, 1, ... within a session
+    session_id: np.ndarray | None = None
+    turn: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.arrival_s.shape[0])
