@@ -59,15 +59,28 @@ def test_placement_of_split_and_colocated_requests():
     assert placement("b0", "baseline", "b0", "baseline") == placement("b0", "baseline")
 
 
-def test_v2_parquet_round_trip_keeps_the_placement_columns(tmp_path):
-    recs = [rec(0, **SPLIT), rec(1, **COLOCATED), rec(2)]
+def test_parquet_round_trip_keeps_the_placement_and_cache_columns(tmp_path):
+    recs = [rec(0, **SPLIT), rec(1, **COLOCATED, cached_input_tokens=512, session_id=7, turn=2), rec(2)]
     R.write_records(tmp_path, "run-a", recs)
     table = pq.read_table(tmp_path / R.RECORDS_FILE)
-    assert table.schema.metadata[R.VERSION_KEY] == b"2"
+    assert table.schema.metadata[R.VERSION_KEY] == b"3"
+    assert table.column("cached_input_tokens").to_pylist() == [None, 512, None]
+    assert table.column("turn").to_pylist() == [None, 2, None]
     assert table.column("prefill_instance").to_pylist() == ["prompt-0", "mixed-0", None]
     assert table.column("decode_pool").to_pylist() == ["token", "mixed", None]
     assert table.column("pool").to_pylist() == ["split", "mixed", None]
     assert R.read_records(tmp_path) == recs
+
+
+def test_v2_parquet_reads_with_null_cache_and_session_columns(tmp_path):
+    recs = [rec(0, **SPLIT), rec(1)]
+    R.write_records(tmp_path, "run-a", recs)
+    path = tmp_path / R.RECORDS_FILE
+    t = pq.read_table(path)
+    t = t.drop_columns(["cached_input_tokens", "session_id", "turn"]).replace_schema_metadata({R.VERSION_KEY: b"2"})
+    pq.write_table(t, path)
+    back = R.read_records(tmp_path)
+    assert back == recs and all(r.cached_input_tokens is None and r.session_id is None for r in back)
 
 
 # ---------------------------------------------------------------- version 1 reader
@@ -100,8 +113,9 @@ def test_v1_journal_lines_of_a_crashed_run_load_as_v2(tmp_path):
 
 def test_newer_records_version_is_a_one_line_error(tmp_path):
     table = R.records_to_table([rec(0)], "x")
-    pq.write_table(table.replace_schema_metadata({R.VERSION_KEY: b"3"}), tmp_path / R.RECORDS_FILE)
-    with pytest.raises(InputError, match="version 3 is newer"):
+    pq.write_table(table.replace_schema_metadata({R.VERSION_KEY: str(R.SCHEMA_VERSION + 1).encode()}),
+                   tmp_path / R.RECORDS_FILE)
+    with pytest.raises(InputError, match=f"version {R.SCHEMA_VERSION + 1} is newer"):
         R.read_records(tmp_path)
 
 

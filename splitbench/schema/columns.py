@@ -21,6 +21,7 @@ from splitbench.schema.records import ARROW_SCHEMA, RECORDS_FILE, STATUSES, Requ
 _NP = {pa.float64(): np.float64, pa.int64(): np.int64, pa.int32(): np.int32, pa.int8(): np.int8}
 PLACEMENT = ("instance", "pool", "prefill_instance", "decode_instance", "prefill_pool", "decode_pool")
 TIMES = ("actual_send_s", "first_token_s", "last_token_s", "end_s")
+COUNTS = ("cached_input_tokens", "session_id", "turn")   # optional whole-number columns (schema v3)
 ROWS_PER_GROUP = 131072   # rows of one Parquet row group (and one block of the table build)
 
 
@@ -102,6 +103,7 @@ class RecordColumns:
     error: dict[int, str] = field(default_factory=dict)
     http_status: dict[int, int] = field(default_factory=dict)
     request_id: list[str] | None = None   # None: "r<trace_index>", the simulator's ids
+    counts: dict[str, np.ndarray] = field(default_factory=dict)   # COUNTS -> int64, -1 = None; absent = all None
 
     def __len__(self) -> int:
         return len(self.trace_index)
@@ -145,7 +147,8 @@ class RecordColumns:
             phases={p: f64(lambda r, p=p: r.phases_s.get(p)) for p in phase_names},
             statuses=tuple(statuses), names=tuple(names),
             error={i: r.error for i, r in enumerate(records) if r.error is not None},
-            http_status={i: r.http_status for i, r in enumerate(records) if r.http_status is not None})
+            http_status={i: r.http_status for i, r in enumerate(records) if r.http_status is not None},
+            counts={k: i64(lambda r, k=k: getattr(r, k)) for k in COUNTS})
 
     def records(self) -> list[RequestRecord]:
         """The rows as RequestRecords (Python values throughout)."""
@@ -159,6 +162,7 @@ class RecordColumns:
         offs, toks = self.chunk_offsets_s.tolist(), self.chunk_tokens.tolist()
         oat, tat, status = self.offsets_at.tolist(), self.tokens_at.tolist(), self.status.tolist()
         ids = self.request_id or [f"r{t}" for t in lists["trace_index"]]
+        counts = {k: [None if v < 0 else v for v in a.tolist()] for k, a in self.counts.items()}
         out = []
         for i in range(len(self)):
             out.append(RequestRecord(
@@ -170,7 +174,8 @@ class RecordColumns:
                 actual_output_tokens=None if lists["oa"][i] < 0 else lists["oa"][i],
                 status=self.statuses[status[i]], error=self.error.get(i), http_status=self.http_status.get(i),
                 **{k: v[i] for k, v in place.items()},
-                phases_s={k: v[i] for k, v in phases.items() if v[i] == v[i]}))
+                phases_s={k: v[i] for k, v in phases.items() if v[i] == v[i]},
+                **{k: v[i] for k, v in counts.items()}))
         return out
 
     def table(self, run_id: str, lo: int = 0, hi: int | None = None) -> pa.Table:
@@ -201,8 +206,14 @@ class RecordColumns:
             if self.http_status else arrow_values(np.zeros(n), pa.int32(), np.zeros(n, bool)),
             **{k: _coded(names, a[s]) for k, a in self.placement.items()},
             "phases_s": self._phases(lo, hi),
+            **{k: self._count(k, s, n) for k in COUNTS},
         }
         return pa.Table.from_arrays([cols[c] for c in ARROW_SCHEMA.names], schema=ARROW_SCHEMA)
+
+    def _count(self, name: str, s: slice, n: int) -> pa.Array:
+        """One COUNTS column of rows s (nulls where -1, all nulls when the column was never set)."""
+        a = self.counts.get(name)
+        return pa.nulls(n, pa.int64()) if a is None else arrow_values(a[s], pa.int64(), a[s] >= 0)
 
     def _phases(self, lo: int, hi: int) -> pa.Array:
         """The phases map column: per row, the set phases in phase_names order."""

@@ -1,4 +1,4 @@
-"""Per-request records (schema version 2): the dataclass every live and simulated run produces, its Arrow schema,
+"""Per-request records (schema version 3): the dataclass every live and simulated run produces, its Arrow schema,
 the crash-safe journal writer, and the one Parquet reader (version 1 files migrate on read).
 
 Times are seconds on the run clock (monotonic, 0 = run start); run.json anchors it to wall time.
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from splitbench.errors import InputError
 from splitbench.schema.files import atomic_write_table, read_json_object
 
-SCHEMA_VERSION = 2        # records schema; stored in the Parquet metadata as VERSION_KEY
+SCHEMA_VERSION = 3        # records schema; stored in the Parquet metadata as VERSION_KEY
 VERSION_KEY = b"splitbench_schema_version"
 RECORDS_FILE = "records.parquet"
 JOURNAL_FILE = "records.journal.jsonl"
@@ -61,6 +61,9 @@ class RequestRecord:
     prefill_pool: str | None = None      # pool of prefill_instance when it ran the prefill ("prompt" if split)
     decode_pool: str | None = None       # pool of decode_instance when it ran the decode ("token" if split)
     phases_s: dict[str, float] = field(default_factory=dict)  # backend phase timestamps (run clock)
+    cached_input_tokens: int | None = None  # prompt tokens served from the prefix cache (server usage; simulator)
+    session_id: int | None = None        # multi-turn replay: the session this request is a turn of
+    turn: int | None = None              # 0, 1, ... within session_id
 
     @property
     def ok(self) -> bool:
@@ -113,11 +116,15 @@ ARROW_SCHEMA = pa.schema([
     ("prefill_pool", pa.string()),
     ("decode_pool", pa.string()),
     ("phases_s", pa.map_(pa.string(), pa.float64())),
+    ("cached_input_tokens", pa.int64()),
+    ("session_id", pa.int64()),
+    ("turn", pa.int64()),
 ], metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 _FIELDS = [f.name for f in fields(RequestRecord)]
 _PLACEMENT = ("instance", "pool", "prefill_instance", "decode_instance", "prefill_pool", "decode_pool")
 _V2_ONLY = _PLACEMENT[2:]
+_V3_ONLY = ("cached_input_tokens", "session_id", "turn")   # absent from version 2 files: read as nulls
 
 
 def records_to_table(records: Iterable[RequestRecord], run_id: str) -> pa.Table:
@@ -254,6 +261,9 @@ def _read_parquet(path: Path) -> pa.Table:
                          f"({SCHEMA_VERSION}): upgrade splitbench", file=str(path))
     if version < 2:
         table = _migrate_v1(table, path)
+    for name in _V3_ONLY:
+        if version < 3 and name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.int64()))
     missing = [n for n in ARROW_SCHEMA.names if n not in table.column_names]
     if missing:
         raise InputError("records file lacks this column", file=str(path), column=missing[0])
