@@ -13,7 +13,7 @@ from splitbench.app.options import RunOptions, parse_rate_scale, resolve_default
 from splitbench.app.runner import run
 from splitbench.backends.stub import StubBackend
 from splitbench.client.probe import http_get
-from splitbench.errors import InputError
+from splitbench.errors import InputError, ServerStartError
 from splitbench.metrics.slo import Reference
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_json
@@ -234,3 +234,18 @@ def test_a_sized_run_replays_the_window_at_the_chosen_rate_and_judges_it_by_its_
     assert meta["workload"]["source"]["workload_sha256"] == same.source["workload_sha256"]
     assert res.summary["splitwise"]["reference"] == sz["reference"] == meta["reference"]
     assert len(R.read_records(res.run_dir)) == 30 and (res.run_dir / "sizing" / "reference").is_dir()
+
+
+def test_sizing_against_a_failing_server_says_the_server_failed_not_that_the_host_is_busy(tmp_path, monkeypatch):
+    # a crashed P/D decode instance answered every sizing request with an error; sizing blamed a busy host
+    monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path / "cache"))
+    stub = StubBackend(ttft_s=0.01, tpot_s=0.002, cpu=-1, fail_rate=1.0)
+    stub.start(tmp_path)
+    try:
+        w = load(WorkloadSpec("synth:arrivals=poisson,rate=4,count=20,lengths=uniform,input=20-100,output=5-20,seed=3"))
+        probe = S.Probe(stub.endpoint(), stub.cfg.model, TokenIdPrompts(vocab_size=1000, seed=0).payload,
+                        out_dir=tmp_path / "records")
+        with pytest.raises(ServerStartError, match=r"sizing: \d+ of \d+ warm-up requests failed \(http_error"):
+            S.size_run(probe, w, S.key_parts("stub", {}, {"id": stub.cfg.model}, "completions"), point_s=1.0)
+    finally:
+        stub.stop()

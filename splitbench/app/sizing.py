@@ -15,7 +15,7 @@ import numpy as np
 
 from splitbench.client.replay import replay_workload
 from splitbench.client.replayer import ReplayConfig
-from splitbench.errors import InputError
+from splitbench.errors import InputError, ServerStartError
 from splitbench.hardware.ceiling import host_id, store_dir
 from splitbench.metrics.latency import coalesced, input_tokens
 from splitbench.metrics.slo import SPLITWISE_CHECKS, Reference, fit_reference
@@ -300,17 +300,26 @@ class Probe:
         return R.read_records(out)
 
 
+def _check_served(recs, what: str) -> None:
+    """A sizing replay whose requests failed is a server failure (ServerStartError, exit 1), not a busy host."""
+    bad = [r for r in recs if not r.ok]
+    if bad:
+        raise ServerStartError(f"sizing: {len(bad)} of {len(recs)} {what} requests failed ({bad[0].status}: "
+                               f"{(bad[0].error or '')[:200]}); see the instance logs in the run directory")
+
+
 def measure_reference(probe: Probe, w: Workload) -> tuple[Reference, list[int]]:
     """Warm each reference size once (first shapes are slow on CPU builds), then fit TTFT(prompt) and TBT. On a
     host too busy for the client to see each token (coalesced chunks) the reference is measured again, up to
     REF_ATTEMPTS times; then its TBT is vLLM's own mean inter-token latency over it, or sizing fails in one line."""
     sizes = reference_sizes(w)
-    probe.replay(grid(sizes, 1, 4, PROBE_INDEX_BASE // 2, "warmup"), 1, "warmup")
+    _check_served(probe.replay(grid(sizes, 1, 4, PROBE_INDEX_BASE // 2, "warmup"), 1, "warmup"), "warm-up")
     meta = {"source": "sizing", "sizes": sizes, "repeats": REF_REPEATS, "output_tokens": REF_OUTPUT_TOKENS}
     for attempt in range(1, REF_ATTEMPTS + 1):
         before = scrape.snapshots(probe.metrics_urls)
         recs = probe.replay(grid(sizes, REF_REPEATS, REF_OUTPUT_TOKENS, PROBE_INDEX_BASE // 2 + 1000 * attempt,
                                  "reference"), 1, "reference" if attempt == 1 else f"reference-{attempt}")
+        _check_served(recs, "reference")
         if not coalesced(recs):
             return fit_reference(recs, meta=meta), sizes
     server = scrape.server_times_ms(list(zip(before, scrape.snapshots(probe.metrics_urls))))

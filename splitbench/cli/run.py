@@ -81,6 +81,11 @@ def run(opts: dict,
     if result.interrupted:
         err_console.print("interrupted: finished records were written; exiting non-zero")
         raise typer.Exit(130)
+    counts = result.summary.get("counts") or {}
+    if counts.get("sent") and not counts.get("ok"):
+        err_console.print(f"every request failed ({counts.get('by_status')}): the server failed, see the instance "
+                          "logs in the run directory; exiting 1")
+        raise typer.Exit(1)
     if gate_rules is not None:
         res = run_gate([gate_baseline], [str(result.run_dir)], gate_rules, store=baseline_dir)
         emit_gate(res, None, None, None)

@@ -23,6 +23,7 @@ from typing import Any
 
 from splitbench.errors import ServerStartError
 from splitbench.procs import spawn, stop_group
+from splitbench.servers import vllm_plugin
 from splitbench.servers.logcause import log_failure_cause
 
 # Args that start the tiny model fastest on a small CPU box (measured: ~40 s to /health on 2 cores;
@@ -140,6 +141,7 @@ class VllmServer:
             groups = [self.cpu_cores[i * per:(i + 1) * per] for i in range(self.tensor_parallel)]
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        env[vllm_plugin.ENV] = "1"   # AMX permission up front: a decode-only CPU instance dies without it
         if self.gpu_ids is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids))
         env.update(self.env)   # caller's env wins
