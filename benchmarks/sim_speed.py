@@ -129,7 +129,7 @@ def line(r: dict) -> str:
 def table(rows: list[dict]) -> list[str]:
     known = [r for r in rows if r["ssim"]]
     if not known:
-        return ["SplitwiseSim reference times: not available (no {SSIM_REF}/*.json)"]
+        return [f"SplitwiseSim reference times: not available (no {SSIM_REF}/*.json)"]
     out = ["SplitwiseSim vs splitbench, whole command, both under /usr/bin/time -v (wall s, max RSS MB):",
            f"{'case':42s} {'SplitwiseSim':>14s} {'splitbench':>12s} {'speedup':>8s}"]
     for r in known:
