@@ -95,6 +95,9 @@ def traces_fetch(name: str = typer.Argument(..., help="Catalogue name (see `spli
         console.print("sha256 verified against the catalogue")
     elif res["status"] == "matches-unverified":
         console.print("sha256 matches the third-party value in the catalogue (not independently verified)")
+    elif res["status"] == "unknown-sha256":
+        err_console.print("warning: the catalogue has no sha256 for this trace, so the file is unverified "
+                          "(recorded as sha256_verified: false); check it before relying on it", highlight=False)
     else:
         err_console.print(f"warning: sha256 differs from the unverified third-party value "
                           f"{res['expected_sha256']}; check the file before relying on it", highlight=False)
