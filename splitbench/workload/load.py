@@ -73,6 +73,8 @@ class WorkloadSpec:
             raise InputError(f"--trace-dir {self.trace_dir} is not a directory")
         if self.is_synth:
             parse_spec(self.trace)
+            if self.block_tokens is not None:
+                raise InputError("--block-tokens is for hash-id JSONL traces; a synth: spec takes block=N")
 
     def describe(self) -> dict:
         """JSON-able options (run.json)."""
