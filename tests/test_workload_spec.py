@@ -111,7 +111,7 @@ def test_every_option_is_checked_before_any_download(isolated, serve, monkeypatc
 def test_spec_fields_and_describe_are_the_documented_set():
     names = [f.name for f in fields(WorkloadSpec)]
     assert names == ["trace", "trace_dir", "columns", "start_s", "duration_s", "rate_scale", "max_requests",
-                     "max_context_tokens", "fetch"]
+                     "max_context_tokens", "fetch", "block_tokens", "prefix_block_tokens"]
     d = WorkloadSpec("synth:rate=5,count=3", duration_s=1.0).describe()
     assert json.loads(json.dumps(d)) == d and d["trace"] == "synth:rate=5,count=3" and d["fetch"] is True
 

@@ -148,6 +148,9 @@ def _locust_meta(lo: LocustOptions) -> dict:
 def _session_file(session: RunSession, lo: LocustOptions) -> Path:
     """What Locust's master needs to shard and replay: the connected workload, replay and prompt settings."""
     o, c = session.opts, session.conn
+    if c.workload.prefix_hashes is not None:
+        raise InputError("locust does not build prefix-hash prompts (its workers would send unique prompts); "
+                         "replay prefix-hash traces with `splitbench run`")
     replay = {k: v for k, v in asdict(c.cfg).items() if k not in ("headers", "start_at_unix_s")}
     spec = {"run_id": session.meta["run_id"], "run_dir": str(session.run_dir.resolve()),
             "start_lead_s": lo.start_lead_s, "headless": lo.headless, "http_name": PATHS[o.api], "replay": replay,

@@ -38,6 +38,9 @@ class RunOptions:
     vocab_size: int | None = None          # token-id range when no tokenizer is known
     seed: int = 0
     shared_prefix_tokens: int = 0
+    prefix_salt: str | None = None         # prefix-hash prompts: another salt, other blocks (a cold cache again)
+    block_tokens: int | None = None        # hash-id JSONL traces: tokens per hash block [catalogue's; 512]
+    prefix_block_tokens: int | None = None  # rescale hash blocks to this many tokens (workload transform)
     max_context_tokens: int | None = None  # default: the server's max_model_len
     max_inflight: int | None = None
     timeout_s: float = 600.0
@@ -75,7 +78,8 @@ def workload_spec(opts) -> WorkloadSpec:
     to size ("auto") reads as 1."""
     return WorkloadSpec(trace=opts.trace, trace_dir=opts.trace_dir, columns=opts.columns, start_s=opts.start_s,
                         duration_s=opts.duration_s, rate_scale=1.0 if opts.rate_scale in (None, "auto") else opts.rate_scale, max_requests=opts.max_requests,
-                        max_context_tokens=opts.max_context_tokens, fetch=opts.fetch)
+                        max_context_tokens=opts.max_context_tokens, fetch=opts.fetch,
+                        block_tokens=opts.block_tokens, prefix_block_tokens=opts.prefix_block_tokens)
 
 
 def local_cpu_cluster(opts: RunOptions) -> bool:

@@ -118,7 +118,8 @@ class RunSession:
             workload = clip_context(workload, int(info["max_model_len"]))
             workload.source["workload_sha256"] = workload_digest(workload)
         prompts = prompt_source(info, api=o.api, tokenizer=o.tokenizer, vocab_size=o.vocab_size, seed=o.seed,
-                                shared_prefix_tokens=o.shared_prefix_tokens)
+                                shared_prefix_tokens=o.shared_prefix_tokens, prefix_salt=o.prefix_salt,
+                                workload=workload)
         cfg = ReplayConfig(base_url=base_url, model=o.model or info.get("id") or "default", api=o.api,
                            headers=headers, http=o.http, max_inflight=o.max_inflight, timeout_s=o.timeout_s,
                            grace_s=o.grace_s)

@@ -162,6 +162,8 @@ class SimOptions:
     rate_scale: float = 1.0
     max_requests: int | None = None
     max_context_tokens: int | None = None  # clip input+output as a live run clips to the server's max_model_len
+    block_tokens: int | None = None        # hash-id JSONL traces: tokens per hash block
+    prefix_block_tokens: int | None = None  # rescale hash blocks to this many tokens
     model: str = "bloom-176b"
     model_dir: str | None = None
     profile: str | None = None

@@ -19,6 +19,10 @@ WORKLOAD = (
     Opt("max_requests", Optional[int], "Replay at most this many requests."),
     Opt("max_context_tokens", Optional[int], "Clip requests to this context (run: default the server's "
         "max_model_len).", ("--max-context", "--max-context-tokens")),
+    Opt("block_tokens", Optional[int], "Hash-id JSONL traces: tokens per hash block [catalogue's; Mooncake 512; "
+        "Qwen-Bailian 16]."),
+    Opt("prefix_block_tokens", Optional[int], "Prefix-hash traces: make every hash block N tokens (input scaled "
+        "by N/block, same blocks, same reuse) to fit small models."),
 )
 FETCH = (Opt("fetch", bool, "Download a catalogue trace that is not found locally (sha256-checked)."),)
 PROMPTS = (
@@ -29,6 +33,8 @@ PROMPTS = (
     Opt("seed", int, "Seed for prompt synthesis."),
     Opt("shared_prefix_tokens", int, "Tokens of prompt prefix shared by all requests (prefix caching).",
         ("--shared-prefix",)),
+    Opt("prefix_salt", Optional[str], "Prefix-hash prompts: salt (text or number) for the hash blocks, so a "
+        "repeated play misses the cache the first one warmed [none]."),
 )
 CLIENT = (
     Opt("max_inflight", Optional[int], "Explicit cap on concurrent requests (per sender; reported when it binds)."),

@@ -20,6 +20,7 @@ from splitbench.servers.stub_main import run_server
 from splitbench.servers.tiny_model import write_tiny_model
 from splitbench.workload.catalog import catalog, fetch_trace, find_local
 from splitbench.workload.load import WorkloadSpec, load
+from splitbench.workload.prefix import VLLM_CPU_BLOCK_TOKENS
 from splitbench.workload.synth import from_spec, write_azure_csv
 from splitbench.workload.traces import parse_columns
 from splitbench.workload.transforms import workload_stats
@@ -42,14 +43,16 @@ def traces_list(trace_dir: Optional[str] = typer.Option(None, "--trace-dir", hel
 def traces_show(opts: dict,
                 trace: str = typer.Argument(..., help="Catalogue name, file path, or synth:... spec."),
                 plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: arrivals/s + length histograms."),
-                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
-    """Validate a trace, apply the transforms and print its statistics."""
-
-
+                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+                server_block_tokens: int = typer.Option(VLLM_CPU_BLOCK_TOKENS, help="Prefix-hash traces: the "
+                                                        "server's KV block size for the expected cache hits "
+                                                        "[vLLM CPU's default].")):
+    """Validate a trace, apply the transforms and print its statistics (prefix-hash traces: block reuse, expected
+    prefix-cache hits with a cache that never evicts, inferred sessions)."""
     w = load(WorkloadSpec(trace, **{**opts, "columns": parse_columns(opts["columns"]),
                                     "rate_scale": parse_rate_scale(opts["rate_scale"], allow_auto=False) or 1.0},
                           fetch=False))
-    stats = workload_stats(w)
+    stats = workload_stats(w, server_block_tokens)
     if plot:
         plot_workload(w, str(plot))
     if as_json:
@@ -69,12 +72,29 @@ def traces_show(opts: dict,
         d = stats[role]
         table.add_row(role.replace("_", " "), f"mean {d['mean']:.1f}  min {d['min']}  p50 {d['p50']:.0f}  "
                       f"p90 {d['p90']:.0f}  p99 {d['p99']:.0f}  max {d['max']}")
+    for k, v in _prefix_rows(stats):
+        table.add_row(k, v)
     table.add_row("sha256", str(w.source.get("sha256")))
     for k, v in w.transforms.items():
         table.add_row(f"transform: {k}", json.dumps(v, default=str))
     console.print(table)
     if plot:
         console.print(f"plot written to {plot}")
+
+
+def _prefix_rows(stats: dict) -> list[tuple[str, str]]:
+    rows = []
+    p, se = stats.get("prefix"), stats.get("sessions")
+    if p:
+        rows += [("hash blocks", f"{p['blocks']:,} of {p['block_tokens']} tokens, {p['distinct_blocks']:,} distinct, "
+                                 f"{p['reused_fraction']:.1%} reused"),
+                 ("expected cache hits", f"{p['expected_hit_fraction']:.1%} of prompt tokens (never-evicting cache, "
+                                         f"{p['server_block_tokens']}-token server blocks)")]
+    if se:
+        rows.append(("sessions (inferred)", f"{se['sessions']:,} with {se['requests_in_sessions']:,} requests "
+                     f"(mean {se['mean_turns']:.2f} turns, max {se['max_turns']}); {se['singletons']:,} singletons; "
+                     f"by turns {json.dumps(se['sessions_by_turns'])}"))
+    return rows
 
 
 @user_errors
@@ -95,6 +115,9 @@ def traces_fetch(name: str = typer.Argument(..., help="Catalogue name (see `spli
         console.print("sha256 verified against the catalogue")
     elif res["status"] == "matches-unverified":
         console.print("sha256 matches the third-party value in the catalogue (not independently verified)")
+    elif res["status"] == "unknown-sha256":
+        err_console.print("warning: the catalogue has no sha256 for this trace, so the file is unverified "
+                          "(recorded as sha256_verified: false); check it before relying on it", highlight=False)
     else:
         err_console.print(f"warning: sha256 differs from the unverified third-party value "
                           f"{res['expected_sha256']}; check the file before relying on it", highlight=False)
@@ -107,7 +130,8 @@ def traces_synth(spec: str = typer.Argument(..., help="e.g. synth:arrivals=poiss
                  trace_dir: Optional[str] = typer.Option(None, "--trace-dir", help="For lengths=TRACE.")):
     """Generate a seeded synthetic workload and write it as an Azure-format CSV
     (TIMESTAMP,ContextTokens,GeneratedTokens). Keys: arrivals=poisson|gamma, rate, cv (gamma),
-    duration|count, lengths=fixed|uniform|TRACE, input, output (N or LOW-HIGH), seed."""
+    duration|count, lengths=fixed|uniform|TRACE, input, output (N or LOW-HIGH), seed, system_prompts=N,
+    system_share=F, block=TOKENS (prefix hashes; the CSV keeps only the lengths)."""
     w = from_spec(spec, trace_dir=trace_dir)
     write_azure_csv(w, out)
     span = float(w.arrival_s[-1]) if len(w) else 0.0

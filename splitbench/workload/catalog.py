@@ -101,9 +101,11 @@ def file_source(path: Path, name: str | None) -> dict:
         src["sha256_source"] = f"file over {SHA256_MAX_BYTES >> 20} MB and not fetched by splitbench; compare size+mtime"
     entry = catalog().get(name) if name else None
     if entry:
+        known = src["sha256"] != "not computed" and entry["sha256"] is not None
         src["catalog"] = name
         src["catalog_sha256"] = entry["sha256"]
-        src["sha256_matches_catalog"] = None if src["sha256"] == "not computed" else src["sha256"] == entry["sha256"]
+        src["sha256_matches_catalog"] = src["sha256"] == entry["sha256"] if known else None
+        src["sha256_verified"] = bool(entry.get("sha256_verified") and src["sha256_matches_catalog"])
     return src
 
 
@@ -114,7 +116,8 @@ def fetch_trace(name: str, *, dest: str | os.PathLike | None = None, url: str | 
     """Download catalogue trace `name` into dest (default: the user cache) via a temp file + atomic rename.
 
     A catalogue-verified sha256 must match (else InputError, nothing left behind); an unverified one is only
-    compared and reported in the returned dict's "status" ("verified", "matches-unverified", "mismatch-unverified").
+    compared and reported in the returned dict's "status" ("verified", "matches-unverified", "mismatch-unverified",
+    or "unknown-sha256" for an entry without any sha256: saved, its sidecar records verified false).
     """
     entry = catalog().get(name)
     if entry is None:
@@ -146,7 +149,7 @@ def fetch_trace(name: str, *, dest: str | os.PathLike | None = None, url: str | 
         raise InputError(f"download of {url} failed: {e}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
-    status = ("verified" if entry.get("sha256_verified") else
+    status = ("verified" if entry.get("sha256_verified") else "unknown-sha256" if expected is None else
               "matches-unverified" if digest == expected else "mismatch-unverified")
     st = target.stat()
     atomic_write_json(target.with_name(target.name + SIDECAR_SUFFIX),

@@ -10,6 +10,7 @@ from typing import Callable
 
 from splitbench.errors import InputError
 from splitbench.workload.catalog import catalog, ensure_local, file_source, resolve_trace
+from splitbench.workload.hashtrace import is_hash_jsonl
 from splitbench.workload.splitwisesim import is_splitwisesim_csv, read_splitwisesim_trace
 from splitbench.workload.synth import parse_spec, synthesize
 from splitbench.workload.traces import column_mapping, read_trace
@@ -19,14 +20,17 @@ from splitbench.workload.types import Workload
 DEFAULT_TRACE = "azure-conv-2023"
 SYNTH_PREFIX = "synth:"
 FLAGS = {"start_s": "--start", "duration_s": "--duration", "rate_scale": "--rate-scale",
-         "max_requests": "--max-requests", "max_context_tokens": "--max-context-tokens"}   # as InputErrors name them
-OPTIONAL = ("duration_s", "max_requests", "max_context_tokens")
+         "max_requests": "--max-requests", "max_context_tokens": "--max-context-tokens",
+         "block_tokens": "--block-tokens", "prefix_block_tokens": "--prefix-block-tokens"}   # as InputErrors name them
+OPTIONAL = ("duration_s", "max_requests", "max_context_tokens", "block_tokens", "prefix_block_tokens")
+WHOLE = ("max_requests", "max_context_tokens", "block_tokens", "prefix_block_tokens")
 
 
 @dataclass(frozen=True)
 class WorkloadSpec:
     """Which requests to replay: the same options wherever a workload is read (run, locust, simulate, traces show),
-    with the library's defaults. Transforms apply in this order: window, rate scale, max requests, clip."""
+    with the library's defaults. Transforms apply in this order: window, rate scale, max requests, prefix block
+    size, clip."""
     trace: str = DEFAULT_TRACE              # catalogue name, CSV/Parquet path, or synth:k=v,... spec
     trace_dir: str | None = None            # searched first for catalogue names (then the usual search path)
     columns: dict[str, str] | None = None   # role -> column of other files (traces.parse_columns reads --columns)
@@ -36,6 +40,8 @@ class WorkloadSpec:
     max_requests: int | None = None         # keep the first N requests of the window
     max_context_tokens: int | None = None   # clip input+output to this context (a live run: the server's limit)
     fetch: bool = True                      # download a catalogue trace that is not local (sha256-verified)
+    block_tokens: int | None = None         # tokens per hash block of a hash-id JSONL trace [catalogue's; 512]
+    prefix_block_tokens: int | None = None  # rescale hash blocks to this many tokens (same blocks, shorter prompts)
 
     @property
     def is_synth(self) -> bool:
@@ -47,13 +53,16 @@ class WorkloadSpec:
             raise InputError(f"--trace must name a catalogue trace, a file or a synth: spec, got {self.trace!r}")
         for name, flag in FLAGS.items():
             v = getattr(self, name)
-            whole = name in ("max_requests", "max_context_tokens")
+            whole = name in WHOLE
             if v is None and name in OPTIONAL:
                 continue
             if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)):
                 raise InputError(f"{flag} must be a {'whole number' if whole else 'number'}, got {v!r}")
         check_transform_args(start_s=self.start_s, duration_s=self.duration_s, rate_scale=self.rate_scale,
-                             max_requests=self.max_requests, max_context_tokens=self.max_context_tokens)
+                             max_requests=self.max_requests, max_context_tokens=self.max_context_tokens,
+                             prefix_block_tokens=self.prefix_block_tokens)
+        if self.block_tokens is not None and self.block_tokens < 1:
+            raise InputError(f"--block-tokens must be >= 1, got {self.block_tokens}")
         if self.columns is not None:
             if not isinstance(self.columns, dict):
                 raise InputError(f"columns must be a role -> column mapping, got {self.columns!r}")
@@ -64,6 +73,8 @@ class WorkloadSpec:
             raise InputError(f"--trace-dir {self.trace_dir} is not a directory")
         if self.is_synth:
             parse_spec(self.trace)
+            if self.block_tokens is not None:
+                raise InputError("--block-tokens is for hash-id JSONL traces; a synth: spec takes block=N")
 
     def describe(self) -> dict:
         """JSON-able options (run.json)."""
@@ -82,14 +93,17 @@ def _file(spec: WorkloadSpec, on_status: Callable[[str], None]) -> Workload:
         ensure_local(spec.trace, spec.trace_dir, on_status)
     path, cat_name = resolve_trace(spec.trace, spec.trace_dir)
     columns = spec.columns
-    if columns is None and cat_name:
-        columns = catalog()[cat_name].get("columns")
-    if columns is None and is_splitwisesim_csv(path):   # SplitwiseSim's own trace format, read natively
+    entry = catalog()[cat_name] if cat_name else {}
+    if columns is None:
+        columns = entry.get("columns")
+    if columns is None and not is_hash_jsonl(path) and is_splitwisesim_csv(path):   # SplitwiseSim's own trace format, read natively
         w = read_splitwisesim_trace(path, name=cat_name or path.stem)
         w.source.update(file_source(path, cat_name))
         return w
     w = read_trace(path, columns=columns, start_s=spec.start_s, duration_s=spec.duration_s,
-                   max_requests=spec.max_requests, name=cat_name or path.stem)
+                   max_requests=spec.max_requests, name=cat_name or path.stem,
+                   block_tokens=spec.block_tokens or entry.get("block_tokens"),
+                   timestamp_unit=entry.get("timestamp_unit", "ms"))
     w.source.update(file_source(path, cat_name))
     return w
 
@@ -103,6 +117,7 @@ def load(spec: WorkloadSpec, on_status: Callable[[str], None] = lambda s: None) 
     spec.validate()
     w = _synth(spec, on_status) if spec.is_synth else _file(spec, on_status)
     w = apply_transforms(w, start_s=spec.start_s, duration_s=spec.duration_s, rate_scale=spec.rate_scale,
-                         max_requests=spec.max_requests, max_context_tokens=spec.max_context_tokens)
+                         max_requests=spec.max_requests, max_context_tokens=spec.max_context_tokens,
+                         prefix_block_tokens=spec.prefix_block_tokens)
     w.source["workload_sha256"] = workload_digest(w)
     return w

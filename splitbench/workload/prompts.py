@@ -1,9 +1,11 @@
 """Request bodies with an exact prompt length: random token-id prompts, or chat text calibrated to a token count.
 
-Both are deterministic in (seed, trace_index) and unique per request, so prefix caching does not distort TTFT.
+Both are deterministic in (seed, trace_index) and unique per request, so prefix caching does not distort TTFT;
+token-id prompts of a prefix-hash workload are built from its hash blocks instead, so the cache sees its reuse.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -15,9 +17,25 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from splitbench.errors import InputError
+from splitbench.workload.types import Workload
 from splitbench.workload.words import WORDS
 
 _PREFIX_KEY = 2 ** 62  # rng stream of the shared prefix; trace indexes never reach it
+_BLOCK_KEY = 2 ** 62 + 1  # rng streams of hash blocks: [seed, _BLOCK_KEY, salt, hash id as uint64]
+_BLOCK_CACHE = 4096       # hash blocks kept drawn (int64 arrays: 4 KiB per 512-token block)
+
+
+def salt_key(salt: str | int | None) -> int:
+    """--prefix-salt as a non-negative integer: a whole number >= 0 as given, other text its sha256's first 8
+    bytes; None (no salt) is 0, so salt 0 is the unsalted play."""
+    if salt is None:
+        return 0
+    text = str(salt).strip()
+    if text.isdigit():
+        return int(text)
+    if not text:
+        raise InputError("--prefix-salt must be a whole number or non-empty text")
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 def _tokenizer_file(path: str | Path) -> Path:
@@ -32,7 +50,7 @@ class TokenIdPrompts:
     """`{"prompt": [ids]}` of exactly input_tokens random non-special ids; the first K shared if asked."""
 
     def __init__(self, vocab_size: int, special_ids: set[int] | frozenset[int] = frozenset(), seed: int = 0,
-                 shared_prefix_tokens: int = 0):
+                 shared_prefix_tokens: int = 0, prefix_salt: str | int | None = None):
         if vocab_size < 2:
             raise InputError(f"vocab_size must be >= 2, got {vocab_size}")
         if shared_prefix_tokens < 0:
@@ -51,9 +69,44 @@ class TokenIdPrompts:
         self._prefix = self._draw(np.random.default_rng([self.seed, _PREFIX_KEY]),
                                   self.shared_prefix_tokens).tolist()
         self.min_input_tokens = 1
+        self.prefix_salt, self._salt = prefix_salt, salt_key(prefix_salt)
+        self._hashes: dict[int, np.ndarray] = {}   # trace_index -> hash ids (use_prefix_hashes)
+        self.block_tokens = 0
+        self._blocks: dict[int, np.ndarray] = {}
+
+    def use_prefix_hashes(self, w: Workload) -> "TokenIdPrompts":
+        """Build request prompts from w's hash blocks: request i = block(h) for h in its hashes, cut to its input
+        tokens, then unique tokens if the hashes cover less; block(h) depends only on (seed, salt, h)."""
+        if w.prefix_hashes is None:
+            return self
+        if self.shared_prefix_tokens:
+            raise InputError("--shared-prefix gives every prompt one prefix; this workload has its own prefix hashes "
+                             "(use one or the other; synth: system_prompts=N,system_share=F is the hashed kind)")
+        self._hashes = dict(zip(w.trace_index.tolist(), w.prefix_hashes))
+        self.block_tokens, self._blocks = int(w.block_tokens), {}
+        return self
+
+    def block(self, h: int) -> np.ndarray:
+        """The block_tokens token ids of hash id h (seeded by seed, salt and h alone)."""
+        got = self._blocks.get(h)
+        if got is None:
+            if len(self._blocks) >= _BLOCK_CACHE:
+                self._blocks.clear()
+            rng = np.random.default_rng([self.seed, _BLOCK_KEY, self._salt, int(h) & 0xFFFFFFFFFFFFFFFF])
+            got = self._blocks[h] = self._draw(rng, self.block_tokens).astype(np.int64)
+        return got
+
+    def _hashed(self, hashes: np.ndarray, trace_index: int, n: int) -> list[int]:
+        need = min(hashes.size, -(-n // self.block_tokens))
+        blocks = [self.block(h) for h in hashes[:need].tolist()] or [np.empty(0, np.int64)]
+        ids = np.concatenate(blocks)[:n].tolist()
+        if len(ids) < n:   # the trace gave fewer hash ids than blocks: the rest is this request's own
+            ids += self._draw(np.random.default_rng([self.seed, int(trace_index)]), n - len(ids)).tolist()
+        return ids
 
     @classmethod
-    def from_tokenizer(cls, path: str | Path, seed: int = 0, shared_prefix_tokens: int = 0) -> "TokenIdPrompts":
+    def from_tokenizer(cls, path: str | Path, seed: int = 0, shared_prefix_tokens: int = 0,
+                       prefix_salt: str | int | None = None) -> "TokenIdPrompts":
         """Vocab size and special ids from a model dir (or its tokenizer.json)."""
         f = _tokenizer_file(path)
         try:
@@ -65,7 +118,8 @@ class TokenIdPrompts:
             raise InputError(f"cannot read tokenizer: {e}", file=str(f)) from None
         ids += [t["id"] for t in added]
         special = {int(t["id"]) for t in added if t.get("special")}
-        return cls(max(ids) + 1, special, seed=seed, shared_prefix_tokens=shared_prefix_tokens)
+        return cls(max(ids) + 1, special, seed=seed, shared_prefix_tokens=shared_prefix_tokens,
+                   prefix_salt=prefix_salt)
 
     def _draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         if self._range is not None:
@@ -76,6 +130,9 @@ class TokenIdPrompts:
         n = int(input_tokens)
         if n < 1:
             raise InputError(f"input_tokens must be >= 1, got {n} (trace row {trace_index})")
+        hashes = self._hashes.get(int(trace_index)) if self._hashes else None
+        if hashes is not None:
+            return self._hashed(hashes, trace_index, n)
         k = min(self.shared_prefix_tokens, n)
         own = self._draw(np.random.default_rng([self.seed, int(trace_index)]), n - k).tolist()
         return self._prefix[:k] + own if k else own
@@ -88,8 +145,13 @@ class TokenIdPrompts:
         return self.payload(trace_index, input_tokens), int(input_tokens)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "token_ids", "vocab_size": self.vocab_size, "special_ids": sorted(self.special_ids),
-                "seed": self.seed, "shared_prefix_tokens": self.shared_prefix_tokens}
+        out = {"kind": "token_ids", "vocab_size": self.vocab_size, "special_ids": sorted(self.special_ids),
+               "seed": self.seed, "shared_prefix_tokens": self.shared_prefix_tokens}
+        if self._hashes:
+            out["prefix_blocks"] = {"block_tokens": self.block_tokens, "requests": len(self._hashes),
+                                    "salt": None if self.prefix_salt is None else str(self.prefix_salt),
+                                    "salt_key": self._salt}
+        return out
 
 
 def _special(cfg: dict, name: str) -> str:
@@ -202,9 +264,14 @@ class ChatPrompts:
 
 
 def prompt_source(model_info: dict, *, api: str = "completions", tokenizer: str | None = None,
-                  vocab_size: int | None = None, seed: int = 0, shared_prefix_tokens: int = 0):
+                  vocab_size: int | None = None, seed: int = 0, shared_prefix_tokens: int = 0,
+                  prefix_salt: str | int | None = None, workload: Workload | None = None):
     """The prompt source for a served model: its local tokenizer (vLLM reports the model path as `root`) or the
-    given one gives exact-length prompts; else token ids below `vocab_size` (1000: low ids exist everywhere)."""
+    given one gives exact-length prompts; else token ids below `vocab_size` (1000: low ids exist everywhere).
+    A workload with prefix hashes gets prompts built from its hash blocks (token ids only)."""
+    hashed = workload is not None and workload.prefix_hashes is not None
+    if api == "chat" and hashed:
+        raise InputError("--api chat cannot reproduce a prefix-hash trace's blocks exactly; use --api completions")
     tok = tokenizer
     root = model_info.get("root")
     if tok is None and root and any((Path(root) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -214,6 +281,9 @@ def prompt_source(model_info: dict, *, api: str = "completions", tokenizer: str 
             raise InputError("--api chat needs --tokenizer DIR (to calibrate prompt lengths exactly)")
         return ChatPrompts(tok, seed=seed)
     if tok:
-        return TokenIdPrompts.from_tokenizer(tok, seed=seed, shared_prefix_tokens=shared_prefix_tokens)
-    return TokenIdPrompts(vocab_size=vocab_size or 1000, special_ids=set(range(10)), seed=seed,
-                          shared_prefix_tokens=shared_prefix_tokens)
+        src = TokenIdPrompts.from_tokenizer(tok, seed=seed, shared_prefix_tokens=shared_prefix_tokens,
+                                            prefix_salt=prefix_salt)
+    else:
+        src = TokenIdPrompts(vocab_size=vocab_size or 1000, special_ids=set(range(10)), seed=seed,
+                             shared_prefix_tokens=shared_prefix_tokens, prefix_salt=prefix_salt)
+    return src.use_prefix_hashes(workload) if hashed else src

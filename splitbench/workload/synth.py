@@ -1,6 +1,8 @@
-"""Seeded synthetic workloads: Poisson or gamma (burstiness CV) arrivals; fixed, uniform or trace-sampled lengths.
+"""Seeded synthetic workloads: Poisson or gamma (burstiness CV) arrivals; fixed, uniform or trace-sampled lengths;
+optionally N system prompts, each request's first share of its input one of them (prefix hashes).
 
-Spec strings: `synth:arrivals=gamma,cv=2,rate=50,count=1000,lengths=azure-conv-2023,seed=1`.
+Spec strings: `synth:arrivals=gamma,cv=2,rate=50,count=1000,lengths=azure-conv-2023,seed=1,system_prompts=4,
+system_share=0.5,block=16`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from splitbench.workload.catalog import catalog, file_source, resolve_trace
 from splitbench.workload.traces import read_trace
 from splitbench.workload.types import Workload
 
-_KEYS = ("arrivals", "rate", "cv", "duration", "count", "lengths", "input", "output", "seed")
+_KEYS = ("arrivals", "rate", "cv", "duration", "count", "lengths", "input", "output", "seed", "system_prompts",
+         "system_share", "block")
+SYNTH_BLOCK_TOKENS = 16   # hash block size of system-prompt workloads (vLLM's GPU default block size)
 _EPOCH = np.datetime64("2024-01-01T00:00:00", "ns")   # first timestamp of CSVs written by write_azure_csv
 
 
@@ -45,15 +49,40 @@ def _tokens_range(v, what: str) -> tuple[int, int]:
     return lo, hi
 
 
+def system_prompt_hashes(input_tokens: np.ndarray, system_prompts: int, system_share: float, block_tokens: int,
+                         seed: int = 0) -> list[np.ndarray]:
+    """Hash ids where each request takes one of `system_prompts` system prompts (seeded pick) for the whole blocks
+    of the first `system_share` of its input, and unique blocks after. System prompt j's k-th block has one id, so
+    two requests with the same system prompt share min(their system blocks) blocks exactly."""
+    if system_prompts < 1:
+        raise InputError(f"synth: system_prompts must be >= 1, got {system_prompts}")
+    if not 0 < system_share <= 1:
+        raise InputError(f"synth: system_share must be in (0, 1], got {system_share}")
+    if block_tokens < 1:
+        raise InputError(f"synth: block must be >= 1 token, got {block_tokens}")
+    pick = np.random.default_rng([seed, 1]).integers(0, system_prompts, len(input_tokens))
+    blocks = -(-input_tokens // block_tokens)
+    shared = np.floor(input_tokens * system_share / block_tokens).astype(np.int64)
+    stride = int(blocks.max()) + 1 if len(blocks) else 1
+    out, fresh = [], system_prompts * stride
+    for j, nb, ns in zip(pick.tolist(), blocks.tolist(), shared.tolist()):
+        own = np.arange(fresh, fresh + nb - ns, dtype=np.int64)
+        fresh += nb - ns
+        out.append(np.concatenate([j * stride + np.arange(ns, dtype=np.int64), own]))
+    return out
+
+
 def synthesize(*, rate_rps: float, arrivals: str = "poisson", cv: float = 1.0, duration_s: float | None = None,
                count: int | None = None, lengths: str = "fixed", input_tokens: int | tuple[int, int] = 128,
                output_tokens: int | tuple[int, int] = 32, seed: int = 0, trace_dir: str | None = None,
-               name: str | None = None) -> Workload:
+               name: str | None = None, system_prompts: int | None = None, system_share: float = 0.5,
+               block_tokens: int = SYNTH_BLOCK_TOKENS) -> Workload:
     """Synthetic workload, reproducible for a given seed (numpy default_rng).
 
     arrivals: "poisson" at rate_rps, or "gamma" with inter-arrival CV `cv` (shape 1/cv^2, mean gap 1/rate),
     for duration_s seconds or exactly `count` requests. lengths: "fixed" (input_tokens/output_tokens ints),
     "uniform" ((low, high) inclusive ranges), or a trace name/path whose (input, output) rows are sampled jointly.
+    system_prompts=N: prefix hashes of block_tokens-token blocks (system_prompt_hashes), else none.
     """
     if arrivals not in ("poisson", "gamma"):
         raise InputError(f"synth: arrivals must be poisson or gamma, got {arrivals!r}")
@@ -92,8 +121,13 @@ def synthesize(*, rate_rps: float, arrivals: str = "poisson", cv: float = 1.0, d
         inp, out = base.input_tokens[rows], base.output_tokens[rows]
         fs = file_source(path, cat_name)
         src["lengths_source"] = {k: fs[k] for k in ("name", "path", "sha256")}
-    return Workload(name=name or "synth", arrival_s=t.astype(np.float64), input_tokens=inp, output_tokens=out,
-                    trace_index=np.arange(n, dtype=np.int64), source=src)
+    w = Workload(name=name or "synth", arrival_s=t.astype(np.float64), input_tokens=inp, output_tokens=out,
+                 trace_index=np.arange(n, dtype=np.int64), source=src)
+    if system_prompts is not None:
+        w.prefix_hashes = system_prompt_hashes(inp, system_prompts, system_share, block_tokens, seed)
+        w.block_tokens = block_tokens
+        params.update(system_prompts=system_prompts, system_share=system_share, block_tokens=block_tokens)
+    return w
 
 
 def parse_spec(spec: str) -> dict:
@@ -130,11 +164,18 @@ def parse_spec(spec: str) -> dict:
     kw: dict = {"rate_rps": num("rate", float), "arrivals": raw.get("arrivals", "poisson"),
                 "lengths": raw.get("lengths", "fixed"), "name": spec if spec.startswith("synth:") else "synth:" + spec}
     for key, arg, conv in (("cv", "cv", float), ("duration", "duration_s", float), ("count", "count", int),
-                           ("seed", "seed", int)):
+                           ("seed", "seed", int), ("system_prompts", "system_prompts", int),
+                           ("system_share", "system_share", float), ("block", "block_tokens", int)):
         if key in raw:
             kw[arg] = num(key, conv)
     if "cv" in raw and kw["arrivals"] != "gamma":
         raise InputError(f"synth spec {spec!r}: cv applies only to arrivals=gamma")
+    for key in ("system_share", "block"):
+        if key in raw and "system_prompts" not in raw:
+            raise InputError(f"synth spec {spec!r}: {key} applies only with system_prompts=N")
+    if "system_prompts" in raw:   # bad values fail at parse time, before anything is read
+        system_prompt_hashes(np.ones(1, np.int64), kw["system_prompts"], kw.get("system_share", 0.5),
+                             kw.get("block_tokens", SYNTH_BLOCK_TOKENS))
     for key in ("input", "output"):
         if key in raw:
             if kw["lengths"] not in ("fixed", "uniform"):

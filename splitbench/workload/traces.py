@@ -1,4 +1,5 @@
-"""Trace parsing: validated, streamed CSV/Parquet -> Workload, and the column mapping (`--columns`).
+"""Trace parsing: validated, streamed CSV/Parquet -> Workload (hash-id JSONL: hashtrace.py), and the column
+mapping (`--columns`).
 
 Every problem is a one-line InputError naming file, line and column. Names and fetch: catalog.py; entry point: load.py.
 """
@@ -19,11 +20,14 @@ import pyarrow.parquet as pq
 
 from splitbench.errors import InputError
 from splitbench.schema.columns import np_values   # no pandas import (to_numpy imports it: ~0.5 s of CPU)
+from splitbench.workload.hashtrace import MOONCAKE_BLOCK_TOKENS, is_hash_jsonl, read_hash_trace
 from splitbench.workload.types import Workload
 
 DEFAULT_COLUMNS = {"timestamp": "TIMESTAMP", "input": "ContextTokens", "output": "GeneratedTokens"}
 ROLES = ("timestamp", "input", "output")
-_ROLE_ALIASES = {"ts": "timestamp", "time": "timestamp", "in": "input", "out": "output"}
+HASH_ROLE = "hash_ids"                # a field of hash-id JSONL traces only (hashtrace.py)
+_ALL_ROLES = ROLES + (HASH_ROLE,)
+_ROLE_ALIASES = {"ts": "timestamp", "time": "timestamp", "in": "input", "out": "output", "hashes": HASH_ROLE}
 BLOCK_BYTES = 8 << 20                 # CSV bytes per streamed batch
 _NUMERIC = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 _TZ = re.compile(r"(Z|[+-]\d\d:?\d\d)\s*$")
@@ -32,12 +36,13 @@ _TZ = re.compile(r"(Z|[+-]\d\d:?\d\d)\s*$")
 # ----------------------------------------------------------------------------- column mapping
 
 def column_mapping(columns: dict[str, str] | None) -> dict[str, str]:
-    """Role -> column name: DEFAULT_COLUMNS overridden by `columns` (roles may be written ts/time/in/out)."""
+    """Role -> column name: DEFAULT_COLUMNS overridden by `columns` (roles may be written ts/time/in/out; hash_ids
+    is kept for hash-id JSONL traces)."""
     cols = dict(DEFAULT_COLUMNS)
     for key, col in (columns or {}).items():
         role = _ROLE_ALIASES.get(key, key)
-        if role not in ROLES:
-            raise InputError(f"unknown column role {key!r} in column mapping (roles: {', '.join(ROLES)})")
+        if role not in _ALL_ROLES:
+            raise InputError(f"unknown column role {key!r} in column mapping (roles: {', '.join(_ALL_ROLES)})")
         if not isinstance(col, str) or not col.strip():
             raise InputError(f"column mapping: role {role!r} needs a column name, got {col!r}")
         cols[role] = col
@@ -45,18 +50,19 @@ def column_mapping(columns: dict[str, str] | None) -> dict[str, str]:
 
 
 def parse_columns(text: str | None) -> dict[str, str] | None:
-    """The `--columns` value `timestamp=COL,input=COL,output=COL` (roles may be written ts/time/in/out; any subset;
-    the rest keep their defaults) -> {role: column} with canonical role names; None when empty."""
+    """The `--columns` value `timestamp=COL,input=COL,output=COL[,hash_ids=FIELD]` (roles may be written
+    ts/time/in/out/hashes; any subset; the rest keep their defaults) -> {role: column} with canonical role names;
+    None when empty. For hash-id JSONL traces the names are JSON fields."""
     if text is None or not text.strip():
         return None
     out: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, eq, col = (s.strip() for s in item.partition("="))
         if not eq or not key or not col:
-            raise InputError(f"--columns: expected ROLE=COLUMN (roles: {', '.join(ROLES)}), got {item!r}")
+            raise InputError(f"--columns: expected ROLE=COLUMN (roles: {', '.join(_ALL_ROLES)}), got {item!r}")
         role = _ROLE_ALIASES.get(key, key)
-        if role not in ROLES:
-            raise InputError(f"--columns: unknown role {key!r} (roles: {', '.join(ROLES)}; or ts, in, out)")
+        if role not in _ALL_ROLES:
+            raise InputError(f"--columns: unknown role {key!r} (roles: {', '.join(_ALL_ROLES)}; or ts, in, out)")
         if role in out:
             raise InputError(f"--columns: role {role!r} given twice")
         out[role] = col
@@ -250,14 +256,26 @@ class _Window:
 
 def read_trace(path: str | os.PathLike, *, columns: dict | None = None, start_s: float = 0.0,
                duration_s: float | None = None, max_requests: int | None = None,
-               name: str | None = None) -> Workload:
+               name: str | None = None, block_tokens: int | None = None, timestamp_unit: str = "ms") -> Workload:
     """Parse + validate a CSV/Parquet trace, streaming in batches and stopping once past the window
-    [start_s, start_s+duration_s) (seconds after the first row) or after max_requests kept rows.
+    [start_s, start_s+duration_s) (seconds after the first row) or after max_requests kept rows. A hash-id JSONL
+    file (hashtrace.is_hash_jsonl) goes to hashtrace.read_hash_trace (block_tokens: default Mooncake's 512).
 
     arrival_s is on the original timeline (0 = the trace's first row) and not yet rebased; rows after the
     stop point are neither read nor validated.
     """
     path = Path(path)
+    if is_hash_jsonl(path):
+        fields = {_ROLE_ALIASES.get(k, k): v for k, v in columns.items()} if columns else None
+        return read_hash_trace(path, columns=fields, block_tokens=block_tokens or MOONCAKE_BLOCK_TOKENS,
+                               timestamp_unit=timestamp_unit, start_s=start_s, duration_s=duration_s,
+                               max_requests=max_requests, name=name)
+    if block_tokens is not None:
+        raise InputError("--block-tokens is the block size of hash-id JSONL traces; this file is CSV/Parquet",
+                         file=str(path))
+    if columns and HASH_ROLE in columns:
+        raise InputError("--columns hash_ids= maps a field of hash-id JSONL traces; CSV/Parquet carry no hash ids",
+                         file=str(path))
     parser = _Parser(path, column_mapping(columns), not _is_parquet(path))
     batches = _batches(path, parser)
     window = _Window(parser, start_s, start_s + duration_s if duration_s is not None else math.inf, max_requests)

@@ -1,4 +1,4 @@
-"""Workload transforms (time window, rate scale, max requests, context clipping; in that order) and the
+"""Workload transforms (time window, rate scale, max requests, prefix block size, context clipping; in that order) and the
 statistics behind `splitbench traces show` (its plot: render/plots.py). Pure functions: each returns a new Workload.
 """
 from __future__ import annotations
@@ -10,11 +10,13 @@ from dataclasses import replace
 import numpy as np
 
 from splitbench.errors import InputError
+from splitbench.workload.prefix import VLLM_CPU_BLOCK_TOKENS, prefix_stats, rescale_blocks, session_stats
 from splitbench.workload.types import Workload
 
 
 def check_transform_args(*, start_s: float = 0.0, duration_s: float | None = None, rate_scale: float = 1.0,
-                         max_requests: int | None = None, max_context_tokens: int | None = None) -> None:
+                         max_requests: int | None = None, max_context_tokens: int | None = None,
+                         prefix_block_tokens: int | None = None) -> None:
     """Reject impossible transform arguments up front (InputError naming the flag)."""
     if not (math.isfinite(start_s) and start_s >= 0):
         raise InputError(f"--start must be >= 0 seconds, got {start_s}")
@@ -26,12 +28,18 @@ def check_transform_args(*, start_s: float = 0.0, duration_s: float | None = Non
         raise InputError(f"--max-requests must be >= 1, got {max_requests}")
     if max_context_tokens is not None and max_context_tokens < 2:
         raise InputError(f"--max-context-tokens must be >= 2, got {max_context_tokens}")
+    if prefix_block_tokens is not None and (isinstance(prefix_block_tokens, bool)
+                                            or not isinstance(prefix_block_tokens, int) or prefix_block_tokens < 1):
+        raise InputError(f"--prefix-block-tokens must be a whole number >= 1, got {prefix_block_tokens!r}")
 
 
-def _take(w: Workload, sel) -> Workload:
+def _take(w: Workload, sel: slice) -> Workload:
+    """The requests of `sel` with every per-request field (prefix hashes, sessions) carried along."""
+    pick = (lambda a: None if a is None else a[sel])
     return replace(w, arrival_s=w.arrival_s[sel], input_tokens=w.input_tokens[sel],
                    output_tokens=w.output_tokens[sel], trace_index=w.trace_index[sel],
-                   source=dict(w.source), transforms=dict(w.transforms))
+                   source=dict(w.source), transforms=dict(w.transforms), prefix_hashes=pick(w.prefix_hashes),
+                   session_id=pick(w.session_id), turn=pick(w.turn))
 
 
 def window(w: Workload, start_s: float = 0.0, duration_s: float | None = None) -> Workload:
@@ -71,6 +79,9 @@ def clip_context(w: Workload, max_context_tokens: int) -> Workload:
     new_in = np.minimum(w.input_tokens, max_context_tokens - new_out)
     changed = (new_out != w.output_tokens) | (new_in != w.input_tokens)
     out.input_tokens, out.output_tokens = new_in, new_out
+    if w.prefix_hashes is not None:   # blocks past the clipped prompt are gone
+        keep = -(-new_in // w.block_tokens)
+        out.prefix_hashes = [h[:k] if h.size > k else h for h, k in zip(w.prefix_hashes, keep.tolist())]
     out.transforms["clip"] = {
         "max_context_tokens": max_context_tokens,
         "clipped_requests": int(changed.sum()),
@@ -92,10 +103,11 @@ def rebase(w: Workload) -> Workload:
 
 def apply_transforms(w: Workload, *, start_s: float = 0.0, duration_s: float | None = None,
                      rate_scale: float = 1.0, max_requests: int | None = None,
-                     max_context_tokens: int | None = None) -> Workload:
-    """window -> rate_scale -> max_requests -> clip, then rebase to 0; each applied one is recorded."""
-    check_transform_args(start_s=start_s, duration_s=duration_s, rate_scale=rate_scale,
-                         max_requests=max_requests, max_context_tokens=max_context_tokens)
+                     max_context_tokens: int | None = None, prefix_block_tokens: int | None = None) -> Workload:
+    """window -> rate_scale -> max_requests -> prefix block size -> clip, then rebase to 0; each one applied is
+    recorded in w.transforms."""
+    check_transform_args(start_s=start_s, duration_s=duration_s, rate_scale=rate_scale, max_requests=max_requests,
+                         max_context_tokens=max_context_tokens, prefix_block_tokens=prefix_block_tokens)
     if start_s or duration_s is not None:
         w = window(w, start_s, duration_s)
     elif len(w) == 0:
@@ -104,17 +116,24 @@ def apply_transforms(w: Workload, *, start_s: float = 0.0, duration_s: float | N
         w = scale_rate(w, rate_scale)
     if max_requests is not None:
         w = limit(w, max_requests)
+    if prefix_block_tokens is not None:
+        w = rescale_blocks(w, prefix_block_tokens)
     if max_context_tokens is not None:
         w = clip_context(w, max_context_tokens)
     return rebase(w)
 
 
 def workload_digest(w: Workload) -> str:
-    """sha256 over (arrival in whole microseconds, input, output) rows: equal digest <=> same requests."""
+    """sha256 over (arrival in whole microseconds, input, output) rows, then (block size, each request's hash ids)
+    when the workload has prefix hashes: equal digest <=> same requests."""
     h = hashlib.sha256()
     for a in (np.round(w.arrival_s * 1e6).astype("<i8"), w.input_tokens.astype("<i8"),
               w.output_tokens.astype("<i8")):
         h.update(a.tobytes())
+    if w.prefix_hashes is not None:
+        h.update(np.int64(w.block_tokens).astype("<i8").tobytes())
+        for ids in w.prefix_hashes:
+            h.update(np.int64(ids.size).astype("<i8").tobytes() + ids.astype("<i8").tobytes())
     return h.hexdigest()
 
 
@@ -133,8 +152,9 @@ def arrivals_per_s(w: Workload) -> np.ndarray:
     return np.bincount(np.floor(w.arrival_s - w.arrival_s[0]).astype(np.int64))
 
 
-def workload_stats(w: Workload) -> dict:
-    """Rows, span, mean rate, token distributions, inter-arrival CV, busiest one-second bin (from arrival 0)."""
+def workload_stats(w: Workload, server_block_tokens: int = VLLM_CPU_BLOCK_TOKENS) -> dict:
+    """Rows, span, mean rate, token distributions, inter-arrival CV, busiest one-second bin (from arrival 0); for
+    prefix-hash workloads block reuse and the expected hit fraction at server_block_tokens, and sessions."""
     n = len(w)
     if n == 0:
         return {"rows": 0}
@@ -153,4 +173,6 @@ def workload_stats(w: Workload) -> dict:
         "interarrival_cv": cv,
         "max_gap_s": float(gaps.max()) if n > 1 else 0.0,
         "busiest_second": {"requests": int(per_s[k]), "at_s": float(k)},
+        **({"prefix": prefix_stats(w, server_block_tokens)} if w.prefix_hashes is not None else {}),
+        **({"sessions": session_stats(w)} if w.session_id is not None else {}),
     }
