@@ -26,10 +26,9 @@ from splitbench.servers import scrape
 from splitbench.workload.transforms import limit, scale_rate, workload_digest
 from splitbench.workload.types import Workload
 
-# A quarter of the capacity: the probe's capacity is its best closed-loop point within Splitwise's P50 limits, but
-# the verdict also judges P90/P99, and open-loop bursts of a trace queue long before 100%. Measured on a 2-core host
-# (tiny model, splitwise, azure-conv-2023): at 50% TTFT p90/p99 were 3.9x/9.6x (limits 3x/6x); at 30% 5 of 7 runs
-# passed (one failed on TBT/E2E p90 1.54x/1.55x against 1.5x in the 60 s window's burst).
+# A quarter of the capacity: the probe's capacity is its best closed-loop point within Splitwise's P50 limits, but the
+# verdict also judges P90/P99, and open-loop bursts queue long before 100%. Measured on a 2-core host (tiny model,
+# splitwise, azure-conv-2023): at 50% TTFT p90/p99 were 3.9x/9.6x (limits 3x/6x); at 30% 5 of 7 runs passed.
 TARGET_UTILISATION = 0.25
 METHOD = "unloaded reference + closed-loop probe"
 METHOD_VERSION = 1
@@ -44,17 +43,15 @@ REF_ATTEMPTS = 3                  # reference replays while the client sees toke
 PROBE_INDEX_BASE = 10 ** 9        # trace indices of probe requests: no prompt of the replay is sent (prefix cache)
 P50_LIMITS = {m: limit for m, stat, limit in SPLITWISE_CHECKS if stat == "p50" and m in ("ttft", "tbt")}
 SCALE_BOUNDS = (0.01, 100.0)
-# A slow cluster gets a low rate scale, so the replay keeps the window's first requests: as many as arrive in
-# REPLAY_S at the chosen rate, at least MIN_REQUESTS unless that would take LONGEST_S. 100: below it the p99 checks
-# are decided by one request (numpy's p99 of 60 is 0.41 of the way to the max; measured: one isolated 0.83 s KV
-# handover failed a 60-request default run at TTFT p99 8.7x).
+# A slow cluster gets a low rate scale, so the replay keeps the window's first requests: as many as arrive in REPLAY_S
+# at the chosen rate, at least MIN_REQUESTS unless that would take LONGEST_S. 100: below it one request decides the
+# p99 checks (measured: one 0.83 s KV handover failed a 60-request default run at TTFT p99 8.7x).
 REPLAY_S = 120.0
 MIN_REQUESTS = 100
 LONGEST_S = 300.0
 
 
 # ----------------------------------------------------------------------------- decisions (pure)
-
 def offered_rps(w: Workload) -> float | None:
     """The window's request rate at rate scale 1: (n - 1) / arrival span (the fidelity section's trace rate)."""
     if len(w) < 2 or w.arrival_s[-1] <= w.arrival_s[0]:
@@ -302,16 +299,14 @@ class Probe:
 
 def _check_served(recs, what: str) -> None:
     """A sizing replay whose requests failed is a server failure (ServerStartError, exit 1), not a busy host."""
-    bad = [r for r in recs if not r.ok]
-    if bad:
+    if bad := [r for r in recs if not r.ok]:
         raise ServerStartError(f"sizing: {len(bad)} of {len(recs)} {what} requests failed ({bad[0].status}: "
                                f"{(bad[0].error or '')[:200]}); see the instance logs in the run directory")
 
-
 def measure_reference(probe: Probe, w: Workload) -> tuple[Reference, list[int]]:
-    """Warm each reference size once (first shapes are slow on CPU builds), then fit TTFT(prompt) and TBT. On a
-    host too busy for the client to see each token (coalesced chunks) the reference is measured again, up to
-    REF_ATTEMPTS times; then its TBT is vLLM's own mean inter-token latency over it, or sizing fails in one line."""
+    """Warm each reference size once (first shapes are slow on CPU builds), then fit TTFT(prompt) and TBT. On a host
+    too busy for the client to see each token the reference is measured again (REF_ATTEMPTS); then its TBT is vLLM's
+    own mean inter-token latency, or sizing fails in one line."""
     sizes = reference_sizes(w)
     _check_served(probe.replay(grid(sizes, 1, 4, PROBE_INDEX_BASE // 2, "warmup"), 1, "warmup"), "warm-up")
     meta = {"source": "sizing", "sizes": sizes, "repeats": REF_REPEATS, "output_tokens": REF_OUTPUT_TOKENS}
@@ -324,9 +319,8 @@ def measure_reference(probe: Probe, w: Workload) -> tuple[Reference, list[int]]:
             return fit_reference(recs, meta=meta), sizes
     server = scrape.server_times_ms(list(zip(before, scrape.snapshots(probe.metrics_urls))))
     if server is None:
-        raise InputError(f"sizing: the client saw each reference request's tokens arrive together in "
-                         f"{REF_ATTEMPTS} attempts (this host is too busy to time tokens) and the server has no vLLM "
-                         "/metrics to fall back on; give --rate-scale")
+        raise InputError(f"sizing: the client saw each reference request's tokens arrive together in {REF_ATTEMPTS} "
+                         "attempts (too busy a host to time tokens) and no vLLM /metrics; give --rate-scale")
     ref = fit_reference(recs, meta={**meta, "tbt_source": "server /metrics (mean inter_token_latency): the client "
                                     "saw tokens coalesced"})
     return replace(ref, tbt_s=server["token_time"] / 1e3), sizes
