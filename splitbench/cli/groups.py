@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from splitbench.cli.common import Opt
+from splitbench.workload.sessions import THINK_HELP
 
 WORKLOAD = (
     Opt("trace", str, "Trace name, CSV/Parquet path, or 'synth:...' spec."),
@@ -19,6 +20,12 @@ WORKLOAD = (
     Opt("max_requests", Optional[int], "Replay at most this many requests."),
     Opt("max_context_tokens", Optional[int], "Clip requests to this context (run: default the server's "
         "max_model_len).", ("--max-context", "--max-context-tokens")),
+)
+SESSIONS = (
+    Opt("multi_turn", bool, "Replay the trace's sessions as conversations: open loop across sessions, closed within "
+        "one (a turn waits for the previous answer); turn k+1's prompt = turn k's prompt + the streamed output token "
+        "ids + new user tokens; X-Session-ID on every turn."),
+    Opt("think_time", str, f"--multi-turn: when a session's next turn goes: {THINK_HELP}."),
 )
 FETCH = (Opt("fetch", bool, "Download a catalogue trace that is not found locally (sha256-checked)."),)
 PROMPTS = (

@@ -29,9 +29,13 @@ def check_transform_args(*, start_s: float = 0.0, duration_s: float | None = Non
 
 
 def _take(w: Workload, sel) -> Workload:
+    """The requests at `sel` (a slice), their per-request session and prefix-hash fields with them."""
     return replace(w, arrival_s=w.arrival_s[sel], input_tokens=w.input_tokens[sel],
                    output_tokens=w.output_tokens[sel], trace_index=w.trace_index[sel],
-                   source=dict(w.source), transforms=dict(w.transforms))
+                   source=dict(w.source), transforms=dict(w.transforms),
+                   prefix_hashes=w.prefix_hashes[sel] if w.prefix_hashes is not None else None,
+                   session_id=w.session_id[sel] if w.session_id is not None else None,
+                   turn=w.turn[sel] if w.turn is not None else None)
 
 
 def window(w: Workload, start_s: float = 0.0, duration_s: float | None = None) -> Workload:
