@@ -7,8 +7,8 @@ RSS; `resource` of the children where that tool is missing), the way SplitwiseSi
   of SplitwiseSim's seven iso-power designs (40-70 machines): <= 3 s each;
 - the full hour of azure-conv-2023 replayed (19,366 requests) on the same designs: <= 1 s each;
 - a million requests (Poisson 800 req/s x 1250 s, conv lengths) on 500 DGX-H100s: <= 60 s and <= 2 GB;
-- where SplitwiseSim's time for the same trace and design is known (/work/ssim/ref/<design>-<trace>.json,
-  `wall_s`), at least 20x faster.
+- where SplitwiseSim's time for the same trace and design is known (benchmarks/data/splitwisesim/<design>-<trace>.json,
+  `wall_s`, or $SSIM_REF), at least 20x faster.
 
 Traces: SplitwiseSim's CSVs from $SSIM_TRACES (default /work/ssim/traces) when present, else our own equivalents
 (`synth:` Poisson at 70 req/s, the catalogue's azure-conv-2023). Splitwise designs run the mixed-pool policy and the
@@ -35,7 +35,8 @@ from pathlib import Path
 from splitbench.schema.runmeta import host_info
 
 SSIM_TRACES = Path(os.environ.get("SSIM_TRACES", "/work/ssim/traces"))
-SSIM_REF = Path(os.environ.get("SSIM_REF", "/work/ssim/ref"))
+# SplitwiseSim's own outputs and `wall_s` of each design x trace, as kept in the repository (sim_vs_splitwisesim.py)
+SSIM_REF = Path(os.environ.get("SSIM_REF", Path(__file__).parent / "data" / "splitwisesim"))
 SSIM_COLUMNS = "timestamp=arrival_timestamp,input=prompt_size,output=token_size"
 DESIGNS = {   # SplitwiseSim's design name (run_ref.sh) -> our --cluster
     "baseline-a100-70": "baseline-a100:70", "baseline-h100-40": "baseline-h100:40",
@@ -128,7 +129,7 @@ def line(r: dict) -> str:
 def table(rows: list[dict]) -> list[str]:
     known = [r for r in rows if r["ssim"]]
     if not known:
-        return ["SplitwiseSim reference times: not available (no /work/ssim/ref/*.json)"]
+        return [f"SplitwiseSim reference times: not available (no {SSIM_REF}/*.json)"]
     out = ["SplitwiseSim vs splitbench, whole command, both under /usr/bin/time -v (wall s, max RSS MB):",
            f"{'case':42s} {'SplitwiseSim':>14s} {'splitbench':>12s} {'speedup':>8s}"]
     for r in known:

@@ -93,6 +93,19 @@ def nixl_link_gbps(run_dir: Path, kv_bytes_per_token: float, input_tokens: int) 
     return kv_bytes_per_token * input_tokens / secs * 8 / 1e9
 
 
+def replayed_requests(meta: dict) -> int | None:
+    """How many of the window's requests the live run replayed: --max-requests, or the sizing's cut (a slow cluster
+    replays the window's first requests), else the whole window."""
+    return meta["options"].get("max_requests") or (meta.get("sizing") or {}).get("max_requests")
+
+
+def applied_rate_scale(meta: dict) -> float:
+    """The rate scale the live run replayed at: the workload's applied transform (a sized run's options say
+    "auto"; the sizing chose the number)."""
+    applied = (meta.get("workload") or {}).get("transforms", {}).get("rate_scale")
+    return float(applied if applied is not None else meta["options"]["rate_scale"])
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:.1f}"
 
@@ -134,7 +147,7 @@ def simulate_live(a, live: Path) -> list[tuple]:
     for variant, spec, prof, hw, first, link in variants(a, live, counts, model_dir, live_recs):
         sim_dir, _ = simulate_run(SimOptions(
             cluster=spec, trace=o["trace"], trace_dir=o.get("trace_dir"), start_s=o["start_s"],
-            duration_s=o["duration_s"], rate_scale=o["rate_scale"], max_requests=o.get("max_requests"),
+            duration_s=o["duration_s"], rate_scale=applied_rate_scale(meta), max_requests=replayed_requests(meta),
             max_context_tokens=meta["model"].get("max_model_len"), model=Path(model_dir).name,
             model_dir=model_dir, profile=prof, hardware_file=hw, tensor_parallel=1,
             policy=b.get("policy") or "jsq", max_prompt_batch_tokens=2048, max_decode_batch=a.max_decode_batch,

@@ -387,3 +387,21 @@ def test_profile_tiny_model_on_vllm(tmp_path):
     assert 0 < m.token_time_s(1, 600) <= m.token_time_s(4, 4 * 600)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps   # the server it started is gone
+
+
+def test_a_batch1_context_fit_that_over_explains_the_batch_sweep_is_refit_on_every_decode_row():
+    """CPU-core profile shape: one sequence's token time grows 1.5 us per context token, a batch's far less per
+    token. With the batch-1 slope, base(b) would fall with b (pooled flat); the joint fit keeps both in range."""
+    def row(i, p, b, t, token_ms):
+        return {"prompt_size": p, "batch_size": b, "token_size": t, "prompt_time": 10.0 + p / 50, "line": i + 2,
+                "token_time": token_ms, "e2e_time": 10.0 + p / 50 + (t - 1) * token_ms}
+    pts = [(32, 1, 64), (128, 1, 64), (512, 1, 16), (512, 1, 64), (512, 1, 256), (2048, 1, 64),
+           (512, 2, 64), (512, 4, 64), (512, 8, 64), (512, 16, 64)]
+    token = lambda p, b, t: 4.0 + (1.5e-3 if b == 1 else 0.6e-3) * b * (p + (t - 2) / 2)   # noqa: E731  (ms)
+    rows = [row(i, p, b, t, token(p, b, t)) for i, (p, b, t) in enumerate(pts)]
+    m = pm.PerfModel("m", "cpu", 1, rows)
+    d = m.describe()
+    assert d["kv_fitted_s_per_token"] == pytest.approx(1.5e-6, rel=0.05)      # the batch-1 fit alone
+    assert d["kv_source"].startswith("joint fit") and 0 < m.kv_s_per_token < 0.8 * 1.5e-6
+    for p, b, t in pts:     # every measured point within 35% (the batch-1 slope alone misses b=16 by 2x)
+        assert m.token_time_s(b, b * (p + (t - 2) // 2)) == pytest.approx(token(p, b, t) / 1e3, rel=0.35)

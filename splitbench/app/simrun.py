@@ -259,7 +259,7 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
                         "sim_wall_s": out["sim_wall_s"]},
             "model": out["model"], "hardware": out["hardware"],
             "reference": asdict(reference) if reference is not None else None, "reference_machine": out["ref_machine"],
-            "versions": package_versions(), "host": host_info()}
+            "versions": package_versions(("splitbench", "numpy", "pyarrow")), "host": host_info()}
     write_columns(run_dir, run_id, res.columns)
     write_run_meta(run_dir, meta)
     summary = summarize(res.columns, run_meta=meta, slos=slos, reference=reference)

@@ -54,6 +54,23 @@ def _base_medians(pts: list[dict], kv: float) -> tuple[list[int], list[float], l
     return bs, ys, ws
 
 
+def _falls_with_batch(pts: list[dict], kv: float) -> bool:
+    """The batch-1 context fit over-explains the batch sweep: base(b) at the largest batch below base(1) (seen on
+    a CPU core, where batched decode reads its KV faster per token than one sequence does)."""
+    bs, ys, _ = _base_medians(pts, kv)
+    return len(bs) > 1 and bs[0] == 1 and ys[-1] < ys[0]
+
+
+def _joint_kv(pts: list[dict]) -> float | None:
+    """token_time = base + kv x C by least squares over every decode row (all batch sizes); None unless kv > 0."""
+    a = np.array([[1.0, pt["b"] * (pt["p"] + (pt["t"] - 2) / 2)] for pt in pts if pt["decode"] for _ in pt["rows"]])
+    y = np.array([r["token_time"] / 1e3 for pt in pts if pt["decode"] for r in pt["rows"]])
+    if len(y) < 3:
+        return None
+    kv = float(np.linalg.lstsq(a, y, rcond=None)[0][1])
+    return kv if kv > 0 else None
+
+
 class PerfModel:
     """Iteration times of one (model, hardware, tensor_parallel) profile group, in seconds.
 
@@ -160,7 +177,12 @@ class PerfModel:
         tp = self.tensor_parallel
         bw = (self.shape.kv_bytes_per_token / (bandwidth_bps * tp)
               if self.shape is not None and bandwidth_bps else None)
-        if why is None:
+        over = why is None or why.startswith("fit exceeds")   # a stable batch-1 fit the batch sweep contradicts
+        joint = _joint_kv(pts) if over and fitted and fitted > 0 and _falls_with_batch(pts, fitted) else None
+        if joint is not None:
+            self.kv_s_per_token, src = joint, ("joint fit over every decode row: with the batch-1 fit "
+                                               f"({fitted:.4g} s/token) base(b) fell with b")
+        elif why is None:
             self.kv_s_per_token, src = fitted, "fitted"
         elif bw is not None:
             self.kv_s_per_token, src = bw, f"bandwidth estimate ({why})"
