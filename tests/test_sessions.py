@@ -10,7 +10,11 @@ import urllib.request
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from splitbench.app.options import RunOptions
+from splitbench.app.session import RunSession
+from splitbench.cli import app
 from splitbench.client.mock import MockResponse, MockTransport
 from splitbench.client.replayer import ReplayConfig
 from splitbench.client.sessions import LLMD_COOKIE, SESSION_HEADER, SessionReplayer
@@ -273,3 +277,55 @@ def test_workers_keep_each_session_in_one_sender(tmp_path):
         turns = sorted((r for r in recs if r.session_id == s), key=lambda r: r.turn)
         assert [r.turn for r in turns] == [0, 1, 2]
         assert all(b.actual_send_s >= a.end_s for a, b in zip(turns, turns[1:]))
+
+
+# ------------------------------------------------------------------ the run session and the CLI
+
+def test_run_session_records_the_mode_and_records_carry_session_and_turn(tmp_path):
+    opts = RunOptions(backend="stub", backend_options={"ttft_s": 0.005, "tpot_s": 0.001}, results_dir=str(tmp_path),
+                      run_id="mt", multi_turn=True, think_time="fixed:0.01", rate_scale=1.0, power="off")
+    with RunSession(opts, workload=_conversations()) as session:
+        session.start()
+        stats, interrupted = session.replay()
+    summary = session.finish(stats, interrupted)
+    meta = json.loads((tmp_path / "mt" / R.RUN_FILE).read_text())
+    assert meta["replay"]["multi_turn"] is True and meta["replay"]["think_time"] == "fixed:0.01"
+    assert meta["sessions"] == {"sessions": 3, "later_turns": 6, "turns_with_new_tokens_raised_to_1": 0}
+    recs = R.read_records(tmp_path / "mt")
+    assert sorted((r.session_id, r.turn) for r in recs if r.session_id is not None) == \
+        [(s, k) for s in range(3) for k in range(3)]
+    assert summary["counts"]["ok"] == len(recs) == 10
+
+
+def test_cli_multi_turn_refuses_a_trace_without_sessions(tmp_path):
+    res = CliRunner().invoke(app, ["run", "--trace", "synth:arrivals=poisson,rate=5,duration=1,lengths=fixed,input=8,"
+                                   "output=2,seed=1", "--results", str(tmp_path), "--multi-turn"])
+    assert res.exit_code == 2 and "needs a trace with sessions" in res.output
+    bad = CliRunner().invoke(app, ["run", "--results", str(tmp_path), "--think-time", "poisson"])
+    assert bad.exit_code == 2 and "--think-time" in bad.output
+    assert not list(tmp_path.iterdir())   # nothing half-written
+
+
+@pytest.mark.vllm
+def test_vllm_threads_its_streamed_token_ids(vllm_server, tiny_model_dir):
+    """Real vLLM: return_token_ids streams the output ids, the next turn's prompt carries them, the session
+    header is accepted, and the server counts the threaded prompt exactly."""
+    prompts = TokenIdPrompts.from_tokenizer(tiny_model_dir, seed=4)
+    w = _w([(0.0, 40, 6, 0, 0), (0.01, 30, 4, 1, 0), (0.02, 40 + 6 + 5, 6, 0, 1), (0.03, 30 + 4 + 2, 3, 1, 1)])
+    url, out = vllm_server.url, []
+    tee = _Tee(make_transport("lean", url + "/v1/completions", {"Content-Type": "application/json"},
+                              clock=time.perf_counter, timeout_s=120, idle_timeout_s=120))
+    rep = SessionReplayer(w, prompts.payload, ReplayConfig(base_url=url, model=vllm_server.model_name,
+                                                           multi_turn=True), out.append, transport=tee)
+    asyncio.run(rep.run())
+    assert all(r.ok for r in out), [r.error for r in out]
+    assert rep.stats.stand_in_outputs == 0   # every answer carried its token ids
+    first = {int(h[SESSION_HEADER]): b["prompt"] for b, h in tee.sent[:2]}
+    for body, headers in tee.sent[2:]:
+        s, p = int(headers[SESSION_HEADER]), body["prompt"]
+        n_out = int(w.output_tokens[s])
+        assert p[:len(first[s])] == first[s] and len(p) == int(w.input_tokens[2 + s])
+        assert all(isinstance(t, int) for t in p[len(first[s]):len(first[s]) + n_out])
+    by_turn = {(r.session_id, r.turn): r for r in out}
+    assert all(r.actual_input_tokens == r.planned_input_tokens for r in out)
+    assert by_turn[(0, 1)].actual_send_s >= by_turn[(0, 0)].end_s
