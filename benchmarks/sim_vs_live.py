@@ -5,7 +5,10 @@ Steps (README "Simulator validation"):
   splitbench run --backend vllm --run-id live-base            # the embedded default window, co-located baseline
   splitbench run --backend splitwise --run-id live-split      # the same window on a prompt + token pair
   splitbench profile --backend vllm --cores 1 --machine cpu-core --out tiny.csv   # one instance on one core
-  python benchmarks/sim_vs_live.py --profile tiny.csv results/live-base results/live-split
+  splitbench profile --backend splitwise --machine cpu-core --out split.csv           # the pair, connector active
+  python benchmarks/sim_vs_live.py --profile tiny.csv --split-profile split.csv results/live-base results/live-split
+No per-run calibration: a baseline run is simulated from the one-instance profile, a split run from the pair's
+profile (its prompt_time measured on the producer side with the transfer, token_time on the consumer side).
 On a GPU: --machine TYPE (the live runs' run.json hardware.machine) and --split-profile P.csv, a profile of the
 prompt + token pair measured with the connector active (`splitbench profile --backend splitwise`), for split runs.
 
@@ -50,33 +53,6 @@ def server_scales(run_dir: Path, recs, pm) -> dict[str, tuple[float, float]]:
         out[inst["role"]] = (pre / pred_prefill if pre and inst["role"] != "token" else ps,
                              itl / pred_itl if itl and inst["role"] != "prompt" else ts)
     return out
-
-
-def scaled_profile(profile: str, hw: str, scales: dict[str, tuple[float, float]], out_dir: Path) -> tuple[str, str]:
-    """A profile + hardware catalog with one machine type per pool (cpu-core-<pool>) whose prompt / token times
-    are the profile's x that pool's scales (e2e recomputed), for the calibrated simulation."""
-    import csv
-    rows = list(csv.DictReader(open(profile)))
-    new, toml = [], []
-    for pool, (ps, ts) in scales.items():
-        name = f"{hw}-{pool}"
-        for r in rows:
-            if r["hardware"] != hw:
-                continue
-            q = dict(r, hardware=name)
-            pt, tt = float(r["prompt_time"]) * (ps or 1.0), float(r["token_time"]) * (ts or 1.0)
-            q.update(prompt_time=pt, token_time=tt, e2e_time=pt + (int(r["token_size"]) - 1) * tt)
-            new.append(q)
-        toml.append(f'[{name}]\naccelerator = "none"\naccelerators = 0\nusd_per_hour = 0.05\n'
-                    f'accelerator_power_w = 0\nserver_power_w = 50\nsource = "{hw} scaled for calibration"\n'
-                    f'estimated = true\n')
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "calibrated.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows + new)
-    (out_dir / "calibrated.toml").write_text("\n".join(toml))
-    return str(out_dir / "calibrated.csv"), str(out_dir / "calibrated.toml")
 
 
 def nixl_link_gbps(run_dir: Path, kv_bytes_per_token: float, input_tokens: int) -> float | None:
@@ -125,13 +101,10 @@ def variants(a, live: Path, counts: dict, model_dir: str, live_recs) -> list[tup
     phw = profile_hardware_name(a.machine)   # the profile's `hardware` (h200-141gb for 1x-h200; cpu-core itself)
     pm = get_perf_model(load_profiles(a.profile), Path(model_dir).name, phw, 1)
     scales = server_scales(live, live_recs, pm)
-    cal_profile, cal_hw = scaled_profile(a.profile, phw, scales, Path(a.results) / f"cal-{live.name}")
-    calibrated = ",".join(f"{p}={phw}-{p}:{n}" for p, n in counts.items())
-    print(f"{live.name}: step-time scales (prefill, decode) per pool from the live /metrics: "
-          + ", ".join(f"{p} ({x or 1:.2f}, {y or 1:.2f})" for p, (x, y) in scales.items())
-          + (f"; KV link calibrated to {link:.2f} Gb/s from NIXL counters" if link else ""))
-    return [("profile", cluster, a.profile, None, "decode", link),
-            ("calibrated", calibrated, cal_profile, cal_hw, "decode", link)]
+    print(f"{live.name}: live step time / profile's batch-1 prediction per pool (prefill, decode), a diagnostic "
+          "(no calibration is applied): " + ", ".join(f"{p} ({x or 1:.2f}, {y or 1:.2f})" for p, (x, y) in scales.items())
+          + (f"; KV link {link:.2f} Gb/s from the run's NIXL counters" if link else ""))
+    return [("profile", cluster, a.profile, None, "decode", link)]
 
 
 def simulate_live(a, live: Path) -> list[tuple]:
