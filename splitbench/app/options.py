@@ -11,6 +11,7 @@ from pathlib import Path
 from splitbench.errors import InputError
 from splitbench.policies import parse_policy_params
 from splitbench.workload.load import DEFAULT_TRACE, WorkloadSpec
+from splitbench.workload.sessions import ThinkTime
 
 CLUSTER_BACKENDS = ("vllm", "splitwise", "mixed")
 DEFAULT_POLICY = {"vllm": "jsq", "splitwise": "jsq", "mixed": "mixed-pool"}   # the backends' own defaults
@@ -56,6 +57,8 @@ class RunOptions:
     hardware_file: str | None = None       # user hardware catalog TOML merged over the packaged one
     power: str = "auto"                    # auto (NVML when instances hold GPUs) | nvml | off
     workers: int = 1                       # sender processes (client/workers.py); 1 = this process
+    multi_turn: bool = False               # replay sessions as conversations (client/sessions.py)
+    think_time: str = "trace"              # multi_turn: trace | gap | fixed:S | exp:mean=S (workload/sessions.py)
 
 
 def parse_rate_scale(value: str | float | None, *, allow_auto: bool = True) -> float | str | None:
@@ -106,6 +109,9 @@ def check_options(opts: RunOptions) -> None:
     if opts.power not in POWER_MODES:
         raise InputError(f"--power must be auto, nvml or off, got {opts.power!r}")
     parse_rate_scale(opts.rate_scale)
+    ThinkTime.parse(opts.think_time, opts.seed)
+    if opts.multi_turn and opts.api != "completions":
+        raise InputError("--multi-turn needs --api completions (turns thread token ids)")
 
 
 def backend_options(backend: str, *, url: str | None = None, api_key_env: str = "OPENAI_API_KEY",

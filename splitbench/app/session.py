@@ -13,7 +13,7 @@ from splitbench.backends.registry import get_backend
 from splitbench.client.probe import served_model
 from splitbench.client.replay import replay_workload
 from splitbench.client.replayer import ReplayConfig, Replayer
-from splitbench.client.shards import SHARDING
+from splitbench.client.shards import SHARDING, SHARDING_SESSIONS
 from splitbench.client.stats import ReplayStats
 from splitbench.client.workers import replay_workers
 from splitbench.errors import InputError
@@ -27,6 +27,7 @@ from splitbench.schema.summary import write_summary
 from splitbench.servers.phaselog import load_phase_log, merge_phases
 from splitbench.workload.load import load
 from splitbench.workload.prompts import prompt_source
+from splitbench.workload.sessions import plan_turns
 from splitbench.workload.transforms import clip_context, workload_digest
 from splitbench.workload.types import Workload
 
@@ -77,6 +78,8 @@ class RunSession:
         self.sized = not given and o.rate_scale == "auto"   # a given workload (profile points, a grid) is never sized
         if not given:
             self.workload = load(workload_spec(o), self.on_status)
+        if o.multi_turn:
+            self.extra_meta["sessions"] = plan_turns(self.workload).describe()   # no sessions: InputError now
         run_id = o.run_id or new_run_id(o.backend if self.kind == "run" else f"{self.kind}-{o.backend}",
                                         self.kind if given else o.trace)
         self.run_dir = Path(o.results_dir) / run_id
@@ -122,7 +125,7 @@ class RunSession:
                                 workload=workload)
         cfg = ReplayConfig(base_url=base_url, model=o.model or info.get("id") or "default", api=o.api,
                            headers=headers, http=o.http, max_inflight=o.max_inflight, timeout_s=o.timeout_s,
-                           grace_s=o.grace_s)
+                           grace_s=o.grace_s, multi_turn=o.multi_turn, think_time=o.think_time, think_seed=o.seed)
         self.conn = Connection(base_url, headers, info, cfg.model, workload, prompts, cfg)
         instances = accounting.backend_instances(self.backend.describe())
         self.meta["hardware"] = accounting.hardware_for(o, instances)
@@ -168,7 +171,7 @@ class RunSession:
         c = self.conn
         self.on_status(f"replaying {len(c.workload)} requests against {c.base_url}")
         if self.opts.workers > 1:
-            self.meta["client"]["sharding"] = SHARDING
+            self.meta["client"]["sharding"] = SHARDING_SESSIONS if self.opts.multi_turn else SHARDING
             return replay_workers(c.workload, c.prompts.payload, c.cfg, self.run_dir, self.meta["run_id"],
                                   self.opts.workers, self.on_status)
         replayer, interrupted = replay_workload(c.workload, c.prompts.payload, c.cfg, self.run_dir,

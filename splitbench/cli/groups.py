@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from splitbench.cli.common import Opt
+from splitbench.workload.sessions import THINK_HELP
 
 WORKLOAD = (
     Opt("trace", str, "Trace name, CSV/Parquet path, or 'synth:...' spec."),
@@ -23,6 +24,12 @@ WORKLOAD = (
         "Qwen-Bailian 16]."),
     Opt("prefix_block_tokens", Optional[int], "Prefix-hash traces: make every hash block N tokens (input scaled "
         "by N/block, same blocks, same reuse) to fit small models."),
+)
+SESSIONS = (
+    Opt("multi_turn", bool, "Replay the trace's sessions as conversations: open loop across sessions, closed within "
+        "one (a turn waits for the previous answer); turn k+1's prompt = turn k's prompt + the streamed output token "
+        "ids + new user tokens; X-Session-ID on every turn."),
+    Opt("think_time", str, f"--multi-turn: when a session's next turn goes: {THINK_HELP}."),
 )
 FETCH = (Opt("fetch", bool, "Download a catalogue trace that is not found locally (sha256-checked)."),)
 PROMPTS = (

@@ -16,7 +16,18 @@ from splitbench.app.locust_launch import LocustOptions, run_locust, run_worker
 from splitbench.app.options import RunOptions, backend_options, parse_rate_scale
 from splitbench.cli.common import console, err_console, int_list, pick, user_errors, with_options
 from splitbench.cli.gates import emit_gate
-from splitbench.cli.groups import BACKEND, BACKEND_FLAGS, CLIENT, CLUSTER, FETCH, HARDWARE, PROMPTS, RESULTS, WORKLOAD
+from splitbench.cli.groups import (
+    BACKEND,
+    BACKEND_FLAGS,
+    CLIENT,
+    CLUSTER,
+    FETCH,
+    HARDWARE,
+    PROMPTS,
+    RESULTS,
+    SESSIONS,
+    WORKLOAD,
+)
 from splitbench.errors import InputError
 from splitbench.metrics.gate_rules import load_rules
 from splitbench.render.console import render_markdown, render_summary
@@ -58,7 +69,7 @@ def _progress() -> tuple[Progress, callable]:
 
 
 @user_errors
-@with_options(WORKLOAD, FETCH, PROMPTS, CLIENT, RESULTS, BACKEND, CLUSTER, HARDWARE, target=RunOptions)
+@with_options(WORKLOAD, SESSIONS, FETCH, PROMPTS, CLIENT, RESULTS, BACKEND, CLUSTER, HARDWARE, target=RunOptions)
 def run(opts: dict,
         workers: int = typer.Option(1, help="Sender processes: the trace is dealt round-robin, one shared start, "
                                     "records merged (for rates past one core's calibrated ceiling)."),

@@ -26,8 +26,8 @@ class AiohttpTransport:
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=self.headers,
                                              auto_decompress=False)
 
-    def start(self, body: bytes, sink, request_id: str) -> asyncio.Future:
-        return asyncio.get_running_loop().create_task(self._post(body, sink, request_id))
+    def start(self, body: bytes, sink, request_id: str, headers: dict[str, str] | None = None) -> asyncio.Future:
+        return asyncio.get_running_loop().create_task(self._post(body, sink, request_id, headers))
 
     def cancel(self, futs) -> None:
         for f in futs:
@@ -37,10 +37,11 @@ class AiohttpTransport:
         if self.session is not None:
             await self.session.close()
 
-    async def _post(self, body: bytes, sink, request_id: str) -> None:
+    async def _post(self, body: bytes, sink, request_id: str, headers: dict[str, str] | None) -> None:
         clock = self.clock
         sink.sent(clock())
-        async with self.session.post(self.url, data=body, headers={"X-Request-Id": request_id}) as resp:
+        async with self.session.post(self.url, data=body, headers={"X-Request-Id": request_id, **(headers or {})}
+                                     ) as resp:
             sink.on_head(resp.status, resp.reason or "", resp.headers)
             if resp.status != 200:
                 sink.on_body(await resp.content.read(ERROR_BODY_BYTES), clock())

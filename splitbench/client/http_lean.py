@@ -68,9 +68,11 @@ class LeanClient:
         return len(self._conns)
 
     async def request(self, body: bytes, sink, *, send: float | None = None, timeout_s: float = 600.0,
-                      idle_timeout_s: float = 120.0, request_id: str | None = None) -> None:
+                      idle_timeout_s: float = 120.0, request_id: str | None = None,
+                      headers: dict[str, str] | None = None) -> None:
         """Send one POST; `sink` receives the response. Raises StreamError on failure (status inside).
-        `request_id` goes out as X-Request-Id (routers use it to log phases per request)."""
+        `request_id` goes out as X-Request-Id (routers use it to log phases per request); `headers`: this
+        request's own extra headers (a session's affinity headers)."""
         if send is None:
             send = self.clock()
         conn = self._acquire()
@@ -79,9 +81,7 @@ class LeanClient:
         if conn is None:
             conn = await self._connect(max(0.0, min(timeout_s - (self.clock() - send), idle_timeout_s)))
         fut = self._loop.create_future()
-        rid = b"X-Request-Id: %s\r\n" % request_id.encode("latin-1") if request_id else b""
-        conn.start(fut, sink, b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, rid, len(body), body), send, timeout_s,
-                   idle_timeout_s)
+        conn.start(fut, sink, self._request_bytes(body, request_id, headers), send, timeout_s, idle_timeout_s)
         try:
             await fut
         except asyncio.CancelledError:
@@ -89,7 +89,7 @@ class LeanClient:
             raise
 
     def start_now(self, body: bytes, sink, *, send: float, timeout_s: float = 600.0, idle_timeout_s: float = 120.0,
-                  request_id: str | None = None) -> asyncio.Future | None:
+                  request_id: str | None = None, headers: dict[str, str] | None = None) -> asyncio.Future | None:
         """Write the request now on an idle connection, without a task: returns its future, or None when no
         connection is idle (then use request()). The future ends like request(); cancel it with cancel([fut])."""
         conn = self._acquire()
@@ -98,10 +98,15 @@ class LeanClient:
         if conn is None:
             return None
         fut = self._loop.create_future()
-        rid = b"X-Request-Id: %s\r\n" % request_id.encode("latin-1") if request_id else b""
-        conn.start(fut, sink, b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, rid, len(body), body), send,
-                   timeout_s, idle_timeout_s)
+        conn.start(fut, sink, self._request_bytes(body, request_id, headers), send, timeout_s, idle_timeout_s)
         return fut
+
+    def _request_bytes(self, body: bytes, request_id: str | None, headers: dict[str, str] | None) -> bytes:
+        rid = b"X-Request-Id: %s\r\n" % request_id.encode("latin-1") if request_id else b""
+        if headers:
+            rid += "".join(f"{k}: {v}\r\n" for k, v in headers.items()
+                           if not any(c in f"{k}{v}" for c in "\r\n\0")).encode("latin-1", "replace")
+        return b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, rid, len(body), body)
 
     def cancel(self, futs) -> None:
         """End these requests now (start_now futures fail with status cancelled; request() tasks are cancelled)."""
@@ -211,17 +216,17 @@ class LeanTransport(LeanClient):
             await self.warm(warm)
         self.spare = self._spare
 
-    def start(self, body: bytes, sink, request_id: str) -> asyncio.Future:
+    def start(self, body: bytes, sink, request_id: str, headers: dict[str, str] | None = None) -> asyncio.Future:
         fut = self.start_now(body, sink, send=sink.send, timeout_s=self.timeout_s,
-                             idle_timeout_s=self.idle_timeout_s, request_id=request_id)
+                             idle_timeout_s=self.idle_timeout_s, request_id=request_id, headers=headers)
         if fut is None:
-            fut = self._loop.create_task(self._connect_and_send(body, sink, request_id))
+            fut = self._loop.create_task(self._connect_and_send(body, sink, request_id, headers))
         return fut
 
-    async def _connect_and_send(self, body: bytes, sink, request_id: str) -> None:
+    async def _connect_and_send(self, body: bytes, sink, request_id: str, headers: dict[str, str] | None) -> None:
         sink.sent(self.clock())   # sent when this task runs: connecting counts in the answer's time, not the lag
         await self.request(body, sink, send=sink.send, timeout_s=self.timeout_s, idle_timeout_s=self.idle_timeout_s,
-                           request_id=request_id)
+                           request_id=request_id, headers=headers)
 
     async def aclose(self) -> None:
         await self.close()

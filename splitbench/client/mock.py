@@ -4,7 +4,7 @@ times run on the replayer's clock, a FakeClock in tests, so a replay needs no re
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from splitbench.client.sink import RecordSink
@@ -17,6 +17,8 @@ except ImportError:  # pragma: no cover
 
 SSE_HEADERS = {"content-type": "text/event-stream"}
 _EVENT = b'data: {"choices":[{"index":0,"text":" x"}],"usage":{"prompt_tokens":%d,"completion_tokens":%d}}\n\n'
+_EVENT_IDS = (b'data: {"choices":[{"index":0,"text":" x","token_ids":%s}],'
+              b'"usage":{"prompt_tokens":%d,"completion_tokens":%d}}\n\n')
 _LAST = b'data: {"choices":[],"usage":{"prompt_tokens":%d,"completion_tokens":%d}}\n\ndata: [DONE]\n\n'
 
 
@@ -26,6 +28,7 @@ class MockRequest:
     request_id: str
     body: bytes
     send_s: float       # when it left, on the replayer's clock
+    headers: dict[str, str] = field(default_factory=dict)   # the request's own extra headers
 
     def json(self) -> dict:
         return _loads(self.body)
@@ -43,6 +46,8 @@ class MockResponse:
     end_delay_s: float = 0.0
     body: bytes = b'{"error": {"message": "mock error"}}'   # the body of a non-200 answer
     prompt_tokens: int | None = None                        # None: the length of the request's token-id prompt
+    token_ids: Sequence[int] | None = None   # the output token ids, each chunk carrying its own (return_token_ids)
+    headers: dict[str, str] = field(default_factory=dict)   # response headers besides the SSE content type
 
     @classmethod
     def stream(cls, tokens: int, ttft_s: float, tbt_s: float, **kw) -> "MockResponse":
@@ -68,9 +73,10 @@ class MockTransport:
     async def open(self, warm: int) -> None:
         self.warmed = warm
 
-    def start(self, body: bytes, sink: RecordSink, request_id: str) -> asyncio.Future:
+    def start(self, body: bytes, sink: RecordSink, request_id: str,
+              headers: dict[str, str] | None = None) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
-        req = MockRequest(len(self.requests), request_id, body, sink.send)
+        req = MockRequest(len(self.requests), request_id, body, sink.send, dict(headers or {}))
         self.requests.append(req)
         try:
             resp = self.handler(req)
@@ -125,7 +131,8 @@ class _Exchange:
             elif self.step < len(resp.chunks):
                 k = resp.chunks[self.step][1]
                 self.tokens += k
-                data = _EVENT % (self.prompt, self.tokens)
+                data = _EVENT % (self.prompt, self.tokens) if resp.token_ids is None else _EVENT_IDS % (
+                    str(list(resp.token_ids[self.tokens - k:self.tokens])).encode(), self.prompt, self.tokens)
                 if self.step == len(resp.chunks) - 1 and resp.end == "done" and not resp.end_delay_s:
                     return self._finish(t, data + _LAST % (self.prompt, self.tokens))   # one read: chunk and end
                 sink.on_body(data, t)
@@ -142,7 +149,8 @@ class _Exchange:
             self._at(float("inf"))
 
     def _head(self, t: float) -> None:
-        self.sink.on_head(self.resp.status, "OK" if self.resp.status == 200 else "Mock Error", SSE_HEADERS)
+        self.sink.on_head(self.resp.status, "OK" if self.resp.status == 200 else "Mock Error",
+                          {**SSE_HEADERS, **self.resp.headers})
         if self.resp.status != 200:
             self.sink.on_body(self.resp.body, t)
 

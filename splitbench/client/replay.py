@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from splitbench.client.replayer import ReplayConfig, Replayer, StartGate
+from splitbench.client.sessions import SessionReplayer
 from splitbench.client.transport import Transport
 from splitbench.schema import records as R
 from splitbench.timing import Clock, RealClock
@@ -70,15 +71,17 @@ def replay_workload(workload: Workload, payload, cfg: ReplayConfig, run_dir: Pat
                     ) -> tuple[Replayer, bool]:
     """Replay and stream records into run_dir; records.parquet is complete when this returns.
     on_record (optional) also receives each finished record, on the replayer's loop: it must not block.
-    transport, clock and gate go to the Replayer; the loop is the clock's (cfg.loop's kind for a real one)."""
+    transport, clock and gate go to the Replayer (a SessionReplayer when cfg.multi_turn); the loop is the clock's
+    (cfg.loop's kind for a real one)."""
     writer = R.RecordWriter(run_dir, run_id)
 
     def both(rec: R.RequestRecord) -> None:
         writer.add(rec)
         on_record(rec)
     clock = clock or RealClock()
-    replayer = Replayer(workload, payload, cfg, writer.add if on_record is None else both, transport=transport,
-                        clock=clock, gate=gate)
+    kind = SessionReplayer if cfg.multi_turn else Replayer
+    replayer = kind(workload, payload, cfg, writer.add if on_record is None else both, transport=transport,
+                    clock=clock, gate=gate)
     interrupted = True
     try:
         interrupted = clock.run(replay_with_signals(replayer, writer, on_progress), cfg.loop)

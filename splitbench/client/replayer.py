@@ -58,6 +58,9 @@ class ReplayConfig:
     http: str = "lean"                  # "lean" (http_lean: chunks handled in data_received) or "aiohttp"
     start_at_unix_s: float | None = None  # run clock 0 at this wall time (shared by several replayers) instead
                                           # of start_delay_s from now; a time already past starts at once, late
+    multi_turn: bool = False            # sessions: open loop across them, closed within one (client/sessions.py)
+    think_time: str = "trace"           # multi_turn: when a session's next turn is due (workload/sessions.py)
+    think_seed: int = 0                 # multi_turn: seeds exp think times
 
     def describe(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "headers"}
@@ -268,14 +271,28 @@ class Replayer:
         self.transport.due = t0 + arrivals[self._next] if self._next < n else float("inf")
 
     def _send(self, i: int) -> None:
-        w, stats, t0 = self.w, self.stats, self._t0
-        ti = int(w.trace_index[i])
-        rec = RequestRecord(request_id=f"r{ti}", trace_index=ti, intended_send_s=self._arrivals[i],
-                            planned_input_tokens=int(w.input_tokens[i]), planned_output_tokens=int(w.output_tokens[i]))
+        rec = self.record(i, self._arrivals[i])
         send = self._now()
-        rec.actual_send_s = send - t0
-        sink = RecordSink(rec, t0, send)
-        fut = self.transport.start(self._data, sink, rec.request_id)
+        rec.actual_send_s = send - self._t0
+        self._launch(rec, RecordSink(rec, self._t0, send), self._data)
+
+    def record(self, i: int, intended_send_s: float) -> RequestRecord:
+        """The record of request i (its session and turn too, where the workload has them)."""
+        w = self.w
+        ti = int(w.trace_index[i])
+        rec = RequestRecord(request_id=f"r{ti}", trace_index=ti, intended_send_s=intended_send_s,
+                            planned_input_tokens=int(w.input_tokens[i]), planned_output_tokens=int(w.output_tokens[i]))
+        if w.session_id is not None and w.session_id[i] >= 0:
+            rec.session_id = int(w.session_id[i])
+            rec.turn = int(w.turn[i]) if w.turn is not None else None
+        return rec
+
+    def _launch(self, rec: RequestRecord, sink: RecordSink, body: bytes, headers: dict[str, str] | None = None
+                ) -> None:
+        """Hand the request to the transport now and count it in flight."""
+        stats = self.stats
+        fut = (self.transport.start(body, sink, rec.request_id, headers) if headers
+               else self.transport.start(body, sink, rec.request_id))
         self._inflight.add(fut)
         fut.add_done_callback(functools.partial(self._done, rec, sink))
         stats.sent += 1

@@ -18,9 +18,10 @@ _SSE, _JSON, _ERR = 0, 1, 2
 
 class RecordSink:
     """Turns one response into RequestRecord fields. Transports call on_head, on_body(data, now) per network
-    read, then on_end(now); `now` is on the same clock as `send` and `t0`. on_body/on_end raise StreamError."""
+    read, then on_end(now); `now` is on the same clock as `send` and `t0`. on_body/on_end raise StreamError.
+    `ids`: a list to collect the output token ids into (vLLM's `return_token_ids` answers), None: not kept."""
     __slots__ = ("rec", "t0", "send", "mode", "buf", "prev", "counted", "done", "usage", "reason", "_last_now",
-                 "reads", "end")
+                 "reads", "end", "ids")
 
     def __init__(self, rec: RequestRecord, t0: float, send: float):
         self.rec, self.t0, self.send = rec, t0, send
@@ -29,6 +30,7 @@ class RecordSink:
         self._last_now = -1.0
         self.reads: list = []   # SSE reads as (data, now), parsed at the end: the hot path only appends
         self.end: float | None = None   # on_end's `now`: when the response's last byte arrived
+        self.ids: list[int] | None = None
 
     def sent(self, now: float) -> None:
         """The request left at `now` (a transport that sends from a task of its own stamps it there)."""
@@ -62,6 +64,8 @@ class RecordSink:
             usage = (msg.get("usage") if isinstance(msg, dict) else None) or {}
             rec.actual_input_tokens = usage.get("prompt_tokens")
             rec.actual_output_tokens = usage.get("completion_tokens")
+            if self.ids is not None:
+                self._keep_ids(msg.get("choices"))
             rec.first_token_s = rec.last_token_s = now - self.t0
             rec.chunk_offsets_s.append(now - self.send)
             rec.chunk_tokens.append(rec.actual_output_tokens or 1)
@@ -123,6 +127,8 @@ class RecordSink:
             self.usage = u
         if not choices:
             return  # e.g. the final usage-only chunk
+        if self.ids is not None:
+            self._keep_ids(choices)
         if u and u.get("completion_tokens") is not None:
             k = u["completion_tokens"] - self.prev
             self.prev = u["completion_tokens"]
@@ -143,3 +149,10 @@ class RecordSink:
             rec.chunk_offsets_s.append(now - self.send)
             rec.chunk_tokens.append(k)
             rec.last_token_s = now - self.t0
+
+    def _keep_ids(self, choices) -> None:
+        """The first choice's output token ids (`token_ids`: this chunk's delta) onto self.ids."""
+        c = choices[0] if isinstance(choices, list) and choices and type(choices[0]) is dict else None
+        ids = c.get("token_ids") if c is not None else None
+        if isinstance(ids, list):
+            self.ids.extend(ids)

@@ -17,3 +17,5 @@ class ReplayStats:
     t0_unix_s: float = 0.0        # wall time of run-clock zero
     duration_s: float = 0.0
     start_late_s: float = 0.0     # how far past run-clock zero the replayer was ready to send (a shared start missed)
+    turns_not_sent: int = 0       # multi-turn: later turns of sessions whose earlier turn failed (not_sent records)
+    stand_in_outputs: int = 0     # multi-turn: answers without token ids, threaded with seeded stand-in ids

@@ -23,8 +23,10 @@ class Transport(Protocol):
     async def open(self, warm: int) -> None:
         """Before the clock starts: get ready, with up to `warm` idle connections."""
 
-    def start(self, body: bytes, sink: RecordSink, request_id: str) -> asyncio.Future:
-        """Send one request now; sink.send is its send time (a transport that sends later calls sink.sent)."""
+    def start(self, body: bytes, sink: RecordSink, request_id: str,
+              headers: dict[str, str] | None = None) -> asyncio.Future:
+        """Send one request now; sink.send is its send time (a transport that sends later calls sink.sent).
+        `headers`: this request's own extra headers (multi-turn sessions: the affinity headers)."""
 
     def cancel(self, futs: Iterable[asyncio.Future]) -> None:
         """End these requests now; each future ends cancelled or with a StreamError of status cancelled."""

@@ -123,8 +123,9 @@ def merge_stats(parts: list[dict]) -> ReplayStats:
     (an upper bound: they need not peak together); every worker that started shares one t0."""
     s = ReplayStats()
     for p in parts:
-        for name in ("planned", "sent", "finished", "failed", "inflight_peak", "inflight_cap_waits"):
-            setattr(s, name, getattr(s, name) + p[name])
+        for name in ("planned", "sent", "finished", "failed", "inflight_peak", "inflight_cap_waits", "turns_not_sent",
+                     "stand_in_outputs"):
+            setattr(s, name, getattr(s, name) + p.get(name, 0))
         s.stopped_early = s.stopped_early or p["stopped_early"]
         s.duration_s = max(s.duration_s, p["duration_s"])
         s.start_late_s = max(s.start_late_s, p["start_late_s"])
@@ -166,8 +167,9 @@ def _spawn(workload, payload, cfg, shard_root: Path, run_id: str, workers: int) 
     procs, pipes = [], []
     for k in range(workers):
         parent, child = ctx.Pipe()
+        part = shard(workload, k, workers, by_session=cfg.multi_turn)   # a session's turns stay in one worker
         p = ctx.Process(target=_child, name=f"splitbench-worker-{k}", daemon=True,
-                        args=(k, shard(workload, k, workers), payload, cfg, str(shard_root / str(k)), run_id, child))
+                        args=(k, part, payload, cfg, str(shard_root / str(k)), run_id, child))
         p.start()
         child.close()
         procs.append(p)

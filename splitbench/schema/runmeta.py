@@ -40,6 +40,7 @@ class RunMeta(TypedDict, total=False):
     hardware: dict[str, Any]            # machine type, machines, allocations of instances to pools
     power: dict[str, Any]               # power sampler settings and summary (GPU hosts)
     sizing: dict[str, Any]              # how the rate scale was chosen for the host (self-sizing default)
+    sessions: dict[str, Any]            # --multi-turn: sessions, later turns, turns whose new tokens were raised to 1
     locust: dict[str, Any]              # `splitbench locust`: mode, workers, shards, dead workers
     reference: dict[str, Any]           # simulated runs: their own unloaded reference (metrics.slo.Reference)
     reference_machine: str              # simulated runs: the machine type of that reference

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import random
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ TOKEN = b" tok"  # the text of every output token
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 GARBAGE = b'data: {"id": "garbage", "choices": [{"text": \n\n'
+STUB_VOCAB = 50_000   # the stub's output token ids (return_token_ids) are in [10, STUB_VOCAB)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,22 @@ def count_input_tokens(x: Any) -> int:
     return 0
 
 
+def stub_token_ids(prompt: Any, n: int) -> list[int]:
+    """The stub's n output token ids for a prompt: a pure function of the prompt (crc32 of its JSON seeds them),
+    so a test can tell which answer a later prompt carries (multi-turn threading)."""
+    rng = random.Random(zlib.crc32(json.dumps(prompt, separators=(",", ":")).encode()))
+    return [rng.randrange(10, STUB_VOCAB) for _ in range(n)]
+
+
+def answer_ids(body: dict, chat: bool, n_out: int) -> tuple[list[int] | None, list[int] | None]:
+    """vLLM's `return_token_ids`: (output token ids, prompt token ids of a token-id completion prompt), else
+    (None, None)."""
+    if not body.get("return_token_ids"):
+        return None, None
+    prompt = body.get("messages") if chat else body.get("prompt")
+    return stub_token_ids(prompt, n_out), (prompt if not chat and isinstance(prompt, list) else None)
+
+
 N_DIGITS = 1 << 17
 DIGITS = [len(str(i)) for i in range(N_DIGITS)]   # decimal width of small ints: chunk sizes without formatting
 
@@ -136,20 +155,24 @@ class Frames:
         "_cbase",
         "_ctpl",
         "_pre",
+        "_prev",
         "_suf",
         "chat",
         "close",
         "continuous",
         "head",
+        "ids",
         "last",
         "mid_tail",
         "n_in",
         "open",
+        "prompt_ids",
         "usage",
     )
 
     def __init__(self, chat: bool, model: str, n_in: int, usage: bool, continuous: bool, text: bytes = TOKEN,
-                 rid: str | None = None):
+                 rid: str | None = None, ids: list[int] | None = None, prompt_ids: list[int] | None = None):
+        self.ids, self.prompt_ids, self._prev = ids, prompt_ids, 0   # return_token_ids: chunk() only, no mid()
         obj, prefix = ("chat.completion.chunk", "chatcmpl-") if chat else ("text_completion", "cmpl-")
         self.head = (f'data: {{"id":"{prefix}{rid or uuid.uuid4().hex}","object":"{obj}","created":{int(time.time())},'
                      f'"model":{_json_str(model)},"choices":[').encode()
@@ -193,7 +216,13 @@ class Frames:
             parts += [self.head, (b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
                                   b'"finish_reason":null}]'), _usage(self.n_in, 0, True) if self.continuous else b"",
                       b',"prompt_token_ids":null,"prompt_text":null}\n\n']
-        parts += [self.head, self.open, text, self.close, self.last if final else self.mid_tail,
+        tail = self.last if final else self.mid_tail
+        if self.ids is not None:   # this chunk's token ids (and the prompt's in the first one), as vLLM sends them
+            tail = tail.replace(b'"token_ids":null', b'"token_ids":%s' % _ids(self.ids[self._prev:sent]))
+            if k == 0 and self.prompt_ids is not None:
+                tail = tail.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":%s' % _ids(self.prompt_ids))
+            self._prev = sent
+        parts += [self.head, self.open, text, self.close, tail,
                   _usage(self.n_in, sent, self.chat) if self.continuous else b"", b"}\n\n"]
         if final:
             if self.usage:
@@ -202,8 +231,14 @@ class Frames:
         return b"".join(parts)
 
 
-def whole_completion(chat: bool, model: str, n_in: int, n_out: int) -> dict[str, Any]:
-    """The body of a non-streamed completion (vLLM's shape) with n_out tokens; both servers send it."""
+def _ids(ids: list[int]) -> bytes:
+    return json.dumps(ids, separators=(",", ":")).encode()
+
+
+def whole_completion(chat: bool, model: str, n_in: int, n_out: int, ids: list[int] | None = None,
+                     prompt_ids: list[int] | None = None) -> dict[str, Any]:
+    """The body of a non-streamed completion (vLLM's shape) with n_out tokens; both servers send it. ids (and
+    prompt_ids): return_token_ids was asked (answer_ids)."""
     text = (TOKEN * n_out).decode()
     usage = {"prompt_tokens": n_in, "total_tokens": n_in + n_out, "completion_tokens": n_out,
              "prompt_tokens_details": None}
@@ -213,6 +248,8 @@ def whole_completion(chat: bool, model: str, n_in: int, n_out: int) -> dict[str,
     else:
         choice["text"] = text
     choice.update(logprobs=None, finish_reason="length", stop_reason=None)
+    if ids is not None:
+        choice.update(token_ids=ids, **({} if chat else {"prompt_token_ids": prompt_ids}))
     return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
             "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice], "usage": usage}

@@ -19,6 +19,7 @@ from splitbench.servers.stub import (
     Lateness,
     Pacer,
     StubConfig,
+    answer_ids,
     count_input_tokens,
     metrics_text,
     new_counters,
@@ -110,7 +111,7 @@ class StubServer:
             model = str(body.get("model") or self.cfg.model)
             if body.get("stream"):
                 return await self._stream(request, body, chat, model, n_in, n_out, t_recv, kind, fault_at)
-            return await self._whole(request, chat, model, n_in, n_out, t_recv, kind)
+            return await self._whole(request, body, chat, model, n_in, n_out, t_recv, kind)
         finally:
             self.n["running"] -= 1
 
@@ -144,7 +145,9 @@ class StubServer:
     async def _stream(self, request, body, chat, model, n_in, n_out, t_recv, kind, fault_at):
         opts = body.get("stream_options") or {}
         usage = bool(opts.get("include_usage"))
-        f = Frames(chat, model, n_in, usage, usage and bool(opts.get("continuous_usage_stats")))
+        ids, prompt_ids = answer_ids(body, chat, n_out)
+        f = Frames(chat, model, n_in, usage, usage and bool(opts.get("continuous_usage_stats")), ids=ids,
+                   prompt_ids=prompt_ids)
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
@@ -171,7 +174,7 @@ class StubServer:
         self.n["success"] += 1
         return resp
 
-    async def _whole(self, request, chat, model, n_in, n_out, t_recv, kind):
+    async def _whole(self, request, body, chat, model, n_in, n_out, t_recv, kind):
         cfg = self.cfg
         n_chunks = -(-n_out // cfg.tokens_per_chunk)
         wait = Pacer(asyncio.get_running_loop()).wait_until(
@@ -185,7 +188,7 @@ class StubServer:
             return web.Response(body=b'{"id": "garbage", "choices": [', content_type="application/json")
         self.n["generation"] += n_out
         self.n["success"] += 1
-        return web.json_response(whole_completion(chat, model, n_in, n_out))
+        return web.json_response(whole_completion(chat, model, n_in, n_out, *answer_ids(body, chat, n_out)))
 
 
 async def serve_aiohttp(cfg: StubConfig, host: str, port: int, stop: asyncio.Event, on_ready=None,

@@ -22,6 +22,7 @@ from splitbench.servers.stub import (
     Frames,
     Lateness,
     StubConfig,
+    answer_ids,
     count_input_tokens,
     metrics_text,
     new_counters,
@@ -146,19 +147,21 @@ class LeanStub:
         n["running"] += 1
         model = str(body.get("model") or cfg.model)
         tpc = cfg.tokens_per_chunk
+        ids, prompt_ids = answer_ids(body, chat, n_out)
         if body.get("stream"):
             opts = body.get("stream_options") or {}
             usage = bool(opts.get("include_usage"))
             frames = Frames(chat, model, n_in, usage, usage and bool(opts.get("continuous_usage_stats")),
-                            self.full_text, f"{self.ids.getrandbits(128):032x}")
+                            self.full_text, f"{self.ids.getrandbits(128):032x}", ids, prompt_ids)
             conn.transport.write(_SSE_HEAD if conn.chunked else _SSE_HEAD_10)
             s = Stream(conn, frames, n_out, t_recv + cfg.ttft_s, kind, fault_at)
             conn.stream = s
             return self.ticker.add(s.first, s)
         last = t_recv + cfg.ttft_s + (-(-n_out // tpc) - 1) * tpc * cfg.tpot_s
-        self.ticker.add(last, Call(self._whole, conn, chat, model, n_in, n_out, kind))
+        self.ticker.add(last, Call(self._whole, conn, chat, model, n_in, n_out, kind, ids, prompt_ids))
 
-    def _whole(self, conn: _Conn, chat: bool, model: str, n_in: int, n_out: int, kind: str) -> None:
+    def _whole(self, conn: _Conn, chat: bool, model: str, n_in: int, n_out: int, kind: str, ids=None,
+               prompt_ids=None) -> None:
         self.n["running"] -= 1
         if conn.transport is None:
             return
@@ -168,7 +171,7 @@ class LeanStub:
             return conn.reply(200, b'{"id": "garbage", "choices": [')
         self.n["generation"] += n_out
         self.n["success"] += 1
-        conn.reply(200, json.dumps(whole_completion(chat, model, n_in, n_out)).encode())
+        conn.reply(200, json.dumps(whole_completion(chat, model, n_in, n_out, ids, prompt_ids)).encode())
 
     def _kv_prefill_only(self, conn, chat, body, n_in, t_recv, head, low) -> None:
         """vLLM NixlConnector's prefill side: after ttft_s, one token, not streamed, with the kv_transfer_params

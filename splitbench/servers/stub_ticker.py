@@ -18,7 +18,8 @@ MAX_BATCH_S = 0.002   # one ticker wakeup runs at most this long before letting 
 
 class Stream:
     """One streamed response in the ticker's heap: chunk k is due at first + k * gap. `fast`: the next chunk may
-    take the ticker's hot path (chunked encoding, not the chat role chunk, no fault at it, client still there);
+    take the ticker's hot path (chunked encoding, not the chat role chunk, no fault at it, client still there, no
+    token ids asked: return_token_ids chunks are built by Frames.chunk);
     tpl/base/cont/n_in: that path's chunk template (Frames.mid_chunked, inlined)."""
     __slots__ = (
         "base",
@@ -40,7 +41,7 @@ class Stream:
     def __init__(self, conn, frames: Frames, n_out, first, kind, fault_at):
         self.conn, self.write, self.frames, self.n_out, self.first = conn, conn.transport.write, frames, n_out, first
         self.k, self.sent, self.kind, self.fault_at = 0, 0, kind, fault_at
-        self.fast = conn.chunked and not frames.chat and fault_at < 0
+        self.fast = conn.chunked and not frames.chat and fault_at < 0 and frames.ids is None
         self.tpl, self.base, self.cont, self.n_in = frames._ctpl, frames._cbase, frames.continuous, frames.n_in
 
     def __lt__(self, other: Stream) -> bool:   # heap entries are (deadline, stream): ties need an order
@@ -214,6 +215,6 @@ class Ticker:
         else:
             conn.write_chunk(data)
             s.k = k + 1
-            s.fast = conn.chunked and s.fault_at < 0
+            s.fast = conn.chunked and s.fault_at < 0 and s.frames.ids is None
             heapq.heapreplace(heap, (s.first + s.k * srv.gap_s, s))
         return n
