@@ -118,6 +118,8 @@ def backend_options(backend: str, *, url: str | None = None, api_key_env: str = 
                     stub_ttft_ms: float = 20.0, stub_tpot_ms: float = 5.0, **cluster) -> dict:
     """Backend constructor options from the flat flags of `run`, `locust`, `reference` and `profile`."""
     if backend == "openai":
+        if cluster.get("prefix_caching") is not None:
+            raise InputError("--prefix-caching is for the servers splitbench launches (the URL's server has its own)")
         if not url:
             raise InputError("--backend openai needs --url http://HOST:PORT")
         return {"url": url, "api_key_env": api_key_env}
@@ -126,7 +128,9 @@ def backend_options(backend: str, *, url: str | None = None, api_key_env: str = 
     if cluster.get("policy_param") and backend not in CLUSTER_BACKENDS:
         raise InputError(f"--policy-param is for the cluster backends ({', '.join(CLUSTER_BACKENDS)})")
     if backend == "stub":
-        return {"ttft_s": stub_ttft_ms / 1000, "tpot_s": stub_tpot_ms / 1000}
+        caching = cluster.get("prefix_caching")
+        return {"ttft_s": stub_ttft_ms / 1000, "tpot_s": stub_tpot_ms / 1000,
+                **({"prefix_caching": caching} if caching is not None else {})}
     if backend in CLUSTER_BACKENDS:
         params = cluster.pop("policy_param", None)
         opts = {k: v for k, v in cluster.items() if v is not None}

@@ -22,6 +22,7 @@ from splitbench.hardware.ceiling import client_section
 from splitbench.metrics.slo import load_reference, parse_slos
 from splitbench.metrics.summary import summarize
 from splitbench.schema import records as R
+from splitbench.schema.files import read_json_object
 from splitbench.schema.runmeta import host_info, package_versions, write_run_meta
 from splitbench.schema.summary import write_summary
 from splitbench.servers.phaselog import load_phase_log, merge_phases
@@ -232,8 +233,10 @@ def client_limits(meta: dict) -> dict | None:
 def summarize_run(run_dir: Path, meta: dict, slos=None, reference=None, write: bool = True) -> dict:
     """summary.json of a run directory from its records and run.json (live or simulated alike)."""
     records = R.read_records(run_dir)
+    scraped = run_dir / "metrics" / "summary.json"   # the scraper's per instance counter increases, if it ran
+    server = read_json_object(scraped, "metrics summary") if scraped.exists() else None
     summary = summarize(records, run_meta=meta, slos=slos, reference=reference, fidelity_limits=client_limits(meta),
-                        measured_energy=accounting.measured_energy(run_dir, meta, records))
+                        measured_energy=accounting.measured_energy(run_dir, meta, records), server_metrics=server)
     if write:
         write_summary(run_dir, summary)
     return summary

@@ -28,3 +28,12 @@ def int_option(value: Any, flag: str, minimum: int) -> int:
     if n < minimum or n != float(value):
         raise InputError(f"--{flag} must be a whole number >= {minimum}, got {value!r}")
     return n
+
+
+def on_off_option(value: Any, flag: str) -> bool:
+    """An on|off option (`flag` is its CLI name without --): True for on; else InputError."""
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "off"):
+        return value == "on"
+    raise InputError(f"--{flag} must be on or off, got {value!r}")

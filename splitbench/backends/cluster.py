@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from splitbench.backends.base import int_option
+from splitbench.backends.base import int_option, on_off_option
 from splitbench.errors import InputError
-from splitbench.servers.launcher import TINY_CPU_ARGS, Cluster
+from splitbench.servers.launcher import TINY_CPU_ARGS, Cluster, cache_args, prefix_caching_of
 from splitbench.servers.router_process import RouterProcess
 from splitbench.servers.scrape import ScraperProcess
 from splitbench.servers.tiny_model import ensure_tiny_model
 from splitbench.servers.topology import ClusterSpec, detect_hardware, parse_id_list, plan_cluster
+from splitbench.servers.vllm_features import adapt_args
 from splitbench.servers.vllm_features import detect as detect_vllm
 
 # CPU defaults for clusters: TINY_CPU_ARGS without --disable-log-stats (it would blank the /metrics series).
@@ -35,7 +36,7 @@ class ClusterBackend:
                  vllm_args: str | list[str] | None = None, hardware: str | None = None, policy: str = "jsq",
                  policy_params: dict | None = None, router_cpu: int | None = None,
                  startup_timeout_s: float = 300.0, scrape_interval_s: float = 1.0, seed: int = 0,
-                 counts: dict[str, int] | None = None, **_: Any):
+                 counts: dict[str, int] | None = None, prefix_caching: str | bool = "on", **_: Any):
         self.model_dir = model_dir
         self.connector, self.kv_transfer_config = connector, kv_transfer_config
         self.gpus, self.cores, self.layout, self.hardware = gpus, cores, layout, hardware
@@ -46,6 +47,9 @@ class ClusterBackend:
         self.startup_timeout_s = float(startup_timeout_s if startup_timeout_s is not None else 300.0)
         self.scrape_interval_s = float(scrape_interval_s if scrape_interval_s is not None else 1.0)
         self.counts = dict(counts or {})
+        # vLLM V1 caches prefixes by default; splitbench says so explicitly (on), and always asks for the cached
+        # counts (--enable-prompt-tokens-details). Unique prompts (no prefix hashes) hit nothing either way.
+        self.prefix_caching = on_off_option(prefix_caching, "prefix-caching")
         self.spec: ClusterSpec | None = None
         self.cluster: Cluster | None = None
         self.router: RouterProcess | None = None
@@ -71,13 +75,18 @@ class ClusterBackend:
         args = self.vllm_args
         if args is None:
             args = [a for a in TINY_CPU_ARGS if a not in _CPU_DROP] if hardware == "cpu-host" else GPU_DEFAULT_ARGS
+        features = detect_vllm()
+        # splitbench's cache flags, not the user's: dropped with a note where the host's vLLM lacks them
+        extra, notes = adapt_args(cache_args(list(args), self.prefix_caching), features, strict=False)
         # flags and connector names as the host's vLLM spells them (probed once per vLLM install, then cached);
         # a flag of the user's --vllm-args that it lacks fails here, before anything starts
-        return plan_cluster(model_dir, **self.counts, connector=self.connector,
+        spec = plan_cluster(model_dir, **self.counts, connector=self.connector,
                             kv_transfer_config=self.kv_transfer_config, hardware=hardware, gpus=self.gpus,
                             cores=self.cores, tensor_parallel=self.tensor_parallel, layout=self.layout,
-                            base_args=list(args), shared_dir=run_dir / "kv-shared", features=detect_vllm(),
+                            base_args=list(args) + extra, shared_dir=run_dir / "kv-shared", features=features,
                             strict_args=self.vllm_args is not None)
+        spec.arg_notes += notes
+        return spec
 
     def start(self, run_dir: Path | None = None) -> None:
         if self.cluster is not None:
@@ -160,7 +169,8 @@ class ClusterBackend:
                 "instances": cluster.describe(), "router": router.describe() if router is not None else None,
                 "url": router.url if router is not None else cluster.describe()[0]["url"],
                 "metrics_dir": str(self.run_dir / "metrics"), "phase_log": str(self.phase_log or "") or None,
-                "vllm": spec.features.describe(), "arg_notes": list(spec.arg_notes)}
+                "vllm": spec.features.describe(), "arg_notes": list(spec.arg_notes),
+                "prefix_caching": prefix_caching_of(spec.instances[0].base_args) if spec.instances else None}
 
     def describe(self) -> dict[str, Any]:
         if self.cluster is None:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from splitbench.backends.base import on_off_option
 from splitbench.client.probe import http_get
 from splitbench.errors import InputError
 from splitbench.procs import spawn, stop_group, wait_ready
@@ -37,8 +38,11 @@ class StubBackend:
     def __init__(self, ttft_s: float = 0.02, tpot_s: float = 0.005, tokens_per_chunk: int = 1,
                  port: int | None = None, cpu: int | None = None, host: str = "127.0.0.1",
                  model: str = DEFAULT_MODEL, loop: str = "precise", fail_rate: float = 0.0, seed: int = 0,
-                 startup_timeout_s: float = 20.0, processes: int = 1, cpus: list[int] | None = None, **_: Any):
-        self.cfg = StubConfig(ttft_s, tpot_s, tokens_per_chunk, model, fail_rate, seed)
+                 startup_timeout_s: float = 20.0, processes: int = 1, cpus: list[int] | None = None,
+                 prefix_caching: str | bool = "on", **_: Any):
+        self.cfg = StubConfig(ttft_s, tpot_s, tokens_per_chunk, model, fail_rate, seed,
+                              prefix_block_tokens=StubConfig.prefix_block_tokens
+                              if on_off_option(prefix_caching, "prefix-caching") else 0)
         if loop not in LOOPS:
             raise InputError(f"stub loop must be one of {', '.join(LOOPS)}, got {loop!r}")
         self.host, self.port, self.loop, self.startup_timeout_s = host, port, loop, startup_timeout_s
@@ -58,7 +62,8 @@ class StubBackend:
         cmd = [sys.executable, "-m", "splitbench.servers.stub_main", "--host", self.host,
                "--port", str(port), "--ttft-ms", repr(c.ttft_s * 1e3), "--tpot-ms", repr(c.tpot_s * 1e3),
                "--tokens-per-chunk", str(c.tokens_per_chunk), "--model", c.model, "--fail-rate", repr(c.fail_rate),
-               "--seed", str(c.seed), "--loop", self.loop, "--port-file", str(port_file)]
+               "--seed", str(c.seed), "--loop", self.loop, "--port-file", str(port_file),
+               "--prefix-block-tokens", str(c.prefix_block_tokens)]
         if self.processes > 1:
             cmd.append("--reuse-port")
         return cmd + (["--cpu", str(cpu)] if cpu is not None else [])
@@ -120,4 +125,6 @@ class StubBackend:
                 "tokens_per_chunk": self.cfg.tokens_per_chunk, "pid": self.pid, "cpu": self.cpus[0],
                 "processes": self.processes, "cpus": self.cpus, "pids": [p.pid for p in self.procs],
                 "url": self.endpoint() if self.port is not None else None, "model": self.cfg.model,
-                "loop": self.loop, "fail_rate": self.cfg.fail_rate}
+                "loop": self.loop, "fail_rate": self.cfg.fail_rate,
+                "prefix_caching": "on" if self.cfg.prefix_block_tokens else "off",
+                "prefix_block_tokens": self.cfg.prefix_block_tokens}

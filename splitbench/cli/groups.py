@@ -89,5 +89,8 @@ CLUSTER = (
     Opt("policy_param", Optional[list[str]], "Policy parameter KEY=VALUE (repeatable), e.g. mixed-pool thresholds.",
         default=None),
     Opt("vllm_args", Optional[str], "Extra arguments for every vLLM server (quoted string).", default=None),
+    Opt("prefix_caching", Optional[str], "Prefix caching of launched servers (vllm/splitwise/mixed: vLLM's "
+        "--enable-prefix-caching / --no-enable-prefix-caching; stub: its own block cache): on or off [on]; cached "
+        "prompt tokens are reported either way (--enable-prompt-tokens-details).", default=None),
 )
 BACKEND_FLAGS = tuple(o.name for o in BACKEND + CLUSTER if o.name != "backend")

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from splitbench.metrics.cache import cache_from
 from splitbench.metrics.efficiency import efficiency_from
 from splitbench.metrics.fidelity import failures_summary, fidelity_from, peak_rate_rps
 from splitbench.metrics.slo import SLO, SPLITWISE_CHECKS, Reference
@@ -228,3 +229,16 @@ def efficiency_section(f: Frame, run_meta: dict, *, slos: Sequence[SLO] = (),
     total = {"ok_requests": int(ok.sum()), "good_requests": int(is_good.sum()) if slos else None,
              "input_tokens": int(f.v.n_in[ok].sum()), "output_tokens": int(f.v.n_out[ok].sum())}
     return efficiency_from(hw, window(f), usage, total, slos, measured_energy)
+
+
+def cache_section(f: Frame, server_metrics: dict | None = None) -> dict | None:
+    """cache.cache_section over columns: counts["cached_input_tokens"] (the simulator's cache), pools by pool,
+    instances by the prefill instance (else the instance)."""
+    c = f.c
+    cached = c.counts.get("cached_input_tokens")
+    cached = np.full(len(c), -1, np.int64) if cached is None else cached
+    pre = np.where(c.placement["prefill_instance"] >= 0, c.placement["prefill_instance"], c.placement["instance"])
+    groups = {}
+    for key, codes in (("pools", c.placement["pool"]), ("instances", pre)):
+        groups[key] = {c.names[k]: codes == k for k in np.unique(codes).tolist() if k >= 0}
+    return cache_from(f.v.ok, f.v.n_in, cached, f.v.ttft, groups, server_metrics)

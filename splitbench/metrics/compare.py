@@ -8,7 +8,8 @@ import time
 COMPARE_KIND = "splitbench.compare"
 COMPARE_VERSION = 1
 SECTIONS = (("latency", "Latency"), ("slo", "SLO verdicts"), ("throughput", "Throughput"),
-            ("efficiency", "Efficiency"), ("iso", "Iso-cost and iso-power views"), ("fidelity", "Replay fidelity"))
+            ("efficiency", "Efficiency"), ("iso", "Iso-cost and iso-power views"), ("cache", "Prefix cache"),
+            ("fidelity", "Replay fidelity"))
 
 LATENCY = (("ttft_s", "TTFT"), ("tbt_s", "TBT"), ("mean_tbt_s", "mean TBT"), ("e2e_s", "E2E"))
 LAT_STATS = ("p50", "p90", "p99")
@@ -77,6 +78,30 @@ def iso_views(summaries: list[dict]) -> list[dict]:
     return rows
 
 
+def cache_rows(summaries: list[dict]) -> list[dict]:
+    """Cached prompt token fraction, the TTFT fit and the servers' hit rate (sum of hits / sum of queries over
+    instances), when every run has a cache section with cached counts (else no rows: nothing to compare)."""
+    caches = [s.get("cache") or {} for s in summaries]
+    if not caches or any(c.get("cached_fraction") is None for c in caches):
+        return []
+    fits = [_get(c, "ttft_vs_uncached", "fit") or {} for c in caches]
+    rows = [_row("cache", "cached_fraction", "cached prompt token fraction", "", "higher",
+                 [c["cached_fraction"] for c in caches]),
+            _row("cache", "cached_requests", "requests with cached counts", "", None, [c["requests"] for c in caches]),
+            _row("cache", "ttft_intercept_s", "TTFT fit at 0 uncached tokens", "s", "lower",
+                 [f.get("intercept_s") for f in fits]),
+            _row("cache", "ttft_per_1k_uncached_s", "TTFT fit per 1k uncached tokens", "s", "lower",
+                 [None if f.get("per_token_s") is None else f["per_token_s"] * 1e3 for f in fits])]
+    rates = []
+    for c in caches:
+        q = sum(d["queries_tokens"] or 0 for d in (c.get("server") or {}).values())
+        h = sum(d["hits_tokens"] or 0 for d in (c.get("server") or {}).values())
+        rates.append(h / q if q else None)
+    if any(r is not None for r in rates):
+        rows.append(_row("cache", "server_hit_rate", "server prefix-cache hit rate", "", "higher", rates))
+    return rows
+
+
 def comparison_rows(summaries: list[dict]) -> list[dict]:
     """Every comparison row; values are per run in order, ratios against the first run."""
     rows: list[dict] = []
@@ -122,6 +147,7 @@ def comparison_rows(summaries: list[dict]) -> list[dict]:
                 rows.append(_row("efficiency", f"{p}_{key}", f"{p} {label}", unit, better, vals,
                                  [bool(e and (e["estimated"] if energy else e.get("cost_estimated"))) for e in effs]))
         rows += iso_views(summaries)
+    rows += cache_rows(summaries)
     rows.append(_row("fidelity", "fidelity_verdict", "fidelity verdict", "", None,
                      [_get(s, "fidelity", "verdict") for s in summaries]))
     rows.append(_row("fidelity", "lag_p99_s", "send lag p99", "s", "lower",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from splitbench.metrics import columnar as C
+from splitbench.metrics.cache import cache_section
 from splitbench.metrics.efficiency import efficiency_section
 from splitbench.metrics.fidelity import fidelity_section
 from splitbench.metrics.latency import counts_section, latency_section, pools_section, throughput_section
@@ -18,9 +19,11 @@ from splitbench.schema.summary import SUMMARY_KIND, SUMMARY_VERSION
 
 def summarize(records: Sequence[RequestRecord] | RecordColumns, *, run_meta: dict | None = None,
               slos: Sequence[SLO] | str | None = None, reference: Reference | None = None,
-              fidelity_limits: dict | None = None, measured_energy: dict | None = None) -> dict:
+              fidelity_limits: dict | None = None, measured_energy: dict | None = None,
+              server_metrics: dict | None = None) -> dict:
     """Every derived metric of a run; `slos` may be SLO objects or an "ttft_p99=2s,..." string.
     measured_energy: energy per pool from power samples (runner.measured_energy); None = estimated.
+    server_metrics: the scraper's per instance counter increases (metrics/summary.json), for the cache section.
     RecordColumns (a simulated run's) are summarized with arrays (metrics/columnar.py), to the same dict."""
     if isinstance(slos, str):
         slos = parse_slos(slos)
@@ -34,6 +37,7 @@ def summarize(records: Sequence[RequestRecord] | RecordColumns, *, run_meta: dic
             "splitwise": C.splitwise_verdict(f, reference) if reference is not None else None,
             "fidelity": C.fidelity_section(f, fidelity_limits), "pools": C.pools_section(f),
             "efficiency": C.efficiency_section(f, run_meta or {}, slos=slos, measured_energy=measured_energy),
+            "cache": C.cache_section(f, server_metrics),
         }
     return {
         "kind": SUMMARY_KIND,
@@ -47,6 +51,7 @@ def summarize(records: Sequence[RequestRecord] | RecordColumns, *, run_meta: dic
         "fidelity": fidelity_section(records, fidelity_limits),
         "pools": pools_section(records),
         "efficiency": efficiency_section(records, run_meta or {}, slos=slos, measured_energy=measured_energy),
+        "cache": cache_section(records, server_metrics),
     }
 
 

@@ -175,7 +175,57 @@ def _pools(s: dict, console: Console) -> None:
     console.print(t)
 
 
-SECTIONS = (_latency, _throughput, _statuses, _slos, _splitwise, _fidelity, _efficiency, _pools)
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def cache_rows(cache: dict) -> list[list[str]]:
+    """Rows (scope, requests, hit, prompt tokens, cached tokens, cached %) of the cache section."""
+    scopes = [("all", cache)] + [(f"pool {k}", d) for k, d in cache["pools"].items()] +         [(f"instance {k}", d) for k, d in cache["instances"].items()]
+    return [[name, str(d["requests"]), str(d["requests_hit"]), str(d["prompt_tokens"]), str(d["cached_tokens"]),
+             _pct(d["cached_fraction"])] for name, d in scopes]
+
+
+def fit_line(cache: dict) -> str:
+    """TTFT = a + b x uncached tokens, as one line."""
+    fit = cache["ttft_vs_uncached"]["fit"]
+    if not fit:
+        return "TTFT vs uncached prompt tokens: no fit (fewer than two distinct uncached counts)"
+    r2 = "-" if fit["r2"] is None else f"{fit['r2']:.3f}"
+    return (f"TTFT = {fit['intercept_s'] * 1e3:.2f} ms + {fit['per_token_s'] * 1e6:.2f} ms per 1k uncached prompt "
+            f"tokens (n {fit['n']}, r2 {r2})")
+
+
+def _cache(s: dict, console: Console) -> None:
+    cache = s.get("cache")
+    if not cache:
+        return
+    t = _table("Prefix cache (ok requests with cached counts)", ("scope", "left"), ("requests", "right"),
+               ("hit", "right"), ("prompt tok", "right"), ("cached tok", "right"), ("cached", "right"))
+    for row in cache_rows(cache):
+        t.add_row(*row)
+    console.print(t)
+    if cache.get("server"):
+        t = _table("Server prefix cache (/metrics, tokens)", ("instance", "left"), ("queries", "right"),
+                   ("hits", "right"), ("hit rate", "right"), ("external hits", "right"), ("ext. rate", "right"))
+        for iid, d in cache["server"].items():
+            t.add_row(iid, str(d["queries_tokens"]), str(d["hits_tokens"]), _pct(d["hit_rate"]),
+                      "-" if d["external_hits_tokens"] is None else str(d["external_hits_tokens"]),
+                      _pct(d["external_hit_rate"]))
+        console.print(t)
+    bins = cache["ttft_vs_uncached"]["bins"]
+    if bins:
+        t = _table("TTFT vs uncached prompt tokens (ms)", ("uncached tokens", "left"), ("n", "right"),
+                   ("p50", "right"), ("p90", "right"), ("max", "right"))
+        for b in bins:
+            d = b["ttft_s"]
+            t.add_row(f"[{b['lo_tokens']}, {b['hi_tokens']})", str(d["count"]), _ms(d["p50"]), _ms(d["p90"]),
+                      _ms(d["max"]))
+        console.print(t)
+    console.print(fit_line(cache), markup=False, highlight=False)
+
+
+SECTIONS = (_latency, _throughput, _statuses, _slos, _splitwise, _fidelity, _efficiency, _pools, _cache)
 
 
 def render_summary(summary: dict, console: Console) -> None:
@@ -220,6 +270,11 @@ def render_markdown(summary: dict) -> str:
         out += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         out += ["| " + " | ".join(r) + " |" for r in rows]
         out += ["", efficiency_note(eff) + ".", ""]
+    cache = s.get("cache")
+    if cache:
+        out += ["| cache scope | requests | hit | prompt tok | cached tok | cached |", "|---|---:|---:|---:|---:|---:|"]
+        out += ["| " + " | ".join(r) + " |" for r in cache_rows(cache)]
+        out += ["", fit_line(cache) + ".", ""]
     f = s["fidelity"]
     out.append(f"Fidelity: {f['verdict']}" + (f" (flags: {', '.join(f['flags'])})" if f["flags"] else "")
                + f"; send lag p99 {_ms(f['lag_s']['p99'])} ms.")

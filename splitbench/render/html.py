@@ -17,6 +17,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from splitbench.metrics.compare import SECTIONS
+from splitbench.render.plots import draw_ttft_uncached
 
 POOL_ORDER = ("prompt", "token", "baseline", "mixed", "unallocated")
 EST_HATCH = "//"
@@ -219,6 +220,14 @@ def _timeline_svg(runs: list[dict]) -> str:
     return _svg(fig)
 
 
+def _ttft_uncached_svg(runs: list[dict]) -> str | None:
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    if not draw_ttft_uncached(ax, runs, COLORS):
+        plt.close(fig)
+        return None
+    return _svg(fig)
+
+
 def _breakdown_svg(runs: list[dict]) -> str | None:
     rows = [(i, r, (r.get("series") or {}).get("ttft_breakdown")) for i, r in enumerate(runs)]
     rows = [(i, r, b) for i, r, b in rows if b]
@@ -360,6 +369,10 @@ def render_html(comparison: dict) -> str:
          "caption": "Mean TTFT of split requests cut at the router's phase timestamps: client to router, router "
                     "queue, prefill (queue and compute on the prompt instance), handoff, KV transfer and decode "
                     "start, relay to client."},
+        {"id": "plot-ttft-uncached", "svg": _ttft_uncached_svg(runs),
+         "text": "No run has cached prompt token counts: no TTFT vs uncached tokens plot.",
+         "caption": "TTFT against uncached prompt tokens (prompt minus the server's cached tokens): median per "
+                    "log2 bin and the least-squares line TTFT = a + b x uncached tokens."},
     ]
     any_est = eff_est or any(h["energy"] == "estimated" for h in headers) or \
         any(any(r.get("estimated") or []) for r in rows)

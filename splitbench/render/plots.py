@@ -1,6 +1,7 @@
-"""PNG plot of a workload for `splitbench traces show --plot`: arrivals per second and the two length histograms.
+"""PNG plot of a workload for `splitbench traces show --plot`: arrivals per second and the two length histograms;
+the HTML report's TTFT vs uncached prompt tokens axes (draw_ttft_uncached).
 
-Drawing only: the per-second counts come from workload.transforms.arrivals_per_s.
+Drawing only: the per-second counts come from workload.transforms.arrivals_per_s, the bins and fit from summaries.
 """
 from __future__ import annotations
 
@@ -32,3 +33,29 @@ def plot_workload(w: Workload, path: str) -> None:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def draw_ttft_uncached(ax, runs: list[dict], colors) -> bool:
+    """On `ax`: each run's TTFT p50 per bin of uncached prompt tokens (summary cache.ttft_vs_uncached) at the bin's
+    middle, and its fitted line TTFT = a + b x uncached; False when no run has bins."""
+    drawn = False
+    for i, run in enumerate(runs):
+        tv = (((run.get("summary") or {}).get("cache") or {}).get("ttft_vs_uncached")) or {}
+        pts = [((b["lo_tokens"] + b["hi_tokens"]) / 2, b["ttft_s"]["p50"] * 1e3) for b in tv.get("bins") or []
+               if b["ttft_s"]["p50"] is not None]
+        if not pts:
+            continue
+        drawn = True
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, "o", color=colors[i % len(colors)], label=f"{run['label']} p50 per bin")
+        fit = tv.get("fit")
+        if fit:
+            line_x = [0.0, max(b["hi_tokens"] for b in tv["bins"])]
+            ax.plot(line_x, [(fit["intercept_s"] + fit["per_token_s"] * x) * 1e3 for x in line_x], "-",
+                    color=colors[i % len(colors)], lw=1.2, label=f"{run['label']} fit")
+    if drawn:
+        ax.set_xlabel("uncached prompt tokens (prompt - cached)")
+        ax.set_ylabel("TTFT (ms)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return drawn

@@ -27,6 +27,8 @@ class Summary(TypedDict, total=False):
     fidelity: dict[str, Any]               # schedule lag, send rates, token mismatches, verdict
     pools: dict[str, Any]                  # RequestRecord.pool -> count, ok and latency percentile sets
     efficiency: dict[str, Any]             # cost/energy per machine pool and total (null without hardware)
+    cache: dict[str, Any]                  # cached prompt tokens, fraction per pool/instance, TTFT vs uncached,
+                                           # per instance /metrics prefix-cache hit rates (null: nothing reported)
 
 
 FIELD_TYPES = field_types(Summary)

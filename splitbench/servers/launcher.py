@@ -32,6 +32,27 @@ TINY_CPU_ARGS = ["--dtype", "bfloat16", "--max-model-len", "16384", "--enforce-e
                  "--disable-log-stats", "--uvicorn-log-level", "warning"]
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+# --prefix-caching on|off as vLLM's flags; with either, usage.prompt_tokens_details.cached_tokens is reported
+PREFIX_CACHING_FLAGS = {True: "--enable-prefix-caching", False: "--no-enable-prefix-caching"}
+PROMPT_DETAILS_FLAG = "--enable-prompt-tokens-details"
+
+
+def cache_args(args: list[str], prefix_caching: bool) -> list[str]:
+    """The flags that set prefix caching and report cached prompt tokens, for those of `args` (the user's
+    --vllm-args or splitbench's defaults) that do not set them already: the user's own flags win."""
+    have = {a.split("=", 1)[0] for a in args}
+    out = [] if have & set(PREFIX_CACHING_FLAGS.values()) else [PREFIX_CACHING_FLAGS[prefix_caching]]
+    return out + ([] if have & {PROMPT_DETAILS_FLAG, "--no-enable-prompt-tokens-details"} else [PROMPT_DETAILS_FLAG])
+
+
+def prefix_caching_of(args: list[str]) -> str:
+    """"on"/"off" as an argv sets it (the last of vLLM's two flags wins), "default" when it sets neither."""
+    state = "default"
+    for a in args:
+        flag = a.split("=", 1)[0]
+        if flag in PREFIX_CACHING_FLAGS.values():
+            state = "on" if flag == PREFIX_CACHING_FLAGS[True] else "off"
+    return state
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
 # vLLM's default load format looks for these; a model dir without any is served with random weights
 # (`--load-format dummy`: vLLM initialises them from config.json alone)

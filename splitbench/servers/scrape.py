@@ -31,7 +31,8 @@ GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cac
           "vllm:num_requests_kv_fetch_by_stage")
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
             "vllm:prompt_tokens_by_source_total", "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total",
-            "vllm:prefix_cache_hits_total", "vllm:external_prefix_cache_hits_total")
+            "vllm:prefix_cache_hits_total", "vllm:external_prefix_cache_queries_total",
+            "vllm:external_prefix_cache_hits_total", "vllm:prompt_tokens_cached_total")
 HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
               "vllm:request_time_per_output_token_seconds",
               "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",

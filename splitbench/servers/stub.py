@@ -11,6 +11,7 @@ import random
 import time
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,8 @@ class StubConfig:
     default_max_tokens: int = 16
     kv_transfer_s: float = 0.0  # P/D: a do_remote_prefill request's first token comes this long after receipt
     tick_s: float = 0.0002   # lean server: least time between two wakeups of the shared chunk ticker
+    prefix_block_tokens: int = 16      # prefix cache block (vLLM's GPU default); 0: no prefix cache
+    prefix_cache_blocks: int = 1 << 16  # blocks the prefix cache holds (LRU)
 
     def __post_init__(self):
         for name in ("ttft_s", "tpot_s", "kv_transfer_s", "tick_s"):
@@ -46,6 +49,9 @@ class StubConfig:
                 raise InputError(f"stub {name} must be >= 0, got {getattr(self, name)!r}")
         if not (isinstance(self.tokens_per_chunk, int) and self.tokens_per_chunk >= 1):
             raise InputError(f"stub tokens_per_chunk must be an integer >= 1, got {self.tokens_per_chunk!r}")
+        for name in ("prefix_block_tokens", "prefix_cache_blocks"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise InputError(f"stub {name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.fail_rate <= 1.0:
             raise InputError(f"stub fail_rate must be in [0, 1], got {self.fail_rate!r}")
 
@@ -82,6 +88,47 @@ def count_input_tokens(x: Any) -> int:
     if isinstance(x, dict):
         return count_input_tokens(x.get("content") or x.get("text") or "")
     return 0
+
+
+def prompt_units(x: Any) -> list:
+    """The prompt as count_input_tokens counts it: token ids, else words (the prefix cache's "tokens")."""
+    if isinstance(x, str):
+        return x.split()
+    if isinstance(x, list):
+        if x and set(map(type, x)) == {int}:
+            return x
+        return [u for p in x for u in prompt_units(p)]
+    if isinstance(x, dict):
+        return prompt_units(x.get("content") or x.get("text") or "")
+    return []
+
+
+class PrefixCache:
+    """One server's prefix cache, as vLLM's counts it: whole blocks of `block_tokens` prompt tokens keyed by the
+    chained hash of every block through them, LRU over `capacity_blocks`. A hit is the longest run of leading
+    blocks seen before, at most (n - 1) tokens (vLLM recomputes the last prompt token)."""
+
+    def __init__(self, block_tokens: int, capacity_blocks: int):
+        self.block_tokens, self.capacity = block_tokens, capacity_blocks
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+
+    def lookup(self, units: list) -> int:
+        """Cached tokens of a prompt; its full blocks are then cached (most recently used)."""
+        bt, blocks, n = self.block_tokens, self.blocks, len(units)
+        if not bt or not self.capacity:
+            return 0
+        h, hit, hashes = 0, 0, []
+        for j in range(n // bt):
+            h = hash((h, tuple(units[j * bt:(j + 1) * bt])))
+            hashes.append(h)
+            if hit == j and j < (n - 1) // bt and h in blocks:
+                hit = j + 1
+        for h in hashes:
+            blocks[h] = None
+            blocks.move_to_end(h)
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
+        return hit * bt
 
 
 def stub_token_ids(prompt: Any, n: int) -> list[int]:
@@ -142,10 +189,18 @@ class Lateness:
         return out
 
 
-def _usage(n_in: int, n_out: int, chat_details: bool = False) -> bytes:
+def _usage(n_in: int, n_out: int, chat_details: bool = False, cached: int | None = None) -> bytes:
+    """A usage object; `cached` (the final usage chunk): vLLM's prompt_tokens_details with cached_tokens."""
     details = ',"completion_tokens_details":null' if chat_details else ""
+    if cached is not None:
+        details += f',"prompt_tokens_details":{{"cached_tokens":{cached}}}'
     return (f',"usage":{{"prompt_tokens":{n_in},"total_tokens":{n_in + n_out},'
             f'"completion_tokens":{n_out}{details}}}').encode()
+
+
+def prompt_details(cached: int | None) -> dict | None:
+    """usage.prompt_tokens_details of a non-streamed answer (None: the server keeps no prefix cache)."""
+    return None if cached is None else {"cached_tokens": cached}
 
 
 class Frames:
@@ -157,6 +212,7 @@ class Frames:
         "_pre",
         "_prev",
         "_suf",
+        "cached",
         "chat",
         "close",
         "continuous",
@@ -171,8 +227,10 @@ class Frames:
     )
 
     def __init__(self, chat: bool, model: str, n_in: int, usage: bool, continuous: bool, text: bytes = TOKEN,
-                 rid: str | None = None, ids: list[int] | None = None, prompt_ids: list[int] | None = None):
+                 rid: str | None = None, ids: list[int] | None = None, prompt_ids: list[int] | None = None,
+                 cached: int | None = None):
         self.ids, self.prompt_ids, self._prev = ids, prompt_ids, 0   # return_token_ids: chunk() only, no mid()
+        self.cached = cached   # prompt tokens from the prefix cache: the final usage chunk's prompt_tokens_details
         obj, prefix = ("chat.completion.chunk", "chatcmpl-") if chat else ("text_completion", "cmpl-")
         self.head = (f'data: {{"id":"{prefix}{rid or uuid.uuid4().hex}","object":"{obj}","created":{int(time.time())},'
                      f'"model":{_json_str(model)},"choices":[').encode()
@@ -226,7 +284,7 @@ class Frames:
                   _usage(self.n_in, sent, self.chat) if self.continuous else b"", b"}\n\n"]
         if final:
             if self.usage:
-                parts += [self.head, b"]", _usage(self.n_in, sent), b"}\n\n"]
+                parts += [self.head, b"]", _usage(self.n_in, sent, cached=self.cached), b"}\n\n"]
             parts.append(DONE)
         return b"".join(parts)
 
@@ -236,12 +294,12 @@ def _ids(ids: list[int]) -> bytes:
 
 
 def whole_completion(chat: bool, model: str, n_in: int, n_out: int, ids: list[int] | None = None,
-                     prompt_ids: list[int] | None = None) -> dict[str, Any]:
+                     prompt_ids: list[int] | None = None, cached: int | None = None) -> dict[str, Any]:
     """The body of a non-streamed completion (vLLM's shape) with n_out tokens; both servers send it. ids (and
-    prompt_ids): return_token_ids was asked (answer_ids)."""
+    prompt_ids): return_token_ids was asked (answer_ids); cached: prompt tokens from the prefix cache."""
     text = (TOKEN * n_out).decode()
     usage = {"prompt_tokens": n_in, "total_tokens": n_in + n_out, "completion_tokens": n_out,
-             "prompt_tokens_details": None}
+             "prompt_tokens_details": prompt_details(cached)}
     choice: dict[str, Any] = {"index": 0}
     if chat:
         choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
@@ -257,7 +315,27 @@ def whole_completion(chat: bool, model: str, n_in: int, n_out: int, ids: list[in
 
 def new_counters() -> dict[str, int]:
     return {"requests": 0, "running": 0, "success": 0, "prompt": 0, "generation": 0, "faults": 0,
-            "prefill_only": 0, "remote_decode": 0, "kv_blocks": 0}
+            "prefill_only": 0, "remote_decode": 0, "kv_blocks": 0, "prefix_queries": 0, "prefix_hits": 0,
+            "external_queries": 0, "external_hits": 0}
+
+
+def cache_prompt(cache: PrefixCache, n: dict[str, int], prompt: Any, kv: Any) -> int | None:
+    """Cached prompt tokens of one request, counted as vLLM counts them (vllm:prefix_cache_* in tokens). A P/D
+    decode request (do_remote_prefill) gets its KV from the prompt instance: it reports the prompt instance's
+    hit (kv_transfer_params.remote_prefill_cached_tokens, as vLLM 0.32 does) and counts external hits.
+    None when the server keeps no prefix cache."""
+    if not cache.block_tokens:
+        return None
+    units = prompt_units(prompt)
+    if isinstance(kv, dict) and kv.get("do_remote_prefill"):
+        n["external_queries"] += len(units)
+        n["external_hits"] += len(units)
+        remote = kv.get("remote_prefill_cached_tokens")
+        return remote if type(remote) is int else 0
+    hit = cache.lookup(units)
+    n["prefix_queries"] += len(units)
+    n["prefix_hits"] += hit
+    return hit
 
 
 def metrics_text(model: str, n: dict[str, int], lateness: Lateness) -> str:
@@ -267,6 +345,10 @@ def metrics_text(model: str, n: dict[str, int], lateness: Lateness) -> str:
             ("vllm:request_success_total", "counter", lab, n["success"]),
             ("vllm:prompt_tokens_total", "counter", lab, n["prompt"]),
             ("vllm:generation_tokens_total", "counter", lab, n["generation"]),
+            ("vllm:prefix_cache_queries_total", "counter", lab, n["prefix_queries"]),
+            ("vllm:prefix_cache_hits_total", "counter", lab, n["prefix_hits"]),
+            ("vllm:external_prefix_cache_queries_total", "counter", lab, n["external_queries"]),
+            ("vllm:external_prefix_cache_hits_total", "counter", lab, n["external_hits"]),
             ("splitbench_stub_requests_total", "counter", "", n["requests"]),
             ("splitbench_stub_faults_total", "counter", "", n["faults"]),
             ("splitbench_stub_prefill_only_total", "counter", "", n["prefill_only"]),

@@ -18,11 +18,14 @@ from splitbench.servers.stub import (
     Frames,
     Lateness,
     Pacer,
+    PrefixCache,
     StubConfig,
     answer_ids,
+    cache_prompt,
     count_input_tokens,
     metrics_text,
     new_counters,
+    prompt_details,
     stats,
     whole_completion,
 )
@@ -40,6 +43,7 @@ class StubServer:
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
         self.n = new_counters()
+        self.cache = PrefixCache(cfg.prefix_block_tokens, cfg.prefix_cache_blocks)
         self.lateness = Lateness()
         self.created = int(time.time())
         self.text = [TOKEN * i for i in range(cfg.tokens_per_chunk + 1)]  # text of a chunk of i tokens
@@ -100,8 +104,9 @@ class StubServer:
             await loop.create_future()  # until the client gives up (handler cancellation) or shutdown
         fault_at = int(arg or 0) if kind in ("disconnect", "garbage") else -1
         kv = body.get("kv_transfer_params")
+        cached = cache_prompt(self.cache, self.n, body.get("messages") if chat else body.get("prompt"), kv)
         if isinstance(kv, dict) and kv.get("do_remote_decode"):  # P/D prefill instance: see _kv_prefill_only
-            return await self._kv_prefill_only(request, chat, body, n_in, t_recv)
+            return await self._kv_prefill_only(request, chat, body, n_in, t_recv, cached)
         if isinstance(kv, dict) and kv.get("do_remote_prefill"):  # P/D decode instance: the KV arrives instead
             self.n["remote_decode"] += 1                         # of a prefill: kv_transfer_s replaces ttft_s
             t_recv += self.cfg.kv_transfer_s - self.cfg.ttft_s
@@ -110,12 +115,12 @@ class StubServer:
         try:
             model = str(body.get("model") or self.cfg.model)
             if body.get("stream"):
-                return await self._stream(request, body, chat, model, n_in, n_out, t_recv, kind, fault_at)
-            return await self._whole(request, body, chat, model, n_in, n_out, t_recv, kind)
+                return await self._stream(request, body, chat, model, n_in, n_out, t_recv, kind, fault_at, cached)
+            return await self._whole(request, body, chat, model, n_in, n_out, t_recv, kind, cached)
         finally:
             self.n["running"] -= 1
 
-    async def _kv_prefill_only(self, request, chat, body, n_in, t_recv):
+    async def _kv_prefill_only(self, request, chat, body, n_in, t_recv, cached=None):
         """vLLM NixlConnector's prefill side: after ttft_s, one token, not streamed, with the kv_transfer_params
         the decode instance needs to pull the KV cache (fake block ids, this server's address)."""
         self.n["prefill_only"] += 1
@@ -133,21 +138,24 @@ class StubServer:
               "remote_block_ids": list(range(first_block, first_block + n_blocks)),
               "remote_engine_id": f"stub-{port}", "remote_request_id": rid, "remote_host": host,
               "remote_port": port, "tp_size": 1}
+        if cached is not None:   # vLLM 0.32: the decode instance reports this as its cached_tokens
+            kv["remote_prefill_cached_tokens"] = cached
         text = TOKEN.decode()
         choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
         choice.update(logprobs=None, finish_reason="length", stop_reason=None)
         return web.json_response({
             "id": ("chatcmpl-" if chat else "cmpl-") + rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": str(body.get("model") or self.cfg.model), "choices": [choice],
-            "usage": {"prompt_tokens": n_in, "total_tokens": n_in + 1, "completion_tokens": 1},
+            "usage": {"prompt_tokens": n_in, "total_tokens": n_in + 1, "completion_tokens": 1,
+                      "prompt_tokens_details": prompt_details(cached)},
             "kv_transfer_params": kv})
 
-    async def _stream(self, request, body, chat, model, n_in, n_out, t_recv, kind, fault_at):
+    async def _stream(self, request, body, chat, model, n_in, n_out, t_recv, kind, fault_at, cached=None):
         opts = body.get("stream_options") or {}
         usage = bool(opts.get("include_usage"))
         ids, prompt_ids = answer_ids(body, chat, n_out)
         f = Frames(chat, model, n_in, usage, usage and bool(opts.get("continuous_usage_stats")), ids=ids,
-                   prompt_ids=prompt_ids)
+                   prompt_ids=prompt_ids, cached=cached)
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
@@ -174,7 +182,7 @@ class StubServer:
         self.n["success"] += 1
         return resp
 
-    async def _whole(self, request, body, chat, model, n_in, n_out, t_recv, kind):
+    async def _whole(self, request, body, chat, model, n_in, n_out, t_recv, kind, cached=None):
         cfg = self.cfg
         n_chunks = -(-n_out // cfg.tokens_per_chunk)
         wait = Pacer(asyncio.get_running_loop()).wait_until(
@@ -188,7 +196,7 @@ class StubServer:
             return web.Response(body=b'{"id": "garbage", "choices": [', content_type="application/json")
         self.n["generation"] += n_out
         self.n["success"] += 1
-        return web.json_response(whole_completion(chat, model, n_in, n_out, *answer_ids(body, chat, n_out)))
+        return web.json_response(whole_completion(chat, model, n_in, n_out, *answer_ids(body, chat, n_out), cached))
 
 
 async def serve_aiohttp(cfg: StubConfig, host: str, port: int, stop: asyncio.Event, on_ready=None,

@@ -21,11 +21,14 @@ from splitbench.servers.stub import (
     TOKEN,
     Frames,
     Lateness,
+    PrefixCache,
     StubConfig,
     answer_ids,
+    cache_prompt,
     count_input_tokens,
     metrics_text,
     new_counters,
+    prompt_details,
     stats,
     whole_completion,
 )
@@ -72,6 +75,7 @@ class LeanStub:
         self.rng = random.Random(cfg.seed)       # --fail-rate only: its sequence must not depend on anything else
         self.ids = random.Random()                # response ids (no syscall per request, unlike uuid4)
         self.n = new_counters()
+        self.cache = PrefixCache(cfg.prefix_block_tokens, cfg.prefix_cache_blocks)
         self.lateness = Lateness()
         self.created = int(time.time())
         self.full_text = TOKEN * cfg.tokens_per_chunk
@@ -138,8 +142,9 @@ class LeanStub:
             return  # nothing more is sent: the connection stays busy until the client gives up
         fault_at = int(arg or 0) if kind in ("disconnect", "garbage") else -1
         kv = body.get("kv_transfer_params")
+        cached = cache_prompt(self.cache, n, body.get("messages") if chat else body.get("prompt"), kv)
         if isinstance(kv, dict) and kv.get("do_remote_decode"):  # P/D prefill instance
-            return self._kv_prefill_only(conn, chat, body, n_in, t_recv, head, low)
+            return self._kv_prefill_only(conn, chat, body, n_in, t_recv, head, low, cached)
         if isinstance(kv, dict) and kv.get("do_remote_prefill"):  # P/D decode instance: the KV arrives instead
             n["remote_decode"] += 1                               # of a prefill: kv_transfer_s replaces ttft_s
             t_recv += cfg.kv_transfer_s - cfg.ttft_s
@@ -152,16 +157,16 @@ class LeanStub:
             opts = body.get("stream_options") or {}
             usage = bool(opts.get("include_usage"))
             frames = Frames(chat, model, n_in, usage, usage and bool(opts.get("continuous_usage_stats")),
-                            self.full_text, f"{self.ids.getrandbits(128):032x}", ids, prompt_ids)
+                            self.full_text, f"{self.ids.getrandbits(128):032x}", ids, prompt_ids, cached)
             conn.transport.write(_SSE_HEAD if conn.chunked else _SSE_HEAD_10)
             s = Stream(conn, frames, n_out, t_recv + cfg.ttft_s, kind, fault_at)
             conn.stream = s
             return self.ticker.add(s.first, s)
         last = t_recv + cfg.ttft_s + (-(-n_out // tpc) - 1) * tpc * cfg.tpot_s
-        self.ticker.add(last, Call(self._whole, conn, chat, model, n_in, n_out, kind, ids, prompt_ids))
+        self.ticker.add(last, Call(self._whole, conn, chat, model, n_in, n_out, kind, ids, prompt_ids, cached))
 
     def _whole(self, conn: _Conn, chat: bool, model: str, n_in: int, n_out: int, kind: str, ids=None,
-               prompt_ids=None) -> None:
+               prompt_ids=None, cached=None) -> None:
         self.n["running"] -= 1
         if conn.transport is None:
             return
@@ -171,17 +176,17 @@ class LeanStub:
             return conn.reply(200, b'{"id": "garbage", "choices": [')
         self.n["generation"] += n_out
         self.n["success"] += 1
-        conn.reply(200, json.dumps(whole_completion(chat, model, n_in, n_out, ids, prompt_ids)).encode())
+        conn.reply(200, json.dumps(whole_completion(chat, model, n_in, n_out, ids, prompt_ids, cached)).encode())
 
-    def _kv_prefill_only(self, conn, chat, body, n_in, t_recv, head, low) -> None:
+    def _kv_prefill_only(self, conn, chat, body, n_in, t_recv, head, low, cached=None) -> None:
         """vLLM NixlConnector's prefill side: after ttft_s, one token, not streamed, with the kv_transfer_params
         the decode instance needs to pull the KV cache (fake block ids, this server's address)."""
         self.n["prefill_only"] += 1
         self.n["prompt"] += n_in
         rid = (_header(head, low, b"\r\nx-request-id:") or b"").decode("latin-1") or uuid.uuid4().hex
-        self.ticker.add(t_recv + self.cfg.ttft_s, Call(self._kv_answer, conn, chat, body, n_in, rid))
+        self.ticker.add(t_recv + self.cfg.ttft_s, Call(self._kv_answer, conn, chat, body, n_in, rid, cached))
 
-    def _kv_answer(self, conn, chat, body, n_in, rid) -> None:
+    def _kv_answer(self, conn, chat, body, n_in, rid, cached=None) -> None:
         if conn.transport is None:
             return
         n_blocks, first_block = -(-max(n_in, 1) // 16), self.n["kv_blocks"]
@@ -193,13 +198,16 @@ class LeanStub:
               "remote_block_ids": list(range(first_block, first_block + n_blocks)),
               "remote_engine_id": f"stub-{port}", "remote_request_id": rid, "remote_host": host,
               "remote_port": port, "tp_size": 1}
+        if cached is not None:   # vLLM 0.32: the decode instance reports this as its cached_tokens
+            kv["remote_prefill_cached_tokens"] = cached
         text = TOKEN.decode()
         choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
         choice.update(logprobs=None, finish_reason="length", stop_reason=None)
         conn.reply(200, json.dumps({
             "id": ("chatcmpl-" if chat else "cmpl-") + rid, "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": str(body.get("model") or self.cfg.model), "choices": [choice],
-            "usage": {"prompt_tokens": n_in, "total_tokens": n_in + 1, "completion_tokens": 1},
+            "usage": {"prompt_tokens": n_in, "total_tokens": n_in + 1, "completion_tokens": 1,
+                      "prompt_tokens_details": prompt_details(cached)},
             "kv_transfer_params": kv}).encode())
 
 
