@@ -82,7 +82,7 @@ BODY = {"model": "stub-model", "prompt": [5] * 40, "max_tokens": 6, "min_tokens"
 
 
 def test_colocated_proxy_streams_exactly_what_the_instance_sends(stubs, tmp_path):
-    url, _ = stubs()
+    url, _ = stubs(prefix_block_tokens=0)   # no prefix cache: the second copy of BODY gets the same answer
 
     async def go():
         async with running([{"id": "b0", "url": url, "pool": "baseline"}], phase_log=tmp_path / "p.jsonl") as r:

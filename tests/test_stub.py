@@ -65,7 +65,8 @@ def test_stream_completion_exact_tokens_and_final_usage(stub_url):
     assert out[-1] == "[DONE]"
     usage_chunk, token_chunks = out[-2], out[:-2]
     assert usage_chunk["choices"] == [] and usage_chunk["model"] == "m1"
-    assert usage_chunk["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    assert usage_chunk["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
+                                    "prompt_tokens_details": {"cached_tokens": 0}}   # 5 tokens: no whole block
     assert len(token_chunks) == 7 and sum(map(_tokens, token_chunks)) == 7
     assert all("usage" not in c for c in token_chunks)
     assert [c["choices"][0]["finish_reason"] for c in token_chunks] == [None] * 6 + ["length"]
@@ -99,7 +100,8 @@ def test_chat_stream_first_chunk_is_role_only(stub_url):
     assert _tokens(first) == 0
     content = out[1:-2]
     assert len(content) == 3 and all(set(c["choices"][0]["delta"]) == {"content"} for c in content)
-    assert out[-2]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert out[-2]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                                "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_tokens_per_chunk_groups_tokens():
