@@ -122,6 +122,11 @@ def test_splitwise_nixl_prefill_on_prompt_decode_on_token(nixl_run):
     # one NIXL read per request, on the token instance only
     assert m["token-0"]["nixl"]["vllm:nixl_xfer_time_seconds_count"] == N_REQ
     assert m["prompt-0"]["nixl"]["vllm:nixl_xfer_time_seconds_count"] == 0
+    # unique prompts: the prompt instance's cache hit nothing, and the token instance reports the prompt
+    # instance's count (vLLM 0.32: kv_transfer_params.remote_prefill_cached_tokens), not its transferred KV
+    assert [r.cached_input_tokens for r in recs] == [0] * N_REQ
+    server = json.loads((res.run_dir / "summary.json").read_text())["cache"]["server"]
+    assert server["prompt-0"]["hits_tokens"] == 0 and server["token-0"]["external_hits_tokens"] > 0
     rows = [json.loads(x) for x in (res.run_dir / "metrics" / "token-0.jsonl").read_text().splitlines()]
     assert len(rows) >= 3 and all(r["ok"] for r in rows)
     assert meta["created_unix_s"] < rows[0]["t_unix_s"] < rows[-1]["t_unix_s"] < time.time()
@@ -189,6 +194,9 @@ def test_vllm_baseline_two_instances_behind_jsq(base_run):
     gen = {i: m[i]["counters"]["vllm:generation_tokens_total"] for i in ("baseline-0", "baseline-1")}
     assert sum(gen.values()) == sum(r.planned_output_tokens for r in recs)
     assert {i for i, g in gen.items() if g > 0} == used
+    assert [r.cached_input_tokens for r in recs] == [0] * N_REQ   # unique prompts share no block
+    server = json.loads((res.run_dir / "summary.json").read_text())["cache"]["server"]
+    assert sum(d["queries_tokens"] for d in server.values()) == sum(r.actual_input_tokens for r in recs)
     assert_nothing_left(meta)
 
 
