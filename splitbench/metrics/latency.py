@@ -34,6 +34,7 @@ All times are seconds on the run clock. Only `ok` records contribute to latency;
 | SLO attainment | good requests / attempted requests |
 | Splitwise slowdowns | TTFT_i / ref_ttft(prompt_i); mean TBT_i / ref.tbt_s; E2E_i / (ref_ttft(prompt_i) + (n_i - 1) * ref.tbt_s), with ref_ttft(p) = max(a + b p, floor) fitted on unloaded one-at-a-time requests |
 | Splitwise verdict | passes when TTFT slowdown P50/P90/P99 <= 2/3/6x, TBT and E2E slowdown P50/P90/P99 <= 1.25/1.5/5x (all nine) |
+| cached fraction | sum `cached_input_tokens` / sum prompt tokens over ok records that report a cached count (metrics/cache.py); TTFT vs uncached: least-squares `TTFT = a + b x (prompt - cached tokens)` and TTFT per log2 bin of uncached tokens |
 | schedule lag | `actual_send_s - intended_send_s` per sent record (p50, p99, max) |
 | send rates | trace rate = (n - 1) / span of `intended_send_s` over all records; achieved = (n - 1) / span of `actual_send_s` over sent records |
 | server failures | failed / attempted, counting every failed status but `cancelled` (a stop, not the server); grouped by kind (`http_error <code>`, `timeout`, `error (<ExceptionName>)`, ...); onset = intended send time of the first failed request |
