@@ -192,8 +192,9 @@ def fit_line(cache: dict) -> str:
     if not fit:
         return "TTFT vs uncached prompt tokens: no fit (fewer than two distinct uncached counts)"
     r2 = "-" if fit["r2"] is None else f"{fit['r2']:.3f}"
-    return (f"TTFT = {fit['intercept_s'] * 1e3:.2f} ms + {fit['per_token_s'] * 1e6:.2f} ms per 1k uncached prompt "
-            f"tokens (n {fit['n']}, r2 {r2})")
+    b = fit["per_token_s"] * 1e6
+    return (f"TTFT = {fit['intercept_s'] * 1e3:.2f} ms {'-' if b < 0 else '+'} {abs(b):.2f} ms per 1k uncached "
+            f"prompt tokens (n {fit['n']}, r2 {r2})")
 
 
 def _cache(s: dict, console: Console) -> None:
