@@ -140,7 +140,7 @@ class SimCluster:
         if i + 1 < self._count:
             sim.schedule(self._arr[i + 1], self._arrival, i + 1)
         n_in, n_out = self._in[i], self._out[i]
-        hashes = () if self._hashes is None else tuple(self._hashes[i].tolist())
+        hashes = () if self._hashes is None else tuple(self._hashes[i][:n_in // self._block].tolist())  # whole blocks
         r = _Req(i, now, n_in, n_out, Request(f"r{self._ti[i]}", n_in, n_out, hashes))
         try:
             d = self.policy.choose(r.req, self.ledger.views())
