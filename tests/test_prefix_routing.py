@@ -105,7 +105,9 @@ def stub_urls():
 
 
 def test_live_router_keeps_each_prefix_on_one_instance_where_jsq_spreads_it(stub_urls, tmp_path):
-    w = _hash_workload([0, 1, 0, 1, 0, 1, 0, 1])
+    # 1 s apart, each request done in ~30 ms: every decision sees idle instances (no pending tokens), so the prefix
+    # alone decides (and JSQ breaks its ties with the rng) even on a busy host
+    w = _hash_workload([0, 1, 0, 1, 0, 1, 0, 1], arrival_gap_s=1.0)
     prefix = run_loop(_live_instances("prefix", w, stub_urls, tmp_path / "p.jsonl"))
     jsq = run_loop(_live_instances("jsq", w, stub_urls, tmp_path / "j.jsonl"))
     assert len({prefix[k] for k in (0, 2, 4, 6)}) == 1 and len({prefix[k] for k in (1, 3, 5, 7)}) == 1
@@ -140,3 +142,20 @@ def test_the_simulator_prefills_only_uncached_tokens_and_records_the_hits(cache)
     ttft = [r.first_token_s - r.actual_send_s for r in recs]
     # 64-token prompts: 64 ms to prefill, 16 ms for a hit on 48 of them
     assert ttft[1] == pytest.approx((0.016 if cache else 0.064), abs=2e-3) and ttft[0] == pytest.approx(0.064, abs=2e-3)
+
+
+@pytest.mark.parametrize("details, cached", [({"cached_tokens": 96}, 96), (None, None), ({"cached_tokens": True}, None)])
+def test_the_record_carries_the_servers_cached_prompt_tokens(details, cached):
+    # vLLM --enable-prompt-tokens-details puts usage.prompt_tokens_details.cached_tokens on the final usage chunk
+    from splitbench.client.sink import RecordSink
+    from splitbench.schema import records as R
+    import orjson
+    rec = R.RequestRecord("r0", 0, 0.0, 128, 2)
+    sink = RecordSink(rec, t0=0.0, send=0.0)
+    sink.on_head(200, "OK", {"content-type": "text/event-stream"})
+    usage = {"prompt_tokens": 128, "completion_tokens": 2, **({"prompt_tokens_details": details} if details else {})}
+    sink.on_body(b'data: {"choices":[{"text":"a"}],"usage":{"prompt_tokens":128,"completion_tokens":1}}\n\n', 0.1)
+    sink.on_body(b'data: {"choices":[{"text":"b"}],"usage":{"prompt_tokens":128,"completion_tokens":2}}\n\n'
+                 b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\ndata: [DONE]\n\n", 0.2)
+    sink.on_end(0.2)
+    assert rec.status == R.OK and rec.actual_input_tokens == 128 and rec.cached_input_tokens == cached

@@ -71,6 +71,8 @@ class ClusterBackend:
         args = self.vllm_args
         if args is None:
             args = [a for a in TINY_CPU_ARGS if a not in _CPU_DROP] if hardware == "cpu-host" else GPU_DEFAULT_ARGS
+        if "--enable-prompt-tokens-details" not in args:   # usage reports cached prompt tokens (the records carry them)
+            args = [*args, "--enable-prompt-tokens-details"]
         # flags and connector names as the host's vLLM spells them (probed once per vLLM install, then cached);
         # a flag of the user's --vllm-args that it lacks fails here, before anything starts
         return plan_cluster(model_dir, **self.counts, connector=self.connector,

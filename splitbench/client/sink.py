@@ -16,6 +16,13 @@ except ImportError:  # pragma: no cover
 _SSE, _JSON, _ERR = 0, 1, 2
 
 
+
+def cached_tokens(usage: dict) -> int | None:
+    """usage.prompt_tokens_details.cached_tokens (vLLM with --enable-prompt-tokens-details, OpenAI), else None."""
+    details = usage.get("prompt_tokens_details")
+    v = details.get("cached_tokens") if isinstance(details, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
 class RecordSink:
     """Turns one response into RequestRecord fields. Transports call on_head, on_body(data, now) per network
     read, then on_end(now); `now` is on the same clock as `send` and `t0`. on_body/on_end raise StreamError.
@@ -64,6 +71,7 @@ class RecordSink:
             usage = (msg.get("usage") if isinstance(msg, dict) else None) or {}
             rec.actual_input_tokens = usage.get("prompt_tokens")
             rec.actual_output_tokens = usage.get("completion_tokens")
+            rec.cached_input_tokens = cached_tokens(usage)
             if self.ids is not None:
                 self._keep_ids(msg.get("choices"))
             rec.first_token_s = rec.last_token_s = now - self.t0
@@ -90,6 +98,7 @@ class RecordSink:
         if u:
             self.rec.actual_input_tokens = u.get("prompt_tokens")
             self.rec.actual_output_tokens = u.get("completion_tokens")
+            self.rec.cached_input_tokens = cached_tokens(u)
         else:
             self.rec.actual_output_tokens = self.counted
 

@@ -23,7 +23,8 @@ FLAG_ALIASES: tuple[tuple[str, ...], ...] = (
     ("--disable-log-requests", "--no-enable-log-requests"),
 )
 # splitbench's own defaults that a vLLM without them runs fine without: dropped (with a note); value: takes a value
-OPTIONAL_FLAGS = {"--uvicorn-log-level": True, "--disable-log-stats": False, "--enforce-eager": False}
+OPTIONAL_FLAGS = {"--uvicorn-log-level": True, "--disable-log-stats": False, "--enforce-eager": False,
+                  "--enable-prompt-tokens-details": False}
 # KV connector names across versions (vLLM < 0.11 called the example connector SharedStorageConnector)
 CONNECTOR_ALIASES = {"ExampleConnector": ("ExampleConnector", "SharedStorageConnector")}
 PROBE_TIMEOUT_S = 180.0
