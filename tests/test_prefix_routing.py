@@ -159,3 +159,18 @@ def test_the_record_carries_the_servers_cached_prompt_tokens(details, cached):
                  b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\ndata: [DONE]\n\n", 0.2)
     sink.on_end(0.2)
     assert rec.status == R.OK and rec.actual_input_tokens == 128 and rec.cached_input_tokens == cached
+
+
+def test_the_router_process_takes_any_policys_parameters(stub_urls, tmp_path):
+    # the launched clusters' router is a separate process: --policy prefix with block_tokens must reach its policy
+    from splitbench.client.probe import http_get
+    from splitbench.servers.router_process import RouterProcess
+    rp = RouterProcess([{"id": i, "url": u, "pool": pool} for (i, pool), u in zip(BASE, stub_urls)], "prefix",
+                       policy_params={"block_tokens": 32, "cache_weight": 0.5}, log_path=tmp_path / "router.log")
+    try:
+        rp.start(timeout_s=30)
+        assert http_get(rp.url + "/health", timeout_s=5)[0] == 200
+        assert "policy prefix" in (tmp_path / "router.log").read_text()
+    finally:
+        rp.stop()
+    assert rp.describe()["policy_params"] == {"block_tokens": 32, "cache_weight": 0.5}
