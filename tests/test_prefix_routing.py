@@ -140,3 +140,15 @@ def test_the_simulator_prefills_only_uncached_tokens_and_records_the_hits(cache)
     ttft = [r.first_token_s - r.actual_send_s for r in recs]
     # 64-token prompts: 64 ms to prefill, 16 ms for a hit on 48 of them
     assert ttft[1] == pytest.approx((0.016 if cache else 0.064), abs=2e-3) and ttft[0] == pytest.approx(0.064, abs=2e-3)
+
+
+def test_the_simulated_cache_holds_the_machines_kv_memory_in_blocks_and_evicts_least_recently_used():
+    """A machine of 100 KV tokens caches 6 blocks of 16: prefix 0's 4 blocks, then prefix 1's 4 evict prefix 0's first
+    two, so prefix 0 misses from its first block (chained); with room for everything the third request hits 48."""
+    w = _hash_workload([0, 1, 0])
+    cfg = SimConfig([SimPool("baseline", "m", 1)], policy="prefix", batching="prompt-first")
+    small = simulate(w, cfg, {"m": _Times()}, {"m": 100}, 1.0).records
+    large = simulate(w, cfg, {"m": _Times()}, {"m": 10 ** 6}, 1.0).records
+    assert [r.cached_input_tokens for r in small] == [0, 0, 0]
+    assert [r.cached_input_tokens for r in large] == [0, 0, 48]
+    assert small[2].first_token_s - small[2].actual_send_s > large[2].first_token_s - large[2].actual_send_s

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port-file)")
     p.add_argument("--instance", action="append", default=[], help="id=ID,url=URL,pool=prompt|token|mixed|baseline")
-    p.add_argument("--policy", default="jsq", help="round-robin | jsq | mixed-pool")
+    p.add_argument("--policy", default="jsq", help="round-robin | jsq | mixed-pool | prefix")
     p.add_argument("--seed", type=int, default=0, help="seed of the policy's tie-breaking rng")
     p.add_argument("--prompt-threshold-tokens", type=int, default=None, help="mixed-pool: prompt pool overload")
     p.add_argument("--decode-threshold-tokens", type=int, default=None, help="mixed-pool: token pool overload")
