@@ -174,3 +174,14 @@ def test_the_router_process_takes_any_policys_parameters(stub_urls, tmp_path):
     finally:
         rp.stop()
     assert rp.describe()["policy_params"] == {"block_tokens": 32, "cache_weight": 0.5}
+
+def test_the_simulated_cache_holds_the_machines_kv_memory_in_blocks_and_evicts_least_recently_used():
+    """A machine of 100 KV tokens caches 6 blocks of 16: prefix 0's 4 blocks, then prefix 1's 4 evict prefix 0's first
+    two, so prefix 0 misses from its first block (chained); with room for everything the third request hits 48."""
+    w = _hash_workload([0, 1, 0])
+    cfg = SimConfig([SimPool("baseline", "m", 1)], policy="prefix", batching="prompt-first")
+    small = simulate(w, cfg, {"m": _Times()}, {"m": 100}, 1.0).records
+    large = simulate(w, cfg, {"m": _Times()}, {"m": 10 ** 6}, 1.0).records
+    assert [r.cached_input_tokens for r in small] == [0, 0, 0]
+    assert [r.cached_input_tokens for r in large] == [0, 0, 48]
+    assert small[2].first_token_s - small[2].actual_send_s > large[2].first_token_s - large[2].actual_send_s
