@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 from splitbench.errors import InputError
-from splitbench.ledger import (
+from splitbench.ledger import (  # noqa: F401  (Request .. Param are re-exported: their home is ledger.py)
     BASELINE,
     COLOCATED,
     COLOCATED_POOLS,
@@ -18,64 +18,15 @@ from splitbench.ledger import (
     POOLS,
     PROMPT,
     TOKEN,
+    Decision,
     InstanceView,
     Ledger,
+    NoHealthyInstance,
+    Param,
+    Request,
     Views,
 )   # the ledger's names are re-exported: the router and the simulator import them from here
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """What a policy sees of a request. prefix_hashes: the prompt's KV block hashes in order (equal hash at the same
-    position = a reusable prefix block; the live router hashes the prompt's token blocks, the simulator takes the
-    trace's hash ids), empty when unknown. Policies that ignore prefixes never read it."""
-    id: str
-    input_tokens: int
-    output_tokens: int
-    prefix_hashes: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Where a request runs. token_instance None = co-located on prompt_instance (no KV transfer)."""
-    prompt_instance: str
-    token_instance: str | None
-    pool: str   # "split" decisions say "prompt"; co-located ones the pool they ran in (mixed/baseline)
-
-    @property
-    def split(self) -> bool:
-        return self.token_instance is not None
-
-    @property
-    def label(self) -> str:
-        """The router phase log's instance label: "prompt-0>token-1" for a split request, else the instance id."""
-        return f"{self.prompt_instance}>{self.token_instance}" if self.token_instance else self.prompt_instance
-
-
-class NoHealthyInstance(RuntimeError):
-    """No healthy instance (or pair of instances) can take the request."""
-
-
-@dataclass(frozen=True, slots=True)
-class Param:
-    """One user-settable policy parameter: whole number or float, its lower bound, default and meaning."""
-    kind: type      # int | float
-    minimum: float
-    default: int | float
-    help: str
-
-    def parse(self, value: Any) -> int | float:
-        """The typed value of `value` (a number, or its text as given on a command line); ValueError if not."""
-        if isinstance(value, bool):
-            raise ValueError(value)
-        v = float(value.strip() if isinstance(value, str) else value)
-        if not math.isfinite(v) or v < self.minimum or (self.kind is int and v != int(v)):
-            raise ValueError(value)
-        return int(v) if self.kind is int else v
-
-    def describe(self) -> str:
-        kind = "a whole number" if self.kind is int else "a number"
-        return f"{kind} >= {self.minimum:g}"
+from splitbench.prefix_policy import PrefixAware
 
 
 class Policy(Protocol):
@@ -316,14 +267,15 @@ class MixedPool:
         return Decision(p.id, t.id, PROMPT)
 
 
-POLICIES = {"round-robin": RoundRobin, "rr": RoundRobin, "jsq": JSQ, "mixed-pool": MixedPool, "mixed": MixedPool}
+POLICIES = {"round-robin": RoundRobin, "rr": RoundRobin, "jsq": JSQ, "mixed-pool": MixedPool, "mixed": MixedPool,
+            "prefix": PrefixAware, "prefix-aware": PrefixAware}
 
 
 def policy_class(name: str) -> type:
     """The policy class of `name` (aliases rr, mixed); InputError naming the known ones."""
     cls = POLICIES.get(name)
     if cls is None:
-        raise InputError(f"unknown policy {name!r} (known: round-robin, jsq, mixed-pool)")
+        raise InputError(f"unknown policy {name!r} (known: round-robin, jsq, mixed-pool, prefix)")
     return cls
 
 

@@ -1,9 +1,10 @@
 """One request sequence through the live router (real sockets, in front of splitbench's stub server processes) and
 through the simulator with the same policy, seed and a performance model of the stubs' timings: both make the same
-placement decisions request by request (round robin, JSQ, mixed pool). The sequences are built so that JSQ's and the
-mixed pool's choices depend on the ledger's pending tokens (they differ from round robin and from what a ledger that
-released prompt or decode tokens at another moment would choose) and every ledger update lands 0.2-0.3 s clear of
-every later arrival, so host jitter of a hundred ms or more cannot reorder them."""
+placement decisions request by request (round robin, JSQ, mixed pool, prefix-aware: its sequence shares prompt
+prefixes, as token-id prompts on the live side and the same blocks as hash ids in the simulator). The sequences are
+built so that the policies' choices depend on the ledger's pending tokens (they differ from round robin and from what
+a ledger that released prompt or decode tokens at another moment would choose) and every ledger update lands 0.2-0.3 s
+clear of every later arrival, so host jitter of a hundred ms or more cannot reorder them."""
 from __future__ import annotations
 
 import asyncio
@@ -46,11 +47,22 @@ MIXED_SEQUENCE = ((0.0, 600, 40), (0.9, 1200, 30), (2.0, 300, 18), (2.15, 1200, 
 # prompt-0 is borrowed (prompt-1 alone holds 300 < 500) and runs r4 whole (to 3.8 s); r5: no pool overloaded,
 # prompt-1 alone (prompt-0 still borrowed), token-0 [0] < [18]; r6: prompt-0 drained, back in its pool and picked
 # (rng tie), token-1 [0] < [37]; r7 to mixed-0: the prompt pool holds 1200 >= 2 x 500 (prompt-0 prefills r6).
-SEQUENCES = {"round-robin": JSQ_SEQUENCE, "jsq": JSQ_SEQUENCE, "mixed-pool": MIXED_SEQUENCE}
+BLOCK_TOKENS = 16             # the prefix policy's hash block (router: tokens of a token-id prompt per hash)
+GROUP_HASH, UNIQUE_HASH = 1000, 10 ** 6   # block j of group g hashes to g x GROUP_HASH + j; request k's own block
+# (arrival_s, input_tokens, output_tokens, prefix group), found by a seeded search for the pure checks below. The
+# prefix policy over it: r1 joins r0's group-1 blocks on prompt-0 (both prompt instances idle: JSQ's rng tie); r2
+# (group 1, 960 tokens) would find 19 of its 60 blocks there (304 tokens) but r1 prefills 320 there: the load guard
+# sends it to prompt-1; r5 (group 1) takes prompt-1, the longer match (39 blocks vs 19); r7 (group 1, 1280 tokens)
+# matches 59 of 80 blocks (944 tokens) on prompt-1, which prefills r6 [960]: 960 + 1280 - 944 > 1280 - 304 on
+# prompt-0, so prompt-0. Token instances by pending decode tokens, as JSQ.
+PREFIX_SEQUENCE = ((0.0, 320, 17, 1), (0.9, 320, 24, 1), (1.05, 960, 14, 1), (2.1, 320, 26, 0), (3.15, 320, 17, 2),
+                   (4.25, 640, 38, 1), (5.15, 960, 38, 0), (5.4, 1280, 26, 1))
+SEQUENCES = {"round-robin": JSQ_SEQUENCE, "jsq": JSQ_SEQUENCE, "mixed-pool": MIXED_SEQUENCE,
+             "prefix": PREFIX_SEQUENCE}
 INSTANCES = (("prompt-0", "prompt"), ("prompt-1", "prompt"), ("token-0", "token"), ("token-1", "token"),
              ("mixed-0", "mixed"))
 MIXED_PARAMS = {"prompt_threshold_tokens": 500, "decode_threshold_tokens": 40}
-POLICY_PARAMS = {"round-robin": {}, "jsq": {}, "mixed-pool": MIXED_PARAMS}
+POLICY_PARAMS = {"round-robin": {}, "jsq": {}, "mixed-pool": MIXED_PARAMS, "prefix": {"block_tokens": BLOCK_TOKENS}}
 PLACEMENT = ("instance", "pool", "prefill_instance", "decode_instance", "prefill_pool", "decode_pool")
 
 
@@ -77,10 +89,27 @@ class StubTimes:
         return k
 
 
+def prefix_hashes(seq) -> list[tuple[int, ...]] | None:
+    """Chained block hashes of a prefix sequence's requests ((arrival, input, output, group) rows: every whole block
+    of BLOCK_TOKENS but the last is the group's, the last is the request's own), None for a 3-column sequence."""
+    if len(seq[0]) < 4:
+        return None
+    return [tuple(GROUP_HASH * g + j for j in range(n_in // BLOCK_TOKENS - 1)) + (UNIQUE_HASH + k,)
+            for k, (_, n_in, _, g) in enumerate(seq)]
+
+
+def prompt_tokens(hashes: tuple[int, ...]) -> list[int]:
+    """A token-id prompt whose BLOCK_TOKENS blocks stand for `hashes` one to one (distinct hash, distinct block),
+    so the router's chained hashes of it repeat exactly where the sequence's hashes do."""
+    return [1 + (h if h < UNIQUE_HASH else 40000 + h - UNIQUE_HASH) for h in hashes for _ in range(BLOCK_TOKENS)]
+
+
 def workload(seq) -> Workload:
-    a, i, o = (np.array(col) for col in zip(*seq))
+    a, i, o = (np.array(col) for col in list(zip(*seq))[:3])
+    hashes = prefix_hashes(seq)
     return Workload("decisions", a.astype(np.float64), i.astype(np.int64), o.astype(np.int64),
-                    np.arange(len(seq), dtype=np.int64))
+                    np.arange(len(seq), dtype=np.int64), block_tokens=BLOCK_TOKENS if hashes else 0,
+                    prefix_hashes=None if hashes is None else [np.array(h, np.int64) for h in hashes])
 
 
 def nominal_times(arrival_s: float, output_tokens: int) -> tuple[float, float]:
@@ -96,9 +125,10 @@ def nominal_decisions(policy: str, seq, release: str = "documented") -> list[pol
     tokens leave the ledger: "documented" (prompt tokens at the prefill end, decode tokens at the finish),
     "prefill-at-finish", "finish-at-prefill" (both at the prefill end) or "never" (a ledger that only adds)."""
     pol = policies.make_policy(policy, seed=SEED, **POLICY_PARAMS[policy])
-    reqs = [policies.Request(f"r{k}", n_in, n_out) for k, (_, n_in, n_out) in enumerate(seq)]
+    hashes = prefix_hashes(seq) or [()] * len(seq)
+    reqs = [policies.Request(f"r{k}", row[1], row[2], hashes[k]) for k, row in enumerate(seq)]
     ledger, due, out = policies.Ledger(INSTANCES), [], []
-    for k, (a, _, n_out) in enumerate(seq):
+    for k, (a, _, n_out, *_) in enumerate(seq):
         for ev in sorted(e for e in due if e[0] < a):   # (time, prefill_done before finish, request, update)
             due.remove(ev)
             getattr(ledger, ev[3])(out[ev[2]], reqs[ev[2]])
@@ -111,12 +141,23 @@ def nominal_decisions(policy: str, seq, release: str = "documented") -> list[pol
     return out
 
 
+def group_moves(seq, decisions) -> list[bool]:
+    """Per request of a prefix sequence after its group's first: True when it goes to another prompt instance than
+    the group's previous request (the load guard or a longer match elsewhere), False when it stays."""
+    last, out = {}, []
+    for row, d in zip(seq, decisions):
+        if row[3] in last:
+            out.append(last[row[3]] != d.prompt_instance)
+        last[row[3]] = d.prompt_instance
+    return out
+
+
 def margin_violations(seq) -> list[str]:
     """Ledger updates (prefill ends, finishes) of earlier requests closer to a later arrival than the margins."""
     bad, eps = [], 1e-9
-    for j, (aj, _, oj) in enumerate(seq):
+    for j, (aj, _, oj, *_) in enumerate(seq):
         for what, t in zip(("prefill end", "finish"), nominal_times(aj, oj)):
-            bad += [f"r{j} {what} {t:.2f} s vs r{k} arrival {a:.2f} s" for k, (a, _, _) in enumerate(seq)
+            bad += [f"r{j} {what} {t:.2f} s vs r{k} arrival {a:.2f} s" for k, (a, *_) in enumerate(seq)
                     if k > j and a - BEFORE_S + eps < t < a + AFTER_S - eps]
     return bad
 
@@ -125,7 +166,7 @@ def sim_only_waits(decisions, seq) -> list[str]:
     """Placements where the simulated machine would make a request wait while a stub would not: a prefill on an
     instance that is already prefilling or decoding another request (a stub serves each request on its own)."""
     busy, bad = {}, []
-    for k, ((a, _, o), d) in enumerate(zip(seq, decisions)):
+    for k, ((a, _, o, *_), d) in enumerate(zip(seq, decisions)):
         pd, fin = nominal_times(a, o)
         busy.setdefault(d.prompt_instance, []).append((a, pd, k, "prefill"))
         busy.setdefault(d.token_instance or d.prompt_instance, []).append((pd, fin, k, "decode"))
@@ -163,7 +204,7 @@ def decision_placement(d: policies.Decision) -> tuple:
 
 # ---------------------------------------------------------------- the sequences are ones that can tell
 
-@pytest.mark.parametrize("policy", ["jsq", "mixed-pool"])
+@pytest.mark.parametrize("policy", ["jsq", "mixed-pool", "prefix"])
 def test_the_sequences_are_clear_of_jitter_and_decide_by_the_ledger(policy):
     """Pure checks (no servers): every ledger update is clear of every later arrival; no placement makes a
     simulated machine queue where a stub would not; JSQ and the mixed pool decide differently from round robin and
@@ -176,6 +217,10 @@ def test_the_sequences_are_clear_of_jitter_and_decide_by_the_ledger(policy):
     assert ds != nominal_decisions("round-robin", seq)
     for release in RELEASES[1:]:
         assert nominal_decisions(policy, seq, release) != ds, release
+    if policy == "prefix":   # decides by its cache index: not as JSQ; a group stays on an instance, and moves
+        assert ds != nominal_decisions("jsq", seq)
+        moves = group_moves(seq, ds)
+        assert moves.count(True) >= 1 and moves.count(False) >= 2, moves
     if policy == "mixed-pool":
         assert ds != nominal_decisions("jsq", seq)
         assert any(d.prompt_instance == "mixed-0" for d in ds)
@@ -214,8 +259,11 @@ async def _live(policy: str, urls: list[str], log_path) -> list:
     await router.start()
     records: list = []
     try:
-        replayer = Replayer(workload(SEQUENCES[policy]), lambda _ti, n_in: {"prompt": [7] * n_in},
-                            ReplayConfig(router.url, "stub-model", timeout_s=60.0), records.append)
+        hashes = prefix_hashes(SEQUENCES[policy])
+        body = (lambda _ti, n_in: {"prompt": [7] * n_in}) if hashes is None else \
+            (lambda ti, n_in: {"prompt": prompt_tokens(hashes[ti])})
+        replayer = Replayer(workload(SEQUENCES[policy]), body, ReplayConfig(router.url, "stub-model", timeout_s=60.0),
+                            records.append)
         stats = await replayer.run()
     finally:
         await router.stop()
@@ -226,7 +274,7 @@ async def _live(policy: str, urls: list[str], log_path) -> list:
 def _table(seq, live, sim, nominal) -> str:
     """Per request: live, simulated and hand-driven placement, and the live ledger moments vs the nominal ones."""
     rows = []
-    for (a, _, o), lr, sr, d in zip(seq, live, sim, nominal):
+    for (a, _, o, *_), lr, sr, d in zip(seq, live, sim, nominal):
         ph = lr.phases_s or {}
         pd = ph.get("prefill_done", ph.get("first_token", math.nan))
         npd, nfin = nominal_times(a, o)
@@ -241,7 +289,7 @@ def live_slack(seq, live) -> tuple[float, str]:
     between an earlier request's prefill end or finish and a later request's receipt at the router, on the side the
     nominal times put it (negative: reordered), and which pair."""
     worst = (math.inf, "")
-    for j, (aj, _, oj) in enumerate(seq):
+    for j, (aj, _, oj, *_) in enumerate(seq):
         ph = live[j].phases_s or {}
         for what, t_nom in zip(("prefill_done", "done"), nominal_times(aj, oj)):
             t = ph.get(what, ph.get("first_token")) if what == "prefill_done" else ph.get("done")

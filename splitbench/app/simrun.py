@@ -118,11 +118,12 @@ def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: st
 def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_tokens: int = 2048,
                kv_transfer: str = "layerwise", link_gbps: float | None = None, layers: int | None = None,
                policy_params: dict | None = None, max_decode_batch: int | None = None, first_token: str = "prefill",
-               batching: str = "chunked", max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS):
+               batching: str = "chunked", max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+               prefix_cache: bool = True):
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
                               max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
                               max_decode_batch=max_decode_batch, first_token=first_token, batching=batching,
-                              max_num_batched_tokens=max_num_batched_tokens)
+                              max_num_batched_tokens=max_num_batched_tokens, prefix_cache=prefix_cache)
     if link_gbps is not None:
         kw["link_bytes_per_s"] = link_gbps * 1e9 / 8
     if layers is not None:
@@ -175,6 +176,7 @@ class SimOptions:
     first_token: str = "prefill"            # prefill (Splitwise) | decode (vLLM P/D: the token machine streams it)
     batching: str = "chunked"               # baseline/mixed machines: chunked (vLLM V1) | prompt-first
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS   # chunked machines' token budget per iteration
+    prefix_cache: bool = True               # prefix-hash workloads: per prompt machine LRU prefix cache (sim/cluster.py)
     kv_transfer: str = "layerwise"
     link_gbps: float | None = None
     kv_capacity_tokens: int | None = None
@@ -213,7 +215,7 @@ def _physical(workload: Workload, pools: list, opts: SimOptions) -> dict:
     cfg = sim_config(pools, policy=opts.policy, seed=opts.seed, policy_params=opts.policy_params, max_prompt_batch_tokens=opts.max_prompt_batch_tokens,
                      kv_transfer=opts.kv_transfer, link_gbps=opts.link_gbps, layers=setup.shape.layers,
                      max_decode_batch=opts.max_decode_batch, first_token=opts.first_token, batching=opts.batching,
-                     max_num_batched_tokens=opts.max_num_batched_tokens)
+                     max_num_batched_tokens=opts.max_num_batched_tokens, prefix_cache=opts.prefix_cache)
     t = time.perf_counter()
     res = run_sim(workload, cfg, setup)
     sim_wall_s = time.perf_counter() - t

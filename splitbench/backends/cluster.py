@@ -167,7 +167,7 @@ class ClusterBackend:
                 "model_dir": spec.model_dir, "tensor_parallel": self.tensor_parallel,
                 "policy": self.policy if router is not None else None, "started_unix_s": self.started_unix_s,
                 "instances": cluster.describe(), "router": router.describe() if router is not None else None,
-                "url": router.url if router is not None else cluster.describe()[0]["url"],
+                "url": router.url if router is not None and router.port else cluster.describe()[0]["url"],
                 "metrics_dir": str(self.run_dir / "metrics"), "phase_log": str(self.phase_log or "") or None,
                 "vllm": spec.features.describe(), "arg_notes": list(spec.arg_notes),
                 "prefix_caching": prefix_caching_of(spec.instances[0].base_args) if spec.instances else None}

@@ -154,7 +154,7 @@ def simulate(
     model_dir: Optional[str] = typer.Option(None, help="HF model dir to read the KV shape from (config.json)."),
     profile: Optional[str] = typer.Option(None, help="Profile CSV (SplitwiseSim columns) [../shared/profiles, cache]."),
     tensor_parallel: Optional[int] = typer.Option(None, help="Profile group's tensor parallelism [GPUs per machine]."),
-    policy: str = typer.Option("jsq", help="Cluster policy: jsq, round-robin, mixed-pool (the router's objects)."),
+    policy: str = typer.Option("jsq", help="Cluster policy: jsq, round-robin, mixed-pool, prefix (the router's objects)."),
     policy_param: Optional[list[str]] = typer.Option(None, help="Policy parameter KEY=VALUE (repeatable)."),
     seed: int = typer.Option(0, help="Seed for the policy's tie-breaks."),
     max_prompt_batch_tokens: int = typer.Option(2048, help="Prompt machines (and prompt-first baseline/mixed "
@@ -163,6 +163,8 @@ def simulate(
                                                    "[KV memory only; chunked machines: the token budget]."),
     batching: str = typer.Option("chunked", help=BATCHING_HELP),
     max_num_batched_tokens: int = typer.Option(DEFAULT_MAX_NUM_BATCHED_TOKENS, help=BUDGET_HELP),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Prefix-hash traces: an LRU "
+                                      "prefix cache per prompt machine; a cached prompt prefills its uncached part."),
     kv_transfer: str = typer.Option("layerwise", help="KV transfer: layerwise (overlapped) or serialized."),
     first_token: str = typer.Option("prefill", help="Split requests' first token: prefill (Splitwise: the prompt "
                                     "machine streams it) or decode (vLLM P/D: after the token machine's 1st step)."),

@@ -17,11 +17,11 @@ _SSE, _JSON, _ERR = 0, 1, 2
 
 
 def cached_tokens(usage: dict) -> int | None:
-    """usage.prompt_tokens_details.cached_tokens (vLLM with --enable-prompt-tokens-details; in a stream only the
-    final usage chunk carries it), None when the server does not report it."""
-    d = usage.get("prompt_tokens_details")
-    n = d.get("cached_tokens") if type(d) is dict else None
-    return n if type(n) is int else None
+    """usage.prompt_tokens_details.cached_tokens (vLLM with --enable-prompt-tokens-details, OpenAI; in a vLLM stream
+    only the final usage chunk carries it), else None."""
+    details = usage.get("prompt_tokens_details")
+    v = details.get("cached_tokens") if isinstance(details, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 class RecordSink:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from splitbench.errors import InputError
 from splitbench.policies import POOLS, Decision, Ledger, NoHealthyInstance, Policy, Request, make_policy, routable
+from splitbench.prefix_policy import request_hashes
 from splitbench.servers.phaselog import PhaseLog
 
 DEFAULT_OUTPUT_TOKENS = 16  # pending-token estimate for requests without max_tokens
@@ -263,7 +264,7 @@ class Router:
                 if not isinstance(body, dict):
                     raise ValueError("the body must be a JSON object")
                 n_out = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_OUTPUT_TOKENS
-                req = Request(rid, count_input_tokens(body), int(n_out))
+                req = Request(rid, count_input_tokens(body), int(n_out), request_hashes(self.policy, body))
             except (ValueError, TypeError, AttributeError) as e:
                 return self._finish(entry, 400, "bad_request", f"bad request body: {e}")
             entry.update(input_tokens=req.input_tokens, output_tokens=req.output_tokens)

@@ -20,7 +20,7 @@ import uvloop
 
 from splitbench.client.probe import http_get
 from splitbench.errors import InputError
-from splitbench.policies import POOLS
+from splitbench.policies import POOLS, parse_policy_params
 from splitbench.procs import spawn, stop_group, wait_ready
 from splitbench.servers.router import Router
 
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (see --port-file)")
     p.add_argument("--instance", action="append", default=[], help="id=ID,url=URL,pool=prompt|token|mixed|baseline")
-    p.add_argument("--policy", default="jsq", help="round-robin | jsq | mixed-pool")
+    p.add_argument("--policy", default="jsq", help="round-robin | jsq | mixed-pool | prefix")
+    p.add_argument("--policy-param", action="append", default=[], help="KEY=VALUE of the policy (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the policy's tie-breaking rng")
     p.add_argument("--prompt-threshold-tokens", type=int, default=None, help="mixed-pool: prompt pool overload")
     p.add_argument("--decode-threshold-tokens", type=int, default=None, help="mixed-pool: token pool overload")
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = {k: v for k, v in (("prompt_threshold_tokens", a.prompt_threshold_tokens),
                                     ("decode_threshold_tokens", a.decode_threshold_tokens)) if v is not None}
+        params.update(parse_policy_params(a.policy_param, a.policy))
         router = Router([parse_instance_spec(s) for s in a.instance], a.policy, a.host, a.port, a.phase_log,
                         seed=a.seed, policy_params=params, health_interval_s=a.health_interval_s,
                         idle_timeout_s=a.idle_timeout_s, prefill_timeout_s=a.prefill_timeout_s)
@@ -136,7 +138,7 @@ class RouterProcess:
         for i in self.instances:
             cmd += ["--instance", f"id={i['id']},url={i['url']},pool={i['pool']}"]
         for k, v in self.policy_params.items():
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
+            cmd += ["--policy-param", f"{k}={v}"]
         if self.phase_log:
             cmd += ["--phase-log", str(self.phase_log)]
         if self.cpu is not None:

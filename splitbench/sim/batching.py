@@ -69,7 +69,7 @@ class ChunkedBatching:
         for e in st.prefilling:   # admitted earlier: continue FCFS
             if room <= 0:
                 break
-            n = min(e[0].n_in - e[1], room)
+            n = min(e[0].pre - e[1], room)
             chunks.append((e, n))
             room -= n
             tokens += n
@@ -81,7 +81,7 @@ class ChunkedBatching:
             e = [r, 0]
             st.prefilling.append(e)
             seqs += 1
-            n = min(r.n_in, room)
+            n = min(r.pre, room)
             chunks.append((e, n))
             room -= n
             tokens += n
@@ -114,7 +114,7 @@ class ChunkedBatching:
         for e, n in st.chunks:
             e[1] += n
             r = e[0]
-            if e[1] < r.n_in:
+            if e[1] < r.pre:
                 continue
             st.prefilling.popleft()   # only the last chunk of an iteration can be partial: completions are FCFS
             r.first = r.pdone = now

@@ -11,6 +11,7 @@ from typing import Any
 
 from splitbench.errors import InputError
 from splitbench.policies import COLOCATED_POOLS, Ledger, NoHealthyInstance, Request, make_policy, routable
+from splitbench.prefix_policy import BlockIndex
 from splitbench.sim.batching import ChunkedBatching, ChunkState
 from splitbench.sim.config import SimConfig, SimResult, validate_config
 from splitbench.sim.engine import Simulator
@@ -21,24 +22,26 @@ _IDLE, _PROMPT, _DECODE, _WAKING = 0, 1, 2, 3
 
 class _Req:
     __slots__ = ("arrival", "colocated", "d", "decode_sent", "end_log", "first", "i", "join_it",
-                 "join_log", "kv", "last", "m", "n_dec", "n_in", "n_out", "pdone", "req")
+                 "join_log", "kv", "last", "m", "n_dec", "n_in", "n_out", "pdone", "pre", "req")
 
     def __init__(self, i, arrival, n_in, n_out, req):
         self.i, self.arrival, self.n_in, self.n_out, self.req = i, arrival, n_in, n_out, req
         self.kv = n_in + n_out
+        self.pre = n_in          # prompt tokens to prefill: n_in less the prefix-cache hit
         self.colocated = False
         self.first = self.decode_sent = self.last = self.m = self.pdone = None
         self.n_dec = n_out - 1   # decode iterations; all n_out in "decode" first-token mode for split requests
 
 
 class _Machine:
-    __slots__ = ("admit_q", "b", "chunk", "consec", "ctx", "fin", "id", "idx", "it", "kv_cap", "kv_free",
+    __slots__ = ("admit_q", "b", "cache", "chunk", "consec", "ctx", "fin", "id", "idx", "it", "kv_cap", "kv_free",
                  "link_free", "log_it", "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end",
                  "run_k", "run_t0", "single", "state", "version")
 
     def __init__(self, idx, iid, pool, mtype, perf, kv_cap):
         self.idx, self.id, self.pool, self.mtype, self.perf = idx, iid, pool, mtype, perf
         self.kv_cap = self.kv_free = kv_cap
+        self.cache = None                # prefix-hash workloads: a BlockIndex of the blocks this machine prefilled
         self.prompt_q: deque = deque()   # FCFS prefills (split and co-located)
         self.admit_q: deque = deque()    # prefilled requests whose KV arrived, waiting for KV memory (FCFS)
         self.state = _IDLE
@@ -113,6 +116,8 @@ class SimCluster:
         self._in = workload.input_tokens.tolist()
         self._out = workload.output_tokens.tolist()
         self._ti = workload.trace_index.tolist()
+        self._hashes = workload.prefix_hashes if cfg.prefix_cache else None
+        self._block = max(1, int(workload.block_tokens or 1))
 
     # ---------------------------------------------------------------- cluster level
 
@@ -135,7 +140,8 @@ class SimCluster:
         if i + 1 < self._count:
             sim.schedule(self._arr[i + 1], self._arrival, i + 1)
         n_in, n_out = self._in[i], self._out[i]
-        r = _Req(i, now, n_in, n_out, Request(f"r{self._ti[i]}", n_in, n_out))
+        hashes = () if self._hashes is None else tuple(self._hashes[i][:n_in // self._block].tolist())  # whole blocks
+        r = _Req(i, now, n_in, n_out, Request(f"r{self._ti[i]}", n_in, n_out, hashes))
         try:
             d = self.policy.choose(r.req, self.ledger.views())
         except NoHealthyInstance as e:   # cannot happen with all machines healthy; kept as a record, not a crash
@@ -155,11 +161,23 @@ class SimCluster:
             self.ledger.finish(d, r.req)
             self.n["errors"] += 1
             return
+        if hashes:
+            r.pre = n_in - self._cache_hit(pm, i, hashes, n_in)
         pm.prompt_q.append(r)
         if pm.state == _IDLE:
             self._wake(pm)
         elif pm.state == _DECODE and len(pm.prompt_q) == 1 and (not r.colocated or r.kv <= pm.kv_free):
             self._interrupt(pm)
+
+    def _cache_hit(self, m: _Machine, i: int, hashes: tuple, n_in: int) -> int:
+        """Tokens of request i's prompt found in m's prefix cache (whole leading blocks, at most n_in - 1, as vLLM
+        computes the last token); its blocks are then cached (LRU over m's KV capacity in blocks)."""
+        if m.cache is None:
+            m.cache = BlockIndex(max(1, m.kv_cap // self._block))
+        hit = min(m.cache.matched(hashes) * self._block, n_in - 1)
+        m.cache.add(hashes)
+        self.rec.cached[i] = hit
+        return hit
 
     # ---------------------------------------------------------------- machine level
 
@@ -210,7 +228,7 @@ class SimCluster:
         joining = m.b   # the decode batch once the co-located prompts taken so far join it
         while q:
             r = q[0]
-            if batch and tokens + r.n_in > cap:
+            if batch and tokens + r.pre > cap:
                 break
             if r.colocated:
                 if r.kv > m.kv_free or joining >= self.cap_batch:
@@ -219,7 +237,7 @@ class SimCluster:
                 joining += 1
             q.popleft()
             batch.append(r)
-            tokens += r.n_in
+            tokens += r.pre
         return batch, tokens
 
     def _prompt_done(self, m: _Machine) -> None:

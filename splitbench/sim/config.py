@@ -61,6 +61,9 @@ class SimConfig:
     batching: str = "chunked"   # baseline/mixed machines: chunked (vLLM V1) or prompt-first (see BATCHINGS)
     # chunked machines: tokens per iteration (1 per decode + prefill chunks), vLLM's max_num_batched_tokens
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    # prefix-hash workloads: each prompt machine keeps an LRU prefix cache of whole blocks (capacity: its KV tokens /
+    # block tokens); a prompt's cached leading blocks are not prefilled (at least one token is). False: no cache
+    prefix_cache: bool = True
 
 
 class SimResult:

@@ -35,6 +35,7 @@ class Recorder:
         self.from_log = array("b", bytes(n))   # first token = end of the first decode run after joining
         self.state = array("b", bytes(n))      # 0 unfinished, 1 ok, 2 error
         self.errors: dict[int, str] = {}
+        self.cached = _ints(n, -1) if workload.prefix_hashes is not None else None   # prefix-cache hits, tokens
         self.pool_names: list[str] = []
         self._pool_code: dict[str, int] = {}
 
@@ -99,7 +100,9 @@ class Recorder:
             actual_input_tokens=np.where(ok, w.input_tokens, -1).astype(np.int64),
             actual_output_tokens=np.where(ok, n_out, -1), status=np.where(ok, STATUSES.index(OK),
                                                                            STATUSES.index(ERROR)).astype(np.int8),
-            **self._placement(n), phases=self._phases(ok, arr, first, last), error=dict(sorted(self.errors.items())))
+            **self._placement(n), phases=self._phases(ok, arr, first, last), error=dict(sorted(self.errors.items())),
+            counts={} if self.cached is None else {
+                "cached_input_tokens": np.where(ok, np.frombuffer(self.cached, np.int64), -1)})
 
     def _chunks(self, ok, has_m, from_log, runs, gpos, arr, first, last, g_t, g_it):
         """Flat chunk offsets and tokens of every record, and where each record's chunks start."""
