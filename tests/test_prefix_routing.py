@@ -185,3 +185,21 @@ def test_the_simulated_cache_holds_the_machines_kv_memory_in_blocks_and_evicts_l
     assert [r.cached_input_tokens for r in small] == [0, 0, 0]
     assert [r.cached_input_tokens for r in large] == [0, 0, 48]
     assert small[2].first_token_s - small[2].actual_send_s > large[2].first_token_s - large[2].actual_send_s
+
+
+@pytest.mark.parametrize("value, cached", [("on", True), ("off", False), ("sometimes", None)])
+def test_simulate_spells_prefix_caching_as_run_does(tmp_path, value, cached):
+    from typer.testing import CliRunner
+    from splitbench.cli import app
+    from splitbench.schema import records as R
+    trace = ("synth:arrivals=poisson,rate=2,count=30,lengths=uniform,input=600-2000,output=5-20,seed=1,"
+             "system_prompts=2,system_share=0.5")
+    res = CliRunner().invoke(app, ["simulate", "--cluster", "baseline-h100:2", "--model", "llama2-70b", "--trace",
+                                   trace, "--prefix-caching", value, "--results", str(tmp_path), "--run-id", "s"])
+    if cached is None:
+        assert res.exit_code == 2 and "--prefix-caching must be on or off" in res.output
+        assert not (tmp_path / "s").exists()
+        return
+    assert res.exit_code == 0, res.output
+    hits = [r.cached_input_tokens for r in R.read_records(tmp_path / "s")]
+    assert (sum(h or 0 for h in hits) > 0) if cached else all(h is None for h in hits)

@@ -139,6 +139,10 @@ def _sim_fields(a: dict) -> dict:
                                              a["policy"] if a["perf_model"] == "physical" else None)
     f["reference_machine"] = a["reference_machine"] or None
     f["hardware_file"] = a["hardware"]
+    caching = str(f.pop("prefix_caching")).strip().lower()
+    if caching not in ("on", "off"):
+        raise InputError(f"--prefix-caching must be on or off, got {caching!r}")
+    f["prefix_cache"] = caching == "on"
     return f
 
 
@@ -163,8 +167,8 @@ def simulate(
                                                    "[KV memory only; chunked machines: the token budget]."),
     batching: str = typer.Option("chunked", help=BATCHING_HELP),
     max_num_batched_tokens: int = typer.Option(DEFAULT_MAX_NUM_BATCHED_TOKENS, help=BUDGET_HELP),
-    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Prefix-hash traces: an LRU "
-                                      "prefix cache per prompt machine; a cached prompt prefills its uncached part."),
+    prefix_caching: str = typer.Option("on", help="Prefix-hash traces: an LRU prefix cache per prompt machine, a "
+                                       "cached prompt prefills its uncached part: on or off (as run's flag)."),
     kv_transfer: str = typer.Option("layerwise", help="KV transfer: layerwise (overlapped) or serialized."),
     first_token: str = typer.Option("prefill", help="Split requests' first token: prefill (Splitwise: the prompt "
                                     "machine streams it) or decode (vLLM P/D: after the token machine's 1st step)."),
