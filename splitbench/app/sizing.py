@@ -320,7 +320,7 @@ def measure_reference(probe: Probe, w: Workload) -> tuple[Reference, list[int]]:
     server = scrape.server_times_ms(list(zip(before, scrape.snapshots(probe.metrics_urls))))
     if server is None:
         raise InputError(f"sizing: the client saw each reference request's tokens arrive together in {REF_ATTEMPTS} "
-                         "attempts (too busy a host to time tokens) and no vLLM /metrics; give --rate-scale")
+                         "attempts (the host is too busy to time tokens) and no vLLM /metrics; give --rate-scale")
     ref = fit_reference(recs, meta={**meta, "tbt_source": "server /metrics (mean inter_token_latency): the client "
                                     "saw tokens coalesced"})
     return replace(ref, tbt_s=server["token_time"] / 1e3), sizes
