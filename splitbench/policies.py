@@ -26,7 +26,7 @@ from splitbench.ledger import (  # noqa: F401  (Request .. Param are re-exported
     Request,
     Views,
 )   # the ledger's names are re-exported: the router and the simulator import them from here
-from splitbench.prefix_policy import PrefixAware
+from splitbench.prefix_policy import PrefixAware, break_tie
 
 
 class Policy(Protocol):
@@ -90,10 +90,6 @@ class RoundRobin:
                                        lambda c: self._next(BASELINE, c))
 
 
-def _tie(ties: list, rng: random.Random):
-    return ties[0] if len(ties) == 1 else rng.choice(ties)
-
-
 def _ranks(instances: Sequence[InstanceView]):
     """The ledger's ranks when `instances` are a Ledger's current views, else None (the caller scans)."""
     return instances.ranks() if isinstance(instances, Views) else None
@@ -114,10 +110,10 @@ class JSQ:
         if ranks is not None:
             prompts, tokens = ranks[PROMPT].least(), ranks[TOKEN].least()
             if prompts and tokens:
-                return Decision(instances.id(_tie(prompts, rng)), instances.id(_tie(tokens, rng)), PROMPT)
+                return Decision(instances.id(break_tie(prompts, rng)), instances.id(break_tie(tokens, rng)), PROMPT)
             colocated = ranks[COLOCATED].least()
             if colocated:
-                c = instances.view(_tie(colocated, rng))
+                c = instances.view(break_tie(colocated, rng))
                 return Decision(c.id, None, c.pool)
             raise NoHealthyInstance(_why(instances))
         return _pick_pair_or_colocated(
@@ -136,7 +132,7 @@ class _Pool:
     size: int
 
     def pick(self, instances, rng: random.Random) -> InstanceView:
-        c = _tie(self.ties, rng)
+        c = break_tie(self.ties, rng)
         return instances.view(c) if isinstance(c, int) else c
 
 
@@ -231,7 +227,7 @@ class MixedPool:
         if not room:
             return None
         best = min(t for _, t in room)
-        return _tie([iid for iid, t in room if t == best], rng)
+        return break_tie([iid for iid, t in room if t == best], rng)
 
     def _can_lend(self, pool: _Pool, lent: InstanceView, threshold: int, key) -> bool:
         lent_now = pool.size - pool.n

@@ -20,6 +20,22 @@ from splitbench.ledger import (
 )
 
 
+def break_tie(ties: list, rng: random.Random):
+    """The one candidate, or the rng's pick among equals (every policy breaks ties this way)."""
+    return ties[0] if len(ties) == 1 else rng.choice(ties)
+
+
+def chained_block_hashes(units: Sequence, block: int) -> tuple[int, ...]:
+    """Hashes of the whole blocks of `units` (token ids, or a text's characters), chained: hash i covers blocks 0..i,
+    so equal hashes at a position mean an equal prefix through that block. A partial last block is left out."""
+    out, h = [], 0
+    text = isinstance(units, str)
+    for k in range(0, len(units) - block + 1, block):
+        h = hash((h, units[k:k + block] if text else tuple(units[k:k + block])))
+        out.append(h)
+    return tuple(out)
+
+
 class BlockIndex:
     """One instance's approximate prefix cache: the chained block hashes routed there, least recently used first,
     at most `capacity_blocks` (the real cache may hold fewer; the index never sees its evictions)."""
@@ -72,7 +88,6 @@ class PrefixAware:
         self.rng = rng or random.Random(0)
         self.capacity_blocks, self.cache_weight, self.block_tokens = capacity_blocks, cache_weight, block_tokens
         self.index: dict[str, BlockIndex] = {}
-        self.hits_tokens = 0          # expected cached tokens of the chosen instances, summed (a diagnostic)
 
     def _expected_cached(self, iid: str, request: Request) -> float:
         idx = self.index.get(iid)
@@ -84,12 +99,10 @@ class PrefixAware:
         costs = [load(c) + request.input_tokens - self.cache_weight * self._expected_cached(c.id, request)
                  for c in cands]
         low = min(costs)
-        ties = [c for c, v in zip(cands, costs) if v == low]
-        return ties[0] if len(ties) == 1 else self.rng.choice(ties)
+        return break_tie([c for c, v in zip(cands, costs) if v == low], self.rng)
 
     def _remember(self, iid: str, request: Request) -> None:
         if request.prefix_hashes:
-            self.hits_tokens += int(self._expected_cached(iid, request))
             idx = self.index.get(iid)
             if idx is None:
                 idx = self.index[iid] = BlockIndex(self.capacity_blocks)
@@ -102,8 +115,7 @@ class PrefixAware:
         if prompts and tokens:
             p = self._best(prompts, request, lambda i: i.pending_prompt_tokens)
             low = min(i.pending_decode_tokens for i in tokens)
-            ties = [i for i in tokens if i.pending_decode_tokens == low]
-            t = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+            t = break_tie([i for i in tokens if i.pending_decode_tokens == low], self.rng)
             self._remember(p.id, request)
             return Decision(p.id, t.id, PROMPT)
         colocated = [i for i in healthy if i.pool in COLOCATED_POOLS]
@@ -126,11 +138,7 @@ def prompt_block_hashes(body: dict, block_tokens: int) -> tuple[int, ...]:
     step = block_tokens if isinstance(p, list) else 4 * block_tokens
     if not isinstance(p, (list, str)) or step <= 0:
         return ()
-    out, h = [], 0
-    for k in range(0, len(p) - step + 1, step):
-        h = hash((h, tuple(p[k:k + step]) if isinstance(p, list) else p[k:k + step]))
-        out.append(h)
-    return tuple(out)
+    return chained_block_hashes(p, step)
 
 
 def request_hashes(policy, body: dict) -> tuple[int, ...]:

@@ -11,12 +11,12 @@ import random
 import time
 import uuid
 import zlib
-from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
 from splitbench.errors import InputError
+from splitbench.prefix_policy import BlockIndex, chained_block_hashes
 
 DEFAULT_MODEL = "stub-model"
 LOOPS = ("precise", "uvloop", "asyncio")
@@ -105,29 +105,22 @@ def prompt_units(x: Any) -> list:
 
 class PrefixCache:
     """One server's prefix cache, as vLLM's counts it: whole blocks of `block_tokens` prompt tokens keyed by the
-    chained hash of every block through them, LRU over `capacity_blocks`. A hit is the longest run of leading
-    blocks seen before, at most (n - 1) tokens (vLLM recomputes the last prompt token)."""
+    chained hash of every block through them (prefix_policy.chained_block_hashes), LRU over `capacity_blocks`
+    (prefix_policy.BlockIndex). A hit is the longest run of leading blocks seen before, at most (n - 1) tokens
+    (vLLM recomputes the last prompt token)."""
 
     def __init__(self, block_tokens: int, capacity_blocks: int):
         self.block_tokens, self.capacity = block_tokens, capacity_blocks
-        self.blocks: OrderedDict[int, None] = OrderedDict()
+        self.index = BlockIndex(capacity_blocks) if block_tokens and capacity_blocks else None
 
     def lookup(self, units: list) -> int:
         """Cached tokens of a prompt; its full blocks are then cached (most recently used)."""
-        bt, blocks, n = self.block_tokens, self.blocks, len(units)
-        if not bt or not self.capacity:
+        if self.index is None:
             return 0
-        h, hit, hashes = 0, 0, []
-        for j in range(n // bt):
-            h = hash((h, tuple(units[j * bt:(j + 1) * bt])))
-            hashes.append(h)
-            if hit == j and j < (n - 1) // bt and h in blocks:
-                hit = j + 1
-        for h in hashes:
-            blocks[h] = None
-            blocks.move_to_end(h)
-        while len(blocks) > self.capacity:
-            blocks.popitem(last=False)
+        bt = self.block_tokens
+        hashes = chained_block_hashes(units, bt)
+        hit = max(0, min(self.index.matched(hashes), (len(units) - 1) // bt))
+        self.index.add(hashes)
         return hit * bt
 
 
