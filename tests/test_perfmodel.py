@@ -405,3 +405,48 @@ def test_a_batch1_context_fit_that_over_explains_the_batch_sweep_is_refit_on_eve
     assert d["kv_source"].startswith("joint fit") and 0 < m.kv_s_per_token < 0.8 * 1.5e-6
     for p, b, t in pts:     # every measured point within 35% (the batch-1 slope alone misses b=16 by 2x)
         assert m.token_time_s(b, b * (p + (t - 2) // 2)) == pytest.approx(token(p, b, t) / 1e3, rel=0.35)
+
+
+def _synthetic_rows(pts, prompt_ms, token_ms):
+    return [{"prompt_size": p, "batch_size": b, "token_size": t, "prompt_time": prompt_ms(p, b), "line": i + 2,
+             "token_time": token_ms(p, b, t), "e2e_time": prompt_ms(p, b) + (t - 1) * token_ms(p, b, t)}
+            for i, (p, b, t) in enumerate(pts)]
+
+
+def test_batches_measured_at_two_contexts_give_decode_a_kv_cost_per_batch_size():
+    """splitbench profile's grid adds the batch sweep at the largest prompt: one sequence's token time grows 1.5 us
+    per context token, a batch of b's 1.5/b^0.5 us; kv(b) recovers each, so every point is predicted to 2%."""
+    grid = pf.profile_grid([32, 128, 512, 2048], [1, 2, 4, 8, 16], [16, 64, 256])
+    assert {(2048, b, 64) for b in (1, 2, 4, 8, 16)} <= set(grid) and {(512, b, 64) for b in (2, 16)} <= set(grid)
+    kv = lambda b: 1.5e-3 / b ** 0.5                                              # noqa: E731  (ms per token)
+    token = lambda p, b, t: 4.0 + 0.1 * b + kv(b) * b * (p + (t - 2) / 2)        # noqa: E731
+    m = pm.PerfModel("m", "cpu", 1, _synthetic_rows(grid, lambda p, b: 10.0 + p * b / 50, token))
+    d = m.describe()
+    assert [b for b, _ in d["kv_by_batch_s_per_token"]] == [1, 2, 4, 8, 16]
+    for b in (1, 2, 4, 8, 16):
+        assert m.kv_at(b) == pytest.approx(kv(b) / 1e3, rel=0.02)
+    assert m.kv_at(32) == m.kv_at(16) and kv(2) / 1e3 > m.kv_at(3) > kv(4) / 1e3   # flat outside, linear between
+    for p, b, t in grid:
+        if t <= 256:
+            assert m.token_time_s(b, b * (p + (t - 2) // 2)) == pytest.approx(token(p, b, t) / 1e3, rel=0.02)
+    k = 40   # the closed-form run uses kv(b) too
+    assert m.token_iterations_s(8, 9000, k) == pytest.approx(sum(m.token_time_s(8, 9000 + 8 * i) for i in range(k)))
+    assert m.iterations_within(8, 9000, m.token_iterations_s(8, 9000, k)) == k
+
+
+def test_a_convex_prompt_curve_gives_the_attention_cross_term_capped_by_the_models_flops():
+    """prompt_time = 10 ms + 20 us p + c p^2 on the batch-1 sweep: c is recovered; a chunk of n tokens after P costs
+    2 c P n more; with a known shape, c is at most b x attention/dense FLOPs / 2 (BLOOM's shape: far below)."""
+    grid = [(p, 1, 64) for p in (32, 128, 512, 1024, 2048, 4096)] + [(512, b, 64) for b in (2, 4)]
+    c_ms = 4e-6
+    prompt = lambda p, b: 10.0 + 0.02 * p * b + c_ms * p * p * b                  # noqa: E731
+    rows = _synthetic_rows(grid, prompt, lambda p, b, t: 5.0 + 1e-3 * (p + t / 2))
+    m = pm.PerfModel("m", "cpu", 1, rows)
+    assert m.attn_s_per_token2 == pytest.approx(c_ms / 1e3, rel=1e-6)
+    assert m.context_prefill_s(2048, 1000) == pytest.approx(2 * c_ms / 1e3 * 2048 * 1000)
+    bloom = pm.PerfModel("m", "cpu", 1, rows, shape=sh.MODEL_SHAPES["bloom-176b"])
+    ratio = sh.MODEL_SHAPES["bloom-176b"].attention_to_dense_flops
+    assert ratio == pytest.approx(2 * 70 * 112 * 128 / 176e9)
+    assert bloom.attn_s_per_token2 == pytest.approx(0.02e-3 * ratio / 2, rel=1e-6)
+    assert bloom.attn_s_per_token2 < m.attn_s_per_token2
+    assert pm.PerfModel("m", "cpu", 1, [r for r in rows if r["prompt_size"] in (32, 512)]).attn_s_per_token2 == 0

@@ -118,6 +118,12 @@ class _Times:
     """A performance model: prefill 1 ms per token, decode 10 ms per iteration, no KV term."""
     kv_s_per_token = 0.0
 
+    def kv_at(self, b):
+        return 0.0
+
+    def context_prefill_s(self, cached, new):
+        return 0.0
+
     def prompt_time_s(self, n):
         return 0.001 * n if n > 0 else 0.0
 

@@ -73,6 +73,12 @@ class StubTimes:
     def prompt_time_s(self, tokens: int) -> float:
         return PREFILL_S if tokens > 0 else 0.0
 
+    def kv_at(self, batch: int) -> float:
+        return 0.0
+
+    def context_prefill_s(self, cached_tokens: int, new_tokens: int) -> float:
+        return 0.0
+
     def token_time_s(self, batch: int, context_tokens: int) -> float:
         return TPOT_S if batch > 0 else 0.0
 

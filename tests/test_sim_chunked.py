@@ -26,9 +26,16 @@ EPS = 1e-12
 class Perf:
     """prompt = p0 + p1 * tokens; decode = c0 + c1 * batch + kv * context; kv_s_per_token = kv (PerfModel's API)."""
 
-    def __init__(self, p0=0.01, p1=1e-4, c0=0.02, c1=1e-3, kv=1e-5):
+    def __init__(self, p0=0.01, p1=1e-4, c0=0.02, c1=1e-3, kv=1e-5, attn=0.0):
         self.p0, self.p1, self.c0, self.c1, self.kv_s_per_token = p0, p1, c0, c1, kv
+        self.attn_s_per_token2 = attn
         self.prompt_calls: list[int] = []
+
+    def kv_at(self, b):
+        return self.kv_s_per_token
+
+    def context_prefill_s(self, cached, new):
+        return 2 * self.attn_s_per_token2 * cached * new
 
     def prompt_time_s(self, n):
         self.prompt_calls.append(n)
@@ -87,6 +94,17 @@ def test_a_long_prompt_is_split_over_budget_iterations_and_its_first_token_ends_
     assert run(wl([0.0], [5000], [1]), max_num_batched_tokens=8192).records[0].first_token_s == \
         pytest.approx(prompt(5000), abs=EPS)
     assert run(wl([0.0], [5000], [1]), batching="prompt-first").records[0].first_token_s == \
+        pytest.approx(prompt(5000), abs=EPS)
+
+
+def test_a_later_chunk_pays_attention_over_the_earlier_chunks_kv():
+    """With the prompt curve's p^2 term c, chunk k of n tokens after P prefilled adds 2 c P n (and nothing for the
+    first chunk); prompt-first prefills the lone prompt as the profile measured it (no extra term)."""
+    c = 3e-9
+    r = run(wl([0.0], [5000], [1]), perf=Perf(attn=c)).records[0]
+    t = mixed(0, 0, 2048, 0) + mixed(0, 0, 2048, 2048) + mixed(0, 0, 904, 4096)
+    assert r.first_token_s == pytest.approx(t + 2 * c * (2048 * 2048 + 4096 * 904), abs=EPS)
+    assert run(wl([0.0], [5000], [1]), perf=Perf(attn=c), batching="prompt-first").records[0].first_token_s == \
         pytest.approx(prompt(5000), abs=EPS)
 
 

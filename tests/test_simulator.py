@@ -30,6 +30,12 @@ class LinearPerf:
     def prompt_time_s(self, n):
         return self.p0 + self.p1 * n
 
+    def kv_at(self, b):
+        return self.c2
+
+    def context_prefill_s(self, cached, new):
+        return 0.0
+
     def token_time_s(self, b, ctx):
         return self.c0 + self.c1 * b + self.c2 * ctx
 

@@ -96,7 +96,7 @@ def build_setup(machines: list[str], *, model: str = "bloom-176b", model_dir: st
     else:
         raise InputError(f"unknown model shape {model!r} (known: {', '.join(MODEL_SHAPES)}; or give --model-dir)")
     path = find_profile(profile)
-    profiles = load_profiles(path)
+    profiles = load_profiles(path, shapes={model: shape})
     perf, cap, desc = {}, {}, {}
     for name in dict.fromkeys(machines):
         mt = get_machine(name, catalog)

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def mixed_iteration_s(perf: Any, decode_batch: int, decode_context_tokens: int, prefill_tokens: int,
-                      prefill_context_tokens: int) -> float:
+                      prefill_context_tokens: int, prefill_cross_tokens2: int = 0) -> float:
     """One iteration carrying `prefill_tokens` prompt-chunk tokens (whose requests already hold
     `prefill_context_tokens` KV tokens from earlier chunks) and `decode_batch` decodes holding
     `decode_context_tokens` KV tokens.
@@ -18,14 +18,17 @@ def mixed_iteration_s(perf: Any, decode_batch: int, decode_context_tokens: int, 
     num_computed_tokens"): its weights are read once and its dense layers process prefill + decode tokens
     together, which is what the profile's prompt curve measures (prompt_time over batched tokens, as for a batch
     of prompts); attention over KV already cached (the decodes' contexts and a chunk's earlier chunks) is the
-    per-KV-token read cost the decode fit measured (kv_s_per_token). So prompt_time(prefill + decodes) +
-    kv_s_per_token x cached KV, and never less than the decode-only step of the same batch (its per-sequence
-    cost is part of any step that carries those decodes). SplitwiseSim's rule for a mixed batch is
+    per-KV-token read cost the decode fit measured (kv(b)), and a chunk of n tokens over P tokens already in its
+    KV does 2 c P n more attention work than a lone n-token prompt (c: the prompt curve's p^2 term,
+    PerfModel.context_prefill_s; `prefill_cross_tokens2` = the sum of P x n). So prompt_time(prefill + decodes)
+    + kv x cached KV + that cross term, and never less than the decode-only step of the same batch (its
+    per-sequence cost is part of any step that carries those decodes). SplitwiseSim's rule for a mixed batch is
     prompt_time(prompt tokens + 1 per decode) x 1.1 (performance_model.py get_iteration_duration); ours replaces
     the flat 10% with the measured context term. A step without prefill tokens is token_time(b, C) as before.
     """
-    t = perf.prompt_time_s(prefill_tokens + decode_batch) + perf.kv_s_per_token * (decode_context_tokens +
-                                                                                  prefill_context_tokens)
+    t = (perf.prompt_time_s(prefill_tokens + decode_batch) + perf.kv_at(decode_batch) * decode_context_tokens
+         + perf.kv_at(1) * prefill_context_tokens
+         + perf.context_prefill_s(1, prefill_cross_tokens2))
     return max(t, perf.token_time_s(decode_batch, decode_context_tokens))
 
 
@@ -65,15 +68,17 @@ class ChunkedBatching:
         cl, st = self.cl, m.chunk
         now = cl.sim.now_s
         room = self.budget - m.b
-        chunks, tokens, cached = [], 0, 0
+        chunks, tokens, cached, cross = [], 0, 0, 0
         for e in st.prefilling:   # admitted earlier: continue FCFS
             if room <= 0:
                 break
-            n = min(e[0].pre - e[1], room)
+            r = e[0]
+            n = min(r.pre - e[1], room)
             chunks.append((e, n))
             room -= n
             tokens += n
             cached += e[1]
+            cross += (r.n_in - r.pre + e[1]) * n
         q, seqs = m.prompt_q, m.b + len(st.prefilling)
         while q and room > 0 and seqs < self.max_seqs and q[0].kv <= m.kv_free:
             r = q.popleft()
@@ -85,11 +90,13 @@ class ChunkedBatching:
             chunks.append((e, n))
             room -= n
             tokens += n
+            cross += (r.n_in - r.pre) * n   # after a prefix-cache hit
         if chunks:
             st.chunks = chunks
             m.state = self.busy
             cl.n["chunked_iterations"] += 1
-            cl.sim.schedule(now + mixed_iteration_s(m.perf, m.b, m.ctx, tokens, cached), self.iteration_done, m)
+            cl.sim.schedule(now + mixed_iteration_s(m.perf, m.b, m.ctx, tokens, cached, cross),
+                            self.iteration_done, m)
         elif m.b:
             k = m.fin[0][0] - m.it
             m.state, m.run_t0, m.run_k = self.decode, now, k

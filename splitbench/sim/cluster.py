@@ -204,7 +204,10 @@ class SimCluster:
                 m.state, m.pbatch, m.pstart = _PROMPT, batch, now
                 m.consec += 1
                 self.n["prompt_iterations"] += 1
-                self.sim.schedule(now + m.perf.prompt_time_s(tokens), self._prompt_done, m)
+                t = m.perf.prompt_time_s(tokens)
+                if tokens < sum(r.n_in for r in batch):   # prefix-cache hits: attention over the cached part
+                    t += m.perf.context_prefill_s(1, sum((r.n_in - r.pre) * r.pre for r in batch))
+                self.sim.schedule(now + t, self._prompt_done, m)
                 return
         if m.b:
             k = m.fin[0][0] - m.it

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from splitbench.errors import InputError
+from splitbench.sim.perffit import base_medians, batch_kv, falls_with_batch, interp, isotonic, joint_kv, kv_of
 from splitbench.sim.profiles import read_profile_rows, sha256_of
 from splitbench.sim.shapes import MEMORY_BANDWIDTH_BPS, MODEL_SHAPES, ModelShape
 
@@ -16,59 +17,6 @@ MAX_FIT_OUTPUT_TOKENS = 1024   # PROFILES.md caveat 3: longer output-sweep runs 
 BLOWUP_RATIO = 1.5             # e2e > 1.5 x (prompt + (n-1) x token_time): failed run (caveat 2), point dropped
 CAPPED_RATIO = 0.95            # e2e < 0.95 x that: fewer tokens generated than asked; not used for the kv fit
 FALL_RATIO = 0.9               # prompt_time < 0.9 x a smaller batch's (same prompt, tokens): failed run, dropped
-
-
-# ----------------------------------------------------------------------------- piecewise-linear helpers
-
-def _isotonic(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pool adjacent violators (non-decreasing y over sorted x); each pooled block becomes one point at its
-    weighted mean x, so the result is strictly increasing and keeps a positive slope for extrapolation."""
-    blocks: list[list[float]] = []   # [sum w*x, sum w*y, sum w]
-    for xi, yi, wi in zip(x, y, w):
-        blocks.append([wi * xi, wi * yi, wi])
-        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] >= blocks[-1][1] / blocks[-1][2]:
-            b = blocks.pop()
-            blocks[-1] = [blocks[-1][0] + b[0], blocks[-1][1] + b[1], blocks[-1][2] + b[2]]
-    return (np.array([b[0] / b[2] for b in blocks]), np.array([b[1] / b[2] for b in blocks]))
-
-
-def _interp(x: np.ndarray, y: np.ndarray, v: float) -> float:
-    """Piecewise linear through (x, y); below x[0]: y[0]; above x[-1]: the last segment extended."""
-    if v <= x[0] or len(x) == 1:   # one point: a constant (no slope to extend)
-        return float(y[0])
-    if v >= x[-1]:
-        return float(y[-1] + (y[-1] - y[-2]) / (x[-1] - x[-2]) * (v - x[-1]))
-    return float(np.interp(v, x, y))
-
-
-# ----------------------------------------------------------------------------- the model
-
-def _base_medians(pts: list[dict], kv: float) -> tuple[list[int], list[float], list[int]]:
-    """Per batch size: median over rows of token_time - kv x b x (p + (t-2)/2) (the run's mean context), and the
-    row counts. The kv fit's guard and base(b) use this one computation."""
-    bs, ys, ws = [], [], []
-    for b in sorted({pt["b"] for pt in pts if pt["decode"]}):
-        vals = [r["token_time"] / 1e3 - kv * b * (pt["p"] + (pt["t"] - 2) / 2)
-                for pt in pts if pt["b"] == b and pt["decode"] for r in pt["rows"]]
-        bs.append(b), ys.append(float(np.median(vals))), ws.append(len(vals))
-    return bs, ys, ws
-
-
-def _falls_with_batch(pts: list[dict], kv: float) -> bool:
-    """The batch-1 context fit over-explains the batch sweep: base(b) at the largest batch below base(1) (seen on
-    a CPU core, where batched decode reads its KV faster per token than one sequence does)."""
-    bs, ys, _ = _base_medians(pts, kv)
-    return len(bs) > 1 and bs[0] == 1 and ys[-1] < ys[0]
-
-
-def _joint_kv(pts: list[dict]) -> float | None:
-    """token_time = base + kv x C by least squares over every decode row (all batch sizes); None unless kv > 0."""
-    a = np.array([[1.0, pt["b"] * (pt["p"] + (pt["t"] - 2) / 2)] for pt in pts if pt["decode"] for _ in pt["rows"]])
-    y = np.array([r["token_time"] / 1e3 for pt in pts if pt["decode"] for r in pt["rows"]])
-    if len(y) < 3:
-        return None
-    kv = float(np.linalg.lstsq(a, y, rcond=None)[0][1])
-    return kv if kv > 0 else None
 
 
 class PerfModel:
@@ -144,11 +92,42 @@ class PerfModel:
         x = sorted({pt["p"] * pt["b"] for pt in pts})
         ys = [np.median([r["prompt_time"] for pt in pts if pt["p"] * pt["b"] == v for r in pt["rows"]]) for v in x]
         ws = [sum(len(pt["rows"]) for pt in pts if pt["p"] * pt["b"] == v) for v in x]
-        self._px, py = _isotonic(np.array(x, float), np.array(ys) / 1e3, np.array(ws, float))
+        self._px, py = isotonic(np.array(x, float), np.array(ys) / 1e3, np.array(ws, float))
         self._py = py
         self._info["prompt_points"] = [[round(a, 1), round(b * 1e3, 3)] for a, b in zip(self._px, py)]
+        self._fit_attention(pts)
         self._info["prompt_rule"] = ("piecewise linear in batched prompt tokens (pooled to non-decreasing); below "
                                      "the first point: the first point's time; above the last: last segment extended")
+
+    def _fit_attention(self, pts: list[dict]) -> None:
+        """attn_s_per_token2: the p^2 coefficient of prompt_time(p) = a + b p + c p^2 over the batch-1 prompt sweep
+        (least squares on the medians, c >= 0): a prompt's attention work grows with the square of its length, so a
+        prefill chunk of n tokens over P tokens already in its KV costs 2 c P n more than a lone n-token prompt."""
+        by = {}
+        for pt in pts:
+            if pt["b"] == 1:
+                by.setdefault(pt["p"], []).extend(r["prompt_time"] / 1e3 for r in pt["rows"])
+        c = fitted = cap = 0.0
+        if len(by) >= 3:
+            ps = np.array(sorted(by), float)
+            ys = np.array([np.median(by[p]) for p in sorted(by)])
+            sol, *_ = np.linalg.lstsq(np.stack([np.ones_like(ps), ps, ps * ps], axis=1), ys, rcond=None)
+            c = fitted = max(0.0, float(sol[2]))
+            ratio = self.shape.attention_to_dense_flops if self.shape is not None else None
+            if ratio is not None and sol[1] > 0:   # no more curvature than attention's FLOPs explain
+                cap = float(sol[1]) * ratio / 2
+                c = min(c, cap)
+        self.attn_s_per_token2 = c
+        self._info.update(attn_s_per_token2=c, attn_fitted_s_per_token2=fitted, attn_flops_cap_s_per_token2=cap,
+                          attention_rule=(
+            "prompt_time(p) = a + b p + c p^2 fitted on the batch-1 prompt sweep's medians (c >= 0; 0 with fewer "
+            "than 3 prompt sizes), at most b x attention/dense FLOPs / 2 when the model's shape is known; a chunk "
+            "of n tokens over P cached tokens adds 2 c P n"))
+
+    def context_prefill_s(self, cached_tokens: int, new_tokens: int) -> float:
+        """Extra time of prefilling `new_tokens` after `cached_tokens` already in the request's KV (an earlier
+        chunk, or a prefix-cache hit) over a lone `new_tokens` prompt: the cross term of the attention fit."""
+        return 2.0 * self.attn_s_per_token2 * cached_tokens * new_tokens
 
     def _fit_kv(self, pts: list[dict], bandwidth_bps: float | None) -> None:
         """e2e = prompt + sum of n = tokens-1 iterations at contexts p .. p+n-1, over batch-1 rows; divided by n
@@ -169,7 +148,7 @@ class PerfModel:
             elif se is None or se > 0.5 * fitted:
                 why = "fit is unstable (standard error > 50% of the value)"
             else:   # the context term may not explain more than the batch sweep's measured iterations
-                base = _base_medians(pts, fitted)[1]
+                base = base_medians(pts, fitted)[1]
                 if not base or min(base) <= 0:
                     why = "fit exceeds whole measured iterations of larger batches (base time <= 0)"
         else:
@@ -178,7 +157,7 @@ class PerfModel:
         bw = (self.shape.kv_bytes_per_token / (bandwidth_bps * tp)
               if self.shape is not None and bandwidth_bps else None)
         over = why is None or why.startswith("fit exceeds")   # a stable batch-1 fit the batch sweep contradicts
-        joint = _joint_kv(pts) if over and fitted and fitted > 0 and _falls_with_batch(pts, fitted) else None
+        joint = joint_kv(pts) if over and fitted and fitted > 0 and falls_with_batch(pts, fitted) else None
         if joint is not None:
             self.kv_s_per_token, src = joint, ("joint fit over every decode row: with the batch-1 fit "
                                                f"({fitted:.4g} s/token) base(b) fell with b")
@@ -188,6 +167,10 @@ class PerfModel:
             self.kv_s_per_token, src = bw, f"bandwidth estimate ({why})"
         else:
             self.kv_s_per_token, src = 0.0, f"zero: {why} and no model shape/bandwidth for an estimate"
+        self._kv_b = batch_kv(pts, fitted) if over and fitted and fitted > 0 else []   # kv(b) needs a usable batch-1 fit
+        if self._kv_b:
+            self.kv_s_per_token, src = fitted, "fitted per batch size (batch-1 fit, batches at two contexts)"
+        self._info.update(kv_by_batch_s_per_token=self._kv_b or None)
         self._info.update(kv_s_per_token=self.kv_s_per_token, kv_source=src, kv_fitted_s_per_token=fitted,
                           kv_fitted_stderr=se, kv_fit_rows=len(rows), kv_bandwidth_s_per_token=bw,
                           kv_bandwidth_rule=(f"kv_bytes_per_token {self.shape.kv_bytes_per_token} / "
@@ -195,38 +178,48 @@ class PerfModel:
 
     def _fit_base(self, pts: list[dict]) -> None:
         """base(b) = median over rows of token_time - kv x b x (p + (t-2)/2) (the run's mean context)."""
-        bs, ys, ws = _base_medians(pts, self.kv_s_per_token)
+        bs, ys, ws = base_medians(pts, self._kv_b or self.kv_s_per_token)
         if not bs:
             raise InputError(f"profile group {self.model}/{self.hardware}/TP{self.tensor_parallel}: no point usable "
                              "for decode (need output tokens >= 2)", file=self._info["source"])
-        self._bx, self._by = _isotonic(np.array(bs, float), np.array(ys), np.array(ws, float))
+        self._bx, self._by = isotonic(np.array(bs, float), np.array(ys), np.array(ws, float))
         if self._by[0] <= 0:
             raise InputError(f"profile group {self.model}/{self.hardware}/TP{self.tensor_parallel}: decode base "
                              "time <= 0", file=self._info["source"])
         self._info["decode_base_points"] = [[round(a, 2), round(b * 1e3, 4)] for a, b in zip(self._bx, self._by)]
-        self._info["decode_rule"] = ("token_time(b, C) = base(b) + kv_s_per_token x C; base piecewise linear in b "
-                                     "(pooled to non-decreasing), first value below, last segment extended above")
+        self._info["decode_rule"] = ("token_time(b, C) = base(b) + kv(b) x C; base piecewise linear in b "
+                                     "(pooled to non-decreasing), first value below, last segment extended above; "
+                                     "kv(b) = kv_s_per_token unless kv_by_batch_s_per_token (linear in b between "
+                                     "its points, the ends' values outside)")
+        self._kv_memo: dict[int, float] = {}
+
+    def kv_at(self, batch_size: int) -> float:
+        """KV-read seconds per context token of a decode iteration of `batch_size` requests."""
+        v = self._kv_memo.get(batch_size)
+        if v is None:
+            v = self._kv_memo[batch_size] = kv_of(self._kv_b, batch_size) if self._kv_b else self.kv_s_per_token
+        return v
 
     # ---------------------------------------------------------------- queries
     def prompt_time_s(self, batched_prompt_tokens: int) -> float:
         """One prefill iteration over `batched_prompt_tokens` tokens (0 for none)."""
         v = self._prompt_memo.get(batched_prompt_tokens)
         if v is None:
-            v = 0.0 if batched_prompt_tokens <= 0 else _interp(self._px, self._py, batched_prompt_tokens)
+            v = 0.0 if batched_prompt_tokens <= 0 else interp(self._px, self._py, batched_prompt_tokens)
             self._prompt_memo[batched_prompt_tokens] = v
         return v
 
     def base_s(self, batch_size: int) -> float:
         v = self._base_memo.get(batch_size)
         if v is None:
-            v = self._base_memo[batch_size] = 0.0 if batch_size <= 0 else _interp(self._bx, self._by, batch_size)
+            v = self._base_memo[batch_size] = 0.0 if batch_size <= 0 else interp(self._bx, self._by, batch_size)
         return v
 
     def token_time_s(self, batch_size: int, context_tokens: int) -> float:
         """One decode iteration of `batch_size` requests holding `context_tokens` KV tokens in total."""
         if batch_size <= 0:
             return 0.0
-        return self.base_s(batch_size) + self.kv_s_per_token * context_tokens
+        return self.base_s(batch_size) + self.kv_at(batch_size) * context_tokens
 
     def token_iterations_s(self, batch_size: int, context_tokens: int, iterations: int) -> float:
         """Total of `iterations` decode iterations, the context growing by batch_size after each (closed form)."""
@@ -236,7 +229,7 @@ class PerfModel:
         base = self._base_memo.get(batch_size)
         if base is None:
             base = self.base_s(batch_size)
-        return k * base + self.kv_s_per_token * (k * context_tokens + batch_size * k * (k - 1) / 2)
+        return k * base + self.kv_at(batch_size) * (k * context_tokens + batch_size * k * (k - 1) / 2)
 
     def iterations_within(self, batch_size: int, context_tokens: int, duration_s: float) -> int:
         """Largest k with token_iterations_s(b, C, k) <= duration_s (quadratic root, then exact boundary fix)."""
@@ -246,7 +239,7 @@ class PerfModel:
             raise ValueError(f"duration_s must be finite, got {duration_s}")
         if duration_s <= 0:
             return 0
-        b, c, kv, base = batch_size, context_tokens, self.kv_s_per_token, self.base_s(batch_size)
+        b, c, kv, base = batch_size, context_tokens, self.kv_at(batch_size), self.base_s(batch_size)
         a2 = kv * b / 2
         a1 = base + kv * c - a2
         k = int(duration_s / a1) if a2 == 0 else int(2 * duration_s / (a1 + math.sqrt(a1 * a1 + 4 * a2 * duration_s)))

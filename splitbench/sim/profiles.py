@@ -182,11 +182,14 @@ def _sizes(values, what: str, minimum: int) -> list[int]:
 
 def profile_grid(prompt_sizes, batch_sizes, output_sizes) -> list[tuple[int, int, int]]:
     """SplitwiseSim's three sweeps around the base point (middle prompt size, batch 1, middle output size):
-    prompt sweep at batch 1, batch sweep at the base prompt, output sweep at the base prompt and batch 1."""
+    prompt sweep at batch 1, batch sweep at the base prompt, output sweep at the base prompt and batch 1; and a
+    second batch sweep at the largest prompt size, so decode's KV cost per token is measured per batch size
+    (perffit.batch_kv: batched decode reads KV faster per token than one sequence on a CPU core)."""
     ps, bs = _sizes(prompt_sizes, "prompt-sizes", 1), _sizes(batch_sizes, "batch-sizes", 1)
     ts = _sizes(output_sizes, "output-sizes", 2)
     p0, t0 = ps[len(ps) // 2], ts[len(ts) // 2]
-    return sorted({(p, 1, t0) for p in ps} | {(p0, b, t0) for b in bs} | {(p0, 1, t) for t in ts})
+    return sorted({(p, 1, t0) for p in ps} | {(p0, b, t0) for b in bs} | {(p0, 1, t) for t in ts}
+                  | {(ps[-1], b, t0) for b in bs})
 
 
 def profile_csv_bytes(rows: list[dict]) -> bytes:

@@ -34,6 +34,15 @@ class ModelShape:
     head_dim: int
     dtype_bytes: int   # of the KV cache (= the weights' dtype here)
     weight_bytes: float
+    heads: int = 0     # query heads (0: unknown); heads x head_dim x layers sizes attention's FLOPs per KV token
+
+    @property
+    def attention_to_dense_flops(self) -> float | None:
+        """Attention FLOPs per (query token, cached token) over dense FLOPs per token: 4 L heads head_dim over
+        2 x parameters (None when the query heads are unknown)."""
+        if not self.heads or not self.weight_bytes:
+            return None
+        return 2.0 * self.layers * self.heads * self.head_dim / (self.weight_bytes / self.dtype_bytes)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -44,11 +53,11 @@ MODEL_SHAPES = {
     # huggingface.co/bigscience/bloom config.json: n_layer 70, n_head 112 (MHA), hidden_size 14336 -> head dim 128;
     # 176B parameters (model card), fp16.
     "bloom-176b": ModelShape("bloom-176b", layers=70, kv_heads=112, head_dim=128, dtype_bytes=2,
-                             weight_bytes=176e9 * 2),
+                             weight_bytes=176e9 * 2, heads=112),
     # huggingface.co/meta-llama/Llama-2-70b-hf config.json: num_hidden_layers 80, num_attention_heads 64,
     # num_key_value_heads 8 (GQA), hidden_size 8192 -> head dim 128; 70B parameters, torch_dtype float16.
     "llama2-70b": ModelShape("llama2-70b", layers=80, kv_heads=8, head_dim=128, dtype_bytes=2,
-                             weight_bytes=70e9 * 2),
+                             weight_bytes=70e9 * 2, heads=64),
 }
 
 
@@ -103,7 +112,8 @@ def shape_from_hf_config(model_dir: str | os.PathLike) -> ModelShape:
     else:
         raise InputError(f"{d}: no *.safetensors files to size the weights from (and model type "
                          f"{cfg.get('model_type')!r} is not one sized from its config: {', '.join(_DENSE_DECODERS)})")
-    return ModelShape(d.name, layers, kv_heads, head_dim, _DTYPE_BYTES[dtype], float(params * _DTYPE_BYTES[dtype]))
+    return ModelShape(d.name, layers, kv_heads, head_dim, _DTYPE_BYTES[dtype], float(params * _DTYPE_BYTES[dtype]),
+                      heads=heads)
 
 
 def accelerator_memory_bytes(accelerator: str, override: float | None = None) -> float:
