@@ -18,6 +18,8 @@ limits are the simulator's (2048 batched prompt tokens, 128 sequences), and as i
 streams a split request's first token (first_token="decode"). The KV link of a split run is calibrated
 from its own scraped NIXL counters (bytes / transfer time), since the simulator has no model of NIXL on CPU.
 Error = (sim - live) / live. Simulated run directories are written beside (compare them with `splitbench compare`).
+`--live-repeat DIR` (once per live run, in order) adds the same error between two live runs of one command: what
+the live measurement itself reproduces to on this host, the floor under any simulator's error.
 """
 from __future__ import annotations
 
@@ -137,6 +139,18 @@ def simulate_live(a, live: Path) -> list[tuple]:
     return rows
 
 
+def repeat_rows(live: Path, repeat: Path) -> list[tuple]:
+    """The noise floor: a second live run of the same command, as if it were the simulation ("live repeat")."""
+    a, b = R.read_records(live), R.read_records(repeat)
+    rows = []
+    for key, label in METRICS:
+        for st in ("p50", "p99"):
+            x, y = stat_of(metric_values(a, key), st), stat_of(metric_values(b, key), st)
+            rows.append((live.name, f"live repeat {repeat.parent.name}/{repeat.name}", f"{label} {st}", x, y,
+                         (y - x) / x if x else None))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="live run directories")
@@ -147,8 +161,12 @@ def main() -> int:
     ap.add_argument("--max-decode-batch", type=int, default=128, help="vLLM's max_num_seqs [128, the CPU build's]")
     ap.add_argument("--results", default="results", help="where the simulated run directories go")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--live-repeat", action="append", default=[], type=Path, metavar="DIR",
+                    help="a repeat of the k-th live run (same command, another time): its difference from that run "
+                         "is printed as a 'live repeat' row, the floor under any simulator error (repeatable)")
     a = ap.parse_args()
     rows = [row for live in a.runs for row in simulate_live(a, live)]
+    rows += [row for live, rep in zip(a.runs, a.live_repeat) for row in repeat_rows(live, rep)]
     print("\n| run | simulated with | metric | live (ms) | sim (ms) | error |\n|---|---|---|---:|---:|---:|")
     for run, variant, m, x, y, e in rows:
         print(f"| {run} | {variant} | {m} | {_ms(x)} | {_ms(y)} | {'-' if e is None else f'{e:+.0%}'} |")

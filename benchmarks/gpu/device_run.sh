@@ -12,6 +12,8 @@
 #   robust  the token instance SIGKILLed mid-run: failures recorded, no GPU process or memory left (nvidia-smi);
 #           a start failure (the V2 model runner without flashinfer) reported as its real cause in one line
 #   ceiling client ceilings (benchmarks/client_ceiling.py) at --workers 1,2,4,8 against as many stub processes
+#   twogpu  (2 GPUs, nvidia-h200-x2) the 8B model on GPUS2 (default 0,1): baseline 2 instances vs prompt on the first
+#           GPU + token on the second over NIXL, both live windows, compare, placement check, profiles, simulator
 # Knobs: STEPS="check live profile robust ceiling", BUDGET_S=540, GPU=0, LIVE_S=45 (window per live run, s),
 # CHECK_S=20, CEIL_S=5 (s per ceiling point), VARGS8 (vLLM args of the 8B model), LIVE_RUNS (live run dirs for
 # `profile` when `live` ran in an earlier call: carry its $OUT/live/runs back as .gpu/live-runs), DRY=1 (print the
@@ -121,6 +123,56 @@ if want live; then
         > "$OUT/live/compare-$tr.md" 2>&1
     done
   else log "skip live: no \`splitbench model random\` in this tree"; fi
+fi
+
+# ---------------------------------------------------------------- (b2) two GPUs: prompt on one, token on the other
+# (issue 18, needs nvidia-h200-x2): the 8B-shaped model, baseline 2 instances vs Splitwise 1P+1T over NIXL on
+# separate GPUs, the same windows as `live`; compare, placement check, then both roles profiled and simulated.
+placement() {   # placement(RUN_DIR): which instance (and GPU) prefilled and decoded each ok request
+  [ -n "$DRY" ] && return 0
+  "$PY" - "$1" <<'EOF' || log "placement check of $1 failed"
+import json, sys
+from pathlib import Path
+import splitbench
+run = Path(sys.argv[1])
+gpus = {i["id"]: i["gpu_ids"] for i in json.loads((run / "run.json").read_text())["backend"]["instances"]}
+df = splitbench.open_run(run).records
+ok = df[df["status"] == "ok"]
+pairs = ok.groupby(["prefill_instance", "decode_instance"], dropna=False).size().to_dict()
+print(f"{run.name}: {len(ok)}/{len(df)} ok; gpus {gpus}; (prefill, decode) -> requests {pairs}")
+EOF
+}
+if want twogpu; then
+  GPUS2="${GPUS2:-0,1}"; M2=(--model-dir "$M8" --vllm-args "$VARGS8")
+  if [ -z "$DRY" ] && [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -lt 2 ]; then log "skip twogpu: fewer than 2 GPUs"
+  elif have_random; then
+    make_8b
+    for tr in azure-conv-2023 azure-code-2023; do
+      for b in base2 split2; do
+        [ "$(el)" -lt "$BUDGET_S" ] || { log "skip twogpu $tr $b: past the budget"; continue; }
+        if [ $b = base2 ]; then bargs=(--backend vllm --instances 2 --gpus "$GPUS2")
+        else bargs=(--backend splitwise --connector nixl --gpus "$GPUS2"); fi
+        rm -rf "$R/twogpu/$b-$tr"
+        sb run "${bargs[@]}" "${M2[@]}" --trace "$tr" --trace-dir "$TRACES" --duration "$LIVE_S" --rate-scale 1 \
+          --power auto --results "$R/twogpu" --run-id "$b-$tr" > "$OUT/twogpu/$b-$tr.txt" 2>&1
+        log "twogpu $b $tr exit $?"; keep "$R/twogpu/$b-$tr" "$OUT/twogpu/runs/$b-$tr"
+        placement "$R/twogpu/$b-$tr" >> "$OUT/twogpu/placement.txt"
+      done
+      sb compare "$R/twogpu/base2-$tr" "$R/twogpu/split2-$tr" --no-html --json "$OUT/twogpu/compare-$tr.json" \
+        --markdown > "$OUT/twogpu/compare-$tr.md" 2>&1
+    done
+    if [ "$(el)" -lt "$BUDGET_S" ]; then
+      first="${GPUS2%%,*}"
+      sb profile --backend vllm --gpus "$first" "${M2[@]}" --out "$OUT/twogpu/profile-base.csv" \
+        --results "$R/twogpu-profile" > "$OUT/twogpu/profile-base.txt" 2>&1
+      sb profile --backend splitwise --connector nixl --gpus "$GPUS2" "${M2[@]}" \
+        --out "$OUT/twogpu/profile-split.csv" --results "$R/twogpu-profile" > "$OUT/twogpu/profile-split.txt" 2>&1
+      x "$PY" benchmarks/sim_vs_live.py --profile "$OUT/twogpu/profile-base.csv" \
+        --split-profile "$OUT/twogpu/profile-split.csv" --results "$R/twogpu-sim" --json "$OUT/twogpu/sim-error.json" \
+        $(ls -d "$R"/twogpu/*-azure-* 2>/dev/null | tr '\n' ' ') > "$OUT/twogpu/sim-error.md" 2>&1
+      log "twogpu simulator prediction exit $?"
+    fi
+  else log "skip twogpu: no \`splitbench model random\` in this tree"; fi
 fi
 
 # ---------------------------------------------------------------- (c) profiles and the simulator's error
