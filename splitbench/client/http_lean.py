@@ -29,7 +29,10 @@ class LeanClient:
 
     def __init__(self, url: str, headers: dict[str, str] | None = None, *,
                  clock: Callable[[], float] = time.perf_counter, keepalive_s: float = 4.0,
-                 ssl_context: _ssl.SSLContext | None = None, kernel_stamps: bool = True):
+                 ssl_context: _ssl.SSLContext | None = None, kernel_stamps: bool = True,
+                 default_headers: bool = True, connect_timeout_s: float | None = None):
+        """default_headers=False sends Host alone besides `headers` (a proxy passing its client's headers on);
+        connect_timeout_s bounds connecting (else the request's own limits do)."""
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise InputError(f"URL must be http:// or https://host[:port]/path, got {url!r}")
@@ -37,12 +40,14 @@ class LeanClient:
         self.port = u.port or (443 if self.https else 80)
         self.ssl = (ssl_context or _ssl.create_default_context()) if self.https else None
         self.clock, self.keepalive_s = clock, keepalive_s  # keepalive_s: below uvicorn's 5 s server default
+        self.connect_timeout_s = connect_timeout_s
         # plain http: reads carry kernel receive stamps (kstamp.py), so a busy client loop does not inflate TTFT
         self.clock_map = ClockMap(clock) if kernel_stamps and not self.https and KSTAMP_SUPPORTED else None
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
         default_port = 443 if self.https else 80
-        hdrs = {"Host": self.host if self.port == default_port else f"{self.host}:{self.port}",
-                "User-Agent": "splitbench", "Accept": "*/*", "Content-Type": "application/json"}
+        hdrs = {"Host": self.host if self.port == default_port else f"{self.host}:{self.port}"}
+        if default_headers:
+            hdrs.update({"User-Agent": "splitbench", "Accept": "*/*", "Content-Type": "application/json"})
         lower = {k.lower(): k for k in hdrs}
         for k, v in (headers or {}).items():
             if any(c in f"{k}{v}" for c in "\r\n\0") or ":" in k or not k.strip():
@@ -51,8 +56,9 @@ class LeanClient:
                 continue  # framing belongs to the client
             hdrs.pop(lower.get(k.lower(), k), None)
             hdrs[k] = v
-        self._head = (f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
-).encode("latin-1")
+        self.path = path
+        self._headers = "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()).encode("latin-1")
+        self._head = b"POST %s HTTP/1.1\r\n%s" % (path.encode("latin-1"), self._headers)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: list[_Conn] = []
         self._conns: set[_Conn] = set()
@@ -69,19 +75,21 @@ class LeanClient:
 
     async def request(self, body: bytes, sink, *, send: float | None = None, timeout_s: float = 600.0,
                       idle_timeout_s: float = 120.0, request_id: str | None = None,
-                      headers: dict[str, str] | None = None) -> None:
-        """Send one POST; `sink` receives the response. Raises StreamError on failure (status inside).
-        `request_id` goes out as X-Request-Id (routers use it to log phases per request); `headers`: this
-        request's own extra headers (a session's affinity headers)."""
+                      headers: dict[str, str] | None = None, path: str | None = None, method: str = "POST") -> None:
+        """Send one request (POST to the client's URL unless `method`/`path` say otherwise); `sink` receives the
+        response. Raises StreamError on failure (status inside). `request_id` goes out as X-Request-Id (routers use
+        it to log phases per request); `headers`: this request's own extra headers (a session's affinity headers)."""
         if send is None:
             send = self.clock()
         conn = self._acquire()
         if self.spare and len(self._idle) + self._opening < self.spare:
             self._top_up()
         if conn is None:
-            conn = await self._connect(max(0.0, min(timeout_s - (self.clock() - send), idle_timeout_s)))
+            limit_s = max(0.0, min(timeout_s - (self.clock() - send), idle_timeout_s))
+            conn = await self._connect(min(limit_s, self.connect_timeout_s or limit_s))
         fut = self._loop.create_future()
-        conn.start(fut, sink, self._request_bytes(body, request_id, headers), send, timeout_s, idle_timeout_s)
+        conn.start(fut, sink, self._request_bytes(body, request_id, headers, path, method), send, timeout_s,
+                   idle_timeout_s)
         try:
             await fut
         except asyncio.CancelledError:
@@ -89,7 +97,8 @@ class LeanClient:
             raise
 
     def start_now(self, body: bytes, sink, *, send: float, timeout_s: float = 600.0, idle_timeout_s: float = 120.0,
-                  request_id: str | None = None, headers: dict[str, str] | None = None) -> asyncio.Future | None:
+                  request_id: str | None = None, headers: dict[str, str] | None = None, path: str | None = None,
+                  method: str = "POST") -> asyncio.Future | None:
         """Write the request now on an idle connection, without a task: returns its future, or None when no
         connection is idle (then use request()). The future ends like request(); cancel it with cancel([fut])."""
         conn = self._acquire()
@@ -98,15 +107,19 @@ class LeanClient:
         if conn is None:
             return None
         fut = self._loop.create_future()
-        conn.start(fut, sink, self._request_bytes(body, request_id, headers), send, timeout_s, idle_timeout_s)
+        conn.start(fut, sink, self._request_bytes(body, request_id, headers, path, method), send, timeout_s,
+                   idle_timeout_s)
         return fut
 
-    def _request_bytes(self, body: bytes, request_id: str | None, headers: dict[str, str] | None) -> bytes:
+    def _request_bytes(self, body: bytes, request_id: str | None, headers: dict[str, str] | None,
+                       path: str | None = None, method: str = "POST") -> bytes:
+        head = self._head if path is None and method == "POST" else \
+            b"%s %s HTTP/1.1\r\n%s" % (method.encode("latin-1"), (path or self.path).encode("latin-1"), self._headers)
         rid = b"X-Request-Id: %s\r\n" % request_id.encode("latin-1") if request_id else b""
         if headers:
             rid += "".join(f"{k}: {v}\r\n" for k, v in headers.items()
                            if not any(c in f"{k}{v}" for c in "\r\n\0")).encode("latin-1", "replace")
-        return b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, rid, len(body), body)
+        return b"%s%sContent-Length: %d\r\n\r\n%s" % (head, rid, len(body), body)
 
     def cancel(self, futs) -> None:
         """End these requests now (start_now futures fail with status cancelled; request() tasks are cancelled)."""

@@ -1,7 +1,6 @@
-"""P/D router: an aiohttp proxy that places each request with a policy (co-located, or split prefill->decode with
-vLLM's kv_transfer_params protocol), streams the answer back, tracks health and pending tokens, logs phases.
-Run it: `python -m splitbench.servers.router_process --instance id=p0,url=URL,pool=prompt ...`.
-"""
+"""P/D router: an aiohttp server that places each request with a policy (co-located, or split prefill->decode with
+vLLM's kv_transfer_params protocol), streams the answer back over lean-client pools (upstream.py), tracks health
+and pending tokens, logs phases. Run it: `python -m splitbench.servers.router_process --instance ...`."""
 from __future__ import annotations
 
 import asyncio
@@ -11,23 +10,23 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from splitbench.errors import InputError
 from splitbench.policies import POOLS, Decision, Ledger, NoHealthyInstance, Policy, Request, make_policy, routable
 from splitbench.prefix_policy import request_hashes
+from splitbench.schema import records as R
 from splitbench.servers.phaselog import PhaseLog
+from splitbench.servers.upstream import PREFILL_KV_PARAMS, StreamError, Upstream, prefill_body
+
+__all__ = ["PREFILL_KV_PARAMS", "Router", "count_input_tokens", "prefill_body"]   # the first two: from upstream.py
 
 DEFAULT_OUTPUT_TOKENS = 16  # pending-token estimate for requests without max_tokens
 _HOP = frozenset(h.lower() for h in ("Host", "Content-Length", "Connection", "Keep-Alive", "Transfer-Encoding",
                                       "TE", "Upgrade", "Proxy-Authorization", "Proxy-Connection", "X-Request-Id",
                                       "Accept-Encoding", "Content-Type"))  # bodies are always sent as JSON
-# The prompt-instance copy of a request, as vLLM's disaggregated proxies send it (NixlConnector protocol).
-PREFILL_KV_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-                     "remote_block_ids": None, "remote_host": None, "remote_port": None}
-_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError)
+_UPSTREAM_ERRORS = (StreamError, OSError)
 PROBE_TIMEOUTS_TO_EJECT = 3   # health probes that time out in a row before an instance is taken out
 
 
@@ -54,19 +53,6 @@ def count_input_tokens(body: dict) -> int:
                     len(str(c.get("text", "")).split()) for c in x if isinstance(c, dict))
         return n
     return 0
-
-
-def prefill_body(body: dict) -> dict:
-    """The prompt instance's copy: max_tokens 1, not streamed, asks for remote decode (vLLM's toy proxy)."""
-    p = dict(body)
-    p["kv_transfer_params"] = dict(PREFILL_KV_PARAMS)
-    p["stream"] = False
-    p["max_tokens"] = 1
-    if "max_completion_tokens" in p:
-        p["max_completion_tokens"] = 1
-    for k in ("stream_options", "min_tokens", "min_completion_tokens"):  # min_*: not supported on P
-        p.pop(k, None)
-    return p
 
 
 def _err(status: int, message: str) -> web.Response:
@@ -99,10 +85,8 @@ class Router:
         self.phase_log: PhaseLog | None = None
         self.health_interval_s = health_interval_s
         self._probe_timeouts: dict[str, int] = {}   # consecutive timed-out health probes per instance
-        self._connect_timeout_s = connect_timeout_s
-        self._prefill_timeout = aiohttp.ClientTimeout(total=prefill_timeout_s, sock_connect=connect_timeout_s)
-        self._stream_timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s,
-                                                     sock_read=idle_timeout_s)
+        self._connect_timeout_s, self._prefill_timeout_s = connect_timeout_s, prefill_timeout_s
+        self._request_timeout_s, self._idle_timeout_s = request_timeout_s, idle_timeout_s
         self.n: dict[str, int] = {k: 0 for k in ("requests", "split", "colocated", "ok", "http_error",
                                                  "upstream_error", "no_instance", "bad_request", "cancelled",
                                                  "inflight", "marked_unhealthy", "recovered")}
@@ -110,7 +94,7 @@ class Router:
         self.per_pool: dict[str, int] = dict.fromkeys(POOLS, 0)
         self.perf = time.perf_counter
         self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self.upstream: dict[str, Upstream] = {}   # instance id -> its keep-alive pool (lean client)
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -128,10 +112,8 @@ class Router:
         return app
 
     async def start(self) -> None:
-        """Open the session and phase log, poll health once, then listen (self.port is the bound port).
-        Idle upstream connections are dropped after 4 s, before uvicorn's (vLLM's) 5 s keep-alive closes them."""
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
-                                              timeout=self._stream_timeout)
+        """Open the upstream pools and the phase log, poll health once, then listen (self.port is the bound port)."""
+        self.upstream = {i: Upstream(u, connect_timeout_s=self._connect_timeout_s) for i, u in self.urls.items()}
         if self.phase_log_path:
             self.phase_log = PhaseLog(self.phase_log_path, policy=getattr(self.policy, "name", "?"),
                                       instances=[{"id": i, "url": self.urls[i], "pool": self.ledger.pool[i]}
@@ -153,9 +135,8 @@ class Router:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        upstream, self.upstream = self.upstream, {}
+        await asyncio.gather(*(u.close() for u in upstream.values()))
         if self.phase_log is not None:
             self.phase_log.close()
 
@@ -174,18 +155,14 @@ class Router:
         """GET /health of every instance (timeout <= 1 s). 200 = healthy; an answer other than 200 or a refused
         connection = unhealthy at once; a probe that only timed out (a busy CPU server) counts toward
         PROBE_TIMEOUTS_TO_EJECT in a row, as Kubernetes' failureThreshold and Envoy's outlier detection do."""
-        timeout = aiohttp.ClientTimeout(total=min(1.0, max(self.health_interval_s, 0.2)))
+        timeout_s = min(1.0, max(self.health_interval_s, 0.2))
 
         async def one(iid: str) -> None:
             timed_out = False
             try:
-                async with self._session.get(self.urls[iid] + "/health", timeout=timeout) as r:
-                    await r.read()
-                    ok = r.status == 200
-            except asyncio.TimeoutError:
-                ok, timed_out = False, True
-            except _UPSTREAM_ERRORS:
-                ok = False
+                ok = (await self.upstream[iid].fetch("/health", method="GET", timeout_s=timeout_s)).status == 200
+            except _UPSTREAM_ERRORS as e:
+                ok, timed_out = False, getattr(e, "status", None) == R.TIMEOUT
             self._probe_timeouts[iid] = self._probe_timeouts.get(iid, 0) + 1 if timed_out else 0
             if timed_out and self._probe_timeouts[iid] < PROBE_TIMEOUTS_TO_EJECT:
                 return   # slow, not dead (yet): keep its state
@@ -212,12 +189,11 @@ class Router:
         for iid in self.ledger.order:
             if self.ledger.healthy[iid]:
                 try:
-                    async with self._session.get(self.urls[iid] + "/v1/models", timeout=self._prefill_timeout) as r:
-                        return web.Response(body=await r.read(), status=r.status,
-                                            content_type=r.content_type or "application/json")
+                    a = await self.upstream[iid].fetch("/v1/models", method="GET", timeout_s=self._prefill_timeout_s)
                 except _UPSTREAM_ERRORS as e:
                     self._mark_unhealthy(iid)
-                    return _err(502, f"instance {iid}: {type(e).__name__}: {e}")
+                    return _err(502, f"instance {iid}: {e}")
+                return web.Response(body=a.body, status=a.status, content_type=a.content_type)
         return _err(503, "no healthy instance")
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -277,8 +253,7 @@ class Router:
                          prefill_pool=d.pool, decode_pool=self.ledger.pool[d.token_instance] if d.split else d.pool)
             self.per_pool[d.pool] = self.per_pool.get(d.pool, 0) + 1
             headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-            headers["X-Request-Id"] = rid
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = "application/json"   # X-Request-Id: added by the upstream client
             self.ledger.dispatch(d, req)
             state = {"prefill_open": True}
             try:
@@ -311,7 +286,7 @@ class Router:
 
     def _upstream_failed(self, entry: dict, iid: str, stage: str, e: BaseException | str) -> web.Response:
         self._mark_unhealthy(iid)
-        msg = e if isinstance(e, str) else f"{type(e).__name__}: {e}".rstrip(": ")
+        msg = e if isinstance(e, (str, StreamError)) else f"{type(e).__name__}: {e}".rstrip(": ")
         entry["stage"] = stage
         return self._finish(entry, 502, "upstream_error", f"{stage} on instance {iid} failed: {msg}")
 
@@ -322,9 +297,9 @@ class Router:
         data = orjson.dumps(prefill_body(body))
         t["prefill_sent"] = self.perf()
         try:
-            async with self._session.post(self.urls[p_id] + path, data=data, headers=headers,
-                                          timeout=self._prefill_timeout) as up:
-                answer, status, ctype = await up.read(), up.status, up.content_type
+            a = await self.upstream[p_id].fetch(path, data, headers=headers, request_id=req.id,
+                                                timeout_s=self._prefill_timeout_s)
+            answer, status, ctype = a.body, a.status, a.content_type
         except _UPSTREAM_ERRORS as e:
             return self._upstream_failed(entry, p_id, "prefill", e)
         finally:
@@ -336,7 +311,7 @@ class Router:
         if status != 200:  # the request itself is bad: pass the instance's answer on
             entry.update(status="http_error", http_status=status, stage="prefill")
             self.n["http_error"] += 1
-            return web.Response(body=answer, status=status, content_type=ctype or "application/json")
+            return web.Response(body=answer, status=status, content_type=ctype)
         try:
             kv = orjson.loads(answer).get("kv_transfer_params")
         except (ValueError, AttributeError) as e:
@@ -349,43 +324,38 @@ class Router:
                                  bool(body.get("stream")))
 
     async def _relay(self, request, iid, path, data, headers, d, req, t, entry, state, stream: bool):
-        """POST to the instance and pass its answer on chunk by chunk (no buffering)."""
+        """POST to the instance and pass its answer on read by read (no buffering)."""
         resp: web.StreamResponse | None = None
         stage = "decode" if d.split else "request"
+        up = self.upstream[iid].stream(path, data, headers=headers, request_id=req.id,
+                                       timeout_s=self._request_timeout_s, idle_timeout_s=self._idle_timeout_s)
         try:
-            async with self._session.post(self.urls[iid] + path, data=data, headers=headers,
-                                          timeout=self._stream_timeout) as up:
-                if up.status >= 500:
-                    answer = await up.read()
-                    return self._upstream_failed(entry, iid, stage, f"HTTP {up.status}: {answer[:200]!r}")
-                resp = web.StreamResponse(status=up.status, headers={
-                    "Content-Type": up.headers.get("Content-Type", "application/json"), "X-Request-Id": req.id,
-                    "Cache-Control": "no-cache"})
-                try:
-                    await resp.prepare(request)
-                except ConnectionError as e:
-                    raise _ClientGone() from e
+            status = await up.head()
+            if status >= 500:
+                answer = await up.read()
+                return self._upstream_failed(entry, iid, stage, f"HTTP {status}: {answer[:200]!r}")
+            resp = web.StreamResponse(status=status, headers={
+                "Content-Type": up.headers.get("content-type", "application/json"), "X-Request-Id": req.id,
+                "Cache-Control": "no-cache"})
+            try:
+                await resp.prepare(request)
                 first = True
-                async for chunk in up.content.iter_any():
+                while (chunk := await up.next()) is not None:
                     if first:
                         first = False
-                        if stream and up.status == 200:
+                        if stream and status == 200:
                             t["first_token"] = self.perf()
                         if state["prefill_open"]:  # first bytes = prefill done; not streamed: the end
                             self.ledger.prefill_done(d, req)
                             state["prefill_open"] = False
-                    try:
-                        await resp.write(chunk)
-                    except ConnectionError as e:
-                        raise _ClientGone() from e
-                try:
-                    await resp.write_eof()
-                except ConnectionError as e:
-                    raise _ClientGone() from e
-                kind = "ok" if up.status == 200 else "http_error"
-                entry.update(status=kind, http_status=up.status, stage=None if kind == "ok" else stage)
-                self.n[kind] += 1
-                return resp
+                    await resp.write(chunk)
+                await resp.write_eof()
+            except ConnectionError as e:   # only the client's side raises it (upstream: StreamError)
+                raise _ClientGone() from e
+            kind = "ok" if status == 200 else "http_error"
+            entry.update(status=kind, http_status=status, stage=None if kind == "ok" else stage)
+            self.n[kind] += 1
+            return resp
         except _ClientGone:
             entry.update(status="cancelled", error="client disconnected", http_status=resp.status if resp else None)
             self.n["cancelled"] += 1
@@ -398,3 +368,5 @@ class Router:
             if request.transport is not None:
                 request.transport.abort()
             return resp
+        finally:
+            up.close()
