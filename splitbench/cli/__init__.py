@@ -1,9 +1,9 @@
 """The typer CLI: parse flags, call one library function, render, set the exit code. Each module registers its
 commands on the one `app`; option groups shared by several commands are declared once in groups.py.
 
-`main()` (the `splitbench` command) builds the whole app, except for the simulator's commands (sim.py), which get
-an app of that module alone: importing every command module (aiohttp, matplotlib, the run session) costs about a
-second of CPU, as long as the whole `splitbench simulate` of the 19k-request conv trace is meant to take (measured
+`main()` (the `splitbench` command) builds the whole app, except for the simulator's commands (sim.py) and `router`,
+which get an app of their module alone: importing every command module (aiohttp, matplotlib, the run session) costs
+about a second of CPU, as long as the whole `splitbench simulate` of the 19k-request conv trace is meant to take (measured
 with `python -X importtime`); `app` (tests, `typer.main.get_command`) is the whole app, built on first use.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ _HELP = "splitbench: replay LLM traces against serving backends and measure TTFT
 def build(modules=None) -> typer.Typer:
     """The app of `modules` (default: every command module)."""
     if modules is None:
-        from splitbench.cli import gates, run, traces   # noqa: PLC0415  (the lazy part: see the docstring)
-        modules = (run, traces, sim, gates)
+        from splitbench.cli import gates, router, run, traces   # noqa: PLC0415  (the lazy part: see the docstring)
+        modules = (run, traces, sim, gates, router)
     app = typer.Typer(no_args_is_help=True, add_completion=False, help=_HELP)
     for module in modules:
         module.register(app)
@@ -31,6 +31,11 @@ def build(modules=None) -> typer.Typer:
 
 def main() -> None:
     argv = sys.argv[1:]
+    if argv and argv[0] == "router":   # the router alone: a quick start, none of the run's imports
+        from splitbench.cli import router   # noqa: PLC0415
+        app = build((router,))
+        app.callback()(lambda: None)   # a group of one command, so that `router` stays its name
+        return app()
     (build((sim,)) if argv and argv[0] in SIM_COMMANDS else build())()
 
 

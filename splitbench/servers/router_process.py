@@ -1,7 +1,6 @@
-"""The router's process: its command line (`python -m splitbench.servers.router_process ...`) and RouterProcess,
-which runs it as a child (procs.spawn: own session, reaped if this process dies; start waits for /health; stop
-kills the process group; idempotent, atexit).
-"""
+"""The router's process: serve_router() (the foreground server of `splitbench router` and of the child), the
+instances' names and start check, its command line (`python -m splitbench.servers.router_process ...`) and
+RouterProcess, which runs it as a child (procs.spawn; start waits for /health; stop kills the group; atexit)."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +13,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+from urllib.parse import urlsplit
 
+import orjson
 import uvloop
 
 from splitbench.client.probe import http_get
@@ -23,6 +24,9 @@ from splitbench.errors import InputError
 from splitbench.policies import POOLS, parse_policy_params
 from splitbench.procs import spawn, stop_group, wait_ready
 from splitbench.servers.router import Router
+from splitbench.servers.upstream import StreamError, Upstream
+
+FLAG_OF_POOL = {"prompt": "--prompt-url", "token": "--token-url", "baseline": "--url", "mixed": "--instance mixed="}
 
 
 def parse_instance_spec(text: str) -> dict:
@@ -42,21 +46,115 @@ def parse_instance_spec(text: str) -> dict:
     return out
 
 
-async def _serve(router: Router, port_file: str | None) -> None:
+def _url_ok(url: str) -> bool:
+    try:
+        u = urlsplit(url)
+        u.port   # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError:
+        return False
+    return u.scheme in ("http", "https") and bool(u.hostname)
+
+
+def name_instances(pooled: Sequence[tuple[str, str]]) -> list[dict]:
+    """(pool, url) pairs in command-line order -> instance dicts named pool-k (prompt-0, prompt-1, token-0, ...,
+    baseline-0 for co-located ones). InputError for a bad URL or pool, a URL given twice, no instance, or
+    prompt instances without token instances (or the reverse)."""
+    out: list[dict] = []
+    count: dict[str, int] = {}
+    seen: set[str] = set()
+    for pool, url in pooled:
+        flag = FLAG_OF_POOL.get(pool, f"--instance {pool}=")
+        if pool not in POOLS:
+            raise InputError(f"--instance {pool}={url}: pool must be one of {', '.join(POOLS)}")
+        url = url.strip().rstrip("/")
+        if not _url_ok(url):
+            raise InputError(f"{flag} {url!r}: expected http://host:port or https://host:port")
+        if url in seen:
+            raise InputError(f"{flag} {url}: this URL is given twice")
+        seen.add(url)
+        out.append({"id": f"{pool}-{count.get(pool, 0)}", "url": url, "pool": pool})
+        count[pool] = count.get(pool, 0) + 1
+    if not out:
+        raise InputError("no instances: give --prompt-url and --token-url (P/D), or --url (co-located)")
+    if bool(count.get("prompt")) != bool(count.get("token")):
+        have, need = ("--prompt-url", "--token-url") if count.get("prompt") else ("--token-url", "--prompt-url")
+        raise InputError(f"{have} needs at least one {need} (a P/D pair: prefill on one, decode on the other)")
+    return out
+
+
+async def _check_one(inst: dict, timeout_s: float) -> str:
+    """The model instance `inst` serves, after GET /health (200) and GET /v1/models (a JSON model list)."""
+    up = Upstream(inst["url"], connect_timeout_s=timeout_s)
+    where = f"instance {inst['id']} at {inst['url']}"
+    try:
+        health = await up.fetch("/health", method="GET", timeout_s=timeout_s)
+        if health.status != 200:
+            raise InputError(f"{where}: GET /health answered HTTP {health.status} (not a running OpenAI server?)")
+        models = await up.fetch("/v1/models", method="GET", timeout_s=timeout_s)
+    except StreamError as e:
+        raise InputError(f"{where} is not reachable: {e}") from None
+    finally:
+        await up.close()
+    try:
+        data = orjson.loads(models.body).get("data") if models.status == 200 else None
+        return str(data[0]["id"])
+    except (ValueError, AttributeError, TypeError, IndexError, KeyError):
+        raise InputError(f"{where}: GET /v1/models answered HTTP {models.status} without a JSON model list "
+                         "(not an OpenAI-compatible server?)") from None
+
+
+async def check_instances_async(instances: Sequence[dict], timeout_s: float = 5.0) -> dict[str, str]:
+    """instance id -> its model, every instance checked at once; InputError (one line naming the first failing
+    instance's URL, in the given order) when one is down or not an OpenAI server, or when they serve different
+    models (a request names one model)."""
+    results = await asyncio.gather(*(_check_one(i, timeout_s) for i in instances), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    models = {i["id"]: m for i, m in zip(instances, results)}
+    if len(set(models.values())) > 1:
+        raise InputError("the instances serve different models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
+    return models
+
+
+def check_instances(instances: Sequence[dict], timeout_s: float = 5.0) -> dict[str, str]:
+    """check_instances_async from synchronous code (no event loop running)."""
+    return asyncio.run(check_instances_async(instances, timeout_s))
+
+
+async def _serve(router: Router, port_file: str | None, on_ready: Callable[[Router], None] | None,
+                 check_s: float | None) -> None:
+    if check_s is not None:
+        await check_instances_async([{"id": i, "url": router.urls[i]} for i in router.ledger.order], check_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await router.start()
+    try:
+        await router.start()
+    except OSError as e:
+        await router.stop()
+        raise InputError(f"router cannot listen on {router.host}:{router.port}: {e.strerror or e}") from None
     try:
         if port_file:
             Path(f"{port_file}.tmp").write_text(str(router.port))
             os.replace(f"{port_file}.tmp", port_file)
-        print(f"splitbench router listening on {router.url} (policy {getattr(router.policy, 'name', '?')}, "
-              f"{len(router.urls)} instances, pid {os.getpid()})", flush=True)
+        if on_ready is not None:
+            on_ready(router)
         await stop.wait()
     finally:
         await router.stop()
+
+
+def serve_router(router: Router, *, loop: str = "uvloop", port_file: str | None = None,
+                 on_ready: Callable[[Router], None] | None = None, check_s: float | None = None) -> None:
+    """Serve `router` in the foreground until SIGINT/SIGTERM, then stop it (the phase log is flushed) and return.
+    check_s: first check every instance (check_instances, that timeout), serving nothing when one fails.
+    Once listening: the bound port to port_file, then on_ready(router). InputError when it cannot listen."""
+    gc.collect()
+    gc.freeze()   # the objects of startup are never collected again: shorter GC pauses while serving
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    run(_serve(router, port_file, on_ready, check_s))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,19 +188,15 @@ def main(argv: list[str] | None = None) -> None:
             if a.cpu not in os.sched_getaffinity(0):
                 raise InputError(f"--cpu {a.cpu} is not one of this process's cores {sorted(os.sched_getaffinity(0))}")
             os.sched_setaffinity(0, {a.cpu})
-        gc.collect()
-        gc.freeze()
-        if a.loop == "uvloop":
-            uvloop.run(_serve(router, a.port_file))
-        else:
-            asyncio.run(_serve(router, a.port_file))
+        serve_router(router, loop=a.loop, port_file=a.port_file, on_ready=_say_listening)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:
-        print(f"error: router cannot listen on {a.host}:{a.port}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
 
+
+def _say_listening(router: Router) -> None:
+    print(f"splitbench router listening on {router.url} (policy {getattr(router.policy, 'name', '?')}, "
+          f"{len(router.urls)} instances, pid {os.getpid()})", flush=True)
 
 
 class RouterProcess:
@@ -147,10 +241,13 @@ class RouterProcess:
             cmd += ["--port-file", port_file]
         return cmd
 
-    def start(self, timeout_s: float = 30.0, require_instances: bool = True) -> None:
-        """Spawn and wait until /health answers 200 (require_instances) or answers at all."""
+    def start(self, timeout_s: float = 30.0, require_instances: bool = True, check_s: float | None = None) -> None:
+        """Spawn and wait until /health answers 200 (require_instances) or answers at all. check_s: first check
+        the instances (check_instances: InputError naming the URL of one that is down, nothing spawned)."""
         if self.proc is not None and self.proc.poll() is None:
             return
+        if check_s is not None:
+            check_instances(self.instances, check_s)
         self._tmp = tempfile.TemporaryDirectory(prefix="splitbench-router-")
         port_file = str(Path(self._tmp.name) / "port")
         log_path = self.log_path or Path(self._tmp.name) / "router.log"
