@@ -152,18 +152,23 @@ def test_a_down_or_foreign_instance_is_a_one_line_error_before_serving(stubs, tm
     threading.Thread(target=server.serve_forever, daemon=True).start()
     foreign = f"http://127.0.0.1:{server.server_address[1]}"
     live = stubs()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     try:
-        for args, named in (((("--prompt-url", live, "--token-url", closed)), f"token-0 at {closed}"),
-                            ((("--url", live, "--url", foreign)), f"baseline-1 at {foreign}"),
-                            ((("--prompt-url", live)), "--token-url"),
-                            ((("--url", live, "--policy", "mixed-pool", "--policy-param", "nope=1")), "nope")):
-            res = subprocess.run(_command(*args, "--port", "0", "--phase-log", str(tmp_path / "p.jsonl")),
+        for args, named in ((("--prompt-url", live, "--token-url", closed, "--port", "0"), f"token-0 at {closed}"),
+                            (("--url", live, "--url", foreign, "--port", "0"), f"baseline-1 at {foreign}"),
+                            (("--prompt-url", live, "--port", "0"), "--token-url"),
+                            (("--url", live, "--policy", "mixed-pool", "--policy-param", "nope=1"), "nope"),
+                            (("--url", live, "--port", str(busy.getsockname()[1])), "cannot listen")):
+            res = subprocess.run(_command(*args, "--phase-log", str(tmp_path / "p.jsonl")),
                                  capture_output=True, text=True, timeout=120)
             assert res.returncode == 2, (args, res.stderr)
             lines = res.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], res.stderr
             assert "router on" not in res.stdout
     finally:
+        busy.close()
         server.shutdown()
         server.server_close()
     assert not (tmp_path / "p.jsonl").exists()   # nothing served, nothing written

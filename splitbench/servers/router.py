@@ -112,12 +112,9 @@ class Router:
         return app
 
     async def start(self) -> None:
-        """Open the upstream pools and the phase log, poll health once, then listen (self.port is the bound port)."""
+        """Open the upstream pools, poll health once, listen (self.port is the bound port), open the phase log
+        (after the bind: a port in use leaves no log behind; no request can end before it is open)."""
         self.upstream = {i: Upstream(u, connect_timeout_s=self._connect_timeout_s) for i, u in self.urls.items()}
-        if self.phase_log_path:
-            self.phase_log = PhaseLog(self.phase_log_path, policy=getattr(self.policy, "name", "?"),
-                                      instances=[{"id": i, "url": self.urls[i], "pool": self.ledger.pool[i]}
-                                                 for i in self.ledger.order])
         await self.poll_health()
         self._runner = web.AppRunner(self.make_app(), access_log=None, handler_cancellation=True,
                                      shutdown_timeout=1.0, handle_signals=False)
@@ -125,6 +122,10 @@ class Router:
         site = web.TCPSite(self._runner, self.host, self.port, backlog=4096, reuse_address=True)
         await site.start()
         self.port = self._runner.addresses[0][1]
+        if self.phase_log_path:
+            self.phase_log = PhaseLog(self.phase_log_path, policy=getattr(self.policy, "name", "?"),
+                                      instances=[{"id": i, "url": self.urls[i], "pool": self.ledger.pool[i]}
+                                                 for i in self.ledger.order])
         self._tasks = [asyncio.create_task(self._health_loop()), asyncio.create_task(self._flush_loop())]
 
     async def stop(self) -> None:
