@@ -44,11 +44,11 @@ class ExternalInstance:
                 "connector": self.connector, "gpu_ids": None, "cpu_cores": None}
 
 
-def instance_url(url: Any, where: str) -> str:
-    """'http://h:8000/v1/' -> 'http://h:8000'; no http(s) scheme or host -> InputError naming `where`."""
+def instance_url(url: Any, where: str, file: str | None = None) -> str:
+    """'http://h:8000/v1/' -> 'http://h:8000'; no http(s) scheme or host -> InputError naming `where` (and file)."""
     parsed = urllib.parse.urlsplit(str(url).strip())
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise InputError(f"{where}: {url!r} needs a scheme and host, e.g. http://10.0.0.5:8000")
+        raise InputError(f"{where}: {url!r} needs a scheme and host, e.g. http://10.0.0.5:8000", file=file)
     path = parsed.path.rstrip("/")
     path = path[:-3] if path.endswith("/v1") else path
     return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
@@ -78,7 +78,7 @@ def name_instances(rows: list[dict], source: str, file: str | None = None) -> li
             raise InputError(f"{where}: machine must be a machine type name, got {row['machine']!r}", file=file)
         iid = str(row.get("id") or f"{pool}-{seen[pool]}")
         seen[pool] += 1
-        out.append(ExternalInstance(iid, pool, instance_url(row["url"], where), row.get("machine"),
+        out.append(ExternalInstance(iid, pool, instance_url(row["url"], where, file), row.get("machine"),
                                     float(machines) if machines is not None else None))
     for attr in ("id", "url"):
         values = [getattr(i, attr) for i in out]
