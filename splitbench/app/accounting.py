@@ -4,9 +4,11 @@ the NVML power sampler of a run, and measured energy per pool from its samples.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
-from splitbench.hardware.catalog import load_catalog, plan_allocation
+from splitbench.errors import InputError
+from splitbench.hardware.catalog import get_machine, load_catalog, plan_allocation
 from splitbench.hardware.detect import host_machine
 from splitbench.hardware.energy import attribute_energy, energy_by_gpu, load_power_samples
 from splitbench.hardware.power import PowerSamplerProcess, detect_gpus
@@ -17,7 +19,9 @@ def backend_instances(desc: dict) -> list[dict]:
     """The serving instances a backend description names: [{"id", "pool", "gpu_ids", "cpu_cores"}]."""
     if desc.get("instances"):
         return [{"id": i["id"], "pool": i.get("pool") or i.get("role"), "gpu_ids": i.get("gpu_ids"),
-                 "cpu_cores": i.get("cpu_cores")} for i in desc["instances"]]
+                 "cpu_cores": i.get("cpu_cores"),
+                 **({k: i.get(k) for k in ("external", "machine", "machines")} if i.get("external") else {})}
+                for i in desc["instances"]]
     if desc.get("backend") == "stub":
         return [{"id": "stub", "pool": "baseline", "cpu_cores": [desc["cpu"]] if desc.get("cpu") is not None
                  else None, "gpu_ids": None}]
@@ -27,6 +31,11 @@ def backend_instances(desc: dict) -> list[dict]:
 def hardware_for(opts, instances: list[dict]) -> dict | None:
     """run.json "hardware": machine type and the share of it each instance (pool) holds."""
     catalog = load_catalog(opts.hardware_file)
+    if instances and all(i.get("external") for i in instances):
+        hw = external_allocation(instances, catalog, opts.machine, opts.machines)
+        if hw is not None:
+            hw["catalog"] = opts.hardware_file or os.environ.get("SPLITBENCH_HARDWARE") or "packaged"
+        return hw
     host = None
     if any(i.get("gpu_ids") for i in instances) and opts.machine is None:
         host = host_machine(detect_gpus(), catalog)
@@ -38,6 +47,24 @@ def hardware_for(opts, instances: list[dict]) -> dict | None:
         if host is not None:
             hw["detected"] = host.describe()
     return hw
+
+
+def external_allocation(instances: list[dict], catalog: dict, machine: str | None,
+                        machines: float | None) -> dict | None:
+    """run.json "hardware" for servers the user started: each instance holds its topology's `machines` (default
+    --machines, else 1) of its `machine` (default --machine); None when no instance says what it runs on."""
+    rows = [{**i, "machine": i.get("machine") or machine, "machines": i.get("machines") or machines or 1.0}
+            for i in instances]
+    if not any(r["machine"] for r in rows):
+        return None
+    missing = next((r["id"] for r in rows if not r["machine"]), None)
+    if missing:
+        raise InputError(f"instance {missing} has no machine type: give --machine or machine= in the topology")
+    types = {r["machine"]: asdict(get_machine(r["machine"], catalog)) for r in rows}
+    alloc = [{"instance": r["id"], "pool": r["pool"], "machine": r["machine"], "machines": float(r["machines"]),
+              "units": []} for r in rows]
+    return {"machine": rows[0]["machine"], "machines": sum(a["machines"] for a in alloc), "unit": "machine",
+            "units_per_machine": 1, "types": types, "allocations": alloc, "unallocated_machines": 0.0}
 
 
 def start_power(opts, instances: list[dict], run_dir: Path):

@@ -2,6 +2,7 @@
 is exactly `splitbench run --backend vllm`: the CLI declares no defaults of its own."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from splitbench.errors import InputError
 from splitbench.policies import parse_policy_params
+from splitbench.servers.external import from_urls, load_topology
 from splitbench.workload.load import DEFAULT_TRACE, WorkloadSpec
 from splitbench.workload.sessions import ThinkTime
 
@@ -18,6 +20,9 @@ DEFAULT_POLICY = {"vllm": "jsq", "splitwise": "jsq", "mixed": "mixed-pool"}   # 
 LOCAL_CLUSTER_DURATION_S = 60.0    # a local CPU cluster's default window (trace seconds): sizing keeps its first part
 DURATION_S = 60.0                  # every other backend's
 POWER_MODES = ("auto", "nvml", "off")
+# flags that configure servers splitbench launches: refused with instances the user started (--url, --topology, ...)
+LAUNCH_FLAGS = ("model_dir", "instances", "prompt_instances", "token_instances", "connector", "kv_transfer_config",
+                "gpus", "cores", "tensor_parallel", "layout", "vllm_args", "prefix_caching")
 
 
 @dataclass
@@ -86,8 +91,10 @@ def workload_spec(opts) -> WorkloadSpec:
 
 
 def local_cpu_cluster(opts: RunOptions) -> bool:
-    """A cluster of vLLM CPU instances on this host (no --gpus): the embedded default's kind of backend."""
-    return opts.backend in CLUSTER_BACKENDS and not opts.backend_options.get("gpus")
+    """A cluster of vLLM CPU instances on this host (no --gpus): the embedded default's kind of backend (not
+    instances the user started: their rate scale defaults to 1)."""
+    o = opts.backend_options
+    return opts.backend in CLUSTER_BACKENDS and not o.get("gpus") and not o.get("external")
 
 
 def resolve_defaults(opts: RunOptions) -> RunOptions:
@@ -114,9 +121,43 @@ def check_options(opts: RunOptions) -> None:
         raise InputError("--multi-turn needs --api completions (turns thread token ids)")
 
 
-def backend_options(backend: str, *, url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                    stub_ttft_ms: float = 20.0, stub_tpot_ms: float = 5.0, **cluster) -> dict:
+def external_options(backend: str, urls: list[str], prompt_urls: list[str], token_urls: list[str],
+                     topology: str | None, cluster: dict) -> dict:
+    """Options of a cluster backend over instances the user started: {"external": [instance rows], policy...};
+    a flag that launches servers is refused (one line)."""
+    given = "--topology" if topology else "--prompt-url/--token-url" if prompt_urls or token_urls else "--url"
+    if backend not in CLUSTER_BACKENDS:
+        raise InputError(f"{given} (instances you started) is for --backend {', '.join(CLUSTER_BACKENDS)}")
+    launch = [k for k in LAUNCH_FLAGS if cluster.get(k) is not None]
+    if launch:
+        raise InputError(f"--{launch[0].replace('_', '-')} configures servers splitbench launches: it cannot go with "
+                         f"{given} (servers you started)")
+    if topology and (urls or prompt_urls or token_urls):
+        raise InputError("--topology names every instance: leave out --url/--prompt-url/--token-url")
+    if backend == "vllm" and (prompt_urls or token_urls):
+        raise InputError("--backend vllm takes co-located instances: --url U [--url U ...] (P/D: --backend splitwise)")
+    if backend != "vllm" and urls:
+        raise InputError(f"--backend {backend} takes --prompt-url U and --token-url U (co-located: --backend vllm)")
+    insts = load_topology(topology) if topology else from_urls(prompt_urls, token_urls, urls)
+    opts = {"external": [dataclasses.asdict(i) for i in insts],
+            **{k: cluster[k] for k in ("policy", "router_cpu", "seed", "scrape_interval_s") if cluster.get(k)}}
+    if cluster.get("policy_param"):
+        opts["policy_params"] = parse_policy_params(cluster["policy_param"], opts.get("policy") or
+                                                    DEFAULT_POLICY[backend])
+    return opts
+
+
+def backend_options(backend: str, *, url: str | list[str] | None = None, api_key_env: str = "OPENAI_API_KEY",
+                    stub_ttft_ms: float = 20.0, stub_tpot_ms: float = 5.0, prompt_url: list[str] | None = None,
+                    token_url: list[str] | None = None, topology: str | None = None, **cluster) -> dict:
     """Backend constructor options from the flat flags of `run`, `locust`, `reference` and `profile`."""
+    urls = [url] if isinstance(url, str) else list(url or ())
+    if prompt_url or token_url or topology or (urls and backend in CLUSTER_BACKENDS):
+        return external_options(backend, urls, list(prompt_url or ()), list(token_url or ()), topology, cluster)
+    if len(urls) > 1:
+        raise InputError(f"--backend {backend} takes one --url (several co-located instances: --backend vllm "
+                         "--url U --url U)")
+    url = urls[0] if urls else None
     if backend == "openai":
         if cluster.get("prefix_caching") is not None:
             raise InputError("--prefix-caching is for the servers splitbench launches (the URL's server has its own)")

@@ -75,6 +75,8 @@ class RunSession:
             if o.machine:
                 get_machine(o.machine, cat)
         self.backend = get_backend(o.backend, **o.backend_options)
+        if hasattr(self.backend, "check"):   # servers the user started: a bad one fails before the run directory
+            self.backend.check()
         given = self.workload is not None
         self.sized = not given and o.rate_scale == "auto"   # a given workload (profile points, a grid) is never sized
         if not given:

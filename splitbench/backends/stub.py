@@ -39,10 +39,10 @@ class StubBackend:
                  port: int | None = None, cpu: int | None = None, host: str = "127.0.0.1",
                  model: str = DEFAULT_MODEL, loop: str = "precise", fail_rate: float = 0.0, seed: int = 0,
                  startup_timeout_s: float = 20.0, processes: int = 1, cpus: list[int] | None = None,
-                 prefix_caching: str | bool = "on", **_: Any):
+                 prefix_caching: str | bool = "on", kv_connector: str | None = None, **_: Any):
         self.cfg = StubConfig(ttft_s, tpot_s, tokens_per_chunk, model, fail_rate, seed,
                               prefix_block_tokens=StubConfig.prefix_block_tokens
-                              if on_off_option(prefix_caching, "prefix-caching") else 0)
+                              if on_off_option(prefix_caching, "prefix-caching") else 0, kv_connector=kv_connector)
         if loop not in LOOPS:
             raise InputError(f"stub loop must be one of {', '.join(LOOPS)}, got {loop!r}")
         self.host, self.port, self.loop, self.startup_timeout_s = host, port, loop, startup_timeout_s
@@ -66,6 +66,8 @@ class StubBackend:
                "--prefix-block-tokens", str(c.prefix_block_tokens)]
         if self.processes > 1:
             cmd.append("--reuse-port")
+        if c.kv_connector:
+            cmd += ["--kv-connector", c.kv_connector]
         return cmd + (["--cpu", str(cpu)] if cpu is not None else [])
 
     def start(self, run_dir: Path | None = None) -> None:

@@ -67,7 +67,14 @@ HARDWARE = (
 BACKEND = (
     Opt("backend", str, "Backend: openai (an existing URL), stub (built-in fake server), vllm (co-located "
         "baseline), splitwise (prompt/token pools), mixed (Splitwise + mixed-pool borrowing)."),
-    Opt("url", Optional[str], "Base URL of an OpenAI-compatible server (--backend openai).", default=None),
+    Opt("url", Optional[list[str]], "Base URL of an OpenAI-compatible server (--backend openai); --backend vllm: "
+        "a vLLM server you started (repeatable: co-located instances behind the router, JSQ).", default=None),
+    Opt("prompt_url", Optional[list[str]], "splitwise/mixed: a prompt (prefill) vLLM server you started, with a KV "
+        "connector (repeatable).", default=None),
+    Opt("token_url", Optional[list[str]], "splitwise/mixed: a token (decode) vLLM server you started, with a KV "
+        "connector (repeatable).", default=None),
+    Opt("topology", Optional[str], "TOML/JSON file of servers you started: [[instance]] url=, pool=prompt|token|"
+        "baseline, machine=, machines=, id=.", default=None),
     Opt("api_key_env", str, "Env var holding the API key (never written to results).", default="OPENAI_API_KEY"),
     Opt("stub_ttft_ms", float, "Stub backend: time to first token, ms.", default=20.0),
     Opt("stub_tpot_ms", float, "Stub backend: time per output token, ms.", default=5.0),

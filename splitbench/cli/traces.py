@@ -192,11 +192,13 @@ def serve_stub(
                                             "(one timer and write per chunk; for comparison)."),
     tick_ms: float = typer.Option(0.2, help="Lean server: least time between two ticker wakeups, ms."),
     kv_transfer_ms: float = typer.Option(0.0, help="P/D: replaces TTFT for do_remote_prefill requests, ms."),
+    kv_connector: Optional[str] = typer.Option(None, help="P/D: KV-connector series in /metrics as vLLM shows them "
+                                               "(nixl, consumer), or none (kv_transfer_params ignored)."),
 ) -> None:
     """Run the built-in OpenAI-compatible stub server in the foreground until Ctrl-C; prints a one-line summary
     (requests, chunk emission lateness p50/p99/max) at exit. /metrics has the lateness live."""
     cfg = StubConfig(ttft_ms / 1e3, tpot_ms / 1e3, tokens_per_chunk, model, fail_rate, seed,
-                     kv_transfer_s=kv_transfer_ms / 1e3, tick_s=tick_ms / 1e3)
+                     kv_transfer_s=kv_transfer_ms / 1e3, tick_s=tick_ms / 1e3, kv_connector=kv_connector)
     run_server(cfg, host, port, cpu=cpu, loop=loop, server=server)
 
 

@@ -25,7 +25,10 @@ TOKEN = b" tok"  # the text of every output token
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 GARBAGE = b'data: {"id": "garbage", "choices": [{"text": \n\n'
-STUB_VOCAB = 50_000   # the stub's output token ids (return_token_ids) are in [10, STUB_VOCAB)
+STUB_VOCAB = 50_000
+# --kv-connector: None (P/D answers, no connector series), nixl (vllm:nixl_* and the consumer gauge, as vLLM 0.32's
+# NixlConnector kv_both), consumer (the consumer gauge only), none (no connector: kv_transfer_params ignored)
+KV_CONNECTORS = (None, "nixl", "consumer", "none")   # the stub's output token ids (return_token_ids) are in [10, STUB_VOCAB)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class StubConfig:
     tick_s: float = 0.0002   # lean server: least time between two wakeups of the shared chunk ticker
     prefix_block_tokens: int = 16      # prefix cache block (vLLM's GPU default); 0: no prefix cache
     prefix_cache_blocks: int = 1 << 16  # blocks the prefix cache holds (LRU)
+    kv_connector: str | None = None    # what /metrics shows of a KV connector (KV_CONNECTORS); "none": P/D
+                                       # kv_transfer_params are ignored, as by a vLLM started without one
 
     def __post_init__(self):
         for name in ("ttft_s", "tpot_s", "kv_transfer_s", "tick_s"):
@@ -52,6 +57,8 @@ class StubConfig:
         for name in ("prefix_block_tokens", "prefix_cache_blocks"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise InputError(f"stub {name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.kv_connector not in KV_CONNECTORS:
+            raise InputError(f"stub kv_connector must be one of nixl, consumer, none, got {self.kv_connector!r}")
         if not 0.0 <= self.fail_rate <= 1.0:
             raise InputError(f"stub fail_rate must be in [0, 1], got {self.fail_rate!r}")
 
@@ -331,7 +338,15 @@ def cache_prompt(cache: PrefixCache, n: dict[str, int], prompt: Any, kv: Any) ->
     return hit
 
 
-def metrics_text(model: str, n: dict[str, int], lateness: Lateness) -> str:
+def connector_rows(lab: str, kv_connector: str | None) -> list[tuple]:
+    """The KV-connector series vLLM 0.32 registers at start for this connector (zero-valued here)."""
+    rows = [("vllm:nixl_num_failed_transfers_total", "counter", lab, 0)] if kv_connector == "nixl" else []
+    if kv_connector in ("nixl", "consumer"):
+        rows.append(("vllm:num_requests_kv_fetch_by_stage", "gauge", lab[:-1] + ',stage="in_progress"}', 0))
+    return rows
+
+
+def metrics_text(model: str, n: dict[str, int], lateness: Lateness, kv_connector: str | None = None) -> str:
     """vLLM-named gauges/counters plus the stub's own, in Prometheus text format."""
     lab = f'{{model_name="{model}"}}'
     rows = [("vllm:num_requests_running", "gauge", lab, n["running"]),
@@ -345,7 +360,7 @@ def metrics_text(model: str, n: dict[str, int], lateness: Lateness) -> str:
             ("splitbench_stub_requests_total", "counter", "", n["requests"]),
             ("splitbench_stub_faults_total", "counter", "", n["faults"]),
             ("splitbench_stub_prefill_only_total", "counter", "", n["prefill_only"]),
-            ("splitbench_stub_remote_decode_total", "counter", "", n["remote_decode"])]
+            ("splitbench_stub_remote_decode_total", "counter", "", n["remote_decode"])] + connector_rows(lab, kv_connector)
     text = "".join(f"# TYPE {k} {t}\n{k}{lb} {v}\n" for k, t, lb, v in rows)
     s, name = lateness.summary(), "splitbench_stub_chunk_lateness_seconds"
     return (text + f"# TYPE {name} summary\n{name}{{quantile=\"0.5\"}} {s['p50_s']:.6f}\n"

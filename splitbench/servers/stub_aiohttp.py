@@ -67,7 +67,7 @@ class StubServer:
              "parent": None, "max_model_len": None, "permission": []}]})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        text = metrics_text(self.cfg.model, self.n, self.lateness)
+        text = metrics_text(self.cfg.model, self.n, self.lateness, self.cfg.kv_connector)
         if request.query.get("reset") == "lateness":
             self.lateness.reset()
         return web.Response(text=text, content_type="text/plain")
@@ -103,7 +103,7 @@ class StubServer:
         if kind == "hang":
             await loop.create_future()  # until the client gives up (handler cancellation) or shutdown
         fault_at = int(arg or 0) if kind in ("disconnect", "garbage") else -1
-        kv = body.get("kv_transfer_params")
+        kv = body.get("kv_transfer_params") if self.cfg.kv_connector != "none" else None
         cached = cache_prompt(self.cache, self.n, body.get("messages") if chat else body.get("prompt"), kv)
         if isinstance(kv, dict) and kv.get("do_remote_decode"):  # P/D prefill instance: see _kv_prefill_only
             return await self._kv_prefill_only(request, chat, body, n_in, t_recv, cached)

@@ -109,7 +109,7 @@ class LeanStub:
                 {"id": m, "object": "model", "created": self.created, "owned_by": "splitbench-stub", "root": m,
                  "parent": None, "max_model_len": None, "permission": []}]}).encode())
         if path == b"/metrics":
-            text = metrics_text(self.cfg.model, self.n, self.lateness).encode()
+            text = metrics_text(self.cfg.model, self.n, self.lateness, self.cfg.kv_connector).encode()
             if b"reset=lateness" in head.split(b"\r\n", 1)[0]:
                 self.lateness.reset()
             return conn.reply(200, text, b"text/plain; charset=utf-8")
@@ -141,7 +141,7 @@ class LeanStub:
         if kind == "hang":
             return  # nothing more is sent: the connection stays busy until the client gives up
         fault_at = int(arg or 0) if kind in ("disconnect", "garbage") else -1
-        kv = body.get("kv_transfer_params")
+        kv = body.get("kv_transfer_params") if cfg.kv_connector != "none" else None
         cached = cache_prompt(self.cache, n, body.get("messages") if chat else body.get("prompt"), kv)
         if isinstance(kv, dict) and kv.get("do_remote_decode"):  # P/D prefill instance
             return self._kv_prefill_only(conn, chat, body, n_in, t_recv, head, low, cached)
