@@ -45,7 +45,7 @@ def stubs():
 
 
 def _run(tmp_path, backend: str, run_id: str, trace: str = TRACE, machine: str | None = None, **flags):
-    opts = RunOptions(trace=trace, backend=backend, backend_options=backend_options(backend, **flags),
+    opts = RunOptions(trace=trace, backend=backend, backend_options=backend_options(backend, machine=machine, **flags),
                       results_dir=str(tmp_path), run_id=run_id, timeout_s=30, grace_s=2, machine=machine)
     res = run(opts)
     return res, json.loads((res.run_dir / "run.json").read_text()), R.read_records(res.run_dir)
@@ -68,6 +68,7 @@ def test_splitwise_over_user_instances_records_prompt_and_token(tmp_path, stubs)
                                 "model": "stub-model", "connector": "metrics:nixl"}
     # the plain stub shows no connector series: the prefill probe proved it takes KV through kv_transfer_params
     assert inst["token-0"]["url"] == stubs["plain"] and inst["token-0"]["connector"] == "probe"
+    assert inst["token-0"]["machine"] == "cpu-host"   # --machine: every instance the topology names none for
     assert meta["options"]["rate_scale"] == 1.0 and "sizing" not in meta
     hw = meta["hardware"]
     assert [(a["instance"], a["pool"], a["machine"], a["machines"]) for a in hw["allocations"]] == \

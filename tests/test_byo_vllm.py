@@ -28,12 +28,12 @@ TRACE = f"synth:arrivals=poisson,rate=2,count={N_REQ},lengths=uniform,input=300-
 KV = '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cpu"}'
 
 
-def _serve(model_dir: str, core: int, log: Path):
+def _serve(model_dir: str, core: int, log: Path, kv: str | None = KV):
     """`vllm serve`-style command line a user would type: its own port, NIXL side channel and core."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager",
-           "--uvicorn-log-level", "warning", "--kv-transfer-config", KV]
+           "--uvicorn-log-level", "warning"] + (["--kv-transfer-config", kv] if kv else [])
     ncpu = len(os.sched_getaffinity(0))
     if shutil.which("taskset") and ncpu >= 2:
         cmd = ["taskset", "-c", str(core)] + cmd
@@ -43,17 +43,22 @@ def _serve(model_dir: str, core: int, log: Path):
     return spawn(cmd, log_path=log, env=env), f"http://127.0.0.1:{port}"
 
 
+def _wait_healthy(started: list, logs: list[Path]) -> None:
+    deadline = time.monotonic() + 300
+    for (proc, url), log in zip(started, logs):
+        while http_get(url + "/health", timeout_s=1.0)[0] != 200:
+            assert proc.poll() is None, f"vLLM exited: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "vLLM not healthy after 300 s"
+            time.sleep(1.0)
+
+
 @pytest.fixture(scope="module")
 def pair(tiny_model_dir, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("byo-vllm")
-    started = [_serve(tiny_model_dir, core, logs / f"{name}.log") for core, name in ((0, "prefill"), (1, "decode"))]
+    d = tmp_path_factory.mktemp("byo-vllm")
+    logs = [d / "prefill.log", d / "decode.log"]
+    started = [_serve(tiny_model_dir, core, log) for core, log in zip((0, 1), logs)]
     try:
-        deadline = time.monotonic() + 300
-        for (proc, url), name in zip(started, ("prefill", "decode")):
-            while http_get(url + "/health", timeout_s=1.0)[0] != 200:
-                assert proc.poll() is None, f"vLLM exited: {(logs / f'{name}.log').read_text()[-2000:]}"
-                assert time.monotonic() < deadline, "vLLM not healthy after 300 s"
-                time.sleep(1.0)
+        _wait_healthy(started, logs)
         yield [url for _, url in started]
     finally:
         for proc, _ in started:
@@ -82,3 +87,23 @@ def test_splitwise_over_hand_started_vllm_prefills_on_first_decodes_on_second(pa
     assert pc["vllm:generation_tokens_total"] == N_REQ          # one token per prefill, nothing decoded there
     assert dc["vllm:generation_tokens_total"] == sum(r.planned_output_tokens for r in recs)
     assert dc["vllm:prompt_tokens_by_source_total{source=external_kv_transfer}"] > 0   # KV came through NIXL
+
+
+@pytest.mark.timeout(400)
+def test_decode_vllm_without_connector_is_refused_naming_it(pair, tiny_model_dir, tmp_path):
+    """A decode server started without --kv-transfer-config: its /metrics show no connector series, the prefill
+    probe's KV does not reach it (no external_kv_transfer tokens): exit 2 naming token-0, nothing replayed."""
+    log = tmp_path / "plain.log"
+    plain = _serve(tiny_model_dir, 1, log, kv=None)
+    try:
+        _wait_healthy([plain], [log])
+        p = subprocess.run([sys.executable, "-m", "splitbench.cli", "run", "--backend", "splitwise", "--prompt-url",
+                            pair[0], "--token-url", plain[1], "--trace", TRACE, "--results", str(tmp_path / "res")],
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        stop_group(plain[0])
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "token instance token-0" in lines[0] and plain[1] in lines[0], p.stderr
+    assert "did not take the prefill's KV" in lines[0], p.stderr
+    assert not (tmp_path / "res").exists()

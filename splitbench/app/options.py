@@ -122,7 +122,7 @@ def check_options(opts: RunOptions) -> None:
 
 
 def external_options(backend: str, urls: list[str], prompt_urls: list[str], token_urls: list[str],
-                     topology: str | None, cluster: dict) -> dict:
+                     topology: str | None, cluster: dict, machine: str | None = None) -> dict:
     """Options of a cluster backend over instances the user started: {"external": [instance rows], policy...};
     a flag that launches servers is refused (one line)."""
     given = "--topology" if topology else "--prompt-url/--token-url" if prompt_urls or token_urls else "--url"
@@ -139,7 +139,7 @@ def external_options(backend: str, urls: list[str], prompt_urls: list[str], toke
     if backend != "vllm" and urls:
         raise InputError(f"--backend {backend} takes --prompt-url U and --token-url U (co-located: --backend vllm)")
     insts = load_topology(topology) if topology else from_urls(prompt_urls, token_urls, urls)
-    opts = {"external": [dataclasses.asdict(i) for i in insts],
+    opts = {"external": [{**dataclasses.asdict(i), "machine": i.machine or machine} for i in insts],
             **{k: cluster[k] for k in ("policy", "router_cpu", "seed", "scrape_interval_s") if cluster.get(k)}}
     if cluster.get("policy_param"):
         opts["policy_params"] = parse_policy_params(cluster["policy_param"], opts.get("policy") or
@@ -149,11 +149,14 @@ def external_options(backend: str, urls: list[str], prompt_urls: list[str], toke
 
 def backend_options(backend: str, *, url: str | list[str] | None = None, api_key_env: str = "OPENAI_API_KEY",
                     stub_ttft_ms: float = 20.0, stub_tpot_ms: float = 5.0, prompt_url: list[str] | None = None,
-                    token_url: list[str] | None = None, topology: str | None = None, **cluster) -> dict:
-    """Backend constructor options from the flat flags of `run`, `locust`, `reference` and `profile`."""
+                    token_url: list[str] | None = None, topology: str | None = None, machine: str | None = None,
+                    **cluster) -> dict:
+    """Backend constructor options from the flat flags of `run`, `locust`, `reference` and `profile`; `machine`
+    (--machine) is the machine type of instances the user started where their topology names none."""
     urls = [url] if isinstance(url, str) else list(url or ())
     if prompt_url or token_url or topology or (urls and backend in CLUSTER_BACKENDS):
-        return external_options(backend, urls, list(prompt_url or ()), list(token_url or ()), topology, cluster)
+        return external_options(backend, urls, list(prompt_url or ()), list(token_url or ()), topology, cluster,
+                                machine)
     if len(urls) > 1:
         raise InputError(f"--backend {backend} takes one --url (several co-located instances: --backend vllm "
                          "--url U --url U)")

@@ -44,7 +44,8 @@ def run_options(opts: dict, **fixed) -> RunOptions:
     fields = {k: v for k, v in opts.items() if k not in BACKEND_FLAGS}
     fields["columns"] = parse_columns(fields.get("columns"))
     fields["rate_scale"] = parse_rate_scale(fields.get("rate_scale"))
-    return RunOptions(**fields, **fixed, backend_options=backend_options(opts["backend"], **flags))
+    return RunOptions(**fields, **fixed, backend_options=backend_options(opts["backend"], **flags,
+                                                                         machine=opts.get("machine")))
 
 
 def _progress() -> tuple[Progress, callable]:

@@ -20,7 +20,7 @@ from splitbench.schema import records as R
 from splitbench.servers.phaselog import PhaseLog
 from splitbench.servers.upstream import PREFILL_KV_PARAMS, StreamError, Upstream, prefill_body
 
-__all__ = ["PREFILL_KV_PARAMS", "Router", "count_input_tokens", "prefill_body"]   # the first two: from upstream.py
+__all__ = ["PREFILL_KV_PARAMS", "Router", "count_input_tokens", "prefill_body"]   # PREFILL_*, prefill_body: upstream.py
 
 DEFAULT_OUTPUT_TOKENS = 16  # pending-token estimate for requests without max_tokens
 _HOP = frozenset(h.lower() for h in ("Host", "Content-Length", "Connection", "Keep-Alive", "Transfer-Encoding",
