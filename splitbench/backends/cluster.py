@@ -66,6 +66,8 @@ class ClusterBackend:
             raise InputError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
         if ray_address is not None and launcher != "ray":
             raise InputError("--ray-address is for --launcher ray")
+        if launcher == "ray":   # no cluster to join: a one-line error now, before any run directory exists
+            ray_address = importlib.import_module("splitbench.servers.ray_launcher").resolve_address(ray_address)
         self.launcher, self.ray_address = launcher, ray_address
         self.spec: ClusterSpec | None = None
         self.cluster: Cluster | None = None

@@ -13,33 +13,55 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from ray._private import services   # canonicalize_bootstrap_address_or_die: what ray.init(auto) resolves
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from splitbench.errors import InputError, ServerStartError
 from splitbench.servers.launcher import SigtermGuard, free_port, server_for
-from splitbench.servers.ray_placement import Need, node_resources, place
+from splitbench.servers.ray_placement import ROLE_RESOURCES, Need, node_resources, place
 from splitbench.servers.topology import assign_cores
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 STOP_WAIT_S = 30.0   # beyond the grace: how long stop() waits for the actors' own stop before killing them
 
 
+def _no_cluster(address: str | None, why: str) -> InputError:
+    return InputError(f"--launcher ray: no Ray cluster at {address or 'auto'} ({why}); splitbench starts none: "
+                      "start one with `ray start --head` or pass --ray-address HOST:PORT")
+
+
+def resolve_address(address: str | None) -> str:
+    """HOST:PORT of the Ray cluster to join (`auto`/None: $RAY_ADDRESS or the latest `ray start` here), checked to
+    answer on TCP, so a missing cluster is a one-line InputError at once rather than ray.init's long retries."""
+    try:
+        addr = services.canonicalize_bootstrap_address_or_die(address or "auto")
+    except (ConnectionError, ValueError) as e:
+        raise _no_cluster(address, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    host, _, port = addr.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise _no_cluster(address, f"{addr}: {getattr(e, 'strerror', None) or e}") from None
+    return addr
+
+
 def connect(address: str | None) -> bool:
-    """Connect this process to a running Ray cluster (`auto`: $RAY_ADDRESS or the local one); starts none.
-    True when this call connected (the caller disconnects); no cluster is a one-line InputError."""
+    """Connect this process to a running Ray cluster (starts none). True when this call connected (the caller
+    disconnects); no cluster is a one-line InputError."""
     if ray.is_initialized():
         return False
+    addr = resolve_address(address)
     try:
-        ray.init(address=address or "auto", log_to_driver=False, configure_logging=False,
-                 include_dashboard=False)
+        with warnings.catch_warnings():   # Ray's FutureWarning on accelerator env vars: not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(address=addr, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"--launcher ray: no Ray cluster at {address or 'auto'} ({first}); start one with "
-                         "`ray start --head` or pass --ray-address HOST:PORT") from None
+        raise _no_cluster(address, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     return True
 
 
@@ -115,16 +137,19 @@ def needs(spec, cores_given: bool) -> list[Need]:
 
 
 def _wait(refs: dict, deadline: float, what: str) -> dict:
-    """id -> result of every ref, polled so signals (SIGINT, SIGTERM) reach this thread; TimeoutError naming
-    the ids still pending at the deadline."""
+    """id -> result of every ref; TimeoutError naming the ids still pending at the deadline. Polled without
+    blocking in Ray (a signal handled inside a blocking ray.wait comes out as SystemExit(1)), sleeping in Python,
+    so SIGINT and SIGTERM reach this thread as KeyboardInterrupt and the guard's SystemExit."""
     out, pending = {}, dict(refs)
     while pending:
-        ready, _ = ray.wait(list(pending.values()), num_returns=1, timeout=0.5)
+        ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=0)
         for ref in ready:
             iid = next(k for k, v in pending.items() if v == ref)
             out[iid] = ray.get(pending.pop(iid))
         if pending and time.monotonic() > deadline:
             raise TimeoutError(f"{what}: {', '.join(pending)}")
+        if pending:
+            time.sleep(0.2)
     return out
 
 
@@ -140,6 +165,7 @@ class RayCluster:
         self.actors: dict[str, Any] = {}
         self.info: dict[str, dict] = {}
         self.nodes: dict[str, str] = {}   # instance id -> node id
+        self.node_res: dict[str, dict[str, float]] = {}   # node id -> its resources when placed
         self.servers: dict[str, RemoteServer] = {}
         self._connected = False
         self._lock = threading.Lock()
@@ -159,7 +185,8 @@ class RayCluster:
             self._connected = connect(self.address)
             self._sigterm.reassert()   # ray.init installs its own SIGTERM handler
             atexit.register(self.stop)
-            self.nodes = place(needs(self.spec, self.cores_given), node_resources(ray.nodes()))
+            self.node_res = node_resources(ray.nodes())
+            self.nodes = place(needs(self.spec, self.cores_given), self.node_res)
             self._create_actors()
             try:
                 results = _wait({iid: a.start.remote(timeout_s) for iid, a in self.actors.items()}, deadline,
@@ -255,6 +282,8 @@ class RayCluster:
                         "load_format": info.get("load_format"), "start_s": info.get("start_s"),
                         "start_unix_s": info.get("start_unix_s"), "pid": info.get("pid"),
                         "node_id": self.nodes.get(inst.id), "node_ip": info.get("node_ip"),
+                        "node_resources": {k: v for k, v in self.node_res.get(self.nodes.get(inst.id), {}).items()
+                                           if k in ("CPU", "GPU") or k in ROLE_RESOURCES},
                         "hostname": info.get("hostname")})
         return out
 
