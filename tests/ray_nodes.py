@@ -18,7 +18,13 @@ START_TIMEOUT_S = 180
 def ray_env() -> dict[str, str]:
     """The environment the raylets (and so their workers and the vLLM they start) run with."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    env = {**os.environ, "PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    for var, sub in (("SPLITBENCH_PROFILE_DIR", "profiles"), ("SPLITBENCH_TRACE_DIR", "traces")):
+        shared = REPO.parent / "shared" / sub   # ../shared from the repo, whatever the workers' cwd
+        dirs = [d for d in (env.get(var), str(shared) if shared.is_dir() else None) if d]
+        if dirs:
+            env[var] = os.pathsep.join(dirs)
+    return env
 
 
 def _ray(*args: str, env: dict) -> str:
