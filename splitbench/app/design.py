@@ -4,6 +4,7 @@ iso-power or iso-cost budget, find each configuration's highest Poisson arrival 
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -41,6 +42,8 @@ class DesignSpec:
     hardware_file: str | None = None
     batching: str = "chunked"              # baseline designs' machines: chunked (vLLM V1) or prompt-first
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    ray: bool = False                      # fan the configurations out as Ray tasks (same results)
+    ray_address: str | None = None         # the Ray cluster [auto]
 
 
 @dataclass
@@ -198,13 +201,17 @@ def search(spec: DesignSpec, on_status=lambda s: None) -> dict:
     procs = spec.processes or max(1, len(os.sched_getaffinity(0)))
 
     def run_all(jobs):
+        if spec.ray:   # servers/ray_launcher.py is the only module that imports ray: only for --ray
+            return importlib.import_module("splitbench.servers.ray_launcher").ray_map(_evaluate, jobs,
+                                                                                      spec.ray_address)
         if procs > 1:
             with ProcessPoolExecutor(procs) as ex:
                 return list(ex.map(_evaluate, jobs, chunksize=max(1, len(jobs) // (8 * procs))))
         return [_evaluate(j) for j in jobs]
 
     if spec.objective == "throughput":
-        on_status(f"{len(configs)} configurations on {procs} process(es): max rate of each")
+        on_status(f"{len(configs)} configurations on {'Ray tasks' if spec.ray else f'{procs} process(es)'}: "
+                  "max rate of each")
         results = run_all([(spec, d, pools, None) for d, pools in configs])
     else:
         if spec.target_rate_rps is None:   # the rate to serve: the budget design's best within the budget

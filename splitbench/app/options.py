@@ -169,6 +169,8 @@ def backend_options(backend: str, *, url: str | list[str] | None = None, api_key
         return {"url": url, "api_key_env": api_key_env}
     if url:
         raise InputError("--url is for --backend openai (an existing server)")
+    if (cluster.get("launcher") not in (None, "local") or cluster.get("ray_address")) and backend not in CLUSTER_BACKENDS:
+        raise InputError(f"--launcher/--ray-address are for the cluster backends ({', '.join(CLUSTER_BACKENDS)})")
     if cluster.get("policy_param") and backend not in CLUSTER_BACKENDS:
         raise InputError(f"--policy-param is for the cluster backends ({', '.join(CLUSTER_BACKENDS)})")
     if backend == "stub":

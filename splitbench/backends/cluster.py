@@ -5,6 +5,7 @@ SIGTERM) and leaves no process behind.
 from __future__ import annotations
 
 import atexit
+import importlib
 import shlex
 import tempfile
 import time
@@ -24,6 +25,16 @@ from splitbench.servers.vllm_features import detect as detect_vllm
 # CPU defaults for clusters: TINY_CPU_ARGS without --disable-log-stats (it would blank the /metrics series).
 _CPU_DROP = ("--disable-log-stats",)
 GPU_DEFAULT_ARGS = ["--uvicorn-log-level", "warning"]
+LAUNCHERS = ("local", "ray")
+
+
+def make_cluster(launcher: str, spec: ClusterSpec, run_dir: Path, *, ray_address: str | None, cores_given: bool):
+    """The launcher's cluster: local process groups, or Ray actors (servers/ray_launcher.py, the only module that
+    imports ray: imported here, for --launcher ray only)."""
+    if launcher == "ray":
+        ray_launcher = importlib.import_module("splitbench.servers.ray_launcher")
+        return ray_launcher.RayCluster(spec, run_dir, address=ray_address, cores_given=cores_given)
+    return Cluster(spec, run_dir)
 
 
 class ClusterBackend:
@@ -36,7 +47,8 @@ class ClusterBackend:
                  vllm_args: str | list[str] | None = None, hardware: str | None = None, policy: str = "jsq",
                  policy_params: dict | None = None, router_cpu: int | None = None,
                  startup_timeout_s: float = 300.0, scrape_interval_s: float = 1.0, seed: int = 0,
-                 counts: dict[str, int] | None = None, prefix_caching: str | bool = "on", **_: Any):
+                 counts: dict[str, int] | None = None, prefix_caching: str | bool = "on", launcher: str = "local",
+                 ray_address: str | None = None, **_: Any):
         self.model_dir = model_dir
         self.connector, self.kv_transfer_config = connector, kv_transfer_config
         self.gpus, self.cores, self.layout, self.hardware = gpus, cores, layout, hardware
@@ -50,6 +62,13 @@ class ClusterBackend:
         # vLLM V1 caches prefixes by default; splitbench says so explicitly (on), and always asks for the cached
         # counts (--enable-prompt-tokens-details). Unique prompts (no prefix hashes) hit nothing either way.
         self.prefix_caching = on_off_option(prefix_caching, "prefix-caching")
+        if launcher not in LAUNCHERS:
+            raise InputError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+        if ray_address is not None and launcher != "ray":
+            raise InputError("--ray-address is for --launcher ray")
+        if launcher == "ray":   # no cluster to join: a one-line error now, before any run directory exists
+            ray_address = importlib.import_module("splitbench.servers.ray_launcher").resolve_address(ray_address)
+        self.launcher, self.ray_address = launcher, ray_address
         self.spec: ClusterSpec | None = None
         self.cluster: Cluster | None = None
         self.router: RouterProcess | None = None
@@ -94,14 +113,15 @@ class ClusterBackend:
         if run_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix=f"splitbench-{self.name}-")
             run_dir = Path(self._tmp.name)
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir) if self.launcher == "local" else Path(run_dir).absolute()   # Ray: node cwds
         self.spec = self.plan(self.run_dir)
         if self.spec.connector == "example":
             (self.run_dir / "kv-shared").mkdir(parents=True, exist_ok=True)
         self.started_unix_s = time.time()
         atexit.register(self.stop)
-        self.cluster = Cluster(self.spec, self.run_dir)
         try:
+            self.cluster = make_cluster(self.launcher, self.spec, self.run_dir, ray_address=self.ray_address,
+                                        cores_given=self.cores is not None)
             self.cluster.start(timeout_s=self.startup_timeout_s)
             if self.needs_router:
                 rdir = self.run_dir / "router"
@@ -163,7 +183,7 @@ class ClusterBackend:
 
     def _describe(self, cluster, router) -> dict[str, Any]:
         spec = self.spec
-        return {"backend": self.name, "hardware": spec.hardware, "layout": spec.layout, "connector": spec.connector,
+        return {"backend": self.name, "launcher": self.launcher, "hardware": spec.hardware, "layout": spec.layout, "connector": spec.connector,
                 "model_dir": spec.model_dir, "tensor_parallel": self.tensor_parallel,
                 "policy": self.policy if router is not None else None, "started_unix_s": self.started_unix_s,
                 "instances": cluster.describe(), "router": router.describe() if router is not None else None,

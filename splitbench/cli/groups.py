@@ -96,6 +96,11 @@ CLUSTER = (
     Opt("policy_param", Optional[list[str]], "Policy parameter KEY=VALUE (repeatable), e.g. mixed-pool thresholds.",
         default=None),
     Opt("vllm_args", Optional[str], "Extra arguments for every vLLM server (quoted string).", default=None),
+    Opt("launcher", Optional[str], "Where cluster instances run: local (this host's process groups) or ray (one "
+        "Ray actor per instance on a node picked by CPUs/GPUs and `prompt`/`token` node resources) [local].",
+        default=None),
+    Opt("ray_address", Optional[str], "--launcher ray: the Ray cluster to join (HOST:PORT; default auto: "
+        "$RAY_ADDRESS or the one running here; none starts: no cluster is an error).", default=None),
     Opt("prefix_caching", Optional[str], "Prefix caching of launched servers (vllm/splitwise/mixed: vLLM's "
         "--enable-prefix-caching / --no-enable-prefix-caching; stub: its own block cache): on or off [on]; cached "
         "prompt tokens are reported either way (--enable-prompt-tokens-details).", default=None),

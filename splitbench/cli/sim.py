@@ -228,6 +228,9 @@ def design(
     batching: str = typer.Option("chunked", help=BATCHING_HELP),
     max_num_batched_tokens: int = typer.Option(DEFAULT_MAX_NUM_BATCHED_TOKENS, help=BUDGET_HELP),
     out: Path = typer.Option(Path("results") / "design", help="Directory for design.json and design.png."),
+    ray: bool = typer.Option(False, "--ray", help="Simulate the configurations as Ray tasks on a running Ray "
+                             "cluster (same results as without)."),
+    ray_address: Optional[str] = typer.Option(None, help="--ray: the cluster's HOST:PORT [auto]."),
 ):
     """Search Splitwise's cluster designs: highest rate meeting all nine Splitwise SLOs within a budget."""
 
@@ -236,7 +239,8 @@ def design(
                       budget=budget, budget_design=budget_design, budget_machines=budget_machines,
                       target_rate_rps=target_rate, duration_s=duration, model=model, profile=profile,
                       reference_machine=reference_machine, splits=splits, seed=seed, processes=processes,
-                      batching=batching, max_num_batched_tokens=max_num_batched_tokens)
+                      batching=batching, max_num_batched_tokens=max_num_batched_tokens, ray=ray,
+                      ray_address=ray_address)
     result = search(spec, on_status=lambda s: err_console.log(s))
     t = Table(title=f"{trace}: {objective}-optimal, {budget} ({budget_machines} x {budget_design} machines)")
     for col in ("design", "prompt", "token", "machines", "max req/s", "out tok/s", "$/h", "kW"):

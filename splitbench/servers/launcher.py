@@ -255,6 +255,39 @@ def _raise_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+class SigtermGuard:
+    """While armed (main thread only), SIGTERM raises SystemExit so finally blocks and stop() run; the local and
+    the Ray cluster share it. arm() takes over only the default action; reassert() takes SIGTERM back from a
+    library that installed its own meanwhile (ray.init does); disarm() restores what arm() found."""
+
+    def __init__(self):
+        self._old = None
+
+    def arm(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self._old is not None:
+            return
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._old = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+
+    def reassert(self) -> None:
+        if self._old is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_on_sigterm)
+
+    def disarm(self) -> None:
+        if self._old is not None and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) is _raise_on_sigterm:
+                signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def server_for(inst, model_dir: str, log_path: Path, *, python: str = sys.executable,
+               env: dict[str, str] | None = None) -> VllmServer:
+    """The VllmServer of one planned instance (topology.InstanceSpec): the same command line wherever it runs."""
+    return VllmServer(model_dir, port=inst.port, host=inst.host, cpu_cores=inst.cpu_cores, gpu_ids=inst.gpu_ids,
+                      tensor_parallel=inst.tensor_parallel, extra_args=inst.vllm_args(),
+                      env={**(env or {}), **inst.environment()}, python=python, log_path=log_path)
+
+
 class Cluster:
     """N VllmServers from a ClusterSpec: started in parallel, logs in run_dir/instances/<id>.log, stopped together."""
 
@@ -265,19 +298,16 @@ class Cluster:
         self.run_dir = Path(run_dir)
         self.servers: dict[str, VllmServer] = {}
         for inst in spec.instances:
-            self.servers[inst.id] = VllmServer(
-                spec.model_dir, port=inst.port, host=inst.host, cpu_cores=inst.cpu_cores, gpu_ids=inst.gpu_ids,
-                tensor_parallel=inst.tensor_parallel, extra_args=inst.vllm_args(),
-                env={**(env or {}), **inst.environment()}, python=python,
-                log_path=self.run_dir / "instances" / f"{inst.id}.log")
-        self._old_sigterm = None
+            self.servers[inst.id] = server_for(inst, spec.model_dir, self.run_dir / "instances" / f"{inst.id}.log",
+                                               python=python, env=env)
+        self._sigterm = SigtermGuard()
 
     def urls(self) -> dict[str, str]:
         return {i: s.url for i, s in self.servers.items()}
 
     def start(self, timeout_s: float = 300.0) -> None:
         """Spawn all, poll /health until all answer; if one dies or time runs out, stop all and raise."""
-        self._guard_sigterm()
+        self._sigterm.arm()   # while the cluster runs, SIGTERM raises SystemExit so finally/stop() run
         t0 = time.monotonic()
         try:
             for s in self.servers.values():
@@ -323,20 +353,7 @@ class Cluster:
         for t in threads:
             t.join()
         atexit.unregister(self.stop)
-        self._restore_sigterm()
-
-    def _guard_sigterm(self) -> None:
-        """While the cluster runs, SIGTERM (default action) raises SystemExit so finally/stop() run."""
-        if threading.current_thread() is not threading.main_thread() or self._old_sigterm is not None:
-            return
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-
-    def _restore_sigterm(self) -> None:
-        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
-            if signal.getsignal(signal.SIGTERM) is _raise_on_sigterm:
-                signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
+        self._sigterm.disarm()
 
     def describe(self) -> list[dict[str, Any]]:
         out = []
