@@ -42,6 +42,7 @@ class StubConfig:
     tick_s: float = 0.0002   # lean server: least time between two wakeups of the shared chunk ticker
     prefix_block_tokens: int = 16      # prefix cache block (vLLM's GPU default); 0: no prefix cache
     prefix_cache_blocks: int = 1 << 16  # blocks the prefix cache holds (LRU)
+    max_concurrency: int = 0           # requests served at once (FIFO slots; later ones queue); 0: no limit
 
     def __post_init__(self):
         for name in ("ttft_s", "tpot_s", "kv_transfer_s", "tick_s"):
@@ -49,7 +50,7 @@ class StubConfig:
                 raise InputError(f"stub {name} must be >= 0, got {getattr(self, name)!r}")
         if not (isinstance(self.tokens_per_chunk, int) and self.tokens_per_chunk >= 1):
             raise InputError(f"stub tokens_per_chunk must be an integer >= 1, got {self.tokens_per_chunk!r}")
-        for name in ("prefix_block_tokens", "prefix_cache_blocks"):
+        for name in ("prefix_block_tokens", "prefix_cache_blocks", "max_concurrency"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise InputError(f"stub {name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.fail_rate <= 1.0:
