@@ -112,7 +112,8 @@ def search(opts: dict,
         print(json.dumps(result, indent=2, default=str))
     else:
         render_search(result, console)
-    console.print(f"search directory: {search_dir} (search.json, {html_path.name})", markup=False, highlight=False)
+    (err_console if as_json else console).print(f"search directory: {search_dir} (search.json, {html_path.name})",
+                                                markup=False, highlight=False)
     if not any((s["capacity"].get("rps") or s["capacity"].get("censored") == "above") for s in result["searches"]):
         raise typer.Exit(1)
 
