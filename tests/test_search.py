@@ -11,8 +11,10 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from splitbench.app.search import SearchSpec
+from splitbench.cli import app
 from splitbench.schema.search import read_search
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +29,12 @@ def search(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def stub_args(results: Path, search_id: str, slots: int = 4, duration: float = 4.0) -> list[str]:
-    return ["--backend", "stub", "--stub-max-concurrency", str(slots), "--stub-ttft-ms", "20", "--stub-tpot-ms", "5",
-            "--trace", accuracy.lengths_trace(17), "--arrivals", "gamma", "--cv", "0.01", "--probe-duration",
-            str(duration), "--slo", "ttft_p90=120ms", "--results", str(results), "--search-id", search_id]
+def stub_args(results: Path, search_id: str, slots: int = 8, duration: float = 3.0) -> list[str]:
+    """K slots of S = 50 ms + 15 x 10 ms = 200 ms: K / S = 40 req/s at K = 8 (time scales well above a busy host's
+    scheduling hiccups)."""
+    return ["--backend", "stub", "--stub-max-concurrency", str(slots), "--stub-ttft-ms", "50", "--stub-tpot-ms", "10",
+            "--trace", accuracy.lengths_trace(16), "--arrivals", "gamma", "--cv", "0.01", "--probe-duration",
+            str(duration), "--slo", "ttft_p90=300ms", "--results", str(results), "--search-id", search_id]
 
 
 def test_fifo_model_of_the_stub():
@@ -42,12 +46,12 @@ def test_fifo_model_of_the_stub():
 
 
 def test_stub_capacity_is_found_within_5pct_and_its_ci_covers_it(tmp_path):
-    a = Namespace(slots=4, ttft_ms=20.0, tpot_ms=5.0, output=17, probe_duration=4.0, slo_ms=120.0, stat="p90",
+    a = Namespace(slots=8, ttft_ms=50.0, tpot_ms=10.0, output=16, probe_duration=3.0, slo_ms=300.0, stat="p90",
                   cv=0.01, seed=0)
-    truth = accuracy.true_capacity(a, SearchSpec(arrivals="gamma", cv=0.01, probe_duration_s=4.0, seed=0,
-                                                 slos="ttft_p90=120ms"))
-    assert 40.0 <= truth <= 42.0      # K / S = 4 / 0.1 s; a 4 s probe meets the p90 a little past it
-    out = search(*stub_args(tmp_path, "acc"), "--start-rate", "30", "--growth", "1.5", "--max-probes", "12")
+    truth = accuracy.true_capacity(a, SearchSpec(arrivals="gamma", cv=0.01, probe_duration_s=3.0, seed=0,
+                                                 slos="ttft_p90=300ms"))
+    assert 40.0 <= truth <= 46.0      # K / S = 8 / 0.2 s; a 3 s probe meets the p90 a little past it
+    out = search(*stub_args(tmp_path, "acc"), "--start-rate", "40", "--growth", "1.25", "--max-probes", "12")
     assert out.returncode == 0, out.stderr[-3000:]
     res = read_search(tmp_path / "acc")
     cap = res["searches"][0]["capacity"]
@@ -65,7 +69,7 @@ def test_stub_capacity_is_found_within_5pct_and_its_ci_covers_it(tmp_path):
 
 
 def test_resume_reuses_finished_probes_and_reruns_an_unfinished_one(tmp_path):
-    args = stub_args(tmp_path, "res", slots=2, duration=1.5) + ["--start-rate", "10"]
+    args = stub_args(tmp_path, "res", duration=1.0) + ["--start-rate", "30"]
     first = search(*args, "--max-probes", "2")
     assert first.returncode in (0, 1), first.stderr[-3000:]
     res = read_search(tmp_path / "res")
@@ -83,7 +87,7 @@ def test_resume_reuses_finished_probes_and_reruns_an_unfinished_one(tmp_path):
     assert json.loads((sdir / "probe-002" / "run.json").read_text())["status"] == "complete"
     assert len(read_search(tmp_path / "res")["searches"][0]["points"]) == 3
     # the same id with another SLO is refused, nothing changes
-    other = search(*[x if x != "ttft_p90=120ms" else "ttft_p90=300ms" for x in args], "--max-probes", "3")
+    other = search(*[x if x != "ttft_p90=300ms" else "ttft_p90=400ms" for x in args], "--max-probes", "3")
     assert other.returncode == 2 and "other options or SLOs" in other.stderr
 
 
@@ -110,8 +114,8 @@ def test_simulated_search_same_path(tmp_path):
     (["--slo", "ttft_p99=1s", "--sweep-splits"], "--sweep-splits"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, bad, says):
-    out = search("--backend", "stub", "--trace", accuracy.lengths_trace(5), "--results", str(tmp_path),
-                 "--search-id", "bad", *bad, timeout=120)
-    assert out.returncode == 2, out.stderr
+    out = CliRunner().invoke(app, ["search", "--backend", "stub", "--trace", accuracy.lengths_trace(5), "--results",
+                                   str(tmp_path), "--search-id", "bad", *bad])
+    assert out.exit_code == 2, out.output
     assert out.stderr.startswith("error:") and says in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())

@@ -13,6 +13,7 @@ from splitbench.app.session import RunSession, merge_router_phases, summarize_ru
 from splitbench.app.simrun import SimOptions, build_setup, parse_cluster, sim_reference, simulate_run
 from splitbench.client.replay import replay_workload
 from splitbench.errors import InputError
+from splitbench.hardware.catalog import get_machine, load_catalog
 from splitbench.hardware.ceiling import client_section
 from splitbench.metrics.probe import EarlyStop
 from splitbench.metrics.slo import Reference, fit_reference, load_reference, save_reference
@@ -124,7 +125,9 @@ class SimProber:
     """Each probe one simulation (`splitbench simulate` of the probe's workload) into its run directory."""
 
     def __init__(self, sim: SimOptions):
-        parse_cluster(sim.cluster)
+        catalog = load_catalog(sim.hardware_file)
+        for pool in parse_cluster(sim.cluster):
+            get_machine(pool.machine, catalog)
         self.sim = sim
 
     def __enter__(self) -> "SimProber":

@@ -22,7 +22,8 @@ from splitbench.workload.transforms import scale_rate, workload_digest
 from splitbench.workload.types import Workload
 
 MODES = ("rate-scale",) + ARRIVALS
-BUDGET_FIELDS = ("start_rate", "growth", "tolerance", "max_probes", "confidence", "bootstrap", "min_rate", "max_rate")
+BUDGET_FIELDS = ("start_rate", "growth", "tolerance", "max_probes", "confidence", "bootstrap", "min_repeats", "min_rate",
+                 "max_rate")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class SearchSpec:
     max_probes: int = 12
     confidence: float = 0.9
     bootstrap: int = 400
+    min_repeats: int = 2                # probes at each end of the final bracket
     min_rate: float | None = None
     max_rate: float | None = None
 
@@ -88,7 +90,7 @@ def search_config(spec: SearchSpec, base: Workload) -> C.SearchConfig:
     """The metrics-level config: rates are rate scales (rate-scale mode) or requests/s."""
     start = spec.start_rate or (1.0 if spec.arrivals == "rate-scale" else base_rate_rps(base))
     return C.SearchConfig(start_rate=start, growth=spec.growth, tolerance=spec.tolerance, max_probes=spec.max_probes,
-                          confidence=spec.confidence, bootstrap=spec.bootstrap,
+                          confidence=spec.confidence, bootstrap=spec.bootstrap, min_repeats=spec.min_repeats,
                           min_rate=spec.min_rate or start / 1024, max_rate=spec.max_rate or start * 1024)
 
 

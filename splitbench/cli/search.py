@@ -62,6 +62,8 @@ def search(opts: dict,
            max_probes: int = typer.Option(12, help="Probes per configuration at most."),
            confidence: float = typer.Option(0.9, help="Confidence of the capacity's bootstrap interval."),
            bootstrap: int = typer.Option(400, help="Bootstrap draws of the capacity's interval."),
+           min_repeats: int = typer.Option(2, help="Probes at each end of the final bracket before it converges "
+                                           "(a single disturbed probe cannot decide)."),
            simulate: bool = typer.Option(False, help="Probe on the simulator (--cluster, --profile) instead."),
            cluster: Optional[str] = typer.Option(None, help="--simulate: the cluster (as `simulate --cluster`)."),
            sim_model: str = typer.Option("bloom-176b", help="--simulate: the profile's model name."),
@@ -86,7 +88,7 @@ def search(opts: dict,
                       warmup_requests=warmup_requests, slos=opts["slos"], splitwise_slo=splitwise_slo,
                       max_error_rate=max_error_rate, early_stop=early_stop, seed=opts["seed"], start_rate=start_rate,
                       growth=growth, tolerance=tolerance, max_probes=max_probes, confidence=confidence,
-                      bootstrap=bootstrap)
+                      bootstrap=bootstrap, min_repeats=min_repeats)
     run = SearchRun(search_id=search_id, results_dir=opts["results_dir"], resume=resume, simulate=simulate,
                     sweep_splits=sweep_splits, predict=predict, predict_split_profile=predict_split_profile,
                     predict_machine=predict_machine)

@@ -35,6 +35,7 @@ class SearchConfig:
     max_rate: float = 1e6
     confidence: float = 0.9
     bootstrap: int = 400
+    min_repeats: int = 2           # probes at each end of the final bracket before it counts (one outlier can't)
 
 
 @dataclass
@@ -174,7 +175,8 @@ def bootstrap_ci(points: list[Point], rng: np.random.Generator, *, draws: int = 
 def next_rate(points: list[Point], est: Boundary, ci: Interval | None, cfg: SearchConfig) -> float | None:
     """The next rate to probe: grow until a probe fails and shrink until one passes; then a safeguarded secant
     step (inside the middle half of the bracket) while the bracket is wider than tolerance/2 of the estimate;
-    then repeats at the bracket end probed least (more repeats near the boundary). None: nothing left to try."""
+    then (CI narrow or bracket tight) repeats at the bracket end probed least, until each end has
+    min_repeats probes (more repeats near the boundary). None: nothing left to try."""
     if not points:
         return cfg.start_rate
     if est.censored == "above":
@@ -185,17 +187,22 @@ def next_rate(points: list[Point], est: Boundary, ci: Interval | None, cfg: Sear
         return r if r >= cfg.min_rate else None
     lo, hi, b = est.lo, est.hi, est.estimate
     width = hi - lo
-    if width > cfg.tolerance * b / 2:
+    n_lo, n_hi = _repeats(points, lo), _repeats(points, hi)
+    narrow = ci is not None and ci.lo is not None and ci.hi is not None and ci.hi - ci.lo <= cfg.tolerance * b
+    if width > cfg.tolerance * b / 2 and not narrow:
         return min(max(b, lo + width / 4), hi - width / 4)
-    n_lo = sum(1 for p in points if p.rate == lo)
-    n_hi = sum(1 for p in points if p.rate == hi)
     return lo if n_lo <= n_hi else hi
+
+
+def _repeats(points: list[Point], rate: float | None) -> int:
+    return sum(1 for p in points if p.rate == rate)
 
 
 def stop_reason(points: list[Point], est: Boundary, ci: Interval | None, cfg: SearchConfig) -> str | None:
     """Why the search stops now ("converged", "max_probes", "no_capacity", "beyond_max_rate"), or None."""
     if est.estimate is not None and ci is not None and ci.lo is not None and ci.hi is not None \
-            and (ci.hi - ci.lo) <= cfg.tolerance * est.estimate:
+            and (ci.hi - ci.lo) <= cfg.tolerance * est.estimate \
+            and min(_repeats(points, est.lo), _repeats(points, est.hi)) >= cfg.min_repeats:
         return "converged"
     if len(points) >= cfg.max_probes:
         return "max_probes"
