@@ -68,10 +68,15 @@ def test_stub_capacity_is_found_within_5pct_and_its_ci_covers_it(tmp_path):
     assert "capacity: highest rate" in out.stdout
 
 
+def sim_args(results: Path, search_id: str, *extra: str) -> list[str]:
+    return ["search", "--simulate", "--cluster", "splitwise-aa:1,1", "--splitwise-slo", "--trace", "azure-conv-2023",
+            "--arrivals", "poisson", "--probe-duration", "60", "--duration", "600", "--start-rate", "0.5",
+            "--results", str(results), "--search-id", search_id, *extra]
+
+
 def test_resume_reuses_finished_probes_and_reruns_an_unfinished_one(tmp_path):
-    args = stub_args(tmp_path, "res", duration=1.0) + ["--start-rate", "30"]
-    first = search(*args, "--max-probes", "2")
-    assert first.returncode in (0, 1), first.stderr[-3000:]
+    first = CliRunner().invoke(app, sim_args(tmp_path, "res", "--max-probes", "2"))
+    assert first.exit_code == 0, first.output
     res = read_search(tmp_path / "res")
     assert res["status"] == "complete" and res["searches"][0]["capacity"]["stop"] == "max_probes"
     sdir = tmp_path / "res" / "search"
@@ -80,24 +85,42 @@ def test_resume_reuses_finished_probes_and_reruns_an_unfinished_one(tmp_path):
     (sdir / "probe-002").mkdir()
     (sdir / "probe-002" / "run.json").write_text(json.dumps({"schema_version": 2, "run_id": "probe-002",
                                                             "status": "running"}))
-    again = search(*args, "--max-probes", "3", "--resume")
-    assert again.returncode in (0, 1), again.stderr[-3000:]
+    again = CliRunner().invoke(app, sim_args(tmp_path, "res", "--max-probes", "3", "--resume"))
+    assert again.exit_code == 0, again.output
     assert "reusing 2 finished probe(s)" in again.stderr
-    assert (sdir / "probe-001" / "run.json").read_text() == kept          # reused, not measured again
+    assert (sdir / "probe-001" / "run.json").read_text() == kept          # reused, not simulated again
     assert json.loads((sdir / "probe-002" / "run.json").read_text())["status"] == "complete"
-    assert len(read_search(tmp_path / "res")["searches"][0]["points"]) == 3
+    after = read_search(tmp_path / "res")["searches"][0]["points"]
+    assert len(after) == 3 and after[:2] == res["searches"][0]["points"]
     # the same id with another SLO is refused, nothing changes
-    other = search(*[x if x != "ttft_p90=300ms" else "ttft_p90=400ms" for x in args], "--max-probes", "3")
-    assert other.returncode == 2 and "other options or SLOs" in other.stderr
+    other = CliRunner().invoke(app, sim_args(tmp_path, "res", "--max-probes", "3", "--slo", "ttft_p99=1s"))
+    assert other.exit_code == 2 and "other options or SLOs" in other.stderr
+    assert len(read_search(tmp_path / "res")["searches"][0]["points"]) == 3
+
+
+def test_sweep_configurations_and_their_predictions():
+    from splitbench.app.options import RunOptions
+    from splitbench.app.sweep import SearchRun, predict_options, sweep_configs
+    opts = RunOptions(backend="splitwise", backend_options={"cores": "0,1,2", "connector": "nixl"})
+    configs = sweep_configs(opts)
+    assert [(label, b) for label, b, _ in configs] == [("1P2T", "splitwise"), ("2P1T", "splitwise"),
+                                                       ("baseline-3", "vllm")]
+    assert configs[0][2]["prompt_instances"] == 1 and configs[0][2]["token_instances"] == 2
+    assert "connector" not in configs[2][2] and configs[2][2]["instances"] == 3
+    run = SearchRun(predict="p.csv", predict_split_profile="pair.csv")
+    sims = [predict_options(label, b, bo, opts, run) for label, b, bo in configs]
+    assert [s.cluster for s in sims] == ["prompt=cpu-core:1,token=cpu-core:2", "prompt=cpu-core:2,token=cpu-core:1",
+                                         "baseline=cpu-core:3"]
+    assert [s.profile for s in sims] == ["pair.csv", "pair.csv", "p.csv"] and sims[0].first_token == "decode"
+    with pytest.raises(Exception, match="at least 2 instances"):
+        sweep_configs(RunOptions(backend="splitwise", backend_options={"cores": "0"}))
 
 
 def test_simulated_search_same_path(tmp_path):
-    out = search("--simulate", "--cluster", "splitwise-aa:1,1", "--splitwise-slo", "--trace", "azure-conv-2023",
-                 "--arrivals", "poisson", "--probe-duration", "120", "--duration", "600", "--start-rate", "0.5",
-                 "--max-probes", "6", "--results", str(tmp_path), "--search-id", "sim", "--json", timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = CliRunner().invoke(app, sim_args(tmp_path, "sim", "--max-probes", "4", "--json"))
+    assert out.exit_code == 0, out.output
     res = json.loads(out.stdout)
-    assert res["simulated"] and len(res["searches"][0]["points"]) <= 6
+    assert res["simulated"] and len(res["searches"][0]["points"]) <= 4
     first = res["searches"][0]["points"][0]
     assert any(i["name"].startswith("splitwise_") for i in first["items"])
     meta = json.loads((tmp_path / "sim" / "search" / "probe-000" / "run.json").read_text())

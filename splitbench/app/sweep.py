@@ -98,25 +98,7 @@ def run_search(opts: RunOptions | SimOptions, spec: SearchSpec, run: SearchRun,
     """Validate, then search; (search.json's dict, search dir). Every bad input fails before anything is written."""
     spec.check()
     slos = parse_slos(spec.slos) if spec.slos else []
-    if run.simulate:
-        opts = replace(opts, slos=spec.slos)
-        configs = [("sim", None, {"cluster": opts.cluster})]
-        probers = {"sim": SimProber(opts)}
-        SimProber(opts).reference(opts_ref(opts), spec.splitwise_slo, Path("."))   # checks the profile now
-    else:
-        opts = resolve_defaults(replace(opts, slos=spec.slos, rate_scale=1.0))
-        check_options(opts)
-        if opts.reference:
-            load_reference(opts.reference)
-        configs = sweep_configs(opts) if run.sweep_splits else [(opts.backend, opts.backend, opts.backend_options)]
-        for _, backend, bo in configs:
-            get_backend(backend, **bo)
-        probers = {}
-    predictions = []
-    if run.predict and not run.simulate:
-        predictions = [(label, predict_options(label, b, bo, opts, run)) for label, b, bo in configs]
-        for _, sim in predictions:
-            SimProber(sim).reference(None, False, Path("."))
+    opts, configs, probers, predictions = _validate(opts, spec, run)
     base = load(workload_spec(opts), on_status)
     options = json.loads(json.dumps(asdict(opts), default=str))
     search_dir = _search_dir(run, spec, options)
@@ -154,6 +136,26 @@ def run_search(opts: RunOptions | SimOptions, spec: SearchSpec, run: SearchRun,
     state["status"] = "complete"
     write_search(search_dir, finish(state))
     return state, search_dir
+
+
+def _validate(opts, spec: SearchSpec, run: SearchRun) -> tuple:
+    """(options, configurations, simulated probers, predictions) after every check that needs no backend."""
+    if run.simulate:
+        opts = replace(opts, slos=spec.slos)
+        SimProber(opts).reference(opts_ref(opts), spec.splitwise_slo, Path("."))   # checks the profile now
+        return opts, [("sim", None, {"cluster": opts.cluster})], {"sim": SimProber(opts)}, []
+    opts = resolve_defaults(replace(opts, slos=spec.slos, rate_scale=1.0))
+    check_options(opts)
+    if opts.reference:
+        load_reference(opts.reference)
+    configs = sweep_configs(opts) if run.sweep_splits else [(opts.backend, opts.backend, opts.backend_options)]
+    for _, backend, bo in configs:
+        get_backend(backend, **bo)
+    predictions = [(label, predict_options(label, b, bo, opts, run)) for label, b, bo in configs] \
+        if run.predict else []
+    for _, sim in predictions:
+        SimProber(sim).reference(None, False, Path("."))
+    return opts, configs, {}, predictions
 
 
 def opts_ref(o) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ from splitbench.app.options import RunOptions, parse_rate_scale
 from splitbench.app.search import SearchSpec
 from splitbench.app.simrun import SimOptions
 from splitbench.app.sweep import SearchRun, run_search
-from splitbench.cli.common import console, err_console, user_errors, with_options
+from splitbench.cli.common import Opt, console, err_console, user_errors, with_options
 from splitbench.cli.groups import BACKEND, CLIENT, CLUSTER, FETCH, HARDWARE, PROMPTS, RESULTS, WORKLOAD
 from splitbench.cli.run import run_options
 from splitbench.errors import InputError
@@ -20,9 +21,6 @@ from splitbench.render.search import render_search_html
 from splitbench.render.search_table import render_search
 from splitbench.schema.files import atomic_write_bytes
 from splitbench.workload.traces import parse_columns
-
-SIM_ONLY = ("cluster", "sim_model", "profile", "reference_machine", "first_token", "batching")
-
 
 def _sim_options(opts: dict, a: dict) -> SimOptions:
     w = {k: opts[k] for k in ("trace", "trace_dir", "start_s", "duration_s", "max_requests", "max_context_tokens",
@@ -37,85 +35,93 @@ def _sim_options(opts: dict, a: dict) -> SimOptions:
                       first_token=a["first_token"], batching=a["batching"])
 
 
+SEARCH = (
+    Opt("splitwise_slo", bool, "Judge by Splitwise's nine slowdown checks against the unloaded reference "
+        "(--reference, or measured on the backend first).", default=False),
+    Opt("search_id", Optional[str], "Search directory name under --results; the same id again resumes it (its "
+        "finished probes are reused).", default=None),
+    Opt("resume", bool, "Continue --search-id (it must exist; budget options may change).", default=False),
+    Opt("arrivals", str, "What the rate is: rate-scale (the window's arrivals scaled), poisson or gamma "
+        "(synthetic arrivals at R req/s with the window's lengths).", default="rate-scale"),
+    Opt("cv", float, "--arrivals gamma: inter-arrival CV.", default=1.0),
+    Opt("probe_duration_s", Optional[float], "poisson/gamma: seconds of arrivals per probe [the window's "
+        "--duration].", ("--probe-duration",), default=None),
+    Opt("warmup_s", float, "Seconds of each probe's sends left out of its verdict.", ("--warmup",), default=0.0),
+    Opt("warmup_requests", int, "First requests of each probe left out of its verdict.", default=0),
+    Opt("max_error_rate", float, "A probe with more failed requests fails.", default=0.01),
+    Opt("early_stop", bool, "Stop a probe's replay once its verdict cannot pass.", ("--early-stop/--no-early-stop",),
+        default=True),
+    Opt("start_rate", Optional[float], "First rate [rate scale 1, or the window's req/s].", default=None),
+    Opt("growth", float, "Rate factor while no probe failed (or none passed).", default=2.0),
+    Opt("tolerance", float, "Stop when the CI is at most this fraction of the capacity.", default=0.05),
+    Opt("max_probes", int, "Probes per configuration at most.", default=12),
+    Opt("confidence", float, "Confidence of the capacity's bootstrap interval.", default=0.9),
+    Opt("bootstrap", int, "Bootstrap draws of the capacity's interval.", default=400),
+    Opt("min_repeats", int, "Probes at each end of the final bracket before it converges (a single disturbed "
+        "probe cannot decide).", default=2),
+)
+SIM = (
+    Opt("simulate", bool, "Probe on the simulator (--cluster, --profile) instead.", default=False),
+    Opt("cluster", Optional[str], "--simulate: the cluster (as `simulate --cluster`).", default=None),
+    Opt("sim_model", str, "--simulate: the profile's model name.", default="bloom-176b"),
+    Opt("profile", Optional[str], "--simulate: profile CSV.", default=None),
+    Opt("reference_machine", str, "--simulate --splitwise-slo: reference machine.", default="auto"),
+    Opt("first_token", str, "--simulate: split requests' first token (prefill|decode).", default="prefill"),
+    Opt("batching", str, "--simulate: co-located batching (chunked|prompt-first).", default="chunked"),
+)
+SWEEP = (
+    Opt("sweep_splits", bool, "Search every xPyD split of the instances (--cores / --gpus) and the co-located "
+        "baseline of as many vLLM instances.", default=False),
+    Opt("predict", Optional[str], "Also run the searches on the simulator from this profile CSV (one instance) and "
+        "show prediction vs measurement.", default=None),
+    Opt("predict_split_profile", Optional[str], "--predict: profile of a prompt + token pair (splitbench profile "
+        "--backend splitwise).", default=None),
+    Opt("predict_machine", Optional[str], "--predict: catalog machine one instance is [cpu-core].", default=None),
+    Opt("html", Optional[Path], "Write the HTML report here [SEARCH_DIR/search.html].", default=None),
+    Opt("as_json", bool, "Print search.json instead of the tables.", ("--json",), default=False),
+)
+OWN = tuple(o.name for o in SEARCH + SIM + SWEEP)
+
+
+def _specs(opts: dict) -> tuple[SearchSpec, SearchRun]:
+    spec = SearchSpec(**{f.name: opts[f.name] for f in fields(SearchSpec) if f.name in opts})
+    run = SearchRun(search_id=opts["search_id"], results_dir=opts["results_dir"], resume=opts["resume"],
+                    simulate=opts["simulate"], sweep_splits=opts["sweep_splits"], predict=opts["predict"],
+                    predict_split_profile=opts["predict_split_profile"], predict_machine=opts["predict_machine"])
+    return spec, run
+
+
 @user_errors
-@with_options(WORKLOAD, FETCH, PROMPTS, CLIENT, RESULTS[:1], RESULTS[2:], BACKEND, CLUSTER, HARDWARE,
-              target=RunOptions)
-def search(opts: dict,
-           splitwise_slo: bool = typer.Option(False, help="Judge by Splitwise's nine slowdown checks against the "
-                                              "unloaded reference (--reference, or measured on the backend first)."),
-           search_id: Optional[str] = typer.Option(None, help="Search directory name under --results; the same id "
-                                                   "again resumes it (its finished probes are reused)."),
-           resume: bool = typer.Option(False, help="Continue --search-id (it must exist; budget options may change)."),
-           arrivals: str = typer.Option("rate-scale", help="What the rate is: rate-scale (the window's arrivals "
-                                        "scaled), poisson or gamma (synthetic arrivals at R req/s, the window's "
-                                        "lengths)."),
-           cv: float = typer.Option(1.0, help="--arrivals gamma: inter-arrival CV."),
-           probe_duration: Optional[float] = typer.Option(None, help="poisson/gamma: seconds of arrivals per probe "
-                                                          "[the window's --duration]."),
-           warmup: float = typer.Option(0.0, help="Seconds of each probe's sends left out of its verdict."),
-           warmup_requests: int = typer.Option(0, help="First requests of each probe left out of its verdict."),
-           max_error_rate: float = typer.Option(0.01, help="A probe with more failed requests fails."),
-           early_stop: bool = typer.Option(True, help="Stop a probe's replay once its verdict cannot pass."),
-           start_rate: Optional[float] = typer.Option(None, help="First rate [rate scale 1, or the window's req/s]."),
-           growth: float = typer.Option(2.0, help="Rate factor while no probe failed (or none passed)."),
-           tolerance: float = typer.Option(0.05, help="Stop when the CI is at most this fraction of the capacity."),
-           max_probes: int = typer.Option(12, help="Probes per configuration at most."),
-           confidence: float = typer.Option(0.9, help="Confidence of the capacity's bootstrap interval."),
-           bootstrap: int = typer.Option(400, help="Bootstrap draws of the capacity's interval."),
-           min_repeats: int = typer.Option(2, help="Probes at each end of the final bracket before it converges "
-                                           "(a single disturbed probe cannot decide)."),
-           simulate: bool = typer.Option(False, help="Probe on the simulator (--cluster, --profile) instead."),
-           cluster: Optional[str] = typer.Option(None, help="--simulate: the cluster (as `simulate --cluster`)."),
-           sim_model: str = typer.Option("bloom-176b", help="--simulate: the profile's model name."),
-           profile: Optional[str] = typer.Option(None, help="--simulate: profile CSV."),
-           reference_machine: str = typer.Option("auto", help="--simulate --splitwise-slo: reference machine."),
-           first_token: str = typer.Option("prefill", help="--simulate: split requests' first token (prefill|decode)."),
-           batching: str = typer.Option("chunked", help="--simulate: co-located batching (chunked|prompt-first)."),
-           sweep_splits: bool = typer.Option(False, help="Search every xPyD split of the instances (--cores / "
-                                             "--gpus) and the co-located baseline of as many vLLM instances."),
-           predict: Optional[str] = typer.Option(None, help="Also run the searches on the simulator from this "
-                                                 "profile CSV (one instance) and show prediction vs measurement."),
-           predict_split_profile: Optional[str] = typer.Option(None, help="--predict: profile of a prompt + token "
-                                                               "pair (splitbench profile --backend splitwise)."),
-           predict_machine: Optional[str] = typer.Option(None, help="--predict: catalog machine one instance is "
-                                                         "[cpu-core]."),
-           html: Optional[Path] = typer.Option(None, help="Write the HTML report here [SEARCH_DIR/search.html]."),
-           as_json: bool = typer.Option(False, "--json", help="Print search.json instead of the table.")):
+@with_options(WORKLOAD, FETCH, PROMPTS, CLIENT, RESULTS[:1], RESULTS[2:], BACKEND, CLUSTER, HARDWARE, SEARCH, SIM,
+              SWEEP, target=RunOptions)
+def search(opts: dict):
     """Find the highest arrival rate meeting the SLOs (noise-robust: monotone fit, bootstrap CI, repeats near the
     boundary); every probe is a run directory under the search directory. Exit 0 found, 1 no rate meets the SLOs,
     2 bad input, 130 interrupted (rerun with the same --search-id to resume)."""
-    spec = SearchSpec(arrivals=arrivals, cv=cv, probe_duration_s=probe_duration, warmup_s=warmup,
-                      warmup_requests=warmup_requests, slos=opts["slos"], splitwise_slo=splitwise_slo,
-                      max_error_rate=max_error_rate, early_stop=early_stop, seed=opts["seed"], start_rate=start_rate,
-                      growth=growth, tolerance=tolerance, max_probes=max_probes, confidence=confidence,
-                      bootstrap=bootstrap, min_repeats=min_repeats)
-    run = SearchRun(search_id=search_id, results_dir=opts["results_dir"], resume=resume, simulate=simulate,
-                    sweep_splits=sweep_splits, predict=predict, predict_split_profile=predict_split_profile,
-                    predict_machine=predict_machine)
-    if simulate:
-        if sweep_splits or predict:
+    spec, run = _specs(opts)
+    if run.simulate:
+        if run.sweep_splits or run.predict:
             raise InputError("--sweep-splits and --predict measure live clusters: drop --simulate")
         parse_rate_scale(opts["rate_scale"], allow_auto=False)
-        ro = _sim_options(opts, locals())
+        ro = _sim_options(opts, opts)
     else:
         if opts["rate_scale"] not in (None, "1", "1.0"):
             raise InputError("--rate-scale is what the search chooses: drop it (--start-rate sets the first one)")
         opts["rate_scale"] = None
-        ro = run_options(opts)
-    html_path = None
+        ro = run_options({k: v for k, v in opts.items() if k not in OWN})
     try:
         result, search_dir = run_search(ro, spec, run, on_status=lambda s: err_console.log(s))
     except KeyboardInterrupt:
         err_console.print("interrupted: finished probes are kept; rerun with the same --search-id to resume")
         raise typer.Exit(130)
-    html_path = html or search_dir / "search.html"
+    html_path = opts["html"] or search_dir / "search.html"
     atomic_write_bytes(html_path, render_search_html(result).encode())
-    if as_json:
+    if opts["as_json"]:
         print(json.dumps(result, indent=2, default=str))
     else:
         render_search(result, console)
-    (err_console if as_json else console).print(f"search directory: {search_dir} (search.json, {html_path.name})",
-                                                markup=False, highlight=False)
+    (err_console if opts["as_json"] else console).print(
+        f"search directory: {search_dir} (search.json, {Path(html_path).name})", markup=False, highlight=False)
     if not any((s["capacity"].get("rps") or s["capacity"].get("censored") == "above") for s in result["searches"]):
         raise typer.Exit(1)
 
