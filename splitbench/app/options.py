@@ -148,7 +148,8 @@ def external_options(backend: str, urls: list[str], prompt_urls: list[str], toke
 
 
 def backend_options(backend: str, *, url: str | list[str] | None = None, api_key_env: str = "OPENAI_API_KEY",
-                    stub_ttft_ms: float = 20.0, stub_tpot_ms: float = 5.0, prompt_url: list[str] | None = None,
+                    stub_ttft_ms: float = 20.0, stub_tpot_ms: float = 5.0, stub_max_concurrency: int | None = None,
+                    prompt_url: list[str] | None = None,
                     token_url: list[str] | None = None, topology: str | None = None, machine: str | None = None,
                     **cluster) -> dict:
     """Backend constructor options from the flat flags of `run`, `locust`, `reference` and `profile`; `machine`
@@ -176,7 +177,8 @@ def backend_options(backend: str, *, url: str | list[str] | None = None, api_key
     if backend == "stub":
         caching = cluster.get("prefix_caching")
         return {"ttft_s": stub_ttft_ms / 1000, "tpot_s": stub_tpot_ms / 1000,
-                **({"prefix_caching": caching} if caching is not None else {})}
+                **({"prefix_caching": caching} if caching is not None else {}),
+                **({"max_concurrency": stub_max_concurrency} if stub_max_concurrency else {})}
     if backend in CLUSTER_BACKENDS:
         params = cluster.pop("policy_param", None)
         opts = {k: v for k, v in cluster.items() if v is not None}

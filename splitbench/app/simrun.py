@@ -241,10 +241,12 @@ def _splitwisesim(workload: Workload, pools: list, opts: SimOptions) -> dict:
             "model": out["model"], "hardware": out["hardware"]}
 
 
-def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
-    """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary)."""
+def simulate_run(opts: SimOptions, workload: Workload | None = None, extra_meta: dict | None = None
+                 ) -> tuple[Path, dict]:
+    """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary).
+    workload: simulate this one instead of opts' trace (capacity search probes); extra_meta: more run.json keys."""
     check_perf_model(opts)
-    workload = load(workload_spec(opts))
+    workload = load(workload_spec(opts)) if workload is None else workload
     pools = parse_cluster(opts.cluster)
     run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
     run_dir = Path(opts.results_dir) / run_id
@@ -263,7 +265,7 @@ def simulate_run(opts: SimOptions) -> tuple[Path, dict]:
                         "sim_wall_s": out["sim_wall_s"]},
             "model": out["model"], "hardware": out["hardware"],
             "reference": asdict(reference) if reference is not None else None, "reference_machine": out["ref_machine"],
-            "versions": package_versions(("splitbench", "numpy", "pyarrow")), "host": host_info()}
+            "versions": package_versions(("splitbench", "numpy", "pyarrow")), "host": host_info(), **(extra_meta or {})}
     write_columns(run_dir, run_id, res.columns)
     write_run_meta(run_dir, meta)
     summary = summarize(res.columns, run_meta=meta, slos=slos, reference=reference)

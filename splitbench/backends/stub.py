@@ -39,10 +39,12 @@ class StubBackend:
                  port: int | None = None, cpu: int | None = None, host: str = "127.0.0.1",
                  model: str = DEFAULT_MODEL, loop: str = "precise", fail_rate: float = 0.0, seed: int = 0,
                  startup_timeout_s: float = 20.0, processes: int = 1, cpus: list[int] | None = None,
-                 prefix_caching: str | bool = "on", kv_connector: str | None = None, **_: Any):
+                 prefix_caching: str | bool = "on", kv_connector: str | None = None,
+                 max_concurrency: int | None = None, **_: Any):
         self.cfg = StubConfig(ttft_s, tpot_s, tokens_per_chunk, model, fail_rate, seed,
                               prefix_block_tokens=StubConfig.prefix_block_tokens
-                              if on_off_option(prefix_caching, "prefix-caching") else 0, kv_connector=kv_connector)
+                              if on_off_option(prefix_caching, "prefix-caching") else 0, kv_connector=kv_connector,
+                              max_concurrency=int(max_concurrency or 0))
         if loop not in LOOPS:
             raise InputError(f"stub loop must be one of {', '.join(LOOPS)}, got {loop!r}")
         self.host, self.port, self.loop, self.startup_timeout_s = host, port, loop, startup_timeout_s
@@ -63,7 +65,7 @@ class StubBackend:
                "--port", str(port), "--ttft-ms", repr(c.ttft_s * 1e3), "--tpot-ms", repr(c.tpot_s * 1e3),
                "--tokens-per-chunk", str(c.tokens_per_chunk), "--model", c.model, "--fail-rate", repr(c.fail_rate),
                "--seed", str(c.seed), "--loop", self.loop, "--port-file", str(port_file),
-               "--prefix-block-tokens", str(c.prefix_block_tokens)]
+               "--prefix-block-tokens", str(c.prefix_block_tokens), "--max-concurrency", str(c.max_concurrency)]
         if self.processes > 1:
             cmd.append("--reuse-port")
         if c.kv_connector:
@@ -129,4 +131,4 @@ class StubBackend:
                 "url": self.endpoint() if self.port is not None else None, "model": self.cfg.model,
                 "loop": self.loop, "fail_rate": self.cfg.fail_rate,
                 "prefix_caching": "on" if self.cfg.prefix_block_tokens else "off",
-                "prefix_block_tokens": self.cfg.prefix_block_tokens}
+                "prefix_block_tokens": self.cfg.prefix_block_tokens, "max_concurrency": self.cfg.max_concurrency}

@@ -21,8 +21,8 @@ _HELP = "splitbench: replay LLM traces against serving backends and measure TTFT
 def build(modules=None) -> typer.Typer:
     """The app of `modules` (default: every command module)."""
     if modules is None:
-        from splitbench.cli import gates, router, run, traces   # noqa: PLC0415  (the lazy part: see the docstring)
-        modules = (run, traces, sim, gates, router)
+        from splitbench.cli import gates, router, run, search, traces   # noqa: PLC0415  (lazy: see the docstring)
+        modules = (run, traces, sim, gates, router, search)
     app = typer.Typer(no_args_is_help=True, add_completion=False, help=_HELP)
     for module in modules:
         module.register(app)

@@ -78,6 +78,8 @@ BACKEND = (
     Opt("api_key_env", str, "Env var holding the API key (never written to results).", default="OPENAI_API_KEY"),
     Opt("stub_ttft_ms", float, "Stub backend: time to first token, ms.", default=20.0),
     Opt("stub_tpot_ms", float, "Stub backend: time per output token, ms.", default=5.0),
+    Opt("stub_max_concurrency", Optional[int], "Stub backend: requests served at once (FIFO slots, later ones "
+        "queue; capacity = K / (TTFT + (output - 1) x TPOT)) [no limit].", default=None),
     Opt("model_dir", Optional[str], "Model for cluster backends (default: the cached tiny model).", default=None),
 )
 CLUSTER = (

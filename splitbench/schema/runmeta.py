@@ -14,7 +14,7 @@ from splitbench.schema.records import RUN_FILE
 from splitbench.schema.typed import field_types, first_problem
 
 RUN_META_VERSION = 2   # 1: the untyped dict of splitbench <= 0.1 (its schema_version was the records version)
-RUN_KINDS = ("run", "reference", "locust", "profile")   # RunSession kinds
+RUN_KINDS = ("run", "reference", "locust", "profile", "search", "probe")   # RunSession kinds; search: its backend
 RUN_STATUSES = ("starting", "running", "complete", "interrupted", "failed")
 
 
@@ -44,6 +44,7 @@ class RunMeta(TypedDict, total=False):
     locust: dict[str, Any]              # `splitbench locust`: mode, workers, shards, dead workers
     reference: dict[str, Any]           # simulated runs: their own unloaded reference (metrics.slo.Reference)
     reference_machine: str              # simulated runs: the machine type of that reference
+    probe: dict[str, Any]               # `splitbench search` probes: rate, arrivals, label, early_stop
     versions: dict[str, str]            # package versions (package_versions())
     host: dict[str, Any]                # host_info()
 

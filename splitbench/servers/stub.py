@@ -47,6 +47,7 @@ class StubConfig:
     prefix_cache_blocks: int = 1 << 16  # blocks the prefix cache holds (LRU)
     kv_connector: str | None = None    # what /metrics shows of a KV connector (KV_CONNECTORS); "none": P/D
                                        # kv_transfer_params are ignored, as by a vLLM started without one
+    max_concurrency: int = 0           # requests served at once (FIFO slots; later ones queue); 0: no limit
 
     def __post_init__(self):
         for name in ("ttft_s", "tpot_s", "kv_transfer_s", "tick_s"):
@@ -54,7 +55,7 @@ class StubConfig:
                 raise InputError(f"stub {name} must be >= 0, got {getattr(self, name)!r}")
         if not (isinstance(self.tokens_per_chunk, int) and self.tokens_per_chunk >= 1):
             raise InputError(f"stub tokens_per_chunk must be an integer >= 1, got {self.tokens_per_chunk!r}")
-        for name in ("prefix_block_tokens", "prefix_cache_blocks"):
+        for name in ("prefix_block_tokens", "prefix_cache_blocks", "max_concurrency"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise InputError(f"stub {name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.kv_connector not in KV_CONNECTORS:

@@ -47,6 +47,7 @@ class StubServer:
         self.lateness = Lateness()
         self.created = int(time.time())
         self.text = [TOKEN * i for i in range(cfg.tokens_per_chunk + 1)]  # text of a chunk of i tokens
+        self.slots: asyncio.Semaphore | None = None   # cfg.max_concurrency (made on the serving loop)
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 2**20)
@@ -79,6 +80,15 @@ class StubServer:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        """cfg.max_concurrency: a request waits for a slot (FIFO) and its time to first token counts from then."""
+        if not self.cfg.max_concurrency:
+            return await self._generate_now(request, chat)
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.cfg.max_concurrency)
+        async with self.slots:
+            return await self._generate_now(request, chat)
+
+    async def _generate_now(self, request: web.Request, chat: bool) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         t_recv = loop.time()
         self.n["requests"] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections import deque
 import json
 import random
 import time
@@ -82,6 +83,25 @@ class LeanStub:
         self.gap_s = cfg.tokens_per_chunk * cfg.tpot_s
         self.ticker = Ticker(self, loop, cfg.tick_s)
         self.conns: set[_Conn] = set()
+        self.active = 0                           # cfg.max_concurrency: requests holding a slot
+        self.waiting: deque = deque()             # ... and those queued for one (FIFO)
+
+    def admit(self, conn: _Conn, chat: bool, head: bytes, low: bytes, body: bytes, t_recv: float) -> None:
+        """A generation request takes a free slot now (its time to first token counts from here) or queues."""
+        if self.cfg.max_concurrency and self.active >= self.cfg.max_concurrency:
+            self.waiting.append((conn, chat, head, low, body))
+            return
+        self.active += 1
+        conn.slot = True
+        self._generate(conn, chat, head, low, body, t_recv)
+
+    def release(self) -> None:
+        """A slot's response ended (or its client left): the oldest queued request still connected takes it."""
+        self.active -= 1
+        while self.waiting:
+            conn, chat, head, low, body = self.waiting.popleft()
+            if conn.transport is not None:
+                return self.admit(conn, chat, head, low, body, time.monotonic())
 
     def end_fault(self, s: Stream) -> None:
         """Chunk k == fault_at of a disconnect/garbage stream: drop the connection or send garbage and end."""
@@ -98,7 +118,7 @@ class LeanStub:
         if path in (b"/v1/completions", b"/v1/chat/completions"):
             if method != b"POST":
                 return conn.reply(405, _error_body(405, "method not allowed", "BadRequestError"))
-            return self._generate(conn, path == b"/v1/chat/completions", head, low, body, t_recv)
+            return self.admit(conn, path == b"/v1/chat/completions", head, low, body, t_recv)
         if method not in (b"GET", b"HEAD"):
             return conn.reply(405, _error_body(405, "method not allowed", "BadRequestError"))
         if path == b"/health":
@@ -223,6 +243,7 @@ class _Conn(asyncio.Protocol):
         self.close_after = False
         self.head_only = False
         self.stream: Stream | None = None
+        self.slot = False          # holds one of the server's max_concurrency slots
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -234,6 +255,12 @@ class _Conn(asyncio.Protocol):
             self.stream.fast = False
             self.stream = None     # no reference cycles: the stub may run with the cyclic GC off
         self.srv.conns.discard(self)
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        if self.slot:
+            self.slot = False
+            self.srv.release()
 
     def data_received(self, data: bytes) -> None:
         self.buf = self.buf + data if self.buf else data
@@ -307,6 +334,7 @@ class _Conn(asyncio.Protocol):
 
     def _done(self) -> None:
         self.busy = False
+        self._free_slot()
         if self.transport is None:
             return
         if self.close_after:

@@ -148,12 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-connector", choices=("nixl", "consumer", "none"), default=None,
                    help="P/D: KV-connector series in /metrics (nixl, consumer) or none (kv_transfer_params ignored)")
     p.add_argument("--prefix-cache-blocks", type=int, default=1 << 16, help="blocks the prefix cache holds (LRU)")
+    p.add_argument("--max-concurrency", type=int, default=0, help="requests served at once, later ones queue "
+                   "(FIFO); 0: no limit")
     a = p.parse_args(argv)
     try:
         cfg = StubConfig(a.ttft_ms / 1e3, a.tpot_ms / 1e3, a.tokens_per_chunk, a.model, a.fail_rate, a.seed,
                          kv_transfer_s=a.kv_transfer_ms / 1e3, tick_s=a.tick_ms / 1e3,
                          prefix_block_tokens=a.prefix_block_tokens, prefix_cache_blocks=a.prefix_cache_blocks,
-                         kv_connector=a.kv_connector)
+                         kv_connector=a.kv_connector, max_concurrency=a.max_concurrency)
         run_server(cfg, a.host, a.port, cpu=a.cpu, loop=a.loop, port_file=a.port_file, server=a.server,
                    reuse_port=a.reuse_port)
     except InputError as e:
