@@ -125,6 +125,19 @@ def test_simulated_search_same_path(tmp_path):
     assert any(i["name"].startswith("splitwise_") for i in first["items"])
     meta = json.loads((tmp_path / "sim" / "search" / "probe-000" / "run.json").read_text())
     assert meta["simulated"] is True and meta["probe"]["rate"] == 0.5
+    # with a prediction beside it, the report and the tables render (rendering only reads the dict)
+    from rich.console import Console
+
+    from splitbench.app.sweep import finish
+    from splitbench.render.search import render_search_html
+    from splitbench.render.search_table import render_search
+    both = finish({**res, "predictions": [dict(res["searches"][0])]})
+    assert both["comparison"][0]["error"] == pytest.approx(0.0)
+    page = render_search_html(both)
+    assert page.count("<svg") == 3 and "Measured vs predicted" in page and "(predicted)" in page
+    con = Console(record=True, width=200)
+    render_search(both, con)
+    assert "measured vs predicted" in con.export_text()
 
 
 @pytest.mark.parametrize("bad, says", [
