@@ -37,6 +37,46 @@ def stub_args(results: Path, search_id: str, slots: int = 8, duration: float = 3
             str(duration), "--slo", "ttft_p90=300ms", "--results", str(results), "--search-id", search_id]
 
 
+@pytest.mark.parametrize("server", ["lean", "aiohttp"])
+def test_stub_slots_queue_requests_fifo(server):
+    """--max-concurrency 2: two requests that hang hold both slots, so a third gets no answer (a stub without the
+    limit answers in 50 ms); once the hanging clients leave, the slots serve the next request."""
+    import socket
+    import time
+    import urllib.request
+
+    from splitbench.servers.stub_main import run_stub_in_thread
+    url, stop = run_stub_in_thread(ttft_s=0.05, tpot_s=0.01, server=server, max_concurrency=2)
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 6, "stream": True}).encode()
+
+    def post(headers: dict, timeout: float):
+        req = urllib.request.Request(url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json", **headers})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.read()
+    hangs = []
+    try:
+        for _ in range(2):
+            sk = socket.create_connection((host, int(port)))
+            sk.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Stub-Fault: hang\r\nContent-Type: "
+                       b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            hangs.append(sk)
+        deadline = time.monotonic() + 30
+        while b"splitbench_stub_requests_total 2" not in urllib.request.urlopen(url + "/metrics").read():
+            assert time.monotonic() < deadline, "the hanging requests never reached the stub"
+            time.sleep(0.02)
+        with pytest.raises(OSError):           # queued behind the two hanging requests: no answer at all
+            post({}, timeout=0.5)
+        for sk in hangs:
+            sk.close()
+        assert post({}, timeout=30).count(b"data: {") >= 6   # the freed slots serve again
+    finally:
+        for sk in hangs:
+            sk.close()
+        stop()
+
+
 def test_fifo_model_of_the_stub():
     # 4 slots, 100 ms each: arrivals every 20 ms (50/s > 40/s) queue; every 30 ms (33/s) never wait
     import numpy as np
@@ -125,6 +165,19 @@ def test_simulated_search_same_path(tmp_path):
     assert any(i["name"].startswith("splitwise_") for i in first["items"])
     meta = json.loads((tmp_path / "sim" / "search" / "probe-000" / "run.json").read_text())
     assert meta["simulated"] is True and meta["probe"]["rate"] == 0.5
+    # with a prediction beside it, the report and the tables render (rendering only reads the dict)
+    from rich.console import Console
+
+    from splitbench.app.sweep import finish
+    from splitbench.render.search import render_search_html
+    from splitbench.render.search_table import render_search
+    both = finish({**res, "predictions": [dict(res["searches"][0])]})
+    assert both["comparison"][0]["error"] == pytest.approx(0.0)
+    page = render_search_html(both)
+    assert page.count("<svg") == 3 and "Measured vs predicted" in page and "(predicted)" in page
+    con = Console(record=True, width=200)
+    render_search(both, con)
+    assert "measured vs predicted" in con.export_text()
 
 
 @pytest.mark.parametrize("bad, says", [

@@ -9,7 +9,7 @@ from typing import Callable
 
 from splitbench.app.options import RunOptions
 from splitbench.app.runner import reference_grid
-from splitbench.app.session import RunSession, merge_router_phases, summarize_run
+from splitbench.app.session import RunSession, summarize_run
 from splitbench.app.simrun import SimOptions, build_setup, parse_cluster, sim_reference, simulate_run
 from splitbench.client.replay import replay_workload
 from splitbench.errors import InputError
@@ -19,6 +19,7 @@ from splitbench.metrics.probe import EarlyStop
 from splitbench.metrics.slo import Reference, fit_reference, load_reference, save_reference
 from splitbench.schema import records as R
 from splitbench.schema.runmeta import read_run_meta, write_run_meta
+from splitbench.servers.phaselog import load_phase_log, merge_phases
 from splitbench.workload.prompts import prompt_source
 from splitbench.workload.transforms import clip_context
 from splitbench.workload.types import Workload
@@ -35,6 +36,20 @@ def free_dir(parent: Path, name: str) -> Path:
         k += 1
         d = parent / f"{name}-{k}"
     return d
+
+
+def merge_probe_phases(run_dir: Path, meta: dict) -> int:
+    """session.merge_router_phases for one probe: the backend's phase log holds every probe's requests under the
+    same ids (r0, r1, ...), so only entries logged since this probe's clock zero are merged."""
+    log = (meta.get("backend") or {}).get("phase_log")
+    if not log or not Path(log).exists():
+        return 0
+    t0 = meta["t0_unix_s"]
+    mine = {k: e for k, e in load_phase_log(log).items() if e["phases_unix_s"] and
+            min(e["phases_unix_s"].values()) >= t0 - 0.5}
+    merged = merge_phases(R.read_records(run_dir), mine, t0)
+    R.write_records(run_dir, meta["run_id"], merged)
+    return sum(1 for r in merged if r.phases_s)
 
 
 class LiveProber:
@@ -116,7 +131,7 @@ class LiveProber:
         meta.update(status="interrupted" if interrupted else "complete", t0_unix_s=rep.stats.t0_unix_s,
                     replay_stats=asdict(rep.stats), backend=s.backend.describe() if s.backend else meta.get("backend"))
         write_run_meta(run_dir, meta)
-        merge_router_phases(run_dir, meta)
+        merge_probe_phases(run_dir, meta)
         summarize_run(run_dir, meta, self.slos, s.reference)
         return meta, interrupted
 

@@ -75,14 +75,14 @@ class RunSession:
             if o.machine:
                 get_machine(o.machine, cat)
         self.backend = get_backend(o.backend, **o.backend_options)
-        if hasattr(self.backend, "check"):   # servers the user started: a bad one fails before the run directory
-            self.backend.check()
         given = self.workload is not None
         self.sized = not given and o.rate_scale == "auto"   # a given workload (profile points, a grid) is never sized
         if not given:
             self.workload = load(workload_spec(o), self.on_status)
         if o.multi_turn:
             self.extra_meta["sessions"] = plan_turns(self.workload).describe()   # no sessions: InputError now
+        if hasattr(self.backend, "check"):   # servers the user started: a bad one fails before the run directory
+            self.backend.check()
         run_id = o.run_id or new_run_id(o.backend if self.kind == "run" else f"{self.kind}-{o.backend}",
                                         self.kind if given else o.trace)
         self.run_dir = Path(o.results_dir) / run_id

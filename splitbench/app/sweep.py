@@ -125,7 +125,7 @@ def run_search(opts: RunOptions | SimOptions, spec: SearchSpec, run: SearchRun,
                 ref = live_ref if spec.splitwise_slo else None
                 _one(state, "predictions", search_dir, search_dir / f"predict-{label}", label, config, prober, base,
                      spec, slos, ref, on_status)
-    except InterruptedSearch as e:
+    except (InterruptedSearch, KeyboardInterrupt) as e:
         state["status"] = "interrupted"
         write_search(search_dir, finish(state))
         raise KeyboardInterrupt from e

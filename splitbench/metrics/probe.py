@@ -16,6 +16,7 @@ from splitbench.schema.records import NOT_SENT, RequestRecord
 
 QUANTILE = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
 DEFAULT_MAX_ERROR_RATE = 0.01
+VALUES_PER_SE = 20_000_000   # values resampled per score se at most (a big simulated probe's TBT gaps: fewer draws)
 
 
 @dataclass
@@ -116,6 +117,7 @@ def score_se(crits: Sequence[Criterion], rng: np.random.Generator, draws: int = 
     if n < 2 or draws < 2:
         return 0.0
     block = max(1, int(math.sqrt(n)))
+    draws = max(10, min(draws, int(VALUES_PER_SE / max(1, sum(c.values.size for c in crits)))))
     prepared = []
     for c in crits:
         order = np.argsort(c.owner, kind="stable")

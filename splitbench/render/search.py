@@ -37,17 +37,17 @@ def _capacity_svg(result: dict) -> str | None:
 
 
 def _latency_svg(result: dict) -> str | None:
-    series = [s for s in result["searches"] + list(result.get("predictions") or []) if s["points"]]
+    series = [(s, False) for s in result["searches"] if s["points"]] + \
+        [(s, True) for s in result.get("predictions") or [] if s["points"]]
     if not series:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, title in zip(axes, ("ttft_p99", "tbt_p99", "e2e_p99"), ("TTFT p99", "TBT p99", "E2E p99")):
-        for i, s in enumerate(series):
+        for i, (s, pred) in enumerate(series):
             pts = sorted((r["rate_rps"], r["latency"][key] * 1e3, r["passed"]) for r in s["points"]
                          if r["latency"].get(key) is not None)
             if not pts:
                 continue
-            pred = s in (result.get("predictions") or [])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if pred else "-", color=_color(i), lw=1.2,
                     label=f"{s['label']}{' (predicted)' if pred else ''}")
             for x, y, ok in pts:
@@ -135,13 +135,13 @@ def _probe_rows(s: dict) -> list[dict]:
 
 def render_search_html(result: dict) -> str:
     """The whole page; all text escaped."""
-    searches = list(result["searches"]) + list(result.get("predictions") or [])
-    cap_rows = [[s["label"] + (" (predicted)" if s in (result.get("predictions") or []) else ""),
+    searches = [(s, False) for s in result["searches"]] + [(s, True) for s in result.get("predictions") or []]
+    cap_rows = [[s["label"] + (" (predicted)" if pred else ""),
                  fmt_value(s["capacity"].get("rps")), fmt_value(s["capacity"].get("ci_lo_rps")),
                  fmt_value(s["capacity"].get("ci_hi_rps")), s["capacity"].get("stop") or "-",
                  s["capacity"].get("probes"), fmt_value(s["capacity"].get("output_tokens_per_s")),
                  fmt_value(s["capacity"].get("output_tokens_per_usd")), fmt_value(s["capacity"].get("tokens_per_j"))]
-                for s in searches]
+                for s, pred in searches]
     comparison = [[r["label"], fmt_value(r["measured_rps"]), fmt_value(r["predicted_rps"]),
                    "-" if r["error"] is None else f"{r['error']:+.1%}"] for r in result.get("comparison") or []]
     figures = [
@@ -166,4 +166,5 @@ def render_search_html(result: dict) -> str:
     return _ENV.from_string(_TEMPLATE).render(
         title=f"splitbench search: {result['search_id']}", created=created, status=result.get("status"),
         best=result.get("best"), slos=slos, cap_head=CAP_HEAD, cap_rows=cap_rows, comparison=comparison,
-        figures=figures, probe_sections=[{"label": s["label"], "rows": _probe_rows(s)} for s in searches])
+        figures=figures, probe_sections=[{"label": s["label"] + (" (predicted)" if pred else ""),
+                                          "rows": _probe_rows(s)} for s, pred in searches])
