@@ -176,10 +176,19 @@ def _one(state: dict, key: str, search_dir: Path, cdir: Path, label: str, config
     state[key][slot] = result
 
 
+def _ranked_rps(capacity: dict) -> float:
+    """A configuration's capacity for ranking: its boundary, or where every probe passed (censored above) the
+    highest rate measured, which it takes at least."""
+    if capacity.get("rps") is not None:
+        return capacity["rps"]
+    bracket = capacity.get("bracket_rps") or [None]
+    return bracket[0] or 0.0 if capacity.get("censored") == "above" else 0.0
+
+
 def finish(state: dict) -> dict:
     """search.json's derived keys: the best configuration and, with predictions, measured vs predicted capacity."""
     out = {**state, "searches": [s for s in state["searches"] if s is not None]}
-    caps = [(s["capacity"].get("rps") or 0.0, s["label"]) for s in out["searches"]]
+    caps = [(_ranked_rps(s["capacity"]), s["label"]) for s in out["searches"]]
     if caps:
         out["best"] = max(caps)[1]
     preds = {p["label"]: p for p in state.get("predictions") or [] if p is not None}
