@@ -156,8 +156,8 @@ def test_a_down_or_foreign_instance_is_a_one_line_error_before_serving(stubs, tm
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     try:
-        for args, named in ((("--prompt-url", live, "--token-url", closed, "--port", "0"), f"token-0 at {closed}"),
-                            (("--url", live, "--url", foreign, "--port", "0"), f"baseline-1 at {foreign}"),
+        for args, named in ((("--prompt-url", live, "--token-url", closed, "--port", "0"), f"token-0 ({closed})"),
+                            (("--url", live, "--url", foreign, "--port", "0"), f"baseline-1 ({foreign})"),
                             (("--prompt-url", live, "--port", "0"), "--token-url"),
                             (("--url", live, "--policy", "mixed-pool", "--policy-param", "nope=1"), "nope"),
                             (("--url", live, "--port", str(busy.getsockname()[1])), "cannot listen")):

@@ -47,17 +47,22 @@ class ExternalInstance:
 def instance_url(url: Any, where: str, file: str | None = None) -> str:
     """'http://h:8000/v1/' -> 'http://h:8000'; no http(s) scheme or host -> InputError naming `where` (and file)."""
     parsed = urllib.parse.urlsplit(str(url).strip())
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    try:
+        parsed.port   # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError:
+        raise InputError(f"{where}: {url!r} has a port that is not a number", file=file) from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise InputError(f"{where}: {url!r} needs a scheme and host, e.g. http://10.0.0.5:8000", file=file)
     path = parsed.path.rstrip("/")
     path = path[:-3] if path.endswith("/v1") else path
     return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
 
 
-def name_instances(rows: list[dict], source: str, file: str | None = None) -> list[ExternalInstance]:
+def name_instances(rows: list[dict], source: str, file: str | None = None,
+                   pools: tuple[str, ...] = BYO_POOLS) -> list[ExternalInstance]:
     """Instances from rows {url, pool[, machine, machines, id]}: ids prompt-0.., token-0.., baseline-0.. in order
     unless given; unknown keys, bad pools, duplicate ids or URLs are one-line InputErrors naming `source`."""
-    out, seen = [], {p: 0 for p in BYO_POOLS}
+    out, seen = [], {p: 0 for p in pools}
     for k, row in enumerate(rows):
         where = f"{source} instance {k + 1}"
         if not isinstance(row, dict):
@@ -66,8 +71,8 @@ def name_instances(rows: list[dict], source: str, file: str | None = None) -> li
         if bad:
             raise InputError(f"{where}: unknown key {bad[0]!r} (known: {', '.join(TOPOLOGY_KEYS)})", file=file)
         pool = row.get("pool")
-        if pool not in BYO_POOLS:
-            raise InputError(f"{where}: pool must be one of {', '.join(BYO_POOLS)}, got {pool!r}", file=file)
+        if pool not in pools:
+            raise InputError(f"{where}: pool must be one of {', '.join(pools)}, got {pool!r}", file=file)
         if "url" not in row:
             raise InputError(f"{where}: needs url=", file=file)
         machines = row.get("machines")

@@ -14,9 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
-from urllib.parse import urlsplit
 
-import orjson
 import uvloop
 
 from splitbench.client.probe import http_get
@@ -24,10 +22,8 @@ from splitbench.errors import InputError
 from splitbench.policies import POOLS, parse_policy_params
 from splitbench.procs import spawn, stop_group, wait_ready
 from splitbench.servers.router import Router
-from splitbench.servers.upstream import StreamError, Upstream
-
-FLAG_OF_POOL = {"prompt": "--prompt-url", "token": "--token-url", "baseline": "--url", "mixed": "--instance mixed="}
-
+from splitbench.servers.external import ExternalInstance, check_served
+from splitbench.servers.external import name_instances as name_external
 
 def parse_instance_spec(text: str) -> dict:
     """'id=p0,url=http://127.0.0.1:8100,pool=prompt' -> {"id": ..., "url": ..., "pool": ...}."""
@@ -46,86 +42,29 @@ def parse_instance_spec(text: str) -> dict:
     return out
 
 
-def _url_ok(url: str) -> bool:
-    try:
-        u = urlsplit(url)
-        u.port   # noqa: B018  (raises ValueError for a port that is not a number)
-    except ValueError:
-        return False
-    return u.scheme in ("http", "https") and bool(u.hostname)
-
-
 def name_instances(pooled: Sequence[tuple[str, str]]) -> list[dict]:
     """(pool, url) pairs in command-line order -> instance dicts named pool-k (prompt-0, prompt-1, token-0, ...,
-    baseline-0 for co-located ones). InputError for a bad URL or pool, a URL given twice, no instance, or
-    prompt instances without token instances (or the reverse)."""
-    out: list[dict] = []
-    count: dict[str, int] = {}
-    seen: set[str] = set()
-    for pool, url in pooled:
-        flag = FLAG_OF_POOL.get(pool, f"--instance {pool}=")
-        if pool not in POOLS:
-            raise InputError(f"--instance {pool}={url}: pool must be one of {', '.join(POOLS)}")
-        url = url.strip().rstrip("/")
-        if not _url_ok(url):
-            raise InputError(f"{flag} {url!r}: expected http://host:port or https://host:port")
-        if url in seen:
-            raise InputError(f"{flag} {url}: this URL is given twice")
-        seen.add(url)
-        out.append({"id": f"{pool}-{count.get(pool, 0)}", "url": url, "pool": pool})
-        count[pool] = count.get(pool, 0) + 1
+    baseline-0 for co-located ones), as servers/external.py names a run's user-started instances. InputError for
+    a bad URL or pool, a URL given twice, no instance, or prompt instances without token instances (or the reverse)."""
+    rows = [{"url": url, "pool": pool} for pool, url in pooled]
+    out = [{"id": i.id, "url": i.url, "pool": i.pool}
+           for i in name_external(rows, "--prompt-url/--token-url/--url/--instance", pools=POOLS)]
     if not out:
         raise InputError("no instances: give --prompt-url and --token-url (P/D), or --url (co-located)")
-    if bool(count.get("prompt")) != bool(count.get("token")):
-        have, need = ("--prompt-url", "--token-url") if count.get("prompt") else ("--token-url", "--prompt-url")
+    pools = [i["pool"] for i in out]
+    if ("prompt" in pools) != ("token" in pools):
+        have, need = ("--prompt-url", "--token-url") if "prompt" in pools else ("--token-url", "--prompt-url")
         raise InputError(f"{have} needs at least one {need} (a P/D pair: prefill on one, decode on the other)")
     return out
 
 
-async def _check_one(inst: dict, timeout_s: float) -> str:
-    """The model instance `inst` serves, after GET /health (200) and GET /v1/models (a JSON model list)."""
-    up = Upstream(inst["url"], connect_timeout_s=timeout_s)
-    where = f"instance {inst['id']} at {inst['url']}"
-    try:
-        health = await up.fetch("/health", method="GET", timeout_s=timeout_s)
-        if health.status != 200:
-            raise InputError(f"{where}: GET /health answered HTTP {health.status} (not a running OpenAI server?)")
-        models = await up.fetch("/v1/models", method="GET", timeout_s=timeout_s)
-    except StreamError as e:
-        raise InputError(f"{where} is not reachable: {e}") from None
-    finally:
-        await up.close()
-    try:
-        data = orjson.loads(models.body).get("data") if models.status == 200 else None
-        return str(data[0]["id"])
-    except (ValueError, AttributeError, TypeError, IndexError, KeyError):
-        raise InputError(f"{where}: GET /v1/models answered HTTP {models.status} without a JSON model list "
-                         "(not an OpenAI-compatible server?)") from None
+def check_instances(instances: Sequence[dict], timeout_s: float = 5.0) -> str:
+    """Every instance answers /health and /v1/models with one model (servers/external.py check_served): its id;
+    else an InputError naming the first failing instance and its URL."""
+    return check_served([ExternalInstance(i["id"], i["pool"], i["url"]) for i in instances], timeout_s)
 
 
-async def check_instances_async(instances: Sequence[dict], timeout_s: float = 5.0) -> dict[str, str]:
-    """instance id -> its model, every instance checked at once; InputError (one line naming the first failing
-    instance's URL, in the given order) when one is down or not an OpenAI server, or when they serve different
-    models (a request names one model)."""
-    results = await asyncio.gather(*(_check_one(i, timeout_s) for i in instances), return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    models = {i["id"]: m for i, m in zip(instances, results)}
-    if len(set(models.values())) > 1:
-        raise InputError("the instances serve different models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
-    return models
-
-
-def check_instances(instances: Sequence[dict], timeout_s: float = 5.0) -> dict[str, str]:
-    """check_instances_async from synchronous code (no event loop running)."""
-    return asyncio.run(check_instances_async(instances, timeout_s))
-
-
-async def _serve(router: Router, port_file: str | None, on_ready: Callable[[Router], None] | None,
-                 check_s: float | None) -> None:
-    if check_s is not None:
-        await check_instances_async([{"id": i, "url": router.urls[i]} for i in router.ledger.order], check_s)
+async def _serve(router: Router, port_file: str | None, on_ready: Callable[[Router], None] | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -154,7 +93,10 @@ def serve_router(router: Router, *, loop: str = "uvloop", port_file: str | None 
     gc.collect()
     gc.freeze()   # the objects of startup are never collected again: shorter GC pauses while serving
     run = uvloop.run if loop == "uvloop" else asyncio.run
-    run(_serve(router, port_file, on_ready, check_s))
+    if check_s is not None:
+        check_instances([{"id": i, "url": router.urls[i], "pool": router.ledger.pool[i]}
+                         for i in router.ledger.order], check_s)
+    run(_serve(router, port_file, on_ready))
 
 
 def main(argv: list[str] | None = None) -> None:
