@@ -155,3 +155,97 @@ def test_design_search_over_ray_tasks_gives_the_same_results(ray_address):
     for key in ("evaluated", "best", "ratios"):
         assert remote[key] == local[key], key
     assert remote["spec"]["ray"] and not local["spec"]["ray"]
+
+
+# A stand-in for `python -m vllm.entrypoints.openai.api_server`: serves /health on --host/--port after a child that
+# ignores SIGTERM (like an EngineCore: a grandchild of the actor, which Ray's direct-children kill does not reach).
+FAKE_VLLM = r"""
+import http.server, os, subprocess, sys, time
+args = sys.argv[1:]
+host, port = args[args.index("--host") + 1], int(args[args.index("--port") + 1])
+print("fake vllm", " ".join(args), flush=True)
+if os.environ.get("FAKE_MODE") == "die":
+    print("RuntimeError: NIXL is not available on this host", flush=True)
+    sys.exit(3)
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "time.sleep(300)"])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer((host, port), H).serve_forever()
+"""
+DRIVER = r"""
+import json, sys, time
+from pathlib import Path
+from splitbench.servers.ray_launcher import RayCluster
+from splitbench.servers.topology import plan_cluster
+out, address, fake = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+spec = plan_cluster(out, prompt=1, token=1, connector="nixl", hardware="cpu-host", cores=[0, 1])
+cluster = RayCluster(spec, out, address=address, cores_given=True, python=fake)
+cluster.start(timeout_s=120)
+print(json.dumps(cluster.describe()), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def fake_vllm(tmp_path):
+    script = tmp_path / "fake_vllm.py"
+    script.write_text(FAKE_VLLM)
+    exe = tmp_path / "fake-python"
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_of_the_driver_after_start_stops_the_whole_vllm_group_on_each_node(ray_address, tmp_path, fake_vllm):
+    """The actors die with the driver's job; each one's watchdog then stops its server's group, grandchild too."""
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), ray_address, fake_vllm],
+                              stdout=subprocess.PIPE, stderr=open(tmp_path / "driver.err", "wb"), text=True,
+                              start_new_session=True, env=ray_env())
+    members: list[int] = []
+    try:
+        line = driver.stdout.readline()
+        assert line, (tmp_path / "driver.err").read_text()
+        inst = json.loads(line)
+        assert {i["id"]: i["node_resources"].get(i["role"]) for i in inst} == {"prompt-0": 1, "token-0": 1}
+        pgids = [i["pid"] for i in inst]
+        members = [p.pid for g in pgids for p in psutil.Process(g).children(recursive=True)] + pgids
+        assert len(members) >= 4 and all(_alive(p) for p in members)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+        end = time.monotonic() + GONE_BOUND_S
+        while [g for g in pgids if group_alive(g)] or _actor_processes():
+            assert time.monotonic() < end, f"left: {[p for p in members if _alive(p)]}, actors {_actor_processes()}"
+            time.sleep(0.2)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        for p in members:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+def test_an_instance_that_dies_while_starting_is_one_error_naming_it_and_all_are_stopped(ray_address, tmp_path,
+                                                                                         fake_vllm):
+    from splitbench.errors import ServerStartError
+    from splitbench.servers.ray_launcher import RayCluster
+    from splitbench.servers.topology import plan_cluster
+    spec = plan_cluster(tmp_path, prompt=1, token=1, connector="nixl", hardware="cpu-host", cores=[0, 1])
+    cluster = RayCluster(spec, tmp_path, address=ray_address, cores_given=True, python=fake_vllm,
+                         env={"FAKE_MODE": "die"})
+    with pytest.raises(ServerStartError) as e:
+        cluster.start(timeout_s=120)
+    msg = str(e.value)
+    assert "exited with code 3" in msg and "NIXL is not available" in msg and "all 2 instances stopped" in msg
+    assert msg.startswith("instance prompt-0 on Ray node") or msg.startswith("instance token-0 on Ray node")
+    assert not cluster.actors
+    end = time.monotonic() + GONE_BOUND_S   # ray.kill() returns before the actor's process has exited
+    while _actor_processes():
+        assert time.monotonic() < end, _actor_processes()
+        time.sleep(0.2)
+    assert "fake vllm" in (tmp_path / "instances" / "prompt-0.log").read_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -22,11 +23,58 @@ from ray._private import services   # canonicalize_bootstrap_address_or_die: wha
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from splitbench.errors import InputError, ServerStartError
+from splitbench.procs import log_tail
 from splitbench.servers.launcher import SigtermGuard, free_port, server_for
 from splitbench.servers.ray_placement import ROLE_RESOURCES, Need, node_resources, place
 from splitbench.servers.topology import assign_cores
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# Ray kills a dead worker's *direct* children (RAY_kill_child_processes_on_worker_exit), procs' reaper and the vLLM
+# leader among them, but not vLLM's EngineCore (a grandchild; it outlives its leader). So each actor also starts
+# this watchdog, detached (double fork: no child of the worker), that stops the vLLM group once the actor is gone.
+_WATCHDOG = r"""
+import os, signal, sys, time
+if os.fork():
+    os._exit(0)
+owner, born, pgid, grace_s = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+def owner_alive():
+    try:
+        f = open(f"/proc/{owner}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return f[0] not in ("Z", "X") and f[19] == born
+def group_alive():
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+while group_alive() and owner_alive():
+    time.sleep(0.25)
+for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):
+    try:
+        os.killpg(pgid, sig)
+    except OSError:
+        break
+    end = time.monotonic() + wait_s
+    while group_alive() and time.monotonic() < end:
+        time.sleep(0.1)
+"""
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks (/proc/PID/stat field 22): with the pid, names it uniquely."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+def watch(pgid: int, grace_s: float = 8.0) -> None:
+    """Detach a watchdog that SIGTERMs (then SIGKILLs) process group `pgid` when this process is gone."""
+    proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), _start_time(os.getpid()), str(pgid),
+                             str(grace_s)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc.wait()   # the intermediate exits at once; the watchdog lives on, reparented
 STOP_WAIT_S = 30.0   # beyond the grace: how long stop() waits for the actors' own stop before killing them
 
 
@@ -69,7 +117,8 @@ def connect(address: str | None) -> bool:
 class InstanceActor:
     """One vLLM instance on this actor's node: ports free on the node, its cores (or GPUs Ray assigned), its log."""
 
-    def __init__(self, inst, model_dir: str, log_path: str, slot: tuple[int, int] | None, env: dict[str, str]):
+    def __init__(self, inst, model_dir: str, log_path: str, slot: tuple[int, int] | None, env: dict[str, str],
+                 python: str | None = None):
         self.inst, self.server = inst, None
         host = ray.util.get_node_ip_address()
         inst.host, inst.port = host, free_port(host)
@@ -82,13 +131,21 @@ class InstanceActor:
         path = Path(log_path)
         if not path.parent.parent.is_dir():   # the run dir is not visible here: a node-local log, copied back
             path = Path(tempfile.gettempdir()) / "splitbench-ray" / f"{os.getpid()}-{path.name}"
-        self.server = server_for(inst, model_dir, path, env=env)
+        self.server = server_for(inst, model_dir, path, env=env, python=python or sys.executable)
 
     def start(self, timeout_s: float) -> dict[str, Any]:
-        """Block until /health answers; a failure comes back as {"error": one line + log tail}."""
+        """Spawn (watched), block until /health answers; a failure comes back as {"error": one line + log tail}."""
+        deadline = time.monotonic() + timeout_s
         try:
-            self.server.start(timeout_s=timeout_s)
+            self.server.spawn()
+            watch(self.server.proc.pid)
+            while not self.server.poll_ready():
+                if time.monotonic() > deadline:
+                    raise ServerStartError(f"vLLM not healthy after {timeout_s:.0f} s; last lines of "
+                                           f"{self.server.log_path}: {log_tail(self.server.log_path)}")
+                time.sleep(0.5)
         except ServerStartError as e:
+            self.server.stop()
             return {"error": str(e)}
         return self.info()
 
@@ -157,11 +214,12 @@ class RayCluster:
     """The local Cluster's interface (start/stop/urls/logs/dead/describe) over InstanceActors on Ray nodes."""
 
     def __init__(self, spec, run_dir: str | os.PathLike, *, address: str | None = None, cores_given: bool = False,
-                 env: dict[str, str] | None = None, grace_s: float = 8.0, python: str = sys.executable):
+                 env: dict[str, str] | None = None, grace_s: float = 8.0, python: str | None = None):
         if spec.layout == "splitwiser":
             raise InputError("--layout splitwiser shares one GPU between two instances: not with --launcher ray")
         self.spec, self.run_dir, self.address = spec, Path(run_dir).absolute(), address
         self.cores_given, self.env, self.grace_s = cores_given, dict(env or {}), grace_s
+        self.python = python   # the nodes' python for vLLM (None: each actor's own)
         self.actors: dict[str, Any] = {}
         self.info: dict[str, dict] = {}
         self.nodes: dict[str, str] = {}   # instance id -> node id
@@ -193,6 +251,9 @@ class RayCluster:
                                 f"instance(s) not healthy after {timeout_s:.0f} s; all stopped")
             except TimeoutError as e:
                 raise ServerStartError(str(e)) from None
+            except ray.exceptions.RayError as e:   # an actor died (its node, a failed constructor)
+                raise ServerStartError(f"a Ray actor died while starting: {str(e).strip().splitlines()[0]}; "
+                                       f"all {len(self.actors)} instances stopped") from None
             for iid, res in results.items():
                 if "error" in res:
                     raise ServerStartError(f"instance {iid} on Ray node {self.nodes[iid][:12]}: {res['error']}; "
@@ -213,7 +274,8 @@ class RayCluster:
             self.actors[inst.id] = InstanceActor.options(
                 num_cpus=need.cpus, num_gpus=need.gpus, name=None,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            ).remote(inst, os.path.abspath(self.spec.model_dir), str(self.logs()[inst.id]), slot, self.env)
+            ).remote(inst, os.path.abspath(self.spec.model_dir), str(self.logs()[inst.id]), slot, self.env,
+                     self.python)
 
     def _record(self, iid: str, res: dict) -> None:
         """The instance as it runs on its node: address, ports and cores written back into the spec."""
