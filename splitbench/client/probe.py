@@ -11,21 +11,17 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def http_get(url: str, *, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """GET url -> (status, body); status 0 when nothing answered (refused, timeout, DNS)."""
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with _OPENER.open(req, timeout=timeout_s) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read() if e.fp else b""
-    except (urllib.error.URLError, OSError, ValueError):
-        return 0, b""
+    return _open(urllib.request.Request(url, headers=headers or {}), timeout_s)
 
 
 def http_post_json(url: str, body: dict, *, timeout_s: float = 60.0,
                    headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """POST a JSON body -> (status, body); status 0 when nothing answered (refused, timeout, DNS)."""
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    return _open(urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                        headers={"Content-Type": "application/json", **(headers or {})}), timeout_s)
+
+
+def _open(req: urllib.request.Request, timeout_s: float) -> tuple[int, bytes]:
     try:
         with _OPENER.open(req, timeout=timeout_s) as r:
             return r.status, r.read()
