@@ -23,7 +23,10 @@ def vllm_server(request, tiny_model_dir, tmp_path_factory):
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed")
     from splitbench.servers.launcher import TINY_CPU_ARGS, VllmServer, free_port
-    args = TINY_CPU_ARGS + os.environ.get("SPLITBENCH_TEST_VLLM_ARGS", "").split()
+    # with its /metrics on (no --disable-log-stats), as the launched clusters run: on a fast host the tiny model
+    # makes a short answer's tokens faster than vLLM's frontend streams them, and sizing then reads vLLM's own ITL
+    args = [a for a in TINY_CPU_ARGS if a != "--disable-log-stats"] + \
+        os.environ.get("SPLITBENCH_TEST_VLLM_ARGS", "").split()
     server = VllmServer(tiny_model_dir, port=free_port(), extra_args=args,
                         log_path=tmp_path_factory.mktemp("vllm") / "vllm.log")
     try:
