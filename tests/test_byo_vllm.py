@@ -90,20 +90,16 @@ def test_splitwise_over_hand_started_vllm_prefills_on_first_decodes_on_second(pa
 
 
 @pytest.mark.timeout(400)
-def test_decode_vllm_without_connector_is_refused_naming_it(pair, tiny_model_dir, tmp_path):
-    """A decode server started without --kv-transfer-config: its /metrics show no connector series, the prefill
-    probe's KV does not reach it (no external_kv_transfer tokens): exit 2 naming token-0, nothing replayed."""
-    log = tmp_path / "plain.log"
-    plain = _serve(tiny_model_dir, 1, log, kv=None)
-    try:
-        _wait_healthy([plain], [log])
-        p = subprocess.run([sys.executable, "-m", "splitbench.cli", "run", "--backend", "splitwise", "--prompt-url",
-                            pair[0], "--token-url", plain[1], "--trace", TRACE, "--results", str(tmp_path / "res")],
-                           capture_output=True, text=True, timeout=300)
-    finally:
-        stop_group(plain[0])
+def test_decode_vllm_without_connector_is_refused_naming_it(pair, vllm_server, tmp_path):
+    """A decode server started without --kv-transfer-config (the session's plain vLLM of the same model): its
+    /metrics show no connector series, the prefill probe's KV does not reach it (no external_kv_transfer tokens):
+    exit 2 naming token-0, nothing replayed."""
+    plain = vllm_server.url
+    p = subprocess.run([sys.executable, "-m", "splitbench.cli", "run", "--backend", "splitwise", "--prompt-url",
+                        pair[0], "--token-url", plain, "--trace", TRACE, "--results", str(tmp_path / "res")],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "token instance token-0" in lines[0] and plain[1] in lines[0], p.stderr
+    assert len(lines) == 1 and "token instance token-0" in lines[0] and plain.rstrip("/") in lines[0], p.stderr
     assert "did not take the prefill's KV" in lines[0], p.stderr
     assert not (tmp_path / "res").exists()
