@@ -11,12 +11,11 @@ from pathlib import Path
 
 from splitbench.errors import InputError
 from splitbench.policies import parse_policy_params
-from splitbench.servers.external import from_urls, load_topology
+from splitbench.servers.external import DEFAULT_POLICY, from_urls, load_topology
 from splitbench.workload.load import DEFAULT_TRACE, WorkloadSpec
 from splitbench.workload.sessions import ThinkTime
 
 CLUSTER_BACKENDS = ("vllm", "splitwise", "mixed")
-DEFAULT_POLICY = {"vllm": "jsq", "splitwise": "jsq", "mixed": "mixed-pool"}   # the backends' own defaults
 LOCAL_CLUSTER_DURATION_S = 60.0    # a local CPU cluster's default window (trace seconds): sizing keeps its first part
 DURATION_S = 60.0                  # every other backend's
 POWER_MODES = ("auto", "nvml", "off")

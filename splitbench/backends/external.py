@@ -11,12 +11,11 @@ from typing import Any
 
 from splitbench.client.probe import http_get
 from splitbench.errors import InputError
-from splitbench.servers.external import ExternalInstance, check_connectors, check_served
+from splitbench.servers.external import DEFAULT_POLICY, ExternalInstance, check_connectors, check_served
 from splitbench.servers.router_process import RouterProcess
 from splitbench.servers.scrape import ScraperProcess
 
 POOLS_OF = {"vllm": ("baseline",), "splitwise": ("prompt", "token"), "mixed": ("prompt", "token")}
-DEFAULT_POLICY = {"vllm": "jsq", "splitwise": "jsq", "mixed": "mixed-pool"}
 
 
 class ExternalBackend:

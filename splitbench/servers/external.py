@@ -16,6 +16,7 @@ from splitbench.errors import InputError
 from splitbench.servers.scrape import parse_prometheus
 
 BYO_POOLS = ("prompt", "token", "baseline")
+DEFAULT_POLICY = {"vllm": "jsq", "splitwise": "jsq", "mixed": "mixed-pool"}   # the cluster backends' own defaults
 TOPOLOGY_KEYS = ("url", "pool", "machine", "machines", "id")
 # /metrics series whose presence shows a KV connector (vLLM 0.32 registers them at start, zero-valued):
 # vllm:nixl_* for NixlConnector (any role), vllm:num_requests_kv_fetch_by_stage for a consumer role (kv_consumer,
