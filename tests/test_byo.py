@@ -20,7 +20,7 @@ from splitbench.backends.registry import get_backend
 from splitbench.backends.stub import StubBackend
 from splitbench.errors import InputError
 from splitbench.schema import records as R
-from splitbench.servers.external import load_topology
+from splitbench.servers.byo import load_topology
 from splitbench.servers.scrape import snapshot
 
 CLI = [sys.executable, "-m", "splitbench.cli"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from splitbench.errors import InputError
 from splitbench.policies import parse_policy_params
-from splitbench.servers.external import DEFAULT_POLICY, from_urls, load_topology
+from splitbench.servers.byo import DEFAULT_POLICY, from_urls, load_topology
 from splitbench.workload.load import DEFAULT_TRACE, WorkloadSpec
 from splitbench.workload.sessions import ThinkTime
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from splitbench.client.probe import http_get
 from splitbench.errors import InputError
-from splitbench.servers.external import DEFAULT_POLICY, ExternalInstance, check_connectors, check_served
+from splitbench.servers.byo import DEFAULT_POLICY, ExternalInstance
+from splitbench.servers.external import check_connectors, check_served
 from splitbench.servers.router_process import RouterProcess
 from splitbench.servers.scrape import ScraperProcess
 

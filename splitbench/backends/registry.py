@@ -10,7 +10,7 @@ from splitbench.backends.splitwise import MixedBackend, SplitwiseBackend
 from splitbench.backends.stub import StubBackend
 from splitbench.backends.vllm import VllmBackend
 from splitbench.errors import InputError
-from splitbench.servers.external import ExternalInstance
+from splitbench.servers.byo import ExternalInstance
 
 BACKENDS: dict[str, type] = {
     "openai": OpenAIBackend,

@@ -22,8 +22,9 @@ from splitbench.errors import InputError
 from splitbench.policies import POOLS, parse_policy_params
 from splitbench.procs import spawn, stop_group, wait_ready
 from splitbench.servers.router import Router
-from splitbench.servers.external import ExternalInstance, check_served
-from splitbench.servers.external import name_instances as name_external
+from splitbench.servers.byo import ExternalInstance
+from splitbench.servers.byo import name_instances as name_external
+from splitbench.servers.external import check_served
 
 def parse_instance_spec(text: str) -> dict:
     """'id=p0,url=http://127.0.0.1:8100,pool=prompt' -> {"id": ..., "url": ..., "pool": ...}."""

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import http.client
 import io
 import math
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import MachineType, get_machine, load_catalog
+from splitbench.workload.download import download_checked
 
 PROFILE_FILE = "perf_model.csv"
 PROFILE_URL = ("https://raw.githubusercontent.com/Mutinifni/splitwise-sim/"
@@ -140,27 +137,9 @@ def fetch_profile(dest: str | os.PathLike | None = None, url: str | None = None,
     url = url or PROFILE_URL
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / PROFILE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{PROFILE_FILE}.", suffix=".part", dir=dest)
-    h, nbytes = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            while chunk := resp.read(1 << 20):
-                nbytes += len(chunk)
-                if nbytes > max_bytes:
-                    raise InputError(f"download of {url} exceeds {max_bytes} bytes; nothing was saved")
-                f.write(chunk)
-                h.update(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        if h.hexdigest() != expected_sha256:
-            raise InputError(f"sha256 mismatch for {url}: got {h.hexdigest()}, expected {expected_sha256}; "
-                             "nothing was saved")
-        os.replace(tmp, target)
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        raise InputError(f"download of {url} failed: {e}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return {"path": str(target), "url": url, "bytes": nbytes, "sha256": h.hexdigest(), "status": "verified"}
+    digest, nbytes = download_checked(url, target, timeout_s=timeout_s, must_match=expected_sha256,
+                                      max_bytes=max_bytes)
+    return {"path": str(target), "url": url, "bytes": nbytes, "sha256": digest, "status": "verified"}
 
 
 # ----------------------------------------------------------------------------- measuring

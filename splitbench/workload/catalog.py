@@ -5,12 +5,8 @@ The lowest workload module besides types: parsing (traces.py), synth.py and load
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -18,6 +14,7 @@ from typing import Callable
 
 from splitbench.errors import InputError
 from splitbench.schema.files import atomic_write_json
+from splitbench.workload.download import download_checked
 
 SHA256_MAX_BYTES = 50 * 1024 * 1024   # hash files up to this size on every load; bigger ones only on fetch
 SIDECAR_SUFFIX = ".sha256.json"       # written next to a fetched file: its hash, size and mtime
@@ -126,29 +123,9 @@ def fetch_trace(name: str, *, dest: str | os.PathLike | None = None, url: str | 
     dest.mkdir(parents=True, exist_ok=True)
     url = url or entry["url"]
     target = dest / entry["file"]
-    fd, tmp = tempfile.mkstemp(prefix=f".{entry['file']}.", suffix=".part", dir=dest)
-    h, nbytes = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-                h.update(chunk)
-                nbytes += len(chunk)
-                if progress:
-                    progress(nbytes, total)
-            f.flush()
-            os.fsync(f.fileno())
-        if total is not None and nbytes != total:
-            raise InputError(f"download of {url} truncated: {nbytes} of {total} bytes; nothing was saved")
-        digest, expected = h.hexdigest(), entry.get("sha256")
-        if entry.get("sha256_verified") and digest != expected:
-            raise InputError(f"sha256 mismatch for {url}: got {digest}, catalogue has {expected}; nothing was saved")
-        os.replace(tmp, target)
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        raise InputError(f"download of {url} failed: {e}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    expected = entry.get("sha256")
+    digest, nbytes = download_checked(url, target, timeout_s=timeout_s, progress=progress,
+                                      must_match=expected if entry.get("sha256_verified") else None)
     status = ("verified" if entry.get("sha256_verified") else "unknown-sha256" if expected is None else
               "matches-unverified" if digest == expected else "mismatch-unverified")
     st = target.stat()
