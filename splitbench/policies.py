@@ -113,8 +113,8 @@ class JSQ:
                 return Decision(instances.id(break_tie(prompts, rng)), instances.id(break_tie(tokens, rng)), PROMPT)
             colocated = ranks[COLOCATED].least()
             if colocated:
-                c = instances.view(break_tie(colocated, rng))
-                return Decision(c.id, None, c.pool)
+                iid = instances.id(break_tie(colocated, rng))   # no InstanceView built: the id and pool suffice
+                return Decision(iid, None, instances.ledger.pool[iid])
             raise NoHealthyInstance(_why(instances))
         return _pick_pair_or_colocated(
             instances, lambda c: _least(c, lambda i: i.pending_prompt_tokens, rng),
