@@ -12,6 +12,7 @@
 #   robust  the token instance SIGKILLed mid-run: failures recorded, no GPU process or memory left (nvidia-smi);
 #           a start failure (the V2 model runner without flashinfer) reported as its real cause in one line
 #   ceiling client ceilings (benchmarks/client_ceiling.py) at --workers 1,2,4,8 against as many stub processes
+#   router  benchmarks/router_overhead.py at 200 req/s (both modes) and --ceiling, the router on a core of its own
 #   twogpu  (2 GPUs, nvidia-h200-x2) the 8B model on GPUS2 (default 0,1): baseline 2 instances vs prompt on the first
 #           GPU + token on the second over NIXL, both live windows, compare, placement check, profiles, simulator
 # Knobs: STEPS="check live profile robust ceiling", BUDGET_S=540, GPU=0, LIVE_S=45 (window per live run, s),
@@ -22,7 +23,7 @@ set -u
 G="$PWD/.gpu"; P=/tmp/parts; S=/tmp/site; OUT="${OUT:-/tmp/gpu-out}"; PY="${PY:-python3}"; R=/tmp/results
 BUNDLE_SHA=a5eade0cfc62031312a488a36fbd2b4233699cfc32b7f98d14bb4f5c6008dbee
 BUDGET_S="${BUDGET_S:-540}"; STEPS="${STEPS:-check live profile robust ceiling}"; DRY="${DRY:-}"; GPU="${GPU:-0}"
-LIVE_S="${LIVE_S:-45}"; CHECK_S="${CHECK_S:-20}"; CEIL_S="${CEIL_S:-5}"; M8=/tmp/llama8b
+LIVE_S="${LIVE_S:-45}"; ROUTER_S="${ROUTER_S:-10}"; CHECK_S="${CHECK_S:-20}"; CEIL_S="${CEIL_S:-5}"; M8=/tmp/llama8b
 VARGS8="${VARGS8:---load-format dummy --enforce-eager --max-model-len 16384 --kv-cache-memory-bytes 17179869184 --uvicorn-log-level warning}"
 VARGS_TINY="--enforce-eager --max-model-len 4096 --kv-cache-memory-bytes 4294967296 --uvicorn-log-level warning"
 mkdir -p "$OUT"
@@ -254,5 +255,14 @@ if want ceiling; then
       --duration "$CEIL_S" --max-points 8 --json "$OUT/ceiling/w$w.json" > "$OUT/ceiling/w$w.txt" 2>&1
     log "ceiling w$w (stubs $stubs) exit $?: $(grep -m1 'ceiling:' "$OUT/ceiling/w$w.txt" 2>/dev/null)"
   done
+fi
+if want router; then   # issue 16: the P/D router's added TTFT on a host with a core of its own for the router
+  loop=$("$PY" -c 'import uvloop' 2>/dev/null && echo uvloop || echo asyncio); log "router loop: $loop"
+  x "$PY" benchmarks/router_overhead.py --loop "$loop" --rate 200 --duration "$ROUTER_S" --mode both --router-core own \
+    > "$OUT/router/rate200.txt" 2>&1
+  log "router 200 req/s exit $?: $(tail -n 3 "$OUT/router/rate200.txt" 2>/dev/null | head -n 2 | tr '\n' ' ')"
+  x "$PY" benchmarks/router_overhead.py --loop "$loop" --ceiling --mode colocated --duration 5 --rate 200 --router-core own \
+    > "$OUT/router/ceiling.txt" 2>&1
+  log "router ceiling exit $?: $(grep -m1 -i 'ceiling' "$OUT/router/ceiling.txt" 2>/dev/null)"
 fi
 log "done in $(el) s (steps: $STEPS)"
