@@ -1,6 +1,7 @@
 """Lean HTTP/1.1 server plumbing on asyncio.Protocol, shared by the stub (stub_lean.py) and the router (router.py):
 keep-alive, pipelining, Content-Length request bodies (Expect: 100-continue), whole responses, chunked or
-Content-Length streamed responses whose head goes out with the first data (one write), write flow control."""
+Content-Length streamed responses whose head goes out with the first data (one write), write flow control, handlers
+run as tasks (TaskConn)."""
 from __future__ import annotations
 
 import asyncio
@@ -78,6 +79,7 @@ class LeanConn(asyncio.Protocol):
         self.head_only = False
         self._head = b""           # a streamed response's head, written with its first data
         self._framed = True        # the streamed response is chunked (else Content-Length or until close)
+        self.streaming = False     # begin() was called for the request being answered
         self.paused = False        # the transport's write buffer is over its high-water mark
         self._drain: asyncio.Future | None = None
 
@@ -186,6 +188,7 @@ class LeanConn(asyncio.Protocol):
     def begin(self, status: int, ctype: bytes, extra: bytes = b"", length: int | None = None) -> None:
         """Start a streamed response (its head is written with the first send or with finish): chunked, or
         `length` bytes (Content-Length), or on HTTP/1.0 until the connection closes."""
+        self.streaming = True
         self._framed = self.chunked and length is None
         if self._framed:
             size = b"Transfer-Encoding: chunked\r\n"
@@ -253,7 +256,7 @@ class LeanConn(asyncio.Protocol):
             w.set_result(None)
 
     def _done(self) -> None:
-        self.busy = False
+        self.busy = self.streaming = False
         self.on_done()
         if self.transport is None:
             return
@@ -265,3 +268,44 @@ class LeanConn(asyncio.Protocol):
     def _resume(self) -> None:
         if self.transport is not None and not self.busy and self.buf:
             self._next_request()
+
+
+class TaskConn(LeanConn):
+    """A connection whose server's handle(conn, method, path, head, low, body, t_recv) answers at once (-> None) or
+    returns a coroutine, run as the request's task and cancelled when the client leaves. A task that ends without
+    an answer gets a 500 (or its started answer is cut). server.conns: the open connections."""
+
+    def __init__(self, server, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self.server = server
+        self.task: asyncio.Task | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server.conns.add(self)
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self.server.conns.discard(self)
+        if self.task is not None:
+            self.task.cancel()
+
+    def handle(self, method: bytes, path: bytes, head: bytes, low: bytes, body: bytes, t_recv: float) -> None:
+        coro = self.server.handle(self, method, path, head, low, body, t_recv)
+        if coro is not None:
+            self.task = self.loop.create_task(coro)
+            self.task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if self.task is not task:
+            return      # a later request's task already runs (this one answered before it ended)
+        self.task = None
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            self.loop.call_exception_handler({"message": "request handler failed", "exception": exc})
+        if self.busy and self.transport is not None:
+            if self.streaming:
+                self.abort()
+            else:
+                self.reply(500, error_body(500, f"server error: {type(exc).__name__}" if exc else
+                                           "server stopping", "InternalServerError"))
