@@ -378,10 +378,12 @@ class Router:
                         if state["prefill_open"]:  # first bytes = prefill done; not streamed: the end
                             self.ledger.prefill_done(d, req)
                             state["prefill_open"] = False
+                    if up.ended():   # the answer's end came with this read: the last bytes and the end together
+                        break
                     conn.send(chunk)
                     if conn.paused:
                         await conn.drain()
-                conn.finish()
+                conn.finish(chunk or b"")
             except ConnectionError as e:   # only the client's side raises it (upstream: StreamError)
                 raise _ClientGone() from e
             kind = "ok" if status == 200 else "http_error"
