@@ -3,8 +3,7 @@ answer -> status by answer_status(); StreamError carries a status that a transpo
 from __future__ import annotations
 
 import asyncio
-
-import aiohttp
+import sys
 
 from splitbench.schema import records as R
 
@@ -16,9 +15,16 @@ except ImportError:  # pragma: no cover
 ERROR_CHARS = 300          # error messages in records are cut to this length
 ERROR_BODY_BYTES = 4096    # of an error answer's body, this much is kept to find its message
 
-# the connection ended under a request that had been sent: its answer is cut short
-_DISCONNECTS = (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionResetError,
-                ConnectionAbortedError, BrokenPipeError, asyncio.IncompleteReadError, EOFError)
+# the connection ended under a request that had been sent: its answer is cut short (and aiohttp's two such errors,
+# _disconnected: looked up, not imported, so that the lean transport's users, the router, never load aiohttp)
+_DISCONNECTS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, asyncio.IncompleteReadError, EOFError)
+
+
+def _disconnected(exc: BaseException) -> bool:
+    if isinstance(exc, _DISCONNECTS):
+        return True
+    aiohttp = sys.modules.get("aiohttp")   # an aiohttp error exists only once aiohttp was imported
+    return aiohttp is not None and isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError))
 
 
 class StreamError(Exception):
@@ -39,7 +45,7 @@ def classify(exc: BaseException, timeout_s: float, idle_timeout_s: float) -> tup
     if isinstance(exc, TimeoutError):   # asyncio's and aiohttp's timeouts are TimeoutErrors
         return R.TIMEOUT, f"no response within limits (total {timeout_s:g}s, idle {idle_timeout_s:g}s)"
     message = f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]
-    if isinstance(exc, _DISCONNECTS):
+    if _disconnected(exc):
         return R.DISCONNECTED, message
     return R.ERROR, message
 

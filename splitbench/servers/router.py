@@ -1,6 +1,6 @@
-"""P/D router: an aiohttp server that places each request with a policy (co-located, or split prefill->decode with
-vLLM's kv_transfer_params protocol), streams the answer back over lean-client pools (upstream.py), tracks health
-and pending tokens, logs phases. Run it: `python -m splitbench.servers.router_process --instance ...`."""
+"""P/D router: a lean HTTP/1.1 server (lean_http.py) that places each request with a policy (co-located, or split
+prefill->decode with vLLM's kv_transfer_params protocol), streams the answer back over lean-client pools (upstream.py),
+tracks health and pending tokens, logs phases. Run it: `python -m splitbench.servers.router_process --instance ...`."""
 from __future__ import annotations
 
 import asyncio
@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import orjson
-from aiohttp import web
 
 from splitbench.errors import InputError
 from splitbench.policies import POOLS, Decision, Ledger, NoHealthyInstance, Policy, Request, make_policy, routable
 from splitbench.prefix_policy import request_hashes
 from splitbench.schema import records as R
+from splitbench.servers.lean_http import TaskConn, error_body, header, header_items
 from splitbench.servers.phaselog import PhaseLog
 from splitbench.servers.upstream import PREFILL_KV_PARAMS, StreamError, Upstream, prefill_body
 
@@ -28,6 +28,13 @@ _HOP = frozenset(h.lower() for h in ("Host", "Content-Length", "Connection", "Ke
                                       "Accept-Encoding", "Content-Type"))  # bodies are always sent as JSON
 _UPSTREAM_ERRORS = (StreamError, OSError)
 PROBE_TIMEOUTS_TO_EJECT = 3   # health probes that time out in a row before an instance is taken out
+MAX_BODY_BYTES = 256 * 2**20  # of a request
+SHUTDOWN_S = 1.0              # stop(): requests in flight get this long to end before their connections are cut
+_ROUTES = {b"/v1/completions": (b"POST", "proxy"), b"/v1/chat/completions": (b"POST", "proxy"),
+           b"/health": (b"GET", "health"), b"/v1/models": (b"GET", "models"), b"/metrics": (b"GET", "metrics")}
+_KINDS = {400: "BadRequestError", 404: "NotFoundError", 405: "BadRequestError", 500: "InternalServerError",
+          502: "BadGateway", 503: "ServiceUnavailable"}
+_TEXT = b"text/plain; charset=utf-8"
 
 
 class _ClientGone(Exception):
@@ -55,10 +62,15 @@ def count_input_tokens(body: dict) -> int:
     return 0
 
 
-def _err(status: int, message: str) -> web.Response:
-    kind = {502: "BadGateway", 503: "ServiceUnavailable", 400: "BadRequestError"}.get(status, "Error")
-    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                             status=status)
+def _err(status: int, message: str) -> bytes:
+    """An OpenAI-style JSON error body."""
+    return error_body(status, message, _KINDS.get(status, "Error"))
+
+
+class _Conn(TaskConn):
+    """One downstream connection: requests up to MAX_BODY_BYTES, phases on time.perf_counter."""
+    max_body_bytes = MAX_BODY_BYTES
+    clock = staticmethod(time.perf_counter)
 
 
 class Router:
@@ -93,7 +105,9 @@ class Router:
         self.per_instance = {i: {"prompt": 0, "token": 0, "colocated": 0, "failures": 0} for i in self.urls}
         self.per_pool: dict[str, int] = dict.fromkeys(POOLS, 0)
         self.perf = time.perf_counter
-        self._runner: web.AppRunner | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self.conns: set[_Conn] = set()            # open downstream connections
         self.upstream: dict[str, Upstream] = {}   # instance id -> its keep-alive pool (lean client)
         self._tasks: list[asyncio.Task] = []
 
@@ -102,26 +116,15 @@ class Router:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=256 * 2**20)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/metrics", self._metrics)
-        return app
-
     async def start(self) -> None:
         """Open the upstream pools, poll health once, listen (self.port is the bound port), open the phase log
         (after the bind: a port in use leaves no log behind; no request can end before it is open)."""
+        self.loop = asyncio.get_running_loop()
         self.upstream = {i: Upstream(u, connect_timeout_s=self._connect_timeout_s) for i, u in self.urls.items()}
         await self.poll_health()
-        self._runner = web.AppRunner(self.make_app(), access_log=None, handler_cancellation=True,
-                                     shutdown_timeout=1.0, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=4096, reuse_address=True)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._server = await self.loop.create_server(lambda: _Conn(self, self.loop), self.host, self.port, backlog=4096,
+                                                     reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
         if self.phase_log_path:
             self.phase_log = PhaseLog(self.phase_log_path, policy=getattr(self.policy, "name", "?"),
                                       instances=[{"id": i, "url": self.urls[i], "pool": self.ledger.pool[i]}
@@ -129,13 +132,23 @@ class Router:
         self._tasks = [asyncio.create_task(self._health_loop()), asyncio.create_task(self._flush_loop())]
 
     async def stop(self) -> None:
-        """Stop listening, close upstream connections, flush and close the phase log. Idempotent."""
+        """Stop listening, give requests in flight SHUTDOWN_S to end, cut every connection, close upstream
+        connections, flush and close the phase log. Idempotent."""
         for t in self._tasks:
             t.cancel()
         self._tasks = []
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.close()
+            busy = [c.task for c in self.conns if c.task is not None]
+            if busy:
+                await asyncio.wait(busy, timeout=SHUTDOWN_S)
+            busy = [c.task for c in self.conns if c.task is not None]
+            for c in list(self.conns):
+                c.abort()
+            for t in busy:
+                t.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
         upstream, self.upstream = self.upstream, {}
         await asyncio.gather(*(u.close() for u in upstream.values()))
         if self.phase_log is not None:
@@ -179,25 +192,40 @@ class Router:
             self.ledger.set_healthy(iid, False)
             self.n["marked_unhealthy"] += 1
 
-    # ------------------------------------------------------------------ small endpoints
-    async def _health(self, request: web.Request) -> web.Response:
-        views = self.ledger.views()
-        body = {"status": "ok" if routable(views) else "unavailable",
-                "instances": {v.id: v.healthy for v in views}}
-        return web.json_response(body, status=200 if routable(views) else 503)
+    # ------------------------------------------------------------------ downstream requests
+    def handle(self, conn: _Conn, method: bytes, path: bytes, head: bytes, low: bytes, body: bytes, t_recv: float):
+        """Route one request: answered here (None), or the coroutine that answers it (run as the request's task)."""
+        route = _ROUTES.get(path.split(b"?", 1)[0])
+        if route is None:
+            return conn.reply(404, _err(404, f"no route {path[:200].decode('latin-1')}"))
+        want, name = route
+        if method != want and not (want == b"GET" and method == b"HEAD"):
+            return conn.reply(405, _err(405, f"method {method[:20].decode('latin-1')} not allowed"),
+                              extra=b"Allow: %s\r\n" % want)
+        if name == "proxy":
+            return self._proxy(conn, path.split(b"?", 1)[0].decode(), head, low, body, t_recv)
+        if name == "models":
+            return self._models(conn)
+        if name == "health":
+            views = self.ledger.views()
+            body = {"status": "ok" if routable(views) else "unavailable",
+                    "instances": {v.id: v.healthy for v in views}}
+            return conn.reply(200 if routable(views) else 503, orjson.dumps(body))
+        return conn.reply(200, self.metrics_text().encode(), _TEXT)
 
-    async def _models(self, request: web.Request) -> web.Response:
+    async def _models(self, conn: _Conn) -> None:
         for iid in self.ledger.order:
             if self.ledger.healthy[iid]:
                 try:
                     a = await self.upstream[iid].fetch("/v1/models", method="GET", timeout_s=self._prefill_timeout_s)
                 except _UPSTREAM_ERRORS as e:
                     self._mark_unhealthy(iid)
-                    return _err(502, f"instance {iid}: {e}")
-                return web.Response(body=a.body, status=a.status, content_type=a.content_type)
-        return _err(503, "no healthy instance")
+                    return conn.reply(502, _err(502, f"instance {iid}: {e}"))
+                return conn.reply(a.status, a.body, a.content_type.encode("latin-1"))
+        conn.reply(503, _err(503, "no healthy instance"))
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    def metrics_text(self) -> str:
+        """The router's counters and the instances' state, Prometheus text format."""
         rows = [f"# TYPE splitbench_router_{k}_total counter\nsplitbench_router_{k}_total {v}\n"
                 for k, v in self.n.items() if k != "inflight"]
         rows.append(f"# TYPE splitbench_router_inflight gauge\nsplitbench_router_inflight {self.n['inflight']}\n")
@@ -218,24 +246,17 @@ class Router:
                        "instance_pending_decode_tokens": v.pending_decode_tokens,
                        "instance_running": v.running}[name]
                 rows.append(f"splitbench_router_{name}{{{lab}}} {val}\n")
-        return web.Response(text="".join(rows), content_type="text/plain")
+        return "".join(rows)
 
     # ------------------------------------------------------------------ proxying
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._proxy(request, "/v1/completions")
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._proxy(request, "/v1/chat/completions")
-
-    async def _proxy(self, request: web.Request, path: str) -> web.StreamResponse:
-        t: dict[str, float] = {"router_recv": self.perf()}
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    async def _proxy(self, conn: _Conn, path: str, head: bytes, low: bytes, raw: bytes, t_recv: float) -> None:
+        t: dict[str, float] = {"router_recv": t_recv}
+        rid = (header(head, low, b"\r\nx-request-id:") or b"").decode("latin-1") or uuid.uuid4().hex
         entry: dict[str, Any] = {"request_id": rid, "path": path, "status": "cancelled", "http_status": None,
                                  "error": None, "t": t}
         self.n["requests"] += 1
         self.n["inflight"] += 1
         try:
-            raw = await request.read()
             try:
                 body = orjson.loads(raw)
                 if not isinstance(body, dict):
@@ -243,28 +264,28 @@ class Router:
                 n_out = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_OUTPUT_TOKENS
                 req = Request(rid, count_input_tokens(body), int(n_out), request_hashes(self.policy, body))
             except (ValueError, TypeError, AttributeError) as e:
-                return self._finish(entry, 400, "bad_request", f"bad request body: {e}")
+                return self._finish(conn, entry, 400, "bad_request", f"bad request body: {e}")
             entry.update(input_tokens=req.input_tokens, output_tokens=req.output_tokens)
             try:
                 d = self.policy.choose(req, self.ledger.views())
             except NoHealthyInstance as e:
-                return self._finish(entry, 503, "no_instance", str(e))
+                return self._finish(conn, entry, 503, "no_instance", str(e))
             entry.update(instance=d.label, pool=d.pool, prompt_instance=d.prompt_instance,
                          token_instance=d.token_instance, flow="split" if d.split else "colocated",
                          prefill_pool=d.pool, decode_pool=self.ledger.pool[d.token_instance] if d.split else d.pool)
             self.per_pool[d.pool] = self.per_pool.get(d.pool, 0) + 1
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+            headers = {k: v for k, v in header_items(head) if k.lower() not in _HOP}
             headers["Content-Type"] = "application/json"   # X-Request-Id: added by the upstream client
             self.ledger.dispatch(d, req)
             state = {"prefill_open": True}
             try:
                 if d.split:
                     self.n["split"] += 1
-                    return await self._split(request, path, body, headers, d, req, t, entry, state)
+                    return await self._split(conn, path, body, headers, d, req, t, entry, state)
                 self.n["colocated"] += 1
                 self.per_instance[d.prompt_instance]["colocated"] += 1
                 t["sent"] = self.perf()
-                return await self._relay(request, d.prompt_instance, path, raw, headers, d, req, t, entry, state,
+                return await self._relay(conn, d.prompt_instance, path, raw, headers, d, req, t, entry, state,
                                          bool(body.get("stream")))
             finally:
                 if state["prefill_open"]:
@@ -280,18 +301,26 @@ class Router:
             if self.phase_log is not None:
                 self.phase_log.write(entry)
 
-    def _finish(self, entry: dict, status: int, kind: str, error: str | None) -> web.Response:
-        entry.update(status=kind, http_status=status, error=error)
+    def _finish(self, conn: _Conn, entry: dict, status: int, kind: str, error: str | None,
+                http_status: int | None = None) -> None:
+        """Record how the request ended and answer it with an error; an answer already started is cut instead
+        (`http_status`: the status it started with)."""
+        entry.update(status=kind, http_status=http_status or status, error=error)
         self.n[kind] += 1
-        return _err(status, error or kind)
+        if conn.streaming:
+            conn.abort()
+        else:
+            conn.reply(status, _err(status, error or kind), extra=b"X-Request-Id: %s\r\n"
+                       % entry["request_id"].encode("latin-1"))
 
-    def _upstream_failed(self, entry: dict, iid: str, stage: str, e: BaseException | str) -> web.Response:
+    def _upstream_failed(self, conn: _Conn, entry: dict, iid: str, stage: str, e: BaseException | str,
+                         http_status: int | None = None) -> None:
         self._mark_unhealthy(iid)
         msg = e if isinstance(e, (str, StreamError)) else f"{type(e).__name__}: {e}".rstrip(": ")
         entry["stage"] = stage
-        return self._finish(entry, 502, "upstream_error", f"{stage} on instance {iid} failed: {msg}")
+        self._finish(conn, entry, 502, "upstream_error", f"{stage} on instance {iid} failed: {msg}", http_status)
 
-    async def _split(self, request, path, body, headers, d: Decision, req: Request, t, entry, state):
+    async def _split(self, conn, path, body, headers, d: Decision, req: Request, t, entry, state) -> None:
         p_id, d_id = d.prompt_instance, d.token_instance
         self.per_instance[p_id]["prompt"] += 1
         self.per_instance[d_id]["token"] += 1
@@ -302,31 +331,31 @@ class Router:
                                                 timeout_s=self._prefill_timeout_s)
             answer, status, ctype = a.body, a.status, a.content_type
         except _UPSTREAM_ERRORS as e:
-            return self._upstream_failed(entry, p_id, "prefill", e)
+            return self._upstream_failed(conn, entry, p_id, "prefill", e)
         finally:
             t["prefill_done"] = self.perf()
             self.ledger.prefill_done(d, req)
             state["prefill_open"] = False
         if status >= 500:
-            return self._upstream_failed(entry, p_id, "prefill", f"HTTP {status}: {answer[:200]!r}")
+            return self._upstream_failed(conn, entry, p_id, "prefill", f"HTTP {status}: {answer[:200]!r}")
         if status != 200:  # the request itself is bad: pass the instance's answer on
             entry.update(status="http_error", http_status=status, stage="prefill")
             self.n["http_error"] += 1
-            return web.Response(body=answer, status=status, content_type=ctype)
+            return conn.reply(status, answer, ctype.encode("latin-1"))
         try:
             kv = orjson.loads(answer).get("kv_transfer_params")
         except (ValueError, AttributeError) as e:
-            return self._upstream_failed(entry, p_id, "prefill", f"bad JSON answer: {e}")
+            return self._upstream_failed(conn, entry, p_id, "prefill", f"bad JSON answer: {e}")
         decode = dict(body)
         if kv:
             decode["kv_transfer_params"] = kv
         t["decode_sent"] = self.perf()
-        return await self._relay(request, d_id, path, orjson.dumps(decode), headers, d, req, t, entry, state,
+        return await self._relay(conn, d_id, path, orjson.dumps(decode), headers, d, req, t, entry, state,
                                  bool(body.get("stream")))
 
-    async def _relay(self, request, iid, path, data, headers, d, req, t, entry, state, stream: bool):
-        """POST to the instance and pass its answer on read by read (no buffering)."""
-        resp: web.StreamResponse | None = None
+    async def _relay(self, conn: _Conn, iid, path, data, headers, d, req, t, entry, state, stream: bool) -> None:
+        """POST to the instance and pass its answer on read by read (one write each, the head with the first)."""
+        status = None
         stage = "decode" if d.split else "request"
         up = self.upstream[iid].stream(path, data, headers=headers, request_id=req.id,
                                        timeout_s=self._request_timeout_s, idle_timeout_s=self._idle_timeout_s)
@@ -334,12 +363,12 @@ class Router:
             status = await up.head()
             if status >= 500:
                 answer = await up.read()
-                return self._upstream_failed(entry, iid, stage, f"HTTP {status}: {answer[:200]!r}")
-            resp = web.StreamResponse(status=status, headers={
-                "Content-Type": up.headers.get("content-type", "application/json"), "X-Request-Id": req.id,
-                "Cache-Control": "no-cache"})
+                return self._upstream_failed(conn, entry, iid, stage, f"HTTP {status}: {answer[:200]!r}")
+            length = up.headers.get("content-length", "")
+            conn.begin(status, up.headers.get("content-type", "application/json").encode("latin-1"),
+                       b"X-Request-Id: %s\r\nCache-Control: no-cache\r\n" % req.id.encode("latin-1"),
+                       int(length) if length.isdigit() else None)
             try:
-                await resp.prepare(request)
                 first = True
                 while (chunk := await up.next()) is not None:
                     if first:
@@ -349,25 +378,21 @@ class Router:
                         if state["prefill_open"]:  # first bytes = prefill done; not streamed: the end
                             self.ledger.prefill_done(d, req)
                             state["prefill_open"] = False
-                    await resp.write(chunk)
-                await resp.write_eof()
+                    if up.ended():   # the answer's end came with this read: the last bytes and the end together
+                        break
+                    conn.send(chunk)
+                    if conn.paused:
+                        await conn.drain()
+                conn.finish(chunk or b"")
             except ConnectionError as e:   # only the client's side raises it (upstream: StreamError)
                 raise _ClientGone() from e
             kind = "ok" if status == 200 else "http_error"
             entry.update(status=kind, http_status=status, stage=None if kind == "ok" else stage)
             self.n[kind] += 1
-            return resp
         except _ClientGone:
-            entry.update(status="cancelled", error="client disconnected", http_status=resp.status if resp else None)
+            entry.update(status="cancelled", error="client disconnected", http_status=status)
             self.n["cancelled"] += 1
-            return resp
         except _UPSTREAM_ERRORS as e:
-            if resp is None:
-                return self._upstream_failed(entry, iid, stage, e)
-            self._upstream_failed(entry, iid, stage, e)  # headers already sent: cut the client's connection
-            entry["http_status"] = resp.status
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
+            self._upstream_failed(conn, entry, iid, stage, e, status if conn.streaming else None)
         finally:
             up.close()

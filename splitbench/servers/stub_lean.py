@@ -1,4 +1,4 @@
-"""The lean stub server (default): HTTP/1.1 on asyncio.Protocol (keep-alive, Content-Length bodies, chunked SSE)
+"""The lean stub server (default): HTTP/1.1 on lean_http.py (keep-alive, Content-Length bodies, chunked SSE)
 and ONE shared ticker (stub_ticker.py) that emits every due chunk of every stream in deadline order, so the server
 costs about one heap operation and one transport.write per chunk. Behaviour matches stub_aiohttp.py byte for byte."""
 from __future__ import annotations
@@ -33,39 +33,14 @@ from splitbench.servers.stub import (
     stats,
     whole_completion,
 )
+from splitbench.servers.lean_http import LeanConn, error_body, header
 from splitbench.servers.stub_ticker import Call, Stream, Ticker
 
-MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 2**20
 GC_PERIOD_S = 1.0     # manage_gc: young-generation collections this often
 _SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
              b"Transfer-Encoding: chunked\r\n\r\n")
 _SSE_HEAD_10 = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
-_EOF = b"0\r\n\r\n"
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
-            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable"}
-
-
-def _response(status: int, body: bytes, ctype: bytes = b"application/json; charset=utf-8", close: bool = False,
-              version: bytes = b"1.1") -> bytes:
-    reason = _REASONS.get(status, "Error").encode()
-    conn = b"Connection: close\r\n" if close else b""
-    return (b"HTTP/%s %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s"
-            % (version, status, reason, ctype, len(body), conn, body))
-
-
-def _error_body(status: int, message: str, kind: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
-
-
-def _header(head: bytes, low: bytes, name: bytes) -> bytes | None:
-    """The value of header `name` (b"\\r\\nname:", lower case) in a request head (`low` = head.lower())."""
-    i = low.find(name)
-    if i < 0:
-        return None
-    i += len(name)
-    j = head.find(b"\r\n", i)
-    return head[i:j if j >= 0 else len(head)].strip()
 
 
 class LeanStub:
@@ -117,10 +92,10 @@ class LeanStub:
         path = path.split(b"?", 1)[0]
         if path in (b"/v1/completions", b"/v1/chat/completions"):
             if method != b"POST":
-                return conn.reply(405, _error_body(405, "method not allowed", "BadRequestError"))
+                return conn.reply(405, error_body(405, "method not allowed", "BadRequestError"))
             return self.admit(conn, path == b"/v1/chat/completions", head, low, body, t_recv)
         if method not in (b"GET", b"HEAD"):
-            return conn.reply(405, _error_body(405, "method not allowed", "BadRequestError"))
+            return conn.reply(405, error_body(405, "method not allowed", "BadRequestError"))
         if path == b"/health":
             return conn.reply(200, b"")
         if path == b"/v1/models":
@@ -133,7 +108,7 @@ class LeanStub:
             if b"reset=lateness" in head.split(b"\r\n", 1)[0]:
                 self.lateness.reset()
             return conn.reply(200, text, b"text/plain; charset=utf-8")
-        return conn.reply(404, _error_body(404, "not found", "NotFoundError"))
+        return conn.reply(404, error_body(404, "not found", "NotFoundError"))
 
     def _generate(self, conn: _Conn, chat: bool, head: bytes, low: bytes, body_bytes: bytes, t_recv: float):
         cfg, n = self.cfg, self.n
@@ -145,16 +120,16 @@ class LeanStub:
                 raise ValueError(f"max_tokens must be an integer >= 1, got {n_out!r}")
             n_in = count_input_tokens(body.get("messages") if chat else body.get("prompt"))
         except (ValueError, TypeError, AttributeError) as e:
-            return conn.reply(400, _error_body(400, f"bad request: {e}", "BadRequestError"))
-        fault = (_header(head, low, b"\r\nx-stub-fault:") or b"").decode("latin-1")
+            return conn.reply(400, error_body(400, f"bad request: {e}", "BadRequestError"))
+        fault = (header(head, low, b"\r\nx-stub-fault:") or b"").decode("latin-1")
         kind, _, arg = fault.partition(":")
         if kind not in ("", "status", "disconnect", "hang", "garbage") or not (arg.isdigit() or not arg):
-            return conn.reply(400, _error_body(400, f"bad X-Stub-Fault {fault!r} (status:CODE, disconnect:K, hang, "
+            return conn.reply(400, error_body(400, f"bad X-Stub-Fault {fault!r} (status:CODE, disconnect:K, hang, "
                                                     "garbage[:K])", "BadRequestError"))
         if kind == "status" or (not kind and cfg.fail_rate and self.rng.random() < cfg.fail_rate):
             n["faults"] += 1
             code = int(arg or 500)
-            return conn.reply(code, _error_body(code, "injected fault (X-Stub-Fault or --fail-rate)",
+            return conn.reply(code, error_body(code, "injected fault (X-Stub-Fault or --fail-rate)",
                                                 "InternalServerError"))
         if kind:
             n["faults"] += 1
@@ -203,7 +178,7 @@ class LeanStub:
         the decode instance needs to pull the KV cache (fake block ids, this server's address)."""
         self.n["prefill_only"] += 1
         self.n["prompt"] += n_in
-        rid = (_header(head, low, b"\r\nx-request-id:") or b"").decode("latin-1") or uuid.uuid4().hex
+        rid = (header(head, low, b"\r\nx-request-id:") or b"").decode("latin-1") or uuid.uuid4().hex
         self.ticker.add(t_recv + self.cfg.ttft_s, Call(self._kv_answer, conn, chat, body, n_in, rid, cached))
 
     def _kv_answer(self, conn, chat, body, n_in, rid, cached=None) -> None:
@@ -231,17 +206,13 @@ class LeanStub:
             "kv_transfer_params": kv}).encode())
 
 
-class _Conn(asyncio.Protocol):
-    """One client connection: parses one request at a time (later bytes wait until the response is done)."""
+class _Conn(LeanConn):
+    """One client connection (lean_http.LeanConn) of the stub: its stream and its max_concurrency slot."""
+    max_body_bytes = MAX_BODY_BYTES
 
     def __init__(self, srv: LeanStub):
+        super().__init__(srv.loop)
         self.srv = srv
-        self.transport: asyncio.Transport | None = None
-        self.buf = b""
-        self.busy = False          # a response is in progress
-        self.chunked = True        # HTTP/1.1: chunked streams; HTTP/1.0: stream until close
-        self.close_after = False
-        self.head_only = False
         self.stream: Stream | None = None
         self.slot = False          # holds one of the server's max_concurrency slots
 
@@ -250,101 +221,27 @@ class _Conn(asyncio.Protocol):
         self.srv.conns.add(self)
 
     def connection_lost(self, exc) -> None:
-        self.transport = None      # the ticker drops this connection's stream at its next deadline
+        super().connection_lost(exc)   # the ticker drops this connection's stream at its next deadline
         if self.stream is not None:
             self.stream.fast = False
             self.stream = None     # no reference cycles: the stub may run with the cyclic GC off
         self.srv.conns.discard(self)
         self._free_slot()
 
+    def handle(self, method: bytes, path: bytes, head: bytes, low: bytes, body: bytes, t_recv: float) -> None:
+        self.srv.handle(self, method, path, head, low, body, t_recv)
+
+    def end_stream(self, data: bytes = b"") -> None:
+        self.stream = None
+        super().end_stream(data)
+
+    def on_done(self) -> None:
+        self._free_slot()
+
     def _free_slot(self) -> None:
         if self.slot:
             self.slot = False
             self.srv.release()
-
-    def data_received(self, data: bytes) -> None:
-        self.buf = self.buf + data if self.buf else data
-        if not self.busy:
-            self._next_request()
-
-    def _next_request(self) -> None:
-        buf = self.buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD_BYTES:
-                self._bad(413, "request head too large")
-            return
-        head = buf[:end]
-        low = head.lower()
-        te = _header(head, low, b"\r\ntransfer-encoding:")
-        if te is not None and te.lower() != b"identity":
-            return self._bad(501, "chunked request bodies are not supported: send Content-Length")
-        cl = _header(head, low, b"\r\ncontent-length:")
-        try:
-            size = int(cl) if cl else 0
-            if size < 0:
-                raise ValueError
-        except ValueError:
-            return self._bad(400, f"bad Content-Length {cl!r}")
-        if size > MAX_BODY_BYTES:
-            return self._bad(413, "request body too large")
-        if len(buf) < end + 4 + size:
-            return  # the rest of the body is still on its way
-        body, self.buf = buf[end + 4:end + 4 + size], buf[end + 4 + size:]
-        t_recv = time.monotonic()
-        line = head[:head.find(b"\r\n")] if b"\r\n" in head else head
-        parts = line.split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return self._bad(400, f"bad request line {line[:80]!r}")
-        method, path, version = parts
-        conn_hdr = (_header(head, low, b"\r\nconnection:") or b"").lower()
-        self.chunked = version != b"HTTP/1.0"
-        self.close_after = b"close" in conn_hdr or (not self.chunked and b"keep-alive" not in conn_hdr)
-        self.head_only = method == b"HEAD"
-        self.busy = True
-        self.srv.handle(self, method, path, head, low, body, t_recv)
-
-    def _bad(self, status: int, message: str) -> None:
-        self.close_after, self.busy, self.buf = True, True, b""
-        self.reply(status, _error_body(status, message, "BadRequestError"))
-
-    def reply(self, status: int, body: bytes, ctype: bytes = b"application/json; charset=utf-8") -> None:
-        """A whole (Content-Length) response; ends the request."""
-        if self.transport is None:
-            return
-        data = _response(status, body, ctype, self.close_after, b"1.1" if self.chunked else b"1.0")
-        if self.head_only:
-            data = data[:data.index(b"\r\n\r\n") + 4]
-        self.transport.write(data)
-        self._done()
-
-    def write_chunk(self, data: bytes) -> None:
-        self.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
-
-    def end_stream(self, data: bytes = b"") -> None:
-        """The last event(s) and the end of the chunked body, in one write."""
-        if self.transport is not None:
-            if self.chunked:
-                self.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else _EOF)
-            else:
-                self.transport.write(data)
-                self.close_after = True
-        self.stream = None
-        self._done()
-
-    def _done(self) -> None:
-        self.busy = False
-        self._free_slot()
-        if self.transport is None:
-            return
-        if self.close_after:
-            self.transport.close()
-        elif self.buf:  # a pipelined request: serve it on the next loop turn
-            self.srv.loop.call_soon(self._resume)
-
-    def _resume(self) -> None:
-        if self.transport is not None and not self.busy and self.buf:
-            self._next_request()
 
 
 def _young_gc(loop: asyncio.AbstractEventLoop) -> None:

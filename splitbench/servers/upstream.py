@@ -142,6 +142,12 @@ class Stream:
         reads.clear()
         return data
 
+    def ended(self) -> bool:
+        """Every read was handed out and the answer is complete (next() would return None at once): lets the
+        caller write the last bytes and the end in one write."""
+        fut = self._fut
+        return not self._reads and fut.done() and not fut.cancelled() and fut.exception() is None
+
     async def read(self) -> bytes:
         """The rest of the body."""
         parts = []
