@@ -131,9 +131,17 @@ class _Pool:
     total: int
     size: int
 
-    def pick(self, instances, rng: random.Random) -> InstanceView:
-        c = break_tie(self.ties, rng)
-        return instances.view(c) if isinstance(c, int) else c
+    def pick(self, rng: random.Random):
+        """The least loaded (rng breaks ties): a position in the ledger's views, or an InstanceView."""
+        return break_tie(self.ties, rng)
+
+
+def _as_view(instances, c) -> InstanceView:
+    return instances.view(c) if isinstance(c, int) else c
+
+
+def _id_of(instances, c) -> str:
+    return instances.id(c) if isinstance(c, int) else c.id
 
 
 def _scanned_pool(instances: Sequence[InstanceView], pool: str, borrowed: dict, key) -> _Pool:
@@ -144,6 +152,9 @@ def _scanned_pool(instances: Sequence[InstanceView], pool: str, borrowed: dict, 
 
 
 def _ranked_pool(rank, borrowed_at: dict[str, int]) -> _Pool:
+    if not borrowed_at:   # nothing lent (the common case): the rank as it is
+        n = len(rank)
+        return _Pool(rank.least(), n, rank.total, n)
     skip = {k for k in borrowed_at.values() if k in rank}
     return _Pool(rank.least(skip), len(rank) - len(skip), rank.total - sum(rank.key(k) for k in skip), len(rank))
 
@@ -214,9 +225,11 @@ class MixedPool:
             else:
                 at[iid] = k
         own = led.positions(MIXED)
-        ids = [led.order[k] for k in sorted({*own, *at.values()})] if own else \
-            sorted(at, key=at.__getitem__)
-        cands = [(i, prompt[i], decode[i]) for i in ids if healthy[i]]
+        if own or at:
+            ids = [led.order[k] for k in sorted({*own, *at.values()})] if own else sorted(at, key=at.__getitem__)
+            cands = [(i, prompt[i], decode[i]) for i in ids if healthy[i]]
+        else:
+            cands = []
         return _ranked_pool(ranks[PROMPT], at), _ranked_pool(ranks[TOKEN], at), cands
 
     def _room(self, cands: list[tuple], rng: random.Random, busy: tuple[str, ...] = ()) -> str | None:
@@ -244,14 +257,15 @@ class MixedPool:
                 raise NoHealthyInstance(_why(instances))
             c = _least(colocated, lambda i: i.pending_tokens, rng)
             return Decision(c.id, None, self.effective_pool(c))
-        p, t = prompts.pick(instances, rng), tokens.pick(instances, rng)
+        pc, tc = prompts.pick(rng), tokens.pick(rng)
         p_over = prompts.total >= self.prompt_threshold_tokens * prompts.n
         t_over = tokens.total >= self.decode_threshold_tokens * tokens.n
-        if not (p_over or t_over):
-            return Decision(p.id, t.id, PROMPT)
+        if not (p_over or t_over):   # no InstanceView built: the ids suffice
+            return Decision(_id_of(instances, pc), _id_of(instances, tc), PROMPT)
         m = self._room(cands, rng, (PROMPT,) * p_over + (TOKEN,) * t_over)
         if m is not None:
             return Decision(m, None, MIXED)
+        p, t = _as_view(instances, pc), _as_view(instances, tc)
         # Borrow from the pool that is not overloaded (prompt overloaded -> take a token instance, and so on)
         d, ok = (t, self._can_lend(tokens, t, self.decode_threshold_tokens, lambda i: i.pending_decode_tokens)) \
             if p_over else (p, self._can_lend(prompts, p, self.prompt_threshold_tokens,

@@ -183,7 +183,10 @@ class SimCluster:
 
     def _wake(self, m: _Machine) -> None:
         """An idle machine got work: plan at the same time but after the events already queued for it, so
-        requests arriving at the same instant share the first batch."""
+        requests arriving at the same instant share the first batch; at once when none is queued for now (the
+        same order: callers wake last in their handler)."""
+        if self.sim.nothing_else_now():
+            return self._plan(m)
         m.state = _WAKING
         self.sim.schedule(self.sim.now_s, self._plan, m)
 

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import gc
 import heapq
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,11 +35,20 @@ class Simulator:
     def pending(self) -> int:
         return len(self._heap)
 
+    def nothing_else_now(self) -> bool:
+        """True when no other event is queued for the present instant (one scheduled now would run next)."""
+        heap = self._heap
+        return not heap or heap[0][0] > self.now_s
+
     def run(self, until_s: float | None = None) -> float:
         """Process events until the heap is empty (or the next event is after until_s); returns the final time.
-        A handler may schedule events itself or return an iterable of (time_s, handler, *args) tuples."""
+        A handler may schedule events itself or return an iterable of (time_s, handler, *args) tuples.
+        The cyclic garbage collector is paused meanwhile: events make no reference cycles, and its passes over
+        the heap's live objects cost 20-30% of a simulation (measured on the 19k-request replay)."""
         heap, pop, schedule = self._heap, heapq.heappop, self.schedule
         n = 0
+        gc_was_on = gc.isenabled()
+        gc.disable()
         try:
             while heap:
                 if until_s is not None and heap[0][0] > until_s:
@@ -51,6 +61,8 @@ class Simulator:
                     _schedule_all(schedule, out)
         finally:
             self.events += n
+            if gc_was_on:
+                gc.enable()
         return self.now_s
 
 
