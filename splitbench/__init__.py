@@ -1,5 +1,9 @@
 """splitbench: trace-driven benchmark and load-testing harness for LLM serving. `splitbench.open_run(dir)` reads a
 run's records (pandas), run.json and summary.json."""
+from splitbench import native
+
+native.activate()   # the simulator's compiled group, or its sources where that build is stale (native.py)
+
 __version__ = "0.1.0"
 __all__ = ["open_run", "Run", "__version__"]
 

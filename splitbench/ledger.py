@@ -7,9 +7,31 @@ from __future__ import annotations
 import math
 import weakref
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, TypeVar, cast
+
+_T = TypeVar("_T")
+
+
+def _interpreted(cls: _T) -> _T:
+    """No-op class decorator: under mypyc, a decorated class stays a regular Python class (native classes cannot
+    subclass RuntimeError or collections.abc.Sequence, nor be weakly referenced, nor have methods reassigned)."""
+    return cls
+
+
+def _with_abc(base: type) -> Callable[[_T], _T]:
+    """Class decorator for an _interpreted class that subclasses the collections.abc class `base`: a no-op in pure
+    Python. mypyc builds such a class with typing's aliases (typing.Sequence ...) as bases, which fails, so the
+    class is written with a base mypy cannot see (Any) and this adds `base` back: a subclass of (cls, base) that
+    takes cls's name, with base's mixin methods and isinstance/issubclass against it as before."""
+    def add(cls: Any) -> Any:
+        if issubclass(cls, base):
+            return cls
+        return type(cls)(cls.__name__, (cls, base), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                                    "__doc__": cls.__doc__, "__slots__": ()})
+    return add
 
 PROMPT, TOKEN, MIXED, BASELINE = "prompt", "token", "mixed", "baseline"
 POOLS = (PROMPT, TOKEN, MIXED, BASELINE)
@@ -46,6 +68,7 @@ class Decision:
         return f"{self.prompt_instance}>{self.token_instance}" if self.token_instance else self.prompt_instance
 
 
+@_interpreted   # mypyc: RuntimeError cannot be a native class's base
 class NoHealthyInstance(RuntimeError):
     """No healthy instance (or pair of instances) can take the request."""
 
@@ -93,11 +116,14 @@ class Rank:
     the ints key * SPAN + position (one int compares faster than a tuple; order is the same for any int key)."""
 
     __slots__ = ("_items", "_key", "total")
-    SPAN = 1 << 32   # more positions than any cluster has
+    SPAN: Final = 1 << 32   # more positions than any cluster has
+    _items: list[int]
+    _key: dict[int, int]
+    total: int
 
     def __init__(self) -> None:
-        self._items: list[int] = []   # key * SPAN + position, sorted
-        self._key: dict[int, int] = {}
+        self._items = []              # key * SPAN + position, sorted
+        self._key = {}
         self.total = 0                # sum of the keys
 
     def set(self, pos: int, key: int) -> None:
@@ -127,16 +153,17 @@ class Rank:
     def __len__(self) -> int:
         return len(self._key)
 
-    def least(self, skip: frozenset | set | None = None) -> list[int]:
+    def least(self, skip: AbstractSet[int] | None = None) -> list[int]:
         """Positions holding the smallest key, leaving out `skip`, in position order; [] when none is left."""
         out: list[int] = []
-        span, end = self.SPAN, None
+        span, end, started = self.SPAN, 0, False   # started: end is set (the first key's entry was seen)
         for e in self._items:
-            if end is None:
+            if not started:
                 pos = e % span
                 if skip and pos in skip:
                     continue
                 end = (e // span + 1) * span    # the first entry of the next key
+                started = True
             elif e >= end:
                 break
             else:
@@ -147,17 +174,25 @@ class Rank:
         return out
 
 
-class Views(Sequence):
+# mypyc would give the class typing.Sequence's MRO as bases (alias objects, not classes): the base through a name mypy
+# does not resolve (Any; mypyc then builds the class on object), and _with_abc puts collections.abc.Sequence back
+_SequenceBase: Any = Sequence
+
+
+@_with_abc(Sequence)
+@_interpreted
+class Views(_SequenceBase):
     """A ledger's instance views in its order. Reading it as a sequence gives the snapshot of the moment views()
     was called (materialized on first read, or by the ledger before it next changes while this object is alive);
     `ranks()`, `view()` and `position()` answer from the live ledger and are None/unusable once it changed."""
 
     __slots__ = ("__weakref__", "_items", "_ledger", "_version")
 
-    def __init__(self, ledger) -> None:
+    def __init__(self, ledger: Ledger) -> None:
+        self._items: tuple[InstanceView, ...] | None
         self._ledger, self._version, self._items = ledger, ledger.version, None
 
-    def _snapshot(self) -> tuple:
+    def _snapshot(self) -> tuple[InstanceView, ...]:
         if self._items is None:
             self._items = self._ledger.snapshot()
         return self._items
@@ -174,7 +209,7 @@ class Views(Sequence):
     def __eq__(self, other) -> bool:
         return tuple(self) == (tuple(other) if isinstance(other, Sequence) else other)
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"Views({self._snapshot()!r})"
@@ -195,7 +230,7 @@ class Views(Sequence):
         return self._ledger.order[pos]
 
     @property
-    def ledger(self):
+    def ledger(self) -> Ledger:
         """The ledger itself (its counts are current: read them only while ranks() is not None)."""
         return self._ledger
 
@@ -209,9 +244,26 @@ class Ledger:
     prompt tokens leave the prompt instance when its prefill is done, decode tokens leave on finish. It also keeps
     each pool group ranked by the count its policies sort by (ranks.Rank), which views() hands to policies."""
 
-    def __init__(self, instances: Iterable[tuple[str, str]]):
-        self.order: list[str] = []
-        self.pool: dict[str, str] = {}
+    order: list[str]
+    pool: dict[str, str]
+    prompt: dict[str, int]
+    decode: dict[str, int]
+    running: dict[str, int]
+    healthy: dict[str, bool]
+    _index: dict[str, int]
+    index: dict[str, int]
+    _cache: list[InstanceView | None]
+    _dirty: set[str]
+    _stale: set[str]
+    version: int
+    _ranks: dict[str, Rank]
+    _slot: dict[str, tuple[int, Rank, int]]
+    _watched: weakref.ref[Views] | None
+    _positions: dict[str, list[int]]
+
+    def __init__(self, instances: Iterable[tuple[str, str]]) -> None:
+        self.order = []
+        self.pool = {}
         for iid, pool in instances:
             if pool not in POOLS:
                 raise ValueError(f"instance {iid!r}: pool must be one of {', '.join(POOLS)}, got {pool!r}")
@@ -226,16 +278,16 @@ class Ledger:
         self._index = self.index = {iid: k for k, iid in enumerate(self.order)}   # id -> position
         # changed since the last snapshot (their cached views are rebuilt) / since the ranks were last brought
         # up to date (done when a policy reads them: many changes between two decisions cost one update)
-        self._cache: list[InstanceView | None] = [None] * len(self.order)
-        self._dirty: set[str] = set(self.order)
-        self._stale: set[str] = set(self.order)
+        self._cache = [None] * len(self.order)
+        self._dirty = set(self.order)
+        self._stale = set(self.order)
         self.version = 0                   # bumped by every change; Views answer from the ranks only while equal
         self._ranks = {g: Rank() for g in (PROMPT, TOKEN, COLOCATED)}
         # per instance: its position, its rank and which count ranks it (0 prompt, 1 decode, 2 both)
         self._slot = {iid: (k, self._ranks[_GROUP[p]], 0 if p == PROMPT else 1 if p == TOKEN else 2)
                       for k, (iid, p) in enumerate(self.pool.items())}
         self._watched = None               # weak reference to the last Views handed out
-        self._positions: dict[str, list[int]] = {}
+        self._positions = {}
         for k, iid in enumerate(self.order):
             self._positions.setdefault(self.pool[iid], []).append(k)
 
@@ -247,7 +299,7 @@ class Ledger:
             for i in self._dirty:
                 self._cache[self._index[i]] = self._view(i)
             self._dirty.clear()
-        return tuple(self._cache)
+        return tuple(self._cache)  # type: ignore[arg-type]
 
     def current_ranks(self) -> dict[str, Rank]:
         """The ranks, brought up to date with every change so far."""
@@ -283,7 +335,7 @@ class Ledger:
 
     def _freeze(self) -> None:
         """Before a change: views still alive and not yet read are frozen as they were."""
-        v = self._watched()
+        v = cast("weakref.ref[Views]", self._watched)()
         self._watched = None
         if v is not None:
             v._snapshot()
@@ -295,7 +347,7 @@ class Ledger:
         self.healthy[iid] = healthy
         self._touch(iid)
 
-    def dispatch(self, d, r) -> None:
+    def dispatch(self, d: Decision, r: Request) -> None:
         if self._watched is not None:
             self._freeze()
         self.version += 1
@@ -310,7 +362,7 @@ class Ledger:
             self.decode[p] += r.output_tokens
         self._touch(p)
 
-    def prefill_done(self, d, r) -> None:
+    def prefill_done(self, d: Decision, r: Request) -> None:
         """Call once per request, also when the prefill failed."""
         if self._watched is not None:
             self._freeze()
@@ -321,7 +373,7 @@ class Ledger:
             self.running[p] -= 1
         self._touch(p)
 
-    def finish(self, d, r) -> None:
+    def finish(self, d: Decision, r: Request) -> None:
         """Call once per request after prefill_done(), whether it succeeded or not."""
         if self._watched is not None:
             self._freeze()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence, cast
 
 from splitbench.errors import InputError
 from splitbench.ledger import (  # noqa: F401  (Request .. Param are re-exported: their home is ledger.py)
@@ -23,8 +23,10 @@ from splitbench.ledger import (  # noqa: F401  (Request .. Param are re-exported
     Ledger,
     NoHealthyInstance,
     Param,
+    Rank,
     Request,
     Views,
+    _interpreted,
 )   # the ledger's names are re-exported: the router and the simulator import them from here
 from splitbench.prefix_policy import PrefixAware, break_tie
 
@@ -90,11 +92,12 @@ class RoundRobin:
                                        lambda c: self._next(BASELINE, c))
 
 
-def _ranks(instances: Sequence[InstanceView]):
+def _ranks(instances: Sequence[InstanceView]) -> dict[str, Rank] | None:
     """The ledger's ranks when `instances` are a Ledger's current views, else None (the caller scans)."""
     return instances.ranks() if isinstance(instances, Views) else None
 
 
+@_interpreted   # mypyc: a regular class, so that choose() can be wrapped on an instance (see MixedPool)
 class JSQ:
     """Join-shortest-queue as Splitwise's cluster scheduler: prompt instance by pending prompt tokens, token
     instance by pending decode tokens, co-located instances by all pending tokens; rng breaks ties. Given a
@@ -102,24 +105,31 @@ class JSQ:
     name = "jsq"
     PARAMS: ClassVar[dict[str, Param]] = {}
 
-    def __init__(self, rng: random.Random | None = None):
+    def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random(0)
 
     def choose(self, request: Request, instances: Sequence[InstanceView]) -> Decision:
         rng, ranks = self.rng, _ranks(instances)
         if ranks is not None:
+            views = cast(Views, instances)
             prompts, tokens = ranks[PROMPT].least(), ranks[TOKEN].least()
             if prompts and tokens:
-                return Decision(instances.id(break_tie(prompts, rng)), instances.id(break_tie(tokens, rng)), PROMPT)
+                return Decision(views.id(break_tie(prompts, rng)), views.id(break_tie(tokens, rng)), PROMPT)
             colocated = ranks[COLOCATED].least()
             if colocated:
-                iid = instances.id(break_tie(colocated, rng))   # no InstanceView built: the id and pool suffice
-                return Decision(iid, None, instances.ledger.pool[iid])
+                iid = views.id(break_tie(colocated, rng))   # no InstanceView built: the id and pool suffice
+                return Decision(iid, None, views.ledger.pool[iid])
             raise NoHealthyInstance(_why(instances))
-        return _pick_pair_or_colocated(
-            instances, lambda c: _least(c, lambda i: i.pending_prompt_tokens, rng),
-            lambda c: _least(c, lambda i: i.pending_decode_tokens, rng),
-            lambda c: _least(c, lambda i: i.pending_tokens, rng))
+        return _jsq_scanned(instances, rng)
+
+
+def _jsq_scanned(instances: Sequence[InstanceView], rng: random.Random) -> Decision:
+    """JSQ by a scan of the views (a function, not in JSQ.choose: mypyc 1.13 cannot build closures in the methods
+    of a regular class)."""
+    return _pick_pair_or_colocated(
+        instances, lambda c: _least(c, lambda i: i.pending_prompt_tokens, rng),
+        lambda c: _least(c, lambda i: i.pending_decode_tokens, rng),
+        lambda c: _least(c, lambda i: i.pending_tokens, rng))
 
 
 @dataclass
@@ -151,14 +161,16 @@ def _scanned_pool(instances: Sequence[InstanceView], pool: str, borrowed: dict, 
     return _Pool([i for i in own if key(i) == best], len(own), sum(key(i) for i in own), len(size))
 
 
-def _ranked_pool(rank, borrowed_at: dict[str, int]) -> _Pool:
+def _ranked_pool(rank: Rank, borrowed_at: dict[str, int]) -> _Pool:
     if not borrowed_at:   # nothing lent (the common case): the rank as it is
         n = len(rank)
         return _Pool(rank.least(), n, rank.total, n)
     skip = {k for k in borrowed_at.values() if k in rank}
-    return _Pool(rank.least(skip), len(rank) - len(skip), rank.total - sum(rank.key(k) for k in skip), len(rank))
+    return _Pool(rank.least(skip), len(rank) - len(skip), rank.total - sum(rank.key(k) for k in skip),  # type: ignore[misc]
+                 len(rank))
 
 
+@_interpreted   # mypyc: a regular class, so that choose() can be wrapped on an instance (the tests watch it)
 class MixedPool:
     """Splitwise's mixed pool on top of JSQ, with overload judged per instance on average so it scales with pool
     size. A pool is overloaded when its own instances hold on average at least `prompt_threshold_tokens` pending
@@ -180,7 +192,7 @@ class MixedPool:
     }
 
     def __init__(self, rng: random.Random | None = None, prompt_threshold_tokens: int = 8192,
-                 decode_threshold_tokens: int = 65536, max_borrow_fraction: float = 0.25):
+                 decode_threshold_tokens: int = 65536, max_borrow_fraction: float = 0.25) -> None:
         if prompt_threshold_tokens < 1 or decode_threshold_tokens < 1:
             raise ValueError("mixed-pool thresholds must be >= 1 token")
         if not 0 <= max_borrow_fraction <= 1:
@@ -214,10 +226,11 @@ class MixedPool:
                 _scanned_pool(instances, TOKEN, self.borrowed, lambda i: i.pending_decode_tokens),
                 [(i.id, i.pending_prompt_tokens, i.pending_decode_tokens) for i in mixed])
 
-    def _ranked(self, instances: Views, ranks: dict) -> tuple:
+    def _ranked(self, instances: Views, ranks: dict[str, Rank]) -> tuple[_Pool, _Pool, list[tuple[str, int, int]]]:
         """_scanned from the ledger's ranks and counts (the same result, without a pass over every instance)."""
         led = instances.ledger
-        at, index, healthy, prompt, decode = {}, led.index, led.healthy, led.prompt, led.decode
+        at: dict[str, int] = {}
+        index, healthy, prompt, decode = led.index, led.healthy, led.prompt, led.decode
         for iid in list(self.borrowed):
             k = index.get(iid)
             if k is None or not healthy[iid] or (prompt[iid] + decode[iid] == 0 and led.running[iid] == 0):
@@ -249,7 +262,8 @@ class MixedPool:
 
     def choose(self, request: Request, instances: Sequence[InstanceView]) -> Decision:
         rng, ranks = self.rng, _ranks(instances)
-        prompts, tokens, cands = self._scanned(instances) if ranks is None else self._ranked(instances, ranks)
+        prompts, tokens, cands = self._scanned(instances) if ranks is None else \
+            self._ranked(cast(Views, instances), ranks)
         if not (prompts.n and tokens.n):   # not a split cluster (or one pool is down): plain JSQ on what is left
             mixed = [i for i in instances if i.healthy and (i.id in self.borrowed or i.pool == MIXED)]
             colocated = mixed + _healthy([i for i in instances if i.id not in self.borrowed], (BASELINE,))
@@ -293,7 +307,7 @@ def policy_params(name: str, params: Mapping[str, Any] | None = None, *, default
     """`params` checked against policy `name`'s PARAMS and typed (text such as "8192" is accepted); with
     `defaults`, every parameter the call did not set is filled in. InputError (one line naming the key) for an
     unknown key or a bad value."""
-    table = policy_class(name).PARAMS
+    table = cast(Any, policy_class(name)).PARAMS
     out = {k: p.default for k, p in table.items()} if defaults else {}
     for key, value in (params or {}).items():
         p = table.get(key)

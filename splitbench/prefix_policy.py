@@ -17,6 +17,7 @@ from splitbench.ledger import (
     NoHealthyInstance,
     Param,
     Request,
+    _interpreted,
 )
 
 
@@ -67,6 +68,7 @@ class BlockIndex:
             blocks.popitem(last=False)
 
 
+@_interpreted   # mypyc: a regular class, so that choose() can be wrapped on an instance (see policies.MixedPool)
 class PrefixAware:
     """Prefix-aware routing, after llm-d's prefix-cache and load scorers combined into one cost in prompt tokens:
     the prompt (or co-located) instance with the least `pending tokens + input tokens - cache_weight x expected

@@ -4,7 +4,11 @@ runs the decodes first (one token each), then fills the rest of a per-iteration 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from splitbench.sim.cluster import SimCluster
+    from splitbench.sim.state import SimMachine, SimRequest
 
 
 def mixed_iteration_s(perf: Any, decode_batch: int, decode_context_tokens: int, prefill_tokens: int,
@@ -36,10 +40,12 @@ class ChunkState:
     """Per chunked machine: requests admitted and still prefilling, FCFS, as [request, tokens prefilled so far];
     and the chunks of the iteration in flight as (entry, tokens)."""
     __slots__ = ("chunks", "prefilling")
+    prefilling: deque[list[Any]]
+    chunks: list[tuple[list[Any], int]]
 
     def __init__(self) -> None:
-        self.prefilling: deque = deque()
-        self.chunks: list = []
+        self.prefilling = deque()
+        self.chunks = []
 
 
 class ChunkedBatching:
@@ -56,7 +62,14 @@ class ChunkedBatching:
     on. Without a chunk to run (nothing waiting, or the head cannot be admitted) the decodes are fast-forwarded
     to the batch's next finish exactly as on other machines; an arrival cuts that run (SimCluster._interrupt)."""
 
-    def __init__(self, cluster: Any, states: tuple[int, int, int]) -> None:
+    cl: SimCluster
+    idle: int
+    busy: int
+    decode: int
+    budget: int
+    max_seqs: int
+
+    def __init__(self, cluster: SimCluster, states: tuple[int, int, int]) -> None:
         self.cl = cluster
         self.idle, self.busy, self.decode = states
         cfg = cluster.cfg
@@ -64,16 +77,17 @@ class ChunkedBatching:
         self.max_seqs = cfg.max_decode_batch or self.budget
         cluster.n["chunked_iterations"] = 0
 
-    def plan(self, m: Any) -> None:
-        cl, st = self.cl, m.chunk
+    def plan(self, m: SimMachine) -> None:
+        cl, st = self.cl, cast(ChunkState, m.chunk)
         now = cl.sim.now_s
         room = self.budget - m.b
-        chunks, tokens, cached, cross = [], 0, 0, 0
+        chunks: list[tuple[list[Any], int]] = []
+        tokens, cached, cross = 0, 0, 0
         for e in st.prefilling:   # admitted earlier: continue FCFS
             if room <= 0:
                 break
-            r = e[0]
-            n = min(r.pre - e[1], room)
+            r: SimRequest = e[0]
+            n: int = min(r.pre - e[1], room)
             chunks.append((e, n))
             room -= n
             tokens += n
@@ -106,10 +120,10 @@ class ChunkedBatching:
         else:
             m.state = self.idle
 
-    def iteration_done(self, m: Any) -> None:
+    def iteration_done(self, m: SimMachine) -> None:
         """End of an iteration with prefill chunks: its decodes made a token each, finished prefills made their
         first token and join the decode batch (or finish, with one output token)."""
-        cl, st = self.cl, m.chunk
+        cl, st = self.cl, cast(ChunkState, m.chunk)
         now = cl.sim.now_s
         ledger = cl.ledger
         if m.b:
@@ -120,7 +134,7 @@ class ChunkedBatching:
             cl.finish_due(m, now)
         for e, n in st.chunks:
             e[1] += n
-            r = e[0]
+            r: SimRequest = e[0]
             if e[1] < r.pre:
                 continue
             st.prefilling.popleft()   # only the last chunk of an iteration can be partial: completions are FCFS

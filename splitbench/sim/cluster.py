@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import heapq
 from array import array
-from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from splitbench.errors import InputError
 from splitbench.policies import COLOCATED_POOLS, Ledger, NoHealthyInstance, Request, make_policy, routable
@@ -16,48 +15,7 @@ from splitbench.sim.batching import ChunkedBatching, ChunkState
 from splitbench.sim.config import SimConfig, SimResult, validate_config
 from splitbench.sim.engine import Simulator
 from splitbench.sim.recorder import Recorder
-
-_IDLE, _PROMPT, _DECODE, _WAKING = 0, 1, 2, 3
-
-
-class _Req:
-    __slots__ = ("arrival", "colocated", "d", "decode_sent", "end_log", "first", "i", "join_it",
-                 "join_log", "kv", "last", "m", "n_dec", "n_in", "n_out", "pdone", "pre", "req")
-
-    def __init__(self, i, arrival, n_in, n_out, req):
-        self.i, self.arrival, self.n_in, self.n_out, self.req = i, arrival, n_in, n_out, req
-        self.kv = n_in + n_out
-        self.pre = n_in          # prompt tokens to prefill: n_in less the prefix-cache hit
-        self.colocated = False
-        self.first = self.decode_sent = self.last = self.m = self.pdone = None
-        self.n_dec = n_out - 1   # decode iterations; all n_out in "decode" first-token mode for split requests
-
-
-class _Machine:
-    __slots__ = ("admit_q", "b", "cache", "chunk", "consec", "ctx", "fin", "id", "idx", "it", "kv_cap", "kv_free",
-                 "link_free", "log_it", "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end",
-                 "run_k", "run_t0", "single", "state", "version")
-
-    def __init__(self, idx, iid, pool, mtype, perf, kv_cap):
-        self.idx, self.id, self.pool, self.mtype, self.perf = idx, iid, pool, mtype, perf
-        self.kv_cap = self.kv_free = kv_cap
-        self.cache = None                # prefix-hash workloads: a BlockIndex of the blocks this machine prefilled
-        self.prompt_q: deque = deque()   # FCFS prefills (split and co-located)
-        self.admit_q: deque = deque()    # prefilled requests whose KV arrived, waiting for KV memory (FCFS)
-        self.state = _IDLE
-        self.pbatch: list = []
-        self.pstart = 0.0
-        self.consec = 0                  # prompt iterations in a row while decodes were waiting
-        self.b = self.ctx = self.it = 0  # decode batch size, its KV tokens, decode iterations so far
-        self.fin: list = []              # heap (finish iteration, request index, request)
-        self.log_t = array("d")          # end time of each decode run ...
-        self.log_it = array("q")         # ... and the iteration count after it (token chunks come from these)
-        self.run_t0 = self.run_end = 0.0
-        self.run_k = self.version = 0
-        self.link_free = 0.0
-        self.single = False
-        self.chunk: ChunkState | None = None   # set on machines that batch as vLLM V1 does (sim/batching.py)
-
+from splitbench.sim.state import DECODE, IDLE, PROMPT, WAKING, SimMachine, SimRequest
 
 class SimCluster:
     """One simulation: build with the workload and config, then run() -> SimResult.
@@ -77,18 +35,41 @@ class SimCluster:
     decodes first, FCFS prefill chunks under max_num_batched_tokens, KV reserved at admission); "prompt-first":
     as described here. Prompt and token machines are the same in both.
     """
+    w: Any
+    cfg: SimConfig
+    machines: list[SimMachine]
+    by_id: dict[str, SimMachine]
+    ledger: Ledger
+    policy: Any
+    sim: Simulator
+    kv_s_per_token: float
+    layerwise: bool
+    cap_tokens: int
+    cap_iters: int
+    cap_batch: float
+    decode_first: bool
+    rec: Recorder
+    n: dict[str, int]
+    batching: ChunkedBatching | None
+    _arr: list[float]
+    _count: int
+    _in: list[int]
+    _out: list[int]
+    _ti: list[int]
+    _hashes: Any
+    _block: int
 
-    def __init__(self, workload, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, int],
-                 kv_bytes_per_token: int):
-        validate_config(cfg, perf, kv_capacity_tokens, kv_bytes_per_token)
+    def __init__(self, workload: Any, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, Any],
+                 kv_bytes_per_token: float) -> None:
+        validate_config(cfg, perf, kv_capacity_tokens, kv_bytes_per_token)  # type: ignore[arg-type]
         self.w, self.cfg = workload, cfg
-        self.machines: list[_Machine] = []
+        self.machines = []
         counts: dict[str, int] = {}
         for p in cfg.pools:
             for _ in range(p.count):
                 k = counts.get(p.pool, 0)
                 counts[p.pool] = k + 1
-                self.machines.append(_Machine(len(self.machines), f"{p.pool}-{k}", p.pool, p.machine,
+                self.machines.append(SimMachine(len(self.machines), f"{p.pool}-{k}", p.pool, p.machine,
                                               perf[p.machine], int(kv_capacity_tokens[p.machine])))
         self.by_id = {m.id: m for m in self.machines}
         self.ledger = Ledger((m.id, m.pool) for m in self.machines)
@@ -108,7 +89,7 @@ class SimCluster:
         self.n = {"runs": 0, "prompt_iterations": 0, "stale_events": 0, "interrupts": 0, "transfers": 0,
                   "errors": 0}
         chunked = [m for m in self.machines if m.pool in COLOCATED_POOLS] if cfg.batching == "chunked" else []
-        self.batching = ChunkedBatching(self, (_IDLE, _PROMPT, _DECODE)) if chunked else None
+        self.batching = ChunkedBatching(self, (IDLE, PROMPT, DECODE)) if chunked else None
         for m in chunked:
             m.chunk = ChunkState()
         self._arr = workload.arrival_s.tolist()
@@ -125,8 +106,8 @@ class SimCluster:
         if self._arr:
             self.sim.schedule(self._arr[0], self._arrival, 0)
         end_s = self.sim.run()
-        self._arr = self._in = self._out = self._ti = None   # a million Python numbers each: gone before the records
-        stats = {"events": self.sim.events, **self.n, "sim_end_s": end_s, "machines": len(self.machines)}
+        self._arr, self._in, self._out, self._ti = [], [], [], []   # a million Python numbers each: gone before the records
+        stats: dict[str, Any] = {"events": self.sim.events, **self.n, "sim_end_s": end_s, "machines": len(self.machines)}
         for k in ("borrow_count", "return_count"):
             if hasattr(self.policy, k):
                 stats[k] = getattr(self.policy, k)
@@ -140,8 +121,8 @@ class SimCluster:
         if i + 1 < self._count:
             sim.schedule(self._arr[i + 1], self._arrival, i + 1)
         n_in, n_out = self._in[i], self._out[i]
-        hashes = () if self._hashes is None else tuple(self._hashes[i][:n_in // self._block].tolist())  # whole blocks
-        r = _Req(i, now, n_in, n_out, Request(f"r{self._ti[i]}", n_in, n_out, hashes))
+        hashes: tuple[int, ...] = () if self._hashes is None else tuple(self._hashes[i][:n_in // self._block].tolist())  # whole blocks
+        r = SimRequest(i, now, n_in, n_out, Request(f"r{self._ti[i]}", n_in, n_out, hashes))
         try:
             d = self.policy.choose(r.req, self.ledger.views())
         except NoHealthyInstance as e:   # cannot happen with all machines healthy; kept as a record, not a crash
@@ -152,7 +133,7 @@ class SimCluster:
         r.colocated = d.token_instance is None
         self.ledger.dispatch(d, r.req)
         pm = self.by_id[d.prompt_instance]
-        holder = pm if r.colocated else self.by_id[d.token_instance]
+        holder = pm if r.colocated else self.by_id[cast(str, d.token_instance)]
         self.rec.decided(i, pm.idx, -1 if r.colocated else holder.idx, d.pool)
         if r.kv > holder.kv_cap:
             self.rec.failed(i, f"request needs {r.kv} KV tokens (input {n_in} + output {n_out}) but {holder.id} "
@@ -164,37 +145,38 @@ class SimCluster:
         if hashes:
             r.pre = n_in - self._cache_hit(pm, i, hashes, n_in)
         pm.prompt_q.append(r)
-        if pm.state == _IDLE:
+        if pm.state == IDLE:
             self._wake(pm)
-        elif pm.state == _DECODE and len(pm.prompt_q) == 1 and (not r.colocated or r.kv <= pm.kv_free):
+        elif pm.state == DECODE and len(pm.prompt_q) == 1 and (not r.colocated or r.kv <= pm.kv_free):
             self._interrupt(pm)
 
-    def _cache_hit(self, m: _Machine, i: int, hashes: tuple, n_in: int) -> int:
+    def _cache_hit(self, m: SimMachine, i: int, hashes: tuple[int, ...], n_in: int) -> int:
         """Tokens of request i's prompt found in m's prefix cache (whole leading blocks, at most n_in - 1, as vLLM
         computes the last token); its blocks are then cached (LRU over m's KV capacity in blocks)."""
         if m.cache is None:
             m.cache = BlockIndex(max(1, m.kv_cap // self._block))
         hit = min(m.cache.matched(hashes) * self._block, n_in - 1)
         m.cache.add(hashes)
-        self.rec.cached[i] = hit
+        cast(array, self.rec.cached)[i] = hit
         return hit
 
     # ---------------------------------------------------------------- machine level
 
-    def _wake(self, m: _Machine) -> None:
+    def _wake(self, m: SimMachine) -> None:
         """An idle machine got work: plan at the same time but after the events already queued for it, so
         requests arriving at the same instant share the first batch; at once when none is queued for now (the
         same order: callers wake last in their handler)."""
         if self.sim.nothing_else_now():
             return self._plan(m)
-        m.state = _WAKING
+        m.state = WAKING
         self.sim.schedule(self.sim.now_s, self._plan, m)
 
-    def _plan(self, m: _Machine) -> None:
+    def _plan(self, m: SimMachine) -> None:
         """The machine is at an iteration boundary: admit waiting decodes, then prompts first (up to the cap),
         else a decode run up to the batch's next finish. Chunked machines plan in sim/batching.py."""
         if m.chunk is not None:
-            return self.batching.plan(m)
+            cast(ChunkedBatching, self.batching).plan(m)
+            return
         now = self.sim.now_s
         q = m.admit_q
         while q and q[0].kv <= m.kv_free and m.b < self.cap_batch:
@@ -204,7 +186,7 @@ class SimCluster:
         if m.prompt_q and (m.b == 0 or m.consec < self.cap_iters):
             batch, tokens = self._take_prompts(m)
             if batch:
-                m.state, m.pbatch, m.pstart = _PROMPT, batch, now
+                m.state, m.pbatch, m.pstart = PROMPT, batch, now
                 m.consec += 1
                 self.n["prompt_iterations"] += 1
                 t = m.perf.prompt_time_s(tokens)
@@ -220,17 +202,18 @@ class SimCluster:
             if m.single:
                 k, m.single = 1, False
             m.consec = 0
-            m.state, m.run_t0, m.run_k = _DECODE, now, k
+            m.state, m.run_t0, m.run_k = DECODE, now, k
             m.run_end = now + m.perf.token_iterations_s(m.b, m.ctx, k)
             m.version += 1
             self.sim.schedule(m.run_end, self._decode_done, m, m.version)
             return
-        m.state = _IDLE
+        m.state = IDLE
 
-    def _take_prompts(self, m: _Machine) -> tuple[list, int]:
+    def _take_prompts(self, m: SimMachine) -> tuple[list[SimRequest], int]:
         """FCFS prompts while the batch stays <= max_prompt_batch_tokens (a longer prompt runs alone) and, for
         co-located requests, their whole KV fits (reserved now, released at finish)."""
-        q, batch, tokens, cap = m.prompt_q, [], 0, self.cap_tokens
+        batch: list[SimRequest] = []
+        q, tokens, cap = m.prompt_q, 0, self.cap_tokens
         joining = m.b   # the decode batch once the co-located prompts taken so far join it
         while q:
             r = q[0]
@@ -246,7 +229,7 @@ class SimCluster:
             tokens += r.pre
         return batch, tokens
 
-    def _prompt_done(self, m: _Machine) -> None:
+    def _prompt_done(self, m: SimMachine) -> None:
         now = self.sim.now_s
         batch, start = m.pbatch, m.pstart
         m.pbatch = []
@@ -272,12 +255,12 @@ class SimCluster:
                 self._transfer(m, r, start, now)
         self._plan(m)
 
-    def _transfer(self, pm: _Machine, r: _Req, start_s: float, end_s: float) -> None:
+    def _transfer(self, pm: SimMachine, r: SimRequest, start_s: float, end_s: float) -> None:
         """KV of the prompt over the links of both machines (each link carries one transfer at a time).
         serialized: starts after the prefill. layerwise (Splitwise §IV-C): layer l's KV may leave once the
         prefill computed it, so with prefill time P, L layers and X = bytes / bandwidth the transfer ends at
         max(start + X, prefill end + X / L), start >= prefill start + P / L; the link is busy for X."""
-        tm = self.by_id[r.d.token_instance]
+        tm = self.by_id[cast(str, r.d.token_instance)]
         x = r.n_in * self.kv_s_per_token
         a = max(tm.link_free, pm.link_free)
         if self.layerwise:
@@ -291,15 +274,15 @@ class SimCluster:
         self.n["transfers"] += 1
         self.sim.schedule(done, self._kv_arrived, tm, r)
 
-    def _kv_arrived(self, m: _Machine, r: _Req) -> None:
+    def _kv_arrived(self, m: SimMachine, r: SimRequest) -> None:
         r.decode_sent = self.sim.now_s
         m.admit_q.append(r)
-        if m.state == _IDLE:
+        if m.state == IDLE:
             self._wake(m)
-        elif m.state == _DECODE and len(m.admit_q) == 1 and r.kv <= m.kv_free and m.b < self.cap_batch:
+        elif m.state == DECODE and len(m.admit_q) == 1 and r.kv <= m.kv_free and m.b < self.cap_batch:
             self._interrupt(m)
 
-    def _join(self, m: _Machine, r: _Req) -> None:
+    def _join(self, m: SimMachine, r: SimRequest) -> None:
         """r joins the decode batch at this iteration boundary (its KV already reserved)."""
         r.m, r.join_log, r.join_it = m, len(m.log_t), m.it
         heapq.heappush(m.fin, (m.it + r.n_dec, r.i, r))
@@ -309,7 +292,7 @@ class SimCluster:
         if r.first is None:
             m.single = True   # its first token's time must be an iteration boundary: the next run is 1 iteration
 
-    def _interrupt(self, m: _Machine) -> None:
+    def _interrupt(self, m: SimMachine) -> None:
         """The batch must change: cut the running decode run at the end of the iteration in progress."""
         now = self.sim.now_s
         if m.run_end <= now:
@@ -327,7 +310,7 @@ class SimCluster:
         self.n["interrupts"] += 1
         self.sim.schedule(tb, self._decode_done, m, m.version)
 
-    def _decode_done(self, m: _Machine, version: int) -> None:
+    def _decode_done(self, m: SimMachine, version: int) -> None:
         if version != m.version:
             self.n["stale_events"] += 1
             return
@@ -341,7 +324,7 @@ class SimCluster:
         self.finish_due(m, now)
         self._plan(m)
 
-    def finish_due(self, m: _Machine, now: float) -> None:
+    def finish_due(self, m: SimMachine, now: float) -> None:
         """The requests of m's decode batch whose last token came with the iteration just logged leave it
         (KV freed, ledger and recorder told); the chunked batching's iterations end the same way."""
         fin, it = m.fin, m.it
@@ -358,8 +341,8 @@ class SimCluster:
                 finished(r, m.idx)
 
 
-def simulate(workload, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, int],
-             kv_bytes_per_token: int) -> SimResult:
+def simulate(workload: Any, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, Any],
+             kv_bytes_per_token: float) -> SimResult:
     """Replay `workload` on the simulated cluster `cfg`: one RequestRecord per request, in workload order.
     perf and kv_capacity_tokens are keyed by machine type. Pure and deterministic (all randomness from cfg.seed)."""
     return SimCluster(workload, cfg, perf, kv_capacity_tokens, kv_bytes_per_token).run()

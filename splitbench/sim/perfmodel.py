@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from typing import Any
+
 
 import numpy as np
 
 from splitbench.errors import InputError
+from splitbench.ledger import _interpreted, _with_abc
 from splitbench.sim.perffit import base_medians, batch_kv, falls_with_batch, interp, isotonic, joint_kv, kv_of
 from splitbench.sim.profiles import read_profile_rows, sha256_of
 from splitbench.sim.shapes import MEMORY_BANDWIDTH_BPS, MODEL_SHAPES, ModelShape
@@ -25,10 +28,25 @@ class PerfModel:
 
     rows: dicts with prompt_size, batch_size, token_size, prompt_time, token_time, e2e_time (ms), line.
     """
+    model: str
+    hardware: str
+    tensor_parallel: int
+    shape: ModelShape | None
+    _info: dict[str, Any]
+    _prompt_memo: dict[int, float]
+    _base_memo: dict[int, float]
+    _kv_memo: dict[int, float]
+    _px: Any
+    _py: Any
+    _bx: Any
+    _by: Any
+    attn_s_per_token2: float
+    kv_s_per_token: float
+    _kv_b: list[Any]
 
     def __init__(self, model: str, hardware: str, tensor_parallel: int, rows: list[dict], *,
                  source: str | None = None, sha256: str | None = None, shape: ModelShape | None = None,
-                 bandwidth_bps: float | None = None, max_fit_output_tokens: int = MAX_FIT_OUTPUT_TOKENS):
+                 bandwidth_bps: float | None = None, max_fit_output_tokens: int = MAX_FIT_OUTPUT_TOKENS) -> None:
         self.model, self.hardware, self.tensor_parallel = model, hardware, int(tensor_parallel)
         self.shape = shape or MODEL_SHAPES.get(model)
         if bandwidth_bps is None:
@@ -41,8 +59,8 @@ class PerfModel:
                                        "unchanged, so e2e - prompt_time is understated and the kv fit is biased)")
         # memos of the two interpolations, keyed by the whole-number argument: the simulator asks for the same
         # batch sizes and prompt-token totals millions of times (np.interp is ~5 us a call)
-        self._prompt_memo: dict[int, float] = {}
-        self._base_memo: dict[int, float] = {}
+        self._prompt_memo = {}
+        self._base_memo = {}
         pts = self._points(rows, max_fit_output_tokens)
         self._fit_prompt(pts)
         self._fit_kv(pts, bandwidth_bps)
@@ -104,15 +122,16 @@ class PerfModel:
         """attn_s_per_token2: the p^2 coefficient of prompt_time(p) = a + b p + c p^2 over the batch-1 prompt sweep
         (least squares on the medians, c >= 0): a prompt's attention work grows with the square of its length, so a
         prefill chunk of n tokens over P tokens already in its KV costs 2 c P n more than a lone n-token prompt."""
-        by = {}
+        by: dict[Any, list[float]] = {}
         for pt in pts:
             if pt["b"] == 1:
                 by.setdefault(pt["p"], []).extend(r["prompt_time"] / 1e3 for r in pt["rows"])
         c = fitted = cap = 0.0
         if len(by) >= 3:
-            ps = np.array(sorted(by), float)
+            ps = np.array(sorted(by), float)  # type: ignore[type-var]
             ys = np.array([np.median(by[p]) for p in sorted(by)])
-            sol, *_ = np.linalg.lstsq(np.stack([np.ones_like(ps), ps, ps * ps], axis=1), ys, rcond=None)
+            sol, *_ = np.linalg.lstsq(np.stack([np.ones_like(ps), ps, ps * ps], axis=1), ys,  # type: ignore
+                                      rcond=None)
             c = fitted = max(0.0, float(sol[2]))
             ratio = self.shape.attention_to_dense_flops if self.shape is not None else None
             if ratio is not None and sol[1] > 0:   # no more curvature than attention's FLOPs explain
@@ -163,18 +182,18 @@ class PerfModel:
             self.kv_s_per_token, src = joint, ("joint fit over every decode row: with the batch-1 fit "
                                                f"({fitted:.4g} s/token) base(b) fell with b")
         elif why is None:
-            self.kv_s_per_token, src = fitted, "fitted"
+            self.kv_s_per_token, src = fitted, "fitted"  # type: ignore[assignment]
         elif bw is not None:
             self.kv_s_per_token, src = bw, f"bandwidth estimate ({why})"
         else:
             self.kv_s_per_token, src = 0.0, f"zero: {why} and no model shape/bandwidth for an estimate"
         self._kv_b = batch_kv(pts, fitted) if over and fitted and fitted > 0 else []   # kv(b) needs a usable batch-1 fit
         if self._kv_b:
-            self.kv_s_per_token, src = fitted, "fitted per batch size (batch-1 fit, batches at two contexts)"
+            self.kv_s_per_token, src = fitted, "fitted per batch size (batch-1 fit, batches at two contexts)"  # type: ignore[assignment]
         self._info.update(kv_by_batch_s_per_token=self._kv_b or None)
         self._info.update(kv_s_per_token=self.kv_s_per_token, kv_source=src, kv_fitted_s_per_token=fitted,
                           kv_fitted_stderr=se, kv_fit_rows=len(rows), kv_bandwidth_s_per_token=bw,
-                          kv_bandwidth_rule=(f"kv_bytes_per_token {self.shape.kv_bytes_per_token} / "
+                          kv_bandwidth_rule=(f"kv_bytes_per_token {self.shape.kv_bytes_per_token} / "  # type: ignore[union-attr]
                                              f"({bandwidth_bps:.4g} B/s x TP {tp})") if bw else None)
 
     def _fit_base(self, pts: list[dict]) -> None:
@@ -192,7 +211,7 @@ class PerfModel:
                                      "(pooled to non-decreasing), first value below, last segment extended above; "
                                      "kv(b) = kv_s_per_token unless kv_by_batch_s_per_token (linear in b between "
                                      "its points, the ends' values outside)")
-        self._kv_memo: dict[int, float] = {}
+        self._kv_memo = {}
 
     def kv_at(self, batch_size: int) -> float:
         """KV-read seconds per context token of a decode iteration of `batch_size` requests."""
@@ -245,7 +264,8 @@ class PerfModel:
         a1 = base + kv * c - a2
         k = int(duration_s / a1) if a2 == 0 else int(2 * duration_s / (a1 + math.sqrt(a1 * a1 + 4 * a2 * duration_s)))
         # token_iterations_s(b, c, n), the same expression (so the same floats), without the calls
-        f = lambda n: 0.0 if n <= 0 else n * base + kv * (n * c + b * n * (n - 1) / 2)  # noqa: E731
+        def f(n: int) -> float:
+            return 0.0 if n <= 0 else n * base + kv * (n * c + b * n * (n - 1) / 2)
         while f(k + 1) <= duration_s:
             k += 1
         while k > 0 and f(k) > duration_s:
@@ -261,12 +281,19 @@ class PerfModel:
 
 # ----------------------------------------------------------------------------- loading
 
-class Profiles(Mapping):
+# the base through a name mypy does not resolve, put back by _with_abc when compiled (see ledger.Views)
+_MappingBase: Any = Mapping
+
+
+@_with_abc(Mapping)
+@_interpreted
+class Profiles(_MappingBase):
     """(model, hardware, tensor_parallel) -> PerfModel of one profile CSV; each group is fitted when first read
     (a simulation needs one or two of a file's groups: fitting all 13 of SplitwiseSim's took 0.1 s)."""
 
     def __init__(self, groups: dict[tuple[str, str, int], list[dict]], make):
-        self._groups, self._make, self._fitted = groups, make, {}
+        self._fitted: dict[Any, PerfModel] = {}
+        self._groups, self._make = groups, make
 
     def __getitem__(self, key):
         if key not in self._fitted:
@@ -290,8 +317,8 @@ def load_profiles(path: str | os.PathLike, shapes: dict[str, ModelShape] | None 
     groups: dict[tuple[str, str, int], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["hardware"], r["tensor_parallel"]), []).append(r)
-    return Profiles(groups, lambda k, rs: PerfModel(*k, rs, source=str(path), sha256=digest, shape=known.get(k[0]),
-                                                    **model_options))
+    return Profiles(groups, lambda k, rs: PerfModel(*k, rs, source=str(path), sha256=digest,  # type: ignore[misc]
+                                                    shape=known.get(k[0]), **model_options))
 
 
 def get_perf_model(profiles: Mapping[tuple[str, str, int], PerfModel], model: str, hardware: str,

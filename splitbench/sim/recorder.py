@@ -5,6 +5,7 @@ logs (a chunk per run, as SimCluster's docstring says) into RecordColumns, block
 from __future__ import annotations
 
 from array import array
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,19 +15,44 @@ from splitbench.schema.records import ERROR, OK, SPLIT, STATUSES
 BLOCK_RUNS = 1 << 21          # decode runs turned into chunks per block of the assembly
 UNFINISHED = "simulation ended before the request finished"
 
+if TYPE_CHECKING:
+    from splitbench.sim.state import SimRequest
 
-def _floats(n: int) -> array:
+
+def _floats(n: int) -> array[float]:
     return array("d", np.full(n, np.nan).tobytes())
 
 
-def _ints(n: int, v: int) -> array:
+def _ints(n: int, v: int) -> array[int]:
     return array("q", np.full(n, v, np.int64).tobytes())
 
 
 class Recorder:
     """Per-request arrays indexed by workload position. `decided` at dispatch, `finished` / `failed` at the end."""
 
-    def __init__(self, workload, machine_ids: list[str], machine_pools: list[str], token_chunks: bool):
+    w: Any
+    ids: list[str]
+    pools: list[str]
+    token_chunks: bool
+    first: array[float]
+    last: array[float]
+    pdone: array[float]
+    dsent: array[float]
+    pm: array[int]
+    tm: array[int]
+    dpool: array[int]
+    run_m: array[int]
+    join_log: array[int]
+    end_log: array[int]
+    join_it: array[int]
+    from_log: array[int]
+    state: array[int]
+    errors: dict[int, str]
+    cached: array[int] | None
+    pool_names: list[str]
+    _pool_code: dict[str, int]
+
+    def __init__(self, workload: Any, machine_ids: list[str], machine_pools: list[str], token_chunks: bool) -> None:
         n = len(workload)
         self.w, self.ids, self.pools, self.token_chunks = workload, machine_ids, machine_pools, token_chunks
         self.first, self.last, self.pdone, self.dsent = _floats(n), _floats(n), _floats(n), _floats(n)
@@ -34,10 +60,10 @@ class Recorder:
         self.run_m, self.join_log, self.end_log, self.join_it = _ints(n, -1), _ints(n, 0), _ints(n, 0), _ints(n, 0)
         self.from_log = array("b", bytes(n))   # first token = end of the first decode run after joining
         self.state = array("b", bytes(n))      # 0 unfinished, 1 ok, 2 error
-        self.errors: dict[int, str] = {}
+        self.errors = {}
         self.cached = _ints(n, -1) if workload.prefix_hashes is not None else None   # prefix-cache hits, tokens
-        self.pool_names: list[str] = []
-        self._pool_code: dict[str, int] = {}
+        self.pool_names = []
+        self._pool_code = {}
 
     def decided(self, i: int, pm: int, tm: int, pool: str) -> None:
         code = self._pool_code.get(pool)
@@ -50,15 +76,15 @@ class Recorder:
         self.state[i] = 2
         self.errors[i] = error
 
-    def finished(self, r, m_index: int) -> None:
-        """r (a cluster _Req) made its last token; m_index: the machine its decode ran on (-1: none)."""
+    def finished(self, r: SimRequest, m_index: int) -> None:
+        """r (a cluster SimRequest) made its last token; m_index: the machine its decode ran on (-1: none)."""
         i = r.i
         self.state[i] = 1
         if r.first is not None:
             self.first[i] = r.first
         else:
             self.from_log[i] = 1
-        self.last[i] = r.last
+        self.last[i] = r.last  # type: ignore[assignment]
         if r.pdone is not None:
             self.pdone[i] = r.pdone
         if r.decode_sent is not None:
@@ -69,7 +95,7 @@ class Recorder:
 
     # ---------------------------------------------------------------- assembly
 
-    def columns(self, log_t: list, log_it: list) -> RecordColumns:
+    def columns(self, log_t: list[Any], log_it: list[Any]) -> RecordColumns:
         """Every record, given each machine's decode-run end times and iteration counts (in machine order)."""
         w = self.w
         n = len(w)

@@ -1,0 +1,101 @@
+"""The simulator's per-request and per-machine state (SimCluster's, sim/cluster.py): typed slots, so the compiled
+build (splitbench/native.py) reads and writes them as C fields.
+"""
+from __future__ import annotations
+
+from array import array
+from collections import deque
+from typing import Any
+
+from splitbench.policies import Decision, Request
+from splitbench.prefix_policy import BlockIndex
+from splitbench.sim.batching import ChunkState
+
+IDLE, PROMPT, DECODE, WAKING = 0, 1, 2, 3
+
+
+class SimRequest:
+    """One request's progress through the simulated cluster."""
+    __slots__ = ("arrival", "colocated", "d", "decode_sent", "end_log", "first", "i", "join_it",
+                 "join_log", "kv", "last", "m", "n_dec", "n_in", "n_out", "pdone", "pre", "req")
+    i: int
+    arrival: float
+    n_in: int
+    n_out: int
+    req: Request
+    kv: int
+    pre: int
+    colocated: bool
+    first: float | None
+    decode_sent: float | None
+    last: float | None
+    m: SimMachine | None
+    pdone: float | None
+    n_dec: int
+    d: Decision
+    join_log: int
+    join_it: int
+    end_log: int
+
+    def __init__(self, i: int, arrival: float, n_in: int, n_out: int, req: Request) -> None:
+        self.i, self.arrival, self.n_in, self.n_out, self.req = i, arrival, n_in, n_out, req
+        self.kv = n_in + n_out
+        self.pre = n_in          # prompt tokens to prefill: n_in less the prefix-cache hit
+        self.colocated = False
+        self.first = self.decode_sent = self.last = self.pdone = None
+        self.m = None
+        self.n_dec = n_out - 1   # decode iterations; all n_out in "decode" first-token mode for split requests
+
+
+class SimMachine:
+    """One simulated machine: its queues, decode batch, KV memory and link."""
+    __slots__ = ("admit_q", "b", "cache", "chunk", "consec", "ctx", "fin", "id", "idx", "it", "kv_cap", "kv_free",
+                 "link_free", "log_it", "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end",
+                 "run_k", "run_t0", "single", "state", "version")
+    idx: int
+    id: str
+    pool: str
+    mtype: str
+    perf: Any
+    kv_cap: int
+    kv_free: int
+    cache: BlockIndex | None
+    prompt_q: deque[SimRequest]
+    admit_q: deque[SimRequest]
+    state: int
+    pbatch: list[SimRequest]
+    pstart: float
+    consec: int
+    b: int
+    ctx: int
+    it: int
+    fin: list[tuple[int, int, SimRequest]]
+    log_t: array[float]
+    log_it: array[int]
+    run_t0: float
+    run_end: float
+    run_k: int
+    version: int
+    link_free: float
+    single: bool
+    chunk: ChunkState | None
+
+    def __init__(self, idx: int, iid: str, pool: str, mtype: str, perf: Any, kv_cap: int) -> None:
+        self.idx, self.id, self.pool, self.mtype, self.perf = idx, iid, pool, mtype, perf
+        self.kv_cap = self.kv_free = kv_cap
+        self.cache = None                # prefix-hash workloads: a BlockIndex of the blocks this machine prefilled
+        self.prompt_q = deque()          # FCFS prefills (split and co-located)
+        self.admit_q = deque()           # prefilled requests whose KV arrived, waiting for KV memory (FCFS)
+        self.state = IDLE
+        self.pbatch = []
+        self.pstart = 0.0
+        self.consec = 0                  # prompt iterations in a row while decodes were waiting
+        self.b = self.ctx = self.it = 0  # decode batch size, its KV tokens, decode iterations so far
+        self.fin = []                    # heap (finish iteration, request index, request)
+        self.log_t = array("d")          # end time of each decode run ...
+        self.log_it = array("q")         # ... and the iteration count after it (token chunks come from these)
+        self.run_t0 = self.run_end = 0.0
+        self.run_k = self.version = 0
+        self.link_free = 0.0
+        self.single = False
+        self.chunk = None                # set on machines that batch as vLLM V1 does (sim/batching.py)
