@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import splitbench
+from splitbench import native
 from splitbench.schema.runmeta import host_info
 
 SSIM_TRACES = Path(os.environ.get("SSIM_TRACES", "/work/ssim/traces"))
@@ -150,6 +151,7 @@ def main() -> int:
     # an installed package has its bytecode compiled; with PYTHONDONTWRITEBYTECODE set (as on our dev hosts) every
     # case would otherwise recompile splitbench's modules (~0.16 s measured), which no user run pays
     compileall.compile_dir(str(Path(splitbench.__file__).parent), quiet=1)
+    print(f"simulator build: {native.STATUS['why']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="sim-speed-") as results:
         for case in cases():
             if a.only not in case["key"]:
@@ -163,6 +165,7 @@ def main() -> int:
     ok = all(r["pass"] for r in rows) and bool(rows)
     print(json.dumps({"benchmark": "sim_speed", "pass": ok, "cases": rows,
                       "host": {**host_info(), "loadavg": os.getloadavg(), "cpus": os.cpu_count()},
+                      "simulator_build": native.STATUS,
                       "unix_s": round(time.time(), 1)}, separators=(",", ":"), default=str))
     return 0 if ok else 1
 

@@ -49,9 +49,13 @@ def atomic_write_table(path: str | os.PathLike, table: pa.Table) -> None:
 
 
 def atomic_write_tables(path: str | os.PathLike, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:
-    """A Parquet file (zstd) written atomically, one row group per table of `tables`."""
+    """A Parquet file (zstd) written atomically, one row group per table of `tables`. Dictionary encoding for the
+    text columns only: on float and integer columns (chunk offsets: ~50 per request) it cost 20% of the write and
+    saved nothing (200k simulated records: 1.19 -> 0.99 s, 96.1 -> 95.3 MB)."""
+    text = [f.name for f in schema if pa.types.is_string(f.type)]
+
     def write(tmp: str) -> None:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=text) as w:
             for t in tables:
                 w.write_table(t)
     _atomic(path, write)
