@@ -166,8 +166,8 @@ def _ranked_pool(rank: Rank, borrowed_at: dict[str, int]) -> _Pool:
         n = len(rank)
         return _Pool(rank.least(), n, rank.total, n)
     skip = {k for k in borrowed_at.values() if k in rank}
-    return _Pool(rank.least(skip), len(rank) - len(skip), rank.total - sum(rank.key(k) for k in skip),  # type: ignore[misc]
-                 len(rank))
+    lent = sum(rank.key(k) for k in skip)  # type: ignore[misc]
+    return _Pool(rank.least(skip), len(rank) - len(skip), rank.total - lent, len(rank))
 
 
 @_interpreted   # mypyc: a regular class, so that choose() can be wrapped on an instance (the tests watch it)

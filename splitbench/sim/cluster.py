@@ -17,6 +17,7 @@ from splitbench.sim.engine import Simulator
 from splitbench.sim.recorder import Recorder
 from splitbench.sim.state import DECODE, IDLE, PROMPT, WAKING, SimMachine, SimRequest
 
+
 class SimCluster:
     """One simulation: build with the workload and config, then run() -> SimResult.
 
@@ -106,8 +107,9 @@ class SimCluster:
         if self._arr:
             self.sim.schedule(self._arr[0], self._arrival, 0)
         end_s = self.sim.run()
-        self._arr, self._in, self._out, self._ti = [], [], [], []   # a million Python numbers each: gone before the records
-        stats: dict[str, Any] = {"events": self.sim.events, **self.n, "sim_end_s": end_s, "machines": len(self.machines)}
+        self._arr, self._in, self._out, self._ti = [], [], [], []   # a million numbers each: gone before the records
+        stats: dict[str, Any] = {"events": self.sim.events, **self.n, "sim_end_s": end_s,
+                                 "machines": len(self.machines)}
         for k in ("borrow_count", "return_count"):
             if hasattr(self.policy, k):
                 stats[k] = getattr(self.policy, k)
@@ -121,7 +123,8 @@ class SimCluster:
         if i + 1 < self._count:
             sim.schedule(self._arr[i + 1], self._arrival, i + 1)
         n_in, n_out = self._in[i], self._out[i]
-        hashes: tuple[int, ...] = () if self._hashes is None else tuple(self._hashes[i][:n_in // self._block].tolist())  # whole blocks
+        hashes: tuple[int, ...] = () if self._hashes is None else \
+            tuple(self._hashes[i][:n_in // self._block].tolist())   # whole blocks
         r = SimRequest(i, now, n_in, n_out, Request(f"r{self._ti[i]}", n_in, n_out, hashes))
         try:
             d = self.policy.choose(r.req, self.ledger.views())

@@ -189,11 +189,13 @@ class PerfModel:
             self.kv_s_per_token, src = 0.0, f"zero: {why} and no model shape/bandwidth for an estimate"
         self._kv_b = batch_kv(pts, fitted) if over and fitted and fitted > 0 else []   # kv(b) needs a usable batch-1 fit
         if self._kv_b:
-            self.kv_s_per_token, src = fitted, "fitted per batch size (batch-1 fit, batches at two contexts)"  # type: ignore[assignment]
+            self.kv_s_per_token, src = (
+                fitted, "fitted per batch size (batch-1 fit, batches at two contexts)")  # type: ignore[assignment]
         self._info.update(kv_by_batch_s_per_token=self._kv_b or None)
         self._info.update(kv_s_per_token=self.kv_s_per_token, kv_source=src, kv_fitted_s_per_token=fitted,
                           kv_fitted_stderr=se, kv_fit_rows=len(rows), kv_bandwidth_s_per_token=bw,
-                          kv_bandwidth_rule=(f"kv_bytes_per_token {self.shape.kv_bytes_per_token} / "  # type: ignore[union-attr]
+                          kv_bandwidth_rule=(f"kv_bytes_per_token "  # type: ignore[union-attr]
+                                             f"{self.shape.kv_bytes_per_token} / "
                                              f"({bandwidth_bps:.4g} B/s x TP {tp})") if bw else None)
 
     def _fit_base(self, pts: list[dict]) -> None:
