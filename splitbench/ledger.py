@@ -40,23 +40,64 @@ COLOCATED = "colocated"              # the Ledger's rank of co-located instances
 _GROUP = {PROMPT: PROMPT, TOKEN: TOKEN, MIXED: COLOCATED, BASELINE: COLOCATED}
 
 
-@dataclass(frozen=True, slots=True)
 class Request:
     """What a policy sees of a request. prefix_hashes: the prompt's KV block hashes in order (equal hash at the same
     position = a reusable prefix block; the live router hashes the prompt's token blocks, the simulator takes the
-    trace's hash ids), empty when unknown. Policies that ignore prefixes never read it."""
-    id: str
-    input_tokens: int
-    output_tokens: int
-    prefix_hashes: tuple[int, ...] = ()
+    trace's hash ids), empty when unknown. Policies that ignore prefixes never read it. Immutable by contract
+    (Final): a plain class rather than a frozen dataclass, whose __init__ costs 20x more (one per request)."""
+
+    __slots__ = ("id", "input_tokens", "output_tokens", "prefix_hashes")
+    id: Final[str]
+    input_tokens: Final[int]
+    output_tokens: Final[int]
+    prefix_hashes: Final[tuple[int, ...]]
+
+    def __init__(self, id: str, input_tokens: int, output_tokens: int, prefix_hashes: tuple[int, ...] = ()) -> None:
+        self.id = id
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.prefix_hashes = prefix_hashes
+
+    def _key(self) -> tuple[str, int, int, tuple[int, ...]]:
+        return (self.id, self.input_tokens, self.output_tokens, self.prefix_hashes)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Request) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Request(id={self.id!r}, input_tokens={self.input_tokens!r}, output_tokens={self.output_tokens!r}, "
+                f"prefix_hashes={self.prefix_hashes!r})")
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    """Where a request runs. token_instance None = co-located on prompt_instance (no KV transfer)."""
-    prompt_instance: str
-    token_instance: str | None
-    pool: str   # "split" decisions say "prompt"; co-located ones the pool they ran in (mixed/baseline)
+    """Where a request runs. token_instance None = co-located on prompt_instance (no KV transfer). Immutable by
+    contract, as Request."""
+
+    __slots__ = ("prompt_instance", "token_instance", "pool")
+    prompt_instance: Final[str]
+    token_instance: Final[str | None]
+    pool: Final[str]   # "split" decisions say "prompt"; co-located ones the pool they ran in (mixed/baseline)
+
+    def __init__(self, prompt_instance: str, token_instance: str | None, pool: str) -> None:
+        self.prompt_instance = prompt_instance
+        self.token_instance = token_instance
+        self.pool = pool
+
+    def _key(self) -> tuple[str, str | None, str]:
+        return (self.prompt_instance, self.token_instance, self.pool)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Decision(prompt_instance={self.prompt_instance!r}, token_instance={self.token_instance!r}, "
+                f"pool={self.pool!r})")
 
     @property
     def split(self) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence, cast
 
 from splitbench.errors import InputError
@@ -26,7 +25,6 @@ from splitbench.ledger import (  # noqa: F401  (Request .. Param are re-exported
     Rank,
     Request,
     Views,
-    _interpreted,
 )   # the ledger's names are re-exported: the router and the simulator import them from here
 from splitbench.prefix_policy import PrefixAware, break_tie
 
@@ -97,7 +95,6 @@ def _ranks(instances: Sequence[InstanceView]) -> dict[str, Rank] | None:
     return instances.ranks() if isinstance(instances, Views) else None
 
 
-@_interpreted   # mypyc: a regular class, so that choose() can be wrapped on an instance (see MixedPool)
 class JSQ:
     """Join-shortest-queue as Splitwise's cluster scheduler: prompt instance by pending prompt tokens, token
     instance by pending decode tokens, co-located instances by all pending tokens; rng breaks ties. Given a
@@ -132,14 +129,14 @@ def _jsq_scanned(instances: Sequence[InstanceView], rng: random.Random) -> Decis
         lambda c: _least(c, lambda i: i.pending_tokens, rng))
 
 
-@dataclass
 class _Pool:
     """One split pool's own (healthy, not borrowed) instances: the least loaded and its ties (views, or positions
     in the ledger's views), count, total load, and the healthy instances it has, borrowed ones included."""
-    ties: list
-    n: int
-    total: int
-    size: int
+
+    __slots__ = ("ties", "n", "total", "size")
+
+    def __init__(self, ties: list, n: int, total: int, size: int) -> None:
+        self.ties, self.n, self.total, self.size = ties, n, total, size
 
     def pick(self, rng: random.Random):
         """The least loaded (rng breaks ties): a position in the ledger's views, or an InstanceView."""
@@ -170,7 +167,6 @@ def _ranked_pool(rank: Rank, borrowed_at: dict[str, int]) -> _Pool:
     return _Pool(rank.least(skip), len(rank) - len(skip), rank.total - lent, len(rank))
 
 
-@_interpreted   # mypyc: a regular class, so that choose() can be wrapped on an instance (the tests watch it)
 class MixedPool:
     """Splitwise's mixed pool on top of JSQ, with overload judged per instance on average so it scales with pool
     size. A pool is overloaded when its own instances hold on average at least `prompt_threshold_tokens` pending

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from policy_watch import Watched
+
 from splitbench.app.simrun import build_setup, parse_cluster, sim_config
 from splitbench.metrics.vectors import vectors
 from splitbench.sim.cluster import SimCluster
@@ -18,15 +20,12 @@ def _run(policy: str):
     c = SimCluster(w, sim_config(pools, policy=policy, layers=setup.shape.layers), setup.perf,
                    setup.kv_capacity_tokens, setup.shape.kv_bytes_per_token)
     most = {"prompt": 0, "token": 0}
-    choose = c.policy.choose
 
-    def watched(req, views):
-        d = choose(req, views)
+    def watched(d):
         for pool in most:
             most[pool] = max(most[pool], sum(1 for p in getattr(c.policy, "borrowed", {}).values() if p == pool))
-        return d
 
-    c.policy.choose = watched
+    c.policy = Watched(c.policy, watched)
     res = c.run()
     v = vectors(res.columns)
     return res, most, float(np.percentile(v.ttft[v.ok], 50))

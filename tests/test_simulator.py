@@ -7,6 +7,7 @@ from collections import deque
 
 import numpy as np
 import pytest
+from policy_watch import Watched
 
 from splitbench import policies
 from splitbench.errors import InputError
@@ -311,8 +312,8 @@ def test_policy_objects_are_the_routers():
 def _sim_decisions(w, cfg):
     """The simulator's own policy decisions, in arrival order (its choose() watched, nothing changed)."""
     c = sim_cluster.SimCluster(w, cfg, {"m": PERF}, {"m": 10**6}, 1000)
-    seen, choose = [], c.policy.choose
-    c.policy.choose = lambda req, views: seen.append(choose(req, views)) or seen[-1]
+    seen: list = []
+    c.policy = Watched(c.policy, seen.append)
     res = c.run()
     return seen, res.stats
 
