@@ -2,7 +2,8 @@
 records schema and a streamed records.parquet, and numpy <-> Arrow conversions that never import pandas.
 
 pyarrow imports pandas (about 0.5 s of CPU) on the first `pa.array`, `pa.scalar` or `to_numpy` call; the
-simulator's whole command is meant to take about a second, so arrays here go through raw buffers instead.
+simulator's whole command is meant to take about a second, so arrays here go through raw buffers instead, and
+compute kernels through `splitbench.schema.kernels` (not pyarrow.compute, which costs 0.05-0.09 s to import).
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from splitbench.schema import kernels
 from splitbench.schema.files import atomic_write_tables
 from splitbench.schema.records import ARROW_SCHEMA, RECORDS_FILE, STATUSES, RequestRecord
 
@@ -57,7 +58,7 @@ def arrow_strings(values: Sequence[str | None]) -> pa.Array:
 
 def _coded(names: pa.Array, codes: np.ndarray) -> pa.Array:
     """names[codes] as a string array; code -1 = null."""
-    return pc.take(names, arrow_values(np.maximum(codes, 0), pa.int32(), codes >= 0))
+    return kernels.take(names, arrow_values(np.maximum(codes, 0), pa.int32(), codes >= 0))
 
 
 def _lists(starts: np.ndarray, values: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -111,11 +112,11 @@ class RecordColumns:
     def request_ids(self, lo: int = 0, hi: int | None = None) -> pa.Array:
         if self.request_id is not None:
             return arrow_strings(self.request_id[lo:hi])
-        ti = pc.cast(arrow_values(self.trace_index[lo:hi], pa.int64()), pa.string())
+        ti = kernels.cast(arrow_values(self.trace_index[lo:hi], pa.int64()), pa.string())
         n = len(ti)
         fill = lambda text: pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(  # noqa: E731
             np.arange(n + 1, dtype=np.int32) * len(text)), pa.py_buffer(text.encode() * n)])
-        return pc.binary_join_element_wise(fill("r"), ti, fill(""))
+        return kernels.binary_join_element_wise(fill("r"), ti, fill(""))
 
     @classmethod
     def from_records(cls, records: Sequence[RequestRecord]) -> "RecordColumns":
@@ -185,7 +186,7 @@ class RecordColumns:
         times = {k: arrow_values(a[s], pa.float64(), a[s] == a[s]) for k, a in self.times.items()}
         names = arrow_strings(list(self.names))
         cols = {
-            "run_id": pc.take(arrow_strings([run_id]), arrow_values(np.zeros(n), pa.int32())),
+            "run_id": kernels.take(arrow_strings([run_id]), arrow_values(np.zeros(n), pa.int32())),
             "request_id": self.request_ids(lo, hi),
             "trace_index": arrow_values(self.trace_index[s], pa.int64()),
             "intended_send_s": arrow_values(self.intended_send_s[s], pa.float64()),

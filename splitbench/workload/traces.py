@@ -14,11 +14,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from splitbench.errors import InputError
+from splitbench.schema import kernels
 from splitbench.schema.columns import np_values   # no pandas import (to_numpy imports it: ~0.5 s of CPU)
 from splitbench.workload.hashtrace import MOONCAKE_BLOCK_TOKENS, is_hash_jsonl, read_hash_trace
 from splitbench.workload.types import Workload
@@ -103,9 +103,9 @@ class _Parser:
 
     def _cast(self, arr: pa.Array, target: pa.DataType, role: str, base: int, what: str) -> pa.Array:
         try:
-            return pc.cast(arr, target)
+            return kernels.cast(arr, target)
         except _CAST_ERRORS:
-            i = _first_bad(arr, lambda a: pc.cast(a, target))
+            i = _first_bad(arr, lambda a: kernels.cast(a, target))
             self.fail(f"{what} {arr[i].as_py()!r}", base + i, role)
 
     def _no_nulls(self, arr: pa.Array, role: str, base: int) -> None:
@@ -139,7 +139,7 @@ class _Parser:
             else:
                 self.fail(f"column type {t} is not a timestamp or number", None, "timestamp", line=1)
         if self.mode == "ts":
-            return np_values(arr.cast(pa.timestamp("ns", tz=t.tz)).cast(pa.int64()))
+            return np_values(kernels.cast(kernels.cast(arr, pa.timestamp("ns", tz=t.tz)), pa.int64()))
         if self.mode == "s":
             v = self._cast(arr, pa.float64(), "timestamp", base, "unparseable timestamp (expected seconds)")
             v = np_values(v)
@@ -151,7 +151,7 @@ class _Parser:
         hint = "with" if self.mode == "tz" else "without"
         ts = self._cast(arr, target, "timestamp", base, f"unparseable timestamp (expected a date-time {hint} UTC offset"
                         f" like the first row)")
-        return np_values(ts.cast(pa.int64()))
+        return np_values(kernels.cast(ts, pa.int64()))
 
     def relative(self, t: np.ndarray, t0) -> np.ndarray:
         return (t - t0).astype(np.float64) / (1.0 if self.mode == "s" else 1e9)
