@@ -8,11 +8,16 @@ with `python -X importtime`); `app` (tests, `typer.main.get_command`) is the who
 """
 from __future__ import annotations
 
+import os
 import sys
 
-import typer
+# Before numpy loads: its OpenBLAS starts a thread per core that spins after each call. splitbench's fits are a few
+# points; on a 2-core host the spinning took 0.10-0.15 s of CPU from a simulate of about a second (measured).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from splitbench.cli import sim
+import typer  # noqa: E402
+
+from splitbench.cli import sim  # noqa: E402
 
 SIM_COMMANDS = ("simulate", "design", "profile", "profiles")
 _HELP = "splitbench: replay LLM traces against serving backends and measure TTFT/TBT/E2E."
