@@ -8,6 +8,7 @@ with `python -X importtime`); `app` (tests, `typer.main.get_command`) is the who
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -35,7 +36,15 @@ def build(modules=None) -> typer.Typer:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
+    try:
+        _dispatch(sys.argv[1:])
+    finally:
+        # The command is done and the exit frees what is alive. Frozen, it is left out of the interpreter's final
+        # garbage collection, which took 0.08-0.11 s of a 1 s simulate (measured); atexit handlers still run.
+        gc.freeze()
+
+
+def _dispatch(argv: list[str]) -> None:
     if argv and argv[0] == "router":   # the router alone: a quick start, none of the run's imports
         from splitbench.cli import router   # noqa: PLC0415
         app = build((router,))
