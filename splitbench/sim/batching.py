@@ -75,7 +75,6 @@ class ChunkedBatching:
         cfg = cluster.cfg
         self.budget = cfg.max_num_batched_tokens
         self.max_seqs = cfg.max_decode_batch or self.budget
-        cluster.n["chunked_iterations"] = 0
 
     def plan(self, m: SimMachine) -> None:
         cl, st = self.cl, cast(ChunkState, m.chunk)
@@ -108,7 +107,7 @@ class ChunkedBatching:
         if chunks:
             st.chunks = chunks
             m.state = self.busy
-            cl.n["chunked_iterations"] += 1
+            cl.n.chunked_iterations += 1
             cl.sim.schedule(now + mixed_iteration_s(m.perf, m.b, m.ctx, tokens, cached, cross),
                             self.iteration_done, m)
         elif m.b:

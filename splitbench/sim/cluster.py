@@ -15,7 +15,7 @@ from splitbench.sim.batching import ChunkedBatching, ChunkState
 from splitbench.sim.config import SimConfig, SimResult, validate_config
 from splitbench.sim.engine import Simulator
 from splitbench.sim.recorder import Recorder
-from splitbench.sim.state import DECODE, IDLE, PROMPT, WAKING, SimMachine, SimRequest
+from splitbench.sim.state import DECODE, IDLE, PROMPT, WAKING, SimCounts, SimMachine, SimRequest
 
 
 class SimCluster:
@@ -50,7 +50,7 @@ class SimCluster:
     cap_batch: float
     decode_first: bool
     rec: Recorder
-    n: dict[str, int]
+    n: SimCounts
     batching: ChunkedBatching | None
     _arr: list[float]
     _count: int
@@ -87,9 +87,8 @@ class SimCluster:
         self.decode_first = cfg.first_token == "decode"
         self.rec = Recorder(workload, [m.id for m in self.machines], [m.pool for m in self.machines],
                             cfg.record_token_chunks)
-        self.n = {"runs": 0, "prompt_iterations": 0, "stale_events": 0, "interrupts": 0, "transfers": 0,
-                  "errors": 0}
         chunked = [m for m in self.machines if m.pool in COLOCATED_POOLS] if cfg.batching == "chunked" else []
+        self.n = SimCounts(bool(chunked))
         self.batching = ChunkedBatching(self, (IDLE, PROMPT, DECODE)) if chunked else None
         for m in chunked:
             m.chunk = ChunkState()
@@ -108,7 +107,7 @@ class SimCluster:
             self.sim.schedule(self._arr[0], self._arrival, 0)
         end_s = self.sim.run()
         self._arr, self._in, self._out, self._ti = [], [], [], []   # a million numbers each: gone before the records
-        stats: dict[str, Any] = {"events": self.sim.events, **self.n, "sim_end_s": end_s,
+        stats: dict[str, Any] = {"events": self.sim.events, **self.n.as_dict(), "sim_end_s": end_s,
                                  "machines": len(self.machines)}
         for k in ("borrow_count", "return_count"):
             if hasattr(self.policy, k):
@@ -130,7 +129,7 @@ class SimCluster:
             d = self.policy.choose(r.req, self.ledger.views())
         except NoHealthyInstance as e:   # cannot happen with all machines healthy; kept as a record, not a crash
             self.rec.failed(i, str(e))
-            self.n["errors"] += 1
+            self.n.errors += 1
             return
         r.d = d
         r.colocated = d.token_instance is None
@@ -143,7 +142,7 @@ class SimCluster:
                                f"({holder.mtype}) holds at most {holder.kv_cap}")
             self.ledger.prefill_done(d, r.req)
             self.ledger.finish(d, r.req)
-            self.n["errors"] += 1
+            self.n.errors += 1
             return
         if hashes:
             r.pre = n_in - self._cache_hit(pm, i, hashes, n_in)
@@ -191,7 +190,7 @@ class SimCluster:
             if batch:
                 m.state, m.pbatch, m.pstart = PROMPT, batch, now
                 m.consec += 1
-                self.n["prompt_iterations"] += 1
+                self.n.prompt_iterations += 1
                 t = m.perf.prompt_time_s(tokens)
                 if tokens < sum(r.n_in for r in batch):   # prefix-cache hits: attention over the cached part
                     t += m.perf.context_prefill_s(1, sum((r.n_in - r.pre) * r.pre for r in batch))
@@ -274,7 +273,7 @@ class SimCluster:
         else:
             s = max(end_s, a)
             done = pm.link_free = tm.link_free = s + x
-        self.n["transfers"] += 1
+        self.n.transfers += 1
         self.sim.schedule(done, self._kv_arrived, tm, r)
 
     def _kv_arrived(self, m: SimMachine, r: SimRequest) -> None:
@@ -310,12 +309,12 @@ class SimCluster:
             return
         m.run_k, m.run_end = k + 1, tb
         m.version += 1
-        self.n["interrupts"] += 1
+        self.n.interrupts += 1
         self.sim.schedule(tb, self._decode_done, m, m.version)
 
     def _decode_done(self, m: SimMachine, version: int) -> None:
         if version != m.version:
-            self.n["stale_events"] += 1
+            self.n.stale_events += 1
             return
         now = self.sim.now_s
         k = m.run_k
@@ -323,7 +322,7 @@ class SimCluster:
         m.ctx += m.b * k
         m.log_t.append(now)
         m.log_it.append(m.it)
-        self.n["runs"] += 1
+        self.n.runs += 1
         self.finish_due(m, now)
         self._plan(m)
 

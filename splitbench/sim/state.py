@@ -14,6 +14,32 @@ from splitbench.sim.batching import ChunkState
 IDLE, PROMPT, DECODE, WAKING = 0, 1, 2, 3
 
 
+class SimCounts:
+    """The simulation's event counts (SimResult.stats), as native fields: one is bumped per event."""
+    __slots__ = ("chunked", "chunked_iterations", "errors", "interrupts", "prompt_iterations", "runs",
+                 "stale_events", "transfers")
+    runs: int
+    prompt_iterations: int
+    stale_events: int
+    interrupts: int
+    transfers: int
+    errors: int
+    chunked_iterations: int
+    chunked: bool
+
+    def __init__(self, chunked: bool) -> None:
+        self.runs = self.prompt_iterations = self.stale_events = self.interrupts = self.transfers = 0
+        self.errors = self.chunked_iterations = 0
+        self.chunked = chunked   # machines batch as vLLM V1 does: chunked_iterations is reported
+
+    def as_dict(self) -> dict[str, int]:
+        out = {"runs": self.runs, "prompt_iterations": self.prompt_iterations, "stale_events": self.stale_events,
+               "interrupts": self.interrupts, "transfers": self.transfers, "errors": self.errors}
+        if self.chunked:
+            out["chunked_iterations"] = self.chunked_iterations
+        return out
+
+
 class SimRequest:
     """One request's progress through the simulated cluster."""
     __slots__ = ("arrival", "colocated", "d", "decode_sent", "end_log", "first", "i", "join_it",
