@@ -121,8 +121,7 @@ class JSQ:
 
 
 def _jsq_scanned(instances: Sequence[InstanceView], rng: random.Random) -> Decision:
-    """JSQ by a scan of the views (a function, not in JSQ.choose: mypyc 1.13 cannot build closures in the methods
-    of a regular class)."""
+    """JSQ by a scan of the views, for views that are not a Ledger's (no ranks to read)."""
     return _pick_pair_or_colocated(
         instances, lambda c: _least(c, lambda i: i.pending_prompt_tokens, rng),
         lambda c: _least(c, lambda i: i.pending_decode_tokens, rng),
