@@ -16,8 +16,8 @@ from pathlib import Path
 PURE_ENV = "SPLITBENCH_PURE_PYTHON"
 RECORD = "splitbench/native-build.json"   # relative to the project root: {"sources": {path: sha256}}
 SOURCES = (   # compiled together (mypyc calls between them natively); relative to the project root
-    "splitbench/ledger.py", "splitbench/policies.py", "splitbench/prefix_policy.py", "splitbench/sim/engine.py",
-    "splitbench/sim/state.py", "splitbench/sim/cluster.py", "splitbench/sim/batching.py",
+    "splitbench/ranks.py", "splitbench/ledger.py", "splitbench/policies.py", "splitbench/prefix_policy.py",
+    "splitbench/sim/engine.py", "splitbench/sim/state.py", "splitbench/sim/cluster.py", "splitbench/sim/batching.py",
     "splitbench/sim/perfmodel.py", "splitbench/sim/recorder.py",
 )
 STATUS = {"compiled": False, "why": "not checked"}   # what activate() found; run.json and sim_speed.py report it
