@@ -246,6 +246,18 @@ def test_malformed_csv_one_line_errors(tmp_path, body, line, column, words):
     assert e.value.line == line and e.value.column == column
 
 
+def test_unusual_spellings_read_as_the_plain_ones(tmp_path):
+    """Whole numbers written as floats or with spaces, exponents: the field-by-field reading accepts what the
+    plain fast path does not, with the same values and types."""
+    from splitbench.sim.profiles import read_profile_rows
+    plain, unusual = tmp_path / "plain.csv", tmp_path / "unusual.csv"
+    plain.write_text(HEADER + "\nm,hw,512,2,128,0,0,100,20,3000,8\n")
+    unusual.write_text(HEADER + "\nm , hw,512.0, 2 ,1.28e2,0,0,1e2,20.0,3000,8.0\n")
+    a, b = read_profile_rows(plain), read_profile_rows(unusual)
+    assert a == b and [type(v) for v in a[0].values()] == [type(v) for v in b[0].values()]
+    assert isinstance(a[0]["batch_size"], int) and isinstance(a[0]["prompt_time"], float)
+
+
 def test_cli_list_and_bad_file(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text(HEADER + "\nm,hw,512,1,128,0,0,100,20,3000,x\n")

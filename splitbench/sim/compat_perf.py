@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitbench.errors import InputError
+from splitbench.sim.perffit import median
 from splitbench.sim.profiles import read_profile_rows
 
 # SplitwiseSim's model repo (configs/model_repo/architectures/*.yaml, sizes/*-fp16.yaml): layers, hidden size,
@@ -96,7 +97,7 @@ def _medians(rows: list[dict], column: str) -> tuple[list[float], list[float]]:
     for r in rows:
         by.setdefault(r["prompt_size"] * r["batch_size"], []).append(r[column] / 1000)
     xs = sorted(by)
-    return [float(v) for v in xs], [float(np.median(by[v])) for v in xs]
+    return [float(v) for v in xs], [median(by[v]) for v in xs]
 
 
 class SplitwiseSimPerf:

@@ -13,7 +13,8 @@ import numpy as np
 
 from splitbench.errors import InputError
 from splitbench.ledger import _interpreted, _with_abc
-from splitbench.sim.perffit import base_medians, batch_kv, falls_with_batch, interp, isotonic, joint_kv, kv_of
+from splitbench.sim.perffit import (base_medians, batch_kv, falls_with_batch, interp, isotonic, joint_kv, kv_of,
+                                    median)
 from splitbench.sim.profiles import read_profile_rows, sha256_of
 from splitbench.sim.shapes import MEMORY_BANDWIDTH_BPS, MODEL_SHAPES, ModelShape
 
@@ -74,7 +75,7 @@ class PerfModel:
             by.setdefault((r["prompt_size"], r["batch_size"], r["token_size"]), []).append(r)
         pts = []
         for (p, b, t), rs in sorted(by.items()):
-            m = {c: float(np.median([r[c] for r in rs])) for c in ("prompt_time", "token_time", "e2e_time")}
+            m = {c: median([r[c] for r in rs]) for c in ("prompt_time", "token_time", "e2e_time")}
             expected = m["prompt_time"] + (t - 1) * m["token_time"]
             pts.append({"p": p, "b": b, "t": t, "rows": rs, **m, "e2e_ratio": m["e2e_time"] / expected,
                         "drop": None, "decode": t >= 2 and t <= max_out})
@@ -109,7 +110,7 @@ class PerfModel:
     def _fit_prompt(self, pts: list[dict]) -> None:
         """prompt time over batched tokens p x b: median of all rows per token count, made non-decreasing."""
         x = sorted({pt["p"] * pt["b"] for pt in pts})
-        ys = [np.median([r["prompt_time"] for pt in pts if pt["p"] * pt["b"] == v for r in pt["rows"]]) for v in x]
+        ys = [median([r["prompt_time"] for pt in pts if pt["p"] * pt["b"] == v for r in pt["rows"]]) for v in x]
         ws = [sum(len(pt["rows"]) for pt in pts if pt["p"] * pt["b"] == v) for v in x]
         self._px, py = isotonic(np.array(x, float), np.array(ys) / 1e3, np.array(ws, float))
         self._py = py
@@ -129,7 +130,7 @@ class PerfModel:
         c = fitted = cap = 0.0
         if len(by) >= 3:
             ps = np.array(sorted(by), float)  # type: ignore[type-var]
-            ys = np.array([np.median(by[p]) for p in sorted(by)])
+            ys = np.array([median(by[p]) for p in sorted(by)])
             sol, *_ = np.linalg.lstsq(np.stack([np.ones_like(ps), ps, ps * ps], axis=1), ys,  # type: ignore
                                       rcond=None)
             c = fitted = max(0.0, float(sol[2]))

@@ -42,6 +42,37 @@ def _num(value: str, col: str, path: str, line: int, *, integer: bool, minimum: 
     return int(v) if integer else v
 
 
+def _plain_row(rec: list[str], idx: dict[str, int], line: int) -> dict:
+    """A row whose fields are plain (names, whole numbers, finite times in range); ValueError otherwise. The fast
+    path of read_profile_rows: a call per field cost 2/3 of reading SplitwiseSim's 1,260-row profile."""
+    row = {"line": line, "model": rec[idx["model"]].strip(), "hardware": rec[idx["hardware"]].strip()}
+    if not row["model"] or not row["hardware"]:
+        raise ValueError
+    for c in ("prompt_size", "batch_size", "token_size", "tensor_parallel"):
+        v = row[c] = int(rec[idx[c]])
+        if v < 1:
+            raise ValueError
+    for c, lo in (("prompt_time", 1e-9), ("token_time", 0), ("e2e_time", 1e-9)):
+        v = row[c] = float(rec[idx[c]])
+        if not lo <= v < math.inf:
+            raise ValueError
+    return row
+
+
+def _checked_row(rec: list[str], idx: dict[str, int], p: str, line: int) -> dict:
+    """A row checked field by field: InputError names the first bad field."""
+    row = {"line": line}
+    for c in ("model", "hardware"):
+        row[c] = rec[idx[c]].strip()
+        if not row[c]:
+            raise InputError("empty value", file=p, line=line, column=c)
+    for c in ("prompt_size", "batch_size", "token_size", "tensor_parallel"):
+        row[c] = _num(rec[idx[c]], c, p, line, integer=True, minimum=1)
+    for c, lo in (("prompt_time", 1e-9), ("token_time", 0), ("e2e_time", 1e-9)):
+        row[c] = _num(rec[idx[c]], c, p, line, integer=False, minimum=lo)
+    return row
+
+
 def read_profile_rows(path: str | os.PathLike) -> list[dict]:
     """Validated rows of a profile CSV (times in ms as in the file); InputError names file, line and column."""
     p = str(path)
@@ -63,20 +94,14 @@ def read_profile_rows(path: str | os.PathLike) -> list[dict]:
         rows = []
         for rec in reader:
             line = reader.line_num
-            if not rec or all(not x.strip() for x in rec):
+            if not rec or (not rec[0].strip() and all(not x.strip() for x in rec)):
                 continue
             if len(rec) != len(header):
                 raise InputError(f"expected {len(header)} fields, got {len(rec)}", file=p, line=line)
-            row = {"line": line}
-            for c in ("model", "hardware"):
-                row[c] = rec[idx[c]].strip()
-                if not row[c]:
-                    raise InputError("empty value", file=p, line=line, column=c)
-            for c in ("prompt_size", "batch_size", "token_size", "tensor_parallel"):
-                row[c] = _num(rec[idx[c]], c, p, line, integer=True, minimum=1)
-            for c, lo in (("prompt_time", 1e-9), ("token_time", 0), ("e2e_time", 1e-9)):
-                row[c] = _num(rec[idx[c]], c, p, line, integer=False, minimum=lo)
-            rows.append(row)
+            try:
+                rows.append(_plain_row(rec, idx, line))
+            except ValueError:   # anything unusual: the field-by-field check, which names what is wrong
+                rows.append(_checked_row(rec, idx, p, line))
     if not rows:
         raise InputError("no data rows (file has only a header)", file=p, line=2)
     return rows
