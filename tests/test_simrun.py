@@ -72,6 +72,17 @@ def test_simulation_is_deterministic_and_seeded(tmp_path):
     assert t0.equals(t1)
 
 
+def test_runs_without_a_run_id_get_their_own_directories_within_one_second(tmp_path):
+    """A simulation can take less than a second: back-to-back runs (a benchmark loop) must not collide on the time
+    stamp of their default run id; a given run id that exists is still refused."""
+    dirs = [simulate_run(SimOptions(cluster="baseline-h100:2", results_dir=str(tmp_path), **WINDOW))[0]
+            for _ in range(3)]
+    assert len({d.name for d in dirs}) == 3 and all((d / R.RECORDS_FILE).is_file() for d in dirs)
+    assert all("-sim-" in d.name for d in dirs)
+    with pytest.raises(InputError, match="exists already"):
+        simulate_run(SimOptions(cluster="baseline-h100:2", results_dir=str(tmp_path), run_id=dirs[0].name, **WINDOW))
+
+
 def test_simulate_cli_bad_input_is_one_line(tmp_path):
     out = subprocess.run(CLI + ["simulate", "--cluster", "prompt=dgx-z1:2,token=dgx-a100:2", "--results",
                                 str(tmp_path)], capture_output=True, text=True, timeout=120)

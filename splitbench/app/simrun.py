@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from splitbench.app.options import workload_spec
+from splitbench.app.options import new_run_id, workload_spec
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog, whole_machine_allocation
 from splitbench.metrics.slo import fit_reference, parse_slos
@@ -269,6 +269,17 @@ def _splitwisesim(workload: Workload, pools: list, opts: SimOptions) -> dict:
             "model": out["model"], "hardware": out["hardware"]}
 
 
+def _fresh_run_id(results_dir: str, trace: str) -> str:
+    """A new run id (time-sim-trace-pid, as live runs name theirs) that no run directory has yet: a simulation can
+    take less than the second the time stamp tells apart."""
+    base = run_id = new_run_id("sim", trace)
+    k = 1
+    while (Path(results_dir) / run_id).exists():
+        k += 1
+        run_id = f"{base}-{k}"
+    return run_id
+
+
 def simulate_run(opts: SimOptions, workload: Workload | None = None, extra_meta: dict | None = None
                  ) -> tuple[Path, dict]:
     """Simulate and write results/<run-id>/ (records.parquet, run.json, summary.json); returns (dir, summary).
@@ -276,7 +287,7 @@ def simulate_run(opts: SimOptions, workload: Workload | None = None, extra_meta:
     check_perf_model(opts)
     workload = load(workload_spec(opts)) if workload is None else workload
     pools = parse_cluster(opts.cluster)
-    run_id = opts.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-sim-{Path(opts.trace).stem[:30]}"
+    run_id = opts.run_id or _fresh_run_id(opts.results_dir, opts.trace)
     run_dir = Path(opts.results_dir) / run_id
     if run_dir.exists():
         raise InputError("run directory exists already: choose another --run-id or remove it", file=str(run_dir))
