@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from splitbench.app.simrun import SimOptions, simulate_run
@@ -120,6 +121,9 @@ def simulate_live(a, live: Path) -> list[tuple]:
     model_dir = meta["model"].get("root")
     rows = []
     for variant, spec, prof, hw, first, link in variants(a, live, counts, model_dir, live_recs):
+        own = Path(a.results) / f"sim-{variant}-of-{live.name}"
+        if (own / "run.json").is_file() and read_run_meta(own).get("simulated"):
+            shutil.rmtree(own)   # this script's own simulation of the same live run, from an earlier call
         sim_dir, _ = simulate_run(SimOptions(
             cluster=spec, trace=o["trace"], trace_dir=o.get("trace_dir"), start_s=o["start_s"],
             duration_s=o["duration_s"], rate_scale=applied_rate_scale(meta), max_requests=replayed_requests(meta),
