@@ -204,7 +204,8 @@ def search(spec: DesignSpec, on_status=lambda s: None) -> dict:
             return importlib.import_module("splitbench.servers.ray_launcher").ray_map(_evaluate, jobs,
                                                                                       spec.ray_address)
         if procs > 1:
-            # imported here: concurrent.futures.process (multiprocessing, socket) is 10 ms of every simulate
+            # imported here: concurrent.futures.process (multiprocessing, socket) took 10 ms of every simulate
+            # (-X importtime)
             from concurrent.futures import ProcessPoolExecutor   # noqa: PLC0415
             with ProcessPoolExecutor(procs) as ex:
                 return list(ex.map(_evaluate, jobs, chunksize=max(1, len(jobs) // (8 * procs))))

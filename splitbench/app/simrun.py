@@ -258,7 +258,8 @@ def _splitwisesim(workload: Workload, pools: list, opts: SimOptions) -> dict:
     """The SplitwiseSim-compatible mode's simulation (app/simcompat.py) and its run.json sections."""
     ref_machine = "dgx-a100" if opts.reference_machine == "auto" else opts.reference_machine
     t = time.perf_counter()
-    # imported here, not at the top: the compat mode's modules cost 11 ms of every default (physical) simulate
+    # imported here, not at the top: the compat mode's modules took 11 ms of every default (physical) simulate
+    # (-X importtime)
     from splitbench.app.simcompat import run_compat
     out = run_compat(workload, pools, opts, ref_machine)
     sim_wall_s = time.perf_counter() - t

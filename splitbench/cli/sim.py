@@ -62,7 +62,8 @@ def profiles_list(file: Optional[str] = typer.Option(None, "--file", help="Profi
     # per profile hardware name the machine with the most accelerators (a DGX, not its 1-GPU sibling)
     machines = {profile_hardware_name(m): m for m in sorted(load_catalog(hardware_file).values(),
                                                              key=lambda m: m.accelerators)}
-    from rich.table import Table   # noqa: PLC0415  (lazy: rich.table is 25 ms of every `simulate --json`)
+    # lazy: rich.table (22M instructions) is not needed by `simulate --json`
+    from rich.table import Table   # noqa: PLC0415
     table = Table("model", "hardware", "TP", "prefill ms\n512 | 2048", "decode ms\nb1 | b64", "kv us/token\n(used)",
                   "kv fitted\n(+-1 se)", "kv bw est.", "dropped\npoints", "KV tokens\nper DGX (*)")
     us = lambda v: "-" if v is None else f"{v * 1e6:.3f}"  # noqa: E731
@@ -201,7 +202,8 @@ def simulate(
         print(json.dumps(summary, indent=2, default=str))
         err_console.print(f"run directory: {run_dir}", markup=False, highlight=False, emoji=False)
     else:
-        from splitbench.render.console import render_summary   # noqa: PLC0415  (lazy: its rich.table, 25 ms)
+        # lazy: its rich.table (22M instructions) is not needed by `simulate --json`
+        from splitbench.render.console import render_summary   # noqa: PLC0415
         render_summary(summary, console)
         console.print(f"run directory: {run_dir}")
 
@@ -242,7 +244,8 @@ def design(
                       batching=batching, max_num_batched_tokens=max_num_batched_tokens, ray=ray,
                       ray_address=ray_address)
     result = search(spec, on_status=lambda s: err_console.log(s))
-    from rich.table import Table   # noqa: PLC0415  (lazy: rich.table is 25 ms of every `simulate --json`)
+    # lazy: rich.table (22M instructions) is not needed by `simulate --json`
+    from rich.table import Table   # noqa: PLC0415
     t = Table(title=f"{trace}: {objective}-optimal, {budget} ({budget_machines} x {budget_design} machines)")
     for col in ("design", "prompt", "token", "machines", "max req/s", "out tok/s", "$/h", "kW"):
         t.add_column(col, justify="left" if col == "design" else "right", no_wrap=col == "design")
