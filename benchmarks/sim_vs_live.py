@@ -33,6 +33,7 @@ from splitbench.metrics.latency import metric_values, stat_of
 from splitbench.schema import records as R
 from splitbench.schema.runmeta import read_run_meta
 from splitbench.sim.profiles import profile_hardware_name
+from splitbench.sim.spread import spread_path
 
 METRICS = (("ttft", "TTFT"), ("tbt", "TBT"), ("e2e", "E2E"))
 
@@ -89,15 +90,44 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:.1f}"
 
 
+def pooled_profile(paths: list[str], out_dir: Path, name: str) -> str | None:
+    """One profile of several (`--profile A --profile B`: measured before and after the live runs, so the host's
+    drift between them is averaged): their rows together (the fit takes medians per point over all of them), and
+    beside it the mean of their step spreads' quantile tables, where each has one."""
+    if not paths:
+        return None
+    if len(paths) == 1:
+        return paths[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [Path(p).read_text().splitlines() for p in paths]
+    csv = out_dir / f"{name}.csv"
+    csv.write_text("\n".join([lines[0][0]] + [row for rows in lines for row in rows[1:] if row.strip()]) + "\n")
+    spreads = [json.loads(spread_path(p).read_text()) for p in paths if spread_path(p).is_file()]
+    if len(spreads) == len(paths) and len({len(sp["quantiles"]) for sp in spreads}) == 1:
+        q = [sum(v) / len(v) for v in zip(*(sp["quantiles"] for sp in spreads))]
+        spread_path(csv).write_text(json.dumps({"what": spreads[0].get("what"), "source": "mean of the quantiles of "
+                                                + ", ".join(str(spread_path(p)) for p in paths), "quantiles": q}))
+    else:
+        spread_path(csv).unlink(missing_ok=True)
+    return str(csv)
+
+
+def step_spread(a, profile: str) -> str | None:
+    """The decode step spread `splitbench profile` wrote beside this profile (X.spread.json), unless --no-step-spread."""
+    path = spread_path(profile)
+    return str(path) if path.is_file() and not a.no_step_spread else None
+
+
 def variants(a, live: Path, counts: dict, model_dir: str, live_recs) -> list[tuple]:
-    """(name, cluster, profile, hardware file, first token, KV link Gb/s) of each simulation of one live run."""
+    """(name, cluster, profile, hardware file, first token, KV link Gb/s, step spread) of each simulation of one
+    live run."""
     from splitbench.sim.perfmodel import get_perf_model, load_profiles
     from splitbench.sim.shapes import shape_from_hf_config
     cluster = ",".join(f"{pool}={a.machine}:{n}" for pool, n in counts.items())
     if "prompt" in counts and a.split_profile:
         # measured on the split pair with the connector active: its prompt_time already holds the KV transfer and
         # the first token, so the prompt machine streams the first token and the transfer adds nothing
-        return [("split-profile", cluster, a.split_profile, None, "prefill", 1e6)]
+        return [("split-profile", cluster, a.split_profile, None, "prefill", 1e6, step_spread(a, a.split_profile))]
     shape = shape_from_hf_config(model_dir)
     n_in = sum(r.actual_input_tokens or r.planned_input_tokens for r in live_recs if r.ok)
     link = nixl_link_gbps(live, shape.kv_bytes_per_token, n_in) if "prompt" in counts else None
@@ -107,7 +137,7 @@ def variants(a, live: Path, counts: dict, model_dir: str, live_recs) -> list[tup
     print(f"{live.name}: live step time / profile's batch-1 prediction per pool (prefill, decode), a diagnostic "
           "(no calibration is applied): " + ", ".join(f"{p} ({x or 1:.2f}, {y or 1:.2f})" for p, (x, y) in scales.items())
           + (f"; KV link {link:.2f} Gb/s from the run's NIXL counters" if link else ""))
-    return [("profile", cluster, a.profile, None, "decode", link)]
+    return [("profile", cluster, a.profile, None, "decode", link, step_spread(a, a.profile))]
 
 
 def simulate_live(a, live: Path) -> list[tuple]:
@@ -120,7 +150,7 @@ def simulate_live(a, live: Path) -> list[tuple]:
     live_recs = R.read_records(live)
     model_dir = meta["model"].get("root")
     rows = []
-    for variant, spec, prof, hw, first, link in variants(a, live, counts, model_dir, live_recs):
+    for variant, spec, prof, hw, first, link, spread in variants(a, live, counts, model_dir, live_recs):
         own = Path(a.results) / f"sim-{variant}-of-{live.name}"
         if (own / "run.json").is_file() and read_run_meta(own).get("simulated"):
             shutil.rmtree(own)   # this script's own simulation of the same live run, from an earlier call
@@ -130,11 +160,12 @@ def simulate_live(a, live: Path) -> list[tuple]:
             max_context_tokens=meta["model"].get("max_model_len"), model=Path(model_dir).name,
             model_dir=model_dir, profile=prof, hardware_file=hw, tensor_parallel=1,
             policy=b.get("policy") or "jsq", max_prompt_batch_tokens=2048, max_decode_batch=a.max_decode_batch,
-            first_token=first, kv_transfer="serialized", link_gbps=link, reference_machine=None,
+            first_token=first, kv_transfer="serialized", link_gbps=link, reference_machine=None, step_spread=spread,
+            prompt_chunked_prefill=True,
             results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
         sim_recs = R.read_records(sim_dir)
         print(f"{live.name} [{variant}]: cluster {spec}, {len(live_recs)} live / {len(sim_recs)} simulated "
-              f"requests; simulated run: {sim_dir}")
+              f"requests; decode step spread: {spread or 'none'}; simulated run: {sim_dir}")
         for key, label in METRICS:
             lv, sv = metric_values(live_recs, key), metric_values(sim_recs, key)
             for st in ("p50", "p99"):
@@ -158,17 +189,22 @@ def repeat_rows(live: Path, repeat: Path) -> list[tuple]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="live run directories")
-    ap.add_argument("--profile", required=True, help="profile CSV of one instance (splitbench profile)")
-    ap.add_argument("--split-profile", default=None, help="profile CSV of a prompt + token pair measured with the "
-                    "connector active (splitbench profile --backend splitwise), used for split runs")
+    ap.add_argument("--profile", required=True, action="append", help="profile CSV of one instance (splitbench "
+                    "profile); repeat it to pool profiles measured before and after the live runs")
+    ap.add_argument("--split-profile", action="append", help="profile CSV of a prompt + token pair measured with the "
+                    "connector active (splitbench profile --backend splitwise), used for split runs (repeatable)")
     ap.add_argument("--machine", default="cpu-core", help="machine type each live instance is [cpu-core]")
     ap.add_argument("--max-decode-batch", type=int, default=128, help="vLLM's max_num_seqs [128, the CPU build's]")
     ap.add_argument("--results", default="results", help="where the simulated run directories go")
+    ap.add_argument("--no-step-spread", action="store_true", help="simulate decode iterations at exactly the "
+                    "profile's times, ignoring the X.spread.json beside each profile")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--live-repeat", action="append", default=[], type=Path, metavar="DIR",
                     help="a repeat of the k-th live run (same command, another time): its difference from that run "
                          "is printed as a 'live repeat' row, the floor under any simulator error (repeatable)")
     a = ap.parse_args()
+    a.profile = pooled_profile(a.profile, Path(a.results), "pooled-profile")
+    a.split_profile = pooled_profile(a.split_profile or [], Path(a.results), "pooled-split-profile")
     rows = [row for live in a.runs for row in simulate_live(a, live)]
     rows += [row for live, rep in zip(a.runs, a.live_repeat) for row in repeat_rows(live, rep)]
     print("\n| run | simulated with | metric | live (ms) | sim (ms) | error |\n|---|---|---|---:|---:|---:|")

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -25,6 +26,7 @@ from splitbench.sim import perfmodel as pm
 from splitbench.sim import profiles as pf
 from splitbench.sim import shapes as sh
 from splitbench.sim.profiles import fetch_profile, read_profile_rows
+from splitbench.sim.spread import load_spread, spread_path
 
 
 def _shared_profile() -> Path:
@@ -368,10 +370,26 @@ def test_measure_stub_profile_round_trip(tmp_path):
     b1 = [r["token_time"] / 1e3 for r in rows if r["batch_size"] == 1]
     assert 0 < m.base_s(1) <= max(b1) + 1e-9 and m.token_time_s(1, 20) == m.base_s(1) + 20 * m.kv_s_per_token
     assert (Path(res["run_dir"]) / "profile.json").is_file()
+    assert res["spread"] is None and not spread_path(out).exists()   # 25 timed gaps: too few for a step spread
     # a measured model's shape (here: the tiny model's) gives the bandwidth figure
     shape = sh.ModelShape("s", layers=2, kv_heads=2, head_dim=32, dtype_bytes=2, weight_bytes=1e6)
     m2 = pm.load_profiles(out, shapes={rows[0]["model"]: shape})[(rows[0]["model"], "cpu-host", 1)]
     assert m2.describe()["kv_bandwidth_s_per_token"] == 512 / sh.MEMORY_BANDWIDTH_BPS["cpu-host"]
+
+
+def test_measured_profile_writes_its_decode_step_spread_beside_the_csv(tmp_path):
+    """The stub paces tokens 8 ms apart: the batch-1 points' gaps (63 + 63 + 3) give a spread beside the CSV that
+    the simulator loads, centred on 1 (the host's scheduling noise is all it measures)."""
+    out = tmp_path / "stub.csv"
+    res = measure_profile("stub", {"ttft_s": 0.02, "tpot_s": 0.008}, out=out, prompt_sizes=[8, 32],
+                          batch_sizes=[1, 2], output_sizes=[4, 64], repeats=1, results_dir=tmp_path / "r")
+    sp = json.loads(spread_path(out).read_text())
+    assert res["spread"]["path"] == str(spread_path(out)) and sp["gaps"] == 129 and sp["requests"] == 3
+    assert 0.5 < sp["p50"] < 1.5 and sp["p50"] <= sp["p90"] <= sp["p99"]
+    q = load_spread(spread_path(out))
+    assert sum(a + b for a, b in zip(q, q[1:])) / (2 * (len(q) - 1)) == pytest.approx(1.0)
+    meta = json.loads((Path(res["run_dir"]) / "profile.json").read_text())
+    assert meta["spread"]["gaps"] == 129
 
 
 def test_measure_rejects_bad_grid(tmp_path):
@@ -444,6 +462,27 @@ def test_batches_measured_at_two_contexts_give_decode_a_kv_cost_per_batch_size()
     k = 40   # the closed-form run uses kv(b) too
     assert m.token_iterations_s(8, 9000, k) == pytest.approx(sum(m.token_time_s(8, 9000 + 8 * i) for i in range(k)))
     assert m.iterations_within(8, 9000, m.token_iterations_s(8, 9000, k)) == k
+
+
+def test_a_noisy_batch1_e2e_fit_falls_back_to_each_batchs_token_time_over_its_kv_tokens():
+    """The same grid, batch-1 e2e times scattered 0.3-1.9x (a busy 2-core host): that fit is refused, and
+    without a bandwidth estimate kv was 0, so base(b) pooled the large prompt's slow points with the small one's.
+    Now kv(b) is each batch's slope of token_time over its KV tokens, batch 1's over its prompt sweep too."""
+    grid = pf.profile_grid([32, 128, 512, 2048], [1, 2, 4, 8, 16], [16, 64, 256])
+    kv = lambda b: 1.0e-3 / b ** 0.5                                              # noqa: E731  (ms per token)
+    token = lambda p, b, t: 4.0 + 0.1 * b + kv(b) * b * (p + (t - 2) / 2)        # noqa: E731
+    rows = _synthetic_rows(grid, lambda p, b: 10.0 + p * b / 50, token)
+    for i, r in enumerate(rows):
+        if r["batch_size"] == 1:   # e2e alone is noisy; the mean TBT (token_time) is what the client measured well
+            r["e2e_time"] = r["prompt_time"] + (r["token_size"] - 1) * r["token_time"] * (1.9, 0.5, 1.2, 0.3)[i % 4]
+    m = pm.PerfModel("m", "cpu", 1, rows)
+    d = m.describe()
+    assert d["kv_source"].startswith("fitted per batch size, each") and "no usable e2e fit" in d["kv_source"]
+    for b in (1, 2, 4, 8, 16):
+        assert m.kv_at(b) == pytest.approx(kv(b) / 1e3, rel=0.05)
+    for p, b, t in grid:
+        if t <= 256 and b > 1:
+            assert m.token_time_s(b, b * (p + (t - 2) // 2)) == pytest.approx(token(p, b, t) / 1e3, rel=0.05)
 
 
 def test_a_convex_prompt_curve_gives_the_attention_cross_term_capped_by_the_models_flops():

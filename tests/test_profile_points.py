@@ -12,7 +12,7 @@ from splitbench.app import sizing as S
 from splitbench.errors import InputError
 from splitbench.workload.types import Workload
 
-from splitbench.app.profile import point_row
+from splitbench.app.profile import point_row, server_row
 from splitbench.metrics.latency import coalesced
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
@@ -33,6 +33,23 @@ def test_one_chunk_per_token_is_not_coalesced_and_one_chunk_of_all_is():
     assert not coalesced([timed]) and coalesced([timed, together])
     row = point_row([together], "m", "cpu-host", 32, 1, 8)
     assert row["token_time"] == 0.0   # what the client alone reports: why the fallback exists
+
+
+def test_tokens_coalesced_after_the_first_leave_ttft_and_mean_tbt_exact():
+    late = rec([1, 3, 1, 2, 1], [0.05, 0.08, 0.09, 0.11, 0.12])   # 8 tokens, some arriving together mid-stream
+    assert not coalesced([late])
+    row = point_row([late], "m", "cpu-host", 32, 1, 8)
+    assert row["prompt_time"] == pytest.approx(50.0) and row["token_time"] == pytest.approx(70.0 / 7)
+    assert coalesced([rec([2, 1, 1, 1, 1, 1, 1], [0.06 + 0.01 * i for i in range(7)])])
+
+
+def test_server_fallback_keeps_the_clients_first_tokens_less_the_tokens_that_came_with_them():
+    """A batch of 2 prefilled one after the other: the server's mean prefill time (one prompt each) would halve
+    the batch's prompt time; the fallback takes the later first token, 3 tokens early at the server's 10 ms."""
+    a = rec([1] * 8, [0.1 + 0.01 * i for i in range(8)])
+    b = rec([4, 1, 1, 1, 1], [0.23, 0.24, 0.25, 0.26, 0.27])
+    row = server_row(point_row([a, b], "m", "cpu-host", 32, 2, 8), [a, b], {"token_time": 10.0, "prompt_time": 100.0})
+    assert row["token_time"] == 10.0 and row["prompt_time"] == pytest.approx(200.0)
 
 
 def metrics(itl_sum: float, itl_n: int, prefill_sum: float, prefill_n: int, t: float) -> dict:

@@ -277,6 +277,55 @@ def test_split_designs_give_the_same_records_under_either_batching(policy, param
         assert any(r.pool == "mixed" for r in out["chunked"].records)
 
 
+# ---------------------------------------------------------------- prompt machines chunk as vLLM instances (opt-in)
+
+def split_run(w, perf=None, **kw):
+    cfg = SimConfig(pools=[SimPool("prompt", "m", 1), SimPool("token", "m", 1)], kv_transfer="serialized",
+                    link_bytes_per_s=1e15, prompt_chunked_prefill=True, **kw)
+    return simulate(w, cfg, {"m": perf or Perf()}, {"m": 10**6}, 1000)
+
+
+def test_prompt_machine_chunks_a_long_prompt_and_the_next_prompt_fills_the_last_chunk():
+    """Budget 2048: r0 (3000 tokens) takes 2048, then its last 952 + r1's first 1096 in one iteration; r1's last
+    404 alone. Each first token ends its last chunk; the later chunks read the KV of the earlier ones (the prompt
+    machine has no decodes)."""
+    c = 3e-9
+    res = split_run(wl([0.0, 0.0], [3000, 1500], [1, 1]), perf=Perf(attn=c))
+    r0, r1 = res.records
+    t1 = mixed(0, 0, 2048, 0)
+    t2 = t1 + mixed(0, 0, 952 + 1096, 2048) + 2 * c * 2048 * 952
+    t3 = t2 + mixed(0, 0, 404, 1096) + 2 * c * 1096 * 404
+    assert [r0.first_token_s, r1.first_token_s] == pytest.approx([t2, t3], abs=EPS)
+    assert res.stats["chunked_iterations"] == 3 and res.stats["transfers"] == 0   # one-token requests: no decode
+    whole = simulate(wl([0.0, 0.0], [3000, 1500], [1, 1]),
+                     SimConfig(pools=[SimPool("prompt", "m", 1), SimPool("token", "m", 1)]),
+                     {"m": Perf(attn=c)}, {"m": 10**6}, 1000)
+    assert [r.first_token_s for r in whole.records] == pytest.approx([prompt(3000), prompt(3000) + prompt(1500)])
+
+
+def test_chunked_prompt_machine_hands_the_kv_to_the_token_machine_after_the_last_chunk():
+    res = split_run(wl([0.0], [5000], [3]))
+    (r,) = res.records
+    t = mixed(0, 0, 2048, 0) + mixed(0, 0, 2048, 2048) + mixed(0, 0, 904, 4096)
+    assert r.first_token_s == pytest.approx(t, abs=EPS) and r.phases_s["prefill_done"] == pytest.approx(t)
+    x = 5000 * 1000 / 1e15   # the KV transfer: 5000 tokens x 1000 bytes over the link
+    assert r.last_token_s == pytest.approx(t + x + 2 * (C0 + C1) + KV * (5001 + 5002), abs=EPS)
+    assert res.stats["transfers"] == 1 and r.prefill_instance != r.decode_instance
+    dec = split_run(wl([0.0], [5000], [3]), first_token="decode").records[0]   # vLLM P/D: the token machine's
+    assert dec.first_token_s == pytest.approx(t + x + C0 + C1 + KV * 5000, abs=EPS)
+
+
+def test_prompt_chunking_keeps_every_record_sane_under_load_and_the_mixed_pool():
+    w = _random_workload(11, n=150, rate=40.0, max_in=5000, max_out=40)
+    for policy, params in (("jsq", {}), ("mixed-pool", {"prompt_threshold_tokens": 600})):
+        cfg = SimConfig(pools=[SimPool("prompt", "m", 2), SimPool("token", "m", 2)], policy=policy,
+                        policy_params=dict(params), seed=3, prompt_chunked_prefill=True)
+        res = simulate(w, cfg, {"m": Perf()}, {"m": 30000}, 1000)
+        assert res.stats["chunked_iterations"] > 0 and all(r.ok for r in res.records)
+        for r in res.records:
+            assert sum(r.chunk_tokens) == r.actual_output_tokens and r.first_token_s >= r.actual_send_s
+
+
 # ---------------------------------------------------------------- the option end to end
 
 def test_batching_is_recorded_in_run_json_and_reaches_the_design_search(tmp_path):

@@ -15,7 +15,7 @@ from splitbench.errors import InputError
 from splitbench.hardware.catalog import get_machine, load_catalog
 from splitbench.hardware.detect import host_machine
 from splitbench.hardware.power import detect_gpus
-from splitbench.metrics.latency import coalesced, e2e_s, mean_tbt_s, output_tokens, ttft_s
+from splitbench.metrics.latency import coalesced, e2e_s, first_chunk_tokens, mean_tbt_s, output_tokens, ttft_s
 from splitbench.schema.files import atomic_write_bytes, atomic_write_json
 from splitbench.schema.runmeta import host_info, package_versions
 from splitbench.servers import scrape
@@ -27,6 +27,7 @@ from splitbench.sim.profiles import (
     profile_grid,
     profile_hardware_name,
 )
+from splitbench.sim.spread import measure_spread, spread_path
 from splitbench.workload.types import Workload
 
 POINT_ATTEMPTS = 3   # a point whose tokens the client saw coalesced is measured again, at most this often
@@ -64,10 +65,21 @@ def point_row(records, model: str, hardware: str, p: int, b: int, t: int, tp: in
             "e2e_time": mean(e2e_s), "tensor_parallel": tp}
 
 
+def server_row(row: dict, records, server: dict) -> dict:
+    """A point whose first tokens the client saw coalesced: token_time is vLLM's mean inter-token latency, and
+    prompt_time the client's last first token, each request's taken back by the tokens that arrived with its first
+    ((k - 1) x that latency). vLLM's mean request_prefill_time is not used: it leaves out the queue, so a batch's
+    requests prefilled one after another each show one prompt's time, and on a P/D pair it averages the prompt
+    instance's prefills with the token instance's KV loads."""
+    itl_s = server["token_time"] / 1e3
+    first_s = max(ttft_s(r) - (first_chunk_tokens(r) - 1) * itl_s for r in records)
+    return {**row, "token_time": server["token_time"], "prompt_time": float(first_s) * 1e3}
+
+
 def _measure_point(session: RunSession, point: tuple, index: int, model: str, hardware: str,
-                   tp: int) -> tuple[dict, int, dict | None]:
-    """One grid point, up to POINT_ATTEMPTS times while the client sees tokens coalesced; if every attempt was,
-    its prompt/token times come from the server's /metrics (noted), or it fails with one line saying why."""
+                   tp: int) -> tuple[dict, int, dict | None, list]:
+    """One grid point, up to POINT_ATTEMPTS times while the client sees first tokens coalesced; if every attempt
+    was, its token time comes from the server's /metrics (noted, server_row), or it fails with one line saying why."""
     k, p, b, t = point
     urls = session.metrics_urls()
     for attempt in range(1, POINT_ATTEMPTS + 1):
@@ -79,15 +91,16 @@ def _measure_point(session: RunSession, point: tuple, index: int, model: str, ha
         index += b
         row = point_row(recs, model, hardware, p, b, t, tp)
         if not coalesced(recs):
-            return row, index, None
+            return row, index, None, recs
     server = scrape.server_times_ms(list(zip(before, scrape.snapshots(urls))))
-    why = (f"profile point prompt {p} batch {b} tokens {t}: the client saw tokens arrive together in all "
-           f"{POINT_ATTEMPTS} attempts (this host is too busy to time each token)")
+    why = (f"profile point prompt {p} batch {b} tokens {t}: the client saw first tokens arrive with later ones in "
+           f"all {POINT_ATTEMPTS} attempts (this host is too busy to time each token)")
     if server is None:
         raise InputError(why + "; the server has no vLLM /metrics to fall back on: rerun on a quieter host")
-    return {**row, **server}, index, {"point": [p, b, t], "repeat": k, "source": "server /metrics",
-                                      "why": why + "; prompt_time and token_time taken from vLLM's /metrics "
-                                      "(mean request_prefill_time, mean inter_token_latency)"}
+    note = {"point": [p, b, t], "repeat": k, "source": "server /metrics",
+            "why": why + "; token_time taken from vLLM's /metrics (mean inter_token_latency), prompt_time from the "
+                   "client's first tokens less the tokens that came with them"}
+    return server_row(row, recs, server), index, note, recs
 
 
 def _point_workload(p: int, b: int, t: int, first_index: int, repeat) -> Workload:
@@ -103,6 +116,18 @@ def _plan(grid: list[tuple[int, int, int]], repeats: int) -> list[tuple]:
     p0 = next(p for p, b, _ in grid if b == b_max)
     return [("warmup", p_max, 1, 8), ("warmup", p0, b_max, 8)] + [(k, p, b, t) for k in range(repeats)
                                                                   for p, b, t in grid]
+
+
+def write_spread(out: str | os.PathLike, records: list, run_id: str) -> dict | None:
+    """The decode step spread of the batch-1 points (sim/spread.py) beside the profile CSV, or None (and no stale
+    one left there) when too few tokens were timed."""
+    path = spread_path(out)
+    spread = measure_spread(records, source=f"splitbench profile {run_id}: batch-1 points")
+    if spread is None:
+        path.unlink(missing_ok=True)
+        return None
+    atomic_write_json(path, spread)
+    return {**spread, "path": str(path)}
 
 
 def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.PathLike,
@@ -121,6 +146,7 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
                       results_dir=str(results_dir), hardware_file=hardware_file, machine=machine)
     plan, rows, index, started = _plan(grid, int(repeats)), [], 0, time.monotonic()
     notes: list[dict] = []
+    alone: list = []
     with RunSession(opts, kind="profile", workload=_point_workload(*grid[0], 0, "plan"),
                     on_status=on_status) as session:
         info = session.start().model_info
@@ -132,20 +158,24 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
                              f"max_model_len is {info['max_model_len']}")
         on_status(f"warm-up, then {len(grid)} points x {repeats} repeats on {hardware}")
         for k, p, b, t in plan:
-            row, index, note = _measure_point(session, (k, p, b, t), index, model, hardware, tensor_parallel)
+            row, index, note, recs = _measure_point(session, (k, p, b, t), index, model, hardware, tensor_parallel)
             if note:
                 notes.append(note)
                 on_status(note["why"])
             if k != "warmup":
                 rows.append(row)
+                if b == 1 and not note:   # decode steps alone, each token timed by the client
+                    alone.extend(recs)
                 on_status(f"prompt {p} batch {b} tokens {t} (repeat {k + 1}): TTFT {row['prompt_time']:.1f} ms, "
                           f"TBT {row['token_time']:.2f} ms")
         session.meta.update(status="complete")
         session.write_meta()
+    spread = write_spread(out, alone, session.meta["run_id"])
     atomic_write_bytes(out, profile_csv_bytes(rows))
     meta = {"run_id": session.meta["run_id"], "kind": "profile", "out": str(out), "model": model,
             "hardware": hardware, "grid": grid, "repeats": int(repeats), "backend": session.meta["backend"],
-            "wall_s": time.monotonic() - started, "point_notes": notes, "versions": package_versions(),
-            "host": host_info()}
+            "wall_s": time.monotonic() - started, "point_notes": notes,
+            "spread": spread and {k: spread[k] for k in ("path", "requests", "gaps", "p50", "p90", "p99")},
+            "versions": package_versions(), "host": host_info()}
     atomic_write_json(session.run_dir / "profile.json", meta)
     return {**meta, "rows": len(rows), "run_dir": str(session.run_dir)}

@@ -23,6 +23,7 @@ from splitbench.sim.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, SimConfig, Sim
 from splitbench.sim.perfmodel import get_perf_model, load_profiles
 from splitbench.sim.profiles import find_profile, profile_hardware_name
 from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
+from splitbench.sim.spread import load_spread
 from splitbench.workload.load import load
 from splitbench.workload.types import Workload
 
@@ -118,11 +119,13 @@ def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_to
                kv_transfer: str = "layerwise", link_gbps: float | None = None, layers: int | None = None,
                policy_params: dict | None = None, max_decode_batch: int | None = None, first_token: str = "prefill",
                batching: str = "chunked", max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
-               prefix_cache: bool = True):
+               prefix_cache: bool = True, step_spread: tuple[float, ...] | None = None,
+               prompt_chunked_prefill: bool = False):
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
                               max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
                               max_decode_batch=max_decode_batch, first_token=first_token, batching=batching,
-                              max_num_batched_tokens=max_num_batched_tokens, prefix_cache=prefix_cache)
+                              max_num_batched_tokens=max_num_batched_tokens, prefix_cache=prefix_cache,
+                              step_spread=step_spread, prompt_chunked_prefill=prompt_chunked_prefill)
     if link_gbps is not None:
         kw["link_bytes_per_s"] = link_gbps * 1e9 / 8
     if layers is not None:
@@ -158,7 +161,8 @@ PERF_MODELS = ("physical", "splitwisesim")
 PHYSICAL_ONLY = (("first_token", "prefill", "--first-token"), ("kv_transfer", "layerwise", "--kv-transfer"),
                  ("link_gbps", None, "--link-gbps"), ("max_decode_batch", None, "--max-decode-batch"),
                  ("kv_capacity_tokens", None, "--kv-capacity-tokens"), ("model_dir", None, "--model-dir"),
-                 ("max_prompt_batch_tokens", 2048, "--max-prompt-batch-tokens"))
+                 ("max_prompt_batch_tokens", 2048, "--max-prompt-batch-tokens"), ("step_spread", None, "--step-spread"),
+                 ("prompt_chunked_prefill", False, "--prompt-chunked-prefill"))
 COMPAT_ONLY = (("max_batch_size", 512, "--max-batch-size"), ("max_batch_tokens", 2048, "--max-batch-tokens"),
                ("max_preemptions", 4, "--max-preemptions"),
                ("transfer_bandwidth_gib_per_s", 200.0, "--transfer-bandwidth-gib-per-s"))
@@ -203,6 +207,8 @@ class SimOptions:
     batching: str = "chunked"               # baseline/mixed machines: chunked (vLLM V1) | prompt-first
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS   # chunked machines' token budget per iteration
     prefix_cache: bool = True               # prefix-hash workloads: per prompt machine LRU prefix cache (sim/cluster.py)
+    prompt_chunked_prefill: bool = False    # prompt machines chunk prompts under max_num_batched_tokens (vLLM V1)
+    step_spread: str | None = None          # a decode step spread file (sim/spread.py; `profile` writes X.spread.json)
     kv_transfer: str = "layerwise"
     link_gbps: float | None = None
     kv_capacity_tokens: int | None = None
@@ -241,7 +247,9 @@ def _physical(workload: Workload, pools: list, opts: SimOptions) -> dict:
     cfg = sim_config(pools, policy=opts.policy, seed=opts.seed, policy_params=opts.policy_params, max_prompt_batch_tokens=opts.max_prompt_batch_tokens,
                      kv_transfer=opts.kv_transfer, link_gbps=opts.link_gbps, layers=setup.shape.layers,
                      max_decode_batch=opts.max_decode_batch, first_token=opts.first_token, batching=opts.batching,
-                     max_num_batched_tokens=opts.max_num_batched_tokens, prefix_cache=opts.prefix_cache)
+                     max_num_batched_tokens=opts.max_num_batched_tokens, prefix_cache=opts.prefix_cache,
+                     step_spread=load_spread(opts.step_spread) if opts.step_spread else None,
+                     prompt_chunked_prefill=opts.prompt_chunked_prefill)
     t = time.perf_counter()
     res = run_sim(workload, cfg, setup)
     sim_wall_s = time.perf_counter() - t

@@ -10,7 +10,7 @@ import typer
 from splitbench.app.design import DesignSpec, plot_design, search
 from splitbench.app.options import parse_rate_scale
 from splitbench.app.simrun import SimOptions, simulate_run
-from splitbench.cli.common import console, err_console, int_list, user_errors, with_options
+from splitbench.cli.common import Opt, console, err_console, int_list, user_errors, with_options
 from splitbench.cli.groups import FETCH, RESULTS, WORKLOAD
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
@@ -130,6 +130,10 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
                           on_status=lambda s: err_console.log(s))
     console.print(f"profile written to {out}: {res['rows']} rows, model {res['model']}, hardware {res['hardware']} "
                   f"({res['wall_s']:.0f} s; records in {res['run_dir']})", markup=False, highlight=False)
+    if sp := res.get("spread"):
+        console.print(f"decode step spread written to {sp['path']}: step / mean p50 {sp['p50']:.2f}, p90 "
+                      f"{sp['p90']:.2f}, p99 {sp['p99']:.2f} over {sp['gaps']} tokens (simulate --step-spread)",
+                      markup=False, highlight=False)
 
 
 def _sim_fields(a: dict) -> dict:
@@ -146,8 +150,18 @@ def _sim_fields(a: dict) -> dict:
     return f
 
 
+# simulate's options of how closely machines act as the vLLM instances of a live cluster
+VLLM_LIKE = (
+    Opt("prompt_chunked_prefill", bool, "Prompt machines chunk prompts as vLLM V1 instances do, under "
+        "--max-num-batched-tokens (default: whole prompts, as Splitwise's)."),
+    Opt("step_spread", Optional[str], "Decode step spread JSON (`profile --out X.csv` writes X.spread.json): each "
+        "decode iteration takes the profile's time x a draw from it, seeded by --seed (default: exactly the "
+        "profile's)."),
+)
+
+
 @user_errors
-@with_options(WORKLOAD, FETCH, RESULTS[:3], target=SimOptions)
+@with_options(WORKLOAD, FETCH, RESULTS[:3], VLLM_LIKE, target=SimOptions)
 def simulate(
     opts: dict,
     cluster: str = typer.Option(..., help="Cluster: POOL=MACHINE:COUNT,... (pools prompt, token, mixed, baseline; "
@@ -160,7 +174,7 @@ def simulate(
     tensor_parallel: Optional[int] = typer.Option(None, help="Profile group's tensor parallelism [GPUs per machine]."),
     policy: str = typer.Option("jsq", help="Cluster policy: jsq, round-robin, mixed-pool, prefix (the router's objects)."),
     policy_param: Optional[list[str]] = typer.Option(None, help="Policy parameter KEY=VALUE (repeatable)."),
-    seed: int = typer.Option(0, help="Seed for the policy's tie-breaks."),
+    seed: int = typer.Option(0, help="Seed for the policy's tie-breaks (and --step-spread's draws)."),
     max_prompt_batch_tokens: int = typer.Option(2048, help="Prompt machines (and prompt-first baseline/mixed "
                                                 "ones): batched prompt tokens cap."),
     max_decode_batch: Optional[int] = typer.Option(None, help="Requests per decode batch (vLLM's max_num_seqs) "

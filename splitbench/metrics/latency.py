@@ -189,7 +189,14 @@ def pools_section(records: Sequence[RequestRecord]) -> dict:
     return out
 
 
+def first_chunk_tokens(r: RequestRecord) -> int:
+    """Tokens in a request's first response chunk (all of its output when the client saw no chunks)."""
+    return int(r.chunk_tokens[0]) if r.chunk_tokens is not None and len(r.chunk_tokens) else output_tokens(r)
+
+
 def coalesced(records) -> bool:
-    """True when some response chunk held more than one token: the client could not time each token (its host, or
-    the server's frontend, was too busy), so client TBT and TTFT are not iteration times."""
-    return any(len(r.chunk_tokens or ()) < output_tokens(r) for r in records)
+    """True when some request's FIRST response chunk held more than one token: the client cannot tell when that
+    first token came (its host, or the server's frontend, was too busy), so its TTFT and mean TBT ((E2E - TTFT) /
+    (n - 1)) are not exact. Tokens coalesced later in a stream leave both exact: only the first and the last
+    token's times enter them."""
+    return any(output_tokens(r) > 1 and first_chunk_tokens(r) > 1 for r in records)

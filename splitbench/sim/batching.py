@@ -37,8 +37,8 @@ def mixed_iteration_s(perf: Any, decode_batch: int, decode_context_tokens: int, 
 
 
 class ChunkState:
-    """Per chunked machine: requests admitted and still prefilling, FCFS, as [request, tokens prefilled so far];
-    and the chunks of the iteration in flight as (entry, tokens)."""
+    """Per chunked machine: requests admitted and still prefilling, FCFS, as [request, tokens prefilled so far, time
+    of the first chunk's start]; and the chunks of the iteration in flight as (entry, tokens)."""
     __slots__ = ("chunks", "prefilling")
     prefilling: deque[list[Any]]
     chunks: list[tuple[list[Any], int]]
@@ -56,10 +56,11 @@ class ChunkedBatching:
     2. requests admitted earlier and still prefilling continue, FCFS, with min(remaining prompt, budget left);
     3. waiting requests are admitted FCFS while budget is left, running requests (decoding + prefilling) stay
        below max_num_seqs (SimConfig.max_decode_batch; unset: the budget) and the head's input + output KV fits
-       (else admission stops: FCFS, no skipping), each with its first chunk.
+       (else admission stops: FCFS, no skipping), each with its first chunk. A split request (prefilled here,
+       decoded on a token machine: prompt machines with SimConfig.prompt_chunked_prefill) reserves no KV here.
     An iteration with prefill chunks is simulated alone (mixed_iteration_s); its decodes make one token each at
-    its end; a request whose last chunk ran gets its first token at that end and decodes from the next iteration
-    on. Without a chunk to run (nothing waiting, or the head cannot be admitted) the decodes are fast-forwarded
+    its end; a co-located request whose last chunk ran gets its first token at that end and decodes from the next
+    iteration on; a split one goes on as after a whole prefill (SimCluster.split_prefilled: KV transfer). Without a chunk to run (nothing waiting, or the head cannot be admitted) the decodes are fast-forwarded
     to the batch's next finish exactly as on other machines; an arrival cuts that run (SimCluster._interrupt)."""
 
     cl: SimCluster
@@ -93,10 +94,14 @@ class ChunkedBatching:
             cached += e[1]
             cross += (r.n_in - r.pre + e[1]) * n
         q, seqs = m.prompt_q, m.b + len(st.prefilling)
-        while q and room > 0 and seqs < self.max_seqs and q[0].kv <= m.kv_free:
-            r = q.popleft()
-            m.kv_free -= r.kv
-            e = [r, 0]
+        while q and room > 0 and seqs < self.max_seqs:
+            r = q[0]
+            if r.colocated:
+                if r.kv > m.kv_free:
+                    break
+                m.kv_free -= r.kv
+            q.popleft()
+            e = [r, 0, now]
             st.prefilling.append(e)
             seqs += 1
             n = min(r.pre, room)
@@ -111,9 +116,12 @@ class ChunkedBatching:
             cl.sim.schedule(now + mixed_iteration_s(m.perf, m.b, m.ctx, tokens, cached, cross),
                             self.iteration_done, m)
         elif m.b:
-            k = m.fin[0][0] - m.it
-            m.state, m.run_t0, m.run_k = self.decode, now, k
-            m.run_end = now + m.perf.token_iterations_s(m.b, m.ctx, k)
+            m.state, m.run_t0 = self.decode, now
+            if cl._spread is None:
+                k = m.fin[0][0] - m.it
+                m.run_k, m.run_end = k, now + m.perf.token_iterations_s(m.b, m.ctx, k)
+            else:
+                m.run_k, m.run_end = 1, now + m.perf.token_time_s(m.b, m.ctx) * cl.step_factor()
             m.version += 1
             cl.sim.schedule(m.run_end, cl._decode_done, m, m.version)
         else:
@@ -137,6 +145,9 @@ class ChunkedBatching:
             if e[1] < r.pre:
                 continue
             st.prefilling.popleft()   # only the last chunk of an iteration can be partial: completions are FCFS
+            if not r.colocated:
+                cl.split_prefilled(m, r, e[2], now)
+                continue
             r.first = r.pdone = now
             ledger.prefill_done(r.d, r.req)
             if r.n_out == 1:

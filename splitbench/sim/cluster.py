@@ -4,6 +4,7 @@ KV memory from the model shape, KV transfer over per-machine links, and the live
 from __future__ import annotations
 
 import heapq
+import random
 from array import array
 from collections.abc import Mapping
 from typing import Any, cast
@@ -34,7 +35,9 @@ class SimCluster:
     idle machine share its first batch. A request whose KV can never fit is an "error" record.
     cfg.batching "chunked" (the default): baseline/mixed machines batch as vLLM V1 does instead (sim/batching.py:
     decodes first, FCFS prefill chunks under max_num_batched_tokens, KV reserved at admission); "prompt-first":
-    as described here. Prompt and token machines are the same in both.
+    as described here. Prompt and token machines are the same in both; cfg.prompt_chunked_prefill makes prompt
+    machines chunk too. cfg.step_spread: every decode-only iteration is its own run, its time the profile's x a
+    seeded draw from the measured spread (step_factor), so the records carry each token's gap.
     """
     w: Any
     cfg: SimConfig
@@ -59,6 +62,9 @@ class SimCluster:
     _ti: list[int]
     _hashes: Any
     _block: int
+    _spread: list[float] | None
+    _spread_n: int
+    _rng: random.Random
 
     def __init__(self, workload: Any, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, Any],
                  kv_bytes_per_token: float) -> None:
@@ -87,7 +93,8 @@ class SimCluster:
         self.decode_first = cfg.first_token == "decode"
         self.rec = Recorder(workload, [m.id for m in self.machines], [m.pool for m in self.machines],
                             cfg.record_token_chunks)
-        chunked = [m for m in self.machines if m.pool in COLOCATED_POOLS] if cfg.batching == "chunked" else []
+        chunked = [m for m in self.machines if (m.pool in COLOCATED_POOLS and cfg.batching == "chunked")
+                   or (m.pool == "prompt" and cfg.prompt_chunked_prefill)]
         self.n = SimCounts(bool(chunked))
         self.batching = ChunkedBatching(self, (IDLE, PROMPT, DECODE)) if chunked else None
         for m in chunked:
@@ -99,6 +106,9 @@ class SimCluster:
         self._ti = workload.trace_index.tolist()
         self._hashes = workload.prefix_hashes if cfg.prefix_cache else None
         self._block = max(1, int(workload.block_tokens or 1))
+        self._spread = list(cfg.step_spread) if cfg.step_spread else None
+        self._spread_n = len(self._spread) - 1 if self._spread else 0
+        self._rng = random.Random(cfg.seed)
 
     # ---------------------------------------------------------------- cluster level
 
@@ -204,8 +214,11 @@ class SimCluster:
             if m.single:
                 k, m.single = 1, False
             m.consec = 0
-            m.state, m.run_t0, m.run_k = DECODE, now, k
-            m.run_end = now + m.perf.token_iterations_s(m.b, m.ctx, k)
+            m.state, m.run_t0 = DECODE, now
+            if self._spread is None:
+                m.run_k, m.run_end = k, now + m.perf.token_iterations_s(m.b, m.ctx, k)
+            else:
+                m.run_k, m.run_end = 1, now + m.perf.token_time_s(m.b, m.ctx) * self.step_factor()
             m.version += 1
             self.sim.schedule(m.run_end, self._decode_done, m, m.version)
             return
@@ -236,26 +249,37 @@ class SimCluster:
         batch, start = m.pbatch, m.pstart
         m.pbatch = []
         ledger = self.ledger
-        decode_first = self.decode_first
         for r in batch:
-            r.pdone = now
-            ledger.prefill_done(r.d, r.req)
-            if decode_first and not r.colocated:
-                r.n_dec = r.n_out   # the token machine makes every token; the first streams after its 1st iteration
-                self._transfer(m, r, start, now)
+            if not r.colocated:
+                self.split_prefilled(m, r, start, now)
                 continue
-            r.first = now
-            if r.n_out == 1:   # the prefill made the only token: no transfer, no decode
+            r.first = r.pdone = now
+            ledger.prefill_done(r.d, r.req)
+            if r.n_out == 1:   # the prefill made the only token: no decode
                 r.decode_sent = r.last = now
-                if r.colocated:
-                    m.kv_free += r.kv
+                m.kv_free += r.kv
                 ledger.finish(r.d, r.req)
                 self.rec.finished(r, -1)
-            elif r.colocated:
-                self._join(m, r)
             else:
-                self._transfer(m, r, start, now)
+                self._join(m, r)
         self._plan(m)
+
+    def split_prefilled(self, m: SimMachine, r: SimRequest, start_s: float, now: float) -> None:
+        """A split request's prefill (started at start_s) ended now on m: its first token (unless the token machine
+        streams it), then its KV transfer; a one-token request ends here."""
+        r.pdone = now
+        self.ledger.prefill_done(r.d, r.req)
+        if self.decode_first:
+            r.n_dec = r.n_out   # the token machine makes every token; the first streams after its 1st iteration
+            self._transfer(m, r, start_s, now)
+            return
+        r.first = now
+        if r.n_out == 1:   # the prefill made the only token: no transfer, no decode
+            r.decode_sent = r.last = now
+            self.ledger.finish(r.d, r.req)
+            self.rec.finished(r, -1)
+        else:
+            self._transfer(m, r, start_s, now)
 
     def _transfer(self, pm: SimMachine, r: SimRequest, start_s: float, end_s: float) -> None:
         """KV of the prompt over the links of both machines (each link carries one transfer at a time).
@@ -294,11 +318,18 @@ class SimCluster:
         if r.first is None:
             m.single = True   # its first token's time must be an iteration boundary: the next run is 1 iteration
 
+    def step_factor(self) -> float:
+        """A decode iteration's time over the profile's, drawn from the step spread (linear between quantiles)."""
+        q = cast(list, self._spread)
+        u = self._rng.random() * self._spread_n
+        i = int(u)
+        return q[i] + (q[i + 1] - q[i]) * (u - i)
+
     def _interrupt(self, m: SimMachine) -> None:
         """The batch must change: cut the running decode run at the end of the iteration in progress."""
         now = self.sim.now_s
-        if m.run_end <= now:
-            return   # the run ends now anyway; its handler re-plans
+        if m.run_end <= now or m.run_k <= 1:
+            return   # the run ends now anyway, or is one iteration: its handler re-plans
         perf, b, ctx, t0 = m.perf, m.b, m.ctx, m.run_t0
         k = perf.iterations_within(b, ctx, now - t0)
         tb = t0 + perf.token_iterations_s(b, ctx, k + 1)

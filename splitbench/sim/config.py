@@ -64,6 +64,14 @@ class SimConfig:
     # prefix-hash workloads: each prompt machine keeps an LRU prefix cache of whole blocks (capacity: its KV tokens /
     # block tokens); a prompt's cached leading blocks are not prefilled (at least one token is). False: no cache
     prefix_cache: bool = True
+    # prompt machines chunk prompts as vLLM V1 instances do (sim/batching.py, the same max_num_batched_tokens budget:
+    # a prompt longer than it takes several iterations, the next prompts fill the last one's rest). False: FCFS
+    # whole-prompt batches under max_prompt_batch_tokens, a longer prompt alone in one iteration (Splitwise)
+    prompt_chunked_prefill: bool = False
+    # decode step spread (sim/spread.py): quantiles of iteration time / its mean at evenly spaced probabilities, scaled
+    # to mean 1; every decode-only iteration then runs alone, its time the profile's times a draw from them (RNG
+    # seeded by `seed`). None: decode iterations take exactly the profile's time (and runs are fast-forwarded)
+    step_spread: tuple[float, ...] | None = None
 
 
 class SimResult:
@@ -126,4 +134,8 @@ def validate_config(cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens:
                          column="mixed_max_consecutive_prompt_iterations")
     if kv_bytes_per_token < 0:
         raise InputError("kv_bytes_per_token must be >= 0", column="kv_bytes_per_token")
+    q = cfg.step_spread
+    if q is not None and (len(q) < 2 or any(b < a for a, b in zip(q, q[1:])) or q[0] < 0 or not q[-1] > 0):
+        raise InputError("step_spread must be at least 2 non-decreasing quantiles >= 0, not all 0",
+                         column="step_spread")
     policy_params(cfg.policy, cfg.policy_params)   # unknown policy, parameter or value: one line naming it

@@ -66,12 +66,14 @@ def joint_kv(pts: list[dict]) -> float | None:
     return kv if kv > 0 else None
 
 
-def batch_kv(pts: list[dict], kv1: float) -> list[tuple[int, float]]:
+def batch_kv(pts: list[dict], kv1: float | None) -> list[tuple[int, float]]:
     """kv(b) where the profile measured batch b at two or more contexts: the slope of token_time over the batch's
     KV tokens b x (p + (t-2)/2), least squares over its rows (>= 0); (1, kv1) first. [] when no batch size has two
-    contexts (SplitwiseSim's profiles sweep batches at one prompt size only): one kv for every batch then."""
+    contexts (SplitwiseSim's profiles sweep batches at one prompt size only): one kv for every batch then.
+    kv1 None (batch 1's e2e fit was unusable): batch 1's own slope the same way, [] unless it and a larger batch
+    have one."""
     out = []
-    for b in sorted({pt["b"] for pt in pts if pt["decode"] and pt["b"] > 1}):
+    for b in sorted({pt["b"] for pt in pts if pt["decode"] and (pt["b"] > 1 or kv1 is None)}):
         rows = [(b * (pt["p"] + (pt["t"] - 2) / 2), r["token_time"] / 1e3)
                 for pt in pts if pt["b"] == b and pt["decode"] for r in pt["rows"]]
         if len({x for x, _ in rows}) < 2:
@@ -79,6 +81,8 @@ def batch_kv(pts: list[dict], kv1: float) -> list[tuple[int, float]]:
         a = np.array([[1.0, x] for x, _ in rows])
         slope = float(np.linalg.lstsq(a, np.array([y for _, y in rows]), rcond=None)[0][1])
         out.append((b, max(slope, 0.0)))
+    if kv1 is None:
+        return out if len(out) > 1 and out[0][0] == 1 else []
     return [(1, float(kv1))] + out if out else []
 
 

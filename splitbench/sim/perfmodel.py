@@ -192,6 +192,10 @@ class PerfModel:
         if self._kv_b:
             self.kv_s_per_token, src = (
                 fitted, "fitted per batch size (batch-1 fit, batches at two contexts)")  # type: ignore[assignment]
+        elif not over and (own := batch_kv(pts, None)):   # batch 1's e2e fit unusable, but its prompt sweep is not
+            self._kv_b = own
+            self.kv_s_per_token, src = own[0][1], ("fitted per batch size, each its token_time over its KV tokens "
+                                                   f"(batch 1 too, no usable e2e fit: {why})")
         self._info.update(kv_by_batch_s_per_token=self._kv_b or None)
         self._info.update(kv_s_per_token=self.kv_s_per_token, kv_source=src, kv_fitted_s_per_token=fitted,
                           kv_fitted_stderr=se, kv_fit_rows=len(rows), kv_bandwidth_s_per_token=bw,
