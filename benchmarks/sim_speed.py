@@ -14,7 +14,10 @@ Traces: SplitwiseSim's CSVs from $SSIM_TRACES (default /work/ssim/traces) when p
 (`synth:` Poisson at 70 req/s, the catalogue's azure-conv-2023). Splitwise designs run the mixed-pool policy and the
 baselines JSQ, as SplitwiseSim's configurations do. Model BLOOM-176B (its default), profile as `simulate` finds it.
 
-Run: `python benchmarks/sim_speed.py [--only SUBSTRING] [--repeat N]`. One line per case (wall, CPU, max RSS,
+`--splitwisesim DIR` (a SplitwiseSim checkout) times SplitwiseSim itself on each such case just before ours, so
+both run on the same host in the same minutes (this VM's speed drifts by 30% within an hour).
+
+Run: `python benchmarks/sim_speed.py [--only SUBSTRING] [--repeat N] [--splitwisesim DIR]`. One line per case (wall, CPU, max RSS,
 target, PASS/FAIL, TTFT p50/p99 so a fast-but-wrong run shows), a table beside SplitwiseSim's times, and as the
 LAST line one JSON object. Exit 0 when every target is met. Wall times depend on the host and its load: the JSON
 records the host, its load average and each case's CPU time.
@@ -109,6 +112,30 @@ def reference(case: dict) -> dict | None:
     return {"wall_s": d.get("wall_s"), "max_rss_mb": d.get("max_rss_mb"), "n": d.get("n")}
 
 
+def time_splitwisesim(case: dict, ssim_dir: Path) -> dict | None:
+    """SplitwiseSim itself on this host, now: `python run.py` with the reference's Hydra overrides (trace.dir =
+    $SSIM_TRACES) under /usr/bin/time -v in its checkout; None where the reference or its trace CSV is missing."""
+    path, csv = SSIM_REF / f"{case['design']}-{case['trace']}.json", SSIM_TRACES / TRACES[case["trace"]][0]
+    tool = _time_tool()
+    if not path.exists() or not csv.exists() or not tool:
+        return None
+    ref = json.loads(path.read_text())
+    ovr = [f"trace.dir={SSIM_TRACES}" if o.startswith("trace.dir=") else o for o in ref["source"]["overrides"]]
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        p = subprocess.run([tool, "-v", "-o", tf.name, sys.executable, "run.py", *ovr], cwd=ssim_dir,
+                           capture_output=True, text=True, check=False)
+        tv = tf.read()
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", tv)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", tv)
+    if p.returncode != 0 or not wall:
+        return None
+    secs = 0.0
+    for part in wall.group(1).split(":"):
+        secs = secs * 60 + float(part)
+    return {"wall_s": round(secs, 2), "max_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None,
+            "n": ref.get("n"), "timed": "here, just before ours", "stored_wall_s": ref.get("wall_s")}
+
+
 def judge(case: dict, res: dict, ref: dict | None) -> dict:
     ok = "error" not in res and res["wall_s"] <= case["target_s"]
     if case["target_mb"] is not None and "error" not in res:
@@ -138,7 +165,9 @@ def table(rows: list[dict]) -> list[str]:
     for r in known:
         ours = "-" if "error" in r else f"{r['wall_s']:.2f} s"
         sp = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
-        out.append(f"{r['key']:42s} {r['ssim']['wall_s']:>12.1f} s {ours:>12s} {sp:>8s}")
+        here = (f"  (timed here; the stored reference: {r['ssim']['stored_wall_s']:.1f} s)"
+                if r["ssim"].get("timed") else "")
+        out.append(f"{r['key']:42s} {r['ssim']['wall_s']:>12.1f} s {ours:>12s} {sp:>8s}{here}")
     return out
 
 
@@ -146,6 +175,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="run the cases whose key contains this text")
     ap.add_argument("--repeat", type=int, default=1, help="runs per case; the fastest counts")
+    ap.add_argument("--splitwisesim", type=Path, default=None, metavar="DIR",
+                    help="a SplitwiseSim checkout (its run.py, configs, data): time it on each case that has a "
+                         "reference and a trace CSV in $SSIM_TRACES, just before ours, and judge the speedup "
+                         "against that (same host, same hour) instead of the stored wall_s")
     a = ap.parse_args()
     rows = []
     # an installed package has its bytecode compiled; with PYTHONDONTWRITEBYTECODE set (as on our dev hosts) every
@@ -156,9 +189,12 @@ def main() -> int:
         for case in cases():
             if a.only not in case["key"]:
                 continue
+            ref = reference(case)
+            if a.splitwisesim is not None:
+                ref = time_splitwisesim(case, a.splitwisesim) or ref
             runs = [run_case(case, results) for _ in range(max(1, a.repeat))]
             best = min(runs, key=lambda x: x["wall_s"] if "error" not in x else float("inf"))
-            rows.append(judge(case, best, reference(case)))
+            rows.append(judge(case, best, ref))
             print(line(rows[-1]), flush=True)
     for t in table(rows):
         print(t)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -214,7 +215,7 @@ def simulate(
     run_dir, summary = simulate_run(sim)
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
-        err_console.print(f"run directory: {run_dir}", markup=False, highlight=False, emoji=False)
+        print(f"run directory: {run_dir}", file=sys.stderr)
     else:
         # lazy: its rich.table (22M instructions) is not needed by `simulate --json`
         from splitbench.render.console import render_summary   # noqa: PLC0415
