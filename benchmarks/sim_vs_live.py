@@ -1,14 +1,17 @@
 """Simulator vs reality (issue 5): simulate the very trace window of live runs and report the simulator's error on
 TTFT, TBT and E2E at p50 and p99.
 
-Steps (README "Simulator validation"):
-  splitbench run --backend vllm --run-id live-base            # the embedded default window, co-located baseline
-  splitbench run --backend splitwise --run-id live-split      # the same window on a prompt + token pair
+Steps (docs/sim-vs-live.md has the full protocol: denser prompt sweeps, and each profile measured again after the
+live runs, then given twice to be pooled, because a shared VM's speed drifts):
   splitbench profile --backend vllm --cores 1 --machine cpu-core --out tiny.csv   # one instance on one core
+  splitbench run --backend vllm --run-id live-base            # the embedded default window, co-located baseline
   splitbench profile --backend splitwise --machine cpu-core --out split.csv           # the pair, connector active
+  splitbench run --backend splitwise --run-id live-split      # the same window on a prompt + token pair
   python benchmarks/sim_vs_live.py --profile tiny.csv --split-profile split.csv results/live-base results/live-split
 No per-run calibration: a baseline run is simulated from the one-instance profile, a split run from the pair's
-profile (its prompt_time measured on the producer side with the transfer, token_time on the consumer side).
+profile (its prompt_time measured on the producer side with the transfer, token_time on the consumer side). Each
+profile's decode step spread (X.spread.json beside X.csv) is drawn for every decode iteration, and the prompt
+machine chunks prompts as a vLLM V1 instance does (--no-step-spread, --whole-prompts leave these out).
 On a GPU: --machine TYPE (the live runs' run.json hardware.machine) and --split-profile P.csv, a profile of the
 prompt + token pair measured with the connector active (`splitbench profile --backend splitwise`), for split runs.
 
@@ -161,7 +164,7 @@ def simulate_live(a, live: Path) -> list[tuple]:
             model_dir=model_dir, profile=prof, hardware_file=hw, tensor_parallel=1,
             policy=b.get("policy") or "jsq", max_prompt_batch_tokens=2048, max_decode_batch=a.max_decode_batch,
             first_token=first, kv_transfer="serialized", link_gbps=link, reference_machine=None, step_spread=spread,
-            prompt_chunked_prefill=True,
+            prompt_chunked_prefill=not a.whole_prompts,
             results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
         sim_recs = R.read_records(sim_dir)
         print(f"{live.name} [{variant}]: cluster {spec}, {len(live_recs)} live / {len(sim_recs)} simulated "
@@ -196,6 +199,8 @@ def main() -> int:
     ap.add_argument("--machine", default="cpu-core", help="machine type each live instance is [cpu-core]")
     ap.add_argument("--max-decode-batch", type=int, default=128, help="vLLM's max_num_seqs [128, the CPU build's]")
     ap.add_argument("--results", default="results", help="where the simulated run directories go")
+    ap.add_argument("--whole-prompts", action="store_true", help="prompt machines run each prompt as one "
+                    "iteration (Splitwise's), not in vLLM's 2048-token chunks")
     ap.add_argument("--no-step-spread", action="store_true", help="simulate decode iterations at exactly the "
                     "profile's times, ignoring the X.spread.json beside each profile")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
