@@ -17,8 +17,9 @@ baselines JSQ, as SplitwiseSim's configurations do. Model BLOOM-176B (its defaul
 `--splitwisesim DIR` (a SplitwiseSim checkout) times SplitwiseSim itself on each such case just before ours, so
 both run on the same host in the same minutes (this VM's speed drifts by 30% within an hour).
 
-Run: `python benchmarks/sim_speed.py [--only SUBSTRING] [--repeat N] [--splitwisesim DIR]`. One line per case (wall, CPU, max RSS,
-target, PASS/FAIL, TTFT p50/p99 so a fast-but-wrong run shows), a table beside SplitwiseSim's times, and as the
+Run: `python benchmarks/sim_speed.py [--only SUBSTRING] [--repeat N] [--splitwisesim DIR]`.
+One line per case (wall, CPU, max RSS, target, PASS/FAIL,
+TTFT p50/p99 so a fast-but-wrong run shows), a table beside SplitwiseSim's times, and as the
 LAST line one JSON object. Exit 0 when every target is met. Wall times depend on the host and its load: the JSON
 records the host, its load average and each case's CPU time.
 """

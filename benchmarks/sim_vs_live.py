@@ -116,7 +116,8 @@ def pooled_profile(paths: list[str], out_dir: Path, name: str) -> str | None:
 
 
 def step_spread(a, profile: str) -> str | None:
-    """The decode step spread `splitbench profile` wrote beside this profile (X.spread.json), unless --no-step-spread."""
+    """The decode step spread that `splitbench profile` wrote beside this profile (X.spread.json), unless
+    --no-step-spread."""
     path = spread_path(profile)
     return str(path) if path.is_file() and not a.no_step_spread else None
 

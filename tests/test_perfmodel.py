@@ -379,13 +379,19 @@ def test_measure_stub_profile_round_trip(tmp_path):
 
 def test_measured_profile_writes_its_decode_step_spread_beside_the_csv(tmp_path):
     """The stub paces tokens 8 ms apart: the batch-1 points' gaps (63 + 63 + 3) give a spread beside the CSV that
-    the simulator loads, centred on 1 (the host's scheduling noise is all it measures)."""
+    the simulator loads, scaled to mean 1 (the host's scheduling noise is all it measures)."""
     out = tmp_path / "stub.csv"
     res = measure_profile("stub", {"ttft_s": 0.02, "tpot_s": 0.008}, out=out, prompt_sizes=[8, 32],
                           batch_sizes=[1, 2], output_sizes=[4, 64], repeats=1, results_dir=tmp_path / "r")
+    # a point whose first tokens came coalesced in every attempt (a busy host) is left out of the spread
+    noted = {tuple(n["point"]) for n in res["point_notes"]}
+    timed = sum(t - 1 for p, b, t in {(8, 1, 64), (32, 1, 64), (32, 1, 4)} if (p, b, t) not in noted)
+    if timed < 100:
+        assert res["spread"] is None and not spread_path(out).exists()
+        return
     sp = json.loads(spread_path(out).read_text())
-    assert res["spread"]["path"] == str(spread_path(out)) and sp["gaps"] == 129 and sp["requests"] == 3
-    assert 0.5 < sp["p50"] < 1.5 and sp["p50"] <= sp["p90"] <= sp["p99"]
+    assert res["spread"]["path"] == str(spread_path(out)) and sp["gaps"] == timed == 129 and sp["requests"] == 3
+    assert 0 < sp["p50"] <= sp["p90"] <= sp["p99"]
     q = load_spread(spread_path(out))
     assert sum(a + b for a, b in zip(q, q[1:])) / (2 * (len(q) - 1)) == pytest.approx(1.0)
     meta = json.loads((Path(res["run_dir"]) / "profile.json").read_text())

@@ -60,8 +60,9 @@ class ChunkedBatching:
        decoded on a token machine: prompt machines with SimConfig.prompt_chunked_prefill) reserves no KV here.
     An iteration with prefill chunks is simulated alone (mixed_iteration_s); its decodes make one token each at
     its end; a co-located request whose last chunk ran gets its first token at that end and decodes from the next
-    iteration on; a split one goes on as after a whole prefill (SimCluster.split_prefilled: KV transfer). Without a chunk to run (nothing waiting, or the head cannot be admitted) the decodes are fast-forwarded
-    to the batch's next finish exactly as on other machines; an arrival cuts that run (SimCluster._interrupt)."""
+    iteration on; a split one goes on as after a whole prefill (SimCluster.split_prefilled: KV transfer). Without a
+    chunk to run (nothing waiting, or the head cannot be admitted) the decodes are fast-forwarded to the batch's next
+    finish exactly as on other machines; an arrival cuts that run (SimCluster._interrupt)."""
 
     cl: SimCluster
     idle: int
@@ -117,11 +118,7 @@ class ChunkedBatching:
                             self.iteration_done, m)
         elif m.b:
             m.state, m.run_t0 = self.decode, now
-            if cl._spread is None:
-                k = m.fin[0][0] - m.it
-                m.run_k, m.run_end = k, now + m.perf.token_iterations_s(m.b, m.ctx, k)
-            else:
-                m.run_k, m.run_end = 1, now + m.perf.token_time_s(m.b, m.ctx) * cl.step_factor()
+            cl.set_decode_run(m, now, m.fin[0][0] - m.it)
             m.version += 1
             cl.sim.schedule(m.run_end, cl._decode_done, m, m.version)
         else:

@@ -215,10 +215,7 @@ class SimCluster:
                 k, m.single = 1, False
             m.consec = 0
             m.state, m.run_t0 = DECODE, now
-            if self._spread is None:
-                m.run_k, m.run_end = k, now + m.perf.token_iterations_s(m.b, m.ctx, k)
-            else:
-                m.run_k, m.run_end = 1, now + m.perf.token_time_s(m.b, m.ctx) * self.step_factor()
+            self.set_decode_run(m, now, k)
             m.version += 1
             self.sim.schedule(m.run_end, self._decode_done, m, m.version)
             return
@@ -317,6 +314,13 @@ class SimCluster:
         m.ctx += r.n_in + r.n_out - r.n_dec
         if r.first is None:
             m.single = True   # its first token's time must be an iteration boundary: the next run is 1 iteration
+
+    def set_decode_run(self, m: SimMachine, now: float, k: int) -> None:
+        """m's decode run from now: k iterations in closed form, or one whose time is drawn from the step spread."""
+        if self._spread is None:
+            m.run_k, m.run_end = k, now + m.perf.token_iterations_s(m.b, m.ctx, k)
+        else:
+            m.run_k, m.run_end = 1, now + m.perf.token_time_s(m.b, m.ctx) * self.step_factor()
 
     def step_factor(self) -> float:
         """A decode iteration's time over the profile's, drawn from the step spread (linear between quantiles)."""
