@@ -216,6 +216,18 @@ class Views(_SequenceBase):
         return self._ledger.positions(pool)
 
 
+
+def live_ledger(instances: object) -> Ledger | None:
+    """The Ledger behind `instances` while they are its current Views, else None (the caller scans the views). The
+    policies then read its ranks and counts themselves: compiled, those are native calls, where each method of
+    Views (a regular Python class) is a call through Python's protocol (13% of a simulation's JSQ time)."""
+    if isinstance(instances, Views):
+        led: Ledger = instances._ledger
+        if led.version == instances._version:
+            return led
+    return None
+
+
 class Ledger:
     """Pending-token accounting the caller keeps and turns into InstanceViews: tokens are added on dispatch,
     prompt tokens leave the prompt instance when its prefill is done, decode tokens leave on finish. It also keeps

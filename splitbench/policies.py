@@ -25,6 +25,7 @@ from splitbench.ledger import (  # noqa: F401  (Request .. Param are re-exported
     Rank,
     Request,
     Views,
+    live_ledger,
 )   # the ledger's names are re-exported: the router and the simulator import them from here
 from splitbench.prefix_policy import PrefixAware, break_tie
 
@@ -90,11 +91,6 @@ class RoundRobin:
                                        lambda c: self._next(BASELINE, c))
 
 
-def _ranks(instances: Sequence[InstanceView]) -> dict[str, Rank] | None:
-    """The ledger's ranks when `instances` are a Ledger's current views, else None (the caller scans)."""
-    return instances.ranks() if isinstance(instances, Views) else None
-
-
 class JSQ:
     """Join-shortest-queue as Splitwise's cluster scheduler: prompt instance by pending prompt tokens, token
     instance by pending decode tokens, co-located instances by all pending tokens; rng breaks ties. Given a
@@ -106,16 +102,16 @@ class JSQ:
         self.rng = rng or random.Random(0)
 
     def choose(self, request: Request, instances: Sequence[InstanceView]) -> Decision:
-        rng, ranks = self.rng, _ranks(instances)
-        if ranks is not None:
-            views = cast(Views, instances)
+        rng, led = self.rng, live_ledger(instances)
+        if led is not None:
+            ranks = led.current_ranks()
             prompts, tokens = ranks[PROMPT].least(), ranks[TOKEN].least()
             if prompts and tokens:
-                return Decision(views.id(break_tie(prompts, rng)), views.id(break_tie(tokens, rng)), PROMPT)
+                return Decision(led.order[break_tie(prompts, rng)], led.order[break_tie(tokens, rng)], PROMPT)
             colocated = ranks[COLOCATED].least()
             if colocated:
-                iid = views.id(break_tie(colocated, rng))   # no InstanceView built: the id and pool suffice
-                return Decision(iid, None, views.ledger.pool[iid])
+                iid = led.order[break_tie(colocated, rng)]   # no InstanceView built: the id and pool suffice
+                return Decision(iid, None, led.pool[iid])
             raise NoHealthyInstance(_why(instances))
         return _jsq_scanned(instances, rng)
 
@@ -142,12 +138,13 @@ class _Pool:
         return break_tie(self.ties, rng)
 
 
-def _as_view(instances, c) -> InstanceView:
-    return instances.view(c) if isinstance(c, int) else c
+def _as_view(led: Ledger | None, c) -> InstanceView:
+    """A _Pool's pick: a position in `led`'s order (ranked), or an InstanceView (scanned)."""
+    return cast(Ledger, led).view_at(c) if isinstance(c, int) else c
 
 
-def _id_of(instances, c) -> str:
-    return instances.id(c) if isinstance(c, int) else c.id
+def _id_of(led: Ledger | None, c) -> str:
+    return cast(Ledger, led).order[c] if isinstance(c, int) else c.id
 
 
 def _scanned_pool(instances: Sequence[InstanceView], pool: str, borrowed: dict, key) -> _Pool:
@@ -221,9 +218,9 @@ class MixedPool:
                 _scanned_pool(instances, TOKEN, self.borrowed, lambda i: i.pending_decode_tokens),
                 [(i.id, i.pending_prompt_tokens, i.pending_decode_tokens) for i in mixed])
 
-    def _ranked(self, instances: Views, ranks: dict[str, Rank]) -> tuple[_Pool, _Pool, list[tuple[str, int, int]]]:
+    def _ranked(self, led: Ledger) -> tuple[_Pool, _Pool, list[tuple[str, int, int]]]:
         """_scanned from the ledger's ranks and counts (the same result, without a pass over every instance)."""
-        led = instances.ledger
+        ranks = led.current_ranks()
         at: dict[str, int] = {}
         index, healthy, prompt, decode = led.index, led.healthy, led.prompt, led.decode
         for iid in list(self.borrowed):
@@ -256,9 +253,8 @@ class MixedPool:
         return pool.n > 1 and lent_now < cap and (pool.total - key(lent)) / (pool.n - 1) < threshold
 
     def choose(self, request: Request, instances: Sequence[InstanceView]) -> Decision:
-        rng, ranks = self.rng, _ranks(instances)
-        prompts, tokens, cands = self._scanned(instances) if ranks is None else \
-            self._ranked(cast(Views, instances), ranks)
+        rng, led = self.rng, live_ledger(instances)
+        prompts, tokens, cands = self._scanned(instances) if led is None else self._ranked(led)
         if not (prompts.n and tokens.n):   # not a split cluster (or one pool is down): plain JSQ on what is left
             mixed = [i for i in instances if i.healthy and (i.id in self.borrowed or i.pool == MIXED)]
             colocated = mixed + _healthy([i for i in instances if i.id not in self.borrowed], (BASELINE,))
@@ -270,11 +266,11 @@ class MixedPool:
         p_over = prompts.total >= self.prompt_threshold_tokens * prompts.n
         t_over = tokens.total >= self.decode_threshold_tokens * tokens.n
         if not (p_over or t_over):   # no InstanceView built: the ids suffice
-            return Decision(_id_of(instances, pc), _id_of(instances, tc), PROMPT)
+            return Decision(_id_of(led, pc), _id_of(led, tc), PROMPT)
         m = self._room(cands, rng, (PROMPT,) * p_over + (TOKEN,) * t_over)
         if m is not None:
             return Decision(m, None, MIXED)
-        p, t = _as_view(instances, pc), _as_view(instances, tc)
+        p, t = _as_view(led, pc), _as_view(led, tc)
         # Borrow from the pool that is not overloaded (prompt overloaded -> take a token instance, and so on)
         d, ok = (t, self._can_lend(tokens, t, self.decode_threshold_tokens, lambda i: i.pending_decode_tokens)) \
             if p_over else (p, self._can_lend(prompts, p, self.prompt_threshold_tokens,

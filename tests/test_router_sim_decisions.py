@@ -23,6 +23,7 @@ from splitbench.sim.cluster import simulate
 from splitbench.sim.config import SimConfig, SimPool
 from splitbench.timing import run as run_loop
 from splitbench.workload.types import Workload
+from splitbench.sim.perfmodel import PerfModel
 
 PREFILL_S = 0.6    # the stubs' ttft_s: a prefill takes this long on the live side and in the simulator
 TPOT_S = 0.05      # the stubs' tpot_s: one decode iteration (any batch) in the simulator
@@ -66,9 +67,12 @@ POLICY_PARAMS = {"round-robin": {}, "jsq": {}, "mixed-pool": MIXED_PARAMS, "pref
 PLACEMENT = ("instance", "pool", "prefill_instance", "decode_instance", "prefill_pool", "decode_pool")
 
 
-class StubTimes:
+class StubTimes(PerfModel):
     """The simulator's performance model of a stub: a prefill of any size takes PREFILL_S, every decode iteration
     TPOT_S whatever the batch (each stub stream is paced on its own)."""
+
+    def __init__(self) -> None:   # PerfModel's profile fit is not wanted: the times are closed forms
+        pass
 
     def prompt_time_s(self, tokens: int) -> float:
         return PREFILL_S if tokens > 0 else 0.0

@@ -19,11 +19,12 @@ from splitbench.sim.batching import mixed_iteration_s
 from splitbench.sim.cluster import simulate
 from splitbench.sim.config import SimConfig, SimPool
 from splitbench.workload.types import Workload
+from splitbench.sim.perfmodel import PerfModel
 
 EPS = 1e-12
 
 
-class Perf:
+class Perf(PerfModel):
     """prompt = p0 + p1 * tokens; decode = c0 + c1 * batch + kv * context; kv_s_per_token = kv (PerfModel's API)."""
 
     def __init__(self, p0=0.01, p1=1e-4, c0=0.02, c1=1e-3, kv=1e-5, attn=0.0):

@@ -18,11 +18,12 @@ from splitbench.sim.cluster import simulate
 from splitbench.sim.config import SimConfig, SimPool
 from splitbench.sim.engine import Simulator
 from splitbench.workload.types import Workload
+from splitbench.sim.perfmodel import PerfModel
 
 EPS = 1e-12
 
 
-class LinearPerf:
+class LinearPerf(PerfModel):
     """prompt = p0 + p1 * tokens; decode iteration = c0 + c1 * batch + c2 * context (what PerfModel promises)."""
 
     def __init__(self, p0=0.01, p1=1e-4, c0=0.02, c1=1e-3, c2=1e-5):

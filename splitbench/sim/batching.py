@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from splitbench.sim.cluster import SimCluster
+    from splitbench.sim.perfmodel import PerfModel
     from splitbench.sim.state import SimMachine, SimRequest
 
 
-def mixed_iteration_s(perf: Any, decode_batch: int, decode_context_tokens: int, prefill_tokens: int,
+def mixed_iteration_s(perf: PerfModel, decode_batch: int, decode_context_tokens: int, prefill_tokens: int,
                       prefill_context_tokens: int, prefill_cross_tokens2: int = 0) -> float:
     """One iteration carrying `prefill_tokens` prompt-chunk tokens (whose requests already hold
     `prefill_context_tokens` KV tokens from earlier chunks) and `decode_batch` decodes holding

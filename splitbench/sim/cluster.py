@@ -367,15 +367,15 @@ class SimCluster:
         fin, it = m.fin, m.it
         if fin and fin[0][0] <= it:
             end_log = len(m.log_t)
-            finish, finished = self.ledger.finish, self.rec.finished
-            while fin and fin[0][0] <= it:
+            ledger, rec = self.ledger, self.rec   # called through them: compiled, a call on a bound method held
+            while fin and fin[0][0] <= it:       # in a local goes through Python's protocol, not natively
                 r = heapq.heappop(fin)[2]
                 r.last, r.end_log = now, end_log
                 m.b -= 1
                 m.ctx -= r.kv
                 m.kv_free += r.kv
-                finish(r.d, r.req)
-                finished(r, m.idx)
+                ledger.finish(r.d, r.req)
+                rec.finished(r, m.idx)
 
 
 def simulate(workload: Any, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, Any],

@@ -10,6 +10,7 @@ from typing import Any
 from splitbench.policies import Decision, Request
 from splitbench.prefix_policy import BlockIndex
 from splitbench.sim.batching import ChunkState
+from splitbench.sim.perfmodel import PerfModel
 
 IDLE, PROMPT, DECODE, WAKING = 0, 1, 2, 3
 
@@ -82,7 +83,7 @@ class SimMachine:
     id: str
     pool: str
     mtype: str
-    perf: Any
+    perf: PerfModel
     kv_cap: int
     kv_free: int
     cache: BlockIndex | None
@@ -106,7 +107,7 @@ class SimMachine:
     single: bool
     chunk: ChunkState | None
 
-    def __init__(self, idx: int, iid: str, pool: str, mtype: str, perf: Any, kv_cap: int) -> None:
+    def __init__(self, idx: int, iid: str, pool: str, mtype: str, perf: PerfModel, kv_cap: int) -> None:
         self.idx, self.id, self.pool, self.mtype, self.perf = idx, iid, pool, mtype, perf
         self.kv_cap = self.kv_free = kv_cap
         self.cache = None                # prefix-hash workloads: a BlockIndex of the blocks this machine prefilled
