@@ -16,7 +16,6 @@ from splitbench.hardware.catalog import get_machine, load_catalog, whole_machine
 from splitbench.metrics.slo import fit_reference, parse_slos
 from splitbench.metrics.summary import summarize
 from splitbench.schema.columns import write_columns
-from splitbench.schema.files import Background
 from splitbench.schema.runmeta import host_info, package_versions, write_run_meta
 from splitbench.schema.summary import write_summary
 from splitbench.sim.cluster import simulate
@@ -315,13 +314,8 @@ def simulate_run(opts: SimOptions, workload: Workload | None = None, extra_meta:
             "model": out["model"], "hardware": out["hardware"],
             "reference": asdict(reference) if reference is not None else None, "reference_machine": out["ref_machine"],
             "versions": package_versions(("splitbench", "numpy", "pyarrow")), "host": host_info(), **(extra_meta or {})}
-    # records.parquet is encoded on a second thread (pyarrow releases the GIL) while the summary is computed: the
-    # two took 35 + 36 ms of the 0.57 s whole command on the 19k replay, one after the other
-    records = Background(write_columns, run_dir, run_id, res.columns)
-    try:
-        write_run_meta(run_dir, meta)
-        summary = summarize(res.columns, run_meta=meta, slos=slos, reference=reference)
-    finally:
-        records.wait()
+    write_columns(run_dir, run_id, res.columns)
+    write_run_meta(run_dir, meta)
+    summary = summarize(res.columns, run_meta=meta, slos=slos, reference=reference)
     write_summary(run_dir, summary)
     return run_dir, summary

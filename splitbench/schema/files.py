@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,29 +62,6 @@ def atomic_write_tables(path: str | os.PathLike, schema: pa.Schema, tables: Iter
             for t in tables:
                 w.write_table(t)
     _atomic(path, write)
-
-
-class Background:
-    """fn(*args) on a thread of its own, started now; wait() returns its result or raises its exception. For a
-    file write that releases the GIL (Parquet encoding) while the caller computes something else."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._out: list[Any] = []
-        self._err: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(fn, args), name="splitbench-write")
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
-        try:
-            self._out.append(fn(*args))
-        except BaseException as e:  # handed to wait(), raised in the caller's thread
-            self._err.append(e)
-
-    def wait(self) -> Any:
-        self._thread.join()
-        if self._err:
-            raise self._err[0]
-        return self._out[0]
 
 
 def read_json_object(path: str | os.PathLike, what: str) -> dict:
