@@ -17,6 +17,7 @@ from splitbench.policies import (
     NoHealthyInstance,
     Request,
     RoundRobin,
+    live_ledger,
     make_policy,
     parse_policy_params,
     policy_params,
@@ -285,3 +286,14 @@ def test_views_are_a_snapshot_of_the_moment_they_were_taken():
     assert now.ranks() is not None and [(v.pending_prompt_tokens, v.pending_decode_tokens) for v in now] == \
         [(300, 0), (0, 40)]
     assert now == tuple(now) and len(now) == 2
+
+
+def test_live_ledger_is_the_ledger_behind_current_views_only():
+    ledger = Ledger([("p0", "prompt"), ("t0", "token"), ("b0", "baseline")])
+    views = ledger.views()
+    assert live_ledger(views) is ledger
+    assert live_ledger(tuple(views)) is None and live_ledger(list(views)) is None   # plain views: policies scan
+    ledger.dispatch(Decision("p0", "t0", "prompt"), Request("r", 300, 40))
+    assert live_ledger(views) is None                                             # the ledger changed since
+    assert JSQ(random.Random(0)).choose(R, views) == JSQ(random.Random(0)).choose(R, tuple(views))
+    assert live_ledger(ledger.views()) is ledger
