@@ -193,8 +193,8 @@ class Views(_SequenceBase):
 
     def ranks(self) -> dict[str, Rank] | None:
         """The ledger's ranks by pool group, while the ledger is as it was at views(); else None (scan instead)."""
-        led = self._ledger
-        return led.current_ranks() if led.version == self._version else None
+        led = live_ledger(self)
+        return None if led is None else led.current_ranks()
 
     def view(self, pos: int):
         """The InstanceView at `pos`, from the ledger (use only while ranks() is not None)."""
@@ -214,7 +214,6 @@ class Views(_SequenceBase):
     def positions(self, pool: str) -> list[int]:
         """Positions of the instances configured in `pool`, in ledger order."""
         return self._ledger.positions(pool)
-
 
 
 def live_ledger(instances: object) -> Ledger | None:

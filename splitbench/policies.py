@@ -24,7 +24,6 @@ from splitbench.ledger import (  # noqa: F401  (Request .. Param are re-exported
     Param,
     Rank,
     Request,
-    Views,
     live_ledger,
 )   # the ledger's names are re-exported: the router and the simulator import them from here
 from splitbench.prefix_policy import PrefixAware, break_tie

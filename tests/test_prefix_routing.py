@@ -16,9 +16,9 @@ from splitbench.servers.phaselog import load_phase_log, merge_phases
 from splitbench.servers.router import Router
 from splitbench.sim.cluster import simulate
 from splitbench.sim.config import SimConfig, SimPool
+from splitbench.sim.perfmodel import PerfModel
 from splitbench.timing import run as run_loop
 from splitbench.workload.types import Workload
-from splitbench.sim.perfmodel import PerfModel
 
 BASE = (("b0", "baseline"), ("b1", "baseline"))
 

@@ -21,9 +21,9 @@ from splitbench.servers.phaselog import load_phase_log, merge_phases
 from splitbench.servers.router import Router
 from splitbench.sim.cluster import simulate
 from splitbench.sim.config import SimConfig, SimPool
+from splitbench.sim.perfmodel import PerfModel
 from splitbench.timing import run as run_loop
 from splitbench.workload.types import Workload
-from splitbench.sim.perfmodel import PerfModel
 
 PREFILL_S = 0.6    # the stubs' ttft_s: a prefill takes this long on the live side and in the simulator
 TPOT_S = 0.05      # the stubs' tpot_s: one decode iteration (any batch) in the simulator

@@ -18,8 +18,8 @@ from splitbench.schema import records as R
 from splitbench.sim.batching import mixed_iteration_s
 from splitbench.sim.cluster import simulate
 from splitbench.sim.config import SimConfig, SimPool
-from splitbench.workload.types import Workload
 from splitbench.sim.perfmodel import PerfModel
+from splitbench.workload.types import Workload
 
 EPS = 1e-12
 

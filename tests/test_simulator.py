@@ -17,8 +17,8 @@ from splitbench.sim import cluster as sim_cluster
 from splitbench.sim.cluster import simulate
 from splitbench.sim.config import SimConfig, SimPool
 from splitbench.sim.engine import Simulator
-from splitbench.workload.types import Workload
 from splitbench.sim.perfmodel import PerfModel
+from splitbench.workload.types import Workload
 
 EPS = 1e-12
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
-from typing import Any
 
 from splitbench.policies import Decision, Request
 from splitbench.prefix_policy import BlockIndex
