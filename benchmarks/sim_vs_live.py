@@ -48,7 +48,7 @@ def server_scales(run_dir: Path, recs, pm) -> dict[str, tuple[float, float]]:
     meta = read_run_meta(run_dir)
     summ = json.loads((run_dir / "metrics" / "summary.json").read_text())
     ok = [r for r in recs if r.ok]
-    pred_prefill = sum(pm.prompt_time_s(r.planned_input_tokens) for r in ok) / len(ok)
+    pred_prefill = sum(pm.lone_prompt_s(r.planned_input_tokens) for r in ok) / len(ok)
     pred_itl = (sum(pm.token_time_s(1, r.planned_input_tokens + r.planned_output_tokens // 2)
                     * (r.planned_output_tokens - 1) for r in ok) / max(1, sum(r.planned_output_tokens - 1 for r in ok)))
     out = {}

@@ -492,15 +492,21 @@ def test_a_noisy_batch1_e2e_fit_falls_back_to_each_batchs_token_time_over_its_kv
 
 
 def test_a_convex_prompt_curve_gives_the_attention_cross_term_capped_by_the_models_flops():
-    """prompt_time = 10 ms + 20 us p + c p^2 on the batch-1 sweep: c is recovered; a chunk of n tokens after P costs
-    2 c P n more; with a known shape, c is at most b x attention/dense FLOPs / 2 (BLOOM's shape: far below)."""
+    """prompt_time = 10 ms + 20 us p b + c p^2 b (each of a batch's b prompts attends over its own p tokens): c is
+    recovered; a chunk of n tokens after P costs c (n^2 + 2 P n) over the dense part; the dense part is one curve of
+    batched tokens for a lone prompt and a batch alike (2048 x 1 and 512 x 4 differ only by attention); with a known
+    shape, c is at most b x attention/dense FLOPs / 2 (BLOOM's shape: far below)."""
     grid = [(p, 1, 64) for p in (32, 128, 512, 1024, 2048, 4096)] + [(512, b, 64) for b in (2, 4)]
     c_ms = 4e-6
     prompt = lambda p, b: 10.0 + 0.02 * p * b + c_ms * p * p * b                  # noqa: E731
     rows = _synthetic_rows(grid, prompt, lambda p, b, t: 5.0 + 1e-3 * (p + t / 2))
     m = pm.PerfModel("m", "cpu", 1, rows)
     assert m.attn_s_per_token2 == pytest.approx(c_ms / 1e3, rel=1e-6)
-    assert m.context_prefill_s(2048, 1000) == pytest.approx(2 * c_ms / 1e3 * 2048 * 1000)
+    assert m.attention_s(1000 ** 2, 2048 * 1000) == pytest.approx(c_ms / 1e3 * (1000 ** 2 + 2 * 2048 * 1000))
+    for p, b in ((2048, 1), (512, 4), (4096, 1), (512, 2)):
+        assert m.prompt_time_s(p * b) == pytest.approx((10.0 + 0.02 * p * b) / 1e3, rel=1e-6)
+        assert m.prompt_time_s(p * b) + m.attention_s(b * p * p, 0) == pytest.approx(prompt(p, b) / 1e3, rel=1e-6)
+    assert m.lone_prompt_s(4096) == pytest.approx(prompt(4096, 1) / 1e3, rel=1e-6)
     bloom = pm.PerfModel("m", "cpu", 1, rows, shape=sh.MODEL_SHAPES["bloom-176b"])
     ratio = sh.MODEL_SHAPES["bloom-176b"].attention_to_dense_flops
     assert ratio == pytest.approx(2 * 70 * 112 * 128 / 176e9)

@@ -126,7 +126,7 @@ class _Times(PerfModel):
     def kv_at(self, b):
         return 0.0
 
-    def context_prefill_s(self, cached, new):
+    def attention_s(self, self_tokens2, cross_tokens2):
         return 0.0
 
     def prompt_time_s(self, n):

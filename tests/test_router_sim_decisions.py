@@ -80,7 +80,7 @@ class StubTimes(PerfModel):
     def kv_at(self, batch: int) -> float:
         return 0.0
 
-    def context_prefill_s(self, cached_tokens: int, new_tokens: int) -> float:
+    def attention_s(self, self_tokens2: int, cross_tokens2: int) -> float:
         return 0.0
 
     def token_time_s(self, batch: int, context_tokens: int) -> float:

@@ -35,8 +35,8 @@ class Perf(PerfModel):
     def kv_at(self, b):
         return self.kv_s_per_token
 
-    def context_prefill_s(self, cached, new):
-        return 2 * self.attn_s_per_token2 * cached * new
+    def attention_s(self, self_tokens2, cross_tokens2):
+        return self.attn_s_per_token2 * (self_tokens2 + 2 * cross_tokens2)
 
     def prompt_time_s(self, n):
         self.prompt_calls.append(n)
@@ -99,14 +99,15 @@ def test_a_long_prompt_is_split_over_budget_iterations_and_its_first_token_ends_
 
 
 def test_a_later_chunk_pays_attention_over_the_earlier_chunks_kv():
-    """With the prompt curve's p^2 term c, chunk k of n tokens after P prefilled adds 2 c P n (and nothing for the
-    first chunk); prompt-first prefills the lone prompt as the profile measured it (no extra term)."""
+    """With the prompt curve's p^2 term c, a chunk of n tokens after P prefilled adds c (n^2 + 2 P n) to the dense
+    part; prompt-first prefills the lone prompt in one iteration: dense part + c p^2, as the profile measured it."""
     c = 3e-9
     r = run(wl([0.0], [5000], [1]), perf=Perf(attn=c)).records[0]
     t = mixed(0, 0, 2048, 0) + mixed(0, 0, 2048, 2048) + mixed(0, 0, 904, 4096)
-    assert r.first_token_s == pytest.approx(t + 2 * c * (2048 * 2048 + 4096 * 904), abs=EPS)
+    attention = c * (2048 ** 2 + 2048 ** 2 + 904 ** 2) + 2 * c * (2048 * 2048 + 4096 * 904)
+    assert r.first_token_s == pytest.approx(t + attention, abs=EPS)
     assert run(wl([0.0], [5000], [1]), perf=Perf(attn=c), batching="prompt-first").records[0].first_token_s == \
-        pytest.approx(prompt(5000), abs=EPS)
+        pytest.approx(prompt(5000) + c * 5000 ** 2, abs=EPS)
 
 
 def test_three_prompts_share_the_budget_fcfs_with_the_decodes_first():
@@ -293,15 +294,16 @@ def test_prompt_machine_chunks_a_long_prompt_and_the_next_prompt_fills_the_last_
     c = 3e-9
     res = split_run(wl([0.0, 0.0], [3000, 1500], [1, 1]), perf=Perf(attn=c))
     r0, r1 = res.records
-    t1 = mixed(0, 0, 2048, 0)
-    t2 = t1 + mixed(0, 0, 952 + 1096, 2048) + 2 * c * 2048 * 952
-    t3 = t2 + mixed(0, 0, 404, 1096) + 2 * c * 1096 * 404
+    t1 = mixed(0, 0, 2048, 0) + c * 2048 ** 2
+    t2 = t1 + mixed(0, 0, 952 + 1096, 2048) + c * (952 ** 2 + 1096 ** 2) + 2 * c * 2048 * 952
+    t3 = t2 + mixed(0, 0, 404, 1096) + c * 404 ** 2 + 2 * c * 1096 * 404
     assert [r0.first_token_s, r1.first_token_s] == pytest.approx([t2, t3], abs=EPS)
     assert res.stats["chunked_iterations"] == 3 and res.stats["transfers"] == 0   # one-token requests: no decode
     whole = simulate(wl([0.0, 0.0], [3000, 1500], [1, 1]),
                      SimConfig(pools=[SimPool("prompt", "m", 1), SimPool("token", "m", 1)]),
                      {"m": Perf(attn=c)}, {"m": 10**6}, 1000)
-    assert [r.first_token_s for r in whole.records] == pytest.approx([prompt(3000), prompt(3000) + prompt(1500)])
+    alone = [prompt(3000) + c * 3000 ** 2, prompt(1500) + c * 1500 ** 2]   # each prompt's own attention
+    assert [r.first_token_s for r in whole.records] == pytest.approx([alone[0], alone[0] + alone[1]])
 
 
 def test_chunked_prompt_machine_hands_the_kv_to_the_token_machine_after_the_last_chunk():

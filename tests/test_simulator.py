@@ -35,7 +35,7 @@ class LinearPerf(PerfModel):
     def kv_at(self, b):
         return self.c2
 
-    def context_prefill_s(self, cached, new):
+    def attention_s(self, self_tokens2, cross_tokens2):
         return 0.0
 
     def token_time_s(self, b, ctx):

@@ -73,7 +73,7 @@ def profiles_list(file: Optional[str] = typer.Option(None, "--file", help="Profi
         ok = shape and mt and 0 < tp <= mt.accelerators
         cap = f"{machine_kv_capacity_tokens(shape, mt, tensor_parallel=tp):,}" if ok else "-"
         fit = us(d["kv_fitted_s_per_token"]) + (f" +-{us(d['kv_fitted_stderr'])}" if d["kv_fitted_stderr"] else "")
-        table.add_row(model, hw, str(tp), f"{m.prompt_time_s(512) * 1e3:.1f} | {m.prompt_time_s(2048) * 1e3:.1f}",
+        table.add_row(model, hw, str(tp), f"{m.lone_prompt_s(512) * 1e3:.1f} | {m.lone_prompt_s(2048) * 1e3:.1f}",
                       f"{m.token_time_s(1, 576) * 1e3:.2f} | {m.token_time_s(64, 64 * 576) * 1e3:.2f}",
                       f"{us(m.kv_s_per_token)} {_KV_LABEL[d['kv_source'].split(' ')[0]]}", fit,
                       us(d["kv_bandwidth_s_per_token"]), str(len(d["dropped"])), cap)

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 
 def mixed_iteration_s(perf: PerfModel, decode_batch: int, decode_context_tokens: int, prefill_tokens: int,
-                      prefill_context_tokens: int, prefill_cross_tokens2: int = 0) -> float:
+                      prefill_context_tokens: int, prefill_cross_tokens2: int = 0, prefill_self_tokens2: int = 0
+                      ) -> float:
     """One iteration carrying `prefill_tokens` prompt-chunk tokens (whose requests already hold
     `prefill_context_tokens` KV tokens from earlier chunks) and `decode_batch` decodes holding
     `decode_context_tokens` KV tokens.
@@ -33,7 +34,7 @@ def mixed_iteration_s(perf: PerfModel, decode_batch: int, decode_context_tokens:
     """
     t = (perf.prompt_time_s(prefill_tokens + decode_batch) + perf.kv_at(decode_batch) * decode_context_tokens
          + perf.kv_at(1) * prefill_context_tokens
-         + perf.context_prefill_s(1, prefill_cross_tokens2))
+         + perf.attention_s(prefill_self_tokens2, prefill_cross_tokens2))
     return max(t, perf.token_time_s(decode_batch, decode_context_tokens))
 
 
@@ -84,7 +85,7 @@ class ChunkedBatching:
         now = cl.sim.now_s
         room = self.budget - m.b
         chunks: list[tuple[list[Any], int]] = []
-        tokens, cached, cross = 0, 0, 0
+        tokens, cached, cross, sq = 0, 0, 0, 0
         for e in st.prefilling:   # admitted earlier: continue FCFS
             if room <= 0:
                 break
@@ -95,6 +96,7 @@ class ChunkedBatching:
             tokens += n
             cached += e[1]
             cross += (r.n_in - r.pre + e[1]) * n
+            sq += n * n
         q, seqs = m.prompt_q, m.b + len(st.prefilling)
         while q and room > 0 and seqs < self.max_seqs:
             r = q[0]
@@ -111,11 +113,12 @@ class ChunkedBatching:
             room -= n
             tokens += n
             cross += (r.n_in - r.pre) * n   # after a prefix-cache hit
+            sq += n * n
         if chunks:
             st.chunks = chunks
             m.state = self.busy
             cl.n.chunked_iterations += 1
-            cl.sim.schedule(now + mixed_iteration_s(m.perf, m.b, m.ctx, tokens, cached, cross),
+            cl.sim.schedule(now + mixed_iteration_s(m.perf, m.b, m.ctx, tokens, cached, cross, sq),
                             self.iteration_done, m)
         elif m.b:
             m.state, m.run_t0 = self.decode, now

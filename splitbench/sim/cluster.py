@@ -201,9 +201,9 @@ class SimCluster:
                 m.state, m.pbatch, m.pstart = PROMPT, batch, now
                 m.consec += 1
                 self.n.prompt_iterations += 1
-                t = m.perf.prompt_time_s(tokens)
-                if tokens < sum(r.n_in for r in batch):   # prefix-cache hits: attention over the cached part
-                    t += m.perf.context_prefill_s(1, sum((r.n_in - r.pre) * r.pre for r in batch))
+                # dense work over the new tokens, plus each prompt's attention (over its cached part too)
+                t = m.perf.prompt_time_s(tokens) + m.perf.attention_s(sum(r.pre * r.pre for r in batch),
+                                                                      sum((r.n_in - r.pre) * r.pre for r in batch))
                 self.sim.schedule(now + t, self._prompt_done, m)
                 return
         if m.b:

@@ -112,16 +112,21 @@ class PerfModel:
         return kept
 
     def _fit_prompt(self, pts: list[dict]) -> None:
-        """prompt time over batched tokens p x b: median of all rows per token count, made non-decreasing."""
+        """The dense part of a prefill iteration over batched tokens p x b: median of all rows per token count, each
+        less its requests' own attention (b c p^2, the batch-1 sweep's p^2 term), made non-decreasing. A batch of
+        four 512-token prompts and one 2048-token prompt do the same dense work but not the same attention."""
+        self._fit_attention(pts)
+        c = self.attn_s_per_token2
         x = sorted({pt["p"] * pt["b"] for pt in pts})
-        ys = [median([r["prompt_time"] for pt in pts if pt["p"] * pt["b"] == v for r in pt["rows"]]) for v in x]
+        ys = [median([r["prompt_time"] / 1e3 - pt["b"] * c * pt["p"] * pt["p"]
+                      for pt in pts if pt["p"] * pt["b"] == v for r in pt["rows"]]) for v in x]
         ws = [sum(len(pt["rows"]) for pt in pts if pt["p"] * pt["b"] == v) for v in x]
-        self._px, py = isotonic(np.array(x, float), np.array(ys) / 1e3, np.array(ws, float))
+        self._px, py = isotonic(np.array(x, float), np.maximum(np.array(ys), 0.0), np.array(ws, float))
         self._py = py
         self._info["prompt_points"] = [[round(a, 1), round(b * 1e3, 3)] for a, b in zip(self._px, py)]
-        self._fit_attention(pts)
-        self._info["prompt_rule"] = ("piecewise linear in batched prompt tokens (pooled to non-decreasing); below "
-                                     "the first point: the first point's time; above the last: last segment extended")
+        self._info["prompt_rule"] = ("dense part: piecewise linear in batched prompt tokens, each row less b c p^2 "
+                                     "(pooled to non-decreasing); below the first point: the first point's time; "
+                                     "above the last: last segment extended; plus attention_s per iteration")
 
     def _fit_attention(self, pts: list[dict]) -> None:
         """attn_s_per_token2: the p^2 coefficient of prompt_time(p) = a + b p + c p^2 over the batch-1 prompt sweep
@@ -149,10 +154,15 @@ class PerfModel:
             "than 3 prompt sizes), at most b x attention/dense FLOPs / 2 when the model's shape is known; a chunk "
             "of n tokens over P cached tokens adds 2 c P n"))
 
-    def context_prefill_s(self, cached_tokens: int, new_tokens: int) -> float:
-        """Extra time of prefilling `new_tokens` after `cached_tokens` already in the request's KV (an earlier
-        chunk, or a prefix-cache hit) over a lone `new_tokens` prompt: the cross term of the attention fit."""
-        return 2.0 * self.attn_s_per_token2 * cached_tokens * new_tokens
+    def attention_s(self, self_tokens2: int, cross_tokens2: int) -> float:
+        """Prefill attention of one iteration, added to its dense part prompt_time_s(sum of n): c (sum of n^2 +
+        2 sum of P n) over its requests' new tokens n and the tokens P already in their KV (an earlier chunk, a
+        prefix-cache hit)."""
+        return self.attn_s_per_token2 * (self_tokens2 + 2.0 * cross_tokens2)
+
+    def lone_prompt_s(self, prompt_tokens: int) -> float:
+        """A lone prompt prefilled in one iteration: what the profile's batch-1 prompt sweep measures."""
+        return self.prompt_time_s(prompt_tokens) + self.attention_s(prompt_tokens * prompt_tokens, 0)
 
     def _fit_kv(self, pts: list[dict], bandwidth_bps: float | None) -> None:
         """e2e = prompt + sum of n = tokens-1 iterations at contexts p .. p+n-1, over batch-1 rows; divided by n
@@ -233,7 +243,8 @@ class PerfModel:
 
     # ---------------------------------------------------------------- queries
     def prompt_time_s(self, batched_prompt_tokens: int) -> float:
-        """One prefill iteration over `batched_prompt_tokens` tokens (0 for none)."""
+        """The dense part of one prefill iteration over `batched_prompt_tokens` tokens (0 for none); attention_s
+        adds its requests' attention."""
         v = self._prompt_memo.get(batched_prompt_tokens)
         if v is None:
             v = 0.0 if batched_prompt_tokens <= 0 else interp(self._px, self._py, batched_prompt_tokens)
