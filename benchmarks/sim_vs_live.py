@@ -12,6 +12,9 @@ No per-run calibration: a baseline run is simulated from the one-instance profil
 profile (its prompt_time measured on the producer side with the transfer, token_time on the consumer side). Each
 profile's decode step spread (X.spread.json beside X.csv) is drawn for every decode iteration, and the prompt
 machine chunks prompts as a vLLM V1 instance does (--no-step-spread, --whole-prompts leave these out).
+--neighbour-busy-factor F.json (benchmarks/neighbour_factor.py, measured once on the host, not from the live runs)
+slows a decode-only iteration while another instance of the host is busy: the instances share one VM's caches and
+memory.
 On a GPU: --machine TYPE (the live runs' run.json hardware.machine) and --split-profile P.csv, a profile of the
 prompt + token pair measured with the connector active (`splitbench profile --backend splitwise`), for split runs.
 
@@ -115,6 +118,14 @@ def pooled_profile(paths: list[str], out_dir: Path, name: str) -> str | None:
     return str(csv)
 
 
+def neighbour_factor(spec: str) -> float:
+    """--neighbour-busy-factor: a number, or the JSON file benchmarks/neighbour_factor.py wrote."""
+    try:
+        return float(spec)
+    except ValueError:
+        return float(json.loads(Path(spec).read_text())["neighbour_busy_factor"])
+
+
 def step_spread(a, profile: str) -> str | None:
     """The decode step spread that `splitbench profile` wrote beside this profile (X.spread.json), unless
     --no-step-spread."""
@@ -165,7 +176,7 @@ def simulate_live(a, live: Path) -> list[tuple]:
             model_dir=model_dir, profile=prof, hardware_file=hw, tensor_parallel=1,
             policy=b.get("policy") or "jsq", max_prompt_batch_tokens=2048, max_decode_batch=a.max_decode_batch,
             first_token=first, kv_transfer="serialized", link_gbps=link, reference_machine=None, step_spread=spread,
-            prompt_chunked_prefill=not a.whole_prompts,
+            prompt_chunked_prefill=not a.whole_prompts, neighbour_busy_factor=a.neighbour_busy_factor,
             results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
         sim_recs = R.read_records(sim_dir)
         print(f"{live.name} [{variant}]: cluster {spec}, {len(live_recs)} live / {len(sim_recs)} simulated "
@@ -204,11 +215,15 @@ def main() -> int:
                     "iteration (Splitwise's), not in vLLM's 2048-token chunks")
     ap.add_argument("--no-step-spread", action="store_true", help="simulate decode iterations at exactly the "
                     "profile's times, ignoring the X.spread.json beside each profile")
+    ap.add_argument("--neighbour-busy-factor", default="1", metavar="X|FILE",
+                    help="decode-only iterations x X while another instance of the host is busy: a number, or the "
+                         "JSON of benchmarks/neighbour_factor.py measured on this host [1: none]")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--live-repeat", action="append", default=[], type=Path, metavar="DIR",
                     help="a repeat of the k-th live run (same command, another time): its difference from that run "
                          "is printed as a 'live repeat' row, the floor under any simulator error (repeatable)")
     a = ap.parse_args()
+    a.neighbour_busy_factor = neighbour_factor(a.neighbour_busy_factor)
     a.profile = pooled_profile(a.profile, Path(a.results), "pooled-profile")
     a.split_profile = pooled_profile(a.split_profile or [], Path(a.results), "pooled-split-profile")
     rows = [row for live in a.runs for row in simulate_live(a, live)]

@@ -513,3 +513,19 @@ def test_a_convex_prompt_curve_gives_the_attention_cross_term_capped_by_the_mode
     assert bloom.attn_s_per_token2 == pytest.approx(0.02e-3 * ratio / 2, rel=1e-6)
     assert bloom.attn_s_per_token2 < m.attn_s_per_token2
     assert pm.PerfModel("m", "cpu", 1, [r for r in rows if r["prompt_size"] in (32, 512)]).attn_s_per_token2 == 0
+
+
+def test_on_a_cpu_machine_the_attention_fit_is_not_capped_by_the_models_flops():
+    """A CPU runs prefill attention far below its GEMM rate, so a convex prompt curve measured there stands whole
+    (the catalog's cpu-core and cpu-host); the same rows labelled with a GPU's hardware are capped."""
+    grid = [(p, 1, 64) for p in (32, 128, 512, 1024, 2048, 4096)] + [(512, b, 64) for b in (2, 4)]
+    c_ms = 4e-6
+    rows = _synthetic_rows(grid, lambda p, b: 10.0 + 0.02 * p * b + c_ms * p * p * b,
+                           lambda p, b, t: 5.0 + 1e-3 * (p + t / 2))
+    bloom = sh.MODEL_SHAPES["bloom-176b"]
+    for hw in ("cpu-core", "cpu-host"):
+        m = pm.PerfModel("m", hw, 1, rows, shape=bloom)
+        assert m.attn_s_per_token2 == pytest.approx(c_ms / 1e3, rel=1e-6)
+        assert m.lone_prompt_s(4096) == pytest.approx((10.0 + 0.02 * 4096 + c_ms * 4096 ** 2) / 1e3, rel=1e-6)
+    gpu = pm.PerfModel("m", "a100-80gb", 1, rows, shape=bloom)
+    assert gpu.attn_s_per_token2 == pytest.approx(0.02e-3 * bloom.attention_to_dense_flops / 2, rel=1e-6)

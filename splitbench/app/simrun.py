@@ -120,12 +120,13 @@ def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_to
                policy_params: dict | None = None, max_decode_batch: int | None = None, first_token: str = "prefill",
                batching: str = "chunked", max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                prefix_cache: bool = True, step_spread: tuple[float, ...] | None = None,
-               prompt_chunked_prefill: bool = False):
+               prompt_chunked_prefill: bool = False, neighbour_busy_factor: float = 1.0):
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
                               max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
                               max_decode_batch=max_decode_batch, first_token=first_token, batching=batching,
                               max_num_batched_tokens=max_num_batched_tokens, prefix_cache=prefix_cache,
-                              step_spread=step_spread, prompt_chunked_prefill=prompt_chunked_prefill)
+                              step_spread=step_spread, prompt_chunked_prefill=prompt_chunked_prefill,
+                              neighbour_busy_factor=neighbour_busy_factor)
     if link_gbps is not None:
         kw["link_bytes_per_s"] = link_gbps * 1e9 / 8
     if layers is not None:
@@ -162,7 +163,8 @@ PHYSICAL_ONLY = (("first_token", "prefill", "--first-token"), ("kv_transfer", "l
                  ("link_gbps", None, "--link-gbps"), ("max_decode_batch", None, "--max-decode-batch"),
                  ("kv_capacity_tokens", None, "--kv-capacity-tokens"), ("model_dir", None, "--model-dir"),
                  ("max_prompt_batch_tokens", 2048, "--max-prompt-batch-tokens"), ("step_spread", None, "--step-spread"),
-                 ("prompt_chunked_prefill", False, "--prompt-chunked-prefill"))
+                 ("prompt_chunked_prefill", False, "--prompt-chunked-prefill"),
+                 ("neighbour_busy_factor", 1.0, "--neighbour-busy-factor"))
 COMPAT_ONLY = (("max_batch_size", 512, "--max-batch-size"), ("max_batch_tokens", 2048, "--max-batch-tokens"),
                ("max_preemptions", 4, "--max-preemptions"),
                ("transfer_bandwidth_gib_per_s", 200.0, "--transfer-bandwidth-gib-per-s"))
@@ -209,6 +211,7 @@ class SimOptions:
     prefix_cache: bool = True               # prefix-hash workloads: per prompt machine LRU prefix cache (sim/cluster.py)
     prompt_chunked_prefill: bool = False    # prompt machines chunk prompts under max_num_batched_tokens (vLLM V1)
     step_spread: str | None = None          # a decode step spread file (sim/spread.py; `profile` writes X.spread.json)
+    neighbour_busy_factor: float = 1.0      # machines sharing a host: decode-only iterations x this while one is busy
     kv_transfer: str = "layerwise"
     link_gbps: float | None = None
     kv_capacity_tokens: int | None = None
@@ -249,7 +252,8 @@ def _physical(workload: Workload, pools: list, opts: SimOptions) -> dict:
                      max_decode_batch=opts.max_decode_batch, first_token=opts.first_token, batching=opts.batching,
                      max_num_batched_tokens=opts.max_num_batched_tokens, prefix_cache=opts.prefix_cache,
                      step_spread=load_spread(opts.step_spread) if opts.step_spread else None,
-                     prompt_chunked_prefill=opts.prompt_chunked_prefill)
+                     prompt_chunked_prefill=opts.prompt_chunked_prefill,
+                     neighbour_busy_factor=opts.neighbour_busy_factor)
     t = time.perf_counter()
     res = run_sim(workload, cfg, setup)
     sim_wall_s = time.perf_counter() - t

@@ -158,6 +158,9 @@ VLLM_LIKE = (
     Opt("step_spread", Optional[str], "Decode step spread JSON (`profile --out X.csv` writes X.spread.json): each "
         "decode iteration takes the profile's time x a draw from it, seeded by --seed (default: exactly the "
         "profile's)."),
+    Opt("neighbour_busy_factor", float, "Machines sharing one host (cpu-core instances on a VM): a decode-only "
+        "iteration takes this x its time while another machine is busy (benchmarks/neighbour_factor.py measures "
+        "it; default 1: independent machines)."),
 )
 
 

@@ -37,7 +37,8 @@ class SimCluster:
     decodes first, FCFS prefill chunks under max_num_batched_tokens, KV reserved at admission); "prompt-first":
     as described here. Prompt and token machines are the same in both; cfg.prompt_chunked_prefill makes prompt
     machines chunk too. cfg.step_spread: every decode-only iteration is its own run, its time the profile's x a
-    seeded draw from the measured spread (step_factor), so the records carry each token's gap.
+    seeded draw from the measured spread (step_factor), so the records carry each token's gap;
+    cfg.neighbour_busy_factor (machines sharing a host) multiplies it while another machine is not idle.
     """
     w: Any
     cfg: SimConfig
@@ -65,6 +66,8 @@ class SimCluster:
     _spread: list[float] | None
     _spread_n: int
     _rng: random.Random
+    _nb: float
+    _per_step: bool
 
     def __init__(self, workload: Any, cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens: Mapping[str, Any],
                  kv_bytes_per_token: float) -> None:
@@ -109,6 +112,8 @@ class SimCluster:
         self._spread = list(cfg.step_spread) if cfg.step_spread else None
         self._spread_n = len(self._spread) - 1 if self._spread else 0
         self._rng = random.Random(cfg.seed)
+        self._nb = float(cfg.neighbour_busy_factor)
+        self._per_step = self._spread is not None or self._nb != 1.0   # decode-only iterations one at a time
 
     # ---------------------------------------------------------------- cluster level
 
@@ -316,11 +321,20 @@ class SimCluster:
             m.single = True   # its first token's time must be an iteration boundary: the next run is 1 iteration
 
     def set_decode_run(self, m: SimMachine, now: float, k: int) -> None:
-        """m's decode run from now: k iterations in closed form, or one whose time is drawn from the step spread."""
-        if self._spread is None:
+        """m's decode run from now: k iterations in closed form, or one (step spread, busy neighbour factor)."""
+        if not self._per_step:
             m.run_k, m.run_end = k, now + m.perf.token_iterations_s(m.b, m.ctx, k)
-        else:
-            m.run_k, m.run_end = 1, now + m.perf.token_time_s(m.b, m.ctx) * self.step_factor()
+            return
+        t = m.perf.token_time_s(m.b, m.ctx)
+        if self._spread is not None:
+            t *= self.step_factor()
+        if self._nb != 1.0 and self.neighbour_busy(m):
+            t *= self._nb
+        m.run_k, m.run_end = 1, now + t
+
+    def neighbour_busy(self, m: SimMachine) -> bool:
+        """Another machine of the cluster is prefilling, decoding or about to plan (not idle) now."""
+        return any(o is not m and o.state != IDLE for o in self.machines)
 
     def step_factor(self) -> float:
         """A decode iteration's time over the profile's, drawn from the step spread (linear between quantiles)."""

@@ -145,6 +145,13 @@ def find_profile(path: str | os.PathLike | None = None) -> Path:
     raise InputError(f"no {PROFILE_FILE} found (searched {where}); run `splitbench profiles fetch`")
 
 
+def cpu_profile_hardware(hardware: str) -> bool:
+    """A profile `hardware` that names a CPU machine of the catalog (profile_hardware_name gives CPU machines their
+    own name, GPUs their accelerator's)."""
+    mt = load_catalog().get(hardware)
+    return mt is not None and mt.accelerators == 0
+
+
 def profile_hardware_name(machine_type: str | MachineType, catalog: dict | None = None) -> str:
     """Catalog machine -> profile `hardware`: its accelerator (+ "-pcap" when power-capped); CPU hosts: own name."""
     if isinstance(machine_type, str):
