@@ -7,13 +7,16 @@ alternating over rounds. Clients are not pinned, as in a live run. The factor is
 token gap with B busy / with B idle (the simulator's step spread keeps the mean, so the means are what compose).
 
   python benchmarks/neighbour_factor.py --rounds 4 --json docs/data/neighbour-factor.json
-The machines of one host on a GPU server are separate GPUs: there the factor is 1 (no flag).
+GPU machines of one server are separate GPUs: there the factor is 1 (no flag). Two instances sharing one GPU (the
+Splitwiser layout) are neighbours: `--gpu 0 --model-dir M --vllm-args "..." --load prefill` measures the token
+instance's decode while the prompt instance prefills (B's load: 2048-token prompts, one output token, back to back).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import shlex
 import statistics
 import threading
 import time
@@ -39,19 +42,24 @@ def stream_gaps(url: str, model: str, n_in: int, n_out: int, rng: random.Random)
     return list(np.diff(ts)) if len(ts) > 2 else []
 
 
-def background_load(url: str, model: str, stop: threading.Event, streams: int = 2) -> list[threading.Thread]:
-    """`streams` clients sending 512-token prompts with 128 output tokens back to back until `stop` is set."""
+LOADS = {"mixed": (2, 512, 128), "prefill": (1, 2048, 1)}   # B's streams, prompt tokens, output tokens
+
+
+def background_load(url: str, model: str, stop: threading.Event, load: str = "mixed") -> list[threading.Thread]:
+    """LOADS[load]: that many clients sending such requests back to back until `stop` is set."""
+    streams, n_in, n_out = LOADS[load]
+
     def loop(k: int) -> None:
         rng = random.Random(1000 + k)
         while not stop.is_set():
-            stream_gaps(url, model, 512, 128, rng)
+            stream_gaps(url, model, n_in, n_out, rng)
     threads = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(streams)]
     for t in threads:
         t.start()
     return threads
 
 
-def measure(a: VllmServer, b: VllmServer, rounds: int, requests: int) -> dict:
+def measure(a: VllmServer, b: VllmServer, rounds: int, requests: int, load: str = "mixed") -> dict:
     """Alternate rounds of A's lone decodes with B idle and with B busy; per round the mean gap of each."""
     rng = random.Random(0)
     for server in (a, b):   # first requests after start are slow
@@ -62,7 +70,7 @@ def measure(a: VllmServer, b: VllmServer, rounds: int, requests: int) -> dict:
         row = {}
         for state in ("idle", "busy"):
             stop = threading.Event()
-            threads = background_load(b.url, b.model_name, stop) if state == "busy" else []
+            threads = background_load(b.url, b.model_name, stop, load) if state == "busy" else []
             if threads:
                 time.sleep(1.0)
             gaps = [g for _ in range(requests) for g in stream_gaps(a.url, a.model_name, 512, 128, rng)]
@@ -77,8 +85,8 @@ def measure(a: VllmServer, b: VllmServer, rounds: int, requests: int) -> dict:
         rows.append(row)
     factor = statistics.fmean(r["ratio"] for r in rows)
     return {"what": "decode step time of a machine while its neighbour on the same host is busy / while it is idle",
-            "neighbour_busy_factor": factor, "rounds": rows, "requests_per_round": requests,
-            "cores": {"a": a.cpu_cores, "b": b.cpu_cores}}
+            "neighbour_busy_factor": factor, "rounds": rows, "requests_per_round": requests, "load": load,
+            "cores": {"a": a.cpu_cores, "b": b.cpu_cores}, "gpus": {"a": a.gpu_ids, "b": b.gpu_ids}}
 
 
 def main() -> int:
@@ -86,12 +94,20 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--requests", type=int, default=6, help="A's lone requests per round and state [6]")
     ap.add_argument("--cores", default="0,1", help="the two cores: A's, B's [0,1]")
+    ap.add_argument("--gpu", type=int, default=None, help="both instances on this GPU instead of one core each")
+    ap.add_argument("--model-dir", default=None, help="model to serve [the embedded tiny model]")
+    ap.add_argument("--vllm-args", default=None, help="vLLM arguments of both instances [the tiny CPU ones]")
+    ap.add_argument("--load", choices=sorted(LOADS), default="mixed", help="B's load when busy [mixed]")
     ap.add_argument("--json", default=None, help="also write the result here")
     a = ap.parse_args()
     core_a, core_b = (int(c) for c in a.cores.split(","))
-    model = ensure_tiny_model()
-    servers = [VllmServer(model, port=port, cpu_cores=[core], extra_args=list(TINY_CPU_ARGS), env=dict(DEFAULT_ENV))
-               for port, core in ((18431, core_a), (18432, core_b))]
+    model = a.model_dir or ensure_tiny_model()
+    args = shlex.split(a.vllm_args) if a.vllm_args else list(TINY_CPU_ARGS)
+    if a.gpu is not None and "--gpu-memory-utilization" not in args:
+        args += ["--gpu-memory-utilization", "0.45"]   # two instances on one GPU, as the Splitwiser layout shares it
+    place = ([{"gpu_ids": [a.gpu]}] * 2 if a.gpu is not None else [{"cpu_cores": [core_a]}, {"cpu_cores": [core_b]}])
+    servers = [VllmServer(model, port=port, extra_args=list(args), env=dict(DEFAULT_ENV), **where)
+               for port, where in zip((18431, 18432), place)]
     try:
         for s in servers:
             s.spawn()
@@ -100,7 +116,7 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("the two vLLM instances were not healthy after 300 s")
             time.sleep(0.5)
-        out = measure(servers[0], servers[1], a.rounds, a.requests)
+        out = measure(servers[0], servers[1], a.rounds, a.requests, a.load)
     finally:
         for s in servers:
             s.stop()

@@ -9,6 +9,8 @@
 #           a window of azure-conv-2023 and azure-code-2023 through baseline and Splitwiser-NIXL; compare per trace
 #   profile `splitbench profile` of that model (one instance; the split pair with NIXL active), then the simulator
 #           on the live windows from those profiles: error per metric (benchmarks/sim_vs_live.py)
+#   neighbour benchmarks/neighbour_factor.py on one GPU: two instances of that model sharing it (the Splitwiser
+#           layout), A's decode with B idle and with B prefilling; the factor is kept in /tmp/results for `profile`
 #   robust  the token instance SIGKILLed mid-run: failures recorded, no GPU process or memory left (nvidia-smi);
 #           a start failure (the V2 model runner without flashinfer) reported as its real cause in one line
 #   ceiling client ceilings (benchmarks/client_ceiling.py) at --workers 1,2,4,8 against as many stub processes
@@ -16,7 +18,7 @@
 #   twogpu  (2 GPUs, nvidia-h200-x2) the 8B model on GPUS2 (default 0,1): baseline 2 instances vs prompt on the first
 #           GPU + token on the second over NIXL, both live windows, compare, placement check, profiles, simulator
 # Knobs: STEPS="check live profile robust ceiling", BUDGET_S=540, GPU=0, LIVE_S=45 (window per live run, s),
-# CHECK_S=20, CEIL_S=5 (s per ceiling point), VARGS8 (vLLM args of the 8B model), LIVE_RUNS (live run dirs for
+# CHECK_S=20, CEIL_S=5 (s per ceiling point), LIVE_TRACES (default "azure-conv-2023 azure-code-2023"), VARGS8 (vLLM args of the 8B model), LIVE_RUNS (live run dirs for
 # `profile` when `live` ran in an earlier call: carry its $OUT/live/runs back as .gpu/live-runs), DRY=1 (print the
 # commands only; runs anywhere, no bundle needed).
 set -u
@@ -109,7 +111,7 @@ make_8b() { [ -z "$DRY" ] && [ -f "$M8/config.json" ] || sb model random --confi
 if want live; then
   if have_random; then
     make_8b
-    for tr in azure-conv-2023 azure-code-2023; do
+    for tr in ${LIVE_TRACES:-azure-conv-2023 azure-code-2023}; do
       for b in base split; do
         [ "$(el)" -lt "$BUDGET_S" ] || { log "skip live $tr $b: past the budget"; continue; }
         if [ $b = base ]; then bargs=(--backend vllm --instances 1 --gpus "$GPU")
@@ -176,6 +178,18 @@ if want twogpu; then
   else log "skip twogpu: no \`splitbench model random\` in this tree"; fi
 fi
 
+# ---------------------------------------------------------------- (b3) a busy neighbour on one GPU
+if want neighbour; then
+  if have_random; then
+    make_8b
+    x "$PY" benchmarks/neighbour_factor.py --gpu "$GPU" --model-dir "$M8" --vllm-args "$VARGS8" --load prefill \
+      --rounds "${NB_ROUNDS:-3}" --requests "${NB_REQUESTS:-3}" --json "$OUT/neighbour/factor.json" \
+      > "$OUT/neighbour/factor.txt" 2>&1
+    log "neighbour exit $?: $(tail -1 "$OUT/neighbour/factor.txt" 2>/dev/null)"
+    [ -n "$DRY" ] || { mkdir -p "$R"; cp -f "$OUT/neighbour/factor.json" "$R/neighbour.json" 2>/dev/null; }
+  else log "skip neighbour: no \`splitbench model random\` in this tree"; fi
+fi
+
 # ---------------------------------------------------------------- (c) profiles and the simulator's error
 if want profile; then
   if have_random; then
@@ -198,6 +212,13 @@ if want profile; then
         --split-profile "$OUT/profile/profile-split.csv" --machine "$machine" --results "$R/sim" \
         --json "$OUT/profile/sim-error.json" $runs > "$OUT/profile/sim-error.md" 2>&1
       log "simulator error exit $?"
+      if [ -f "$R/neighbour.json" ]; then   # the same, with the measured busy-neighbour factor
+        x "$PY" benchmarks/sim_vs_live.py --profile "$OUT/profile/profile-base.csv" \
+          --split-profile "$OUT/profile/profile-split.csv" --machine "$machine" --results "$R/sim-nb" \
+          --neighbour-busy-factor "$R/neighbour.json" --json "$OUT/profile/sim-error-nb.json" $runs \
+          > "$OUT/profile/sim-error-nb.md" 2>&1
+        log "simulator error with the neighbour factor exit $?"
+      fi
     else log "no live runs in $LIVE_RUNS: simulator error skipped"; fi
   else log "skip profile: no \`splitbench model random\` in this tree"; fi
 fi
