@@ -18,7 +18,7 @@
 #   twogpu  (2 GPUs, nvidia-h200-x2) the 8B model on GPUS2 (default 0,1): baseline 2 instances vs prompt on the first
 #           GPU + token on the second over NIXL, both live windows, compare, placement check, profiles, simulator
 # Knobs: STEPS="check live profile robust ceiling", BUDGET_S=540, GPU=0, LIVE_S=45 (window per live run, s),
-# CHECK_S=20, CEIL_S=5 (s per ceiling point), LIVE_TRACES (default "azure-conv-2023 azure-code-2023"), VARGS8 (vLLM args of the 8B model), LIVE_RUNS (live run dirs for
+# CHECK_S=20, CEIL_S=5 (s per ceiling point), LIVE_KINDS ("base split"), SPLIT_ONLY=1 (profile the pair only), LIVE_TRACES (default "azure-conv-2023 azure-code-2023"), VARGS8 (vLLM args of the 8B model), LIVE_RUNS (live run dirs for
 # `profile` when `live` ran in an earlier call: carry its $OUT/live/runs back as .gpu/live-runs), DRY=1 (print the
 # commands only; runs anywhere, no bundle needed).
 set -u
@@ -112,7 +112,7 @@ if want live; then
   if have_random; then
     make_8b
     for tr in ${LIVE_TRACES:-azure-conv-2023 azure-code-2023}; do
-      for b in base split; do
+      for b in ${LIVE_KINDS:-base split}; do
         [ "$(el)" -lt "$BUDGET_S" ] || { log "skip live $tr $b: past the budget"; continue; }
         if [ $b = base ]; then bargs=(--backend vllm --instances 1 --gpus "$GPU")
         else bargs=(--backend splitwise --connector nixl --layout splitwiser --gpus "$GPU"); fi
@@ -122,8 +122,8 @@ if want live; then
           > "$OUT/live/$b-$tr.txt" 2>&1
         log "live $b $tr exit $?"; keep "$R/live/$b-$tr" "$OUT/live/runs/$b-$tr"
       done
-      sb compare "$R/live/base-$tr" "$R/live/split-$tr" --no-html --json "$OUT/live/compare-$tr.json" --markdown \
-        > "$OUT/live/compare-$tr.md" 2>&1
+      [ -d "$R/live/base-$tr" ] && [ -d "$R/live/split-$tr" ] && sb compare "$R/live/base-$tr" "$R/live/split-$tr" \
+        --no-html --json "$OUT/live/compare-$tr.json" --markdown > "$OUT/live/compare-$tr.md" 2>&1
     done
   else log "skip live: no \`splitbench model random\` in this tree"; fi
 fi
@@ -200,9 +200,11 @@ if want profile; then
     machine=$([ -f "$first/run.json" ] && "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['hardware']['machine'])" "$first/run.json")
     [ -n "$DRY" ] && { runs="$LIVE_RUNS/base-azure-conv-2023 $LIVE_RUNS/split-azure-conv-2023 ..."; machine="MACHINE_OF_LIVE_RUNS"; }
     margs=(); [ -n "$machine" ] && margs=(--machine "$machine")
-    sb profile --backend vllm --gpus "$GPU" --model-dir "$M8" --vllm-args "$VARGS8" "${margs[@]}" \
-      --out "$OUT/profile/profile-base.csv" --results "$R/profile" > "$OUT/profile/profile-base.txt" 2>&1
-    log "profile base exit $?"
+    if [ -z "${SPLIT_ONLY:-}" ]; then
+      sb profile --backend vllm --gpus "$GPU" --model-dir "$M8" --vllm-args "$VARGS8" "${margs[@]}" \
+        --out "$OUT/profile/profile-base.csv" --results "$R/profile" > "$OUT/profile/profile-base.txt" 2>&1
+      log "profile base exit $?"
+    else : > "$OUT/profile/profile-base.csv"; fi   # split runs only: sim_vs_live reads the pair profile
     sb profile --backend splitwise --connector nixl --layout splitwiser --gpus "$GPU" --model-dir "$M8" \
       --vllm-args "$VARGS8" "${margs[@]}" --out "$OUT/profile/profile-split.csv" --results "$R/profile" \
       > "$OUT/profile/profile-split.txt" 2>&1
