@@ -4,6 +4,7 @@ fetch of perf_model.csv, and the measuring grid.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import math
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 from splitbench.errors import InputError
-from splitbench.hardware.catalog import MachineType, get_machine, load_catalog
+from splitbench.hardware.catalog import ENV_VAR, MachineType, get_machine, load_catalog
 from splitbench.workload.download import download_checked
 
 PROFILE_FILE = "perf_model.csv"
@@ -148,8 +149,13 @@ def find_profile(path: str | os.PathLike | None = None) -> Path:
 def cpu_profile_hardware(hardware: str) -> bool:
     """A profile `hardware` that names a CPU machine of the catalog (profile_hardware_name gives CPU machines their
     own name, GPUs their accelerator's)."""
-    mt = load_catalog().get(hardware)
-    return mt is not None and mt.accelerators == 0
+    return hardware in _cpu_machines(os.environ.get(ENV_VAR) or None)
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_machines(user_file: str | None) -> frozenset[str]:
+    """The catalog's machines without accelerators, read once per user file (1.2 ms a read, once per fitted group)."""
+    return frozenset(name for name, mt in load_catalog(user_file).items() if mt.accelerators == 0)
 
 
 def profile_hardware_name(machine_type: str | MachineType, catalog: dict | None = None) -> str:
