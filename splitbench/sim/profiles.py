@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 from splitbench.errors import InputError
-from splitbench.hardware.catalog import ENV_VAR, MachineType, get_machine, load_catalog
+from splitbench.hardware.catalog import ENV_VAR as HARDWARE_ENV_VAR
+from splitbench.hardware.catalog import MachineType, get_machine, load_catalog
 from splitbench.workload.download import download_checked
 
 PROFILE_FILE = "perf_model.csv"
@@ -149,7 +150,7 @@ def find_profile(path: str | os.PathLike | None = None) -> Path:
 def cpu_profile_hardware(hardware: str) -> bool:
     """A profile `hardware` that names a CPU machine of the catalog (profile_hardware_name gives CPU machines their
     own name, GPUs their accelerator's)."""
-    return hardware in _cpu_machines(os.environ.get(ENV_VAR) or None)
+    return hardware in _cpu_machines(os.environ.get(HARDWARE_ENV_VAR) or None)
 
 
 @functools.lru_cache(maxsize=8)
