@@ -377,6 +377,19 @@ def test_measure_stub_profile_round_trip(tmp_path):
     assert m2.describe()["kv_bandwidth_s_per_token"] == 512 / sh.MEMORY_BANDWIDTH_BPS["cpu-host"]
 
 
+def test_a_one_point_batch_one_grid_is_measured_with_one_warm_up(tmp_path):
+    """--prompt-sizes 512 --batch-sizes 1 makes both warm-ups the same point: it is run once (it used to crash on
+    its own point directory), and the grid's point is written once per repeat."""
+    out = tmp_path / "one.csv"
+    res = measure_profile("stub", {"ttft_s": 0.01, "tpot_s": 0.004}, out=out, prompt_sizes=[16], batch_sizes=[1],
+                          output_sizes=[6], repeats=2, results_dir=tmp_path / "r")
+    rows = read_profile_rows(out)
+    assert res["rows"] == len(rows) == 2       # one row per repeat
+    assert {(r["prompt_size"], r["batch_size"], r["token_size"]) for r in rows} == {(16, 1, 6)}
+    points = sorted(d.name for d in (Path(res["run_dir"]) / "points").iterdir())
+    assert points == ["p16-b1-t6-r0", "p16-b1-t6-r1", "p16-b1-t8-rwarmup"]
+
+
 def test_measured_profile_writes_its_decode_step_spread_beside_the_csv(tmp_path):
     """The stub paces tokens 8 ms apart: the batch-1 points' gaps (63 + 63 + 3) give a spread beside the CSV that
     the simulator loads, scaled to mean 1 (the host's scheduling noise is all it measures)."""

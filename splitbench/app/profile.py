@@ -114,8 +114,8 @@ def _plan(grid: list[tuple[int, int, int]], repeats: int) -> list[tuple]:
     """Two warm-up points (first requests are slow: not recorded), then the grid, repeats outermost."""
     p_max, b_max = max(p for p, _, _ in grid), max(b for _, b, _ in grid)
     p0 = next(p for p, b, _ in grid if b == b_max)
-    return [("warmup", p_max, 1, 8), ("warmup", p0, b_max, 8)] + [(k, p, b, t) for k in range(repeats)
-                                                                  for p, b, t in grid]
+    warm = [("warmup", p_max, 1, 8)] + ([("warmup", p0, b_max, 8)] if (p0, b_max) != (p_max, 1) else [])
+    return warm + [(k, p, b, t) for k in range(repeats) for p, b, t in grid]
 
 
 def write_spread(out: str | os.PathLike, records: list, run_id: str) -> dict | None:
