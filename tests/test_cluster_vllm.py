@@ -100,9 +100,43 @@ def check_split(meta, res, recs, connector: str, token_killed: bool = False):
     return m
 
 
+class ThreadAffinity:
+    """Samples every thread's allowed CPUs, by process group, while a run goes on (vLLM's threads start at
+    different times: the NIXL worker sets its model thread's affinity only once the connector starts)."""
+
+    def __init__(self):
+        self.by_pgid: dict[int, set[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    pgid = int(stat[stat.rfind(")") + 2:].split()[2])
+                    for task in os.listdir(f"/proc/{pid}/task"):
+                        status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+                        cpus = next(x.split()[1] for x in status.splitlines() if x.startswith("Cpus_allowed_list"))
+                        self.by_pgid.setdefault(pgid, set()).add(cpus)
+                except (OSError, StopIteration, IndexError, ValueError):
+                    continue
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @pytest.fixture(scope="module")
 def nixl_run(tmp_path_factory):
-    return run_cluster(tmp_path_factory.mktemp("nixl"), "nixl", "splitwise", connector="nixl")
+    with ThreadAffinity() as affinity:
+        res, meta, recs = run_cluster(tmp_path_factory.mktemp("nixl"), "nixl", "splitwise", connector="nixl")
+    meta["_thread_cpus"] = {i["id"]: affinity.by_pgid.get(i["pid"], set()) for i in meta["backend"]["instances"]}
+    return res, meta, recs
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +165,17 @@ def test_splitwise_nixl_prefill_on_prompt_decode_on_token(nixl_run):
     assert len(rows) >= 3 and all(r["ok"] for r in rows)
     assert meta["created_unix_s"] < rows[0]["t_unix_s"] < rows[-1]["t_unix_s"] < time.time()
     assert_nothing_left(meta)
+
+
+@pytest.mark.timeout(300)
+def test_every_thread_of_a_pinned_nixl_instance_stays_on_its_own_cores(nixl_run):
+    """vLLM's CPU NIXL worker moves its model thread to the host's last core; splitbench's plugin keeps it on the
+    instance's own cores, so a prompt instance on core 0 does not prefill on the token instance's core 1."""
+    res, meta, recs = nixl_run
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: both instances share it")
+    cpus = meta["_thread_cpus"]
+    assert cpus["prompt-0"] == {"0"} and cpus["token-0"] == {"1"}, cpus
 
 
 @pytest.mark.timeout(300)

@@ -162,6 +162,7 @@ class VllmServer:
             groups = [self.cpu_cores[i * per:(i + 1) * per] for i in range(self.tensor_parallel)]
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+            env[vllm_plugin.CORES_ENV] = ",".join(map(str, self.cpu_cores))   # NIXL kept on these (the plugin)
         env[vllm_plugin.ENV] = "1"   # AMX permission up front: a decode-only CPU instance dies without it
         if self.gpu_ids is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids))
