@@ -530,17 +530,28 @@ def test_a_convex_prompt_curve_gives_the_attention_cross_term_capped_by_the_mode
 
 def test_on_a_cpu_machine_the_attention_fit_is_not_capped_by_the_models_flops(tmp_path, monkeypatch):
     """A CPU runs prefill attention far below its GEMM rate, so a convex prompt curve measured there stands whole
-    (the catalog's cpu-core and cpu-host); the same rows labelled with a GPU's hardware are capped. The profile
-    directory's variable (set by users and CI) is not the hardware catalog's."""
+    (the catalog's cpu-core and cpu-host); the same rows labelled with a GPU's hardware are capped. On a CPU
+    machine the fit knows vLLM CPU's 2048-token budget: a longer prompt took more iterations, each with its
+    intercept. The profile directory's variable (set by users and CI) is not the hardware catalog's."""
     monkeypatch.setenv("SPLITBENCH_PROFILE_DIR", str(tmp_path))
     grid = [(p, 1, 64) for p in (32, 128, 512, 1024, 2048, 4096)] + [(512, b, 64) for b in (2, 4)]
     c_ms = 4e-6
-    rows = _synthetic_rows(grid, lambda p, b: 10.0 + 0.02 * p * b + c_ms * p * p * b,
-                           lambda p, b, t: 5.0 + 1e-3 * (p + t / 2))
+    decode = lambda p, b, t: 5.0 + 1e-3 * (p + t / 2)  # noqa: E731
+    rows = _synthetic_rows(grid, lambda p, b: 10.0 + 0.02 * p * b + c_ms * p * p * b, decode)
+    # vLLM CPU prefilled the 4096-token prompt in two 2048-token iterations, each with its 10 ms intercept
+    chunked = _synthetic_rows(grid, lambda p, b: 10.0 * -(-p * b // 2048) + 0.02 * p * b + c_ms * p * p * b, decode)
     bloom = sh.MODEL_SHAPES["bloom-176b"]
     for hw in ("cpu-core", "cpu-host"):
-        m = pm.PerfModel("m", hw, 1, rows, shape=bloom)
-        assert m.attn_s_per_token2 == pytest.approx(c_ms / 1e3, rel=1e-6)
-        assert m.lone_prompt_s(4096) == pytest.approx((10.0 + 0.02 * 4096 + c_ms * 4096 ** 2) / 1e3, rel=1e-6)
+        m = pm.PerfModel("m", hw, 1, chunked, shape=bloom)
+        assert m.profile_chunk_tokens == 2048 and m.attn_s_per_token2 == pytest.approx(c_ms / 1e3, rel=1e-6)
+        # the simulator's two chunks of a 4096-token prompt (the second over the first's 2048 tokens) take what
+        # the server took; so does the lone prompt in one iteration (--whole-prompts)
+        two = m.prompt_time_s(2048) * 2 + m.attention_s(2 * 2048 ** 2, 2048 * 2048)
+        measured = (20.0 + 0.02 * 4096 + c_ms * 4096 ** 2) / 1e3
+        assert two == pytest.approx(measured, rel=1e-6) and m.lone_prompt_s(4096) == pytest.approx(measured, rel=1e-6)
+        whole = pm.PerfModel("m", hw, 1, rows, shape=bloom, profile_chunk_tokens=None)
+        assert whole.attn_s_per_token2 == pytest.approx(c_ms / 1e3, rel=1e-6)
+        assert whole.lone_prompt_s(4096) == pytest.approx((10.0 + 0.02 * 4096 + c_ms * 4096 ** 2) / 1e3, rel=1e-6)
     gpu = pm.PerfModel("m", "a100-80gb", 1, rows, shape=bloom)
+    assert gpu.profile_chunk_tokens is None
     assert gpu.attn_s_per_token2 == pytest.approx(0.02e-3 * bloom.attention_to_dense_flops / 2, rel=1e-6)

@@ -20,6 +20,7 @@ from splitbench.sim.profiles import cpu_profile_hardware, read_profile_rows, sha
 from splitbench.sim.shapes import MEMORY_BANDWIDTH_BPS, MODEL_SHAPES, ModelShape
 
 MAX_FIT_OUTPUT_TOKENS = 1024   # PROFILES.md caveat 3: longer output-sweep runs were capped
+VLLM_CPU_CHUNK_TOKENS = 2048   # vLLM CPU's max_num_batched_tokens for its API server, per rank (0.32 arg_utils)
 BLOWUP_RATIO = 1.5             # e2e > 1.5 x (prompt + (n-1) x token_time): failed run (caveat 2), point dropped
 CAPPED_RATIO = 0.95            # e2e < 0.95 x that: fewer tokens generated than asked; not used for the kv fit
 FALL_RATIO = 0.9               # prompt_time < 0.9 x a smaller batch's (same prompt, tokens): failed run, dropped
@@ -46,13 +47,21 @@ class PerfModel:
     _bx: Any
     _by: Any
     attn_s_per_token2: float
+    profile_chunk_tokens: int | None
     kv_s_per_token: float
     _kv_b: list[Any]
 
     def __init__(self, model: str, hardware: str, tensor_parallel: int, rows: list[dict], *,
                  source: str | None = None, sha256: str | None = None, shape: ModelShape | None = None,
-                 bandwidth_bps: float | None = None, max_fit_output_tokens: int = MAX_FIT_OUTPUT_TOKENS) -> None:
+                 bandwidth_bps: float | None = None, max_fit_output_tokens: int = MAX_FIT_OUTPUT_TOKENS,
+                 profile_chunk_tokens: int | None = -1) -> None:
         self.model, self.hardware, self.tensor_parallel = model, hardware, int(tensor_parallel)
+        # the measured server's prefill token budget: vLLM CPU's default (2048 a rank) for the catalog's CPU
+        # machines, where splitbench profiles vLLM CPU; none known for GPU profiles (SplitwiseSim's are whole)
+        if profile_chunk_tokens == -1:
+            profile_chunk_tokens = VLLM_CPU_CHUNK_TOKENS * int(tensor_parallel) if cpu_profile_hardware(hardware) \
+                else None
+        self.profile_chunk_tokens = profile_chunk_tokens
         self.shape = shape or MODEL_SHAPES.get(model)
         if bandwidth_bps is None:
             bandwidth_bps = MEMORY_BANDWIDTH_BPS.get(hardware.removesuffix("-pcap"))
@@ -140,7 +149,10 @@ class PerfModel:
         if len(by) >= 3:
             ps = np.array(sorted(by), float)  # type: ignore[type-var]
             ys = np.array([median(by[p]) for p in sorted(by)])
-            sol, *_ = np.linalg.lstsq(np.stack([np.ones_like(ps), ps, ps * ps], axis=1), ys,  # type: ignore
+            # the measured server prefilled a prompt longer than its token budget in ceil(p / budget) iterations,
+            # each with the per-iteration intercept a; the attention total is c p^2 either way
+            chunks = np.ceil(ps / self.profile_chunk_tokens) if self.profile_chunk_tokens else np.ones_like(ps)
+            sol, *_ = np.linalg.lstsq(np.stack([chunks, ps, ps * ps], axis=1), ys,  # type: ignore
                                       rcond=None)
             c = fitted = max(0.0, float(sol[2]))
             ratio = self.shape.attention_to_dense_flops if self.shape is not None else None
@@ -152,8 +164,10 @@ class PerfModel:
                 c = min(c, cap)
         self.attn_s_per_token2 = c
         self._info.update(attn_s_per_token2=c, attn_fitted_s_per_token2=fitted, attn_flops_cap_s_per_token2=cap,
+                          profile_chunk_tokens=self.profile_chunk_tokens,
                           attention_rule=(
-            "prompt_time(p) = a + b p + c p^2 fitted on the batch-1 prompt sweep's medians (c >= 0; 0 with fewer "
+            "prompt_time(p) = a k(p) + b p + c p^2 fitted on the batch-1 prompt sweep's medians, k(p) the "
+            "iterations the measured server took (ceil(p / profile_chunk_tokens), else 1) (c >= 0; 0 with fewer "
             "than 3 prompt sizes), at most b x attention/dense FLOPs / 2 when the model's shape is known and the "
             "hardware is not a CPU machine of the catalog; a chunk "
             "of n tokens over P cached tokens adds 2 c P n"))
