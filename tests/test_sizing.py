@@ -18,6 +18,7 @@ from splitbench.metrics.slo import Reference
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_json
 from splitbench.schema.records import RequestRecord
+from splitbench.servers import vllm_plugin
 from splitbench.workload.load import WorkloadSpec, load
 from splitbench.workload.prompts import TokenIdPrompts
 from splitbench.workload.types import Workload
@@ -172,6 +173,12 @@ def test_a_cached_measurement_is_reused_and_keyed_by_layout_and_mix(tmp_path, mo
     assert path.parent == tmp_path / "sizing" and path.name.startswith(S.host_id() + "-")
     assert S.cache_path({**full, "options": {"cores": "0"}}) != path          # another layout
     assert S.cache_path({**full, "mix": S.mix_digest(_window(n=7))}) != path  # another request mix
+    # servers the vLLM plugin changed (2: NIXL kept on a pinned instance's cores, 3x faster pair) are sized anew
+    current = vllm_plugin.BEHAVIOUR
+    monkeypatch.setattr(vllm_plugin, "BEHAVIOUR", current - 1)
+    older = S.key_parts("splitwise", {"cores": "0,1"}, {"id": "tiny", "root": str(tmp_path)}, "completions")
+    monkeypatch.setattr(vllm_plugin, "BEHAVIOUR", current)
+    assert S.cache_path({**older, "mix": S.mix_digest(w), "method_version": S.METHOD_VERSION}) != path
     atomic_write_json(path, {"method_version": S.METHOD_VERSION, "reference": vars(REF),
                                "points": [_pt(4, 2.0, True)], "probe_s": 20.0})
     never = S.Probe("http://127.0.0.1:9", "m", lambda i, n: {"prompt": [1] * n}, out_dir=tmp_path / "x")

