@@ -371,9 +371,7 @@ def size_run(probe: Probe, w: Workload, key_parts: dict, *, target: float = TARG
 
 
 def key_parts(backend: str, backend_options: dict, model_info: dict, api: str) -> dict:
-    """What a measurement depends on besides host and mix: backend layout, served model, software versions and what
-    splitbench's vLLM plugin changes in the servers it launches (a measurement of the slower servers before it is
-    not reused)."""
+    """What a measurement depends on besides host and mix: layout, model, versions, the vLLM plugin's behaviour."""
     root = model_info.get("root") or ""
     cfg = Path(root) / "config.json" if root else None
     model_sha = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg and cfg.is_file() else None
