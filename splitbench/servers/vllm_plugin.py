@@ -55,8 +55,11 @@ def own_numa_groups(groups: list[list[int]], own: set[int]) -> list[list[int]]:
 def keep_nixl_on_own_cores() -> None:
     """vLLM's CPU NIXL worker pins its model thread to max(group) of discover_numa_topology(): cut the groups to this
     process's affinity, so that core is one of its own."""
-    from vllm.platforms.cpu import CpuPlatform
-    discover = CpuPlatform.discover_numa_topology.__func__
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+        discover = CpuPlatform.discover_numa_topology.__func__
+    except (ImportError, AttributeError):   # a vLLM without it does not move NIXL's thread either
+        return
 
     def own_topology(cls) -> list[list[int]]:
         return own_numa_groups(discover(cls), set(os.sched_getaffinity(0)))
