@@ -10,8 +10,9 @@ live runs, then given twice to be pooled, because a shared VM's speed drifts):
   python benchmarks/sim_vs_live.py --profile tiny.csv --split-profile split.csv results/live-base results/live-split
 No per-run calibration: a baseline run is simulated from the one-instance profile, a split run from the pair's
 profile (its prompt_time measured on the producer side with the transfer, token_time on the consumer side). Each
-profile's decode step spread (X.spread.json beside X.csv) is drawn for every decode iteration, and the prompt
-machine chunks prompts as a vLLM V1 instance does (--no-step-spread, --whole-prompts leave these out).
+profile's step spread (X.spread.json beside X.csv) is drawn for every iteration (decode and, where the file has
+one, prefill), and the prompt machine chunks prompts as a vLLM V1 instance does (--no-step-spread, --whole-prompts
+leave these out).
 --neighbour-busy-factor F.json (benchmarks/neighbour_factor.py, measured once on the host, not from the live runs)
 slows a decode-only iteration while another instance of the host is busy: the instances share one VM's caches and
 memory.
@@ -110,9 +111,12 @@ def pooled_profile(paths: list[str], out_dir: Path, name: str) -> str | None:
     csv.write_text("\n".join([lines[0][0]] + [row for rows in lines for row in rows[1:] if row.strip()]) + "\n")
     spreads = [json.loads(spread_path(p).read_text()) for p in paths if spread_path(p).is_file()]
     if len(spreads) == len(paths) and len({len(sp["quantiles"]) for sp in spreads}) == 1:
-        q = [sum(v) / len(v) for v in zip(*(sp["quantiles"] for sp in spreads))]
-        spread_path(csv).write_text(json.dumps({"what": spreads[0].get("what"), "source": "mean of the quantiles of "
-                                                + ", ".join(str(spread_path(p)) for p in paths), "quantiles": q}))
+        mean = lambda key: [sum(v) / len(v) for v in zip(*(sp[key] for sp in spreads))]  # noqa: E731
+        doc = {"what": spreads[0].get("what"), "source": "mean of the quantiles of "
+               + ", ".join(str(spread_path(p)) for p in paths), "quantiles": mean("quantiles")}
+        if all("prefill_quantiles" in sp for sp in spreads):
+            doc["prefill_quantiles"] = mean("prefill_quantiles")
+        spread_path(csv).write_text(json.dumps(doc))
     else:
         spread_path(csv).unlink(missing_ok=True)
     return str(csv)

@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from splitbench.app.profile import measure_profile
+from splitbench.app.profile import MIN_TOGETHER_ITERS, measure_profile, together_step_s
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
 from splitbench.sim import perfmodel as pm
 from splitbench.sim import profiles as pf
 from splitbench.sim import shapes as sh
 from splitbench.sim.profiles import fetch_profile, read_profile_rows
+from splitbench.schema.records import read_records
 from splitbench.sim.spread import load_spread, spread_path
 
 
@@ -436,6 +437,32 @@ def test_profile_tiny_model_on_vllm(tmp_path):
     assert 0 < m.token_time_s(1, 600) <= m.token_time_s(4, 4 * 600)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps   # the server it started is gone
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or importlib.util.find_spec("nixl") is None,
+                    reason="vllm or nixl is not installed")
+def test_profile_of_a_pd_pair_times_a_batch_while_its_requests_decode_together(tmp_path):
+    """The prompt instance prefills a batch's 2048-token prompts one after another, so with 16 output tokens the 4
+    requests never decode together on the token instance: the point is measured again with enough tokens, and its
+    token_time is the step while all 4 decode (a real NIXL pair, about 2 minutes)."""
+    out = tmp_path / "pair.csv"
+    r = subprocess.run([sys.executable, "-m", "splitbench.cli", "profile", "--backend", "splitwise", "--out", str(out),
+                        "--machine", "cpu-core", "--prompt-sizes", "32,2048", "--batch-sizes", "1,4",
+                        "--output-sizes", "8,16", "--repeats", "1", "--results", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {(x["prompt_size"], x["batch_size"]): x for x in read_profile_rows(out) if x["token_size"] != 8}
+    longer = rows[(2048, 4)]["token_size"]
+    assert longer > 16 and all(x["token_size"] == 16 for k, x in rows.items() if k[1] == 1)
+    run_dir = next((tmp_path / "r").iterdir())
+    notes = json.loads((run_dir / "profile.json").read_text())["point_notes"]
+    assert any(n["point"] == [2048, 4, 16] and f"measured with {longer}" in n["why"] for n in notes)
+    last = sorted((run_dir / "points" / f"p2048-b4-t{longer}-r0").iterdir())[-1]   # a busy host may retry
+    step_s, iters = together_step_s(read_records(last))
+    assert iters >= MIN_TOGETHER_ITERS
+    if not any(n["point"] == [2048, 4, longer] for n in notes):   # timed by the client, not vLLM's /metrics
+        assert rows[(2048, 4)]["token_time"] == pytest.approx(step_s * 1e3)
 
 
 def test_a_batch1_context_fit_that_over_explains_the_batch_sweep_is_refit_on_every_decode_row():

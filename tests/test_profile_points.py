@@ -12,7 +12,13 @@ from splitbench.app import sizing as S
 from splitbench.errors import InputError
 from splitbench.workload.types import Workload
 
-from splitbench.app.profile import point_row, server_row
+from splitbench.app.profile import (
+    MIN_TOGETHER_ITERS,
+    point_row,
+    server_row,
+    together_step_s,
+    tokens_to_decode_together,
+)
 from splitbench.metrics.latency import coalesced
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
@@ -50,6 +56,41 @@ def test_server_fallback_keeps_the_clients_first_tokens_less_the_tokens_that_cam
     b = rec([4, 1, 1, 1, 1], [0.23, 0.24, 0.25, 0.26, 0.27])
     row = server_row(point_row([a, b], "m", "cpu-host", 32, 2, 8), [a, b], {"token_time": 10.0, "prompt_time": 100.0})
     assert row["token_time"] == 10.0 and row["prompt_time"] == pytest.approx(200.0)
+
+
+def staggered(first_b_s: float, n_a: int = 40, n_b: int = 40) -> list[RequestRecord]:
+    """A P/D pair's batch of 2: a's first token at 0.10 s, it decodes alone at 5 ms until b's first token at
+    first_b_s, then both at 10 ms a step (b's gaps 10 ms throughout)."""
+    ta, t = [0.10], 0.10
+    while len(ta) < n_a:
+        t += 0.005 if t < first_b_s - 1e-9 else 0.010
+        ta.append(round(t, 6))
+    tb = [round(first_b_s + 0.010 * k, 6) for k in range(n_b)]
+    return [rec([1] * len(ta), ta), rec([1] * len(tb), tb)]
+
+
+def test_a_batch_points_token_time_is_its_step_while_all_decode_together():
+    a, b = staggered(0.20)
+    step_s, iters = together_step_s([a, b])
+    assert step_s == pytest.approx(0.010) and iters >= MIN_TOGETHER_ITERS
+    row = point_row([a, b], "m", "cpu-core", 32, 2, 40)
+    assert row["token_time"] == pytest.approx(10.0)   # not the mean TBT, which a's lone 5 ms steps pull down
+    assert np.mean([(r.chunk_offsets_s[-1] - r.chunk_offsets_s[0]) / 39 for r in (a, b)]) * 1e3 < 9.5
+
+
+def test_a_batch_that_barely_decoded_together_falls_back_and_asks_for_more_tokens():
+    a, b = staggered(0.28)   # a ends at 0.10 + 36 x 5 ms + 3 x 10 ms = 0.31: 3 iterations together
+    _, iters = together_step_s([a, b])
+    assert iters < MIN_TOGETHER_ITERS
+    row = point_row([a, b], "m", "cpu-core", 32, 2, 40)
+    tbt = np.mean([(r.chunk_offsets_s[-1] - r.chunk_offsets_s[0]) / 39 for r in (a, b)]) * 1e3
+    assert row["token_time"] == pytest.approx(tbt)
+    # the first tokens 180 ms apart over the fastest mean gap (a's, ~5.4 ms): that many more, and the minimum
+    need = tokens_to_decode_together([a, b], 40)
+    gap_a = (a.chunk_offsets_s[-1] - a.chunk_offsets_s[0]) / 39
+    assert need == 40 + int(np.ceil(0.18 / gap_a)) + MIN_TOGETHER_ITERS
+    longer = staggered(0.28, n_a=need, n_b=need)
+    assert together_step_s(longer)[1] >= MIN_TOGETHER_ITERS   # enough: a decodes alone only until b's first
 
 
 def metrics(itl_sum: float, itl_n: int, prefill_sum: float, prefill_n: int, t: float) -> dict:

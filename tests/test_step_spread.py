@@ -15,7 +15,16 @@ from splitbench.metrics.latency import tbt_gaps_s
 from splitbench.schema import records as R
 from splitbench.schema.records import RequestRecord
 from splitbench.sim.config import SimConfig, SimPool
-from splitbench.sim.spread import MIN_GAPS, load_spread, measure_spread, spread_path, unit_mean
+from splitbench.sim.spread import (
+    MIN_GAPS,
+    MIN_PREFILLS,
+    load_prefill_spread,
+    load_spread,
+    measure_prefill_spread,
+    measure_spread,
+    spread_path,
+    unit_mean,
+)
 
 
 def rec(gaps_s: list[float], i: int = 0) -> RequestRecord:
@@ -57,9 +66,10 @@ def test_load_spread_scales_to_mean_one_and_names_the_bad_field(tmp_path):
 
 def test_write_spread_replaces_or_removes_the_file_beside_the_profile(tmp_path):
     out = tmp_path / "tiny.csv"
-    got = write_spread(out, [rec([0.01] * 150)], "p1")
+    got = write_spread(out, [rec([0.01] * 150)], [], "p1")
     assert got["path"] == str(tmp_path / "tiny.spread.json") and json.loads(spread_path(out).read_text())["gaps"] == 150
-    assert write_spread(out, [rec([0.01] * 5)], "p2") is None and not spread_path(out).exists()   # no stale one
+    assert "prefill_quantiles" not in got   # no batch-1 rows given: no prefill spread
+    assert write_spread(out, [rec([0.01] * 5)], [], "p2") is None and not spread_path(out).exists()   # no stale one
 
 
 def spread_cfg(q, **kw):
@@ -96,3 +106,63 @@ def test_split_token_machine_draws_too_and_a_constant_spread_changes_nothing():
 def test_bad_spread_in_a_config_is_an_input_error():
     with pytest.raises(InputError, match="step_spread"):
         run(wl([0.0], [10], [5]), spread_cfg([2.0, 1.0]))
+
+
+# ----------------------------------------------------------------------------- prefill spread
+
+def test_prefill_spread_is_each_lone_prefill_over_the_fit():
+    fit = lambda p: 0.010 + 2e-5 * p   # noqa: E731
+    factors = [0.8, 1.0, 1.0, 1.0, 1.6] * 4
+    s = measure_prefill_spread([(32 * (i + 1), fit(32 * (i + 1)) * f) for i, f in enumerate(factors)], fit)
+    assert s["prefills"] == 20 and s["prefill_p50"] == pytest.approx(1.0) and s["prefill_p90"] == pytest.approx(1.6)
+    q = s["prefill_quantiles"]
+    assert q == sorted(q) and sum(a + b for a, b in zip(q, q[1:])) / (2 * (len(q) - 1)) == pytest.approx(1.0, abs=1e-5)
+    assert q[-1] / q[0] == pytest.approx(1.6 / 0.8, rel=1e-4)   # the measured shape, only scaled
+    assert measure_prefill_spread([(32, fit(32))] * (MIN_PREFILLS - 1), fit) is None
+
+
+def test_write_spread_adds_the_prefills_over_the_profiles_own_fit(tmp_path):
+    out = tmp_path / "tiny.csv"
+    rows = [{"model": "m", "hardware": "cpu-core", "tensor_parallel": 1, "prompt_size": p, "batch_size": 1,
+             "token_size": 64, "prompt_time": (10.0 + p / 100) * f, "token_time": 5.0,
+             "e2e_time": (10.0 + p / 100) * f + 63 * 5.0}
+            for p in (32, 128, 512, 1024, 2048) for f in (0.9, 1.1)]
+    got = write_spread(out, [rec([0.01] * 150)], rows, "p1")
+    assert got["prefills"] == 10 and 0.85 < got["prefill_p50"] < 1.15
+    q = load_prefill_spread(spread_path(out))
+    assert q is not None and q[0] < 0.95 and q[-1] > 1.05
+    assert q == pytest.approx(tuple(unit_mean(json.loads(spread_path(out).read_text())["prefill_quantiles"])))
+
+
+def test_a_spread_file_without_prefills_has_none_and_a_bad_table_is_named(tmp_path):
+    f = tmp_path / "x.spread.json"
+    f.write_text(json.dumps({"quantiles": [0.5, 1.5]}))
+    assert load_prefill_spread(f) is None
+    f.write_text(json.dumps({"quantiles": [0.5, 1.5], "prefill_quantiles": [1.5, 0.5]}))
+    with pytest.raises(InputError, match=r"prefill_quantiles\[1\] = 0.5 is below") as e:
+        load_prefill_spread(f)
+    assert str(f) in str(e.value)
+    with pytest.raises(InputError, match="prefill_spread"):
+        run(wl([0.0], [10], [5]), SimConfig(pools=[SimPool("baseline", "m", 1)], prefill_spread=(2.0, 1.0)))
+
+
+def lone_ttfts_s(cfg) -> list[float]:
+    """60 requests 10 s apart (each alone on its machine): their TTFTs."""
+    w = wl([10.0 * i for i in range(60)], [500] * 60, [4] * 60)
+    return [r.first_token_s - r.actual_send_s for r in run(w, cfg).records]
+
+
+@pytest.mark.parametrize("pools", [[SimPool("baseline", "m", 1)],
+                                   [SimPool("prompt", "m", 1), SimPool("token", "m", 1)]])
+def test_every_prompt_iteration_draws_from_the_prefill_spread_with_the_seed(pools):
+    """Baseline machines (chunked, sim/batching.py) and prompt machines (whole prompts, cluster._plan) alike: each
+    lone prefill takes the model's time x a factor uniform on [0.5, 1.5] (mean 1), the same for the same seed."""
+    exact = lone_ttfts_s(SimConfig(pools=pools))
+    assert max(exact) == pytest.approx(min(exact))
+    cfg = SimConfig(pools=pools, prefill_spread=tuple(unit_mean([0.5, 1.5])), seed=5)
+    drawn = lone_ttfts_s(cfg)
+    other_seed = SimConfig(pools=pools, prefill_spread=cfg.prefill_spread, seed=6)
+    assert drawn == lone_ttfts_s(cfg) and drawn != lone_ttfts_s(other_seed)
+    factors = np.array(drawn) / exact[0]
+    assert factors.min() >= 0.5 - 1e-9 and factors.max() <= 1.5 + 1e-9 and factors.std() > 0.2
+    assert factors.mean() == pytest.approx(1.0, abs=0.1)

@@ -27,10 +27,12 @@ from splitbench.sim.profiles import (
     profile_grid,
     profile_hardware_name,
 )
-from splitbench.sim.spread import measure_spread, spread_path
+from splitbench.sim.perfmodel import PerfModel
+from splitbench.sim.spread import measure_prefill_spread, measure_spread, spread_path
 from splitbench.workload.types import Workload
 
 POINT_ATTEMPTS = 3   # a point whose tokens the client saw coalesced is measured again, at most this often
+MIN_TOGETHER_ITERS = 8   # a batch point's decode is timed over at least this many iterations with all b decoding
 
 
 def _host_hardware(machine: str | None, hardware_file: str | None) -> str:
@@ -46,10 +48,33 @@ def _host_hardware(machine: str | None, hardware_file: str | None) -> str:
     return profile_hardware_name(get_machine(machine, catalog))
 
 
+def together_step_s(records) -> tuple[float | None, float]:
+    """The decode iteration time while all the point's requests decode together, and how many iterations that
+    window holds: from the last first token to the first last token, over the tokens each request got in it (one
+    per iteration). A P/D pair prefills a batch one prompt after another, so its requests first decode alone."""
+    firsts = [r.actual_send_s + r.chunk_offsets_s[0] for r in records]
+    w0, w1 = max(firsts), min(r.actual_send_s + r.chunk_offsets_s[-1] for r in records)
+    tokens = sum(k for r in records for o, k in zip(r.chunk_offsets_s, r.chunk_tokens)
+                 if w0 < r.actual_send_s + o <= w1)
+    iters = tokens / len(records)
+    return ((w1 - w0) / iters if iters > 0 else None), iters
+
+
+def tokens_to_decode_together(records, t: int) -> int:
+    """Output tokens a point needs so that its requests decode together for >= MIN_TOGETHER_ITERS iterations: t
+    plus the spread of their first tokens over the fastest mean gap (an upper bound on the iterations it spans)."""
+    firsts = [r.actual_send_s + r.chunk_offsets_s[0] for r in records]
+    gaps_s = [g for g in (mean_tbt_s(r) for r in records) if g]
+    if not gaps_s:
+        return 2 * t + MIN_TOGETHER_ITERS
+    return t + int(np.ceil((max(firsts) - min(firsts)) / min(gaps_s))) + MIN_TOGETHER_ITERS
+
+
 def point_row(records, model: str, hardware: str, p: int, b: int, t: int, tp: int = 1) -> dict:
     """One CSV row from the records of b simultaneous requests (ms): prompt_time = the LAST first token of the batch
     (when the whole batch is prefilled, what SplitwiseSim's prompt_time means and the simulator uses as one prompt
-    iteration for b x p tokens), token_time = mean of the requests' mean TBT, e2e_time = mean E2E."""
+    iteration for b x p tokens), token_time = the iteration time while all b decode together (together_step_s;
+    with fewer than MIN_TOGETHER_ITERS such iterations the mean of the requests' mean TBT), e2e_time = mean E2E."""
     bad = [r for r in records if not r.ok]
     if bad or len(records) != b:
         why = bad[0].error or bad[0].status if bad else f"{len(records)} records"
@@ -59,9 +84,10 @@ def point_row(records, model: str, hardware: str, p: int, b: int, t: int, tp: in
         raise InputError(f"profile point prompt {p} batch {b} tokens {t}: the backend returned {short[0]} "
                          f"tokens instead of {t} (it must honour min_tokens/ignore_eos)")
     mean = lambda f: float(np.mean([f(r) for r in records])) * 1e3  # noqa: E731
+    step_s, iters = together_step_s(records)
     return {"model": model, "hardware": hardware, "prompt_size": p, "batch_size": b, "token_size": t,
             "peak_power": 0.0, "average_power": 0.0, "prompt_time": float(max(ttft_s(r) for r in records)) * 1e3,
-            "token_time": mean(mean_tbt_s),
+            "token_time": step_s * 1e3 if step_s and iters >= MIN_TOGETHER_ITERS else mean(mean_tbt_s),
             "e2e_time": mean(e2e_s), "tensor_parallel": tp}
 
 
@@ -103,6 +129,27 @@ def _measure_point(session: RunSession, point: tuple, index: int, model: str, ha
     return server_row(row, recs, server), index, note, recs
 
 
+def _measure_batch_point(session: RunSession, point: tuple, index: int, model: str, hardware: str, tp: int,
+                         max_len: int | None) -> tuple[dict, int, list[dict], list]:
+    """_measure_point, and once more with more output tokens when its b requests barely decoded together (a P/D
+    pair's prompt instance prefills them one after another): the row's token_size says how many were made."""
+    row, index, note, recs = _measure_point(session, point, index, model, hardware, tp)
+    notes = [note] if note else []
+    k, p, b, t = point
+    if b == 1 or k == "warmup" or together_step_s(recs)[1] >= MIN_TOGETHER_ITERS:
+        return row, index, notes, recs
+    t2 = tokens_to_decode_together(recs, t)
+    if max_len and p + t2 > max_len:
+        notes.append({"point": [p, b, t], "repeat": k, "why": f"prompt {p} batch {b}: its requests decoded "
+                      f"together for under {MIN_TOGETHER_ITERS} iterations and {t2} output tokens would pass "
+                      f"max_model_len {max_len}: token_time is the mean of their mean TBT"})
+        return row, index, notes, recs
+    row, index, note, recs = _measure_point(session, (k, p, b, t2), index, model, hardware, tp)
+    notes.append({"point": [p, b, t], "repeat": k, "why": f"prompt {p} batch {b}: its requests decoded together "
+                  f"for under {MIN_TOGETHER_ITERS} iterations with {t} output tokens: measured with {t2}"})
+    return row, index, notes + ([note] if note else []), recs
+
+
 def _point_workload(p: int, b: int, t: int, first_index: int, repeat) -> Workload:
     """b requests of p prompt tokens and t output tokens, all due at 0, with fresh token ids (no prefix hits)."""
     return Workload(name="profile-point", arrival_s=np.zeros(b), input_tokens=np.full(b, p, np.int64),
@@ -118,14 +165,20 @@ def _plan(grid: list[tuple[int, int, int]], repeats: int) -> list[tuple]:
     return warm + [(k, p, b, t) for k in range(repeats) for p, b, t in grid]
 
 
-def write_spread(out: str | os.PathLike, records: list, run_id: str) -> dict | None:
-    """The decode step spread of the batch-1 points (sim/spread.py) beside the profile CSV, or None (and no stale
-    one left there) when too few tokens were timed."""
+def write_spread(out: str | os.PathLike, records: list, rows: list[dict], run_id: str) -> dict | None:
+    """The step spread of the batch-1 points (sim/spread.py) beside the profile CSV: their decode gaps, and their
+    prefills over the profile's own fit of the rows; None (and no stale one left there) when too few tokens were
+    timed."""
     path = spread_path(out)
     spread = measure_spread(records, source=f"splitbench profile {run_id}: batch-1 points")
     if spread is None:
         path.unlink(missing_ok=True)
         return None
+    lone = [(r["prompt_size"], r["prompt_time"] / 1e3) for r in rows if r["batch_size"] == 1]
+    if lone:
+        r0 = rows[0]
+        fit = PerfModel(r0["model"], r0["hardware"], r0["tensor_parallel"], rows, source=str(out))
+        spread.update(measure_prefill_spread(lone, fit.lone_prompt_s) or {})
     atomic_write_json(path, spread)
     return {**spread, "path": str(path)}
 
@@ -157,25 +210,28 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
             raise InputError(f"profile grid needs prompt + output up to {need} tokens but the server's "
                              f"max_model_len is {info['max_model_len']}")
         on_status(f"warm-up, then {len(grid)} points x {repeats} repeats on {hardware}")
+        max_len = int(info.get("max_model_len") or 0) or None
         for k, p, b, t in plan:
-            row, index, note, recs = _measure_point(session, (k, p, b, t), index, model, hardware, tensor_parallel)
-            if note:
+            row, index, new, recs = _measure_batch_point(session, (k, p, b, t), index, model, hardware,
+                                                         tensor_parallel, max_len)
+            for note in new:
                 notes.append(note)
                 on_status(note["why"])
             if k != "warmup":
                 rows.append(row)
-                if b == 1 and not note:   # decode steps alone, each token timed by the client
+                if b == 1 and not new:   # decode steps alone, each token timed by the client
                     alone.extend(recs)
-                on_status(f"prompt {p} batch {b} tokens {t} (repeat {k + 1}): TTFT {row['prompt_time']:.1f} ms, "
-                          f"TBT {row['token_time']:.2f} ms")
+                on_status(f"prompt {p} batch {b} tokens {row['token_size']} (repeat {k + 1}): "
+                          f"TTFT {row['prompt_time']:.1f} ms, TBT {row['token_time']:.2f} ms")
         session.meta.update(status="complete")
         session.write_meta()
-    spread = write_spread(out, alone, session.meta["run_id"])
+    spread = write_spread(out, alone, rows, session.meta["run_id"])
     atomic_write_bytes(out, profile_csv_bytes(rows))
     meta = {"run_id": session.meta["run_id"], "kind": "profile", "out": str(out), "model": model,
             "hardware": hardware, "grid": grid, "repeats": int(repeats), "backend": session.meta["backend"],
             "wall_s": time.monotonic() - started, "point_notes": notes,
-            "spread": spread and {k: spread[k] for k in ("path", "requests", "gaps", "p50", "p90", "p99")},
+            "spread": spread and {k: spread[k] for k in ("path", "requests", "gaps", "p50", "p90", "p99", "prefills",
+                                                         "prefill_p50", "prefill_p90") if k in spread},
             "versions": package_versions(), "host": host_info()}
     atomic_write_json(session.run_dir / "profile.json", meta)
     return {**meta, "rows": len(rows), "run_dir": str(session.run_dir)}

@@ -23,7 +23,7 @@ from splitbench.sim.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, SimConfig, Sim
 from splitbench.sim.perfmodel import get_perf_model, load_profiles
 from splitbench.sim.profiles import find_profile, profile_hardware_name
 from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
-from splitbench.sim.spread import load_spread
+from splitbench.sim.spread import load_prefill_spread, load_spread
 from splitbench.workload.load import load
 from splitbench.workload.types import Workload
 
@@ -120,13 +120,14 @@ def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_to
                policy_params: dict | None = None, max_decode_batch: int | None = None, first_token: str = "prefill",
                batching: str = "chunked", max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                prefix_cache: bool = True, step_spread: tuple[float, ...] | None = None,
-               prompt_chunked_prefill: bool = False, neighbour_busy_factor: float = 1.0):
+               prompt_chunked_prefill: bool = False, neighbour_busy_factor: float = 1.0,
+               prefill_spread: tuple[float, ...] | None = None):
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
                               max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
                               max_decode_batch=max_decode_batch, first_token=first_token, batching=batching,
                               max_num_batched_tokens=max_num_batched_tokens, prefix_cache=prefix_cache,
                               step_spread=step_spread, prompt_chunked_prefill=prompt_chunked_prefill,
-                              neighbour_busy_factor=neighbour_busy_factor)
+                              neighbour_busy_factor=neighbour_busy_factor, prefill_spread=prefill_spread)
     if link_gbps is not None:
         kw["link_bytes_per_s"] = link_gbps * 1e9 / 8
     if layers is not None:
@@ -252,6 +253,7 @@ def _physical(workload: Workload, pools: list, opts: SimOptions) -> dict:
                      max_decode_batch=opts.max_decode_batch, first_token=opts.first_token, batching=opts.batching,
                      max_num_batched_tokens=opts.max_num_batched_tokens, prefix_cache=opts.prefix_cache,
                      step_spread=load_spread(opts.step_spread) if opts.step_spread else None,
+                     prefill_spread=load_prefill_spread(opts.step_spread) if opts.step_spread else None,
                      prompt_chunked_prefill=opts.prompt_chunked_prefill,
                      neighbour_busy_factor=opts.neighbour_busy_factor)
     t = time.perf_counter()

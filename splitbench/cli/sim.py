@@ -132,8 +132,10 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
     console.print(f"profile written to {out}: {res['rows']} rows, model {res['model']}, hardware {res['hardware']} "
                   f"({res['wall_s']:.0f} s; records in {res['run_dir']})", markup=False, highlight=False)
     if sp := res.get("spread"):
-        console.print(f"decode step spread written to {sp['path']}: step / mean p50 {sp['p50']:.2f}, p90 "
-                      f"{sp['p90']:.2f}, p99 {sp['p99']:.2f} over {sp['gaps']} tokens (simulate --step-spread)",
+        pre = (f"; prefill / fit p50 {sp['prefill_p50']:.2f}, p90 {sp['prefill_p90']:.2f} over {sp['prefills']} "
+               "prefills") if "prefills" in sp else ""
+        console.print(f"step spread written to {sp['path']}: decode step / mean p50 {sp['p50']:.2f}, p90 "
+                      f"{sp['p90']:.2f}, p99 {sp['p99']:.2f} over {sp['gaps']} tokens{pre} (simulate --step-spread)",
                       markup=False, highlight=False)
 
 
@@ -155,8 +157,9 @@ def _sim_fields(a: dict) -> dict:
 VLLM_LIKE = (
     Opt("prompt_chunked_prefill", bool, "Prompt machines chunk prompts as vLLM V1 instances do, under "
         "--max-num-batched-tokens (default: whole prompts, as Splitwise's)."),
-    Opt("step_spread", Optional[str], "Decode step spread JSON (`profile --out X.csv` writes X.spread.json): each "
-        "decode iteration takes the profile's time x a draw from it, seeded by --seed (default: exactly the "
+    Opt("step_spread", Optional[str], "Step spread JSON (`profile --out X.csv` writes X.spread.json): each "
+        "decode iteration takes the profile's time x a draw from its decode table, each iteration with prompt "
+        "tokens x a draw from its prefill table (where it has one), seeded by --seed (default: exactly the "
         "profile's)."),
     Opt("neighbour_busy_factor", float, "Machines sharing one host (cpu-core instances on a VM): a decode-only "
         "iteration takes this x its time while another machine is busy (benchmarks/neighbour_factor.py measures "

@@ -118,8 +118,10 @@ class ChunkedBatching:
             st.chunks = chunks
             m.state = self.busy
             cl.n.chunked_iterations += 1
-            cl.sim.schedule(now + mixed_iteration_s(m.perf, m.b, m.ctx, tokens, cached, cross, sq),
-                            self.iteration_done, m)
+            t = mixed_iteration_s(m.perf, m.b, m.ctx, tokens, cached, cross, sq)
+            if cl.pspread is not None:
+                t *= cl.spread_factor(cl.pspread)
+            cl.sim.schedule(now + t, self.iteration_done, m)
         elif m.b:
             m.state, m.run_t0 = self.decode, now
             cl.set_decode_run(m, now, m.fin[0][0] - m.it)

@@ -21,7 +21,6 @@ from splitbench.sim.state import DECODE, IDLE, PROMPT, WAKING, SimCounts, SimMac
 
 class SimCluster:
     """One simulation: build with the workload and config, then run() -> SimResult.
-
     Semantics (Splitwise's where it says): the prefill emits the first token, so first_token_s = end of the prefill
     iteration (no network delay modelled); tokens 2..n come from decode iterations on the decode machine.
     Split: prefill on the prompt machine (no KV reserved there), KV transfer (see _transfer), then the token
@@ -37,9 +36,8 @@ class SimCluster:
     decodes first, FCFS prefill chunks under max_num_batched_tokens, KV reserved at admission); "prompt-first":
     as described here. Prompt and token machines are the same in both; cfg.prompt_chunked_prefill makes prompt
     machines chunk too. cfg.step_spread: every decode-only iteration is its own run, its time the profile's x a
-    seeded draw from the measured spread (step_factor), so the records carry each token's gap;
-    cfg.neighbour_busy_factor (machines sharing a host) multiplies it while another machine is not idle.
-    """
+    seeded draw from the measured spread (spread_factor), so the records carry each token's gap (prefill_spread: the
+    same for iterations with prompt tokens); cfg.neighbour_busy_factor multiplies it while another machine is busy."""
     w: Any
     cfg: SimConfig
     machines: list[SimMachine]
@@ -64,7 +62,7 @@ class SimCluster:
     _hashes: Any
     _block: int
     _spread: list[float] | None
-    _spread_n: int
+    pspread: list[float] | None
     _rng: random.Random
     _nb: float
     _per_step: bool
@@ -110,7 +108,7 @@ class SimCluster:
         self._hashes = workload.prefix_hashes if cfg.prefix_cache else None
         self._block = max(1, int(workload.block_tokens or 1))
         self._spread = list(cfg.step_spread) if cfg.step_spread else None
-        self._spread_n = len(self._spread) - 1 if self._spread else 0
+        self.pspread = list(cfg.prefill_spread) if cfg.prefill_spread else None
         self._rng = random.Random(cfg.seed)
         self._nb = float(cfg.neighbour_busy_factor)
         self._per_step = self._spread is not None or self._nb != 1.0   # decode-only iterations one at a time
@@ -209,6 +207,8 @@ class SimCluster:
                 # dense work over the new tokens, plus each prompt's attention (over its cached part too)
                 t = m.perf.prompt_time_s(tokens) + m.perf.attention_s(sum(r.pre * r.pre for r in batch),
                                                                       sum((r.n_in - r.pre) * r.pre for r in batch))
+                if self.pspread is not None:
+                    t *= self.spread_factor(self.pspread)
                 self.sim.schedule(now + t, self._prompt_done, m)
                 return
         if m.b:
@@ -327,7 +327,7 @@ class SimCluster:
             return
         t = m.perf.token_time_s(m.b, m.ctx)
         if self._spread is not None:
-            t *= self.step_factor()
+            t *= self.spread_factor(self._spread)
         if self._nb != 1.0 and self.neighbour_busy(m):
             t *= self._nb
         m.run_k, m.run_end = 1, now + t
@@ -336,10 +336,9 @@ class SimCluster:
         """Another machine of the cluster is prefilling, decoding or about to plan (not idle) now."""
         return any(o is not m and o.state != IDLE for o in self.machines)
 
-    def step_factor(self) -> float:
-        """A decode iteration's time over the profile's, drawn from the step spread (linear between quantiles)."""
-        q = cast(list, self._spread)
-        u = self._rng.random() * self._spread_n
+    def spread_factor(self, q: list[float]) -> float:
+        """An iteration's time over the model's, drawn from a spread's quantiles (linear between them)."""
+        u = self._rng.random() * (len(q) - 1)
         i = int(u)
         return q[i] + (q[i + 1] - q[i]) * (u - i)
 

@@ -72,6 +72,9 @@ class SimConfig:
     # to mean 1; every decode-only iteration then runs alone, its time the profile's times a draw from them (RNG
     # seeded by `seed`). None: decode iterations take exactly the profile's time (and runs are fast-forwarded)
     step_spread: tuple[float, ...] | None = None
+    # the same for iterations with prompt tokens: quantiles of a lone prefill's time / the profile's fit (sim/spread.py
+    # measure_prefill_spread), each such iteration's time the model's times a draw. None: exactly the model's time
+    prefill_spread: tuple[float, ...] | None = None
     # machines sharing one host's caches and memory (cpu-core instances on one VM): a decode-only iteration takes
     # this times its time when another machine of the cluster is not idle as it starts (benchmarks/neighbour_factor.py
     # measures it); every decode-only iteration then runs alone. 1.0: independent machines (GPUs)
@@ -138,10 +141,10 @@ def validate_config(cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens:
                          column="mixed_max_consecutive_prompt_iterations")
     if kv_bytes_per_token < 0:
         raise InputError("kv_bytes_per_token must be >= 0", column="kv_bytes_per_token")
-    q = cfg.step_spread
-    if q is not None and (len(q) < 2 or any(b < a for a, b in zip(q, q[1:])) or q[0] < 0 or not q[-1] > 0):
-        raise InputError("step_spread must be at least 2 non-decreasing quantiles >= 0, not all 0",
-                         column="step_spread")
+    for name in ("step_spread", "prefill_spread"):
+        q = getattr(cfg, name)
+        if q is not None and (len(q) < 2 or any(b < a for a, b in zip(q, q[1:])) or q[0] < 0 or not q[-1] > 0):
+            raise InputError(f"{name} must be at least 2 non-decreasing quantiles >= 0, not all 0", column=name)
     if not (0 < cfg.neighbour_busy_factor < float("inf")):
         raise InputError(f"neighbour_busy_factor must be a finite number > 0, got {cfg.neighbour_busy_factor}",
                          column="neighbour_busy_factor")

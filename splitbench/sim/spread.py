@@ -1,7 +1,6 @@
-"""Decode step spread: how much one decode iteration's time varies around its mean on a measured host (OS noise, the
-server's frontend, neighbours), as quantiles of per-token gap / the request's mean gap. `splitbench profile` measures
-it at batch 1 and writes it beside the profile CSV; `simulate --step-spread` draws every decode iteration from it.
-"""
+"""Step spread: how much one iteration's time varies on a measured host (OS noise, the server's frontend, the host's
+speed), as quantiles: decode gaps over their request's mean gap, lone prefills over the profile's fit. `splitbench
+profile` writes it beside the profile CSV; `simulate --step-spread` draws every iteration's factor from it."""
 from __future__ import annotations
 
 import json
@@ -17,6 +16,7 @@ from splitbench.metrics.latency import tbt_gaps_s
 SUFFIX = ".spread.json"   # tiny.csv -> tiny.spread.json
 QUANTILES = 400           # the table: the ratio at probabilities 0, 1/400, ..., 1
 MIN_GAPS = 100            # fewer measured gaps than this: no spread is written
+MIN_PREFILLS = 8          # fewer batch-1 prefills than this: no prefill spread
 
 
 def spread_path(profile_csv: str | os.PathLike) -> Path:
@@ -54,8 +54,20 @@ def measure_spread(records, *, source: str | None = None) -> dict | None:
             "p99": float(np.percentile(x, 99)), "quantiles": [round(v, 6) for v in table]}
 
 
-def load_spread(path: str | os.PathLike) -> tuple[float, ...]:
-    """The quantile table of a spread file (scaled to mean 1); one-line InputError naming the file and field."""
+def measure_prefill_spread(prefills: list[tuple[int, float]], lone_prompt_s) -> dict | None:
+    """Quantiles of each lone prefill's time (prompt tokens, seconds) over the fitted lone_prompt_s(tokens), scaled
+    to mean 1: how a prefill varies around the profile's curve (a shared host's speed changes for seconds at a
+    time, so a request's prefill is fast or slow as a whole). None with fewer than MIN_PREFILLS."""
+    x = np.asarray([t / lone_prompt_s(p) for p, t in prefills if lone_prompt_s(p) > 0])
+    if len(x) < MIN_PREFILLS:
+        return None
+    table = unit_mean(np.quantile(x, np.linspace(0.0, 1.0, QUANTILES + 1)))
+    return {"prefills": len(x), "prefill_p50": float(np.percentile(x, 50)), "prefill_p90": float(np.percentile(x, 90)),
+            "prefill_quantiles": [round(v, 6) for v in table]}
+
+
+def _read(path: str | os.PathLike) -> tuple[str, dict]:
+    """The spread file's path and JSON object; one-line InputError otherwise."""
     p = str(path)
     try:
         doc = json.loads(Path(p).read_text())
@@ -63,16 +75,37 @@ def load_spread(path: str | os.PathLike) -> tuple[float, ...]:
         raise InputError(f"cannot read the step spread: {e.strerror or e}", file=p) from None
     except ValueError as e:
         raise InputError(f"not JSON: {e}", file=p) from None
-    q = doc.get("quantiles") if isinstance(doc, dict) else None
-    if not isinstance(q, list) or len(q) < 2:
+    if not isinstance(doc, dict):
         raise InputError("must be a JSON object whose quantiles is a list of at least 2 numbers", file=p,
                          column="quantiles")
+    return p, doc
+
+
+def load_spread(path: str | os.PathLike) -> tuple[float, ...]:
+    """The decode quantile table of a spread file (scaled to mean 1); one-line InputError naming the file and field."""
+    p, doc = _read(path)
+    return _table(doc.get("quantiles"), p, "quantiles")
+
+
+def load_prefill_spread(path: str | os.PathLike) -> tuple[float, ...] | None:
+    """The prefill quantile table of a spread file (scaled to mean 1), None where it has none (written before it
+    was measured, or too few prefills)."""
+    p, doc = _read(path)
+    q = doc.get("prefill_quantiles")
+    return None if q is None else _table(q, p, "prefill_quantiles")
+
+
+def _table(q, p: str, column: str) -> tuple[float, ...]:
+    """A validated quantile table (non-decreasing finite numbers >= 0, not all 0), scaled to mean 1."""
+    if not isinstance(q, list) or len(q) < 2:
+        raise InputError(f"must be a JSON object whose {column} is a list of at least 2 numbers", file=p,
+                         column=column)
     for i, v in enumerate(q):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise InputError(f"quantiles[{i}] must be a finite number >= 0, got {v!r}", file=p, column="quantiles")
+            raise InputError(f"{column}[{i}] must be a finite number >= 0, got {v!r}", file=p, column=column)
         if i and v < q[i - 1]:
-            raise InputError(f"quantiles[{i}] = {v} is below quantiles[{i - 1}] = {q[i - 1]}: they must not "
-                             "decrease", file=p, column="quantiles")
+            raise InputError(f"{column}[{i}] = {v} is below {column}[{i - 1}] = {q[i - 1]}: they must not "
+                             "decrease", file=p, column=column)
     if q[-1] <= 0:
-        raise InputError("quantiles are all 0", file=p, column="quantiles")
+        raise InputError(f"{column} are all 0", file=p, column=column)
     return tuple(unit_mean(q))
