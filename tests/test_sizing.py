@@ -243,6 +243,25 @@ def test_a_sized_run_replays_the_window_at_the_chosen_rate_and_judges_it_by_its_
     assert len(R.read_records(res.run_dir)) == 30 and (res.run_dir / "sizing" / "reference").is_dir()
 
 
+def test_a_given_max_requests_replays_that_many_where_sizing_would_cut_the_window(tmp_path, monkeypatch):
+    """Sizing keeps the window's first REPLAY_S worth (here 2 requests, at least MIN_REQUESTS = 4); --max-requests
+    given says how many: the run replays them all, at the sized rate (its own mix, so measured anew)."""
+    monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(S, "CONCURRENCIES", (2,))
+    monkeypatch.setattr(S, "POINT_S", 2.0)
+    monkeypatch.setattr(S, "REPLAY_S", 1e-3)
+    monkeypatch.setattr(S, "MIN_REQUESTS", 4)
+    spec = "synth:arrivals=poisson,rate=20,count=30,lengths=uniform,input=20-200,output=4-20,seed=5"
+    replayed = {}
+    for n in (None, 25):
+        res = run(RunOptions(trace=spec, duration_s=None, rate_scale="auto", backend="stub", vocab_size=1000,
+                             max_requests=n, results_dir=str(tmp_path / f"r{n}"), backend_options={"cpu": -1}))
+        meta = json.loads((res.run_dir / R.RUN_FILE).read_text())
+        assert meta["workload"]["transforms"]["rate_scale"] == meta["sizing"]["rate_scale"]   # at the sized rate
+        replayed[n] = (len(R.read_records(res.run_dir)), meta["sizing"]["max_requests"])
+    assert replayed == {None: (4, 4), 25: (25, None)}
+
+
 def test_sizing_against_a_failing_server_says_the_server_failed_not_that_the_host_is_busy(tmp_path, monkeypatch):
     # a crashed P/D decode instance answered every sizing request with an error; sizing blamed a busy host
     monkeypatch.setenv("SPLITBENCH_CACHE", str(tmp_path / "cache"))

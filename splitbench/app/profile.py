@@ -145,8 +145,8 @@ def _measure_batch_point(session: RunSession, point: tuple, index: int, model: s
                       f"max_model_len {max_len}: token_time is the mean of their mean TBT"})
         return row, index, notes, recs
     row, index, note, recs = _measure_point(session, (k, p, b, t2), index, model, hardware, tp)
-    notes.append({"point": [p, b, t], "repeat": k, "why": f"prompt {p} batch {b}: its requests decoded together "
-                  f"for under {MIN_TOGETHER_ITERS} iterations with {t} output tokens: measured with {t2}"})
+    notes.append({"point": [p, b, t], "repeat": k, "token_size": t2, "why": f"prompt {p} batch {b}: its requests "
+                  f"decoded together for under {MIN_TOGETHER_ITERS} iterations with {t} output tokens: measured with {t2}"})
     return row, index, notes + ([note] if note else []), recs
 
 

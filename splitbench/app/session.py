@@ -151,7 +151,7 @@ class RunSession:
         probe = sizing.Probe(c.base_url, c.model, c.prompts.payload, c.headers, o.api, self.run_dir / "sizing",
                              self.metrics_urls())
         sized, workload = sizing.size_session(o.backend, o.backend_options, c.model_info, probe, workload,
-                                              self.on_status)
+                                              self.on_status, keep_all=o.max_requests is not None)
         self.meta["sizing"] = sized.describe()
         if self.reference is None:
             self.reference = sized.reference

@@ -33,12 +33,10 @@ TARGET_UTILISATION = 0.25
 METHOD = "unloaded reference + closed-loop probe"
 METHOD_VERSION = 1
 CONCURRENCIES = (2, 4, 8, 16)     # closed-loop ladder; it stops at the first point past the limits
-POINT_S = 5.0                     # run-clock seconds per probe point, of which WARMUP_S are not scored
-WARMUP_S = 1.0
+POINT_S, WARMUP_S = 5.0, 1.0      # run-clock seconds per probe point, of which WARMUP_S are not scored
 BUDGET_S = 30.0                   # the whole measurement; the ladder stops before a point that would pass it
 REF_QUANTILES = (5, 50, 95)       # reference prompt sizes: these percentiles of the window's prompt lengths
-REF_REPEATS = 2
-REF_OUTPUT_TOKENS = 16
+REF_REPEATS, REF_OUTPUT_TOKENS = 2, 16
 REF_ATTEMPTS = 3                  # reference replays while the client sees tokens coalesced
 PROBE_INDEX_BASE = 10 ** 9        # trace indices of probe requests: no prompt of the replay is sent (prefix cache)
 P50_LIMITS = {m: limit for m, stat, limit in SPLITWISE_CHECKS if stat == "p50" and m in ("ttft", "tbt")}
@@ -228,9 +226,9 @@ class Sizing:
                 f"cluster to {self.utilisation:.0%} of the {self.capacity_rps:.2f} req/s it sustains of this trace's "
                 f"mix ({self.capacity_basis}; {src}); --rate-scale overrides.")
         if self.max_requests is not None and self.window_requests and self.max_requests < self.window_requests:
-            line += (f"\nsizing: replaying the window's first {self.max_requests} of {self.window_requests} requests "
-                     f"(about {self.max_requests / (self.offered_rps * self.rate_scale):.0f} s at that rate; "
-                     "--max-requests overrides).")
+            line += (f"\nsizing: replaying the window's first {self.max_requests} of {self.window_requests} "
+                     f"requests (about {self.max_requests / (self.offered_rps * self.rate_scale):.0f} s at that "
+                     "rate; --max-requests overrides).")
         return line + (f"\n{self.warning}" if self.warning else "")
 
 
@@ -392,9 +390,11 @@ def scaled(w: Workload, rate_scale: float, max_requests: int | None = None) -> W
 
 
 def size_session(backend: str, backend_options: dict, model_info: dict, probe: Probe, w: Workload,
-                 on_status: Callable[[str], None] = lambda s: None) -> tuple[Sizing, Workload]:
+                 on_status: Callable[[str], None] = lambda s: None, keep_all: bool = False) -> tuple[Sizing, Workload]:
     """The run session's one call: size the started backend for the window `w` (rate scale 1, clipped as it will
-    be replayed); returns the Sizing (run.json `sizing`, the run's reference) and the window at its rate scale."""
+    be replayed); returns the Sizing (run.json `sizing`, the run's reference) and the window at its rate scale:
+    all of it with keep_all (the user gave --max-requests), else its first REPLAY_S worth (replay_requests)."""
     s = size_run(probe, w, key_parts(backend, backend_options, model_info, probe.api), on_status=on_status)
+    s.max_requests = None if keep_all else s.max_requests
     on_status(s.message())
     return s, scaled(w, s.rate_scale, s.max_requests)
