@@ -33,6 +33,7 @@ from splitbench.workload.types import Workload
 
 POINT_ATTEMPTS = 3   # a point whose tokens the client saw coalesced is measured again, at most this often
 MIN_TOGETHER_ITERS = 8   # a batch point's decode is timed over at least this many iterations with all b decoding
+SPREAD_MARGIN = 1.5       # tokens_to_decode_together: the first-token spread's iterations, half again
 
 
 def _host_hardware(machine: str | None, hardware_file: str | None) -> str:
@@ -62,12 +63,13 @@ def together_step_s(records) -> tuple[float | None, float]:
 
 def tokens_to_decode_together(records, t: int) -> int:
     """Output tokens a point needs so that its requests decode together for >= MIN_TOGETHER_ITERS iterations: t
-    plus the spread of their first tokens over the fastest mean gap (an upper bound on the iterations it spans)."""
+    plus the spread of their first tokens over the fastest mean gap (an upper bound on the iterations it spans), half
+    again as margin: the prompt and token instances run on cores whose speed drifts apart between two measurements."""
     firsts = [r.actual_send_s + r.chunk_offsets_s[0] for r in records]
     gaps_s = [g for g in (mean_tbt_s(r) for r in records) if g]
     if not gaps_s:
         return 2 * t + MIN_TOGETHER_ITERS
-    return t + int(np.ceil((max(firsts) - min(firsts)) / min(gaps_s))) + MIN_TOGETHER_ITERS
+    return t + int(np.ceil(SPREAD_MARGIN * (max(firsts) - min(firsts)) / min(gaps_s))) + MIN_TOGETHER_ITERS
 
 
 def point_row(records, model: str, hardware: str, p: int, b: int, t: int, tp: int = 1) -> dict:
