@@ -99,3 +99,18 @@ def test_log_file(tmp_path):
     path.write_text("x" * 5000 + "\n" + _engine_traceback(FRAMES, "ModuleNotFoundError: No module named 'x'"))
     assert log_failure_cause(path, max_bytes=2000) == "ModuleNotFoundError: No module named 'x'"
     assert log_failure_cause(tmp_path / "missing.log") is None
+
+
+def test_a_dead_nixl_handshake_thread_is_a_start_hang_with_its_cause():
+    from splitbench.servers.logcause import start_hang_cause
+    log = "\n".join([
+        "(EngineCore pid=6593) INFO 12-07 12:13:00 [base_scheduler.py:109] Initializing NIXL Scheduler 2f05",
+        "Exception in thread nixl_handshake_listener:",
+        "Traceback (most recent call last):",
+        '  File "/usr/lib/python3.11/threading.py", line 1045, in _bootstrap_inner',
+        "    self.run()",
+        "zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:34295')"])
+    assert start_hang_cause(log) == ("thread nixl_handshake_listener died: zmq.error.ZMQError: Address already in use "
+                                     "(addr='tcp://127.0.0.1:34295')")
+    other = log.replace("nixl_handshake_listener", "usage_stats")   # other threads' deaths do not end a start
+    assert start_hang_cause(other) is None and start_hang_cause("INFO all good") is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -76,6 +77,12 @@ print("fake vllm", " ".join(args), "bind=" + os.environ.get("VLLM_CPU_OMP_THREAD
 if os.environ.get("FAKE_MODE") == "die":
     print("ValueError: no such model", flush=True)
     sys.exit(3)
+if os.environ.get("FAKE_MODE") == "nixl-hang":   # vLLM CPU 0.32 when its NIXL side-channel port is taken
+    print("Exception in thread nixl_handshake_listener:", flush=True)
+    print("Traceback (most recent call last):", flush=True)
+    print('  File "zmq/backend/cython/_zmq.py", line 190, in zmq.backend.cython._zmq._check_rc', flush=True)
+    print("zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:34295')", flush=True)
+    time.sleep(300)
 subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"])
 if os.environ.get("FAKE_MODE") == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -132,9 +139,24 @@ def test_launcher_start_failure_shows_log(tmp_path):
     srv.stop()
 
 
-def test_free_port_is_bindable():
+def test_start_ends_at_once_when_the_nixl_handshake_thread_dies(tmp_path):
+    from splitbench.errors import ServerStartError
+    from splitbench.servers.launcher import VllmServer, free_port
+    srv = VllmServer(tmp_path / "model", port=free_port(), python=fake_python(tmp_path),
+                     log_path=tmp_path / "hang.log", env={"FAKE_MODE": "nixl-hang"})
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match="nixl_handshake_listener died: zmq.error.ZMQError: Address already in use"):
+        srv.start(timeout_s=120)
+    assert time.monotonic() - t0 < 60 and srv.proc is None   # not the whole timeout
+
+
+def test_free_port_is_bindable_and_outside_the_ephemeral_range():
     import socket
 
-    from splitbench.servers.launcher import free_port
+    from splitbench.servers.launcher import ephemeral_range, free_port
+    lo, hi = ephemeral_range()
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert not any(lo <= p <= hi for p in ports)
     with socket.socket() as s:
-        s.bind(("127.0.0.1", free_port()))
+        s.bind(("127.0.0.1", ports[0]))

@@ -9,7 +9,6 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,8 @@ from typing import Any
 from splitbench.errors import ServerStartError
 from splitbench.procs import spawn, stop_group
 from splitbench.servers import vllm_plugin
-from splitbench.servers.logcause import log_failure_cause
+from splitbench.servers.logcause import log_failure_cause, start_hang_cause
+from splitbench.servers.ports import ephemeral_range, free_port  # noqa: F401  (the launcher's API)
 
 # Args that start the tiny model fastest on a small CPU box (measured: ~40 s to /health on 2 cores;
 # without --enforce-eager torch.compile adds ~13 s). 16384 covers the Azure traces (max 14,050 + 1,000).
@@ -57,13 +57,6 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopba
 # vLLM's default load format looks for these; a model dir without any is served with random weights
 # (`--load-format dummy`: vLLM initialises them from config.json alone)
 WEIGHT_FILE_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def weightless_model_dir(model_dir: str | os.PathLike) -> bool:
@@ -121,6 +114,7 @@ class VllmServer:
         self.start_unix_s: float | None = None
         self.last_exit_code: int | None = None   # set when the process was found dead while starting
         self._t_spawn = 0.0
+        self._log_pos = 0
         # --load-format dummy is added for a weightless model dir unless the args name a load format
         self.dummy_weights = _arg_value(self.extra_args, "--load-format") is None and \
             weightless_model_dir(self.model_dir)
@@ -186,6 +180,7 @@ class VllmServer:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._t_spawn = time.monotonic()
+        self._log_pos = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.start_unix_s, self.start_s = time.time(), None
         pin = None
         if self.cpu_cores and not shutil.which("taskset"):
@@ -208,7 +203,24 @@ class VllmServer:
         if self.health(timeout_s=1.0):
             self.start_s = time.monotonic() - self._t_spawn
             return True
+        hang = start_hang_cause(self._new_log_text())
+        if hang:
+            self.stop()
+            raise ServerStartError(f"vLLM cannot become healthy: {hang}; last lines of {self.log_path}:\n"
+                                   f"{_log_tail(self.log_path)}")
         return False
+
+    def _new_log_text(self) -> str:
+        """The log's lines written since the last call (whole lines only)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_pos)
+                data = f.read()
+        except OSError:
+            return ""
+        end = data.rfind(b"\n") + 1
+        self._log_pos += end
+        return data[:end].decode("utf-8", "replace")
 
     def start(self, timeout_s: float = 180) -> None:
         """Spawn the server and block until /health answers 200; on failure stop it and raise with its log tail."""

@@ -8,6 +8,10 @@ import re
 from pathlib import Path
 
 MAX_CAUSE_CHARS = 400
+# Threads whose death leaves a starting server alive and never healthy (vLLM's NIXL scheduler waits for its
+# handshake listener to bind): such a death ends the start at once instead of after the whole timeout.
+_STARTUP_THREADS = ("nixl_handshake_listener",)
+_THREAD_DIED = re.compile(r"Exception in thread (\S+?):?\s*$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # "(EngineCore_DP0 pid=123) ", "(APIServer pid=7) ", "(VllmWorker TP0 pid=9) ": the process of a vLLM log line
 _PROCESS = re.compile(r"^\((?:[\w.-]+ )*pid=\d+\) ")
@@ -85,3 +89,15 @@ def log_failure_cause(path: str | Path, max_bytes: int = 1 << 20) -> str | None:
             return failure_cause(f.read().decode("utf-8", "replace"))
     except OSError:
         return None
+
+
+def start_hang_cause(text: str) -> str | None:
+    """If `text` (new lines of a starting server's log) shows a thread the start waits on dying, the line naming
+    why (e.g. "zmq.error.ZMQError: Address already in use"); None otherwise."""
+    lines = text.splitlines()
+    for k, line in enumerate(lines):
+        m = _THREAD_DIED.search(line)
+        if m and m.group(1) in _STARTUP_THREADS:
+            cause = failure_cause("\n".join(lines[k:]))
+            return f"thread {m.group(1)} died: {cause or 'see the log'}"
+    return None
