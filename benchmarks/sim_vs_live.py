@@ -13,6 +13,8 @@ profile (its prompt_time measured on the producer side with the transfer, token_
 profile's step spread (X.spread.json beside X.csv) is drawn for every iteration (decode and, where the file has
 one, prefill), and the prompt machine chunks prompts as a vLLM V1 instance does (--no-step-spread, --whole-prompts
 leave these out).
+--cold-prefills: a prefill of a token count new to its machine takes the profile's cold_prefill_factor (written
+into X.spread.json by `splitbench profile`: a prompt length's first prefill over its repeats) x its time.
 --neighbour-busy-factor F.json (benchmarks/neighbour_factor.py, measured once on the host, not from the live runs)
 slows a decode-only iteration while another instance of the host is busy: the instances share one VM's caches and
 memory.
@@ -100,7 +102,7 @@ def _ms(v: float | None) -> str:
 def pooled_profile(paths: list[str], out_dir: Path, name: str) -> str | None:
     """One profile of several (`--profile A --profile B`: measured before and after the live runs, so the host's
     drift between them is averaged): their rows together (the fit takes medians per point over all of them), and
-    beside it the mean of their step spreads' quantile tables, where each has one."""
+    beside it the mean of their step spreads' quantile tables and cold-prefill factors, where each has one."""
     if not paths:
         return None
     if len(paths) == 1:
@@ -116,6 +118,8 @@ def pooled_profile(paths: list[str], out_dir: Path, name: str) -> str | None:
                + ", ".join(str(spread_path(p)) for p in paths), "quantiles": mean("quantiles")}
         if all("prefill_quantiles" in sp for sp in spreads):
             doc["prefill_quantiles"] = mean("prefill_quantiles")
+        if all("cold_prefill_factor" in sp for sp in spreads):
+            doc["cold_prefill_factor"] = sum(sp["cold_prefill_factor"] for sp in spreads) / len(spreads)
         spread_path(csv).write_text(json.dumps(doc))
     else:
         spread_path(csv).unlink(missing_ok=True)
@@ -181,7 +185,7 @@ def simulate_live(a, live: Path) -> list[tuple]:
             policy=b.get("policy") or "jsq", max_prompt_batch_tokens=2048, max_decode_batch=a.max_decode_batch,
             first_token=first, kv_transfer="serialized", link_gbps=link, reference_machine=None, step_spread=spread,
             prompt_chunked_prefill=not a.whole_prompts, neighbour_busy_factor=a.neighbour_busy_factor,
-            results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
+            cold_prefills=a.cold_prefills and spread is not None, results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
         sim_recs = R.read_records(sim_dir)
         print(f"{live.name} [{variant}]: cluster {spec}, {len(live_recs)} live / {len(sim_recs)} simulated "
               f"requests; decode step spread: {spread or 'none'}; simulated run: {sim_dir}")
@@ -219,6 +223,8 @@ def main() -> int:
                     "iteration (Splitwise's), not in vLLM's 2048-token chunks")
     ap.add_argument("--no-step-spread", action="store_true", help="simulate decode iterations at exactly the "
                     "profile's times, ignoring the X.spread.json beside each profile")
+    ap.add_argument("--cold-prefills", action="store_true", help="prefills of a token count new to a machine take "
+                    "the step spread's cold_prefill_factor x their time (`simulate --cold-prefills`)")
     ap.add_argument("--neighbour-busy-factor", default="1", metavar="X|FILE",
                     help="decode-only iterations x X while another instance of the host is busy: a number, or the "
                          "JSON of benchmarks/neighbour_factor.py measured on this host [1: none]")

@@ -77,3 +77,11 @@ def test_simulate_reads_other_files_with_columns(tmp_path):
                "timestamp=when,input=nope,output=gen", "--results", str(tmp_path), "--run-id", "d")
     assert bad.returncode == 2 and "nope" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_cold_prefills_needs_a_step_spread_one_line_exit_2_and_no_run_left(tmp_path):
+    p = _cli("simulate", "--cluster", "splitwise-aa:1,1", "--trace", SYNTH, "--results", str(tmp_path),
+             "--run-id", "c", "--cold-prefills")
+    assert p.returncode == 2 and p.stderr.strip() == ("error: --cold-prefills needs --step-spread (the spread file "
+                                                      "holds the measured factor)")
+    assert not (tmp_path / "c").exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_simulator import PERF, decode_s, run, split_cfg, wl
 
-from splitbench.app.profile import write_spread
+from splitbench.app.profile import ColdPrefills, iteration_sizes, write_spread
 from splitbench.errors import InputError
 from splitbench.metrics.latency import tbt_gaps_s
 from splitbench.schema import records as R
@@ -18,8 +18,10 @@ from splitbench.sim.config import SimConfig, SimPool
 from splitbench.sim.spread import (
     MIN_GAPS,
     MIN_PREFILLS,
+    load_cold_prefill,
     load_prefill_spread,
     load_spread,
+    measure_cold_prefill,
     measure_prefill_spread,
     measure_spread,
     spread_path,
@@ -166,3 +168,61 @@ def test_every_prompt_iteration_draws_from_the_prefill_spread_with_the_seed(pool
     factors = np.array(drawn) / exact[0]
     assert factors.min() >= 0.5 - 1e-9 and factors.max() <= 1.5 + 1e-9 and factors.std() > 0.2
     assert factors.mean() == pytest.approx(1.0, abs=0.1)
+
+
+# ----------------------------------------------------------------------------- prompt lengths new to the machine
+
+@pytest.mark.parametrize("pools", [[SimPool("baseline", "m", 1)],
+                                   [SimPool("prompt", "m", 1), SimPool("token", "m", 1)]])
+def test_a_prefill_of_a_token_count_new_to_the_machine_takes_the_cold_factor(pools):
+    """Chunked baseline machines (sim/batching.py) and prompt machines (cluster._plan): lone prompts of 500, 500,
+    600, 500, 600 and 700 tokens: the first of each length x1.5, the repeats at the model's time."""
+    w = wl([10.0 * i for i in range(6)], [500, 500, 600, 500, 600, 700], [4] * 6)
+    ttft = lambda cfg: [r.first_token_s - r.actual_send_s for r in run(w, cfg).records]   # noqa: E731
+    plain, cold = ttft(SimConfig(pools=pools)), ttft(SimConfig(pools=pools, cold_prefill_factor=1.5))
+    ratio = [c / p for c, p in zip(cold, plain)]
+    first_token = ratio[1] * plain[1]   # what a repeat's TTFT is: no factor
+    assert cold[1] == pytest.approx(first_token) and ratio[3] == pytest.approx(1.0) and ratio[4] == pytest.approx(1.0)
+    for i in (0, 2, 5):   # the prefill itself x1.5; the TTFT also holds a first decode step on split token machines
+        assert 1.3 < ratio[i] <= 1.5 + 1e-9
+    with pytest.raises(InputError, match="cold_prefill_factor"):
+        run(w, SimConfig(pools=pools, cold_prefill_factor=0.0))
+
+
+def test_cold_prefills_are_the_first_of_a_length_not_seen_in_earlier_iterations():
+    assert iteration_sizes(512, 1) == {512} and iteration_sizes(4096, 1) == {2048}
+    assert iteration_sizes(3072, 1) == {2048, 1024} and iteration_sizes(512, 2) == {1024}
+    c = ColdPrefills()
+    plan = [("warmup", 4096, 1, 0.2), ("warmup", 512, 16, 1.0),       # 2048-token iterations seen
+            (0, 32, 1, 0.030), (0, 512, 1, 0.040), (0, 512, 1, 0.020), (0, 2048, 1, 0.090), (0, 1024, 1, 0.050),
+            (1, 32, 1, 0.010), (1, 512, 1, 0.019), (1, 2048, 1, 0.080), (1, 1024, 1, 0.030), (2, 32, 1, 0.012)]
+    for k, p, b, t in plan:
+        c.add(k, p, b, t)
+    assert c.cold_s == {32: 0.030, 512: 0.040, 1024: 0.050}   # 2048 was a warm-up's chunk size
+    assert c.warm_s == {32: [0.010, 0.012], 512: [0.019], 2048: [0.080], 1024: [0.030]}
+    got = measure_cold_prefill(c.cold_s, c.warm_s)
+    assert got["cold_prefill_factor"] == pytest.approx(0.040 / 0.019)   # the median of 2.73, 2.11, 1.67
+    assert measure_cold_prefill({32: 0.03}, {32: [0.01]}) is None
+
+
+def test_write_spread_writes_the_cold_factor_and_times_only_repeats_for_the_prefill_spread(tmp_path):
+    out = tmp_path / "tiny.csv"
+    sizes = (32, 128, 512, 1024, 2048)
+    rows = [{"model": "m", "hardware": "cpu-core", "tensor_parallel": 1, "prompt_size": p, "batch_size": 1,
+             "token_size": 64, "prompt_time": (10.0 + p / 100) * (2.0 if k == 0 else 1.0), "token_time": 5.0,
+             "e2e_time": 10.0 + p / 100 + 63 * 5.0} for k in range(4) for p in sizes]
+    c = ColdPrefills()
+    for k in range(4):
+        for r in rows[k * len(sizes):(k + 1) * len(sizes)]:
+            c.add(k, r["prompt_size"], 1, r["prompt_time"] / 1e3)
+    got = write_spread(out, [rec([0.01] * 150)], rows, "p1", c)
+    assert got["cold_prefill_factor"] == pytest.approx(2.0) and load_cold_prefill(spread_path(out)) == pytest.approx(2.0)
+    q = load_prefill_spread(spread_path(out))
+    assert q is not None and q[-1] / q[0] == pytest.approx(1.0, abs=0.05)   # repeats only: no cold tail
+    f = tmp_path / "bad.spread.json"
+    f.write_text(json.dumps({"quantiles": [0.5, 1.5], "cold_prefill_factor": -1}))
+    with pytest.raises(InputError, match="cold_prefill_factor") as e:
+        load_cold_prefill(f)
+    assert str(f) in str(e.value)
+    f.write_text(json.dumps({"quantiles": [0.5, 1.5]}))
+    assert load_cold_prefill(f) == 1.0

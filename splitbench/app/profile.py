@@ -27,8 +27,8 @@ from splitbench.sim.profiles import (
     profile_grid,
     profile_hardware_name,
 )
-from splitbench.sim.perfmodel import PerfModel
-from splitbench.sim.spread import measure_prefill_spread, measure_spread, spread_path
+from splitbench.sim.perfmodel import VLLM_CPU_CHUNK_TOKENS, PerfModel
+from splitbench.sim.spread import measure_cold_prefill, measure_prefill_spread, measure_spread, spread_path
 from splitbench.workload.types import Workload
 
 POINT_ATTEMPTS = 3   # a point whose tokens the client saw coalesced is measured again, at most this often
@@ -167,20 +167,52 @@ def _plan(grid: list[tuple[int, int, int]], repeats: int) -> list[tuple]:
     return warm + [(k, p, b, t) for k in range(repeats) for p, b, t in grid]
 
 
-def write_spread(out: str | os.PathLike, records: list, rows: list[dict], run_id: str) -> dict | None:
-    """The step spread of the batch-1 points (sim/spread.py) beside the profile CSV: their decode gaps, and their
-    prefills over the profile's own fit of the rows; None (and no stale one left there) when too few tokens were
-    timed."""
+def iteration_sizes(p: int, b: int, budget: int = VLLM_CPU_CHUNK_TOKENS) -> set[int]:
+    """The token counts of the prefill iterations of b prompts of p tokens under a per-iteration budget."""
+    total = p * b
+    return ({budget} if total >= budget else set()) | ({total % budget} if total % budget else set())
+
+
+class ColdPrefills:
+    """Which batch-1 prefills of a profile were the first of their prompt length on the instance (a prefill of a
+    new length takes longer: docs/sim-vs-live.md) and which repeated one, in plan order."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.cold_s: dict[int, float] = {}
+        self.warm_s: dict[int, list[float]] = {}
+
+    def add(self, k, p: int, b: int, prompt_time_s: float) -> None:
+        sizes = iteration_sizes(p, b)
+        if b == 1 and k != "warmup":
+            if k == 0 and p not in self.cold_s and not sizes & self.seen:
+                self.cold_s[p] = prompt_time_s
+            elif k != 0:
+                self.warm_s.setdefault(p, []).append(prompt_time_s)
+        self.seen |= sizes
+
+    def warm_pairs(self) -> list[tuple[int, float]]:
+        return [(p, t) for p, ts in self.warm_s.items() for t in ts]
+
+
+def write_spread(out: str | os.PathLike, records: list, rows: list[dict], run_id: str,
+                 cold: ColdPrefills | None = None) -> dict | None:
+    """The step spread of the batch-1 points (sim/spread.py) beside the profile CSV: their decode gaps, their
+    prefills over the profile's own fit of the rows (the repeated lengths only, when `cold` tells them apart) and
+    the cold-prefill factor; None (and no stale one left there) when too few tokens were timed."""
     path = spread_path(out)
     spread = measure_spread(records, source=f"splitbench profile {run_id}: batch-1 points")
     if spread is None:
         path.unlink(missing_ok=True)
         return None
     lone = [(r["prompt_size"], r["prompt_time"] / 1e3) for r in rows if r["batch_size"] == 1]
+    warm = cold.warm_pairs() if cold is not None else []
     if lone:
         r0 = rows[0]
         fit = PerfModel(r0["model"], r0["hardware"], r0["tensor_parallel"], rows, source=str(out))
-        spread.update(measure_prefill_spread(lone, fit.lone_prompt_s) or {})
+        spread.update(measure_prefill_spread(warm if len(warm) >= len(lone) // 2 else lone, fit.lone_prompt_s) or {})
+    if cold is not None:
+        spread.update(measure_cold_prefill(cold.cold_s, cold.warm_s) or {})
     atomic_write_json(path, spread)
     return {**spread, "path": str(path)}
 
@@ -202,6 +234,7 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
     plan, rows, index, started = _plan(grid, int(repeats)), [], 0, time.monotonic()
     notes: list[dict] = []
     alone: list = []
+    cold = ColdPrefills()
     with RunSession(opts, kind="profile", workload=_point_workload(*grid[0], 0, "plan"),
                     on_status=on_status) as session:
         info = session.start().model_info
@@ -219,6 +252,7 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
             for note in new:
                 notes.append(note)
                 on_status(note["why"])
+            cold.add(k, p, b, row["prompt_time"] / 1e3)
             if k != "warmup":
                 rows.append(row)
                 if b == 1 and not new:   # decode steps alone, each token timed by the client
@@ -227,13 +261,13 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
                           f"TTFT {row['prompt_time']:.1f} ms, TBT {row['token_time']:.2f} ms")
         session.meta.update(status="complete")
         session.write_meta()
-    spread = write_spread(out, alone, rows, session.meta["run_id"])
+    spread = write_spread(out, alone, rows, session.meta["run_id"], cold)
     atomic_write_bytes(out, profile_csv_bytes(rows))
     meta = {"run_id": session.meta["run_id"], "kind": "profile", "out": str(out), "model": model,
             "hardware": hardware, "grid": grid, "repeats": int(repeats), "backend": session.meta["backend"],
             "wall_s": time.monotonic() - started, "point_notes": notes,
             "spread": spread and {k: spread[k] for k in ("path", "requests", "gaps", "p50", "p90", "p99", "prefills",
-                                                         "prefill_p50", "prefill_p90") if k in spread},
+                                                         "prefill_p50", "prefill_p90", "cold_prefill_factor") if k in spread},
             "versions": package_versions(), "host": host_info()}
     atomic_write_json(session.run_dir / "profile.json", meta)
     return {**meta, "rows": len(rows), "run_dir": str(session.run_dir)}

@@ -134,6 +134,8 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
     if sp := res.get("spread"):
         pre = (f"; prefill / fit p50 {sp['prefill_p50']:.2f}, p90 {sp['prefill_p90']:.2f} over {sp['prefills']} "
                "prefills") if "prefills" in sp else ""
+        if "cold_prefill_factor" in sp:
+            pre += f"; a new prompt length's prefill x{sp['cold_prefill_factor']:.2f}"
         console.print(f"step spread written to {sp['path']}: decode step / mean p50 {sp['p50']:.2f}, p90 "
                       f"{sp['p90']:.2f}, p99 {sp['p99']:.2f} over {sp['gaps']} tokens{pre} (simulate --step-spread)",
                       markup=False, highlight=False)
@@ -164,6 +166,9 @@ VLLM_LIKE = (
     Opt("neighbour_busy_factor", float, "Machines sharing one host (cpu-core instances on a VM): a decode-only "
         "iteration takes this x its time while another machine is busy (benchmarks/neighbour_factor.py measures "
         "it; default 1: independent machines)."),
+    Opt("cold_prefills", bool, "A prefill iteration of a token count the machine has not run before takes the "
+        "--step-spread file's cold_prefill_factor x its time (`profile` measures it; vLLM on CPU prepares its "
+        "kernels per new shape)."),
 )
 
 

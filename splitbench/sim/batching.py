@@ -121,6 +121,7 @@ class ChunkedBatching:
             t = mixed_iteration_s(m.perf, m.b, m.ctx, tokens, cached, cross, sq)
             if cl.pspread is not None:
                 t *= cl.spread_factor(cl.pspread)
+            t *= m.prefill_factor(tokens + m.b, cl.cold)
             cl.sim.schedule(now + t, self.iteration_done, m)
         elif m.b:
             m.state, m.run_t0 = self.decode, now

@@ -1,6 +1,5 @@
 """Simulated cluster on the event loop: Splitwise machine-level scheduling (prompt / token / mixed / baseline),
-KV memory from the model shape, KV transfer over per-machine links, and the live run's RequestRecords.
-"""
+KV memory from the model shape, KV transfer over per-machine links, and the live run's RequestRecords."""
 from __future__ import annotations
 
 import heapq
@@ -37,7 +36,8 @@ class SimCluster:
     as described here. Prompt and token machines are the same in both; cfg.prompt_chunked_prefill makes prompt
     machines chunk too. cfg.step_spread: every decode-only iteration is its own run, its time the profile's x a
     seeded draw from the measured spread (spread_factor), so the records carry each token's gap (prefill_spread: the
-    same for iterations with prompt tokens); cfg.neighbour_busy_factor multiplies it while another machine is busy."""
+    same for iterations with prompt tokens; x cfg.cold_prefill_factor for a token count new to the machine);
+    cfg.neighbour_busy_factor multiplies it while another machine is busy."""
     w: Any
     cfg: SimConfig
     machines: list[SimMachine]
@@ -63,6 +63,7 @@ class SimCluster:
     _block: int
     _spread: list[float] | None
     pspread: list[float] | None
+    cold: float
     _rng: random.Random
     _nb: float
     _per_step: bool
@@ -111,9 +112,8 @@ class SimCluster:
         self.pspread = list(cfg.prefill_spread) if cfg.prefill_spread else None
         self._rng = random.Random(cfg.seed)
         self._nb = float(cfg.neighbour_busy_factor)
+        self.cold = float(cfg.cold_prefill_factor)
         self._per_step = self._spread is not None or self._nb != 1.0   # decode-only iterations one at a time
-
-    # ---------------------------------------------------------------- cluster level
 
     def run(self) -> SimResult:
         if self._arr:
@@ -175,8 +175,6 @@ class SimCluster:
         cast(array, self.rec.cached)[i] = hit
         return hit
 
-    # ---------------------------------------------------------------- machine level
-
     def _wake(self, m: SimMachine) -> None:
         """An idle machine got work: plan at the same time but after the events already queued for it, so
         requests arriving at the same instant share the first batch; at once when none is queued for now (the
@@ -209,6 +207,7 @@ class SimCluster:
                                                                       sum((r.n_in - r.pre) * r.pre for r in batch))
                 if self.pspread is not None:
                     t *= self.spread_factor(self.pspread)
+                t *= m.prefill_factor(tokens, self.cold)
                 self.sim.schedule(now + t, self._prompt_done, m)
                 return
         if m.b:

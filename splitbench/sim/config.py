@@ -79,6 +79,10 @@ class SimConfig:
     # this times its time when another machine of the cluster is not idle as it starts (benchmarks/neighbour_factor.py
     # measures it); every decode-only iteration then runs alone. 1.0: independent machines (GPUs)
     neighbour_busy_factor: float = 1.0
+    # a prefill iteration whose token count the machine has not run before takes this times its time (vLLM on CPU
+    # prepares its kernels per new shape; `splitbench profile` measures it: sim/spread.py measure_cold_prefill).
+    # 1.0: every length costs the same
+    cold_prefill_factor: float = 1.0
 
 
 class SimResult:
@@ -145,6 +149,9 @@ def validate_config(cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens:
         q = getattr(cfg, name)
         if q is not None and (len(q) < 2 or any(b < a for a, b in zip(q, q[1:])) or q[0] < 0 or not q[-1] > 0):
             raise InputError(f"{name} must be at least 2 non-decreasing quantiles >= 0, not all 0", column=name)
+    if not (0 < cfg.cold_prefill_factor < float("inf")):
+        raise InputError(f"cold_prefill_factor must be a finite number > 0, got {cfg.cold_prefill_factor}",
+                         column="cold_prefill_factor")
     if not (0 < cfg.neighbour_busy_factor < float("inf")):
         raise InputError(f"neighbour_busy_factor must be a finite number > 0, got {cfg.neighbour_busy_factor}",
                          column="neighbour_busy_factor")

@@ -17,6 +17,7 @@ SUFFIX = ".spread.json"   # tiny.csv -> tiny.spread.json
 QUANTILES = 400           # the table: the ratio at probabilities 0, 1/400, ..., 1
 MIN_GAPS = 100            # fewer measured gaps than this: no spread is written
 MIN_PREFILLS = 8          # fewer batch-1 prefills than this: no prefill spread
+MIN_COLD = 3              # fewer first-seen prompt lengths than this: no cold-prefill factor
 
 
 def spread_path(profile_csv: str | os.PathLike) -> Path:
@@ -85,6 +86,27 @@ def load_spread(path: str | os.PathLike) -> tuple[float, ...]:
     """The decode quantile table of a spread file (scaled to mean 1); one-line InputError naming the file and field."""
     p, doc = _read(path)
     return _table(doc.get("quantiles"), p, "quantiles")
+
+
+def measure_cold_prefill(cold_s: dict[int, float], warm_s: dict[int, list[float]]) -> dict | None:
+    """A prefill of a prompt length the instance has not prefilled before over one it has: the median over prompt
+    sizes of the first prefill's time (cold_s: size -> s) over the median of that size's later ones (warm_s). None
+    with fewer than MIN_COLD sizes measured both ways."""
+    ratios = {p: t / float(np.median(warm_s[p])) for p, t in cold_s.items() if warm_s.get(p) and t > 0}
+    if len(ratios) < MIN_COLD:
+        return None
+    return {"cold_prefill_factor": float(np.median(list(ratios.values()))),
+            "cold_prefill_ratios": {str(p): round(x, 4) for p, x in sorted(ratios.items())}}
+
+
+def load_cold_prefill(path: str | os.PathLike) -> float:
+    """The cold-prefill factor of a spread file; 1.0 where it has none."""
+    p, doc = _read(path)
+    x = doc.get("cold_prefill_factor", 1.0)
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+        raise InputError(f"cold_prefill_factor must be a finite number > 0, got {x!r}", file=p,
+                         column="cold_prefill_factor")
+    return float(x)
 
 
 def load_prefill_spread(path: str | os.PathLike) -> tuple[float, ...] | None:

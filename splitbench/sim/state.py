@@ -77,7 +77,7 @@ class SimMachine:
     """One simulated machine: its queues, decode batch, KV memory and link."""
     __slots__ = ("admit_q", "b", "cache", "chunk", "consec", "ctx", "fin", "id", "idx", "it", "kv_cap", "kv_free",
                  "link_free", "log_it", "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end",
-                 "run_k", "run_t0", "single", "state", "version")
+                 "run_k", "run_t0", "seen", "single", "state", "version")
     idx: int
     id: str
     pool: str
@@ -105,11 +105,13 @@ class SimMachine:
     link_free: float
     single: bool
     chunk: ChunkState | None
+    seen: set[int]
 
     def __init__(self, idx: int, iid: str, pool: str, mtype: str, perf: PerfModel, kv_cap: int) -> None:
         self.idx, self.id, self.pool, self.mtype, self.perf = idx, iid, pool, mtype, perf
         self.kv_cap = self.kv_free = kv_cap
         self.cache = None                # prefix-hash workloads: a BlockIndex of the blocks this machine prefilled
+        self.seen = set()                # token counts of the prefill iterations it ran (cold_prefill_factor)
         self.prompt_q = deque()          # FCFS prefills (split and co-located)
         self.admit_q = deque()           # prefilled requests whose KV arrived, waiting for KV memory (FCFS)
         self.state = IDLE
@@ -125,3 +127,12 @@ class SimMachine:
         self.link_free = 0.0
         self.single = False
         self.chunk = None                # set on machines that batch as vLLM V1 does (sim/batching.py)
+
+    def prefill_factor(self, tokens: int, cold: float) -> float:
+        """`cold` for this machine's first prefill iteration of `tokens` tokens (SimConfig.cold_prefill_factor),
+        else 1."""
+        if cold == 1.0 or tokens in self.seen:
+            return 1.0
+        self.seen.add(tokens)
+        return cold
+
