@@ -424,7 +424,7 @@ def test_profile_tiny_model_on_vllm(tmp_path):
     """`splitbench profile --backend vllm` on the tiny CPU model: a CSV load_profiles accepts (about a minute)."""
     out = tmp_path / "tiny.csv"
     r = subprocess.run([sys.executable, "-m", "splitbench.cli", "profile", "--backend", "vllm", "--out", str(out),
-                        "--prompt-sizes", "32,512", "--batch-sizes", "1,4", "--output-sizes", "8,32",
+                        "--prompt-sizes", "32,512", "--batch-sizes", "1,4", "--output-sizes", "8,128",
                         "--repeats", "1", "--results", str(tmp_path / "r")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -432,13 +432,19 @@ def test_profile_tiny_model_on_vllm(tmp_path):
     # a batch point whose 4 requests barely decoded together (a slow host) is measured again with more tokens
     meta = json.loads(next((tmp_path / "r").rglob("profile.json")).read_text())
     again = {tuple(n["point"]): n["token_size"] for n in meta["point_notes"] if "token_size" in n}
-    assert set(again) <= {(512, 4, 32)} and all(t > 32 for t in again.values())
+    assert set(again) <= {(512, 4, 128)} and all(t > 128 for t in again.values())
     assert {(x["prompt_size"], x["batch_size"], x["token_size"]) for x in rows} == \
-        {(32, 1, 32), (512, 1, 32), (512, 4, again.get((512, 4, 32), 32)), (512, 1, 8)}
+        {(32, 1, 128), (512, 1, 128), (512, 4, again.get((512, 4, 128), 128)), (512, 1, 8)}
     assert {x["model"] for x in rows} == {"tiny-llama"} and {x["hardware"] for x in rows} == {"cpu-host"}
     m = pm.get_perf_model(pm.load_profiles(out), "tiny-llama", "cpu-host", 1)
     assert 0 < m.prompt_time_s(32) <= m.prompt_time_s(4 * 512)
     assert 0 < m.token_time_s(1, 600) <= m.token_time_s(4, 4 * 600)
+    # (a new prompt length, the same again) pairs: lengths no grid point had, each measured twice by the server
+    spread = json.loads(out.with_suffix(".spread.json").read_text())
+    pairs = spread["cold_prefill_pairs"]
+    assert len(pairs) == 12 and not {p for p, _, _ in pairs} & {32, 512, 2048} and all(a > 0 and b > 0 for _, a, b in pairs)
+    assert spread["cold_prefill_factor"] == pytest.approx(float(np.median([a / b for _, a, b in pairs])), rel=1e-3)
+    assert (tmp_path / "r" / meta["run_id"] / "points" / f"p{pairs[0][0]}-b1-t8-ragain").is_dir()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps   # the server it started is gone
 

@@ -189,7 +189,7 @@ def test_a_prefill_of_a_token_count_new_to_the_machine_takes_the_cold_factor(poo
         run(w, SimConfig(pools=pools, cold_prefill_factor=0.0))
 
 
-def test_cold_prefills_are_the_first_of_a_length_not_seen_in_earlier_iterations():
+def test_prefill_spread_samples_are_repeated_lengths_and_fresh_lengths_are_new():
     assert iteration_sizes(512, 1) == {512} and iteration_sizes(4096, 1) == {2048}
     assert iteration_sizes(3072, 1) == {2048, 1024} and iteration_sizes(512, 2) == {1024}
     c = ColdPrefills()
@@ -198,11 +198,14 @@ def test_cold_prefills_are_the_first_of_a_length_not_seen_in_earlier_iterations(
             (1, 32, 1, 0.010), (1, 512, 1, 0.019), (1, 2048, 1, 0.080), (1, 1024, 1, 0.030), (2, 32, 1, 0.012)]
     for k, p, b, t in plan:
         c.add(k, p, b, t)
-    assert c.cold_s == {32: 0.030, 512: 0.040, 1024: 0.050}   # 2048 was a warm-up's chunk size
-    assert c.warm_s == {32: [0.010, 0.012], 512: [0.019], 2048: [0.080], 1024: [0.030]}
-    got = measure_cold_prefill(c.cold_s, c.warm_s)
-    assert got["cold_prefill_factor"] == pytest.approx(0.040 / 0.019)   # the median of 2.73, 2.11, 1.67
-    assert measure_cold_prefill({32: 0.03}, {32: [0.01]}) is None
+    assert c.warm_s == {32: [0.010, 0.012], 512: [0.020, 0.019], 2048: [0.090, 0.080], 1024: [0.030]}
+    fresh = c.fresh(32, 2048)
+    assert len(set(fresh)) == 12 and not set(fresh) & c.seen and fresh == sorted(fresh)
+    assert 32 <= fresh[0] < 40 and 2040 <= fresh[-1] <= 2060
+    pairs = [(p, 0.02 * f, 0.02) for p, f in zip(fresh, [1.1, 1.3, 1.5, 2.0, 1.2])]
+    got = measure_cold_prefill(pairs)
+    assert got["cold_prefill_factor"] == pytest.approx(1.3) and got["cold_prefill_pairs"][0] == [fresh[0], 22.0, 20.0]
+    assert measure_cold_prefill(pairs[:2]) is None
 
 
 def test_write_spread_writes_the_cold_factor_and_times_only_repeats_for_the_prefill_spread(tmp_path):
@@ -215,7 +218,8 @@ def test_write_spread_writes_the_cold_factor_and_times_only_repeats_for_the_pref
     for k in range(4):
         for r in rows[k * len(sizes):(k + 1) * len(sizes)]:
             c.add(k, r["prompt_size"], 1, r["prompt_time"] / 1e3)
-    got = write_spread(out, [rec([0.01] * 150)], rows, "p1", c)
+    pairs = [(p, 0.04, 0.02) for p in c.fresh(32, 2048)]
+    got = write_spread(out, [rec([0.01] * 150)], rows, "p1", c, pairs)
     assert got["cold_prefill_factor"] == pytest.approx(2.0) and load_cold_prefill(spread_path(out)) == pytest.approx(2.0)
     q = load_prefill_spread(spread_path(out))
     assert q is not None and q[-1] / q[0] == pytest.approx(1.0, abs=0.05)   # repeats only: no cold tail

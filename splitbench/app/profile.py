@@ -34,6 +34,8 @@ from splitbench.workload.types import Workload
 POINT_ATTEMPTS = 3   # a point whose tokens the client saw coalesced is measured again, at most this often
 MIN_TOGETHER_ITERS = 8   # a batch point's decode is timed over at least this many iterations with all b decoding
 SPREAD_MARGIN = 1.5       # tokens_to_decode_together: the first-token spread's iterations, half again
+COLD_PAIRS = 12           # (new prompt length, the same again) prefill pairs that measure cold_prefill_factor
+COLD_TOKENS = 8           # output tokens of each of their requests
 
 
 def _host_hardware(machine: str | None, hardware_file: str | None) -> str:
@@ -174,29 +176,48 @@ def iteration_sizes(p: int, b: int, budget: int = VLLM_CPU_CHUNK_TOKENS) -> set[
 
 
 class ColdPrefills:
-    """Which batch-1 prefills of a profile were the first of their prompt length on the instance (a prefill of a
-    new length takes longer: docs/sim-vs-live.md) and which repeated one, in plan order."""
+    """The prompt lengths a profile's iterations have prefilled, in plan order, and the batch-1 prefills that
+    repeated one (the prefill spread's samples: a new length's first prefill is slower, docs/sim-vs-live.md);
+    fresh() picks lengths none had, for the (new, again) pairs that measure how much slower."""
 
     def __init__(self) -> None:
         self.seen: set[int] = set()
-        self.cold_s: dict[int, float] = {}
         self.warm_s: dict[int, list[float]] = {}
 
     def add(self, k, p: int, b: int, prompt_time_s: float) -> None:
         sizes = iteration_sizes(p, b)
-        if b == 1 and k != "warmup":
-            if k == 0 and p not in self.cold_s and not sizes & self.seen:
-                self.cold_s[p] = prompt_time_s
-            elif k != 0:
-                self.warm_s.setdefault(p, []).append(prompt_time_s)
+        if b == 1 and k not in ("warmup", "cold") and sizes <= self.seen:
+            self.warm_s.setdefault(p, []).append(prompt_time_s)
         self.seen |= sizes
 
     def warm_pairs(self) -> list[tuple[int, float]]:
         return [(p, t) for p, ts in self.warm_s.items() for t in ts]
 
+    def fresh(self, lo: int, hi: int, n: int = COLD_PAIRS) -> list[int]:
+        """n prompt lengths from lo to hi (log-spaced, odd offsets) that no iteration has prefilled."""
+        out: list[int] = []
+        for x in np.geomspace(max(lo, 8), max(hi, lo + n), n):
+            p = int(x) | 1
+            while p in self.seen or p in out:
+                p += 2
+            out.append(p)
+        return out
+
+
+def _cold_pairs(session: RunSession, cold: ColdPrefills, index: int, model: str, hardware: str, tp: int,
+                lo: int, hi: int) -> tuple[list[tuple[int, float, float]], int]:
+    """For each fresh length: one lone prefill, then the same length again at once: (tokens, first s, again s)."""
+    pairs = []
+    for p in cold.fresh(lo, min(hi, VLLM_CPU_CHUNK_TOKENS)):
+        first, index, _, _ = _measure_point(session, ("cold", p, 1, COLD_TOKENS), index, model, hardware, tp)
+        again, index, _, _ = _measure_point(session, ("again", p, 1, COLD_TOKENS), index, model, hardware, tp)
+        cold.add("cold", p, 1, 0.0)
+        pairs.append((p, first["prompt_time"] / 1e3, again["prompt_time"] / 1e3))
+    return pairs, index
+
 
 def write_spread(out: str | os.PathLike, records: list, rows: list[dict], run_id: str,
-                 cold: ColdPrefills | None = None) -> dict | None:
+                 cold: ColdPrefills | None = None, pairs: list[tuple[int, float, float]] | None = None) -> dict | None:
     """The step spread of the batch-1 points (sim/spread.py) beside the profile CSV: their decode gaps, their
     prefills over the profile's own fit of the rows (the repeated lengths only, when `cold` tells them apart) and
     the cold-prefill factor; None (and no stale one left there) when too few tokens were timed."""
@@ -211,8 +232,7 @@ def write_spread(out: str | os.PathLike, records: list, rows: list[dict], run_id
         r0 = rows[0]
         fit = PerfModel(r0["model"], r0["hardware"], r0["tensor_parallel"], rows, source=str(out))
         spread.update(measure_prefill_spread(warm if len(warm) >= len(lone) // 2 else lone, fit.lone_prompt_s) or {})
-    if cold is not None:
-        spread.update(measure_cold_prefill(cold.cold_s, cold.warm_s) or {})
+    spread.update(measure_cold_prefill(pairs or []) or {})
     atomic_write_json(path, spread)
     return {**spread, "path": str(path)}
 
@@ -259,9 +279,11 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
                     alone.extend(recs)
                 on_status(f"prompt {p} batch {b} tokens {row['token_size']} (repeat {k + 1}): "
                           f"TTFT {row['prompt_time']:.1f} ms, TBT {row['token_time']:.2f} ms")
+        sizes = [p for p, _, _ in grid]
+        pairs, index = _cold_pairs(session, cold, index, model, hardware, tensor_parallel, min(sizes), max(sizes))
         session.meta.update(status="complete")
         session.write_meta()
-    spread = write_spread(out, alone, rows, session.meta["run_id"], cold)
+    spread = write_spread(out, alone, rows, session.meta["run_id"], cold, pairs)
     atomic_write_bytes(out, profile_csv_bytes(rows))
     meta = {"run_id": session.meta["run_id"], "kind": "profile", "out": str(out), "model": model,
             "hardware": hardware, "grid": grid, "repeats": int(repeats), "backend": session.meta["backend"],

@@ -17,7 +17,7 @@ SUFFIX = ".spread.json"   # tiny.csv -> tiny.spread.json
 QUANTILES = 400           # the table: the ratio at probabilities 0, 1/400, ..., 1
 MIN_GAPS = 100            # fewer measured gaps than this: no spread is written
 MIN_PREFILLS = 8          # fewer batch-1 prefills than this: no prefill spread
-MIN_COLD = 3              # fewer first-seen prompt lengths than this: no cold-prefill factor
+MIN_COLD = 3              # fewer (new length, same length again) prefill pairs than this: no cold factor
 
 
 def spread_path(profile_csv: str | os.PathLike) -> Path:
@@ -88,15 +88,14 @@ def load_spread(path: str | os.PathLike) -> tuple[float, ...]:
     return _table(doc.get("quantiles"), p, "quantiles")
 
 
-def measure_cold_prefill(cold_s: dict[int, float], warm_s: dict[int, list[float]]) -> dict | None:
-    """A prefill of a prompt length the instance has not prefilled before over one it has: the median over prompt
-    sizes of the first prefill's time (cold_s: size -> s) over the median of that size's later ones (warm_s). None
-    with fewer than MIN_COLD sizes measured both ways."""
-    ratios = {p: t / float(np.median(warm_s[p])) for p, t in cold_s.items() if warm_s.get(p) and t > 0}
+def measure_cold_prefill(pairs: list[tuple[int, float, float]]) -> dict | None:
+    """A prefill of a prompt length new to the instance over the same length's prefill right after: the median over
+    pairs (tokens, first s, again s). None with fewer than MIN_COLD pairs."""
+    ratios = [a / b for _, a, b in pairs if a > 0 and b > 0]
     if len(ratios) < MIN_COLD:
         return None
-    return {"cold_prefill_factor": float(np.median(list(ratios.values()))),
-            "cold_prefill_ratios": {str(p): round(x, 4) for p, x in sorted(ratios.items())}}
+    return {"cold_prefill_factor": float(np.median(ratios)),
+            "cold_prefill_pairs": [[p, round(a * 1e3, 3), round(b * 1e3, 3)] for p, a, b in pairs]}
 
 
 def load_cold_prefill(path: str | os.PathLike) -> float:
