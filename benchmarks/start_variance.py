@@ -8,6 +8,8 @@ alternation over --rounds rounds. Per instance start: the mean token gap. Then t
   common   how A's and B's round means move together (a host-wide speed change, not a start's own).
 
   python benchmarks/start_variance.py --starts 4 --json docs/data/start-variance.json
+--runs RUN...: no starts; the same lone-decode gap (no other request on the instance, prompt < 1024 tokens) per
+instance of live runs already made, to compare runs of one workload.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import statistics
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 from neighbour_factor import stream_gaps
 
 from splitbench.servers.launcher import DEFAULT_ENV, TINY_CPU_ARGS, VllmServer, free_port
@@ -68,6 +71,24 @@ def spreads(starts: list[dict]) -> dict:
             "between_pct": between, "common_corr": corr}
 
 
+def run_lone_gaps_ms(run: str) -> dict[str, list[float]]:
+    """Instance -> token gaps (ms) of a run's ok requests while nothing else ran on it, prompts under 1024 tokens."""
+    recs = [r for r in pq.read_table(f"{run}/records.parquet").to_pylist() if r["status"] == "ok"]
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for r in recs:
+        spans.setdefault(r["decode_instance"], []).append((r["actual_send_s"], r["last_token_s"]))
+    out: dict[str, list[float]] = {}
+    for r in recs:
+        if r["planned_input_tokens"] >= 1024:
+            continue
+        ts = r["actual_send_s"] + np.asarray(r["chunk_offsets_s"])
+        for a, b in zip(ts[:-1], ts[1:]):
+            m = (a + b) / 2
+            if sum(1 for x, y in spans[r["decode_instance"]] if x < m < y) == 1:
+                out.setdefault(r["decode_instance"], []).append((b - a) * 1e3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--starts", type=int, default=4)
@@ -77,7 +98,13 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--output-tokens", type=int, default=256)
     ap.add_argument("--json", default=None, help="also write the result here")
+    ap.add_argument("--runs", nargs="+", default=None, help="live run directories: their lone-decode gaps only")
     a = ap.parse_args()
+    if a.runs:
+        for run in a.runs:
+            print(run + ": " + "; ".join(f"{i}: median {np.median(g):.2f} ms, mean {np.mean(g):.2f} ms ({len(g)} gaps)"
+                                        for i, g in sorted(run_lone_gaps_ms(run).items())))
+        return 0
     cores = tuple(int(c) for c in a.cores.split(","))
     model = ensure_tiny_model()
     starts = []
