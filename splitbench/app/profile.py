@@ -280,7 +280,9 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
                 on_status(f"prompt {p} batch {b} tokens {row['token_size']} (repeat {k + 1}): "
                           f"TTFT {row['prompt_time']:.1f} ms, TBT {row['token_time']:.2f} ms")
         sizes = [p for p, _, _ in grid]
-        pairs, index = _cold_pairs(session, cold, index, model, hardware, tensor_parallel, min(sizes), max(sizes))
+        pairs = []   # one prompt size spans no range to draw new lengths from
+        if min(sizes) < max(sizes):
+            pairs, index = _cold_pairs(session, cold, index, model, hardware, tensor_parallel, min(sizes), max(sizes))
         session.meta.update(status="complete")
         session.write_meta()
     spread = write_spread(out, alone, rows, session.meta["run_id"], cold, pairs)
