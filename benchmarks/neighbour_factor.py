@@ -42,6 +42,25 @@ def stream_gaps(url: str, model: str, n_in: int, n_out: int, rng: random.Random)
     return list(np.diff(ts)) if len(ts) > 2 else []
 
 
+def start_all(servers: list[VllmServer], timeout_s: float = 300) -> None:
+    """Spawn the servers together and wait until every one answers /health."""
+    for s in servers:
+        s.spawn()
+    deadline = time.monotonic() + timeout_s
+    while not all(s.poll_ready() for s in servers):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the {len(servers)} vLLM instances were not healthy after {timeout_s:g} s")
+        time.sleep(0.5)
+
+
+def write_json(path: str | None, out: dict) -> None:
+    """The result as indented JSON at path (nothing when None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
+
+
 LOADS = {"mixed": (2, 512, 128), "prefill": (1, 2048, 1)}   # B's streams, prompt tokens, output tokens
 
 
@@ -109,23 +128,14 @@ def main() -> int:
     servers = [VllmServer(model, port=port, extra_args=list(args), env=dict(DEFAULT_ENV), **where)
                for port, where in zip((18431, 18432), place)]
     try:
-        for s in servers:
-            s.spawn()
-        deadline = time.monotonic() + 300
-        while not all(s.poll_ready() for s in servers):
-            if time.monotonic() > deadline:
-                raise SystemExit("the two vLLM instances were not healthy after 300 s")
-            time.sleep(0.5)
+        start_all(servers)
         out = measure(servers[0], servers[1], a.rounds, a.requests, a.load)
     finally:
         for s in servers:
             s.stop()
     print(f"neighbour_busy_factor {out['neighbour_busy_factor']:.3f} "
           f"(simulate --neighbour-busy-factor {out['neighbour_busy_factor']:.2f})")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
+    write_json(a.json, out)
     return 0
 
 

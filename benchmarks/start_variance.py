@@ -14,14 +14,13 @@ instance of live runs already made, to compare runs of one workload.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 
 import numpy as np
 import pyarrow.parquet as pq
-from neighbour_factor import stream_gaps
+from neighbour_factor import start_all, stream_gaps, write_json
 
 from splitbench.servers.launcher import DEFAULT_ENV, TINY_CPU_ARGS, VllmServer, free_port
 from splitbench.servers.tiny_model import ensure_tiny_model
@@ -34,13 +33,7 @@ def one_start(model: str, cores: tuple[int, int], rounds: int, requests: int, n_
                           env=dict(DEFAULT_ENV)) for c in cores]
     rng = random.Random(seed)
     try:
-        for s in servers:
-            s.spawn()
-        deadline = time.monotonic() + 300
-        while not all(s.poll_ready() for s in servers):
-            if time.monotonic() > deadline:
-                raise SystemExit("the two vLLM instances were not healthy after 300 s")
-            time.sleep(0.5)
+        start_all(servers)
         for s in servers:   # the first requests after a start are slow
             for _ in range(3):
                 stream_gaps(s.url, s.model_name, n_in, 64, rng)
@@ -122,10 +115,7 @@ def main() -> int:
     print(f"grand mean {out['grand_mean_gap_ms']:.2f} ms; within a start {out['within_pct']:.1f}%; "
           f"between starts {between}; A-B correlation of round means "
           f"{'n/a' if out['common_corr'] is None else format(out['common_corr'], '.2f')}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
+    write_json(a.json, out)
     return 0
 
 
