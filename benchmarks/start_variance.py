@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
+from decode_stalls import lone_gaps
 from neighbour_factor import start_all, stream_gaps, write_json
 
 from splitbench.servers.launcher import DEFAULT_ENV, TINY_CPU_ARGS, VllmServer, free_port
@@ -64,22 +65,10 @@ def spreads(starts: list[dict]) -> dict:
             "between_pct": between, "common_corr": corr}
 
 
-def run_lone_gaps_ms(run: str) -> dict[str, list[float]]:
+def run_lone_gaps_ms(run: str) -> dict[str, np.ndarray]:
     """Instance -> token gaps (ms) of a run's ok requests while nothing else ran on it, prompts under 1024 tokens."""
     recs = [r for r in pq.read_table(f"{run}/records.parquet").to_pylist() if r["status"] == "ok"]
-    spans: dict[str, list[tuple[float, float]]] = {}
-    for r in recs:
-        spans.setdefault(r["decode_instance"], []).append((r["actual_send_s"], r["last_token_s"]))
-    out: dict[str, list[float]] = {}
-    for r in recs:
-        if r["planned_input_tokens"] >= 1024:
-            continue
-        ts = r["actual_send_s"] + np.asarray(r["chunk_offsets_s"])
-        for a, b in zip(ts[:-1], ts[1:]):
-            m = (a + b) / 2
-            if sum(1 for x, y in spans[r["decode_instance"]] if x < m < y) == 1:
-                out.setdefault(r["decode_instance"], []).append((b - a) * 1e3)
-    return out
+    return {k: (g[:, 1] - g[:, 0]) * 1e3 for k, g in lone_gaps(recs, max_prompt_tokens=1024).items()}
 
 
 def main() -> int:
