@@ -231,6 +231,7 @@ def write_spread(out: str | os.PathLike, records: list, rows: list[dict], run_id
     if lone:
         r0 = rows[0]
         fit = PerfModel(r0["model"], r0["hardware"], r0["tensor_parallel"], rows, source=str(out))
+        # repeated lengths only, unless a profile of few repeats has too few of them: then every lone prefill
         spread.update(measure_prefill_spread(warm if len(warm) >= len(lone) // 2 else lone, fit.lone_prompt_s) or {})
     spread.update(measure_cold_prefill(pairs or []) or {})
     atomic_write_json(path, spread)

@@ -16,6 +16,7 @@ def ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+LOWEST_PORT = 11024         # below the ephemeral range, picks start here (clear of the well-known and common ports)
 _HANDED: set[int] = set()   # ports this process handed out: never the same one twice
 
 
@@ -24,7 +25,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     another process takes it before its server binds it (a NIXL side channel binds ~60 s after the pick).
     Falls back to the OS's pick when no such port binds."""
     lo, hi = ephemeral_range()
-    span = [(1024 + 10000, lo)] if lo > 11024 else []
+    span = [(LOWEST_PORT, lo)] if lo > LOWEST_PORT else []
     span += [(hi + 1, 65536)] if hi < 65000 else []
     rng = random.Random()
     for _ in range(200 if span else 0):
