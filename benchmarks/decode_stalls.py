@@ -2,7 +2,10 @@
 their instance's median, against the events that could cause them: a request sent, a first token, a request
 ended (anywhere in the cluster) and the run's own /metrics scrapes of that instance.
 
-  python benchmarks/decode_stalls.py results/live-base3 [results/other ...]
+  python benchmarks/decode_stalls.py results/live-base3 [results/other ...] [--windows 20]
+
+--windows S: also each instance's mean lone gap per S seconds of the run (windows with 50 gaps or more), and the
+correlation between two instances' windows: near 1 when the whole host slows, near 0 for one core's own spells.
 """
 from __future__ import annotations
 
@@ -61,11 +64,39 @@ def report(run: Path) -> None:
         print("\n  ".join(line))
 
 
+def windows(run: Path, window_s: float) -> None:
+    """Each instance's mean lone gap per window_s of the run, and the correlation of two instances' windows."""
+    recs = [r for r in pq.read_table(run / "records.parquet").to_pylist() if r["status"] == "ok"]
+    gaps = lone_gaps(recs)
+    insts = sorted(gaps)
+    end_s = max(float(g[:, 1].max()) for g in gaps.values())
+    rows = []
+    for k in range(int(end_s // window_s) + 1):
+        row = []
+        for inst in insts:
+            g = gaps[inst]
+            ms = (g[:, 1] - g[:, 0])[(g[:, 0] >= k * window_s) & (g[:, 0] < (k + 1) * window_s)] * 1e3
+            row.append(float(ms.mean()) if len(ms) >= 50 else float("nan"))
+        rows.append(row)
+        print(f"{run.name} t {k * window_s:5.0f} s: " + "  ".join(f"{i} {x:5.2f} ms" for i, x in zip(insts, row)))
+    full = np.array([r for r in rows if not np.isnan(r).any()])
+    if len(insts) == 2 and len(full) >= 3:
+        print(f"{run.name}: correlation of the two instances' windows {np.corrcoef(full[:, 0], full[:, 1])[0, 1]:.2f} "
+              f"over {len(full)} windows")
+
+
 def main() -> int:
-    if len(sys.argv) < 2:
+    args = sys.argv[1:]
+    window_s = None
+    if "--windows" in args:
+        i = args.index("--windows")
+        window_s, args = float(args[i + 1]), args[:i] + args[i + 2:]
+    if not args:
         raise SystemExit(__doc__)
-    for run in sys.argv[1:]:
+    for run in args:
         report(Path(run))
+        if window_s:
+            windows(Path(run), window_s)
     return 0
 
 

@@ -15,6 +15,9 @@ one, prefill), and the prompt machine chunks prompts as a vLLM V1 instance does 
 leave these out).
 --cold-prefills: a prefill of a token count new to its machine takes the profile's cold_prefill_factor (written
 into X.spread.json by `splitbench profile`: a prompt length's first prefill over its repeats) x its time.
+--request-spread: each machine's decode iterations take a factor drawn from X.spread.json's request quantiles (a
+batch-1 profile request's mean gap over the fit: a shared host runs whole requests slower or faster), a new draw
+once one has held request_spread_s (the profile requests' median decode time).
 --neighbour-busy-factor F.json (benchmarks/neighbour_factor.py, measured once on the host, not from the live runs)
 slows a decode-only iteration while another instance of the host is busy: the instances share one VM's caches and
 memory.
@@ -118,8 +121,11 @@ def pooled_profile(paths: list[str], out_dir: Path, name: str) -> str | None:
                + ", ".join(str(spread_path(p)) for p in paths), "quantiles": mean("quantiles")}
         if all("prefill_quantiles" in sp for sp in spreads):
             doc["prefill_quantiles"] = mean("prefill_quantiles")
-        if all("cold_prefill_factor" in sp for sp in spreads):
-            doc["cold_prefill_factor"] = sum(sp["cold_prefill_factor"] for sp in spreads) / len(spreads)
+        for key in ("cold_prefill_factor", "request_spread_s"):
+            if all(key in sp for sp in spreads):
+                doc[key] = sum(sp[key] for sp in spreads) / len(spreads)
+        if all("request_quantiles" in sp for sp in spreads):
+            doc["request_quantiles"] = mean("request_quantiles")
         spread_path(csv).write_text(json.dumps(doc))
     else:
         spread_path(csv).unlink(missing_ok=True)
@@ -185,7 +191,8 @@ def simulate_live(a, live: Path) -> list[tuple]:
             policy=b.get("policy") or "jsq", max_prompt_batch_tokens=2048, max_decode_batch=a.max_decode_batch,
             first_token=first, kv_transfer="serialized", link_gbps=link, reference_machine=None, step_spread=spread,
             prompt_chunked_prefill=not a.whole_prompts, neighbour_busy_factor=a.neighbour_busy_factor,
-            cold_prefills=a.cold_prefills and spread is not None, results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
+            cold_prefills=a.cold_prefills and spread is not None,
+            request_spread=a.request_spread and spread is not None, results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
         sim_recs = R.read_records(sim_dir)
         print(f"{live.name} [{variant}]: cluster {spec}, {len(live_recs)} live / {len(sim_recs)} simulated "
               f"requests; decode step spread: {spread or 'none'}; simulated run: {sim_dir}")
@@ -225,6 +232,8 @@ def main() -> int:
                     "profile's times, ignoring the X.spread.json beside each profile")
     ap.add_argument("--cold-prefills", action="store_true", help="prefills of a token count new to a machine take "
                     "the step spread's cold_prefill_factor x their time (`simulate --cold-prefills`)")
+    ap.add_argument("--request-spread", action="store_true", help="each machine's decode x a draw from the step "
+                    "spread's request quantiles, held request_spread_s (`simulate --request-spread`)")
     ap.add_argument("--neighbour-busy-factor", default="1", metavar="X|FILE",
                     help="decode-only iterations x X while another instance of the host is busy: a number, or the "
                          "JSON of benchmarks/neighbour_factor.py measured on this host [1: none]")

@@ -79,6 +79,19 @@ def test_simulate_reads_other_files_with_columns(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_request_spread_needs_a_step_spread_with_request_quantiles_exit_2_and_no_run_left(tmp_path):
+    p = _cli("simulate", "--cluster", "splitwise-aa:1,1", "--trace", SYNTH, "--results", str(tmp_path),
+             "--run-id", "c", "--request-spread")
+    assert p.returncode == 2 and p.stderr.strip() == ("error: --request-spread needs --step-spread (the spread file "
+                                                      "holds the measured quantiles)")
+    old = tmp_path / "old.spread.json"
+    old.write_text(json.dumps({"quantiles": [0.5, 1.5]}))
+    p = _cli("simulate", "--cluster", "splitwise-aa:1,1", "--trace", SYNTH, "--results", str(tmp_path),
+             "--run-id", "c", "--request-spread", "--step-spread", str(old))
+    assert p.returncode == 2 and "request_quantiles" in p.stderr and str(old) in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+
+
 def test_cold_prefills_needs_a_step_spread_one_line_exit_2_and_no_run_left(tmp_path):
     p = _cli("simulate", "--cluster", "splitwise-aa:1,1", "--trace", SYNTH, "--results", str(tmp_path),
              "--run-id", "c", "--cold-prefills")

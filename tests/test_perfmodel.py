@@ -445,6 +445,10 @@ def test_profile_tiny_model_on_vllm(tmp_path):
     assert len(pairs) == 12 and not {p for p, _, _ in pairs} & {32, 512, 2048} and all(a > 0 and b > 0 for _, a, b in pairs)
     assert spread["cold_prefill_factor"] == pytest.approx(float(np.median([a / b for _, a, b in pairs])), rel=1e-3)
     assert (tmp_path / "r" / meta["run_id"] / "points" / f"p{pairs[0][0]}-b1-t8-ragain").is_dir()
+    assert "request_quantiles" not in spread   # 3 batch-1 requests: too few for a request spread
+    # its prompts are none of a default run's (seed 0), which the server's prefix cache would serve in part
+    run_meta = json.loads((tmp_path / "r" / meta["run_id"] / "run.json").read_text())
+    assert run_meta["options"]["seed"] not in (0, None)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps   # the server it started is gone
 

@@ -18,11 +18,14 @@ from splitbench.sim.config import SimConfig, SimPool
 from splitbench.sim.spread import (
     MIN_GAPS,
     MIN_PREFILLS,
+    MIN_REQUESTS,
     load_cold_prefill,
     load_prefill_spread,
+    load_request_spread,
     load_spread,
     measure_cold_prefill,
     measure_prefill_spread,
+    measure_request_spread,
     measure_spread,
     spread_path,
     unit_mean,
@@ -230,3 +233,75 @@ def test_write_spread_writes_the_cold_factor_and_times_only_repeats_for_the_pref
     assert str(f) in str(e.value)
     f.write_text(json.dumps({"quantiles": [0.5, 1.5]}))
     assert load_cold_prefill(f) == 1.0
+
+
+# ----------------------------------------------------------------------------- request spread
+
+def test_request_spread_is_each_requests_mean_gap_over_the_fits_and_keeps_its_mean():
+    # the fit says 5 ms a token at 32 prompt tokens; one request in eight ran at 2x for its whole decode
+    factors = [1.0] * 7 + [2.0]
+    recs = [rec([0.005 * f] * 50, i) for i, f in enumerate(factors)]
+    asked = []
+
+    def pred(p, n):
+        asked.append((p, n))
+        return 0.005
+    s = measure_request_spread(recs, pred)
+    assert asked[0] == (32, 51)   # prompt tokens, output tokens of each request
+    assert s["requests_timed"] == 8 and s["request_mean"] == pytest.approx(1.125)
+    assert s["request_p50"] == pytest.approx(1.0) and s["request_spread_s"] == pytest.approx(0.25)
+    q = s["request_quantiles"]
+    assert q[0] == pytest.approx(1.0) and q[-1] == pytest.approx(2.0) and q == sorted(q)   # not scaled to mean 1
+    assert measure_request_spread(recs[:MIN_REQUESTS - 1], pred) is None
+
+
+def test_write_spread_adds_the_request_spread_over_the_profiles_own_fit(tmp_path):
+    out = tmp_path / "tiny.csv"
+    rows = [{"model": "m", "hardware": "cpu-core", "tensor_parallel": 1, "prompt_size": 32, "batch_size": 1,
+             "token_size": 51, "prompt_time": 10.0, "token_time": 5.0, "e2e_time": 10.0 + 50 * 5.0}] * 4
+    recs = [rec([0.005 * (1.5 if i % 4 == 0 else 1.0)] * 50, i) for i in range(12)]
+    got = write_spread(out, recs, rows, "p1")
+    assert got["requests_timed"] == 12 and got["request_mean"] == pytest.approx(1 + 0.5 / 4, rel=0.02)
+    q, span_s = load_request_spread(spread_path(out))
+    assert q[-1] == pytest.approx(1.5, rel=0.02) and span_s == pytest.approx(0.25)
+
+
+def test_load_request_spread_names_the_missing_or_bad_field(tmp_path):
+    f = tmp_path / "x.spread.json"
+    f.write_text(json.dumps({"quantiles": [0.5, 1.5]}))   # a profile from before the request spread
+    with pytest.raises(InputError, match="request_quantiles") as e:
+        load_request_spread(f)
+    assert str(f) in str(e.value)
+    f.write_text(json.dumps({"quantiles": [0.5, 1.5], "request_quantiles": [1.0, 2.0], "request_spread_s": 0}))
+    with pytest.raises(InputError, match="request_spread_s must be a finite number > 0"):
+        load_request_spread(f)
+    f.write_text(json.dumps({"quantiles": [0.5, 1.5], "request_quantiles": [2.0, 1.0], "request_spread_s": 1}))
+    with pytest.raises(InputError, match="must not decrease"):
+        load_request_spread(f)
+
+
+def request_cfg(q, span_s, **kw):
+    return SimConfig(pools=[SimPool("baseline", "m", 1)], request_spread=tuple(q), request_spread_s=span_s, **kw)
+
+
+def test_a_machine_holds_its_request_factor_for_the_span_then_draws_again():
+    w = wl([0.0], [100], [400])
+    exact = run(w, SimConfig(pools=[SimPool("baseline", "m", 1)])).records[0]
+    double = run(w, request_cfg([2.0, 2.0], 0.05)).records[0]
+    assert double.first_token_s == pytest.approx(exact.first_token_s)   # prefills keep their own spread
+    assert double.end_s - double.first_token_s == pytest.approx(2 * (exact.end_s - exact.first_token_s))
+    r = run(w, request_cfg([1.0, 3.0], 0.2, seed=5)).records[0]
+    offs = np.asarray(r.chunk_offsets_s)
+    factors = np.diff(offs) / np.array([PERF.token_time_s(1, 101 + j) for j in range(399)])
+    changes = np.flatnonzero(np.abs(np.diff(factors)) > 1e-9) + 1   # gaps where a new draw starts
+    assert 3 <= len(changes) and factors.min() >= 1.0 - 1e-9 and factors.max() <= 3.0 + 1e-9
+    held_s = np.diff(offs[np.concatenate(([0], changes))])
+    assert held_s.min() >= 0.2 - 1e-9   # each draw held for the span (its last iteration may end past it)
+    assert run(w, request_cfg([1.0, 3.0], 0.2, seed=5)).records[0].chunk_offsets_s == r.chunk_offsets_s
+
+
+def test_bad_request_spread_in_a_config_is_an_input_error():
+    with pytest.raises(InputError, match="request_spread_s"):
+        run(wl([0.0], [10], [5]), request_cfg([1.0, 2.0], 0.0))
+    with pytest.raises(InputError, match="request_spread"):
+        run(wl([0.0], [10], [5]), request_cfg([2.0, 1.0], 1.0))

@@ -3,6 +3,7 @@ a profile CSV of SplitwiseSim's format, which the simulator reads like the publi
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,14 +29,24 @@ from splitbench.sim.profiles import (
     profile_hardware_name,
 )
 from splitbench.sim.perfmodel import VLLM_CPU_CHUNK_TOKENS, PerfModel
-from splitbench.sim.spread import measure_cold_prefill, measure_prefill_spread, measure_spread, spread_path
+from splitbench.sim.spread import (measure_cold_prefill, measure_prefill_spread, measure_request_spread, measure_spread,
+                                   spread_path)
 from splitbench.workload.types import Workload
 
 POINT_ATTEMPTS = 3   # a point whose tokens the client saw coalesced is measured again, at most this often
 MIN_TOGETHER_ITERS = 8   # a batch point's decode is timed over at least this many iterations with all b decoding
+SPREAD_SUMMARY = ("path", "requests", "gaps", "p50", "p90", "p99", "prefills", "prefill_p50", "prefill_p90",
+                  "cold_prefill_factor", "request_mean", "request_p90", "request_spread_s")   # profile.json's
 SPREAD_MARGIN = 1.5       # tokens_to_decode_together: the first-token spread's iterations, half again
 COLD_PAIRS = 12           # (new prompt length, the same again) prefill pairs that measure cold_prefill_factor
 COLD_TOKENS = 8           # output tokens of each of their requests
+
+
+def fresh_prompt_seed() -> int:
+    """A new prompt seed for each profile: its prompts are then none of a run's (seed 0 unless --seed) nor an earlier
+    profile's, which a server's prefix cache would serve in part (a run after a profile of its server found 29% of
+    its prompt tokens cached: docs/sim-vs-live.md). The seed is kept in the profile run's run.json."""
+    return secrets.randbelow(2 ** 31 - 1) + 1
 
 
 def _host_hardware(machine: str | None, hardware_file: str | None) -> str:
@@ -233,6 +244,7 @@ def write_spread(out: str | os.PathLike, records: list, rows: list[dict], run_id
         fit = PerfModel(r0["model"], r0["hardware"], r0["tensor_parallel"], rows, source=str(out))
         # repeated lengths only, unless a profile of few repeats has too few of them: then every lone prefill
         spread.update(measure_prefill_spread(warm if len(warm) >= len(lone) // 2 else lone, fit.lone_prompt_s) or {})
+        spread.update(measure_request_spread(records, lambda p, n: fit.token_time_s(1, p + n // 2)) or {})
     spread.update(measure_cold_prefill(pairs or []) or {})
     atomic_write_json(path, spread)
     return {**spread, "path": str(path)}
@@ -251,7 +263,8 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
         raise InputError(f"--repeats must be >= 1, got {repeats}")
     hardware = _host_hardware(machine, hardware_file)
     opts = RunOptions(trace="profile", rate_scale=1.0, backend=backend_name, backend_options=backend_options,
-                      results_dir=str(results_dir), hardware_file=hardware_file, machine=machine)
+                      results_dir=str(results_dir), hardware_file=hardware_file, machine=machine,
+                      seed=fresh_prompt_seed())
     plan, rows, index, started = _plan(grid, int(repeats)), [], 0, time.monotonic()
     notes: list[dict] = []
     alone: list = []
@@ -291,8 +304,7 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
     meta = {"run_id": session.meta["run_id"], "kind": "profile", "out": str(out), "model": model,
             "hardware": hardware, "grid": grid, "repeats": int(repeats), "backend": session.meta["backend"],
             "wall_s": time.monotonic() - started, "point_notes": notes,
-            "spread": spread and {k: spread[k] for k in ("path", "requests", "gaps", "p50", "p90", "p99", "prefills",
-                                                         "prefill_p50", "prefill_p90", "cold_prefill_factor") if k in spread},
+            "spread": spread and {k: spread[k] for k in SPREAD_SUMMARY if k in spread},
             "versions": package_versions(), "host": host_info()}
     atomic_write_json(session.run_dir / "profile.json", meta)
     return {**meta, "rows": len(rows), "run_dir": str(session.run_dir)}

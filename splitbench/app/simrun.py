@@ -23,7 +23,7 @@ from splitbench.sim.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, SimConfig, Sim
 from splitbench.sim.perfmodel import get_perf_model, load_profiles
 from splitbench.sim.profiles import find_profile, profile_hardware_name
 from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
-from splitbench.sim.spread import load_cold_prefill, load_prefill_spread, load_spread
+from splitbench.sim.spread import load_cold_prefill, load_prefill_spread, load_request_spread, load_spread
 from splitbench.workload.load import load
 from splitbench.workload.types import Workload
 
@@ -121,7 +121,8 @@ def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_to
                batching: str = "chunked", max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                prefix_cache: bool = True, step_spread: tuple[float, ...] | None = None,
                prompt_chunked_prefill: bool = False, neighbour_busy_factor: float = 1.0,
-               prefill_spread: tuple[float, ...] | None = None, cold_prefill_factor: float = 1.0):
+               prefill_spread: tuple[float, ...] | None = None, cold_prefill_factor: float = 1.0,
+               request_spread: tuple[tuple[float, ...], float] | None = None):
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
                               max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
                               max_decode_batch=max_decode_batch, first_token=first_token, batching=batching,
@@ -129,6 +130,8 @@ def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_to
                               step_spread=step_spread, prompt_chunked_prefill=prompt_chunked_prefill,
                               neighbour_busy_factor=neighbour_busy_factor, prefill_spread=prefill_spread,
                               cold_prefill_factor=cold_prefill_factor)
+    if request_spread is not None:
+        kw["request_spread"], kw["request_spread_s"] = request_spread
     if link_gbps is not None:
         kw["link_bytes_per_s"] = link_gbps * 1e9 / 8
     if layers is not None:
@@ -166,7 +169,8 @@ PHYSICAL_ONLY = (("first_token", "prefill", "--first-token"), ("kv_transfer", "l
                  ("kv_capacity_tokens", None, "--kv-capacity-tokens"), ("model_dir", None, "--model-dir"),
                  ("max_prompt_batch_tokens", 2048, "--max-prompt-batch-tokens"), ("step_spread", None, "--step-spread"),
                  ("prompt_chunked_prefill", False, "--prompt-chunked-prefill"),
-                 ("neighbour_busy_factor", 1.0, "--neighbour-busy-factor"), ("cold_prefills", False, "--cold-prefills"))
+                 ("neighbour_busy_factor", 1.0, "--neighbour-busy-factor"), ("cold_prefills", False, "--cold-prefills"),
+                 ("request_spread", False, "--request-spread"))
 COMPAT_ONLY = (("max_batch_size", 512, "--max-batch-size"), ("max_batch_tokens", 2048, "--max-batch-tokens"),
                ("max_preemptions", 4, "--max-preemptions"),
                ("transfer_bandwidth_gib_per_s", 200.0, "--transfer-bandwidth-gib-per-s"))
@@ -179,6 +183,15 @@ def cold_factor(opts) -> float:
     if not opts.step_spread:
         raise InputError("--cold-prefills needs --step-spread (the spread file holds the measured factor)")
     return load_cold_prefill(opts.step_spread)
+
+
+def request_spread(opts) -> tuple[tuple[float, ...], float] | None:
+    """--request-spread: the request quantiles and request_spread_s of the --step-spread file."""
+    if not opts.request_spread:
+        return None
+    if not opts.step_spread:
+        raise InputError("--request-spread needs --step-spread (the spread file holds the measured quantiles)")
+    return load_request_spread(opts.step_spread)
 
 
 def check_perf_model(opts) -> str:
@@ -224,6 +237,7 @@ class SimOptions:
     step_spread: str | None = None          # a decode step spread file (sim/spread.py; `profile` writes X.spread.json)
     neighbour_busy_factor: float = 1.0      # machines sharing a host: decode-only iterations x this while one is busy
     cold_prefills: bool = False             # prefills of a token count new to a machine x the spread's cold factor
+    request_spread: bool = False            # each machine's decode x a draw from the spread's request quantiles
     kv_transfer: str = "layerwise"
     link_gbps: float | None = None
     kv_capacity_tokens: int | None = None
@@ -265,7 +279,7 @@ def _physical(workload: Workload, pools: list, opts: SimOptions) -> dict:
                      max_num_batched_tokens=opts.max_num_batched_tokens, prefix_cache=opts.prefix_cache,
                      step_spread=load_spread(opts.step_spread) if opts.step_spread else None,
                      prefill_spread=load_prefill_spread(opts.step_spread) if opts.step_spread else None,
-                     cold_prefill_factor=cold_factor(opts),
+                     cold_prefill_factor=cold_factor(opts), request_spread=request_spread(opts),
                      prompt_chunked_prefill=opts.prompt_chunked_prefill,
                      neighbour_busy_factor=opts.neighbour_busy_factor)
     t = time.perf_counter()

@@ -136,6 +136,8 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
                "prefills") if "prefills" in sp else ""
         if "cold_prefill_factor" in sp:
             pre += f"; a new prompt length's prefill x{sp['cold_prefill_factor']:.2f}"
+        if "request_mean" in sp:
+            pre += f"; a request's mean gap / fit: mean {sp['request_mean']:.2f}, p90 {sp['request_p90']:.2f}"
         console.print(f"step spread written to {sp['path']}: decode step / mean p50 {sp['p50']:.2f}, p90 "
                       f"{sp['p90']:.2f}, p99 {sp['p99']:.2f} over {sp['gaps']} tokens{pre} (simulate --step-spread)",
                       markup=False, highlight=False)
@@ -169,6 +171,9 @@ VLLM_LIKE = (
     Opt("cold_prefills", bool, "A prefill iteration of a token count the machine has not run before takes the "
         "--step-spread file's cold_prefill_factor x its time (`profile` measures it; vLLM on CPU prepares its "
         "kernels per new shape)."),
+    Opt("request_spread", bool, "Each machine's decode iterations take a factor drawn from the --step-spread "
+        "file's request quantiles (how whole requests ran over the profile's fit, `profile` measures them: a shared "
+        "host's speed changes for seconds), a new draw once one has held request_spread_s."),
 )
 
 

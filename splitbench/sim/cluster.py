@@ -35,9 +35,8 @@ class SimCluster:
     decodes first, FCFS prefill chunks under max_num_batched_tokens, KV reserved at admission); "prompt-first":
     as described here. Prompt and token machines are the same in both; cfg.prompt_chunked_prefill makes prompt
     machines chunk too. cfg.step_spread: every decode-only iteration is its own run, its time the profile's x a
-    seeded draw from the measured spread (spread_factor), so the records carry each token's gap (prefill_spread: the
-    same for iterations with prompt tokens; x cfg.cold_prefill_factor for a token count new to the machine);
-    cfg.neighbour_busy_factor multiplies it while another machine is busy."""
+    seeded draw (spread_factor; prefill_spread for iterations with prompt tokens, x cfg.cold_prefill_factor for a
+    new token count), x the machine's request_spread draw, x cfg.neighbour_busy_factor while another is busy."""
     w: Any
     cfg: SimConfig
     machines: list[SimMachine]
@@ -63,6 +62,8 @@ class SimCluster:
     _block: int
     _spread: list[float] | None
     pspread: list[float] | None
+    _rs: list[float] | None
+    _rs_s: float
     cold: float
     _rng: random.Random
     _nb: float
@@ -108,12 +109,12 @@ class SimCluster:
         self._ti = workload.trace_index.tolist()
         self._hashes = workload.prefix_hashes if cfg.prefix_cache else None
         self._block = max(1, int(workload.block_tokens or 1))
-        self._spread = list(cfg.step_spread) if cfg.step_spread else None
-        self.pspread = list(cfg.prefill_spread) if cfg.prefill_spread else None
+        self._spread, self.pspread, self._rs = [list(q) if q else None for q in
+                                                (cfg.step_spread, cfg.prefill_spread, cfg.request_spread)]
+        self._rs_s, self._nb, self.cold = (float(x) for x in (cfg.request_spread_s, cfg.neighbour_busy_factor,
+                                                              cfg.cold_prefill_factor))
         self._rng = random.Random(cfg.seed)
-        self._nb = float(cfg.neighbour_busy_factor)
-        self.cold = float(cfg.cold_prefill_factor)
-        self._per_step = self._spread is not None or self._nb != 1.0   # decode-only iterations one at a time
+        self._per_step = self._spread is not None or self._rs is not None or self._nb != 1.0   # one at a time
 
     def run(self) -> SimResult:
         if self._arr:
@@ -327,6 +328,7 @@ class SimCluster:
         t = m.perf.token_time_s(m.b, m.ctx)
         if self._spread is not None:
             t *= self.spread_factor(self._spread)
+        t *= m.host_factor(now, self._rs_s, self._rs, self.spread_factor)
         if self._nb != 1.0 and self.neighbour_busy(m):
             t *= self._nb
         m.run_k, m.run_end = 1, now + t

@@ -83,6 +83,11 @@ class SimConfig:
     # prepares its kernels per new shape; `splitbench profile` measures it: sim/spread.py measure_cold_prefill).
     # 1.0: every length costs the same
     cold_prefill_factor: float = 1.0
+    # how a request as a whole runs slower or faster than the profile's fit on a shared host (sim/spread.py
+    # measure_request_spread: quantiles, not scaled to mean 1): each machine draws a factor for request_spread_s at
+    # its first decode iteration after the last draw ran out; every decode-only iteration takes it. None: no factor
+    request_spread: tuple[float, ...] | None = None
+    request_spread_s: float = 1.0
 
 
 class SimResult:
@@ -145,13 +150,16 @@ def validate_config(cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens:
                          column="mixed_max_consecutive_prompt_iterations")
     if kv_bytes_per_token < 0:
         raise InputError("kv_bytes_per_token must be >= 0", column="kv_bytes_per_token")
-    for name in ("step_spread", "prefill_spread"):
+    for name in ("step_spread", "prefill_spread", "request_spread"):
         q = getattr(cfg, name)
         if q is not None and (len(q) < 2 or any(b < a for a, b in zip(q, q[1:])) or q[0] < 0 or not q[-1] > 0):
             raise InputError(f"{name} must be at least 2 non-decreasing quantiles >= 0, not all 0", column=name)
     if not (0 < cfg.cold_prefill_factor < float("inf")):
         raise InputError(f"cold_prefill_factor must be a finite number > 0, got {cfg.cold_prefill_factor}",
                          column="cold_prefill_factor")
+    if not (0 < cfg.request_spread_s < float("inf")):
+        raise InputError(f"request_spread_s must be a finite number > 0, got {cfg.request_spread_s}",
+                         column="request_spread_s")
     if not (0 < cfg.neighbour_busy_factor < float("inf")):
         raise InputError(f"neighbour_busy_factor must be a finite number > 0, got {cfg.neighbour_busy_factor}",
                          column="neighbour_busy_factor")

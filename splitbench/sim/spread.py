@@ -1,6 +1,7 @@
 """Step spread: how much one iteration's time varies on a measured host (OS noise, the server's frontend, the host's
-speed), as quantiles: decode gaps over their request's mean gap, lone prefills over the profile's fit. `splitbench
-profile` writes it beside the profile CSV; `simulate --step-spread` draws every iteration's factor from it."""
+speed), as quantiles: decode gaps over their request's mean gap, lone prefills over the profile's fit, and whole
+requests' mean gaps over the fit. `splitbench profile` writes it beside the profile CSV; `simulate --step-spread`
+draws every iteration's factor from it (and `--request-spread` a machine's factor for a request's time)."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ QUANTILES = 400           # the table: the ratio at probabilities 0, 1/400, ...,
 MIN_GAPS = 100            # fewer measured gaps than this: no spread is written
 MIN_PREFILLS = 8          # fewer batch-1 prefills than this: no prefill spread
 MIN_COLD = 3              # fewer (new length, same length again) prefill pairs than this: no cold factor
+MIN_REQUESTS = 8          # fewer batch-1 requests of 2+ gaps than this: no request spread
 
 
 def spread_path(profile_csv: str | os.PathLike) -> Path:
@@ -65,6 +67,40 @@ def measure_prefill_spread(prefills: list[tuple[int, float]], lone_prompt_s) -> 
     table = unit_mean(np.quantile(x, np.linspace(0.0, 1.0, QUANTILES + 1)))
     return {"prefills": len(x), "prefill_p50": float(np.percentile(x, 50)), "prefill_p90": float(np.percentile(x, 90)),
             "prefill_quantiles": [round(v, 6) for v in table]}
+
+
+def measure_request_spread(records, predicted_gap_s) -> dict | None:
+    """Each batch-1 request's mean decode gap over predicted_gap_s(prompt tokens, output tokens), the profile fit's
+    mean gap for it: how a request as a whole runs slower or faster than the fit of medians says (a shared host's
+    speed changes for a second or more at a time). Quantiles NOT scaled to mean 1: their mean is the host's average
+    over the fit. request_spread_s: the requests' median decode time, how long one draw holds in the simulator."""
+    x, spans = [], []
+    for r in records:
+        gaps = tbt_gaps_s(r)
+        pred = predicted_gap_s(r.actual_input_tokens or r.planned_input_tokens, len(gaps) + 1) if len(gaps) >= 2 else 0
+        if pred > 0:
+            x.append(sum(gaps) / len(gaps) / pred)
+            spans.append(sum(gaps))
+    if len(x) < MIN_REQUESTS:
+        return None
+    a = np.asarray(x)
+    return {"requests_timed": len(x), "request_mean": float(a.mean()), "request_p50": float(np.percentile(a, 50)),
+            "request_p90": float(np.percentile(a, 90)), "request_spread_s": float(np.median(spans)),
+            "request_quantiles": [round(float(v), 6) for v in np.quantile(a, np.linspace(0.0, 1.0, QUANTILES + 1))]}
+
+
+def load_request_spread(path: str | os.PathLike) -> tuple[tuple[float, ...], float]:
+    """The request quantile table (as measured, not scaled) and request_spread_s of a spread file; one-line
+    InputError where it has none (a profile measured before splitbench wrote them: measure it again)."""
+    p, doc = _read(path)
+    if "request_quantiles" not in doc:
+        raise InputError("has no request_quantiles (written by `splitbench profile` since the request spread was "
+                         "added: profile again)", file=p, column="request_quantiles")
+    span = doc.get("request_spread_s")
+    if isinstance(span, bool) or not isinstance(span, (int, float)) or not math.isfinite(span) or span <= 0:
+        raise InputError(f"request_spread_s must be a finite number > 0, got {span!r}", file=p,
+                         column="request_spread_s")
+    return _checked(doc["request_quantiles"], p, "request_quantiles"), float(span)
 
 
 def _read(path: str | os.PathLike) -> tuple[str, dict]:
@@ -117,7 +153,12 @@ def load_prefill_spread(path: str | os.PathLike) -> tuple[float, ...] | None:
 
 
 def _table(q, p: str, column: str) -> tuple[float, ...]:
-    """A validated quantile table (non-decreasing finite numbers >= 0, not all 0), scaled to mean 1."""
+    """A validated quantile table, scaled to mean 1."""
+    return tuple(unit_mean(_checked(q, p, column)))
+
+
+def _checked(q, p: str, column: str) -> tuple[float, ...]:
+    """A quantile table of non-decreasing finite numbers >= 0, not all 0; one-line InputError otherwise."""
     if not isinstance(q, list) or len(q) < 2:
         raise InputError(f"must be a JSON object whose {column} is a list of at least 2 numbers", file=p,
                          column=column)
@@ -129,4 +170,4 @@ def _table(q, p: str, column: str) -> tuple[float, ...]:
                              "decrease", file=p, column=column)
     if q[-1] <= 0:
         raise InputError(f"{column} are all 0", file=p, column=column)
-    return tuple(unit_mean(q))
+    return tuple(float(v) for v in q)

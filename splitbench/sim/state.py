@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
+from collections.abc import Callable
 
 from splitbench.policies import Decision, Request
 from splitbench.prefix_policy import BlockIndex
@@ -75,8 +76,8 @@ class SimRequest:
 
 class SimMachine:
     """One simulated machine: its queues, decode batch, KV memory and link."""
-    __slots__ = ("admit_q", "b", "cache", "chunk", "consec", "ctx", "fin", "id", "idx", "it", "kv_cap", "kv_free",
-                 "link_free", "log_it", "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end",
+    __slots__ = ("admit_q", "b", "cache", "chunk", "consec", "ctx", "fin", "hf", "hf_end", "id", "idx", "it", "kv_cap",
+                 "kv_free", "link_free", "log_it", "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end",
                  "run_k", "run_t0", "seen", "single", "state", "version")
     idx: int
     id: str
@@ -106,6 +107,8 @@ class SimMachine:
     single: bool
     chunk: ChunkState | None
     seen: set[int]
+    hf: float
+    hf_end: float
 
     def __init__(self, idx: int, iid: str, pool: str, mtype: str, perf: PerfModel, kv_cap: int) -> None:
         self.idx, self.id, self.pool, self.mtype, self.perf = idx, iid, pool, mtype, perf
@@ -127,6 +130,17 @@ class SimMachine:
         self.link_free = 0.0
         self.single = False
         self.chunk = None                # set on machines that batch as vLLM V1 does (sim/batching.py)
+        self.hf, self.hf_end = 1.0, -1.0  # request-spread factor and until when it holds (host_factor)
+
+    def host_factor(self, now: float, span_s: float, q: list[float] | None,
+                    draw: Callable[[list[float]], float]) -> float:
+        """The machine's request-spread factor now (SimConfig.request_spread): a new draw from q once the last one
+        has held span_s; 1 without q."""
+        if q is None:
+            return 1.0
+        if now >= self.hf_end:
+            self.hf, self.hf_end = draw(q), now + span_s
+        return self.hf
 
     def prefill_factor(self, tokens: int, cold: float) -> float:
         """`cold` for this machine's first prefill iteration of `tokens` tokens (SimConfig.cold_prefill_factor),

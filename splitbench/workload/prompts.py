@@ -1,6 +1,7 @@
 """Request bodies with an exact prompt length: random token-id prompts, or chat text calibrated to a token count.
 
-Both are deterministic in (seed, trace_index) and unique per request, so prefix caching does not distort TTFT;
+Both are deterministic in (seed, trace_index) and unique per request within a run (a later run with the same seed
+against the same server finds them in its prefix cache: `splitbench profile` draws a fresh seed for that reason);
 token-id prompts of a prefix-hash workload are built from its hash blocks instead, so the cache sees its reuse.
 """
 from __future__ import annotations
