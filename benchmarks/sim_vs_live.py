@@ -169,6 +169,13 @@ def variants(a, live: Path, counts: dict, model_dir: str, live_recs) -> list[tup
     return [("profile", cluster, a.profile, None, "decode", link, step_spread(a, a.profile))]
 
 
+def cached_share(recs) -> float:
+    """The share of ok requests' prompt tokens that a prefix cache served."""
+    ok = [r for r in recs if r.ok]
+    n_in = sum(r.actual_input_tokens or r.planned_input_tokens for r in ok)
+    return sum(r.cached_input_tokens or 0 for r in ok) / n_in if n_in else 0.0
+
+
 def simulate_live(a, live: Path) -> list[tuple]:
     """Error rows (run, variant, metric, live s, sim s, error) of every simulation of one live run."""
     meta = read_run_meta(live)
@@ -195,7 +202,9 @@ def simulate_live(a, live: Path) -> list[tuple]:
             request_spread=a.request_spread and spread is not None, results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
         sim_recs = R.read_records(sim_dir)
         print(f"{live.name} [{variant}]: cluster {spec}, {len(live_recs)} live / {len(sim_recs)} simulated "
-              f"requests; decode step spread: {spread or 'none'}; simulated run: {sim_dir}")
+              f"requests; decode step spread: {spread or 'none'}; simulated run: {sim_dir}; prompt tokens served "
+              f"from a prefix cache: {cached_share(live_recs):.1%} live, {cached_share(sim_recs):.1%} simulated "
+              "(live more: an earlier run or profile of the same server sent the same prompts)")
         for key, label in METRICS:
             lv, sv = metric_values(live_recs, key), metric_values(sim_recs, key)
             for st in ("p50", "p99"):
