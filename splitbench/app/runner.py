@@ -17,6 +17,9 @@ from splitbench.schema import records as R
 from splitbench.workload.types import Workload
 
 
+STALE_CACHE_SHARE = 0.01   # a workload without prefix reuse whose prompts the server had cached beyond this share
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -32,7 +35,22 @@ def run(opts: RunOptions, on_progress: Callable[[Replayer], None] | None = None,
         session.start()
         stats, interrupted = session.replay(on_progress)
     summary = session.finish(stats, interrupted)
+    if note := stale_cache_note(session.workload, opts, summary):
+        on_status(note)
     return RunResult(session.run_dir, summary, interrupted, stats)
+
+
+def stale_cache_note(workload: Workload, opts: RunOptions, summary: dict) -> str | None:
+    """A warning when prompts that share no prefix (no prefix hashes, no --shared-prefix, one turn each) were
+    served in part from the server's prefix cache: an earlier run with the same --seed sent them, and TTFT is then
+    a warm cache's (docs/sim-vs-live.md: 29.5% of a run's prompt tokens after a profile of the same seed)."""
+    share = (summary.get("cache") or {}).get("cached_fraction")
+    if share is None or share < STALE_CACHE_SHARE or workload.prefix_hashes is not None \
+            or opts.shared_prefix_tokens or opts.multi_turn:
+        return None
+    return (f"warning: the server's prefix cache served {share:.1%} of the prompt tokens, though these prompts share "
+            f"no prefix: an earlier run with --seed {opts.seed} sent them to this server, so TTFT is a warm cache's "
+            "(use another --seed, or restart the server)")
 
 
 def reference_grid(sizes: list[int], output_tokens: int, repeats: int) -> Workload:
