@@ -41,6 +41,7 @@ import shutil
 from pathlib import Path
 
 from splitbench.app.simrun import SimOptions, simulate_run
+from splitbench.metrics.cache import cache_section
 from splitbench.metrics.latency import metric_values, stat_of
 from splitbench.schema import records as R
 from splitbench.schema.runmeta import read_run_meta
@@ -170,10 +171,8 @@ def variants(a, live: Path, counts: dict, model_dir: str, live_recs) -> list[tup
 
 
 def cached_share(recs) -> float:
-    """The share of ok requests' prompt tokens that a prefix cache served."""
-    ok = [r for r in recs if r.ok]
-    n_in = sum(r.actual_input_tokens or r.planned_input_tokens for r in ok)
-    return sum(r.cached_input_tokens or 0 for r in ok) / n_in if n_in else 0.0
+    """The share of ok requests' prompt tokens that a prefix cache served (the summary's cache.cached_fraction)."""
+    return (cache_section(recs) or {}).get("cached_fraction") or 0.0
 
 
 def simulate_live(a, live: Path) -> list[tuple]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from splitbench.errors import InputError
-from splitbench.metrics.latency import tbt_gaps_s
+from splitbench.metrics.latency import input_tokens, tbt_gaps_s
 
 SUFFIX = ".spread.json"   # tiny.csv -> tiny.spread.json
 QUANTILES = 400           # the table: the ratio at probabilities 0, 1/400, ..., 1
@@ -77,7 +77,7 @@ def measure_request_spread(records, predicted_gap_s) -> dict | None:
     x, spans = [], []
     for r in records:
         gaps = tbt_gaps_s(r)
-        pred = predicted_gap_s(r.actual_input_tokens or r.planned_input_tokens, len(gaps) + 1) if len(gaps) >= 2 else 0
+        pred = predicted_gap_s(input_tokens(r), len(gaps) + 1) if len(gaps) >= 2 else 0
         if pred > 0:
             x.append(sum(gaps) / len(gaps) / pred)
             spans.append(sum(gaps))
