@@ -97,10 +97,7 @@ def load_request_spread(path: str | os.PathLike) -> tuple[tuple[float, ...], flo
         raise InputError("has no request_quantiles (written by `splitbench profile` since the request spread was "
                          "added: profile again)", file=p, column="request_quantiles")
     span = doc.get("request_spread_s")
-    if isinstance(span, bool) or not isinstance(span, (int, float)) or not math.isfinite(span) or span <= 0:
-        raise InputError(f"request_spread_s must be a finite number > 0, got {span!r}", file=p,
-                         column="request_spread_s")
-    return _checked(doc["request_quantiles"], p, "request_quantiles"), float(span)
+    return _checked(doc["request_quantiles"], p, "request_quantiles"), _positive(span, p, "request_spread_s")
 
 
 def _read(path: str | os.PathLike) -> tuple[str, dict]:
@@ -138,10 +135,7 @@ def load_cold_prefill(path: str | os.PathLike) -> float:
     """The cold-prefill factor of a spread file; 1.0 where it has none."""
     p, doc = _read(path)
     x = doc.get("cold_prefill_factor", 1.0)
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
-        raise InputError(f"cold_prefill_factor must be a finite number > 0, got {x!r}", file=p,
-                         column="cold_prefill_factor")
-    return float(x)
+    return _positive(x, p, "cold_prefill_factor")
 
 
 def load_prefill_spread(path: str | os.PathLike) -> tuple[float, ...] | None:
@@ -150,6 +144,13 @@ def load_prefill_spread(path: str | os.PathLike) -> tuple[float, ...] | None:
     p, doc = _read(path)
     q = doc.get("prefill_quantiles")
     return None if q is None else _table(q, p, "prefill_quantiles")
+
+
+def _positive(x, p: str, column: str) -> float:
+    """A spread file's finite number > 0 as a float; one-line InputError naming the file and field otherwise."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+        raise InputError(f"{column} must be a finite number > 0, got {x!r}", file=p, column=column)
+    return float(x)
 
 
 def _table(q, p: str, column: str) -> tuple[float, ...]:
