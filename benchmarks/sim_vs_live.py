@@ -18,6 +18,8 @@ into X.spread.json by `splitbench profile`: a prompt length's first prefill over
 --request-spread: each machine's decode iterations take a factor drawn from X.spread.json's request quantiles (a
 batch-1 profile request's mean gap over the fit: a shared host runs whole requests slower or faster), a new draw
 once one has held request_spread_s (the profile requests' median decode time).
+--idle-wake: a prefill on a machine that idled for g s takes X.spread.json's idle_wake extra for g (the profile's lone
+prefills after 0.5-4 s idle over the same length at once: a shared VM's first work after idling runs cold).
 --neighbour-busy-factor F.json (benchmarks/neighbour_factor.py, measured once on the host, not from the live runs)
 slows a decode-only iteration while another instance of the host is busy: the instances share one VM's caches and
 memory.
@@ -106,7 +108,8 @@ def _ms(v: float | None) -> str:
 def pooled_profile(paths: list[str], out_dir: Path, name: str) -> str | None:
     """One profile of several (`--profile A --profile B`: measured before and after the live runs, so the host's
     drift between them is averaged): their rows together (the fit takes medians per point over all of them), and
-    beside it the mean of their step spreads' quantile tables and cold-prefill factors, where each has one."""
+    beside it the mean of their step spreads' quantile tables, cold-prefill factors and idle-wake extras, where each
+    has one."""
     if not paths:
         return None
     if len(paths) == 1:
@@ -127,6 +130,9 @@ def pooled_profile(paths: list[str], out_dir: Path, name: str) -> str | None:
                 doc[key] = sum(sp[key] for sp in spreads) / len(spreads)
         if all("request_quantiles" in sp for sp in spreads):
             doc["request_quantiles"] = mean("request_quantiles")
+        if len({tuple(g for g, _ in sp.get("idle_wake") or ()) for sp in spreads}) == 1 and "idle_wake" in spreads[0]:
+            doc["idle_wake"] = [[g, sum(sp["idle_wake"][i][1] for sp in spreads) / len(spreads)]
+                                for i, (g, _) in enumerate(spreads[0]["idle_wake"])]   # the same gaps in each
         spread_path(csv).write_text(json.dumps(doc))
     else:
         spread_path(csv).unlink(missing_ok=True)
@@ -198,12 +204,15 @@ def simulate_live(a, live: Path) -> list[tuple]:
             first_token=first, kv_transfer="serialized", link_gbps=link, reference_machine=None, step_spread=spread,
             prompt_chunked_prefill=not a.whole_prompts, neighbour_busy_factor=a.neighbour_busy_factor,
             cold_prefills=a.cold_prefills and spread is not None,
-            request_spread=a.request_spread and spread is not None, results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
+            request_spread=a.request_spread and spread is not None, idle_wake=a.idle_wake and spread is not None,
+            results_dir=a.results, run_id=f"sim-{variant}-of-{live.name}"))
         sim_recs = R.read_records(sim_dir)
+        live_cached, sim_cached = cached_share(live_recs), cached_share(sim_recs)
+        why = (" (live more: an earlier run or profile of the same server sent the same prompts)"
+               if live_cached > sim_cached + 0.01 else "")
         print(f"{live.name} [{variant}]: cluster {spec}, {len(live_recs)} live / {len(sim_recs)} simulated "
               f"requests; decode step spread: {spread or 'none'}; simulated run: {sim_dir}; prompt tokens served "
-              f"from a prefix cache: {cached_share(live_recs):.1%} live, {cached_share(sim_recs):.1%} simulated "
-              "(live more: an earlier run or profile of the same server sent the same prompts)")
+              f"from a prefix cache: {live_cached:.1%} live, {sim_cached:.1%} simulated{why}")
         for key, label in METRICS:
             lv, sv = metric_values(live_recs, key), metric_values(sim_recs, key)
             for st in ("p50", "p99"):
@@ -242,6 +251,8 @@ def main() -> int:
                     "the step spread's cold_prefill_factor x their time (`simulate --cold-prefills`)")
     ap.add_argument("--request-spread", action="store_true", help="each machine's decode x a draw from the step "
                     "spread's request quantiles, held request_spread_s (`simulate --request-spread`)")
+    ap.add_argument("--idle-wake", action="store_true", help="a prefill on a machine that idled takes the step "
+                    "spread's idle_wake extra for its idle time (`simulate --idle-wake`)")
     ap.add_argument("--neighbour-busy-factor", default="1", metavar="X|FILE",
                     help="decode-only iterations x X while another instance of the host is busy: a number, or the "
                          "JSON of benchmarks/neighbour_factor.py measured on this host [1: none]")

@@ -353,7 +353,8 @@ def test_measure_stub_profile_round_trip(tmp_path):
     load_profiles fits: its prefill and decode times come back."""
     out = tmp_path / "stub.csv"
     res = measure_profile("stub", {"ttft_s": 0.04, "tpot_s": 0.008}, out=out, prompt_sizes=[8, 32],
-                          batch_sizes=[1, 3], output_sizes=[4, 12], repeats=1, results_dir=tmp_path / "r")
+                          batch_sizes=[1, 3], output_sizes=[4, 12], repeats=1, results_dir=tmp_path / "r",
+                          idle_wake_s=())
     rows = read_profile_rows(out)
     assert res["rows"] == len(rows) == 4 and res["hardware"] == "cpu-host"
     assert {(r["prompt_size"], r["batch_size"], r["token_size"]) for r in rows} == \
@@ -383,7 +384,7 @@ def test_a_one_point_batch_one_grid_is_measured_with_one_warm_up(tmp_path):
     its own point directory), and the grid's point is written once per repeat."""
     out = tmp_path / "one.csv"
     res = measure_profile("stub", {"ttft_s": 0.01, "tpot_s": 0.004}, out=out, prompt_sizes=[16], batch_sizes=[1],
-                          output_sizes=[6], repeats=2, results_dir=tmp_path / "r")
+                          output_sizes=[6], repeats=2, results_dir=tmp_path / "r", idle_wake_s=())
     rows = read_profile_rows(out)
     assert res["rows"] == len(rows) == 2       # one row per repeat
     assert {(r["prompt_size"], r["batch_size"], r["token_size"]) for r in rows} == {(16, 1, 6)}
@@ -396,7 +397,11 @@ def test_measured_profile_writes_its_decode_step_spread_beside_the_csv(tmp_path)
     the simulator loads, scaled to mean 1 (the host's scheduling noise is all it measures)."""
     out = tmp_path / "stub.csv"
     res = measure_profile("stub", {"ttft_s": 0.02, "tpot_s": 0.008}, out=out, prompt_sizes=[8, 32],
-                          batch_sizes=[1, 2], output_sizes=[4, 64], repeats=1, results_dir=tmp_path / "r")
+                          batch_sizes=[1, 2], output_sizes=[4, 64], repeats=1, results_dir=tmp_path / "r",
+                          idle_wake_s=(0.05, 0.3))
+    # each idle gap twice: a lone 32-token prefill after idling, then one at once (the stub's TTFT either way)
+    wakes = sorted(d.name for d in (Path(res["run_dir"]) / "points").iterdir() if "-rwake" in d.name or "-rwoke" in d.name)
+    assert wakes == [f"p32-b1-t8-r{k}{n}" for k in ("wake", "woke") for n in range(4)]
     # a point whose first tokens came coalesced in every attempt (a busy host) is left out of the spread
     noted = {tuple(n["point"]) for n in res["point_notes"]}
     timed = sum(t - 1 for p, b, t in {(8, 1, 64), (32, 1, 64), (32, 1, 4)} if (p, b, t) not in noted)
@@ -410,6 +415,9 @@ def test_measured_profile_writes_its_decode_step_spread_beside_the_csv(tmp_path)
     assert sum(a + b for a, b in zip(q, q[1:])) / (2 * (len(q) - 1)) == pytest.approx(1.0)
     meta = json.loads((Path(res["run_dir"]) / "profile.json").read_text())
     assert meta["spread"]["gaps"] == 129
+    assert [g for g, _ in sp["idle_wake"]] == [0.05, 0.3] and all(x >= 0 for _, x in sp["idle_wake"])
+    assert len(sp["idle_wake_samples"]) == 4 and all(a >= 20.0 and b >= 20.0 for _, a, b in sp["idle_wake_samples"])
+    assert meta["spread"]["idle_wake"] == sp["idle_wake"]
 
 
 def test_measure_rejects_bad_grid(tmp_path):
@@ -446,6 +454,10 @@ def test_profile_tiny_model_on_vllm(tmp_path):
     assert spread["cold_prefill_factor"] == pytest.approx(float(np.median([a / b for _, a, b in pairs])), rel=1e-3)
     assert (tmp_path / "r" / meta["run_id"] / "points" / f"p{pairs[0][0]}-b1-t8-ragain").is_dir()
     assert "request_quantiles" not in spread   # 3 batch-1 requests: too few for a request spread
+    # lone 512-token prefills after 0.5-4 s of idle, each then again at once, twice: the extra per gap, >= 0
+    assert [g for g, _ in spread["idle_wake"]] == [0.5, 1.0, 2.0, 4.0] and len(spread["idle_wake_samples"]) == 8
+    assert all(x >= 0 for _, x in spread["idle_wake"]) and {p for p, _ in spread["idle_wake"]} and all(
+        a > 0 and b > 0 for _, a, b in spread["idle_wake_samples"])
     # its prompts are none of a default run's (seed 0), which the server's prefix cache would serve in part
     run_meta = json.loads((tmp_path / "r" / meta["run_id"] / "run.json").read_text())
     assert run_meta["options"]["seed"] not in (0, None)

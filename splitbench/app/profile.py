@@ -29,17 +29,20 @@ from splitbench.sim.profiles import (
     profile_hardware_name,
 )
 from splitbench.sim.perfmodel import VLLM_CPU_CHUNK_TOKENS, PerfModel
-from splitbench.sim.spread import (measure_cold_prefill, measure_prefill_spread, measure_request_spread, measure_spread,
-                                   spread_path)
+from splitbench.sim.spread import (measure_cold_prefill, measure_idle_wake, measure_prefill_spread,
+                                   measure_request_spread, measure_spread, spread_path)
 from splitbench.workload.types import Workload
 
 POINT_ATTEMPTS = 3   # a point whose tokens the client saw coalesced is measured again, at most this often
 MIN_TOGETHER_ITERS = 8   # a batch point's decode is timed over at least this many iterations with all b decoding
-SPREAD_SUMMARY = ("path", "requests", "gaps", "p50", "p90", "p99", "prefills", "prefill_p50", "prefill_p90",
-                  "cold_prefill_factor", "request_mean", "request_p90", "request_spread_s")   # profile.json's
+SPREAD_SUMMARY = ("path", "requests", "gaps", "p50", "p90", "p99", "prefills", "prefill_p50", "prefill_p90",   # profile.json's
+                  "cold_prefill_factor", "request_mean", "request_p90", "request_spread_s", "idle_wake")
 SPREAD_MARGIN = 1.5       # tokens_to_decode_together: the first-token spread's iterations, half again
 COLD_PAIRS = 12           # (new prompt length, the same again) prefill pairs that measure cold_prefill_factor
 COLD_TOKENS = 8           # output tokens of each of their requests
+IDLE_WAKE_S = (0.5, 1.0, 2.0, 4.0)   # idle gaps before a lone prefill, then the same length at once (idle_wake)
+WAKE_ROUNDS = 2           # each gap this often
+WAKE_PROMPT = 512         # their prompt length: the grid's nearest (512 is a warm-up point)
 
 
 def fresh_prompt_seed() -> int:
@@ -227,8 +230,24 @@ def _cold_pairs(session: RunSession, cold: ColdPrefills, index: int, model: str,
     return pairs, index
 
 
+def _idle_wakes(session: RunSession, index: int, model: str, hardware: str, tp: int, p: int,
+                gaps: tuple[float, ...]) -> tuple[list[tuple[float, float, float]], int]:
+    """For each idle gap, WAKE_ROUNDS times (each round starting at another gap): idle that long, one lone prefill
+    of p tokens, then the same length again at once: (gap s, first s, again s)."""
+    samples = []
+    for k in range(WAKE_ROUNDS if gaps else 0):
+        for g in gaps[k % len(gaps):] + gaps[:k % len(gaps)]:
+            time.sleep(g)
+            n = len(samples)   # each point its own name: its records' directory
+            first, index, _, _ = _measure_point(session, (f"wake{n}", p, 1, COLD_TOKENS), index, model, hardware, tp)
+            again, index, _, _ = _measure_point(session, (f"woke{n}", p, 1, COLD_TOKENS), index, model, hardware, tp)
+            samples.append((g, first["prompt_time"] / 1e3, again["prompt_time"] / 1e3))
+    return samples, index
+
+
 def write_spread(out: str | os.PathLike, records: list, rows: list[dict], run_id: str,
-                 cold: ColdPrefills | None = None, pairs: list[tuple[int, float, float]] | None = None) -> dict | None:
+                 cold: ColdPrefills | None = None, pairs: list[tuple[int, float, float]] | None = None,
+                 wakes: list[tuple[float, float, float]] | None = None) -> dict | None:
     """The step spread of the batch-1 points (sim/spread.py) beside the profile CSV: their decode gaps, their
     prefills over the profile's own fit of the rows (the repeated lengths only, when `cold` tells them apart) and
     the cold-prefill factor; None (and no stale one left there) when too few tokens were timed."""
@@ -246,6 +265,7 @@ def write_spread(out: str | os.PathLike, records: list, rows: list[dict], run_id
         spread.update(measure_prefill_spread(warm if len(warm) >= len(lone) // 2 else lone, fit.lone_prompt_s) or {})
         spread.update(measure_request_spread(records, lambda p, n: fit.token_time_s(1, p + n // 2)) or {})
     spread.update(measure_cold_prefill(pairs or []) or {})
+    spread.update(measure_idle_wake(wakes or []) or {})
     atomic_write_json(path, spread)
     return {**spread, "path": str(path)}
 
@@ -254,7 +274,7 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
                     prompt_sizes=DEFAULT_PROMPT_SIZES, batch_sizes=DEFAULT_BATCH_SIZES,
                     output_sizes=DEFAULT_OUTPUT_SIZES, repeats: int = 2, model_name: str | None = None,
                     machine: str | None = None, hardware_file: str | None = None, tensor_parallel: int = 1,
-                    results_dir: str | os.PathLike = "results",
+                    results_dir: str | os.PathLike = "results", idle_wake_s: tuple[float, ...] = IDLE_WAKE_S,
                     on_status: Callable[[str], None] = lambda s: None) -> dict:
     """Measure a backend over profile_grid() x repeats (b requests sent together, max_inflight b) and write the
     profile CSV atomically; per-point records stay under results_dir/<run id>/points/."""
@@ -297,9 +317,13 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
         pairs = []   # one prompt size spans no range to draw new lengths from
         if min(sizes) < max(sizes):
             pairs, index = _cold_pairs(session, cold, index, model, hardware, tensor_parallel, min(sizes), max(sizes))
+        if idle_wake_s:
+            on_status(f"idle wake: a lone prefill after {', '.join(f'{g:g}' for g in idle_wake_s)} s idle")
+        wakes, index = _idle_wakes(session, index, model, hardware, tensor_parallel,
+                                   min(sizes, key=lambda x: abs(x - WAKE_PROMPT)), tuple(idle_wake_s))
         session.meta.update(status="complete")
         session.write_meta()
-    spread = write_spread(out, alone, rows, session.meta["run_id"], cold, pairs)
+    spread = write_spread(out, alone, rows, session.meta["run_id"], cold, pairs, wakes)
     atomic_write_bytes(out, profile_csv_bytes(rows))
     meta = {"run_id": session.meta["run_id"], "kind": "profile", "out": str(out), "model": model,
             "hardware": hardware, "grid": grid, "repeats": int(repeats), "backend": session.meta["backend"],

@@ -23,7 +23,8 @@ from splitbench.sim.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, SimConfig, Sim
 from splitbench.sim.perfmodel import get_perf_model, load_profiles
 from splitbench.sim.profiles import find_profile, profile_hardware_name
 from splitbench.sim.shapes import MODEL_SHAPES, machine_kv_capacity_tokens, shape_from_hf_config
-from splitbench.sim.spread import load_cold_prefill, load_prefill_spread, load_request_spread, load_spread
+from splitbench.sim.spread import (load_cold_prefill, load_idle_wake, load_prefill_spread, load_request_spread,
+                                   load_spread)
 from splitbench.workload.load import load
 from splitbench.workload.types import Workload
 
@@ -122,14 +123,15 @@ def sim_config(pools, *, policy: str = "jsq", seed: int = 0, max_prompt_batch_to
                prefix_cache: bool = True, step_spread: tuple[float, ...] | None = None,
                prompt_chunked_prefill: bool = False, neighbour_busy_factor: float = 1.0,
                prefill_spread: tuple[float, ...] | None = None, cold_prefill_factor: float = 1.0,
-               request_spread: tuple[tuple[float, ...], float] | None = None):
+               request_spread: tuple[tuple[float, ...], float] | None = None,
+               idle_wake: tuple[tuple[float, float], ...] | None = None):
     kw: dict[str, Any] = dict(pools=list(pools), policy=policy, seed=seed, policy_params=dict(policy_params or {}),
                               max_prompt_batch_tokens=max_prompt_batch_tokens, kv_transfer=kv_transfer,
                               max_decode_batch=max_decode_batch, first_token=first_token, batching=batching,
                               max_num_batched_tokens=max_num_batched_tokens, prefix_cache=prefix_cache,
                               step_spread=step_spread, prompt_chunked_prefill=prompt_chunked_prefill,
                               neighbour_busy_factor=neighbour_busy_factor, prefill_spread=prefill_spread,
-                              cold_prefill_factor=cold_prefill_factor)
+                              cold_prefill_factor=cold_prefill_factor, idle_wake=idle_wake)
     if request_spread is not None:
         kw["request_spread"], kw["request_spread_s"] = request_spread
     if link_gbps is not None:
@@ -170,7 +172,7 @@ PHYSICAL_ONLY = (("first_token", "prefill", "--first-token"), ("kv_transfer", "l
                  ("max_prompt_batch_tokens", 2048, "--max-prompt-batch-tokens"), ("step_spread", None, "--step-spread"),
                  ("prompt_chunked_prefill", False, "--prompt-chunked-prefill"),
                  ("neighbour_busy_factor", 1.0, "--neighbour-busy-factor"), ("cold_prefills", False, "--cold-prefills"),
-                 ("request_spread", False, "--request-spread"))
+                 ("request_spread", False, "--request-spread"), ("idle_wake", False, "--idle-wake"))
 COMPAT_ONLY = (("max_batch_size", 512, "--max-batch-size"), ("max_batch_tokens", 2048, "--max-batch-tokens"),
                ("max_preemptions", 4, "--max-preemptions"),
                ("transfer_bandwidth_gib_per_s", 200.0, "--transfer-bandwidth-gib-per-s"))
@@ -192,6 +194,19 @@ def request_spread(opts) -> tuple[tuple[float, ...], float] | None:
     if not opts.step_spread:
         raise InputError("--request-spread needs --step-spread (the spread file holds the measured quantiles)")
     return load_request_spread(opts.step_spread)
+
+
+def idle_wake(opts) -> tuple[tuple[float, float], ...] | None:
+    """--idle-wake: the idle-wake table of the --step-spread file; InputError where it has none."""
+    if not opts.idle_wake:
+        return None
+    if not opts.step_spread:
+        raise InputError("--idle-wake needs --step-spread (the spread file holds the measured table)")
+    table = load_idle_wake(opts.step_spread)
+    if table is None:
+        raise InputError("has no idle_wake table (a profile from before it was measured): profile again",
+                         file=opts.step_spread, column="idle_wake")
+    return table
 
 
 def check_perf_model(opts) -> str:
@@ -238,6 +253,7 @@ class SimOptions:
     neighbour_busy_factor: float = 1.0      # machines sharing a host: decode-only iterations x this while one is busy
     cold_prefills: bool = False             # prefills of a token count new to a machine x the spread's cold factor
     request_spread: bool = False            # each machine's decode x a draw from the spread's request quantiles
+    idle_wake: bool = False                 # a prefill on a machine that idled + the spread's idle-wake extra
     kv_transfer: str = "layerwise"
     link_gbps: float | None = None
     kv_capacity_tokens: int | None = None
@@ -280,6 +296,7 @@ def _physical(workload: Workload, pools: list, opts: SimOptions) -> dict:
                      step_spread=load_spread(opts.step_spread) if opts.step_spread else None,
                      prefill_spread=load_prefill_spread(opts.step_spread) if opts.step_spread else None,
                      cold_prefill_factor=cold_factor(opts), request_spread=request_spread(opts),
+                     idle_wake=idle_wake(opts),
                      prompt_chunked_prefill=opts.prompt_chunked_prefill,
                      neighbour_busy_factor=opts.neighbour_busy_factor)
     t = time.perf_counter()

@@ -117,5 +117,17 @@ def int_list(spec: str, flag: str) -> list[int]:
         raise InputError(f"{flag}: expected comma-separated whole numbers, got {spec!r}") from None
 
 
+def seconds_list(spec: str, flag: str) -> tuple[float, ...]:
+    """'0.5,1,2' -> (0.5, 1.0, 2.0), increasing, each > 0; '' -> (); anything else a one-line InputError naming the
+    flag."""
+    try:
+        out = tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"{flag}: expected comma-separated seconds, got {spec!r}") from None
+    if any(not 0 < x < float("inf") for x in out) or any(b <= a for a, b in zip(out, out[1:])):
+        raise InputError(f"{flag}: expected increasing seconds > 0, got {spec!r}")
+    return out
+
+
 def pick(values: dict, names: typing.Iterable[str]) -> dict:
     return {k: values[k] for k in names if k in values}

@@ -11,7 +11,7 @@ import typer
 from splitbench.app.design import DesignSpec, plot_design, search
 from splitbench.app.options import parse_rate_scale
 from splitbench.app.simrun import SimOptions, simulate_run
-from splitbench.cli.common import Opt, console, err_console, int_list, user_errors, with_options
+from splitbench.cli.common import Opt, console, err_console, int_list, seconds_list, user_errors, with_options
 from splitbench.cli.groups import FETCH, RESULTS, WORKLOAD
 from splitbench.errors import InputError
 from splitbench.hardware.catalog import load_catalog
@@ -106,7 +106,9 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
             gpus: Optional[str] = typer.Option(None, help="--backend vllm on GPU hosts: GPU ids of the instance."),
             connector: Optional[str] = typer.Option(None, help="--backend splitwise: KV connector (nixl, example)."),
             layout: Optional[str] = typer.Option(None, help="--backend splitwise: 'splitwiser' (one GPU for both)."),
-            vllm_args: Optional[str] = typer.Option(None, help="Extra arguments for every vLLM server (quoted).")):
+            vllm_args: Optional[str] = typer.Option(None, help="Extra arguments for every vLLM server (quoted)."),
+            idle_wake_s: str = typer.Option("0.5,1,2,4", help="Idle gaps (s) before lone prefills that measure the "
+                                            "step spread's idle_wake table ('' for none; simulate --idle-wake).")):
     """Measure a real backend into a profile CSV that `load_profiles` (and the simulator) accepts. --backend
     splitwise measures a prompt + token pair with the connector active: prompt_time is then the split TTFT
     (prefill, KV transfer, first token), token_time the token instance's TBT."""
@@ -128,6 +130,7 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
                           batch_sizes=int_list(batch_sizes, "--batch-sizes"),
                           output_sizes=int_list(output_sizes, "--output-sizes"), repeats=repeats, model_name=model,
                           machine=machine, hardware_file=hardware, results_dir=results,
+                          idle_wake_s=seconds_list(idle_wake_s, "--idle-wake-s"),
                           on_status=lambda s: err_console.log(s))
     console.print(f"profile written to {out}: {res['rows']} rows, model {res['model']}, hardware {res['hardware']} "
                   f"({res['wall_s']:.0f} s; records in {res['run_dir']})", markup=False, highlight=False)
@@ -136,6 +139,8 @@ def profile(backend: str = typer.Option("vllm", help="Backend to measure: vllm (
                "prefills") if "prefills" in sp else ""
         if "cold_prefill_factor" in sp:
             pre += f"; a new prompt length's prefill x{sp['cold_prefill_factor']:.2f}"
+        if "idle_wake" in sp:
+            pre += "; after idling " + ", ".join(f"{g:g} s +{x * 1e3:.1f} ms" for g, x in sp["idle_wake"])
         if "request_mean" in sp:
             pre += f"; a request's mean gap / fit: mean {sp['request_mean']:.2f}, p90 {sp['request_p90']:.2f}"
         console.print(f"step spread written to {sp['path']}: decode step / mean p50 {sp['p50']:.2f}, p90 "
@@ -174,6 +179,9 @@ VLLM_LIKE = (
     Opt("request_spread", bool, "Each machine's decode iterations take a factor drawn from the --step-spread "
         "file's request quantiles (how whole requests ran over the profile's fit, `profile` measures them: a shared "
         "host's speed changes for seconds), a new draw once one has held request_spread_s."),
+    Opt("idle_wake", bool, "An iteration with prompt tokens on a machine that was idle for g seconds takes the "
+        "--step-spread file's idle_wake extra for g (`profile` measures it: a shared VM's first work after idling "
+        "runs cold)."),
 )
 
 

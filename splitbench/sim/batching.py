@@ -119,10 +119,7 @@ class ChunkedBatching:
             m.state = self.busy
             cl.n.chunked_iterations += 1
             t = mixed_iteration_s(m.perf, m.b, m.ctx, tokens, cached, cross, sq)
-            if cl.pspread is not None:
-                t *= cl.spread_factor(cl.pspread)
-            t *= m.prefill_factor(tokens + m.b, cl.cold)
-            cl.sim.schedule(now + t, self.iteration_done, m)
+            cl.sim.schedule(now + cl.prefill_s(m, now, t, tokens + m.b), self.iteration_done, m)
         elif m.b:
             m.state, m.run_t0 = self.decode, now
             cl.set_decode_run(m, now, m.fin[0][0] - m.it)

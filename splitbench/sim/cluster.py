@@ -35,8 +35,8 @@ class SimCluster:
     decodes first, FCFS prefill chunks under max_num_batched_tokens, KV reserved at admission); "prompt-first":
     as described here. Prompt and token machines are the same in both; cfg.prompt_chunked_prefill makes prompt
     machines chunk too. cfg.step_spread: every decode-only iteration is its own run, its time the profile's x a
-    seeded draw (spread_factor; prefill_spread for iterations with prompt tokens, x cfg.cold_prefill_factor for a
-    new token count), x the machine's request_spread draw, x cfg.neighbour_busy_factor while another is busy."""
+    seeded draw (spread_factor), x the machine's request_spread draw, x cfg.neighbour_busy_factor while another is
+    busy; iterations with prompt tokens: prefill_s."""
     w: Any
     cfg: SimConfig
     machines: list[SimMachine]
@@ -65,6 +65,8 @@ class SimCluster:
     _rs: list[float] | None
     _rs_s: float
     cold: float
+    _wx: list[float] | None
+    _wy: list[float]
     _rng: random.Random
     _nb: float
     _per_step: bool
@@ -114,6 +116,8 @@ class SimCluster:
         self._rs_s, self._nb, self.cold = (float(x) for x in (cfg.request_spread_s, cfg.neighbour_busy_factor,
                                                               cfg.cold_prefill_factor))
         self._rng = random.Random(cfg.seed)
+        wake = cfg.idle_wake or ()
+        self._wx, self._wy = ([g for g, _ in wake] or None), [x for _, x in wake]
         self._per_step = self._spread is not None or self._rs is not None or self._nb != 1.0   # one at a time
 
     def run(self) -> SimResult:
@@ -198,7 +202,7 @@ class SimCluster:
             m.kv_free -= r.kv
             self._join(m, r)
         if m.prompt_q and (m.b == 0 or m.consec < self.cap_iters):
-            batch, tokens = self._take_prompts(m)
+            batch, tokens = m.take_prompts(self.cap_tokens, self.cap_batch)
             if batch:
                 m.state, m.pbatch, m.pstart = PROMPT, batch, now
                 m.consec += 1
@@ -206,10 +210,7 @@ class SimCluster:
                 # dense work over the new tokens, plus each prompt's attention (over its cached part too)
                 t = m.perf.prompt_time_s(tokens) + m.perf.attention_s(sum(r.pre * r.pre for r in batch),
                                                                       sum((r.n_in - r.pre) * r.pre for r in batch))
-                if self.pspread is not None:
-                    t *= self.spread_factor(self.pspread)
-                t *= m.prefill_factor(tokens, self.cold)
-                self.sim.schedule(now + t, self._prompt_done, m)
+                self.sim.schedule(now + self.prefill_s(m, now, t, tokens), self._prompt_done, m)
                 return
         if m.b:
             k = m.fin[0][0] - m.it
@@ -225,26 +226,6 @@ class SimCluster:
             self.sim.schedule(m.run_end, self._decode_done, m, m.version)
             return
         m.state = IDLE
-
-    def _take_prompts(self, m: SimMachine) -> tuple[list[SimRequest], int]:
-        """FCFS prompts while the batch stays <= max_prompt_batch_tokens (a longer prompt runs alone) and, for
-        co-located requests, their whole KV fits (reserved now, released at finish)."""
-        batch: list[SimRequest] = []
-        q, tokens, cap = m.prompt_q, 0, self.cap_tokens
-        joining = m.b   # the decode batch once the co-located prompts taken so far join it
-        while q:
-            r = q[0]
-            if batch and tokens + r.pre > cap:
-                break
-            if r.colocated:
-                if r.kv > m.kv_free or joining >= self.cap_batch:
-                    break
-                m.kv_free -= r.kv
-                joining += 1
-            q.popleft()
-            batch.append(r)
-            tokens += r.pre
-        return batch, tokens
 
     def _prompt_done(self, m: SimMachine) -> None:
         now = self.sim.now_s
@@ -324,14 +305,24 @@ class SimCluster:
         """m's decode run from now: k iterations in closed form, or one (step spread, busy neighbour factor)."""
         if not self._per_step:
             m.run_k, m.run_end = k, now + m.perf.token_iterations_s(m.b, m.ctx, k)
-            return
-        t = m.perf.token_time_s(m.b, m.ctx)
-        if self._spread is not None:
-            t *= self.spread_factor(self._spread)
-        t *= m.host_factor(now, self._rs_s, self._rs, self.spread_factor)
-        if self._nb != 1.0 and self.neighbour_busy(m):
-            t *= self._nb
-        m.run_k, m.run_end = 1, now + t
+        else:
+            t = m.perf.token_time_s(m.b, m.ctx)
+            if self._spread is not None:
+                t *= self.spread_factor(self._spread)
+            t *= m.host_factor(now, self._rs_s, self._rs, self.spread_factor)
+            if self._nb != 1.0 and self.neighbour_busy(m):
+                t *= self._nb
+            m.run_k, m.run_end = 1, now + t
+        m.busy_until = m.run_end
+
+    def prefill_s(self, m: SimMachine, now: float, t: float, tokens: int) -> float:
+        """An iteration with prompt tokens from now, of model time t: x a prefill_spread draw, x cfg.cold_prefill_factor
+        for a token count new to m, + cfg.idle_wake's extra after m idled; m is then busy until its end."""
+        if self.pspread is not None:
+            t *= self.spread_factor(self.pspread)
+        t = t * m.prefill_factor(tokens, self.cold) + m.wake_s(now, self._wx, self._wy)
+        m.busy_until = now + t
+        return t
 
     def neighbour_busy(self, m: SimMachine) -> bool:
         """Another machine of the cluster is prefilling, decoding or about to plan (not idle) now."""

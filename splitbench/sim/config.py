@@ -88,6 +88,10 @@ class SimConfig:
     # its first decode iteration after the last draw ran out; every decode-only iteration takes it. None: no factor
     request_spread: tuple[float, ...] | None = None
     request_spread_s: float = 1.0
+    # a prefill iteration starting on a machine idle for g seconds takes extra seconds, linear between the measured
+    # ((g, extra s), ...) and the last one's beyond it (a shared VM's first work after idling runs cold: sim/spread.py
+    # measure_idle_wake). None: no extra
+    idle_wake: tuple[tuple[float, float], ...] | None = None
 
 
 class SimResult:
@@ -157,6 +161,12 @@ def validate_config(cfg: SimConfig, perf: Mapping[str, Any], kv_capacity_tokens:
     if not (0 < cfg.cold_prefill_factor < float("inf")):
         raise InputError(f"cold_prefill_factor must be a finite number > 0, got {cfg.cold_prefill_factor}",
                          column="cold_prefill_factor")
+    if cfg.idle_wake is not None:
+        gaps = [g for g, _ in cfg.idle_wake]
+        if not gaps or gaps[0] <= 0 or any(b <= a for a, b in zip(gaps, gaps[1:])) or any(
+                not (0 <= x < float("inf")) for _, x in cfg.idle_wake):
+            raise InputError("idle_wake must be (idle s, extra s) pairs, idle times > 0 increasing, extras finite >= 0",
+                             column="idle_wake")
     if not (0 < cfg.request_spread_s < float("inf")):
         raise InputError(f"request_spread_s must be a finite number > 0, got {cfg.request_spread_s}",
                          column="request_spread_s")

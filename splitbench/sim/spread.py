@@ -1,7 +1,6 @@
-"""Step spread: how much one iteration's time varies on a measured host (OS noise, the server's frontend, the host's
-speed), as quantiles: decode gaps over their request's mean gap, lone prefills over the profile's fit, and whole
-requests' mean gaps over the fit. `splitbench profile` writes it beside the profile CSV; `simulate --step-spread`
-draws every iteration's factor from it (and `--request-spread` a machine's factor for a request's time)."""
+"""Step spread: how one iteration's time varies on a measured host, as quantiles (decode gaps over their request's
+mean, lone prefills and whole requests over the profile's fit), plus the cold-prefill factor and the idle-wake table;
+`splitbench profile` writes it beside the profile CSV, `simulate --step-spread` and its options draw from it."""
 from __future__ import annotations
 
 import json
@@ -20,6 +19,7 @@ MIN_GAPS = 100            # fewer measured gaps than this: no spread is written
 MIN_PREFILLS = 8          # fewer batch-1 prefills than this: no prefill spread
 MIN_COLD = 3              # fewer (new length, same length again) prefill pairs than this: no cold factor
 MIN_REQUESTS = 8          # fewer batch-1 requests of 2+ gaps than this: no request spread
+MIN_WAKES = 2             # fewer (after an idle gap, again at once) pairs per gap than this: that gap is left out
 
 
 def spread_path(profile_csv: str | os.PathLike) -> Path:
@@ -136,6 +136,45 @@ def load_cold_prefill(path: str | os.PathLike) -> float:
     p, doc = _read(path)
     x = doc.get("cold_prefill_factor", 1.0)
     return _positive(x, p, "cold_prefill_factor")
+
+
+def measure_idle_wake(samples: list[tuple[float, float, float]]) -> dict | None:
+    """What a lone prefill after its instance idled for g seconds costs on top of the same request sent again at once:
+    per gap, the median of (first s - again s) over samples (g, first s, again s), clipped at 0. None without a gap
+    of MIN_WAKES samples."""
+    by_gap: dict[float, list[float]] = {}
+    for g, first, again in samples:
+        if g > 0 and first > 0 and again > 0:
+            by_gap.setdefault(float(g), []).append(first - again)
+    table = [[g, max(0.0, float(np.median(v)))] for g, v in sorted(by_gap.items()) if len(v) >= MIN_WAKES]
+    if not table:
+        return None
+    return {"idle_wake": [[g, round(x, 6)] for g, x in table],
+            "idle_wake_samples": [[g, round(a * 1e3, 3), round(b * 1e3, 3)] for g, a, b in samples]}
+
+
+def load_idle_wake(path: str | os.PathLike) -> tuple[tuple[float, float], ...] | None:
+    """The idle-wake table of a spread file, ((idle s, extra s), ...) by increasing idle time; None where it has
+    none; one-line InputError naming the file and field for a malformed one."""
+    p, doc = _read(path)
+    t = doc.get("idle_wake")
+    if t is None:
+        return None
+    if not isinstance(t, list) or not t:
+        raise InputError("idle_wake must be a list of [idle s, extra s] pairs", file=p, column="idle_wake")
+    out: list[tuple[float, float]] = []
+    for i, pair in enumerate(t):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise InputError(f"idle_wake[{i}] must be [idle s, extra s], got {pair!r}", file=p, column="idle_wake")
+        g = _positive(pair[0], p, f"idle_wake[{i}][0]")
+        x = pair[1]
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise InputError(f"idle_wake[{i}][1] must be a finite number >= 0, got {x!r}", file=p,
+                             column="idle_wake")
+        if out and g <= out[-1][0]:
+            raise InputError(f"idle_wake[{i}]: idle times must increase", file=p, column="idle_wake")
+        out.append((g, float(x)))
+    return tuple(out)
 
 
 def load_prefill_spread(path: str | os.PathLike) -> tuple[float, ...] | None:

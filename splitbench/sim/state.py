@@ -76,9 +76,9 @@ class SimRequest:
 
 class SimMachine:
     """One simulated machine: its queues, decode batch, KV memory and link."""
-    __slots__ = ("admit_q", "b", "cache", "chunk", "consec", "ctx", "fin", "hf", "hf_end", "id", "idx", "it", "kv_cap",
-                 "kv_free", "link_free", "log_it", "log_t", "mtype", "pbatch", "perf", "pool", "prompt_q", "pstart", "run_end",
-                 "run_k", "run_t0", "seen", "single", "state", "version")
+    __slots__ = ("admit_q", "b", "busy_until", "cache", "chunk", "consec", "ctx", "fin", "hf", "hf_end", "id", "idx",
+                 "it", "kv_cap", "kv_free", "link_free", "log_it", "log_t", "mtype", "pbatch", "perf", "pool",
+                 "prompt_q", "pstart", "run_end", "run_k", "run_t0", "seen", "single", "state", "version")
     idx: int
     id: str
     pool: str
@@ -109,6 +109,7 @@ class SimMachine:
     seen: set[int]
     hf: float
     hf_end: float
+    busy_until: float
 
     def __init__(self, idx: int, iid: str, pool: str, mtype: str, perf: PerfModel, kv_cap: int) -> None:
         self.idx, self.id, self.pool, self.mtype, self.perf = idx, iid, pool, mtype, perf
@@ -131,6 +132,7 @@ class SimMachine:
         self.single = False
         self.chunk = None                # set on machines that batch as vLLM V1 does (sim/batching.py)
         self.hf, self.hf_end = 1.0, -1.0  # request-spread factor and until when it holds (host_factor)
+        self.busy_until = 0.0            # end of its last scheduled iteration (idle before the run: wake_s)
 
     def host_factor(self, now: float, span_s: float, q: list[float] | None,
                     draw: Callable[[list[float]], float]) -> float:
@@ -141,6 +143,39 @@ class SimMachine:
         if now >= self.hf_end:
             self.hf, self.hf_end = draw(q), now + span_s
         return self.hf
+
+    def take_prompts(self, cap_tokens: int, cap_batch: float) -> tuple[list[SimRequest], int]:
+        """FCFS prompts while the batch stays <= cap_tokens (a longer prompt runs alone) and, for co-located
+        requests, their whole KV fits (reserved now, released at finish) and the decode batch stays <= cap_batch."""
+        batch: list[SimRequest] = []
+        q, tokens = self.prompt_q, 0
+        joining = self.b   # the decode batch once the co-located prompts taken so far join it
+        while q:
+            r = q[0]
+            if batch and tokens + r.pre > cap_tokens:
+                break
+            if r.colocated:
+                if r.kv > self.kv_free or joining >= cap_batch:
+                    break
+                self.kv_free -= r.kv
+                joining += 1
+            q.popleft()
+            batch.append(r)
+            tokens += r.pre
+        return batch, tokens
+
+    def wake_s(self, now: float, idle_s: list[float] | None, extra_s: list[float]) -> float:
+        """Extra seconds for an iteration starting now after the machine idled since busy_until (SimConfig.idle_wake:
+        linear in the idle time between measured gaps, from 0 at 0, the last gap's beyond it); 0 without a table."""
+        idle = now - self.busy_until
+        if idle_s is None or idle <= 0:
+            return 0.0
+        x0, y0 = 0.0, 0.0
+        for x, y in zip(idle_s, extra_s):
+            if idle <= x:
+                return y0 + (y - y0) * (idle - x0) / (x - x0)
+            x0, y0 = x, y
+        return y0
 
     def prefill_factor(self, tokens: int, cold: float) -> float:
         """`cold` for this machine's first prefill iteration of `tokens` tokens (SimConfig.cold_prefill_factor),
