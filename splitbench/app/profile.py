@@ -35,8 +35,8 @@ from splitbench.workload.types import Workload
 
 POINT_ATTEMPTS = 3   # a point whose tokens the client saw coalesced is measured again, at most this often
 MIN_TOGETHER_ITERS = 8   # a batch point's decode is timed over at least this many iterations with all b decoding
-SPREAD_SUMMARY = ("path", "requests", "gaps", "p50", "p90", "p99", "prefills", "prefill_p50", "prefill_p90",   # profile.json's
-                  "cold_prefill_factor", "request_mean", "request_p90", "request_spread_s", "idle_wake")
+SPREAD_SUMMARY = ("path", "requests", "gaps", "p50", "p90", "p99", "prefills", "prefill_p50",   # profile.json's
+                  "prefill_p90", "cold_prefill_factor", "request_mean", "request_p90", "request_spread_s", "idle_wake")
 SPREAD_MARGIN = 1.5       # tokens_to_decode_together: the first-token spread's iterations, half again
 COLD_PAIRS = 12           # (new prompt length, the same again) prefill pairs that measure cold_prefill_factor
 COLD_TOKENS = 8           # output tokens of each of their requests
@@ -231,9 +231,12 @@ def _cold_pairs(session: RunSession, cold: ColdPrefills, index: int, model: str,
 
 
 def _idle_wakes(session: RunSession, index: int, model: str, hardware: str, tp: int, p: int,
-                gaps: tuple[float, ...]) -> tuple[list[tuple[float, float, float]], int]:
+                gaps: tuple[float, ...],
+                on_status: Callable[[str], None]) -> tuple[list[tuple[float, float, float]], int]:
     """For each idle gap, WAKE_ROUNDS times (each round starting at another gap): idle that long, one lone prefill
     of p tokens, then the same length again at once: (gap s, first s, again s)."""
+    if gaps:
+        on_status(f"idle wake: a lone {p}-token prefill after {', '.join(f'{g:g}' for g in gaps)} s idle")
     samples = []
     for k in range(WAKE_ROUNDS if gaps else 0):
         for g in gaps[k % len(gaps):] + gaps[:k % len(gaps)]:
@@ -317,10 +320,8 @@ def measure_profile(backend_name: str, backend_options: dict, *, out: str | os.P
         pairs = []   # one prompt size spans no range to draw new lengths from
         if min(sizes) < max(sizes):
             pairs, index = _cold_pairs(session, cold, index, model, hardware, tensor_parallel, min(sizes), max(sizes))
-        if idle_wake_s:
-            on_status(f"idle wake: a lone prefill after {', '.join(f'{g:g}' for g in idle_wake_s)} s idle")
         wakes, index = _idle_wakes(session, index, model, hardware, tensor_parallel,
-                                   min(sizes, key=lambda x: abs(x - WAKE_PROMPT)), tuple(idle_wake_s))
+                                   min(sizes, key=lambda x: abs(x - WAKE_PROMPT)), tuple(idle_wake_s), on_status)
         session.meta.update(status="complete")
         session.write_meta()
     spread = write_spread(out, alone, rows, session.meta["run_id"], cold, pairs, wakes)
