@@ -15,21 +15,24 @@ from splitbench.sim.spread import load_idle_wake, measure_idle_wake
 WAKE = ((1.0, 0.010), (4.0, 0.040))   # 10 ms after 1 s idle, 40 ms after 4 s
 
 
-@pytest.mark.parametrize("pools", [[SimPool("baseline", "m", 1)],
-                                   [SimPool("prompt", "m", 1), SimPool("token", "m", 1)]])
-def test_a_prefill_after_the_machine_idled_takes_the_extra_for_its_idle_time(pools):
-    """Lone prompts of one length: the first after 0.5 s of idle, then 3 s, 10 s, and one sent while the machine
-    is still busy with the one before (no idle, no extra)."""
+@pytest.mark.parametrize("pools,last_busy", [([SimPool("baseline", "m", 1)], "end_s"),
+                                             ([SimPool("prompt", "m", 1), SimPool("token", "m", 1)], "first_token_s")])
+def test_a_prefill_after_the_machine_idled_takes_the_extra_for_its_idle_time(pools, last_busy):
+    """Lone prompts of one length: the first after 0.5 s of idle, then 1-4 s, 10 s, and one sent while the machine
+    is still busy with the one before (no idle, no extra). The machine that prefills was last busy at the request
+    before's end (baseline) or its prefill's end (the prompt machine: its first token)."""
     w = wl([0.5, 30.0, 33.5, 44.0, 44.001], [500] * 5, [40] * 5)
-    ttft = lambda cfg: [r.first_token_s - r.actual_send_s for r in run(w, cfg).records]   # noqa: E731
-    plain, woken = ttft(SimConfig(pools=pools)), ttft(SimConfig(pools=pools, idle_wake=WAKE))
+    plain_recs = run(w, SimConfig(pools=pools)).records
+    ttft = lambda recs: [r.first_token_s - r.actual_send_s for r in recs]   # noqa: E731
+    plain, woken = ttft(plain_recs), ttft(run(w, SimConfig(pools=pools, idle_wake=WAKE)).records)
     extra = [b - a for a, b in zip(plain, woken)]
     assert extra[0] == pytest.approx(0.005)          # 0.5 s idle since the start: half of the 1-s extra
     assert extra[1] == pytest.approx(0.040)          # ~29 s idle: the last gap's extra
-    busy_s = 30.0 + plain[1] + 40 * 0.01             # request 1's end, roughly; request 2 came 3.5 s after its start
-    assert 0.020 < extra[2] < 0.035 and busy_s < 33.5   # 2.x s of idle: between the 1-s and 4-s extras
+    idle_s = 33.5 - getattr(plain_recs[1], last_busy)   # the prefilling machine's idle before request 2 (+ 40 ms)
+    assert 1.0 < idle_s - 0.040 < 4.0
+    assert extra[2] == pytest.approx(0.010 + 0.010 * (idle_s - 0.040 - 1.0))   # linear from 10 ms at 1 s to 40 at 4
     assert extra[3] == pytest.approx(0.040)          # 10 s idle
-    assert extra[4] == pytest.approx(extra[3], abs=1e-9) or extra[4] < extra[3]   # queued behind 3, not woken again
+    assert extra[4] == pytest.approx(0.040)          # queued behind request 3's woken prefill, not woken again
     with pytest.raises(InputError, match="idle_wake"):
         run(w, SimConfig(pools=pools, idle_wake=((2.0, 0.01), (1.0, 0.02))))
 
