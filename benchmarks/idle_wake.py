@@ -39,21 +39,28 @@ def one_request(client: httpx.Client, url: str, model: str, tokens: list[int]) -
     return time.perf_counter() - t0
 
 
-def measure(url: str, model: str, idle_s: list[float], rounds: int, prompt_tokens: int, seed: int) -> dict:
-    """TTFT samples per idle gap; gaps are interleaved within each round so a host drift hits them alike."""
-    rng = random.Random(seed)
+def after_gaps(idle_s: list[float], rounds: int, rng: random.Random, work) -> dict[float, list[float]]:
+    """work()'s seconds after each idle gap, rounds times; the gaps are shuffled within each round so a host drift
+    hits them alike."""
     samples: dict[float, list[float]] = {s: [] for s in idle_s}
-    with httpx.Client(timeout=120) as client:
-        for _ in range(3):   # warm-up: this prompt length's first prefills
-            one_request(client, url, model, [rng.randint(VOCAB_LOW, VOCAB_HIGH) for _ in range(prompt_tokens)])
-        for _ in range(rounds):
-            order = list(idle_s)
-            rng.shuffle(order)
-            for s in order:
-                time.sleep(s)
-                tokens = [rng.randint(VOCAB_LOW, VOCAB_HIGH) for _ in range(prompt_tokens)]
-                samples[s].append(one_request(client, url, model, tokens))
+    for _ in range(rounds):
+        order = list(idle_s)
+        rng.shuffle(order)
+        for s in order:
+            time.sleep(s)
+            samples[s].append(work())
     return samples
+
+
+def measure(url: str, model: str, idle_s: list[float], rounds: int, prompt_tokens: int, seed: int) -> dict:
+    """TTFT samples per idle gap, each request a fresh random prompt (no prefix-cache hit)."""
+    rng = random.Random(seed)
+    with httpx.Client(timeout=120) as client:
+        def work() -> float:
+            return one_request(client, url, model, [rng.randint(VOCAB_LOW, VOCAB_HIGH) for _ in range(prompt_tokens)])
+        for _ in range(3):   # warm-up: this prompt length's first prefills
+            work()
+        return after_gaps(idle_s, rounds, rng, work)
 
 
 def probe(idle_s: list[float], rounds: int, seed: int) -> dict[float, list[float]]:
@@ -70,14 +77,7 @@ def probe(idle_s: list[float], rounds: int, seed: int) -> dict[float, list[float
         return time.perf_counter() - t0
     for _ in range(20):
         work()
-    samples: dict[float, list[float]] = {s: [] for s in idle_s}
-    for _ in range(rounds):
-        order = list(idle_s)
-        rng.shuffle(order)
-        for s in order:
-            time.sleep(s)
-            samples[s].append(work())
-    return samples
+    return after_gaps(idle_s, rounds, rng, work)
 
 
 IDLE_BINS_S = [-2, 0, 0.25, 0.5, 1.0, 1.5, 3, 1e9]   # -1: another request was in flight on the instance
