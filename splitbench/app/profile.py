@@ -235,10 +235,11 @@ def _idle_wakes(session: RunSession, index: int, model: str, hardware: str, tp: 
                 on_status: Callable[[str], None]) -> tuple[list[tuple[float, float, float]], int]:
     """For each idle gap, WAKE_ROUNDS times (each round starting at another gap): idle that long, one lone prefill
     of p tokens, then the same length again at once: (gap s, first s, again s)."""
-    if gaps:
-        on_status(f"idle wake: a lone {p}-token prefill after {', '.join(f'{g:g}' for g in gaps)} s idle")
-    samples = []
-    for k in range(WAKE_ROUNDS if gaps else 0):
+    samples: list[tuple[float, float, float]] = []
+    if not gaps:
+        return samples, index
+    on_status(f"idle wake: a lone {p}-token prefill after {', '.join(f'{g:g}' for g in gaps)} s idle")
+    for k in range(WAKE_ROUNDS):
         for g in gaps[k % len(gaps):] + gaps[:k % len(gaps)]:
             time.sleep(g)
             n = len(samples)   # each point its own name: its records' directory

@@ -168,7 +168,7 @@ def load_idle_wake(path: str | os.PathLike) -> tuple[tuple[float, float], ...] |
             raise InputError(f"idle_wake[{i}] must be [idle s, extra s], got {pair!r}", file=p, column="idle_wake")
         g = _positive(pair[0], p, f"idle_wake[{i}][0]")
         x = pair[1]
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+        if not _non_negative(x):
             raise InputError(f"idle_wake[{i}][1] must be a finite number >= 0, got {x!r}", file=p,
                              column="idle_wake")
         if out and g <= out[-1][0]:
@@ -192,6 +192,11 @@ def _positive(x, p: str, column: str) -> float:
     return float(x)
 
 
+def _non_negative(x) -> bool:
+    """x is a finite JSON number >= 0 (not a bool)."""
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+
+
 def _table(q, p: str, column: str) -> tuple[float, ...]:
     """A validated quantile table, scaled to mean 1."""
     return tuple(unit_mean(_checked(q, p, column)))
@@ -203,7 +208,7 @@ def _checked(q, p: str, column: str) -> tuple[float, ...]:
         raise InputError(f"must be a JSON object whose {column} is a list of at least 2 numbers", file=p,
                          column=column)
     for i, v in enumerate(q):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if not _non_negative(v):
             raise InputError(f"{column}[{i}] must be a finite number >= 0, got {v!r}", file=p, column=column)
         if i and v < q[i - 1]:
             raise InputError(f"{column}[{i}] = {v} is below {column}[{i - 1}] = {q[i - 1]}: they must not "
